@@ -1,0 +1,268 @@
+"""Kernel benchmark: selective decode attention and the gathered MLP vs XLA.
+
+Sweeps the shapes of shared/anchors.md, measures the device copy bandwidth in the
+same run and appends one JSON line per measurement to --out:
+  device, jax, date, commit, op, impl, B, S, Hq, Hkv, D, M, d, N, density, dtype,
+  ms, ms_wall, timer, bytes, tbps, copy_tbps, roofline_frac (+ config, max_rel_err)
+`bytes` is what must be read (selected K+V, or selected rows of both MLP weights);
+`ms` is the CUPTI kernel time when available (timer="cupti"), else the wall-clock
+median around block_until_ready (timer="wall"). Inputs are rotated over several
+copies when the selected bytes would fit in L2.
+
+  python3 benchmarks/kernels.py --out $OUT/kernels.jsonl          # on the GPU
+  python3 benchmarks/kernels.py --sweep $OUT/sweep.jsonl --only attn   # tuning
+  python benchmarks/kernels.py --smoke --out /tmp/k.jsonl          # CPU, interpret
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_HERE))
+from pallas_kernels import gather_matmul_cols  # noqa: E402
+from pallas_kernels import gather_matmul_rows  # noqa: E402
+from pallas_kernels import selective_decode_attention  # noqa: E402
+from pallas_kernels.decode_attention_xla import decode_attention_xla_gather  # noqa: E402
+
+KEYS = ("device", "jax", "date", "commit", "op", "impl", "B", "S", "Hq", "Hkv",
+        "D", "M", "d", "N", "density", "dtype", "ms", "ms_wall", "timer",
+        "bytes", "tbps", "copy_tbps", "roofline_frac")
+ROTATE_BYTES = 256 << 20  # > 5x the H100's 50 MB L2
+
+
+@dataclasses.dataclass
+class Timer:
+  iters: int
+  cupti: bool
+  warmup: int = 3
+
+  def __call__(self, fn, arg_sets):
+    """Per-call ms of fn over the rotated arg_sets.
+
+    Returns (ms, ms_wall, timer name, fn(*arg_sets[0])).
+    """
+    multi = jax.jit(lambda sets: [fn(*a) for a in sets])
+    first = jax.block_until_ready(multi(arg_sets))[0]
+    for _ in range(self.warmup):
+      jax.block_until_ready(multi(arg_sets))
+    walls = []
+    for _ in range(self.iters):
+      t0 = time.perf_counter()
+      jax.block_until_ready(multi(arg_sets))
+      walls.append((time.perf_counter() - t0) * 1e3 / len(arg_sets))
+    wall = statistics.median(walls)
+    if self.cupti:
+      try:
+        from jax.experimental.mosaic.gpu import profiler
+        _, times = profiler.measure(multi, iterations=self.iters)(arg_sets)
+        return statistics.median(times) / len(arg_sets), wall, "cupti", first
+      except Exception as e:  # pylint: disable=broad-except
+        print(f"CUPTI timing unavailable ({type(e).__name__}: {e}); wall clock")
+        self.cupti = False
+    return wall, wall, "wall", first
+
+
+def _commit():
+  try:
+    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
+                          text=True, check=True).stdout.strip() or "uncommitted"
+  except Exception:  # pylint: disable=broad-except
+    return "uncommitted"
+
+
+def copy_bandwidth(timer, nbytes):
+  """TB/s of a device copy (bytes read + bytes written)."""
+  x = jax.random.normal(jax.random.key(0), (nbytes // 2,), jnp.bfloat16)
+  ms, _, _, _ = timer(lambda a: -a, [(x,)])
+  return 2 * nbytes / (ms * 1e-3) / 1e12
+
+
+def _copies(nbytes_selected):
+  return max(1, min(8, math.ceil(ROTATE_BYTES / max(nbytes_selected, 1))))
+
+
+def _rel_err(out, ref):
+  out = np.asarray(out.astype(jnp.float32), np.float64)
+  ref = np.asarray(ref.astype(jnp.float32), np.float64)
+  return float(np.linalg.norm(out - ref) / max(np.linalg.norm(ref), 1e-30))
+
+
+def attention_cases(smoke):
+  if smoke:
+    return [(2, 64, 8, 2, 64, (1.0, 0.5))]
+  cases = []
+  for hq, hkv, dens in ((32, 32, (1.0, 0.625, 0.5, 0.25)),
+                        (32, 8, (1.0, 0.625, 0.5, 0.25))):
+    for b in (16, 64):
+      for s in (1024, 4096):
+        cases.append((b, s, hq, hkv, 128, dens))
+  return cases
+
+
+def mlp_cases(smoke):
+  if smoke:
+    return 64, 256, (3,), (0.25, 1.0)
+  return 4096, 16384, (1, 8, 32, 128), (0.1, 0.25, 0.5, 1.0)
+
+
+def bench_attention(timer, base, smoke, check, dtype=jnp.bfloat16):
+  records = []
+  for B, S, Hq, Hkv, D, densities in attention_cases(smoke):
+    itemsize = jnp.dtype(dtype).itemsize
+    for density in densities:
+      K = max(1, round(density * Hkv))
+      sel_bytes = 2 * B * K * S * D * itemsize
+      rng = np.random.default_rng(B + S + K)
+      gidx = jnp.asarray(np.stack([rng.permutation(Hkv)[:K] for _ in range(B)]),
+                         jnp.int32)
+      lengths = jnp.full((B,), S, jnp.int32)
+      sets = []
+      for r in range(_copies(sel_bytes)):
+        kq, kk, kv = jax.random.split(jax.random.key(r), 3)
+        sets.append((jax.random.normal(kq, (B, Hq, D), dtype),
+                     jax.random.normal(kk, (B, Hkv, S, D), dtype),
+                     jax.random.normal(kv, (B, Hkv, S, D), dtype)))
+      impls = {"pallas": lambda q, k, v: selective_decode_attention(
+          q, k, v, lengths, gidx, implementation="pallas")}
+      if density == 1.0:
+        impls["xla_einsum"] = lambda q, k, v: selective_decode_attention(
+            q, k, v, lengths, gidx, implementation="xla")
+      else:
+        impls["xla_gather"] = lambda q, k, v: decode_attention_xla_gather(
+            q, k, v, lengths, gidx, None, scale=D ** -0.5)
+      for impl, fn in impls.items():
+        ms, wall, how, out = timer(fn, sets)
+        rec = dict(base, op="attention", impl=impl, B=B, S=S, Hq=Hq, Hkv=Hkv,
+                   D=D, density=density, dtype=jnp.dtype(dtype).name, ms=ms,
+                   ms_wall=wall, timer=how, bytes=sel_bytes)
+        if check and impl == "pallas":
+          ref = selective_decode_attention(*sets[0], lengths, gidx,
+                                           implementation="xla")
+          rec["max_rel_err"] = _rel_err(out, ref)
+        records.append(_finish(rec))
+      del sets
+  return records
+
+
+def bench_mlp(timer, base, smoke, check, dtype=jnp.bfloat16):
+  d, N, ms_list, densities = mlp_cases(smoke)
+  records = []
+  itemsize = jnp.dtype(dtype).itemsize
+  for density in densities:
+    k = max(1, round(density * N))
+    sel_bytes = 2 * k * d * itemsize
+    rng = np.random.default_rng(k)
+    idx = jnp.asarray(rng.permutation(N)[:k], jnp.int32)
+    wsets = []
+    for r in range(_copies(sel_bytes)):
+      k1, k2, k3, k4 = jax.random.split(jax.random.key(100 + r), 4)
+      wsets.append((jax.random.normal(k1, (N, d), dtype) * 0.02,
+                    jax.random.normal(k2, (N, d), dtype) * 0.02,
+                    jax.random.normal(k3, (N,), dtype) * 0.02,
+                    jax.random.normal(k4, (d,), dtype) * 0.02))
+    for M in ms_list:
+      x = jax.random.normal(jax.random.key(M), (M, d), dtype)
+      sets = [(x,) + w for w in wsets]
+
+      def pallas(x, w1, w2, b1, b2):
+        h = gather_matmul_cols(x, w1, idx, b1, "relu", implementation="pallas")
+        return gather_matmul_rows(h, w2, idx, b2, implementation="pallas")
+
+      def xla_gather(x, w1, w2, b1, b2):
+        h = gather_matmul_cols(x, w1, idx, b1, "relu", implementation="xla")
+        return gather_matmul_rows(h, w2, idx, b2, implementation="xla")
+
+      impls = {"pallas": pallas, "xla_gather": xla_gather}
+      if density == 1.0:
+        impls["xla_dense"] = lambda x, w1, w2, b1, b2: (jnp.maximum(
+            x @ w1.T + b1, 0).astype(x.dtype) @ w2 + b2).astype(x.dtype)
+      for impl, fn in impls.items():
+        ms, wall, how, out = timer(fn, sets)
+        rec = dict(base, op="gather_mlp", impl=impl, M=M, d=d, N=N,
+                   density=density, dtype=jnp.dtype(dtype).name, ms=ms,
+                   ms_wall=wall, timer=how, bytes=sel_bytes)
+        if check and impl == "pallas":
+          rec["max_rel_err"] = _rel_err(out, jax.jit(xla_gather)(*sets[0]))
+        records.append(_finish(rec))
+    del wsets
+  return records
+
+
+def _finish(rec):
+  rec["tbps"] = rec["bytes"] / (rec["ms"] * 1e-3) / 1e12
+  rec["roofline_frac"] = rec["tbps"] / rec["copy_tbps"]
+  for key in KEYS:
+    rec.setdefault(key, None)
+  return rec
+
+
+def print_table(records):
+  print(f"{'op':10} {'impl':11} {'B':>3} {'S':>5} {'Hq/Hkv':>6} {'M':>4} "
+        f"{'dens':>5} {'ms':>8} {'TB/s':>6} {'roof':>5} {'err':>8}")
+  for r in records:
+    heads = f"{r['Hq']}/{r['Hkv']}" if r["Hq"] else ""
+    err = r.get("max_rel_err")
+    print(f"{r['op']:10} {r['impl']:11} {r['B'] or '':>3} {r['S'] or '':>5} "
+          f"{heads:>6} {r['M'] or '':>4} {r['density']:5.3f} {r['ms']:8.4f} "
+          f"{r['tbps']:6.2f} {r['roofline_frac']:5.2f} "
+          f"{'' if err is None else f'{err:.1e}':>8}")
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--out", default=os.path.join(_HERE, "results",
+                                                    "kernels.jsonl"))
+  parser.add_argument("--smoke", action="store_true",
+                      help="tiny shapes, runs on CPU in interpret mode")
+  parser.add_argument("--only", choices=("attn", "mlp", "all"), default="all")
+  parser.add_argument("--iters", type=int, default=30)
+  parser.add_argument("--check", action="store_true",
+                      help="also record each pallas result's error vs XLA")
+  parser.add_argument("--sweep", default=None,
+                      help="run the tuning sweep instead, writing to this path")
+  args = parser.parse_args(argv)
+  warnings.filterwarnings("ignore", category=DeprecationWarning)
+  on_gpu = jax.default_backend() == "gpu"
+  timer = Timer(iters=2 if args.smoke else args.iters, cupti=on_gpu,
+                warmup=1 if args.smoke else 3)
+  base = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
+              date=datetime.datetime.now(datetime.timezone.utc).isoformat(
+                  timespec="seconds"), commit=_commit())
+  base["copy_tbps"] = copy_bandwidth(timer, (1 << 20) if args.smoke
+                                     else (1 << 30))
+  print(f"{base['device']} jax {base['jax']}: copy {base['copy_tbps']:.2f} "
+        "TB/s")
+  if args.sweep:
+    sys.path.insert(0, _HERE)
+    import kernels_sweep  # pylint: disable=import-outside-toplevel
+    kernels_sweep.run(timer, base, args.only, args.sweep, _finish)
+    return []
+  records = []
+  if args.only in ("attn", "all"):
+    records += bench_attention(timer, base, args.smoke, args.check)
+  if args.only in ("mlp", "all"):
+    records += bench_mlp(timer, base, args.smoke, args.check)
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+  with open(args.out, "a", encoding="utf-8") as f:
+    for rec in records:
+      f.write(json.dumps(rec) + "\n")
+  print_table(records)
+  return records
+
+
+if __name__ == "__main__":
+  main()

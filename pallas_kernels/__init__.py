@@ -1,0 +1,23 @@
+"""Pallas GPU kernels for Polar Sparsity decoding, each with an XLA reference.
+
+Public ops (implementation=None picks "pallas" on GPU, "xla" elsewhere):
+  selective_decode_attention: split-K decode attention over selected KV groups.
+  merge_attention_partials: merges (o, m, l) residuals of disjoint partials.
+  gather_matmul_cols: act(x @ w_in[idx].T + bias[idx]) (first MLP matmul).
+  gather_matmul_rows: h @ w_out[idx] + bias (second MLP matmul).
+"""
+from pallas_kernels.decode_attention import merge_attention_partials
+from pallas_kernels.decode_attention import selective_decode_attention
+from pallas_kernels.decode_attention_triton import AttentionConfig
+from pallas_kernels.gather_matmul import gather_matmul_cols
+from pallas_kernels.gather_matmul import gather_matmul_rows
+from pallas_kernels.gather_matmul_triton import GatherConfig
+
+__all__ = [
+    "AttentionConfig",
+    "GatherConfig",
+    "gather_matmul_cols",
+    "gather_matmul_rows",
+    "merge_attention_partials",
+    "selective_decode_attention",
+]

@@ -1,0 +1,174 @@
+"""Public selective decode attention: validation, dispatch, partial merging."""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pallas_kernels import _platform
+from pallas_kernels import decode_attention_triton as _triton
+from pallas_kernels import decode_attention_xla as _xla
+
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _check_int(name, x):
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise ValueError(f"{name} must have an integer dtype, got {x.dtype}")
+
+
+def _validate(q, k_cache, v_cache, lengths, group_idx, kv_start):
+  if q.ndim != 3:
+    raise ValueError(f"q must be [B, Hq, D], got shape {q.shape}")
+  if k_cache.ndim != 4 or v_cache.ndim != 4:
+    raise ValueError("k_cache and v_cache must be [B, Hkv, S, D], got shapes "
+                     f"{k_cache.shape} and {v_cache.shape}")
+  if k_cache.shape != v_cache.shape:
+    raise ValueError(f"k_cache shape {k_cache.shape} != v_cache shape "
+                     f"{v_cache.shape}")
+  B, Hq, D = q.shape
+  Bk, Hkv, S, Dk = k_cache.shape
+  if Bk != B or Dk != D:
+    raise ValueError(f"q {q.shape} and k_cache {k_cache.shape} disagree on the "
+                     "batch size or head_dim")
+  if Hq % Hkv:
+    raise ValueError(f"Hq={Hq} is not a multiple of Hkv={Hkv}")
+  if not (q.dtype == k_cache.dtype == v_cache.dtype):
+    raise ValueError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, "
+                     f"{k_cache.dtype}, {v_cache.dtype}")
+  if q.dtype not in _FLOAT_DTYPES:
+    raise ValueError(f"unsupported dtype {q.dtype}; use float32, bfloat16 or "
+                     "float16")
+  if lengths.shape != (B,):
+    raise ValueError(f"lengths must have shape ({B},), got {lengths.shape}")
+  _check_int("lengths", lengths)
+  if kv_start is not None:
+    if kv_start.shape != (B,):
+      raise ValueError(f"kv_start must have shape ({B},), got {kv_start.shape}")
+    _check_int("kv_start", kv_start)
+  if group_idx is not None:
+    if group_idx.ndim != 2 or group_idx.shape[0] != B:
+      raise ValueError(f"group_idx must be [B={B}, K], got {group_idx.shape}")
+    _check_int("group_idx", group_idx)
+    K = group_idx.shape[1]
+    if not 1 <= K <= Hkv:
+      raise ValueError(f"group_idx selects K={K} groups; need 1 <= K <= "
+                       f"Hkv={Hkv}")
+    if _platform.is_concrete(group_idx):
+      g = np.asarray(group_idx)
+      if g.size and (g.min() < 0 or g.max() >= Hkv):
+        raise ValueError(f"group_idx values must lie in [0, {Hkv}), got range "
+                         f"[{g.min()}, {g.max()}]")
+  if _platform.is_concrete(lengths):
+    n = np.asarray(lengths)
+    if n.size and (n.min() < 0 or n.max() > S):
+      raise ValueError(f"lengths must lie in [0, S={S}], got range "
+                       f"[{n.min()}, {n.max()}]")
+
+
+def _scatter_groups(o_BKGD, m_BKG, l_BKG, group_idx_BK, num_kv_heads):
+  """Places per-selected-group results at their groups; others o=0, l=0."""
+  B, _, G, D = o_BKGD.shape
+  rows_B1 = jnp.arange(B)[:, None]
+  o = jnp.zeros((B, num_kv_heads, G, D), jnp.float32).at[
+      rows_B1, group_idx_BK].set(o_BKGD)
+  m = jnp.full((B, num_kv_heads, G), _xla.M_EMPTY, jnp.float32).at[
+      rows_B1, group_idx_BK].set(m_BKG)
+  l = jnp.zeros((B, num_kv_heads, G), jnp.float32).at[
+      rows_B1, group_idx_BK].set(l_BKG)
+  return (o.reshape(B, num_kv_heads * G, D), m.reshape(B, -1),
+          l.reshape(B, -1))
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "return_residuals",
+                                             "config", "interpret"))
+def _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, *, scale,
+                 return_residuals, config, interpret):
+  B, Hq, D = q.shape
+  Hkv = k_cache.shape[1]
+  dense = group_idx is None
+  if dense:
+    group_idx = jnp.broadcast_to(jnp.arange(Hkv, dtype=jnp.int32), (B, Hkv))
+  group_idx = jnp.clip(group_idx.astype(jnp.int32), 0, Hkv - 1)
+  o, m, l = _triton.decode_attention_triton(
+      q, k_cache, v_cache, lengths, group_idx, kv_start, scale=scale,
+      config=config, interpret=interpret)
+  if dense:  # groups already in order: no scatter
+    o, m, l = o.reshape(B, Hq, D), m.reshape(B, Hq), l.reshape(B, Hq)
+  else:
+    o, m, l = _scatter_groups(o, m, l, group_idx, Hkv)
+  if return_residuals:
+    return o, m, l
+  return _xla.normalise(o, l).astype(q.dtype)
+
+
+def selective_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *,
+                               scale=None, kv_start=None,
+                               return_residuals=False, implementation=None,
+                               config=None):
+  """Decode attention (one query token) over the selected KV groups of each row.
+
+  Args:
+    q: [B, Hq, D] query of the current token (bf16, fp16 or float32).
+    k_cache, v_cache: [B, Hkv, S, D] head-major caches, same dtype as q.
+    lengths: [B] int, keys [kv_start, lengths[b]) of row b are attended (0..S;
+      rows with an empty range produce 0).
+    group_idx: [B, K] int, distinct selected KV groups per row (= heads for MHA),
+      any order, 1 <= K <= Hkv. Query head h belongs to group h // (Hq // Hkv).
+      None selects every group (dense decode attention). Out-of-range values
+      raise when concrete; under jit they are clamped to [0, Hkv).
+    scale: softmax scale, default D ** -0.5.
+    kv_start: optional [B] int, keys before it are ignored (sliding window).
+    return_residuals: return (o_unnormalised [B,Hq,D] f32, m [B,Hq] f32,
+      l [B,Hq] f32) to merge with other partials (`merge_attention_partials`).
+      Unselected heads have o = 0, l = 0 and a finite very negative m.
+    implementation: None (pallas on GPU, xla elsewhere), "pallas" (interpret
+      mode off GPU) or "xla".
+    config: optional `AttentionConfig` overriding the pallas heuristics.
+
+  Returns:
+    [B, Hq, D] in q's dtype; query heads of unselected groups are exactly 0.
+  """
+  impl = _platform.resolve_implementation(implementation)
+  lengths = jnp.asarray(lengths)
+  group_idx = None if group_idx is None else jnp.asarray(group_idx)
+  kv_start = None if kv_start is None else jnp.asarray(kv_start)
+  _validate(q, k_cache, v_cache, lengths, group_idx, kv_start)
+  B, Hq, D = q.shape
+  Hkv, S = k_cache.shape[1], k_cache.shape[2]
+  scale = float(D ** -0.5 if scale is None else scale)
+  if impl == "xla":
+    return _xla_jit(q, k_cache, v_cache, lengths, group_idx, kv_start,
+                    scale=scale, return_residuals=return_residuals)
+  if kv_start is None:
+    kv_start = jnp.zeros((B,), jnp.int32)
+  if config is None:
+    K = Hkv if group_idx is None else group_idx.shape[1]
+    config = _triton.choose_config(B, K, S, D, jnp.dtype(q.dtype).itemsize)
+  return _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start,
+                      scale=scale, return_residuals=return_residuals,
+                      config=config, interpret=_platform.interpret_mode())
+
+
+_xla_jit = jax.jit(_xla.decode_attention_xla,
+                   static_argnames=("scale", "return_residuals"))
+
+
+def merge_attention_partials(parts, out_dtype=jnp.float32):
+  """Merges residual triples from disjoint key ranges or shards.
+
+  Args:
+    parts: sequence of (o_unnormalised [..., D], m [...], l [...]) as returned
+      with `return_residuals=True` (e.g. one per tensor-parallel shard or KV
+      chunk).
+    out_dtype: dtype of the result.
+
+  Returns:
+    [..., D] normalised attention output; 0 where every part is empty.
+  """
+  parts = list(parts)
+  if not parts:
+    raise ValueError("merge_attention_partials needs at least one part")
+  return _xla.merge_partials(parts).astype(out_dtype)

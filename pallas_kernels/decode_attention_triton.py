@@ -1,0 +1,197 @@
+"""Selective split-K decode attention as a Pallas kernel on the Triton backend.
+
+One program per (row b, selected group j, split s). It reads the group id from
+`group_idx[b, j]` inside the kernel and streams that group's K/V blocks straight
+from the full head-major cache (no gathered copy), computing all query heads of
+the group at once (rows padded to >= 16 for the tensor-core dot, extra rows
+masked). Each split covers an equal share of the row's own key range
+[kv_start, length): blocks outside it are never visited. The splits are merged
+in XLA (max-rescale and sum).
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _platform
+from pallas_kernels.decode_attention_xla import M_EMPTY
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  block_k: int  # keys per loop iteration (power of two >= 16)
+  num_splits: int  # split-K programs per (row, group)
+  num_warps: int
+  num_stages: int
+
+
+def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
+                  itemsize: int, num_sms: int | None = None) -> AttentionConfig:
+  """Heuristic block/split/warp choice from the static shapes.
+
+  The split count is sized from the selected work (B * K programs), so that small
+  batches or low densities still put several programs on every SM, while keeping
+  at least `min_blocks_per_split` key blocks in every split.
+  """
+  num_sms = num_sms or _platform.num_sms()
+  block_d = max(16, _platform.next_pow2(head_dim))
+  tile_bytes = block_d * itemsize
+  block_k = 64 if tile_bytes <= 256 else 32
+  block_k = max(16, min(block_k, _platform.next_pow2(seq_len)))
+  work = batch * num_selected
+  n_blocks = _platform.cdiv(seq_len, block_k)
+  min_blocks_per_split = 4
+  target_programs = 8 * num_sms
+  splits = _platform.cdiv(target_programs, work)
+  splits = max(1, min(splits, n_blocks // min_blocks_per_split))
+  return AttentionConfig(block_k=block_k, num_splits=splits, num_warps=4,
+                         num_stages=3)
+
+
+def _attention_kernel(gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref,
+                      o_ref, m_ref, l_ref, *, scale: float, group_size: int,
+                      head_dim: int, block_g: int, block_d: int, block_k: int,
+                      num_splits: int):
+  """q_ref [Hq, D], k_ref/v_ref [Hkv, S, D] of row b; o_ref [G, D], m/l [G]."""
+  b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  num_kv_heads, seq_len, _ = k_ref.shape
+  group = jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1)
+  length = jnp.clip(len_ref[b], 0, seq_len)
+  start = jnp.clip(start_ref[b], 0, length)
+
+  # Padded query rows / head_dim columns index a clamped copy of the last real
+  # row / column, so they compute duplicates of real values; the unmasked stores
+  # below then write identical values to the same address (benign on GPU and in
+  # interpret mode, where a masked store would be a racy read-modify-write).
+  rows_g = jnp.minimum(jnp.arange(block_g, dtype=jnp.int32), group_size - 1)
+  cols_d = jnp.arange(block_d, dtype=jnp.int32)
+  col_ok_d = cols_d < head_dim  # reduction mask for q.k
+  cols_d = jnp.minimum(cols_d, head_dim - 1)
+  pad_d = block_d != head_dim
+
+  q_index = ((group * group_size + rows_g)[:, None], cols_d[None, :])
+  if pad_d:
+    q_gd = plgpu.load(q_ref.at[q_index],
+                      mask=jnp.broadcast_to(col_ok_d[None, :], (block_g, block_d)),
+                      other=0)
+  else:
+    q_gd = q_ref[q_index]
+
+  n_keys = length - start
+  n_blocks = (n_keys + block_k - 1) // block_k
+  per_split = (n_blocks + num_splits - 1) // num_splits
+  lo = split * per_split
+  hi = jnp.minimum(lo + per_split, n_blocks)
+  # Full blocks take contiguous unmasked loads; only the row's last, partial
+  # block (at most one per split) takes the masked gather path.
+  full_hi = jnp.minimum(hi, n_keys // block_k)
+
+  def update(carry, k_kd, v_kd, key_ok_k):
+    o_gd, m_g, l_g = carry
+    s_gk = lax.dot_general(q_gd, k_kd, (((1,), (1,)), ((), ())),
+                           preferred_element_type=jnp.float32) * scale
+    if key_ok_k is not None:
+      s_gk = jnp.where(key_ok_k[None, :], s_gk, -jnp.inf)
+    m_new_g = jnp.maximum(m_g, jnp.max(s_gk, axis=1))
+    alpha_g = jnp.exp(m_g - m_new_g)
+    p_gk = jnp.exp(s_gk - m_new_g[:, None])
+    l_g = l_g * alpha_g + jnp.sum(p_gk, axis=1)
+    pv_gd = lax.dot_general(p_gk.astype(v_kd.dtype), v_kd,
+                            (((1,), (0,)), ((), ())),
+                            preferred_element_type=jnp.float32)
+    return o_gd * alpha_g[:, None] + pv_gd, m_new_g, l_g
+
+  def full_body(i, carry):
+    keys = pl.ds(start + i * block_k, block_k)
+    return update(carry, k_ref[group, keys, :], v_ref[group, keys, :], None)
+
+  def masked_body(i, carry):
+    pos_k = start + i * block_k + jnp.arange(block_k, dtype=jnp.int32)
+    key_ok_k = pos_k < length  # reduction mask (unclamped positions)
+    kv_index = (group, jnp.minimum(pos_k, seq_len - 1)[:, None], cols_d[None, :])
+    kv_mask = jnp.broadcast_to(key_ok_k[:, None], (block_k, block_d))
+    k_kd = plgpu.load(k_ref.at[kv_index], mask=kv_mask, other=0)
+    v_kd = plgpu.load(v_ref.at[kv_index], mask=kv_mask, other=0)
+    return update(carry, k_kd, v_kd, key_ok_k)
+
+  init = (jnp.zeros((block_g, block_d), jnp.float32),
+          jnp.full((block_g,), M_EMPTY, jnp.float32),
+          jnp.zeros((block_g,), jnp.float32))
+  if pad_d or block_k > seq_len:  # masked columns / no full block possible
+    o_gd, m_g, l_g = lax.fori_loop(lo, hi, masked_body, init)
+  else:
+    carry = lax.fori_loop(lo, full_hi, full_body, init)
+    o_gd, m_g, l_g = lax.fori_loop(jnp.maximum(full_hi, lo), hi, masked_body,
+                                   carry)
+
+  if block_g == group_size and not pad_d:
+    o_ref[...] = o_gd
+    m_ref[...] = m_g
+    l_ref[...] = l_g
+  else:
+    o_ref[rows_g[:, None], cols_d[None, :]] = o_gd
+    m_ref[rows_g] = m_g
+    l_ref[rows_g] = l_g
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def decode_attention_triton(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
+                            kv_start_B, *, scale: float, config: AttentionConfig,
+                            interpret: bool):
+  """Returns split-merged partials for the selected groups only.
+
+  Returns:
+    (o_BKGD unnormalised float32, m_BKG, l_BKG), group j of row b at [b, j].
+  """
+  B, Hq, D = q_BHD.shape
+  _, Hkv, S, _ = k_BHSD.shape
+  K = group_idx_BK.shape[1]
+  G = Hq // Hkv
+  NS = config.num_splits
+  kernel = functools.partial(
+      _attention_kernel, scale=scale, group_size=G, head_dim=D,
+      block_g=max(16, _platform.next_pow2(G)),
+      block_d=max(16, _platform.next_pow2(D)), block_k=config.block_k,
+      num_splits=NS)
+  whole2 = lambda b, j, s: (0, 0)
+  whole1 = lambda b, j, s: (0,)
+  o_p, m_p, l_p = pl.pallas_call(
+      kernel,
+      grid=(B, K, NS),
+      in_specs=[
+          pl.BlockSpec((B, K), whole2),
+          pl.BlockSpec((B,), whole1),
+          pl.BlockSpec((B,), whole1),
+          pl.BlockSpec((None, Hq, D), lambda b, j, s: (b, 0, 0)),
+          pl.BlockSpec((None, Hkv, S, D), lambda b, j, s: (b, 0, 0, 0)),
+          pl.BlockSpec((None, Hkv, S, D), lambda b, j, s: (b, 0, 0, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, G, D), lambda b, j, s: (b, j, s, 0, 0)),
+          pl.BlockSpec((None, None, None, G), lambda b, j, s: (b, j, s, 0)),
+          pl.BlockSpec((None, None, None, G), lambda b, j, s: (b, j, s, 0)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((B, K, NS, G, D), jnp.float32),
+          jax.ShapeDtypeStruct((B, K, NS, G), jnp.float32),
+          jax.ShapeDtypeStruct((B, K, NS, G), jnp.float32),
+      ],
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                           num_stages=config.num_stages),
+      interpret=interpret,
+      name="selective_decode_attention",
+  )(group_idx_BK.astype(jnp.int32), lengths_B.astype(jnp.int32),
+    kv_start_B.astype(jnp.int32), q_BHD, k_BHSD, v_BHSD)
+  if NS == 1:
+    return o_p[:, :, 0], m_p[:, :, 0], l_p[:, :, 0]
+  m_BKG = jnp.max(m_p, axis=2)
+  w_BKNG = jnp.exp(m_p - m_BKG[:, :, None])
+  l_BKG = jnp.sum(l_p * w_BKNG, axis=2)
+  o_BKGD = jnp.sum(o_p * w_BKNG[..., None], axis=2)
+  return o_BKGD, m_BKG, l_BKG

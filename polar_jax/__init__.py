@@ -1,0 +1,49 @@
+"""polar_jax: batched LLM decoding with Polar Sparsity in JAX / Flax NNX / Pallas.
+
+Where things are:
+  * model and the decode step: `polar_jax/model.py` (`CausalLM.decode_step`), attention in `attention.py`;
+  * the generation loop: `polar_jax/generation.py`; samplers: `sampling.py`; KV cache: `kv_cache.py`;
+  * kernels: the `pallas_kernels` package; converters: the `conversions` package.
+
+Public names are imported lazily, so `import polar_jax.config` stays light.
+"""
+
+import importlib
+
+__version__ = "0.1.0"
+
+_EXPORTS = {
+    "load_model": "polar_jax.checkpoint",
+    "load_tokenizer": "polar_jax.checkpoint",
+    "ModelConfig": "polar_jax.config",
+    "UnsupportedConfigError": "polar_jax.config",
+    "GenerationOutput": "polar_jax.generation",
+    "generate": "polar_jax.generation",
+    "stream": "polar_jax.generation",
+    "KVCache": "polar_jax.kv_cache",
+    "CausalLM": "polar_jax.model",
+    "load_routers": "polar_jax.routers",
+    "Routers": "polar_jax.routers",
+    "SparsityConfig": "polar_jax.sparsity",
+    "init_model": "polar_jax.model",
+    "Chain": "polar_jax.sampling",
+    "Greedy": "polar_jax.sampling",
+    "Sampler": "polar_jax.sampling",
+    "Temperature": "polar_jax.sampling",
+    "TopK": "polar_jax.sampling",
+    "TopP": "polar_jax.sampling",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+  if name in _EXPORTS:
+    value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    globals()[name] = value
+    return value
+  raise AttributeError(f"module 'polar_jax' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(list(globals()) + __all__)

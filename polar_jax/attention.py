@@ -1,0 +1,153 @@
+"""Multi-head / grouped-query self-attention with a head-major KV cache.
+
+Prefill runs dense causal attention over a compacted (right-padded) prompt and writes K/V of
+every head to the cache. Decode writes the new token's K/V for every head, then calls
+`pallas_kernels.selective_decode_attention`, optionally restricted to selected KV groups.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import pallas_kernels
+from polar_jax import kv_cache, rope
+from polar_jax.config import ModelConfig
+from polar_jax.layers import Linear
+
+# Query rows processed at once by the XLA prefill attention, bounding its score buffer.
+_SCORE_BUDGET = 1 << 28  # float32 elements
+_MASKED = -1e30
+
+
+def prefill_attention(q_bthd, k_bshd, v_bshd, lengths_b, *, scale: float, window: int | None = None):
+  """Causal attention of a compacted prompt: query t sees keys s <= t with s < lengths_b[b].
+
+  Args:
+    q_bthd: `[B, T, Hq, D]` queries.
+    k_bshd, v_bshd: `[B, S, Hkv, D]` keys and values (S == T for prefill).
+    lengths_b: int32 `[B]` valid tokens per row.
+    scale: softmax scale.
+    window: sliding window (keys with s > t - window), or None.
+
+  Returns:
+    `[B, T, Hq, D]` in q's dtype; rows t >= lengths_b[b] hold finite garbage.
+  """
+  b, t, hq, d = q_bthd.shape
+  s, hkv = k_bshd.shape[1], k_bshd.shape[2]
+  r = hq // hkv
+  q = q_bthd.reshape(b, t, hkv, r, d)
+  chunk = max(1, min(t, _SCORE_BUDGET // max(1, b * hq * s)))
+  key_pos = jnp.arange(s)
+  outs = []
+  for start in range(0, t, chunk):
+    qc = q[:, start:start + chunk]
+    tc = qc.shape[1]
+    scores = jnp.einsum("btgrd,bsgd->bgrts", qc, k_bshd, preferred_element_type=jnp.float32) * scale
+    q_pos = jnp.arange(start, start + tc)
+    mask = (key_pos[None, :] <= q_pos[:, None])[None] & (key_pos[None, None, :] < lengths_b[:, None, None])
+    if window is not None:
+      mask = mask & (key_pos[None, :] > q_pos[:, None] - window)[None]
+    scores = jnp.where(mask[:, None, None], scores, _MASKED)  # finite: rows with no key stay NaN-free
+    probs = jax.nn.softmax(scores, axis=-1)
+    out = jnp.einsum("bgrts,bsgd->btgrd", probs.astype(v_bshd.dtype), v_bshd,
+                     preferred_element_type=jnp.float32)
+    outs.append(out.astype(q_bthd.dtype))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+  return out.reshape(b, t, hq, d)
+
+
+class Attention(nnx.Module):
+  """Self-attention of one layer: dense q/k/v/o projections, RoPE or none (OPT)."""
+
+  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    d, hq, hkv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim
+    self.q_proj = Linear(d, hq * hd, bias=config.attn_bias, dtype=dtype, rngs=rngs)
+    self.k_proj = Linear(d, hkv * hd, bias=config.attn_bias, dtype=dtype, rngs=rngs)
+    self.v_proj = Linear(d, hkv * hd, bias=config.attn_bias, dtype=dtype, rngs=rngs)
+    self.o_proj = Linear(hq * hd, d, bias=config.o_bias, dtype=dtype, rngs=rngs)
+    self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, hd
+    self.window = config.sliding_window
+    self.use_rope = config.positions == "rope"
+    self.inv_freq = tuple(rope.inverse_frequencies(config).tolist()) if self.use_rope else None
+    self.scale = 1.0 / math.sqrt(hd)
+
+  def _qkv(self, x_btd, positions_bt):
+    b, t, _ = x_btd.shape
+    q = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
+    k = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.use_rope:
+      cos, sin = rope.rope_cos_sin(positions_bt, np.asarray(self.inv_freq, np.float32))
+      q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+    return q, k, v
+
+  def forward(self, x_btd, lengths_b, *, return_context=False):
+    """Cache-free attention over a compacted batch (used for full-sequence logits).
+
+    With `return_context`, also returns the context `[B, T, Hq, D]` before o_proj (router data).
+    """
+    b, t, _ = x_btd.shape
+    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
+    q, k, v = self._qkv(x_btd, positions)
+    ctx = prefill_attention(q, k, v, lengths_b, scale=self.scale, window=self.window)
+    out = self.o_proj(ctx.reshape(b, t, -1))
+    if return_context:
+      return out, (k, v), ctx
+    return out, (k, v)
+
+  def prefill(self, x_btd, lengths_b, k_cache_bhsd, v_cache_bhsd):
+    """Attention over a compacted prompt; writes every head's K/V into slots [0, T)."""
+    out, (k, v) = self.forward(x_btd, lengths_b)
+    return out, kv_cache.write_prefill(k_cache_bhsd, k), kv_cache.write_prefill(v_cache_bhsd, v)
+
+  def decode(self, x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, group_idx_bk=None, *,
+             implementation=None, return_context=False):
+    """One decode step: writes K/V of every head at slot lengths_b, attends over the selected groups.
+
+    Args:
+      x_bd: `[B, d]` normed hidden state of the new token.
+      lengths_b: int32 `[B]` tokens already in the cache (= the new token's position).
+      k_cache_bhsd, v_cache_bhsd: this layer's caches.
+      group_idx_bk: int32 `[B, K]` selected KV groups per row, None for all (dense), or a Python int k:
+        the oracle, which attends densely and keeps each row's k groups of largest output norm (the norm
+        over the group's query heads' contexts), zeroing the other heads before o_proj.
+      implementation: passed to the kernel ("pallas", "xla" or None = best for the platform).
+      return_context: also return the attention context `[B, Hq, D]` before o_proj.
+    """
+    b = x_bd.shape[0]
+    q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
+    k_cache_bhsd = kv_cache.write_decode(k_cache_bhsd, k[:, 0], lengths_b)
+    v_cache_bhsd = kv_cache.write_decode(v_cache_bhsd, v[:, 0], lengths_b)
+    new_len = lengths_b + 1
+    kv_start = None if self.window is None else jnp.maximum(new_len - self.window, 0).astype(jnp.int32)
+    oracle_k = group_idx_bk if isinstance(group_idx_bk, int) else None
+    ctx = pallas_kernels.selective_decode_attention(
+        q[:, 0], k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, scale=self.scale,
+        kv_start=kv_start, implementation=implementation)
+    if oracle_k:
+      ctx = keep_top_groups(ctx, self.num_kv_heads, oracle_k)
+    out = self.o_proj(ctx.reshape(b, -1))
+    if return_context:
+      return out, k_cache_bhsd, v_cache_bhsd, ctx
+    return out, k_cache_bhsd, v_cache_bhsd
+
+
+def group_norms(ctx_bhd: jax.Array, num_kv_heads: int) -> jax.Array:
+  """float32 `[B, G]` (leading dims kept): L2 norm of each KV group's query-head contexts before o_proj."""
+  *lead, hq, d = ctx_bhd.shape
+  c = ctx_bhd.astype(jnp.float32).reshape(*lead, num_kv_heads, (hq // num_kv_heads) * d)
+  return jnp.sqrt(jnp.sum(c * c, axis=-1))
+
+
+def keep_top_groups(ctx_bhd: jax.Array, num_kv_heads: int, k: int) -> jax.Array:
+  """The oracle: zeroes the query heads of all but each row's k groups of largest output norm."""
+  b, hq, _ = ctx_bhd.shape
+  top_bk = jax.lax.top_k(group_norms(ctx_bhd, num_kv_heads), k)[1]
+  keep_bg = jnp.zeros((b, num_kv_heads), bool).at[jnp.arange(b)[:, None], top_bk].set(True)
+  keep_bh = jnp.repeat(keep_bg, hq // num_kv_heads, axis=1)
+  return jnp.where(keep_bh[..., None], ctx_bhd, jnp.zeros_like(ctx_bhd))

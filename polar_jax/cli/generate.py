@@ -1,0 +1,131 @@
+"""`polar-generate CKPT --prompt TEXT ...`: batched completions and decode tokens/s.
+
+Polar Sparsity: `--routers DIR` (or `--routers default`, the shipped SmolLM2-135M routers) with
+`--attn-density X` or `--attn-groups K`; `--selector oracle|random` needs no routers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from polar_jax import sampling
+
+
+def build_sampler(temperature: float | None, top_k: int | None, top_p: float | None) -> sampling.Sampler:
+  """Greedy unless a sampling option is given; filters apply in the order top-k, top-p, temperature."""
+  parts = []
+  if top_k is not None:
+    parts.append(sampling.TopK(top_k))
+  if top_p is not None:
+    parts.append(sampling.TopP(top_p))
+  if temperature is not None and temperature > 0:
+    parts.append(sampling.Temperature(temperature))
+  if temperature == 0 or not parts:
+    return sampling.Greedy()
+  return sampling.Chain(tuple(parts))
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="polar-generate", description=__doc__)
+  p.add_argument("ckpt", help="a directory written by polar-convert")
+  p.add_argument("--prompt", action="append", default=[], help="a prompt (repeat for a batch)")
+  p.add_argument("--prompts-file", help="a file with one prompt per line")
+  p.add_argument("--max-new-tokens", type=int, default=64)
+  p.add_argument("--temperature", type=float, default=None, help="0 or unset: greedy")
+  p.add_argument("--top-k", type=int, default=None)
+  p.add_argument("--top-p", type=float, default=None)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, f32 on CPU)")
+  p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
+  p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
+  sp = p.add_argument_group("Polar Sparsity (decode only; prefill stays dense)")
+  sp.add_argument("--routers", help="router directory from polar-train-routers, or 'default' (shipped SmolLM2)")
+  sp.add_argument("--attn-density", type=float, default=None, help="fraction of KV groups kept per row, (0, 1]")
+  sp.add_argument("--attn-groups", type=int, default=None, help="KV groups kept per row (overrides density)")
+  sp.add_argument("--dense-layers", type=int, nargs="*", default=[0], help="layers with dense attention (default 0)")
+  sp.add_argument("--selector", choices=("router", "oracle", "random"), default="router")
+  sp.add_argument("--mlp", choices=("dense", "router"), default="dense", help="neuron sparsity (ReLU/OPT only)")
+  return p
+
+
+def build_sparsity(args):
+  """(SparsityConfig or None, routers directory or None) from the command line.
+
+  `--routers` without `--attn-density`/`--attn-groups` decodes at the density the routers were trained for.
+  """
+  from polar_jax.routers import default_routers_dir, read_metadata
+  from polar_jax.sparsity import SparsityConfig
+  wanted = (args.attn_density is not None or args.attn_groups is not None or args.selector != "router"
+            or args.mlp != "dense" or args.routers is not None)
+  if not wanted:
+    return None, None
+  routers = default_routers_dir() if args.routers == "default" else args.routers
+  density = args.attn_density
+  if density is None:
+    density = read_metadata(routers).get("train_density", 1.0) if routers is not None else 1.0
+  cfg = SparsityConfig(attn_density=density, attn_groups=args.attn_groups, dense_layers=tuple(args.dense_layers),
+                       selector=args.selector, mlp=args.mlp)
+  return cfg, routers
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  prompts = list(args.prompt)
+  if args.prompts_file:
+    with open(args.prompts_file, encoding="utf-8") as f:
+      prompts += [line.rstrip("\n") for line in f if line.strip()]
+  if not prompts:
+    print("polar-generate: give at least one --prompt or a --prompts-file", file=sys.stderr)
+    return 2
+  import polar_jax
+  from polar_jax import timing
+  try:
+    sampler = build_sampler(args.temperature, args.top_k, args.top_p)
+    sampler.validate()
+    sparsity, routers_dir = build_sparsity(args)
+    model = polar_jax.load_model(args.ckpt, dtype=args.dtype)
+    tok = polar_jax.load_tokenizer(args.ckpt)
+    routers = polar_jax.load_routers(routers_dir, model) if routers_dir is not None else None
+    ids = encode_prompts(tok, prompts, chat=args.chat)
+    stop = () if args.no_stop else stop_tokens(tok, model.config)
+    out, tp = timing.generate_timed(model, ids, max_new_tokens=args.max_new_tokens, sampler=sampler,
+                                    stop_tokens=stop, seed=args.seed, sparsity=sparsity, routers=routers)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"polar-generate: {e}", file=sys.stderr)
+    return 2
+  for i, p in enumerate(prompts):
+    text = tok.decode(out.tokens[i, :out.lengths[i]], skip_special_tokens=True)
+    print(f"--- [{i}] {p!r}\n{text}\n")
+  if sparsity is not None:
+    print(f"sparsity: {describe_sparsity(sparsity, model.config)}")
+  print(f"decode: {tp.decode_tokens} tokens in {tp.decode_s * 1e3:.1f} ms = {tp.decode_tok_s:.1f} tok/s "
+        f"(batch {len(prompts)}, prefill {tp.prefill_s * 1e3:.1f} ms excluded)")
+  return 0
+
+
+def describe_sparsity(sparsity, config) -> str:
+  groups = sparsity.layer_groups(config)
+  sparse = [k for k in groups if k is not None]
+  kept = (f"{sparse[0]}/{config.num_kv_heads} KV groups in {len(sparse)} of {config.num_layers} layers"
+          if sparse and len(set(sparse)) == 1 else
+          f"{len(sparse)} sparse layers" if sparse else "all layers dense")
+  return f"{kept}, selector {sparsity.selector}, MLP {sparsity.mlp}"
+
+
+def encode_prompts(tokenizer, prompts, *, chat: bool) -> list[list[int]]:
+  if chat:
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=False) for p in prompts]
+  return [tokenizer.encode(p) for p in prompts]
+
+
+def stop_tokens(tokenizer, config) -> tuple[int, ...]:
+  ids = set(config.eos_token_ids)
+  if tokenizer.eos_token_id is not None:
+    ids.add(int(tokenizer.eos_token_id))
+  return tuple(sorted(ids))
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,62 @@
+"""Preallocated, head-major KV cache with per-row lengths.
+
+Row b's valid keys/values live in slots `[0, lengths_b[b])` of every layer (prompts are compacted
+to the left at prefill, whatever their padding), so decode writes one slot per row at
+`lengths_b[b]` and attention kernels need only the lengths.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from polar_jax.config import ModelConfig
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  """Per-layer K and V caches `[B, Hkv, S, D]` and the valid length of each row.
+
+  Attributes:
+    k_bhsd: one key cache per layer.
+    v_bhsd: one value cache per layer.
+    lengths_b: int32 `[B]`, number of valid slots in each row (the same for every layer).
+  """
+
+  k_bhsd: tuple[jax.Array, ...]
+  v_bhsd: tuple[jax.Array, ...]
+  lengths_b: jax.Array
+
+  @classmethod
+  def init(cls, config: ModelConfig, batch: int, max_len: int, dtype) -> "KVCache":
+    shape = (batch, config.num_kv_heads, max_len, config.head_dim)
+    zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
+    return cls(k_bhsd=zeros, v_bhsd=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),
+               lengths_b=jnp.zeros((batch,), jnp.int32))
+
+  @property
+  def max_len(self) -> int:
+    return self.k_bhsd[0].shape[2]
+
+  @property
+  def batch(self) -> int:
+    return self.k_bhsd[0].shape[0]
+
+  def nbytes(self) -> int:
+    return sum(x.size * x.dtype.itemsize for x in self.k_bhsd + self.v_bhsd)
+
+
+def write_prefill(cache_bhsd: jax.Array, new_bthd: jax.Array) -> jax.Array:
+  """Writes a compacted prompt's K or V `[B, T, H, D]` into slots `[0, T)`."""
+  return jax.lax.dynamic_update_slice(cache_bhsd, new_bthd.transpose(0, 2, 1, 3).astype(cache_bhsd.dtype),
+                                      (0, 0, 0, 0))
+
+
+def write_decode(cache_bhsd: jax.Array, new_bhd: jax.Array, slot_b: jax.Array) -> jax.Array:
+  """Writes one token's K or V `[B, H, D]` into slot `slot_b[b]` of each row (in place when donated)."""
+  b, h = cache_bhsd.shape[:2]
+  return cache_bhsd.at[jnp.arange(b)[:, None], jnp.arange(h)[None, :], slot_b[:, None]].set(
+      new_bhd.astype(cache_bhsd.dtype), mode="drop")

@@ -1,0 +1,81 @@
+"""Small Flax NNX building blocks: Linear, RMSNorm, LayerNorm, Embedding."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_INIT_STD = 0.02
+
+
+def _normal(rngs: nnx.Rngs, shape, dtype) -> jax.Array:
+  return (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+
+
+class Linear(nnx.Module):
+  """`y = x @ kernel + bias` with `kernel [in, out]`; float32 accumulation, x's dtype out."""
+
+  def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
+    self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype))
+    self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+
+  def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+    kernel = self.kernel[...]
+    y = jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
+    if self.bias is not None:
+      y = y + self.bias[...].astype(jnp.float32)
+    return y.astype(out_dtype or kernel.dtype)
+
+
+class RMSNorm(nnx.Module):
+  """`x / rms(x) * scale`, computed in float32 (as Hugging Face LLaMA)."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, rngs: nnx.Rngs):
+    del rngs
+    self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    scale = self.scale[...]
+    return (scale.astype(jnp.float32) * y.astype(x.dtype).astype(jnp.float32)).astype(scale.dtype)
+
+
+class LayerNorm(nnx.Module):
+  """Standard LayerNorm with scale and bias, computed in float32."""
+
+  def __init__(self, dim: int, *, eps: float, dtype, rngs: nnx.Rngs):
+    del rngs
+    self.scale = nnx.Param(jnp.ones((dim,), dtype))
+    self.bias = nnx.Param(jnp.zeros((dim,), dtype))
+    self.eps = eps
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    xf = x.astype(jnp.float32)
+    mean = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+    y = (xf - mean) * jax.lax.rsqrt(var + self.eps)
+    scale = self.scale[...]
+    return (y * scale.astype(jnp.float32) + self.bias[...].astype(jnp.float32)).astype(scale.dtype)
+
+
+def make_norm(kind: str, dim: int, *, eps: float, dtype, rngs: nnx.Rngs) -> nnx.Module:
+  if kind == "rms":
+    return RMSNorm(dim, eps=eps, dtype=dtype, rngs=rngs)
+  return LayerNorm(dim, eps=eps, dtype=dtype, rngs=rngs)
+
+
+class Embedding(nnx.Module):
+  """Lookup table `embedding [num, dim]`; `attend` gives float32 logits against it (tied lm_head)."""
+
+  def __init__(self, num: int, dim: int, *, dtype, rngs: nnx.Rngs):
+    self.embedding = nnx.Param(_normal(rngs, (num, dim), dtype))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    return jnp.take(self.embedding[...], ids, axis=0, mode="clip")
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    table = self.embedding[...]
+    return jnp.einsum("...d,vd->...v", x.astype(table.dtype), table, preferred_element_type=jnp.float32)

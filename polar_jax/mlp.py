@@ -1,0 +1,84 @@
+"""MLP blocks: gated (LLaMA family) and ReLU fc1/fc2 (OPT, the one Polar Sparsity's neuron routers target)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+import pallas_kernels
+from polar_jax.config import ModelConfig
+from polar_jax.layers import Linear, _normal
+
+ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+
+class GatedMLP(nnx.Module):
+  """`down(act(gate(x)) * up(x))`."""
+
+  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    d, f = config.hidden_size, config.intermediate_size
+    self.gate_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs)
+    self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs)
+    self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs)
+    self.activation = config.activation
+
+  def __call__(self, x):
+    act = ACTIVATIONS[self.activation]
+    h = act(self.gate_proj(x, jnp.float32)) * self.up_proj(x, jnp.float32)
+    return self.down_proj(h.astype(x.dtype))
+
+
+class NeuronMLP(nnx.Module):
+  """`fc2(act(fc1(x)))` with one row per neuron in both weights, so neurons can be gathered.
+
+  Attributes:
+    w_in_nd: `[N, d]` fc1 weight (HF `fc1.weight`).
+    b_in_n: `[N]` fc1 bias or None.
+    w_out_nd: `[N, d]` fc2 weight transposed (HF `fc2.weight.T`).
+    b_out_d: `[d]` fc2 bias or None.
+  """
+
+  def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
+    d, n = config.hidden_size, config.intermediate_size
+    self.w_in_nd = nnx.Param(_normal(rngs, (n, d), dtype))
+    self.w_out_nd = nnx.Param(_normal(rngs, (n, d), dtype))
+    self.b_in_n = nnx.Param(jnp.zeros((n,), dtype)) if config.mlp_bias else None
+    self.b_out_d = nnx.Param(jnp.zeros((d,), dtype)) if config.mlp_bias else None
+    self.activation = config.activation
+
+  def pre_activation(self, x):
+    """float32 fc1 output before the activation, `[..., N]` (a neuron fires where it is > 0 under ReLU)."""
+    w_in = self.w_in_nd[...]
+    h = jnp.einsum("...d,nd->...n", x.astype(w_in.dtype), w_in, preferred_element_type=jnp.float32)
+    if self.b_in_n is not None:
+      h = h + self.b_in_n[...].astype(jnp.float32)
+    return h
+
+  def __call__(self, x):
+    w_in = self.w_in_nd[...]
+    h = ACTIVATIONS[self.activation](self.pre_activation(x)).astype(w_in.dtype)
+    y = jnp.einsum("...n,nd->...d", h, self.w_out_nd[...], preferred_element_type=jnp.float32)
+    if self.b_out_d is not None:
+      y = y + self.b_out_d[...].astype(jnp.float32)
+    return y.astype(w_in.dtype)
+
+  def sparse(self, x_md, idx_k, *, implementation=None):
+    """The MLP over neurons `idx_k` only (`[k]` int32, a batch-union set): gathered fc1 (bias, activation)
+    then gathered fc2 plus the full fc2 bias. Equals the dense MLP when idx holds every firing neuron."""
+    w_in = self.w_in_nd[...]
+    b_in = None if self.b_in_n is None else self.b_in_n[...]
+    b_out = None if self.b_out_d is None else self.b_out_d[...]
+    x = x_md.astype(w_in.dtype)
+    h_mk = pallas_kernels.gather_matmul_cols(x, w_in, idx_k, b_in, self.activation, implementation=implementation)
+    return pallas_kernels.gather_matmul_rows(h_mk, self.w_out_nd[...], idx_k, b_out, implementation=implementation)
+
+
+def make_mlp(config: ModelConfig, *, dtype, rngs: nnx.Rngs) -> nnx.Module:
+  if config.mlp == "gated":
+    return GatedMLP(config, dtype=dtype, rngs=rngs)
+  return NeuronMLP(config, dtype=dtype, rngs=rngs)

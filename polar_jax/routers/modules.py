@@ -1,0 +1,157 @@
+"""Router modules (Flax NNX), stacked over layers so that all layers train together under `vmap`.
+
+Both routers of layer i read that layer's pre-attention normed hidden state `x_bd` (the input of its
+q/k/v projections), in float32.
+
+  * `HeadRouters`: one linear map per layer, d -> num KV groups (with bias): a score per KV group
+    (= per head for MHA). Group-level end to end: labels, training, checkpoints and inference use KV groups.
+  * `NeuronRouters` (ReLU MLPs, OPT): a low-rank map per layer, d -> r -> N (bias on the output), whose
+    logits predict which fc1 neurons fire.
+  * `Routers`: the routers of one model plus its identity (config fingerprint), the neuron budget table and
+    the training metadata.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from polar_jax.config import ModelConfig
+
+MAX_NEURON_RANK = 1024
+
+
+def default_neuron_rank(hidden_size: int) -> int:
+  """r = min(1024, max(16, d // 4)): 1024 for OPT-6.7B (d = 4096, as the paper); ~16% of the MLP's cost."""
+  return min(MAX_NEURON_RANK, max(16, hidden_size // 4))
+
+
+def has_neuron_mlp(config: ModelConfig) -> bool:
+  """True for ReLU fc1/fc2 MLPs (OPT), the only ones with activation sparsity to route."""
+  return config.mlp == "relu_mlp" and config.activation == "relu"
+
+
+class HeadRouters(nnx.Module):
+  """Per-layer KV-group routers: `scores_bg = x_bd @ w_ldg[layer] + b_lg[layer]`.
+
+  Attributes:
+    w_ldg: `[L, d, G]` float32 weights.
+    b_lg: `[L, G]` float32 biases.
+  """
+
+  def __init__(self, num_layers: int, hidden_size: int, num_groups: int, *, rngs: nnx.Rngs | None = None):
+    del rngs  # a linear classifier trained from zero (the problem is convex)
+    self.w_ldg = nnx.Param(jnp.zeros((num_layers, hidden_size, num_groups), jnp.float32))
+    self.b_lg = nnx.Param(jnp.zeros((num_layers, num_groups), jnp.float32))
+
+  @property
+  def num_layers(self) -> int:
+    return self.w_ldg.shape[0]
+
+  @property
+  def num_groups(self) -> int:
+    return self.w_ldg.shape[2]
+
+  def layer_scores(self, layer: int, x_bd: jax.Array) -> jax.Array:
+    """float32 `[B, G]` scores of one layer."""
+    return head_scores(self.w_ldg[layer], self.b_lg[layer], x_bd)
+
+  def __call__(self, x_lbd: jax.Array) -> jax.Array:
+    """float32 `[L, B, G]` scores of every layer (`x_lbd`: each layer's router input)."""
+    return jax.vmap(head_scores)(self.w_ldg[...], self.b_lg[...], x_lbd)
+
+
+def head_scores(w_dg, b_g, x_bd):
+  """One layer's head-router scores `[B, G]` (float32)."""
+  return jnp.dot(x_bd.astype(jnp.float32), w_dg, preferred_element_type=jnp.float32) + b_g
+
+
+class NeuronRouters(nnx.Module):
+  """Per-layer low-rank neuron routers: `logits_bn = (x_bd @ w_down_ldr[l]) @ w_up_lrn[l] + b_ln[l]`.
+
+  Attributes:
+    w_down_ldr: `[L, d, r]`, w_up_lrn: `[L, r, N]`, b_ln: `[L, N]`, all float32.
+  """
+
+  def __init__(self, num_layers: int, hidden_size: int, num_neurons: int, rank: int, *, rngs: nnx.Rngs):
+    k1, k2 = jax.random.split(rngs.params())
+    self.w_down_ldr = nnx.Param(jax.random.normal(k1, (num_layers, hidden_size, rank)) / hidden_size ** 0.5)
+    self.w_up_lrn = nnx.Param(jax.random.normal(k2, (num_layers, rank, num_neurons)) * 0.1 / rank ** 0.5)
+    self.b_ln = nnx.Param(jnp.zeros((num_layers, num_neurons), jnp.float32))
+
+  @property
+  def num_neurons(self) -> int:
+    return self.w_up_lrn.shape[2]
+
+  def layer_logits(self, layer: int, x_bd: jax.Array) -> jax.Array:
+    """float32 `[B, N]` logits of one layer (> 0: predicted to fire)."""
+    return neuron_logits(self.w_down_ldr[layer], self.w_up_lrn[layer], self.b_ln[layer], x_bd)
+
+  def __call__(self, x_lbd: jax.Array) -> jax.Array:
+    """float32 `[L, B, N]` logits of every layer."""
+    return jax.vmap(neuron_logits)(self.w_down_ldr[...], self.w_up_lrn[...], self.b_ln[...], x_lbd)
+
+
+def neuron_logits(w_down_dr, w_up_rn, b_n, x_bd):
+  """One layer's neuron-router logits `[B, N]` (float32)."""
+  low_br = jnp.dot(x_bd.astype(jnp.float32), w_down_dr, preferred_element_type=jnp.float32)
+  return jnp.dot(low_br, w_up_rn, preferred_element_type=jnp.float32) + b_n
+
+
+@dataclasses.dataclass
+class Routers:
+  """The routers of one model.
+
+  Attributes:
+    head: KV-group routers of every layer.
+    neuron: neuron routers (ReLU MLPs only) or None.
+    fingerprint: `ModelConfig.fingerprint()` of the model they were trained on.
+    mlp_topk: `{batch_size: (k per layer)}` neuron budgets (empty without neuron routers).
+    metadata: the contents of `metadata.json` (data, tokens, validation metrics).
+  """
+
+  head: HeadRouters
+  neuron: NeuronRouters | None
+  fingerprint: str
+  mlp_topk: dict[int, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+  metadata: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+  @classmethod
+  def init(cls, config: ModelConfig, *, neuron_rank: int | None = None, seed: int = 0) -> "Routers":
+    """Untrained routers shaped for `config` (neuron routers only for ReLU MLPs)."""
+    rngs = nnx.Rngs(seed)
+    head = HeadRouters(config.num_layers, config.hidden_size, config.num_kv_heads)
+    neuron = None
+    if has_neuron_mlp(config):
+      rank = neuron_rank or default_neuron_rank(config.hidden_size)
+      neuron = NeuronRouters(config.num_layers, config.hidden_size, config.intermediate_size, rank, rngs=rngs)
+    return cls(head, neuron, config.fingerprint())
+
+  def check_model(self, config: ModelConfig, source: str = "these routers") -> None:
+    """Raises RouterMismatchError unless the routers were trained for a model with `config`'s architecture."""
+    fp = config.fingerprint()
+    if fp != self.fingerprint:
+      trained = self.metadata.get("model", {})
+      raise RouterMismatchError(
+          f"{source} were trained for another model: router fingerprint {self.fingerprint} "
+          f"({_describe(trained) or 'unknown architecture'}) != model fingerprint {fp} "
+          f"({_describe(config.to_dict())}). Train routers for this model with polar-train-routers.")
+    if self.head.num_layers != config.num_layers or self.head.num_groups != config.num_kv_heads:
+      raise RouterMismatchError(
+          f"{source} have {self.head.num_layers} layers x {self.head.num_groups} groups; the model has "
+          f"{config.num_layers} x {config.num_kv_heads}")
+
+
+class RouterMismatchError(ValueError):
+  """Routers do not belong to the model they are used with (or their directory is unusable)."""
+
+
+def _describe(d: dict) -> str:
+  if not d:
+    return ""
+  return (f"{d.get('model_type')}, {d.get('num_layers')} layers, hidden {d.get('hidden_size')}, "
+          f"{d.get('num_heads')} heads / {d.get('num_kv_heads')} KV groups")

@@ -1,0 +1,160 @@
+"""The Polar Sparsity decode step: a hashable static object plus a dynamic router-state pytree.
+
+`make_decoder(model, sparsity, routers, batch)` returns `(decode, decode_state)`; the generation program
+calls `decode(model, tok_b, cache, decode_state, active_b)` inside its jitted `lax.while_loop`. Everything
+that fixes shapes (groups kept per layer, neuron budgets, the router graph definitions) is in `decode`
+(static); router weights are in `decode_state` (dynamic), so new router weights do not recompile.
+
+Per decode step and layer (prefill stays dense; K/V of every head is written to the cache):
+  1. the layer's pre-attention normed input `x_bd` -> group scores (router, random) -> per-row top-k
+     (`lax.top_k`) -> `selective_decode_attention` over those groups -> dense o_proj;
+     the oracle runs dense attention and keeps each row's top-k groups by output norm instead;
+  2. ReLU MLPs with `mlp="router"`: `sum_b active_b * relu(neuron logits)` -> top-k with the layer's static
+     budget -> gathered fc1/fc2 matmuls (biases included); layers over budget run the dense MLP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from polar_jax.sparsity import SparsityConfig, neuron_budgets
+
+
+def topk_groups(scores_bg: jax.Array, k: int) -> jax.Array:
+  """int32 `[B, k]`: each row's k highest-scoring groups (ties: lower index first)."""
+  return jax.lax.top_k(scores_bg, k)[1].astype(jnp.int32)
+
+
+def random_scores(seed: int, layer: int, positions_b: jax.Array, tokens_b: jax.Array, num_groups: int):
+  """Uniform `[B, G]` scores keyed by (seed, layer, position, token): per row, layer and step, and
+  independent of the row's place in the batch (a row decodes the same alone or batched)."""
+  base = jax.random.fold_in(jax.random.key(seed), layer)
+
+  def row(pos, tok):
+    return jax.random.uniform(jax.random.fold_in(jax.random.fold_in(base, pos), tok), (num_groups,))
+
+  return jax.vmap(row)(positions_b, tokens_b)
+
+
+def union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k: int) -> jax.Array:
+  """int32 `[k]`: the batch-union neuron set, top-k of `sum_b relu(logits)` over active rows."""
+  act = jax.nn.relu(logits_bn)
+  if active_b is not None:
+    act = jnp.where(active_b[:, None], act, 0.0)
+  return jax.lax.top_k(act.sum(axis=0), k)[1].astype(jnp.int32)
+
+
+@dataclasses.dataclass(frozen=True)
+class SparseDecode:
+  """One sparse decode step (hashable: a static argument of the jitted generation program).
+
+  Attributes:
+    groups: per layer, KV groups kept per row, or None for dense attention.
+    selector: "router", "oracle" or "random".
+    seed: seed of the random selector.
+    neuron_k: per layer, the neuron budget (None: dense MLP), or None for dense MLPs everywhere.
+    head_graphdef, neuron_graphdef: `nnx.split` graph definitions of the routers (None when unused).
+    implementation: kernel implementation ("pallas", "xla" or None = best for the platform).
+  """
+
+  groups: tuple[int | None, ...]
+  selector: str = "router"
+  seed: int = 0
+  neuron_k: tuple[int | None, ...] | None = None
+  head_graphdef: Any = None
+  neuron_graphdef: Any = None
+  implementation: str | None = None
+
+  def __call__(self, model, tok_b, cache, router_state=None, active_b=None):
+    head = None if self.head_graphdef is None else nnx.merge(self.head_graphdef, router_state["head"])
+    neuron = None if self.neuron_graphdef is None else nnx.merge(self.neuron_graphdef, router_state["neuron"])
+    positions_b = cache.lengths_b
+    num_groups = model.config.num_kv_heads
+
+    def selector(layer, x_bd):
+      k = self.groups[layer]
+      if k is None:
+        return None
+      if self.selector == "oracle":
+        return k                                   # Attention.decode: dense, then top-k by output norm
+      if self.selector == "random":
+        scores_bg = random_scores(self.seed, layer, positions_b, tok_b, num_groups)
+      else:
+        scores_bg = head.layer_scores(layer, x_bd)
+      return topk_groups(scores_bg, k)
+
+    def mlp_override(layer):
+      if self.neuron_k is None or self.neuron_k[layer] is None:
+        return None
+      k, mlp = self.neuron_k[layer], model.layers[layer].mlp
+
+      def sparse_mlp(y_bd, x_bd):
+        idx_k = union_topk(neuron.layer_logits(layer, x_bd), active_b, k)
+        return mlp.sparse(y_bd, idx_k, implementation=self.implementation)
+
+      return sparse_mlp
+
+    return model.decode_step(tok_b, cache, selector=selector, mlp_override=mlp_override,
+                             implementation=self.implementation)
+
+
+def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch: int = 1,
+                 implementation: str | None = None, dense_factory=None):
+  """The decode step and its dynamic state for `generate`/`stream`.
+
+  Args:
+    model: the `CausalLM`.
+    sparsity: a `SparsityConfig`, or None for dense decoding.
+    routers: `polar_jax.routers.Routers` (needed by selector "router" and by mlp "router").
+    batch: rows decoded together (selects the neuron budgets).
+    implementation: kernel implementation for the sparse step.
+    dense_factory: builds the dense step (default: `generation.DenseDecode`), used when nothing is sparse.
+
+  Returns:
+    `(decode, decode_state)`. When the settings compute exactly the dense step (e.g. density 1.0 and
+    dense MLPs), `decode` is the dense step itself, so the tokens are the dense path's.
+
+  Raises:
+    ValueError (RouterMismatchError for wrong routers) naming the problem.
+  """
+  config = model.config
+  if dense_factory is None:
+    from polar_jax.generation import DenseDecode as dense_factory
+  if sparsity is None:
+    if routers is not None:
+      raise ValueError("routers were given without sparsity: pass sparsity=SparsityConfig(attn_density=...)")
+    return dense_factory(), None
+  if not isinstance(sparsity, SparsityConfig):
+    raise TypeError(f"sparsity must be a polar_jax.SparsityConfig, got {type(sparsity).__name__}")
+  sparsity.check_mlp(config)
+  groups = sparsity.layer_groups(config)
+  needs_head = sparsity.selector == "router" and any(k is not None for k in groups)
+  needs_neuron = sparsity.mlp == "router"
+  if (needs_head or needs_neuron) and routers is None:
+    what = "selector='router'" if needs_head else "mlp='router'"
+    raise ValueError(f"{what} needs trained routers: pass routers=polar_jax.load_routers(DIR, model) "
+                     "(or use selector='oracle' / 'random', which need none)")
+  if routers is not None:
+    routers.check_model(config)
+  neuron_k = None
+  if needs_neuron:
+    if routers.neuron is None or not routers.mlp_topk:
+      raise ValueError("mlp='router' needs neuron routers with a calibrated top-k table; these routers have "
+                       "none (train them on a ReLU model with polar-train-routers)")
+    neuron_k = neuron_budgets(routers.mlp_topk, batch, config.intermediate_size)
+    if all(k is None for k in neuron_k):
+      neuron_k = None
+  if all(k is None for k in groups) and neuron_k is None:
+    return dense_factory(), None
+  state, head_gd, neuron_gd = {}, None, None
+  if needs_head:
+    head_gd, state["head"] = nnx.split(routers.head)
+  if neuron_k is not None:
+    neuron_gd, state["neuron"] = nnx.split(routers.neuron)
+  decode = SparseDecode(groups, sparsity.selector, sparsity.seed, neuron_k, head_gd, neuron_gd, implementation)
+  return decode, state

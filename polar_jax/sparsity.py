@@ -1,0 +1,136 @@
+"""Polar Sparsity settings: which KV groups (and, on ReLU MLPs, which neurons) a decode step computes.
+
+    cfg = SparsityConfig(attn_density=0.5)                 # half the KV groups per row, layer 0 dense
+    out = polar_jax.generate(model, prompts, max_new_tokens=64, sparsity=cfg,
+                             routers=polar_jax.load_routers(DIR, model))
+
+Semantics (decode only; prefill is always dense; K/V of every head is always written to the cache):
+  * groups kept per row and layer = `round_half_up(density * num_kv_heads)`, at least 1
+    (0.67 of 3 keeps 2, 0.5 of 32 keeps 16, 0.625 of 8 keeps 5); `attn_groups` gives the count directly;
+  * `dense_layers` keep all groups (default: layer 0, as in the paper); `per_layer` maps layer -> density and
+    overrides both the global density and `dense_layers` for the layers it names;
+  * a layer whose count equals `num_kv_heads` runs exactly the dense path (no router, no selection);
+  * `selector`: "router" (learned head routers, top-k of their scores per row), "oracle" (dense attention, then
+    each row keeps its top-k groups by true output norm; an evaluation upper bound) or "random" (a seeded
+    uniform choice per row, layer and step; a baseline). Only "router" needs routers;
+  * `mlp="router"` (ReLU MLPs only, i.e. OPT): the batch-union neuron set from the neuron routers, with the
+    per-layer top-k of the routers' calibration table for the batch size; layers whose k exceeds 0.8 N run
+    dense. The MLP setting does not depend on `selector`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from polar_jax.config import ModelConfig
+
+SELECTORS = ("router", "oracle", "random")
+MLP_MODES = ("dense", "router")
+DENSE_FALLBACK_FRACTION = 0.8   # a neuron budget above this fraction of N runs the dense MLP
+
+
+def round_half_up(x: float) -> int:
+  """Nearest integer, halves rounded up (tolerant to float error: 0.5 * 3 -> 2, 0.625 * 8 -> 5)."""
+  return int(math.floor(x + 0.5 + 1e-9))
+
+
+def groups_for_density(density: float, num_groups: int) -> int:
+  """KV groups kept at `density`: round_half_up(density * num_groups), at least 1."""
+  _check_density(density, "density")
+  return max(1, min(num_groups, round_half_up(density * num_groups)))
+
+
+def _check_density(d: Any, what: str) -> None:
+  if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < float(d) <= 1.0:
+    raise ValueError(f"{what} must be a number in (0, 1] (the fraction of KV groups kept), got {d!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SparsityConfig:
+  """Decode-time sparsity (frozen and hashable: it is part of the compiled program).
+
+  Attributes:
+    attn_density: fraction of KV groups each row attends to, in (0, 1].
+    attn_groups: number of KV groups kept per row (overrides `attn_density`), or None.
+    dense_layers: layers whose attention stays dense.
+    per_layer: `{layer: density}` (or `((layer, density), ...)`), normalised to a sorted tuple of pairs.
+    mlp: "dense" or "router" (batch-union neuron sparsity, ReLU MLPs only).
+    selector: "router", "oracle" or "random" (see the module docstring).
+    seed: seed of the "random" selector.
+  """
+
+  attn_density: float = 1.0
+  attn_groups: int | None = None
+  dense_layers: tuple[int, ...] = (0,)
+  per_layer: tuple[tuple[int, float], ...] | None = None
+  mlp: str = "dense"
+  selector: str = "router"
+  seed: int = 0
+
+  def __post_init__(self):
+    _check_density(self.attn_density, "attn_density")
+    if self.attn_groups is not None and (isinstance(self.attn_groups, bool) or
+                                         not isinstance(self.attn_groups, int) or self.attn_groups < 1):
+      raise ValueError(f"attn_groups must be an integer >= 1 (KV groups kept per row), got {self.attn_groups!r}")
+    if self.selector not in SELECTORS:
+      raise ValueError(f"unknown selector {self.selector!r}; expected one of {SELECTORS}")
+    if self.mlp not in MLP_MODES:
+      raise ValueError(f"unknown mlp mode {self.mlp!r}; expected one of {MLP_MODES}")
+    object.__setattr__(self, "dense_layers", tuple(sorted({int(i) for i in self.dense_layers})))
+    if self.per_layer is not None:
+      items = self.per_layer.items() if isinstance(self.per_layer, Mapping) else self.per_layer
+      pairs = tuple(sorted((int(layer), float(d)) for layer, d in items))
+      for layer, d in pairs:
+        _check_density(d, f"per_layer density of layer {layer}")
+      if len({layer for layer, _ in pairs}) != len(pairs):
+        raise ValueError(f"per_layer names a layer twice: {pairs}")
+      object.__setattr__(self, "per_layer", pairs or None)
+    object.__setattr__(self, "seed", int(self.seed))
+
+  # ---- resolution against a model -------------------------------------------------------------
+  def layer_groups(self, config: ModelConfig) -> tuple[int | None, ...]:
+    """Per layer: the number of KV groups kept per row, or None where the layer runs dense attention."""
+    num_layers, g = config.num_layers, config.num_kv_heads
+    if self.attn_groups is not None and self.attn_groups > g:
+      raise ValueError(f"attn_groups={self.attn_groups} exceeds the model's {g} KV groups")
+    named = set(self.dense_layers) | {layer for layer, _ in self.per_layer or ()}
+    bad = sorted(i for i in named if not 0 <= i < num_layers)
+    if bad:
+      raise ValueError(f"layer indices {bad} out of range for a model with {num_layers} layers")
+    default = self.attn_groups if self.attn_groups is not None else groups_for_density(self.attn_density, g)
+    out = [None if i in self.dense_layers else default for i in range(num_layers)]
+    for layer, d in self.per_layer or ():
+      out[layer] = groups_for_density(d, g)
+    return tuple(None if k is None or k >= g else int(k) for k in out)
+
+  def is_dense(self, config: ModelConfig) -> bool:
+    """True when this config computes exactly the dense decode step for `config`."""
+    return self.mlp == "dense" and all(k is None for k in self.layer_groups(config))
+
+  def check_mlp(self, config: ModelConfig) -> None:
+    """Raises ValueError when `mlp="router"` is asked of a model without a ReLU neuron MLP."""
+    if self.mlp == "router" and not (config.mlp == "relu_mlp" and config.activation == "relu"):
+      raise ValueError(
+          f"mlp='router' needs a ReLU fc1/fc2 MLP (OPT); this {config.model_type} model has a "
+          f"{config.mlp} {config.activation} MLP, whose activations are not sparse. Use mlp='dense'.")
+
+
+def neuron_budgets(table: Mapping[int, tuple[int, ...]], batch: int, num_neurons: int) -> tuple[int | None, ...]:
+  """Per-layer neuron top-k for a decode batch of `batch` rows from a calibration table.
+
+  Args:
+    table: `{batch_size: (k_layer0, k_layer1, ...)}` (calibrated batch sizes, e.g. 1, 2, 4, ..., 256).
+    batch: rows decoded together.
+    num_neurons: N, the MLP width.
+
+  Returns:
+    Per layer: k, or None where the MLP runs dense (k > 0.8 N). The smallest calibrated batch size >= `batch`
+    is used; beyond the largest calibrated size every layer runs dense.
+  """
+  sizes = sorted(b for b in table if b >= batch)
+  if not sizes:
+    return tuple(None for _ in table[max(table)])
+  return tuple(None if k > DENSE_FALLBACK_FRACTION * num_neurons else int(k) for k in table[sizes[0]])

@@ -1,0 +1,47 @@
+"""The end-to-end benchmark script runs on a tiny model (so it cannot rot); its arithmetic is checked."""
+
+import json
+
+import pytest
+
+from benchmarks import e2e
+
+
+def test_decode_rate_and_roofline_arithmetic():
+  tok_s, ms = e2e.decode_rate(batch=32, n1=8, n2=72, t1=1.0, t2=2.28)
+  assert ms == pytest.approx(20.0)                 # 1.28 s / 64 steps
+  assert tok_s == pytest.approx(1600.0)            # 32 rows / 20 ms
+  assert e2e.roofline_fraction(3.0e10, 20.0, 3.0) == pytest.approx(0.5)   # 30 GB in 20 ms at 3 TB/s
+  with pytest.raises(ValueError):
+    e2e.decode_rate(batch=1, n1=8, n2=8, t1=1.0, t2=2.0)
+
+
+def test_kv_bytes_follow_density_and_window():
+  cfg = e2e.MODELS["llama2-7b"]
+  full = e2e.kv_bytes_per_step(cfg, 16, 2036.0, 2)
+  assert full == pytest.approx(2 * 16 * 2036 * 32 * 128 * 2 * 32)
+  half = e2e.kv_bytes_per_step(cfg, 16, 2036.0, 2, lambda layer: 1.0 if layer == 0 else 0.5)
+  assert half == pytest.approx(full * (1 + 31 * 0.5) / 32)
+  mistral = e2e.MODELS["mistral-7b"]
+  assert e2e.kv_bytes_per_step(mistral, 1, 8192.0, 2) == pytest.approx(
+      e2e.kv_bytes_per_step(mistral, 1, 4096.0, 2))
+
+
+def test_weight_bytes_exclude_the_untied_input_embedding():
+  cfg = e2e.MODELS["tiny"]
+  model = e2e.init_model(cfg)
+  n = cfg.num_layers * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64 + 64 * 128
+  assert e2e.weight_bytes_per_step(cfg, model) == n * 4
+
+
+def test_smoke_run_writes_records(tmp_path):
+  out = tmp_path / "e2e.jsonl"
+  assert e2e.main(["--smoke", "--out", str(out), "--plot", str(tmp_path / "e2e.png")]) == 0
+  recs = [json.loads(line) for line in out.read_text().splitlines()]
+  assert len(recs) == 1
+  r = recs[0]
+  for key in ("device", "jax", "date", "commit", "system", "model", "B", "prompt", "density", "mlp",
+              "decode_tok_s", "ms_per_step", "prefill_ms", "peak_mem_gb", "roofline_frac", "copy_tbps"):
+    assert key in r
+  assert r["system"] == "polar_jax" and r["decode_tok_s"] > 0 and r["copy_tbps"] > 0
+  assert (tmp_path / "e2e.png").stat().st_size > 1000

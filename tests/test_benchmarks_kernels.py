@@ -1,0 +1,46 @@
+"""benchmarks/kernels.py --smoke runs in-process (CPU, interpret mode) and writes
+well-formed records. No timing assertions."""
+import importlib.util
+import json
+import math
+import os
+import sys
+
+import pytest
+
+_PATH = os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks",
+                     "kernels.py")
+
+
+def _load():
+  spec = importlib.util.spec_from_file_location("bench_kernels", _PATH)
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[spec.name] = module  # dataclasses need the module registered
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")
+def test_smoke_records(tmp_path):
+  bench = _load()
+  out = tmp_path / "kernels.jsonl"
+  returned = bench.main(["--smoke", "--check", "--out", str(out)])
+  lines = [json.loads(l) for l in out.read_text().splitlines()]
+  assert lines == json.loads(json.dumps(returned))
+  ops = {(r["op"], r["impl"]) for r in lines}
+  assert ops >= {("attention", "pallas"), ("attention", "xla_einsum"),
+                 ("attention", "xla_gather"), ("gather_mlp", "pallas"),
+                 ("gather_mlp", "xla_gather"), ("gather_mlp", "xla_dense")}
+  for r in lines:
+    assert set(bench.KEYS) <= set(r)
+    assert r["ms"] > 0 and r["bytes"] > 0 and r["copy_tbps"] > 0
+    assert math.isclose(r["tbps"], r["bytes"] / (r["ms"] * 1e-3) / 1e12)
+    assert math.isclose(r["roofline_frac"], r["tbps"] / r["copy_tbps"])
+    if r["impl"] == "pallas":
+      assert r["max_rel_err"] < 1e-2
+    if r["op"] == "attention":
+      k = max(1, round(r["density"] * r["Hkv"]))
+      assert r["bytes"] == 2 * r["B"] * k * r["S"] * r["D"] * 2
+    else:
+      k = max(1, round(r["density"] * r["N"]))
+      assert r["bytes"] == 2 * k * r["d"] * 2

@@ -1,0 +1,235 @@
+"""selective_decode_attention: Pallas kernel (interpret mode on CPU) vs XLA reference,
+XLA reference vs a float64 numpy brute force, residual merging, input validation."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels import AttentionConfig
+from pallas_kernels import decode_attention_triton as attn_triton
+from pallas_kernels import merge_attention_partials
+from pallas_kernels import selective_decode_attention
+
+# (rtol, atol as a fraction of max|ref|) per dtype.
+TOL = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2e-2, 1e-2),
+       jnp.float16: (5e-3, 2e-3)}
+
+
+def _inputs(seed, B, Hq, Hkv, S, D, K, dtype, *, with_start=False):
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((B, Hq, D)).astype(np.float32)
+  k = rng.standard_normal((B, Hkv, S, D)).astype(np.float32)
+  v = rng.standard_normal((B, Hkv, S, D)).astype(np.float32)
+  lengths = rng.integers(1, S + 1, size=B)
+  lengths[0], lengths[-1] = 1, S  # lengths from 1 to S in one batch
+  start = None
+  if with_start:
+    start = np.minimum(rng.integers(0, S, size=B), lengths - 1)
+  group_idx = np.stack([rng.permutation(Hkv)[:K] for _ in range(B)])
+  cast = lambda a: jnp.asarray(a, dtype)
+  return (cast(q), cast(k), cast(v), jnp.asarray(lengths, jnp.int32),
+          jnp.asarray(group_idx, jnp.int32),
+          None if start is None else jnp.asarray(start, jnp.int32))
+
+
+def _poison(q, k, v, lengths, group_idx, kv_start):
+  """NaN in every value the kernel must not read (or must mask)."""
+  B, Hq, D = q.shape
+  _, Hkv, S, _ = k.shape
+  G = Hq // Hkv
+  pos = np.arange(S)[None, :]
+  dead = pos >= np.asarray(lengths)[:, None]
+  if kv_start is not None:
+    dead |= pos < np.asarray(kv_start)[:, None]
+  sel = np.zeros((B, Hkv), bool)
+  sel[np.arange(B)[:, None], np.asarray(group_idx)] = True
+  kv_dead = dead[:, None, :, None] | ~sel[:, :, None, None]
+  q_dead = ~np.repeat(sel, G, axis=1)[:, :, None]
+  nan = jnp.asarray(np.nan, q.dtype)
+  return (jnp.where(q_dead, nan, q), jnp.where(kv_dead, nan, k),
+          jnp.where(kv_dead, nan, v))
+
+
+def _assert_close(out, ref, dtype):
+  rtol, atol = TOL[dtype]
+  out = np.asarray(out.astype(jnp.float32))
+  ref = np.asarray(ref.astype(jnp.float32))
+  assert np.all(np.isfinite(out))
+  np.testing.assert_allclose(out, ref, rtol=rtol,
+                             atol=atol * max(1.0, np.abs(ref).max()))
+
+
+def _numpy_attention(q, k, v, lengths, group_idx, kv_start, scale):
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  B, Hq, D = q.shape
+  Hkv = k.shape[1]
+  G = Hq // Hkv
+  out = np.zeros((B, Hq, D))
+  for b in range(B):
+    groups = range(Hkv) if group_idx is None else np.asarray(group_idx)[b]
+    lo = 0 if kv_start is None else int(kv_start[b])
+    hi = int(lengths[b])
+    for g in groups:
+      for h in range(g * G, (g + 1) * G):
+        s = k[b, g, lo:hi] @ q[b, h] * scale
+        p = np.exp(s - s.max())
+        out[b, h] = p @ v[b, g, lo:hi] / p.sum()
+  return out
+
+
+@pytest.mark.parametrize("Hq,Hkv,K,with_start", [
+    (4, 4, 2, False), (8, 2, 1, True), (16, 2, 2, False)])
+def test_xla_reference_matches_numpy(Hq, Hkv, K, with_start):
+  q, k, v, lengths, gidx, start = _inputs(0, 3, Hq, Hkv, 37, 16, K,
+                                          jnp.float32, with_start=with_start)
+  out = selective_decode_attention(q, k, v, lengths, gidx, kv_start=start,
+                                   implementation="xla")
+  ref = _numpy_attention(q, k, v, lengths, gidx, start, 16 ** -0.5)
+  np.testing.assert_allclose(np.asarray(out), ref, rtol=1e-5, atol=1e-6)
+
+
+CASES = [
+    # B, Hq, Hkv, S, D, K, dtype, kv_start, config
+    (3, 4, 4, 777, 64, 1, jnp.float32, False, None),  # MHA, odd S, K = 1
+    (2, 4, 4, 777, 128, 4, jnp.bfloat16, False, None),  # MHA, K = Hkv
+    (3, 8, 2, 100, 64, 1, jnp.bfloat16, True, None),  # GQA G=4, sliding start
+    (2, 16, 2, 130, 128, 2, jnp.float32, False, None),  # GQA G=8, K = Hkv
+    (2, 4, 2, 50, 80, 1, jnp.float32, True, None),  # head_dim 80 (padded)
+    (2, 8, 4, 70, 64, 3, jnp.float16, False, None),  # fp16
+    (3, 8, 2, 777, 64, 1, jnp.bfloat16, True,
+     AttentionConfig(block_k=16, num_splits=5, num_warps=4, num_stages=2)),
+    (2, 4, 4, 777, 64, 2, jnp.float32, False,
+     AttentionConfig(block_k=32, num_splits=3, num_warps=4, num_stages=2)),
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:7])))
+def test_pallas_matches_xla(case):
+  B, Hq, Hkv, S, D, K, dtype, with_start, config = case
+  q, k, v, lengths, gidx, start = _inputs(1, B, Hq, Hkv, S, D, K, dtype,
+                                          with_start=with_start)
+  ref = selective_decode_attention(q, k, v, lengths, gidx, kv_start=start,
+                                   implementation="xla")
+  pq, pk, pv = _poison(q, k, v, lengths, gidx, start)
+  out = selective_decode_attention(pq, pk, pv, lengths, gidx, kv_start=start,
+                                   implementation="pallas", config=config)
+  assert out.dtype == q.dtype and out.shape == q.shape
+  _assert_close(out, ref, dtype)
+  G = Hq // Hkv
+  sel = np.zeros((B, Hkv), bool)
+  sel[np.arange(B)[:, None], np.asarray(gidx)] = True
+  unselected = ~np.repeat(sel, G, axis=1)
+  assert np.all(np.asarray(out.astype(jnp.float32))[unselected] == 0.0)
+
+
+def test_dense_group_idx_none():
+  q, k, v, lengths, _, _ = _inputs(2, 2, 8, 2, 90, 64, 2, jnp.bfloat16)
+  ref = selective_decode_attention(q, k, v, lengths, implementation="xla")
+  out = selective_decode_attention(q, k, v, lengths, implementation="pallas")
+  _assert_close(out, ref, jnp.bfloat16)
+
+
+def test_raw_kernel_writes_every_partial():
+  """Interpret mode fills outputs with NaN: every partial must be written."""
+  q, k, v, lengths, gidx, start = _inputs(3, 3, 8, 4, 200, 64, 2, jnp.float32)
+  cfg = AttentionConfig(block_k=16, num_splits=4, num_warps=4, num_stages=2)
+  o, m, l = attn_triton.decode_attention_triton(
+      q, k, v, lengths, gidx, jnp.zeros((3,), jnp.int32), scale=0.125,
+      config=cfg, interpret=True)
+  assert o.shape == (3, 2, 2, 64) and m.shape == l.shape == (3, 2, 2)
+  assert all(np.all(np.isfinite(np.asarray(a))) for a in (o, m, l))
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_residuals_merge_equals_plain(impl):
+  B, S = 3, 120
+  q, k, v, lengths, gidx, _ = _inputs(4, B, 8, 2, S, 64, 1, jnp.float32)
+  plain = selective_decode_attention(q, k, v, lengths, gidx,
+                                     implementation="xla")
+  mid = jnp.maximum(lengths // 2, 1)
+  first = selective_decode_attention(q, k, v, mid, gidx, implementation=impl,
+                                     return_residuals=True)
+  second = selective_decode_attention(q, k, v, lengths, gidx, kv_start=mid,
+                                      implementation=impl,
+                                      return_residuals=True)
+  o, m, l = first
+  assert o.dtype == m.dtype == l.dtype == jnp.float32
+  assert o.shape == (B, 8, 64) and m.shape == l.shape == (B, 8)
+  merged = merge_attention_partials([first, second])
+  np.testing.assert_allclose(np.asarray(merged), np.asarray(plain),
+                             rtol=1e-5, atol=1e-5)
+  # Unselected heads: o = 0, l = 0, finite m; merging only them gives 0.
+  sel = np.zeros((B, 2), bool)
+  sel[np.arange(B)[:, None], np.asarray(gidx)] = True
+  dead = ~np.repeat(sel, 4, axis=1)
+  assert np.all(np.asarray(o)[dead] == 0) and np.all(np.asarray(l)[dead] == 0)
+  assert np.all(np.isfinite(np.asarray(m)))
+  empty = merge_attention_partials([(o * 0, m * 0 - 3e38, l * 0)] * 2)
+  assert np.all(np.asarray(empty) == 0)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_empty_key_range_gives_zero(impl):
+  q, k, v, lengths, gidx, _ = _inputs(5, 2, 4, 4, 40, 64, 4, jnp.float32)
+  start = lengths  # [length, length): nothing attended
+  out = selective_decode_attention(q, k, v, lengths, gidx, kv_start=start,
+                                   implementation=impl)
+  assert np.all(np.asarray(out) == 0)
+
+
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_group_idx_clamped_under_jit(impl):
+  q, k, v, lengths, gidx, _ = _inputs(6, 2, 4, 4, 40, 64, 1, jnp.float32)
+  f = jax.jit(lambda g: selective_decode_attention(q, k, v, lengths, g,
+                                                   implementation=impl))
+  out = f(jnp.full((2, 1), 9, jnp.int32))
+  ref = selective_decode_attention(q, k, v, lengths, jnp.full((2, 1), 3),
+                                   implementation="xla")
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5,
+                             atol=1e-6)
+
+
+def _bad_calls():
+  q = jnp.ones((2, 8, 64), jnp.float32)
+  kv = jnp.ones((2, 4, 32, 64), jnp.float32)
+  n = jnp.array([3, 32], jnp.int32)
+  g = jnp.array([[0], [1]], jnp.int32)
+  sda = selective_decode_attention
+  return {
+      "q rank": (lambda: sda(q[0], kv, kv, n, g), "q must be"),
+      "kv rank": (lambda: sda(q, kv[0], kv[0], n, g), "must be \\[B, Hkv"),
+      "k/v shape": (lambda: sda(q, kv, kv[:, :, :16], n, g), "v_cache shape"),
+      "batch": (lambda: sda(q[:1], kv, kv, n, g), "disagree"),
+      "head_dim": (lambda: sda(q[..., :32], kv, kv, n, g), "disagree"),
+      "Hq multiple": (lambda: sda(jnp.ones((2, 6, 64)), kv, kv, n, g),
+                      "not a multiple"),
+      "dtype": (lambda: sda(q.astype(jnp.bfloat16), kv, kv, n, g),
+                "dtypes differ"),
+      "int dtype": (lambda: sda(q.astype(jnp.int32), kv.astype(jnp.int32),
+                                kv.astype(jnp.int32), n, g),
+                    "unsupported dtype"),
+      "lengths shape": (lambda: sda(q, kv, kv, n[:1], g), "lengths must have"),
+      "lengths float": (lambda: sda(q, kv, kv, n.astype(jnp.float32), g),
+                        "integer dtype"),
+      "lengths range": (lambda: sda(q, kv, kv, n + 40, g), "lengths must lie"),
+      "group rank": (lambda: sda(q, kv, kv, n, g[:, 0]), "group_idx must be"),
+      "group batch": (lambda: sda(q, kv, kv, n, g[:1]), "group_idx must be"),
+      "group float": (lambda: sda(q, kv, kv, n, g.astype(jnp.float32)),
+                      "integer dtype"),
+      "K too big": (lambda: sda(q, kv, kv, n, jnp.zeros((2, 5), jnp.int32)),
+                    "1 <= K"),
+      "K zero": (lambda: sda(q, kv, kv, n, jnp.zeros((2, 0), jnp.int32)),
+                 "1 <= K"),
+      "group range": (lambda: sda(q, kv, kv, n, g + 4), "values must lie"),
+      "kv_start shape": (lambda: sda(q, kv, kv, n, g, kv_start=n[:1]),
+                         "kv_start must have"),
+      "implementation": (lambda: sda(q, kv, kv, n, g, implementation="cuda"),
+                         "unknown implementation"),
+  }
+
+
+@pytest.mark.parametrize("name", sorted(_bad_calls()))
+def test_bad_inputs_raise(name):
+  call, match = _bad_calls()[name]
+  with pytest.raises(ValueError, match=match):
+    call()

@@ -1,0 +1,221 @@
+"""Routers: data collection (decode semantics, resume), training on real text, calibration, checkpoints,
+and the SmolLM2-135M routers shipped with the package."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import polar_jax
+from polar_jax import data
+from polar_jax.attention import group_norms
+from polar_jax.config import ModelConfig
+from polar_jax.kv_cache import KVCache
+from polar_jax.model import init_model
+from polar_jax.routers import RouterMismatchError, Routers, load_routers, save_routers
+from polar_jax.routers import collect as collect_mod
+from polar_jax.routers.calibrate import smallest_budget, union_recall_curve
+from polar_jax.routers.collect import CollectSettings, RouterData, collect, layer_records
+from polar_jax.routers.pipeline import PipelineSettings, heldout_part, train_routers
+from polar_jax.routers.train import TrainSettings, head_metrics, top_groups_mask
+
+GQA = ModelConfig(model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=8, num_kv_heads=4, head_dim=8, max_position_embeddings=512)
+OPT = ModelConfig(model_type="opt", vocab_size=256, hidden_size=32, intermediate_size=512, num_layers=2,
+                  num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=512, norm="layer",
+                  norm_eps=1e-5, mlp="relu_mlp", activation="relu", attn_bias=True, o_bias=True, mlp_bias=True,
+                  positions="learned", tie_word_embeddings=True)
+
+
+def _bytes(texts):
+  """Real text as byte-level tokens (the tiny models have a 256-token vocabulary)."""
+  return [list(t.encode("utf-8")) for t in texts]
+
+
+def _sparse_opt():
+  model = init_model(OPT, seed=0)
+  for layer in model.layers:           # ReLU sparsity like a trained OPT: a few percent of neurons fire
+    layer.mlp.b_in_n[...] = np.full((OPT.intermediate_size,), -0.15, np.float32)
+  return model
+
+
+# ---- collection ------------------------------------------------------------------------------------
+def test_collected_records_follow_decode_semantics():
+  """Position t of a collected passage = a decode step at position t after prefilling tokens < t."""
+  model = init_model(GQA, seed=4)
+  seq = np.asarray(_bytes(["The quick brown fox jumps over the lazy dog."])[0][:12], np.int32)
+  x, norms, _ = layer_records(model, jnp.asarray(seq)[None], jnp.asarray([len(seq)]), with_fired=False)
+  t0 = 7
+  cache = KVCache.init(GQA, 1, 16, jnp.float32)
+  _, cache = model.prefill(jnp.asarray(seq[None, :t0]), jnp.asarray([t0]), cache)
+  h = model.embed_tokens(jnp.asarray(seq[t0:t0 + 1]), cache.lengths_b)
+  for i, layer in enumerate(model.layers):
+    xi = layer.attn_norm(h)
+    a, _, _, ctx = layer.attn.decode(xi, cache.lengths_b, cache.k_bhsd[i], cache.v_bhsd[i], None,
+                                     return_context=True)
+    np.testing.assert_allclose(np.asarray(x[0, t0, i], np.float32), np.asarray(xi[0]), rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(np.asarray(norms[0, t0, i]), np.asarray(group_norms(ctx, 4)[0]), rtol=1e-4,
+                               atol=1e-5)
+    h = layer._mlp_block(h + a, layer.mlp)
+
+
+def test_collection_streams_chunks_and_resumes(tmp_path, monkeypatch):
+  model = _sparse_opt()
+  seqs = _bytes(data.load_passages("lambada", "train")[:12])
+  settings = CollectSettings(OPT.fingerprint(), "lambada bytes", max_tokens=2500, chunk_tokens=600,
+                             batch_tokens=1024)
+  full = RouterData(collect(model, seqs, tmp_path / "full", settings, progress=False))
+  assert full.tokens >= 2500 and len(full.chunks) >= 4
+
+  real, calls = collect_mod._record_program, {"n": 0}
+
+  def flaky(*args, **kwargs):
+    calls["n"] += 1
+    if calls["n"] == 5:
+      raise KeyboardInterrupt("interrupted")
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(collect_mod, "_record_program", flaky)
+  with pytest.raises(KeyboardInterrupt):
+    collect(model, seqs, tmp_path / "resumed", settings, progress=False)
+  partial = json.loads((tmp_path / "resumed" / "manifest.json").read_text())
+  assert 0 < len(partial["chunks"]) < len(full.chunks)
+  monkeypatch.setattr(collect_mod, "_record_program", real)
+  resumed = RouterData(collect(model, seqs, tmp_path / "resumed", settings, progress=False))
+  a, b = full.all(), resumed.all()
+  assert set(a) == set(b) == {"x", "norms", "fired"}
+  for k in a:
+    np.testing.assert_array_equal(a[k], b[k])
+  with pytest.raises(ValueError, match="other settings"):
+    collect(model, seqs, tmp_path / "resumed", CollectSettings(OPT.fingerprint(), "other", 100), progress=False)
+
+
+# ---- training --------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_trained(tmp_path_factory):
+  """Routers of a tiny OPT (4 heads, 512 ReLU neurons), trained on ~12k byte tokens of LAMBADA text."""
+  model = _sparse_opt()
+  train = _bytes(data.load_passages("lambada", "train")[:60])
+  val = _bytes([t for t in data.load_passages("lambada", "heldout") if heldout_part(t) == "val"][:30])
+  out = tmp_path_factory.mktemp("routers") / "tiny"
+  settings = PipelineSettings(tokens=12_000, val_tokens=3_000, max_seq_len=256, batch_tokens=2048,
+                              train=TrainSettings(batch_size=256, max_epochs=4, patience=2))
+  routers = train_routers(model, train, val, out, data="lambada bytes", settings=settings,
+                          work_dir=out.parent / "work", progress=False)
+  return model, routers, out
+
+
+def test_training_reaches_recall_on_real_text(tiny_trained):
+  model, routers, _ = tiny_trained
+  md = routers.metadata
+  assert md["train_groups"] == 2 and md["data"]["train_tokens"] >= 12_000
+  head = {row["groups"]: row for row in md["validation"]["head"]}
+  assert sorted(head) == [1, 2, 3]
+  # Measured on this setup: recall at 2/4 groups 0.80 (chance 0.5); neuron recall 0.90.
+  assert head[2]["recall_mean"] >= 0.70
+  assert md["validation"]["neuron"]["recall_mean"] >= 0.80
+  # recall grows with the groups kept, precision falls
+  assert head[1]["recall_mean"] <= head[2]["recall_mean"] <= head[3]["recall_mean"]
+  assert head[1]["precision_mean"] >= head[3]["precision_mean"]
+  # the neuron budget table: multiples of 128 (or N), growing with the batch size
+  table = routers.mlp_topk
+  assert set(table) >= {1, 2, 4, 8}
+  for ks in table.values():
+    assert all(k % 128 == 0 or k == OPT.intermediate_size for k in ks)
+  assert all(table[1][i] <= table[8][i] for i in range(OPT.num_layers))
+
+
+def test_checkpoint_roundtrip_and_model_check(tiny_trained):
+  model, routers, out = tiny_trained
+  loaded = load_routers(out, model)
+  np.testing.assert_array_equal(np.asarray(loaded.head.w_ldg[...]), np.asarray(routers.head.w_ldg[...]))
+  np.testing.assert_array_equal(np.asarray(loaded.neuron.w_up_lrn[...]), np.asarray(routers.neuron.w_up_lrn[...]))
+  assert loaded.mlp_topk == routers.mlp_topk and loaded.fingerprint == OPT.fingerprint()
+  assert loaded.metadata["validation"] == routers.metadata["validation"]
+  with pytest.raises(RouterMismatchError, match="trained for another model"):
+    load_routers(out, GQA)
+  with pytest.raises(RouterMismatchError, match="metadata.json is missing"):
+    load_routers(out / "params")
+
+
+def test_trained_routers_decode(tiny_trained):
+  model, routers, _ = tiny_trained
+  prompts = _bytes(["It was a dark and stormy", "She said"])
+  cfg = polar_jax.SparsityConfig(attn_density=0.5, mlp="router")
+  out = polar_jax.generate(model, prompts, max_new_tokens=4, sparsity=cfg, routers=routers)
+  assert out.tokens.shape == (2, 4)
+
+
+# ---- calibration -----------------------------------------------------------------------------------
+def test_budget_is_smallest_multiple_of_128_reaching_099():
+  rng = np.random.default_rng(0)
+  n, m = 640, 32
+  union = rng.random((m, n)) < np.linspace(0.001, 0.3, n)[None]
+  scores = union * rng.random((m, n)) * 2 + rng.random((m, n))     # informative but imperfect
+  curve = union_recall_curve(scores, union)
+  k = smallest_budget(curve)
+  assert k % 128 == 0 or k == n
+
+  def recall(k):                                                   # brute force, with sets
+    out = []
+    for i in range(m):
+      top = set(np.argsort(-scores[i], kind="stable")[:k].tolist())
+      true = set(np.flatnonzero(union[i]).tolist())
+      out.append(len(top & true) / len(true) if true else 1.0)
+    return np.mean(out)
+
+  assert recall(k) >= 0.99
+  assert k == 128 or recall(k - 128) < 0.99
+  assert smallest_budget(np.zeros(300)) == 300                     # never reached: all neurons (dense)
+
+
+def test_head_metrics_count_top_k_overlap():
+  from polar_jax.routers.modules import HeadRouters
+  head = HeadRouters(1, 3, 3)
+  head.w_ldg[...] = np.eye(3, dtype=np.float32)[None]              # scores = x
+  norms = np.array([[[3., 2., 1.]], [[1., 2., 3.]]], np.float32)     # [T=2, L=1, G=3]; labels top-1
+  x = np.array([[[3., 2., 1.]], [[3., 2., 1.]]], np.float16)         # router picks group 0 both times
+
+  class Data:
+    def batches(self, bs, fields):
+      yield {"x": x, "norms": norms}
+
+  m = head_metrics(head, Data(), 1, (1, 2, 3))
+  assert m[1]["recall"][0] == 0.5 and m[3]["recall"][0] == 1.0 and m[3]["precision"][0] == pytest.approx(1 / 3)
+  np.testing.assert_array_equal(np.asarray(top_groups_mask(jnp.asarray([[1., 5., 3.]]), 2)), [[False, True, True]])
+
+
+# ---- the shipped SmolLM2-135M routers ----------------------------------------------------------------
+def test_shipped_smollm2_routers_reach_recorded_recall(smollm2_dir):
+  """Held-out text the routers never saw (the "test" half of the held-out split) vs the recorded validation."""
+  from flax import nnx
+  model = polar_jax.load_model(smollm2_dir, dtype="float32")
+  tok = polar_jax.load_tokenizer(smollm2_dir)
+  routers = load_routers(None, model)                      # fingerprint check against the real model
+  md = routers.metadata
+  k, g = md["train_groups"], md["num_groups"]
+  recorded = next(r for r in md["validation"]["head"] if r["groups"] == k)["recall_mean"]
+  texts = []
+  for src in ("lambada", "boolq"):
+    texts += [t for t in data.load_passages(src, "heldout") if heldout_part(t) == "test"][:12]
+  seqs = [tok.encode(t)[:128] for t in texts]
+  ids = np.zeros((len(seqs), 128), np.int32)
+  for i, s in enumerate(seqs):
+    ids[i, :len(s)] = s
+  lengths = np.asarray([len(s) for s in seqs], np.int32)
+  graphdef, state = nnx.split(model)
+  x, norms, _ = collect_mod._record_program(graphdef, state, jnp.asarray(ids), jnp.asarray(lengths),
+                                            with_fired=False)
+  scores = jnp.einsum("btld,ldg->btlg", x.astype(jnp.float32), routers.head.w_ldg[...]) + routers.head.b_lg[...]
+  hits = np.asarray((top_groups_mask(scores, k) & top_groups_mask(norms, k)).sum(axis=(2, 3)))  # [B, T]
+  per_passage = [hits[i, :n].sum() / (n * model.config.num_layers * k) for i, n in enumerate(lengths)]
+  measured = float(np.mean(per_passage))
+  # Tolerance: 3 standard errors of the difference, with passages as the sampling unit (tokens of a
+  # passage are correlated); the validation SE is scaled from this sample by the token counts.
+  se_test = float(np.std(per_passage, ddof=1) / math.sqrt(len(per_passage)))
+  se = se_test * math.sqrt(1 + lengths.sum() / md["validation"]["tokens"])
+  assert abs(measured - recorded) <= 3 * se + 1e-3, (measured, recorded, se)
+  assert measured > k / g + 0.05                            # far above chance

@@ -1,0 +1,270 @@
+"""Polar Sparsity decoding on tiny models: settings, dense equivalence, oracle, kernels, ragged batches, errors."""
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from polar_jax import generation as gen
+from polar_jax.attention import group_norms, keep_top_groups
+from polar_jax.config import ModelConfig
+from polar_jax.kv_cache import KVCache
+from polar_jax.model import init_model
+from polar_jax.routers import RouterMismatchError, Routers
+from polar_jax.sparse_decode import SparseDecode, make_decoder
+from polar_jax.sparsity import SparsityConfig, groups_for_density, neuron_budgets
+
+GQA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=3,
+                  num_heads=8, num_kv_heads=4, head_dim=8, max_position_embeddings=128)
+MHA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=128)
+OPT = ModelConfig(model_type="opt", vocab_size=97, hidden_size=32, intermediate_size=512, num_layers=2,
+                  num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=128, norm="layer",
+                  norm_eps=1e-5, mlp="relu_mlp", activation="relu", attn_bias=True, o_bias=True, mlp_bias=True,
+                  positions="learned", tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def gqa():
+  return init_model(GQA, seed=1)
+
+
+def _prompts(seed=0, lengths=(5, 11, 2, 17), vocab=97):
+  rng = np.random.default_rng(seed)
+  return [rng.integers(0, vocab, n).tolist() for n in lengths]
+
+
+def random_routers(config, seed=0, scale=3.0):
+  """Routers with random weights (selections that differ across rows, layers and steps)."""
+  r = Routers.init(config, seed=seed)
+  rng = np.random.default_rng(seed)
+  r.head.w_ldg[...] = (scale * rng.standard_normal(r.head.w_ldg.shape)).astype(np.float32)
+  return r
+
+
+# ---- settings ---------------------------------------------------------------------------------------
+def test_groups_kept_round_half_up():
+  assert groups_for_density(0.67, 3) == 2
+  assert groups_for_density(0.5, 32) == 16
+  assert groups_for_density(0.625, 8) == 5
+  assert groups_for_density(0.5, 3) == 2           # 1.5 rounds up
+  assert groups_for_density(0.01, 8) == 1          # at least one
+  assert groups_for_density(1.0, 4) == 4
+  cfg = SparsityConfig(attn_density=0.5, per_layer={2: 0.25})
+  assert cfg.per_layer == ((2, 0.25),) and hash(cfg) == hash(SparsityConfig(attn_density=0.5, per_layer=((2, 0.25),)))
+  assert cfg.layer_groups(GQA) == (None, 2, 1)     # layer 0 dense by default; per_layer overrides
+  assert SparsityConfig(attn_groups=3, dense_layers=()).layer_groups(GQA) == (3, 3, 3)
+  assert SparsityConfig(attn_density=1.0, dense_layers=()).layer_groups(GQA) == (None, None, None)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(attn_density=0.0), r"attn_density must be a number in \(0, 1\]"),
+    (dict(attn_density=1.5), r"attn_density must be a number in \(0, 1\]"),
+    (dict(attn_density=-0.2), r"attn_density must be a number in \(0, 1\]"),
+    (dict(attn_density="half"), r"attn_density must be a number in \(0, 1\]"),
+    (dict(per_layer={1: 2.0}), r"per_layer density of layer 1 must be a number in \(0, 1\]"),
+    (dict(attn_groups=0), "attn_groups must be an integer >= 1"),
+    (dict(selector="best"), "unknown selector"),
+    (dict(mlp="sparse"), "unknown mlp mode"),
+])
+def test_bad_settings_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    SparsityConfig(**kwargs)
+
+
+def test_settings_that_do_not_fit_the_model(gqa):
+  with pytest.raises(ValueError, match="attn_groups=5 exceeds the model's 4 KV groups"):
+    gen.generate(gqa, [[1, 2]], max_new_tokens=2, sparsity=SparsityConfig(attn_groups=5, selector="random"))
+  with pytest.raises(ValueError, match=r"layer indices \[7\] out of range"):
+    gen.generate(gqa, [[1, 2]], max_new_tokens=2, sparsity=SparsityConfig(0.5, dense_layers=(7,), selector="random"))
+  with pytest.raises(ValueError, match="mlp='router' needs a ReLU fc1/fc2 MLP"):
+    gen.generate(gqa, [[1, 2]], max_new_tokens=2, sparsity=SparsityConfig(mlp="router"))
+  with pytest.raises(ValueError, match="selector='router' needs trained routers"):
+    gen.generate(gqa, [[1, 2]], max_new_tokens=2, sparsity=SparsityConfig(0.5))
+  with pytest.raises(ValueError, match="routers were given without sparsity"):
+    gen.generate(gqa, [[1, 2]], max_new_tokens=2, routers=Routers.init(GQA))
+
+
+def test_routers_of_another_model_raise(gqa):
+  other = Routers.init(MHA)
+  with pytest.raises(RouterMismatchError, match="trained for another model: router fingerprint"):
+    gen.generate(gqa, [[1, 2]], max_new_tokens=2, sparsity=SparsityConfig(0.5), routers=other)
+
+
+# ---- density 1.0 is the dense path --------------------------------------------------------------------
+@pytest.mark.parametrize("config", [OPT, MHA, GQA], ids=["opt", "llama-mha", "gqa"])
+def test_density_one_equals_dense(config):
+  model = init_model(config, seed=2)
+  prompts = _prompts(3)
+  dense = gen.generate(model, prompts, max_new_tokens=8).tokens
+  for cfg in (SparsityConfig(attn_density=1.0, dense_layers=()),
+              SparsityConfig(attn_density=1.0, selector="oracle", per_layer={0: 1.0}),
+              SparsityConfig(attn_groups=config.num_kv_heads)):
+    out = gen.generate(model, prompts, max_new_tokens=8, sparsity=cfg, routers=random_routers(config))
+    np.testing.assert_array_equal(out.tokens, dense)
+  # and sparsity really changes something below 1.0
+  sparse = gen.generate(model, prompts, max_new_tokens=8, sparsity=SparsityConfig(0.25, dense_layers=()),
+                        routers=random_routers(config))
+  assert (sparse.tokens != dense).any()
+
+
+# ---- oracle ------------------------------------------------------------------------------------------
+def _brute_force_top_groups(ctx_bhd: np.ndarray, num_groups: int, k: int) -> list[set[int]]:
+  """Per row, the set of k groups with the largest summed output norm, by enumerating all subsets."""
+  b, hq, _ = ctx_bhd.shape
+  r = hq // num_groups
+  out = []
+  for row in range(b):
+    norms = [np.sqrt(sum(float(np.sum(ctx_bhd[row, g * r + j].astype(np.float64) ** 2)) for j in range(r)))
+             for g in range(num_groups)]
+    best = max(itertools.combinations(range(num_groups), k), key=lambda s: sum(norms[i] for i in s))
+    out.append(set(best))
+  return out
+
+
+def test_oracle_keeps_the_brute_force_top_groups():
+  ctx = jax.random.normal(jax.random.key(0), (5, 8, 4)) * jnp.arange(1, 9)[None, :, None] % 3.0
+  kept = np.asarray(keep_top_groups(ctx, 4, 2))
+  for row, groups in enumerate(_brute_force_top_groups(np.asarray(ctx), 4, 2)):
+    heads = {h for h in range(8) if h // 2 in groups}
+    for h in range(8):
+      np.testing.assert_array_equal(kept[row, h], np.asarray(ctx)[row, h] if h in heads else 0.0)
+  np.testing.assert_allclose(np.asarray(group_norms(ctx, 4))[0, 1], np.linalg.norm(np.asarray(ctx)[0, 2:4]),
+                             rtol=1e-6)
+
+
+def test_oracle_decode_step_matches_numpy_selection(gqa):
+  """Layer by layer: dense context -> numpy brute-force top groups -> selective attention, vs the oracle step."""
+  k = 2
+  prompts = np.asarray(_prompts(4, (6, 6, 6)), np.int32)
+  lengths = jnp.full((3,), 6, jnp.int32)
+  cache = KVCache.init(GQA, 3, 16, jnp.float32)
+  _, cache = gqa.prefill(jnp.asarray(prompts), lengths, cache)
+  tok = jnp.asarray([5, 17, 42], jnp.int32)
+  oracle = SparseDecode(groups=(None, k, k), selector="oracle")
+  logits_oracle, _ = oracle(gqa, tok, cache)
+
+  h = gqa.embed_tokens(tok, cache.lengths_b)
+  for i, layer in enumerate(gqa.layers):
+    x = layer.attn_norm(h)
+    kc, vc = cache.k_bhsd[i], cache.v_bhsd[i]
+    groups = None
+    if i > 0:
+      _, _, _, ctx = layer.attn.decode(x, cache.lengths_b, kc, vc, None, return_context=True)
+      groups = jnp.asarray([sorted(s) for s in _brute_force_top_groups(np.asarray(ctx), 4, k)], jnp.int32)
+    a, _, _ = layer.attn.decode(x, cache.lengths_b, kc, vc, groups)
+    h = layer._mlp_block(h + a, layer.mlp)
+  np.testing.assert_allclose(np.asarray(logits_oracle), np.asarray(gqa.logits(h)), rtol=1e-5, atol=1e-5)
+
+
+# ---- kernels -----------------------------------------------------------------------------------------
+def _opt_with_sparse_firing(seed=0):
+  model = init_model(OPT, seed=seed)
+  for layer in model.layers:                          # ~10% of neurons fire, 128 never fire
+    b = np.full((OPT.intermediate_size,), -0.03, np.float32)
+    b[-128:] = -100.0
+    layer.mlp.b_in_n[...] = b
+    layer.mlp.b_out_d[...] = np.linspace(-1, 1, OPT.hidden_size).astype(np.float32)   # a visible fc2 bias
+  return model
+
+
+def _opt_routers(model_config, k=128):
+  r = random_routers(model_config, seed=5)
+  b = np.zeros(r.neuron.b_ln.shape, np.float32)
+  b[:, -128:] = -1e4                                  # never-firing neurons rank last
+  r.neuron.b_ln[...] = b
+  r.mlp_topk = {bs: (k,) * model_config.num_layers for bs in (1, 2, 4, 8)}
+  return r
+
+
+@pytest.mark.parametrize("name", ["gqa", "opt"])
+def test_pallas_path_equals_xla_path(name, gqa):
+  """Same selections through the Pallas kernels (interpret mode on CPU) and the XLA references."""
+  if name == "gqa":
+    model, cfg, routers = gqa, SparsityConfig(0.5, dense_layers=()), random_routers(GQA)
+  else:
+    model = _opt_with_sparse_firing()
+    cfg, routers = SparsityConfig(0.5, mlp="router"), _opt_routers(OPT)
+  prompts = np.asarray(_prompts(6, (7, 7)), np.int32)
+  cache = KVCache.init(model.config, 2, 16, jnp.float32)
+  _, cache = model.prefill(jnp.asarray(prompts), jnp.full((2,), 7, jnp.int32), cache)
+  tok = jnp.asarray([3, 9], jnp.int32)
+  outs = {}
+  for impl in ("xla", "pallas"):
+    decode, state = make_decoder(model, cfg, routers, batch=2, implementation=impl)
+    assert isinstance(decode, SparseDecode) and decode.implementation == impl
+    outs[impl] = jax.jit(lambda c, s, d=decode: d(model, tok, c, s, jnp.ones((2,), bool)))(cache, state)
+  np.testing.assert_allclose(np.asarray(outs["pallas"][0]), np.asarray(outs["xla"][0]), rtol=2e-4, atol=2e-4)
+  for a, b in zip(outs["pallas"][1].k_bhsd, outs["xla"][1].k_bhsd):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+# ---- batching ----------------------------------------------------------------------------------------
+@pytest.mark.parametrize("selector", ["router", "random", "oracle"])
+def test_left_padded_ragged_batch_equals_each_prompt_alone(gqa, selector):
+  prompts = _prompts(7, (4, 13, 2, 9))
+  t = max(map(len, prompts))
+  ids = np.zeros((4, t), np.int32)
+  mask = np.zeros_like(ids)
+  for i, p in enumerate(prompts):
+    ids[i, t - len(p):] = p
+    mask[i, t - len(p):] = 1
+  cfg = SparsityConfig(0.5, dense_layers=(), selector=selector, seed=3)
+  routers = random_routers(GQA)
+  batch = gen.generate(gqa, ids, mask, max_new_tokens=8, sparsity=cfg, routers=routers).tokens
+  for i, p in enumerate(prompts):
+    alone = gen.generate(gqa, [p], max_new_tokens=8, sparsity=cfg, routers=routers).tokens
+    np.testing.assert_array_equal(batch[i], alone[0])
+
+
+def test_stream_equals_generate_and_router_weights_do_not_recompile(gqa):
+  prompts = _prompts(8, (5, 3))
+  cfg = SparsityConfig(0.5, dense_layers=())
+  a = gen.generate(gqa, prompts, max_new_tokens=6, sparsity=cfg, routers=random_routers(GQA, seed=1))
+  before = gen.TRACE_COUNTS["generate"]
+  b = gen.generate(gqa, prompts, max_new_tokens=6, sparsity=cfg, routers=random_routers(GQA, seed=2))
+  assert gen.TRACE_COUNTS["generate"] == before          # new weights, same program
+  assert (a.tokens != b.tokens).any()
+  steps = list(gen.stream(gqa, prompts, max_new_tokens=6, sparsity=cfg, routers=random_routers(GQA, seed=2)))
+  np.testing.assert_array_equal(np.stack(steps, axis=1), b.tokens)
+
+
+# ---- neuron budgets and the dense fallback ----------------------------------------------------------
+def test_neuron_budgets_and_dense_fallback():
+  table = {1: (128, 512), 4: (256, 384), 16: (410, 128)}
+  assert neuron_budgets(table, 1, 512) == (128, None)          # 512 > 0.8 * 512: dense
+  assert neuron_budgets(table, 3, 512) == (256, 384)           # next calibrated size up (4)
+  assert neuron_budgets(table, 16, 512) == (None, 128)         # 410 > 409.6: dense
+  assert neuron_budgets(table, 17, 512) == (None, None)        # beyond the table: dense
+
+
+def test_sparse_mlp_union_covering_all_firing_neurons_equals_dense():
+  model = _opt_with_sparse_firing()
+  prompts = _prompts(9, (5, 8, 3))
+  dense = gen.generate(model, prompts, max_new_tokens=6)
+  routers = _opt_routers(OPT, k=128)
+  routers.mlp_topk = {bs: (384, 384) for bs in (1, 2, 4)}      # 384 <= 0.8 N: sparse; holds every live neuron
+  cfg = SparsityConfig(1.0, mlp="router")
+  decode, _ = make_decoder(model, cfg, routers, batch=3)
+  assert decode.neuron_k == (384, 384)
+  out = gen.generate(model, prompts, max_new_tokens=6, sparsity=cfg, routers=routers)
+  np.testing.assert_array_equal(out.tokens, dense.tokens)
+  routers.mlp_topk = {bs: (512, 512) for bs in (1, 2, 4)}      # over budget: the dense step itself
+  decode, _ = make_decoder(model, cfg, routers, batch=3)
+  assert decode == gen.DenseDecode()
+  routers.mlp_topk = {bs: (128, 128) for bs in (1, 2, 4)}      # a real cut changes the output
+  cut = gen.generate(model, prompts, max_new_tokens=6, sparsity=cfg, routers=routers)
+  assert (cut.tokens != dense.tokens).any()
+
+
+def test_sparse_mlp_matches_numpy_union_reference():
+  model = _opt_with_sparse_firing()
+  mlp = model.layers[0].mlp
+  x = np.asarray(jax.random.normal(jax.random.key(1), (3, OPT.hidden_size)))
+  idx = np.random.default_rng(0).choice(OPT.intermediate_size, 128, replace=False).astype(np.int32)
+  w_in, b_in = np.asarray(mlp.w_in_nd[...]), np.asarray(mlp.b_in_n[...])
+  w_out, b_out = np.asarray(mlp.w_out_nd[...]), np.asarray(mlp.b_out_d[...])
+  ref = np.maximum(x @ w_in[idx].T + b_in[idx], 0) @ w_out[idx] + b_out      # fc2 bias kept
+  np.testing.assert_allclose(np.asarray(mlp.sparse(jnp.asarray(x), jnp.asarray(idx))), ref, rtol=1e-5, atol=1e-5)
