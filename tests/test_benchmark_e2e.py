@@ -30,7 +30,8 @@ def test_kv_bytes_follow_density_and_window():
 def test_weight_bytes_exclude_the_untied_input_embedding():
   cfg = e2e.MODELS["tiny"]
   model = e2e.init_model(cfg)
-  n = cfg.num_layers * (2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64) + 64 + 64 * 128
+  d, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_kv_heads * cfg.head_dim
+  n = cfg.num_layers * (2 * d * d + 2 * d * kv + 3 * d * f + 2 * d) + d + d * cfg.vocab_size
   assert e2e.weight_bytes_per_step(cfg, model) == n * 4
 
 
@@ -38,7 +39,8 @@ def test_smoke_run_writes_records(tmp_path):
   out = tmp_path / "e2e.jsonl"
   assert e2e.main(["--smoke", "--out", str(out), "--plot", str(tmp_path / "e2e.png")]) == 0
   recs = [json.loads(line) for line in out.read_text().splitlines()]
-  assert len(recs) == 1
+  assert [(r["density"], r["system"]) for r in recs] == [(1.0, "polar_jax"), (0.5, "polar_jax")]
+  assert recs[1]["step_bytes"] < recs[0]["step_bytes"]       # half the KV groups in layers 1..3
   r = recs[0]
   for key in ("device", "jax", "date", "commit", "system", "model", "B", "prompt", "density", "mlp",
               "decode_tok_s", "ms_per_step", "prefill_ms", "peak_mem_gb", "roofline_frac", "copy_tbps"):

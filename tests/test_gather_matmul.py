@@ -77,11 +77,14 @@ def test_xla_references_match_numpy(activation):
 
 SPLIT = GatherConfig(block_m=16, block_n=32, block_k=32, num_splits=3,
                      num_warps=4, num_stages=2)
+# The M = 128 decode tiling (one M-block, 128-wide tiles, split reduction).
+WIDE = GatherConfig(block_m=128, block_n=128, block_k=64, num_splits=2,
+                    num_warps=8, num_stages=4)
 CASES = [
     # M, k, count, activation, bias, dtype, config
     (1, 70, None, "relu", True, jnp.bfloat16, None),
     (3, 100, 37, "gelu", True, jnp.float32, None),
-    (64, 70, 50, "silu", False, jnp.bfloat16, None),
+    (100, 200, 150, "silu", False, jnp.bfloat16, WIDE),
     (3, 70, 33, None, True, jnp.float32, SPLIT),
     (1, 100, 64, "relu", False, jnp.float32, SPLIT),
     (64, 45, None, "gelu", True, jnp.bfloat16, SPLIT),

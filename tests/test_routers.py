@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 import polar_jax
 from polar_jax import data
@@ -15,10 +16,10 @@ from polar_jax.attention import group_norms
 from polar_jax.config import ModelConfig
 from polar_jax.kv_cache import KVCache
 from polar_jax.model import init_model
-from polar_jax.routers import RouterMismatchError, Routers, load_routers, save_routers
+from polar_jax.routers import RouterMismatchError, load_routers, save_routers
 from polar_jax.routers import collect as collect_mod
 from polar_jax.routers.calibrate import smallest_budget, union_recall_curve
-from polar_jax.routers.collect import CollectSettings, RouterData, collect, layer_records
+from polar_jax.routers.collect import CollectSettings, RouterData, collect
 from polar_jax.routers.pipeline import PipelineSettings, heldout_part, train_routers
 from polar_jax.routers.train import TrainSettings, head_metrics, top_groups_mask
 
@@ -37,8 +38,8 @@ def _bytes(texts):
 
 def _sparse_opt():
   model = init_model(OPT, seed=0)
-  for layer in model.layers:           # ReLU sparsity like a trained OPT: a few percent of neurons fire
-    layer.mlp.b_in_n[...] = np.full((OPT.intermediate_size,), -0.15, np.float32)
+  for layer in model.layers:           # ReLU sparsity like a trained OPT (here ~0.4% of neurons fire)
+    layer.mlp.b_in_n[...] = np.full((OPT.intermediate_size,), -0.3, np.float32)
   return model
 
 
@@ -47,19 +48,28 @@ def test_collected_records_follow_decode_semantics():
   """Position t of a collected passage = a decode step at position t after prefilling tokens < t."""
   model = init_model(GQA, seed=4)
   seq = np.asarray(_bytes(["The quick brown fox jumps over the lazy dog."])[0][:12], np.int32)
-  x, norms, _ = layer_records(model, jnp.asarray(seq)[None], jnp.asarray([len(seq)]), with_fired=False)
+  x, norms, _ = collect_mod._record_program(*nnx.split(model), jnp.asarray(seq)[None], jnp.asarray([len(seq)]),
+                                            with_fired=False)
   t0 = 7
-  cache = KVCache.init(GQA, 1, 16, jnp.float32)
-  _, cache = model.prefill(jnp.asarray(seq[None, :t0]), jnp.asarray([t0]), cache)
-  h = model.embed_tokens(jnp.asarray(seq[t0:t0 + 1]), cache.lengths_b)
-  for i, layer in enumerate(model.layers):
-    xi = layer.attn_norm(h)
-    a, _, _, ctx = layer.attn.decode(xi, cache.lengths_b, cache.k_bhsd[i], cache.v_bhsd[i], None,
-                                     return_context=True)
-    np.testing.assert_allclose(np.asarray(x[0, t0, i], np.float32), np.asarray(xi[0]), rtol=2e-3, atol=2e-3)
-    np.testing.assert_allclose(np.asarray(norms[0, t0, i]), np.asarray(group_norms(ctx, 4)[0]), rtol=1e-4,
-                               atol=1e-5)
-    h = layer._mlp_block(h + a, layer.mlp)
+
+  @jax.jit
+  def decode_records(prompt, tok):
+    cache = KVCache.init(GQA, 1, 16, jnp.float32)
+    _, cache = model.prefill(prompt, jnp.asarray([t0]), cache)
+    h = model.embed_tokens(tok, cache.lengths_b)
+    xs, ns = [], []
+    for i, layer in enumerate(model.layers):
+      xi = layer.attn_norm(h)
+      a, _, _, ctx = layer.attn.decode(xi, cache.lengths_b, cache.k_bhsd[i], cache.v_bhsd[i], None,
+                                       return_context=True)
+      xs.append(xi[0])
+      ns.append(group_norms(ctx, GQA.num_kv_heads)[0])
+      h = layer._mlp_block(h + a, layer.mlp)
+    return jnp.stack(xs), jnp.stack(ns)
+
+  x_dec, norms_dec = decode_records(jnp.asarray(seq[None, :t0]), jnp.asarray(seq[t0:t0 + 1]))
+  np.testing.assert_allclose(np.asarray(x[0, t0], np.float32), np.asarray(x_dec), rtol=2e-3, atol=2e-3)
+  np.testing.assert_allclose(np.asarray(norms[0, t0]), np.asarray(norms_dec), rtol=1e-4, atol=1e-5)
 
 
 def test_collection_streams_chunks_and_resumes(tmp_path, monkeypatch):
@@ -96,16 +106,27 @@ def test_collection_streams_chunks_and_resumes(tmp_path, monkeypatch):
 # ---- training --------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def tiny_trained(tmp_path_factory):
-  """Routers of a tiny OPT (4 heads, 512 ReLU neurons), trained on ~12k byte tokens of LAMBADA text."""
+  """Routers of a tiny OPT (4 heads, 512 ReLU neurons), trained on ~12k byte tokens of LAMBADA text.
+
+  Trained once per test run (shared by pytest-xdist workers through a file lock); others load them.
+  """
+  import os
+
+  import filelock
   model = _sparse_opt()
-  train = _bytes(data.load_passages("lambada", "train")[:60])
-  val = _bytes([t for t in data.load_passages("lambada", "heldout") if heldout_part(t) == "val"][:30])
-  out = tmp_path_factory.mktemp("routers") / "tiny"
-  settings = PipelineSettings(tokens=12_000, val_tokens=3_000, max_seq_len=256, batch_tokens=2048,
-                              train=TrainSettings(batch_size=256, max_epochs=4, patience=2))
-  routers = train_routers(model, train, val, out, data="lambada bytes", settings=settings,
-                          work_dir=out.parent / "work", progress=False)
-  return model, routers, out
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  out = base / "tiny-opt-routers"
+  with filelock.FileLock(str(base / "tiny-opt-routers.lock")):
+    if not (out / "metadata.json").is_file():
+      train = _bytes(data.load_passages("lambada", "train")[:60])
+      val = _bytes([t for t in data.load_passages("lambada", "heldout") if heldout_part(t) == "val"][:30])
+      settings = PipelineSettings(tokens=12_000, val_tokens=3_000, max_seq_len=256, batch_tokens=2048,
+                                  train=TrainSettings(batch_size=256, max_epochs=4, patience=2))
+      train_routers(model, train, val, out, data="lambada bytes", settings=settings,
+                    work_dir=base / "tiny-opt-router-data", progress=False)
+  return model, load_routers(out, model), out
 
 
 def test_training_reaches_recall_on_real_text(tiny_trained):
@@ -114,27 +135,31 @@ def test_training_reaches_recall_on_real_text(tiny_trained):
   assert md["train_groups"] == 2 and md["data"]["train_tokens"] >= 12_000
   head = {row["groups"]: row for row in md["validation"]["head"]}
   assert sorted(head) == [1, 2, 3]
-  # Measured on this setup: recall at 2/4 groups 0.80 (chance 0.5); neuron recall 0.90.
-  assert head[2]["recall_mean"] >= 0.70
-  assert md["validation"]["neuron"]["recall_mean"] >= 0.80
+  # Measured on this setup: head recall at 2 of 4 groups 0.882 (chance 0.5), neuron recall 0.978 at a
+  # 0.4% firing rate; thresholds leave a margin for numerics across platforms.
+  assert head[2]["recall_mean"] >= 0.80
+  assert md["validation"]["neuron"]["recall_mean"] >= 0.90
   # recall grows with the groups kept, precision falls
   assert head[1]["recall_mean"] <= head[2]["recall_mean"] <= head[3]["recall_mean"]
   assert head[1]["precision_mean"] >= head[3]["precision_mean"]
-  # the neuron budget table: multiples of 128 (or N), growing with the batch size
-  table = routers.mlp_topk
-  assert set(table) >= {1, 2, 4, 8}
-  for ks in table.values():
-    assert all(k % 128 == 0 or k == OPT.intermediate_size for k in ks)
-  assert all(table[1][i] <= table[8][i] for i in range(OPT.num_layers))
+  # the neuron budget table: every calibrated batch size, multiples of 128 (or N) reaching 0.99 union recall;
+  # here some budgets are sparse (<= 0.8 N) and some dense
+  table, n = routers.mlp_topk, OPT.intermediate_size
+  assert sorted(table) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
+  ks = [k for row in table.values() for k in row]
+  assert all(k % 128 == 0 or k == n for k in ks)
+  assert any(k <= 0.8 * n for k in ks) and any(k > 0.8 * n for k in ks)
+  for b, row in md["validation"]["neuron_budgets"].items():
+    assert all(r >= 0.99 - 1e-9 for r in row["recall"]), (b, row)
 
 
-def test_checkpoint_roundtrip_and_model_check(tiny_trained):
+def test_checkpoint_roundtrip_and_model_check(tiny_trained, tmp_path):
   model, routers, out = tiny_trained
-  loaded = load_routers(out, model)
-  np.testing.assert_array_equal(np.asarray(loaded.head.w_ldg[...]), np.asarray(routers.head.w_ldg[...]))
-  np.testing.assert_array_equal(np.asarray(loaded.neuron.w_up_lrn[...]), np.asarray(routers.neuron.w_up_lrn[...]))
-  assert loaded.mlp_topk == routers.mlp_topk and loaded.fingerprint == OPT.fingerprint()
-  assert loaded.metadata["validation"] == routers.metadata["validation"]
+  copy = load_routers(save_routers(routers, tmp_path / "copy", {"note": "copy"}), model)
+  np.testing.assert_array_equal(np.asarray(copy.head.w_ldg[...]), np.asarray(routers.head.w_ldg[...]))
+  np.testing.assert_array_equal(np.asarray(copy.neuron.w_up_lrn[...]), np.asarray(routers.neuron.w_up_lrn[...]))
+  assert copy.mlp_topk == routers.mlp_topk and copy.fingerprint == OPT.fingerprint()
+  assert copy.metadata["validation"] == routers.metadata["validation"] and copy.metadata["note"] == "copy"
   with pytest.raises(RouterMismatchError, match="trained for another model"):
     load_routers(out, GQA)
   with pytest.raises(RouterMismatchError, match="metadata.json is missing"):
@@ -191,7 +216,6 @@ def test_head_metrics_count_top_k_overlap():
 # ---- the shipped SmolLM2-135M routers ----------------------------------------------------------------
 def test_shipped_smollm2_routers_reach_recorded_recall(smollm2_dir):
   """Held-out text the routers never saw (the "test" half of the held-out split) vs the recorded validation."""
-  from flax import nnx
   model = polar_jax.load_model(smollm2_dir, dtype="float32")
   tok = polar_jax.load_tokenizer(smollm2_dir)
   routers = load_routers(None, model)                      # fingerprint check against the real model
@@ -215,6 +239,7 @@ def test_shipped_smollm2_routers_reach_recorded_recall(smollm2_dir):
   measured = float(np.mean(per_passage))
   # Tolerance: 3 standard errors of the difference, with passages as the sampling unit (tokens of a
   # passage are correlated); the validation SE is scaled from this sample by the token counts.
+  # Measured: 0.9153 on these 24 passages (2,981 tokens) vs 0.9152 recorded on 16,384 tokens; SE 0.0015.
   se_test = float(np.std(per_passage, ddof=1) / math.sqrt(len(per_passage)))
   se = se_test * math.sqrt(1 + lengths.sum() / md["validation"]["tokens"])
   assert abs(measured - recorded) <= 3 * se + 1e-3, (measured, recorded, se)

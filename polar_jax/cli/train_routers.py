@@ -28,8 +28,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--train-density", type=float, default=0.5,
                  help="labels: each token's top round(density x groups) KV groups by output norm (default 0.5)")
   p.add_argument("--max-seq-len", type=int, default=512)
-  p.add_argument("--batch-size", type=int, default=1024)
-  p.add_argument("--lr", type=float, default=3e-3)
+  p.add_argument("--batch-size", type=int, default=512)
+  p.add_argument("--lr", type=float, default=1e-2)
   p.add_argument("--epochs", type=int, default=20, help="at most this many epochs (early stopping)")
   p.add_argument("--patience", type=int, default=3)
   p.add_argument("--neuron-rank", type=int, default=None, help="neuron router rank r (default min(1024, d/4))")

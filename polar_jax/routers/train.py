@@ -30,10 +30,14 @@ from polar_jax.routers.modules import HeadRouters, NeuronRouters, head_scores, n
 
 @dataclasses.dataclass(frozen=True)
 class TrainSettings:
-  """Optimisation settings (defaults measured on SmolLM2-135M, see polar_jax/assets/routers)."""
+  """Optimisation settings.
 
-  batch_size: int = 1024
-  learning_rate: float = 3e-3
+  Measured on SmolLM2-135M (100k training tokens): lr 1e-2 / batch 512 reaches validation recall 0.915 at
+  2 of 3 groups in 8 epochs; the shipped routers used lr 3e-3 / batch 1024 for 20 epochs (0.9152).
+  """
+
+  batch_size: int = 512
+  learning_rate: float = 1e-2
   weight_decay: float = 0.01
   max_epochs: int = 20
   patience: int = 3          # epochs without validation improvement before stopping
@@ -205,7 +209,7 @@ def train_neuron_routers(train: RouterData, val: RouterData, num_layers: int, hi
   """Trains all layers' neuron routers together; returns (NeuronRouters, training summary)."""
   neuron = NeuronRouters(num_layers, hidden, num_neurons, rank, rngs=nnx.Rngs(settings.seed))
   params = tuple(jnp.asarray(p[...]) for p in (neuron.w_down_ldr, neuron.w_up_lrn, neuron.b_ln))
-  rates = neuron_metrics_rates(train, num_layers, num_neurons)
+  rates = firing_rates(train, num_layers, num_neurons)
   pos_weight_l = jnp.asarray([positive_weight(r) for r in rates], jnp.float32)
 
   def loss_fn(p, x, fired):
@@ -229,7 +233,7 @@ def _assign_neuron(neuron: NeuronRouters, p):
   neuron.w_down_ldr[...], neuron.w_up_lrn[...], neuron.b_ln[...] = p
 
 
-def neuron_metrics_rates(data: RouterData, num_layers: int, num_neurons: int, max_tokens: int = 65536):
+def firing_rates(data: RouterData, num_layers: int, num_neurons: int, max_tokens: int = 65536):
   """Per-layer firing rate over (up to `max_tokens` of) the training data."""
   total, n = np.zeros(num_layers), 0
   for batch in data.batches(4096, fields=("fired",)):

