@@ -24,6 +24,7 @@ _EXPORTS = {
     "CausalLM": "polar_jax.model",
     "load_routers": "polar_jax.routers",
     "Routers": "polar_jax.routers",
+    "make_mesh": "polar_jax.sharding",
     "SparsityConfig": "polar_jax.sparsity",
     "init_model": "polar_jax.model",
     "Chain": "polar_jax.sampling",
@@ -37,7 +38,14 @@ _EXPORTS = {
 __all__ = sorted(_EXPORTS)
 
 
+_SUBMODULES = ("distributed", "sharding")
+
+
 def __getattr__(name):
+  if name in _SUBMODULES:   # polar_jax.distributed.initialize(...), polar_jax.sharding.make_mesh(...)
+    value = importlib.import_module(f"polar_jax.{name}")
+    globals()[name] = value
+    return value
   if name in _EXPORTS:
     value = getattr(importlib.import_module(_EXPORTS[name]), name)
     globals()[name] = value

@@ -100,10 +100,16 @@ class Attention(nnx.Module):
       return out, (k, v), ctx
     return out, (k, v)
 
-  def prefill(self, x_btd, lengths_b, k_cache_bhsd, v_cache_bhsd):
-    """Attention over a compacted prompt; writes every head's K/V into slots [0, T)."""
+  def prefill(self, x_btd, lengths_b, k_cache_bhsd, v_cache_bhsd, row0=0):
+    """Attention over compacted prompts (cache rows [row0, row0 + B)); writes every head's K/V into slots [0, T)."""
     out, (k, v) = self.forward(x_btd, lengths_b)
-    return out, kv_cache.write_prefill(k_cache_bhsd, k), kv_cache.write_prefill(v_cache_bhsd, v)
+    k_cache_bhsd = kv_cache.write_prefill(k_cache_bhsd, k, row0)
+    v_cache_bhsd = kv_cache.write_prefill(v_cache_bhsd, v, row0)
+    if getattr(self, "mesh", None) is not None:   # tensor parallel: cache sharded by KV group (polar_jax.sharding)
+      from polar_jax import sharding
+      k_cache_bhsd = sharding.constrain_cache(k_cache_bhsd, self.mesh, getattr(self, "dp", 1))
+      v_cache_bhsd = sharding.constrain_cache(v_cache_bhsd, self.mesh, getattr(self, "dp", 1))
+    return out, k_cache_bhsd, v_cache_bhsd
 
   def decode(self, x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, group_idx_bk=None, *,
              implementation=None, return_context=False):
@@ -115,7 +121,9 @@ class Attention(nnx.Module):
       k_cache_bhsd, v_cache_bhsd: this layer's caches.
       group_idx_bk: int32 `[B, K]` selected KV groups per row, None for all (dense), or a Python int k:
         the oracle, which attends densely and keeps each row's k groups of largest output norm (the norm
-        over the group's query heads' contexts), zeroing the other heads before o_proj.
+        over the group's query heads' contexts), zeroing the other heads before o_proj; or a tuple
+        (k, shards): the oracle with balanced per-shard selection. Under tensor parallelism (`self.mesh`, set by
+        `polar_jax.sharding`) the kernel runs in `shard_map` and group_idx must be balanced over tp shards.
       implementation: passed to the kernel ("pallas", "xla" or None = best for the platform).
       return_context: also return the attention context `[B, Hq, D]` before o_proj.
     """
@@ -125,12 +133,24 @@ class Attention(nnx.Module):
     v_cache_bhsd = kv_cache.write_decode(v_cache_bhsd, v[:, 0], lengths_b)
     new_len = lengths_b + 1
     kv_start = None if self.window is None else jnp.maximum(new_len - self.window, 0).astype(jnp.int32)
-    oracle_k = group_idx_bk if isinstance(group_idx_bk, int) else None
-    ctx = pallas_kernels.selective_decode_attention(
-        q[:, 0], k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, scale=self.scale,
-        kv_start=kv_start, implementation=implementation)
+    oracle_k, shards = group_idx_bk if isinstance(group_idx_bk, tuple) else (group_idx_bk, 1)
+    oracle_k = oracle_k if isinstance(oracle_k, int) else None
+    mesh = getattr(self, "mesh", None)   # set by polar_jax.sharding (tensor parallel); None on one device
+    if mesh is None:
+      ctx = pallas_kernels.selective_decode_attention(
+          q[:, 0], k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, scale=self.scale,
+          kv_start=kv_start, implementation=implementation)
+    else:
+      from polar_jax import sharding
+      dp = getattr(self, "dp", 1)
+      k_cache_bhsd = sharding.constrain_cache(k_cache_bhsd, mesh, dp)
+      v_cache_bhsd = sharding.constrain_cache(v_cache_bhsd, mesh, dp)
+      shards = sharding.mesh_tp(mesh)
+      ctx = sharding.sharded_decode_attention(
+          q[:, 0], k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, kv_start, mesh=mesh,
+          dp=dp, num_groups=self.num_kv_heads, scale=self.scale, implementation=implementation)
     if oracle_k:
-      ctx = keep_top_groups(ctx, self.num_kv_heads, oracle_k)
+      ctx = keep_top_groups(ctx, self.num_kv_heads, oracle_k, shards=shards)
     out = self.o_proj(ctx.reshape(b, -1))
     if return_context:
       return out, k_cache_bhsd, v_cache_bhsd, ctx
@@ -144,10 +164,14 @@ def group_norms(ctx_bhd: jax.Array, num_kv_heads: int) -> jax.Array:
   return jnp.sqrt(jnp.sum(c * c, axis=-1))
 
 
-def keep_top_groups(ctx_bhd: jax.Array, num_kv_heads: int, k: int) -> jax.Array:
-  """The oracle: zeroes the query heads of all but each row's k groups of largest output norm."""
+def keep_top_groups(ctx_bhd: jax.Array, num_kv_heads: int, k: int, shards: int = 1) -> jax.Array:
+  """The oracle: zeroes the query heads of all but each row's k groups of largest output norm.
+
+  `shards > 1`: balanced per-shard selection (k / shards groups from each of `shards` equal blocks of groups,
+  `polar_jax.sharding.balanced_topk`), the selection tensor-parallel decoding uses."""
+  from polar_jax.sharding import balanced_topk
   b, hq, _ = ctx_bhd.shape
-  top_bk = jax.lax.top_k(group_norms(ctx_bhd, num_kv_heads), k)[1]
+  top_bk = balanced_topk(group_norms(ctx_bhd, num_kv_heads), k, shards)
   keep_bg = jnp.zeros((b, num_kv_heads), bool).at[jnp.arange(b)[:, None], top_bk].set(True)
   keep_bh = jnp.repeat(keep_bg, hq // num_kv_heads, axis=1)
   return jnp.where(keep_bh[..., None], ctx_bhd, jnp.zeros_like(ctx_bhd))

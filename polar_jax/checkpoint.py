@@ -173,7 +173,7 @@ def _saved_shapes(params_dir: pathlib.Path) -> dict[str, tuple[int, ...]]:
 
 
 def load_model(path: str | os.PathLike, dtype: Any = None, *,
-               sharding: jax.sharding.Sharding | None = None) -> CausalLM:
+               sharding: jax.sharding.Sharding | None = None, mesh: jax.sharding.Mesh | None = None) -> CausalLM:
   """Restores a converted checkpoint into a `CausalLM` with real arrays.
 
   Args:
@@ -181,6 +181,9 @@ def load_model(path: str | os.PathLike, dtype: Any = None, *,
     dtype: parameter dtype ("float32", "bfloat16", "float16" or a jnp dtype); None -> float32
       on CPU, bfloat16 on GPU/TPU. Stored arrays are cast while restoring.
     sharding: where to place every parameter; default the first device.
+    mesh: a ("dp", "tp") mesh (`polar_jax.sharding.make_mesh`): each parameter is restored straight into its
+      tensor-parallel shards (`polar_jax.sharding.param_spec`; no full copy on one device) and decoding runs
+      tensor parallel. ValueError when the KV groups or MLP width do not divide by tp. Excludes `sharding`.
 
   Raises:
     CheckpointError: the directory is missing, incomplete, or its arrays do not match the config.
@@ -207,8 +210,16 @@ def load_model(path: str | os.PathLike, dtype: Any = None, *,
     raise CheckpointError(f"{path / PARAMS_DIR} does not match {CONFIG_FILE}: " + " | ".join(parts))
 
   import orbax.checkpoint as ocp
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = _nest({k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for k, (_, s) in leaves.items()})
+  if mesh is not None:
+    from polar_jax import sharding as tp_sharding
+    if sharding is not None:
+      raise ValueError("pass either sharding= or mesh=, not both")
+    tp_sharding.check_config(config, tp_sharding.mesh_tp(mesh))
+    place = {k: jax.sharding.NamedSharding(mesh, tp_sharding.param_spec(k)) for k in leaves}
+  else:
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    place = {k: sharding for k in leaves}
+  target = _nest({k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=place[k]) for k, (_, s) in leaves.items()})
   try:
     with ocp.StandardCheckpointer() as ckpt:
       restored = _flatten(ckpt.restore(path / PARAMS_DIR, target))
@@ -222,7 +233,10 @@ def load_model(path: str | os.PathLike, dtype: Any = None, *,
       node = node.setdefault(part, {})
     node[p[-1]] = restored[name]
   nnx.replace_by_pure_dict(state, pure)
-  return nnx.merge(graphdef, state)
+  model = nnx.merge(graphdef, state)
+  if mesh is not None:
+    tp_sharding.attach_mesh(model, mesh)
+  return model
 
 
 def load_tokenizer(path: str | os.PathLike):

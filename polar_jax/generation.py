@@ -223,7 +223,8 @@ def generate(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens:
       sampler.per_row(batch.tokens_bt.shape[0]), jax.random.key(seed), decode_state,
       max_new_tokens=int(max_new_tokens), max_len=batch.max_len, stop_tokens=stop,
       pad_id=_pad_token(model, stop), decode=decode)
-  out, gen = jax.device_get((out, gen))
+  from polar_jax.sharding import to_host   # device_get, gathering arrays spread over processes (multi-host)
+  out, gen = to_host((out, gen))
   return GenerationOutput(np.asarray(out[:batch.batch]), np.asarray(gen[:batch.batch]))
 
 

@@ -49,10 +49,10 @@ class KVCache:
     return sum(x.size * x.dtype.itemsize for x in self.k_bhsd + self.v_bhsd)
 
 
-def write_prefill(cache_bhsd: jax.Array, new_bthd: jax.Array) -> jax.Array:
-  """Writes a compacted prompt's K or V `[B, T, H, D]` into slots `[0, T)`."""
+def write_prefill(cache_bhsd: jax.Array, new_bthd: jax.Array, row0=0) -> jax.Array:
+  """Writes compacted prompts' K or V `[R, T, H, D]` into rows `[row0, row0 + R)`, slots `[0, T)`."""
   return jax.lax.dynamic_update_slice(cache_bhsd, new_bthd.transpose(0, 2, 1, 3).astype(cache_bhsd.dtype),
-                                      (0, 0, 0, 0))
+                                      (row0, 0, 0, 0))
 
 
 def write_decode(cache_bhsd: jax.Array, new_bhd: jax.Array, slot_b: jax.Array) -> jax.Array:

@@ -24,6 +24,17 @@ from polar_jax.layers import Embedding, Linear, make_norm
 from polar_jax.mlp import make_mlp
 
 OPT_POSITION_OFFSET = 2
+# Prompt tokens prefilled at once; larger batches are prefilled a group of rows at a time.
+PREFILL_MAX_TOKENS = 16384
+
+
+def prefill_group_rows(batch: int, length: int, max_tokens: int) -> int:
+  """Rows per prefill group: the largest divisor of `batch` whose tokens fit `max_tokens` (at least 1)."""
+  best = 1
+  for r in range(1, batch + 1):
+    if batch % r == 0 and r * length <= max_tokens:
+      best = r
+  return best
 
 
 class GroupSelector(Protocol):
@@ -59,9 +70,9 @@ class DecoderLayer(nnx.Module):
     h = h_btd + a if self.pre_norm else self.attn_norm(h_btd + a)
     return self._mlp_block(h, self.mlp)
 
-  def prefill(self, h_btd, lengths_b, k_cache, v_cache):
+  def prefill(self, h_btd, lengths_b, k_cache, v_cache, row0=0):
     x = self.attn_norm(h_btd) if self.pre_norm else h_btd
-    a, k_cache, v_cache = self.attn.prefill(x, lengths_b, k_cache, v_cache)
+    a, k_cache, v_cache = self.attn.prefill(x, lengths_b, k_cache, v_cache, row0)
     h = h_btd + a if self.pre_norm else self.attn_norm(h_btd + a)
     return self._mlp_block(h, self.mlp), k_cache, v_cache
 
@@ -140,17 +151,41 @@ class CausalLM(nnx.Module):
     inverse = jnp.argsort(order, axis=1)
     return jnp.take_along_axis(logits_c, inverse[:, :, None], axis=1)
 
-  def prefill(self, tokens_bt, lengths_b, cache: KVCache):
-    """Dense pass over compacted prompts; returns (last-token logits `[B, V]`, filled cache)."""
+  def prefill(self, tokens_bt, lengths_b, cache: KVCache, *, max_tokens: int = PREFILL_MAX_TOKENS):
+    """Dense pass over compacted prompts; returns (last-token logits `[B, V]`, filled cache).
+
+    Batches of more than `max_tokens` prompt tokens are processed a group of rows at a time (a
+    `fori_loop`), so prefill intermediates scale with `max_tokens`, not with the batch.
+    """
     b, t = tokens_bt.shape
-    h = self.embed_tokens(tokens_bt, jnp.broadcast_to(jnp.arange(t), (b, t)))
+    rows = prefill_group_rows(b, t, max_tokens)
+    lengths_b = lengths_b.astype(jnp.int32)
+    if rows == b:
+      logits, ks, vs = self._prefill_rows(tokens_bt, lengths_b, cache.k_bhsd, cache.v_bhsd, 0)
+      return logits, KVCache(ks, vs, lengths_b)
+
+    def body(i, carry):
+      logits_bv, ks, vs = carry
+      r0 = i * rows
+      tok = jax.lax.dynamic_slice_in_dim(tokens_bt, r0, rows, axis=0)
+      lens = jax.lax.dynamic_slice_in_dim(lengths_b, r0, rows, axis=0)
+      logits, ks, vs = self._prefill_rows(tok, lens, ks, vs, r0)
+      return jax.lax.dynamic_update_slice_in_dim(logits_bv, logits, r0, axis=0), ks, vs
+
+    init = (jnp.zeros((b, self.config.vocab_size), jnp.float32), cache.k_bhsd, cache.v_bhsd)
+    logits, ks, vs = jax.lax.fori_loop(0, b // rows, body, init)
+    return logits, KVCache(ks, vs, lengths_b)
+
+  def _prefill_rows(self, tokens_rt, lengths_r, k_caches, v_caches, row0):
+    r, t = tokens_rt.shape
+    h = self.embed_tokens(tokens_rt, jnp.broadcast_to(jnp.arange(t), (r, t)))
     ks, vs = [], []
     for i, layer in enumerate(self.layers):
-      h, k, v = layer.prefill(h, lengths_b, cache.k_bhsd[i], cache.v_bhsd[i])
+      h, k, v = layer.prefill(h, lengths_r, k_caches[i], v_caches[i], row0)
       ks.append(k)
       vs.append(v)
-    last = jnp.take_along_axis(h, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
-    return self.logits(last), KVCache(tuple(ks), tuple(vs), lengths_b.astype(jnp.int32))
+    last = jnp.take_along_axis(h, (lengths_r - 1)[:, None, None], axis=1)[:, 0]
+    return self.logits(last), tuple(ks), tuple(vs)
 
   def decode_step(self, tokens_b, cache: KVCache, *, selector: GroupSelector | None = None,
                   mlp_override: Callable[[int], Callable | None] | None = None, implementation=None):

@@ -11,6 +11,8 @@ Per decode step and layer (prefill stays dense; K/V of every head is written to 
      the oracle runs dense attention and keeps each row's top-k groups by output norm instead;
   2. ReLU MLPs with `mlp="router"`: `sum_b active_b * relu(neuron logits)` -> top-k with the layer's static
      budget -> gathered fc1/fc2 matmuls (biases included); layers over budget run the dense MLP.
+Tensor parallel (`polar_jax.sharding`, `shards > 1`): both selections are balanced per shard: each of the tp
+shards keeps k / tp of its own KV groups (resp. ceil(k / tp) of its own neurons), not a global top-k.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from polar_jax.sharding import balanced_topk, balanced_union_topk, model_mesh, model_tp, sharded_sparse_mlp
 from polar_jax.sparsity import SparsityConfig, neuron_budgets
 
 
@@ -69,6 +72,7 @@ class SparseDecode:
   head_graphdef: Any = None
   neuron_graphdef: Any = None
   implementation: str | None = None
+  shards: int = 1   # balanced per-shard selection over this many blocks of groups (polar_jax.sharding)
 
   def __call__(self, model, tok_b, cache, router_state=None, active_b=None):
     head = None if self.head_graphdef is None else nnx.merge(self.head_graphdef, router_state["head"])
@@ -80,12 +84,14 @@ class SparseDecode:
       k = self.groups[layer]
       if k is None:
         return None
-      if self.selector == "oracle":
-        return k                                   # Attention.decode: dense, then top-k by output norm
+      if self.selector == "oracle":                # Attention.decode: dense, then top-k by output norm
+        return (k, self.shards) if self.shards > 1 else k
       if self.selector == "random":
         scores_bg = random_scores(self.seed, layer, positions_b, tok_b, num_groups)
       else:
         scores_bg = head.layer_scores(layer, x_bd)
+      if self.shards > 1:                          # tensor parallel: k / shards groups of each shard
+        return balanced_topk(scores_bg, k, self.shards)
       return topk_groups(scores_bg, k)
 
     def mlp_override(layer):
@@ -94,6 +100,12 @@ class SparseDecode:
       k, mlp = self.neuron_k[layer], model.layers[layer].mlp
 
       def sparse_mlp(y_bd, x_bd):
+        if self.shards > 1:                        # tensor parallel: a per-shard neuron union (polar_jax.sharding)
+          idx_k = balanced_union_topk(neuron.layer_logits(layer, x_bd), active_b, k, self.shards)
+          mesh = model_mesh(model)
+          if mesh is not None:
+            return sharded_sparse_mlp(mlp, y_bd, idx_k, mesh=mesh, implementation=self.implementation)
+          return mlp.sparse(y_bd, idx_k, implementation=self.implementation)
         idx_k = union_topk(neuron.layer_logits(layer, x_bd), active_b, k)
         return mlp.sparse(y_bd, idx_k, implementation=self.implementation)
 
@@ -132,7 +144,8 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
   if not isinstance(sparsity, SparsityConfig):
     raise TypeError(f"sparsity must be a polar_jax.SparsityConfig, got {type(sparsity).__name__}")
   sparsity.check_mlp(config)
-  groups = sparsity.layer_groups(config)
+  shards = _selection_shards(model, sparsity)
+  groups = sparsity.layer_groups(config, shards)
   needs_head = sparsity.selector == "router" and any(k is not None for k in groups)
   needs_neuron = sparsity.mlp == "router"
   if (needs_head or needs_neuron) and routers is None:
@@ -147,6 +160,9 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
       raise ValueError("mlp='router' needs neuron routers with a calibrated top-k table; these routers have "
                        "none (train them on a ReLU model with polar-train-routers)")
     neuron_k = neuron_budgets(routers.mlp_topk, batch, config.intermediate_size)
+    if shards > 1:   # per-shard union: ceil(k / shards) neurons from each shard's N / shards
+      neuron_k = tuple(None if k is None else min(-(-k // shards), config.intermediate_size // shards) * shards
+                       for k in neuron_k)
     if all(k is None for k in neuron_k):
       neuron_k = None
   if all(k is None for k in groups) and neuron_k is None:
@@ -156,5 +172,15 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
     head_gd, state["head"] = nnx.split(routers.head)
   if neuron_k is not None:
     neuron_gd, state["neuron"] = nnx.split(routers.neuron)
-  decode = SparseDecode(groups, sparsity.selector, sparsity.seed, neuron_k, head_gd, neuron_gd, implementation)
+  decode = SparseDecode(groups, sparsity.selector, sparsity.seed, neuron_k, head_gd, neuron_gd, implementation,
+                        shards)
   return decode, state
+
+
+def _selection_shards(model, sparsity: SparsityConfig) -> int:
+  """Blocks of the balanced per-shard group selection: `sparsity.shards`, else the model's tp (1 unsharded)."""
+  tp = model_tp(model)
+  if sparsity.shards is not None and tp > 1 and sparsity.shards != tp:
+    raise ValueError(f"SparsityConfig(shards={sparsity.shards}) differs from the model's tensor parallelism "
+                     f"tp={tp}; leave shards=None under tp")
+  return sparsity.shards if sparsity.shards is not None else tp

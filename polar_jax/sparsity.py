@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -69,8 +70,14 @@ class SparsityConfig:
   mlp: str = "dense"
   selector: str = "router"
   seed: int = 0
+  # Balanced per-shard selection (polar_jax.sharding): split the KV groups into `shards` equal blocks and keep
+  # round(density x groups per block) in each. None: the model's tensor-parallel degree (1 on one device).
+  shards: int | None = None
 
   def __post_init__(self):
+    if self.shards is not None and (isinstance(self.shards, bool) or not isinstance(self.shards, int)
+                                    or self.shards < 1):
+      raise ValueError(f"shards must be an integer >= 1 or None, got {self.shards!r}")
     _check_density(self.attn_density, "attn_density")
     if self.attn_groups is not None and (isinstance(self.attn_groups, bool) or
                                          not isinstance(self.attn_groups, int) or self.attn_groups < 1):
@@ -91,8 +98,21 @@ class SparsityConfig:
     object.__setattr__(self, "seed", int(self.seed))
 
   # ---- resolution against a model -------------------------------------------------------------
-  def layer_groups(self, config: ModelConfig) -> tuple[int | None, ...]:
-    """Per layer: the number of KV groups kept per row, or None where the layer runs dense attention."""
+  def layer_groups(self, config: ModelConfig, shards: int | None = None) -> tuple[int | None, ...]:
+    """Per layer: the number of KV groups kept per row, or None where the layer runs dense attention.
+
+    `shards > 1` (balanced per-shard selection; default `self.shards`): `shards x` the count kept in each of
+    `shards` equal blocks of `num_kv_heads / shards` groups, each computed as above (round_half_up(density x
+    block), at least 1)."""
+    shards = shards or self.shards or 1
+    if shards > 1:
+      if config.num_kv_heads % shards:
+        raise ValueError(f"balanced selection over {shards} shards needs the {config.num_kv_heads} KV groups to "
+                         "divide evenly")
+      local = types.SimpleNamespace(num_layers=config.num_layers, num_kv_heads=config.num_kv_heads // shards)
+      per = dataclasses.replace(self, shards=None, attn_groups=None if self.attn_groups is None else
+                                max(1, round_half_up(self.attn_groups / shards)))
+      return tuple(None if k is None else k * shards for k in per.layer_groups(local))
     num_layers, g = config.num_layers, config.num_kv_heads
     if self.attn_groups is not None and self.attn_groups > g:
       raise ValueError(f"attn_groups={self.attn_groups} exceeds the model's {g} KV groups")

@@ -43,3 +43,15 @@ def smollm2_dir(tmp_path_factory) -> pathlib.Path:
       from conversions import convert
       convert(gguf_path, out, dtype="float32", progress=False)
   return out
+
+
+@pytest.fixture(scope="session")
+def hf_smollm2():
+  """transformers' float32 SmolLM2-135M read from the same GGUF (the reference; loaded once per worker)."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  from polar_jax import data
+  path = data.smollm2_gguf_path()
+  model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                            dtype=torch.float32)
+  return model.eval()

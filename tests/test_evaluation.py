@@ -347,3 +347,28 @@ def test_scorer_log_likelihoods_match_transformers_on_smollm2(smollm2_dir):
   np.testing.assert_allclose(g, w, atol=5e-4)   # measured: at most 5e-5 nats
   for r_got, r_want in zip(got.logprob, want):
     assert int(np.argmax(r_got)) == int(np.argmax(r_want))
+
+
+# ---- per-layer sensitivity -------------------------------------------------------------------------------
+@pytest.mark.parametrize("selector", ["router", "oracle"])
+def test_layer_sensitivity_equals_all_tokens_scoring_with_one_sparse_layer(tiny, selector):
+  from polar_jax.evaluation.sensitivity import layer_sensitivity
+  rng = np.random.default_rng(7)
+  windows = rng.integers(0, 260, (3, 24)).tolist()
+  routers = random_routers(TINY) if selector == "router" else None
+  sens = layer_sensitivity(tiny, windows, k=1, selector=selector, routers=routers, batch=4)
+  assert sens["delta"][0] is None and sens["tokens"] == 3 * 23
+  reqs = [ScoreRequest(w[:1], [w[1:]]) for w in windows]
+  dense = score_requests(tiny, reqs, mode="all_tokens", max_rows=ROWS)["dense"]
+  np.testing.assert_allclose(-np.concatenate(dense.logprob).sum() / 69, sens["base"], atol=1e-5)
+  cfg = SparsityConfig(attn_groups=1, dense_layers=(0, 1), selector=selector)      # only layer 2 sparse
+  sparse = score_requests(tiny, reqs, {"s": make_decoder(tiny, cfg, routers, batch=ROWS)}, mode="all_tokens",
+                          max_rows=ROWS)["s"]
+  np.testing.assert_allclose(-np.concatenate(sparse.logprob).sum() / 69 - sens["base"], sens["delta"][2], atol=1e-4)
+
+
+def test_dense_budget_keeps_the_most_sensitive_layers():
+  from polar_jax.evaluation.sensitivity import dense_budget
+  assert dense_budget([None, 0.001, 0.05, 0.002, 0.02], ppl_ratio=1.03) == [2]     # log(1.03) = 0.0296
+  assert dense_budget([None, 0.001, 0.05, 0.002, 0.04], ppl_ratio=1.03) == [2, 4]
+  assert dense_budget([None, 0.001], ppl_ratio=1.03) == []

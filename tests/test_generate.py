@@ -135,3 +135,20 @@ def test_errors_name_the_problem(model, kwargs, match):
 def test_buckets():
   assert [gen.length_bucket(n) for n in (1, 16, 17, 600, 1024, 1025, 2000)] == [16, 16, 32, 1024, 1024, 1536, 2048]
   assert [gen.batch_bucket(n) for n in (1, 3, 5, 17, 33, 65, 100)] == [1, 4, 8, 24, 48, 96, 128]
+
+
+def test_prefill_in_row_groups_equals_whole_batch(model):
+  from polar_jax.kv_cache import KVCache
+  from polar_jax.model import prefill_group_rows
+  assert prefill_group_rows(32, 2048, 16384) == 8 and prefill_group_rows(6, 100, 250) == 2
+  assert prefill_group_rows(3, 6000, 16384) == 1 and prefill_group_rows(3, 5000, 16384) == 3
+  batch = gen.prepare_batch(_prompts(9, (5, 11, 2, 17)), None, vocab_size=CFG.vocab_size, context=128,
+                            max_new_tokens=4)
+  tokens, lengths = jax.numpy.asarray(batch.tokens_bt), jax.numpy.asarray(batch.lengths_b)
+  whole = model.prefill(tokens, lengths, KVCache.init(CFG, 4, batch.max_len, model.dtype))
+  grouped = model.prefill(tokens, lengths, KVCache.init(CFG, 4, batch.max_len, model.dtype),
+                          max_tokens=2 * tokens.shape[1])                   # 2 rows at a time
+  # float32 rounding only (matmuls of another shape block differently)
+  np.testing.assert_allclose(np.asarray(grouped[0]), np.asarray(whole[0]), rtol=1e-5, atol=1e-6)
+  for a, b in zip(grouped[1].k_bhsd + grouped[1].v_bhsd, whole[1].k_bhsd + whole[1].v_bhsd):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)

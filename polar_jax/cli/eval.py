@@ -104,6 +104,11 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--static-tokens", type=int, default=None, help="router-training tokens counted for 'static'")
   p.add_argument("--compile-cache", default=None,
                  help="JAX persistent compilation cache directory (default $POLAR_JAX_HOME/jax_cache; 'none' to disable)")
+  p.add_argument("--sensitivity", action="store_true",
+                 help="instead of the tasks: per-layer sensitivity (NLL increase with one layer sparse) of the "
+                      "router/oracle selectors at each density < 1 on router training text; writes "
+                      "OUT/sensitivity.jsonl and prints a --per-layer budget for +3%% perplexity")
+  p.add_argument("--sensitivity-windows", type=int, default=16, help="256-token windows for --sensitivity")
   p.add_argument("--report-only", action="store_true", help="only rewrite accuracy.md and the plot from OUT")
   p.add_argument("--no-progress", action="store_true")
   return p
@@ -157,6 +162,30 @@ def enable_compile_cache(arg: str | None) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
 
+def run_sensitivity(args, model, tokenizer, name, routers, routers_label, selectors, densities, dense_layers,
+                    out) -> int:
+  from polar_jax.evaluation import report
+  from polar_jax.evaluation.sensitivity import sensitivity_report
+  rows = sensitivity_report(model, tokenizer, selectors=selectors, densities=densities, routers=routers,
+                            windows=args.sensitivity_windows, dense_layers=dense_layers, progress=not args.no_progress)
+  if not rows:
+    raise ValueError("--sensitivity needs selector router or oracle and a density < 1")
+  prov = report.provenance()
+  out.mkdir(parents=True, exist_ok=True)
+  with open(out / "sensitivity.jsonl", "a", encoding="utf-8") as f:
+    for r in rows:
+      f.write(json.dumps({"model": name, "routers": routers_label if r["selector"] == "router" else None, **r,
+                          **prov}, sort_keys=True) + "\n")
+  for r in rows:
+    top = sorted(((d, i) for i, d in enumerate(r["delta"]) if d is not None), reverse=True)[:8]
+    print(f"{name} {r['selector']} density {r['density']:g}: dense NLL {r['base']:.4f}; per-layer NLL increase, "
+          f"largest: " + ", ".join(f"L{i} {d:+.4f}" for d, i in top))
+    print(f"  sum over layers -> predicted ppl x{r['predicted_ppl_ratio_all_sparse']:.3f}; keep dense for "
+          f"+{100 * (r['dense_for_ppl_ratio'] - 1):.0f}%: {r['suggested_dense_layers']} (average density "
+          f"{r['average_density']:.3f}): --per-layer {r['per_layer'] or '(none)'}")
+  return 0
+
+
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   from polar_jax.evaluation import report
@@ -198,6 +227,9 @@ def main(argv=None) -> int:
     routers, routers_label = resolve_routers(args.routers, model, selectors)
     kw = {} if args.static_tokens is None else {"static_tokens": args.static_tokens}
     t0 = time.perf_counter()
+    if args.sensitivity:
+      return run_sensitivity(args, model, tokenizer, name, routers, routers_label, selectors, densities, dense_layers,
+                             out)
     for mode in modes:
       def on_task(records, details):
         report.append_records(out, records, details)

@@ -39,6 +39,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, f32 on CPU)")
   p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
   p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
+  p.add_argument("--tp", type=int, default=1, help="tensor parallel degree: split heads/KV groups and MLP neurons "
+                 "over N devices (polar_jax.sharding)")
+  p.add_argument("--dp", type=int, default=1, help="data parallel degree: split the batch over N device groups")
   sp = p.add_argument_group("Polar Sparsity (decode only; prefill stays dense)")
   sp.add_argument("--routers", help="router directory from polar-train-routers, or 'default' (shipped SmolLM2)")
   sp.add_argument("--attn-density", type=float, default=None, help="fraction of KV groups kept per row, (0, 1]")
@@ -84,7 +87,14 @@ def main(argv=None) -> int:
     sampler = build_sampler(args.temperature, args.top_k, args.top_p)
     sampler.validate()
     sparsity, routers_dir = build_sparsity(args)
-    model = polar_jax.load_model(args.ckpt, dtype=args.dtype)
+    if sparsity is not None and args.tp > 1:   # balanced per-shard selection (polar_jax.sharding), shown below
+      import dataclasses
+      sparsity = dataclasses.replace(sparsity, shards=args.tp)
+    mesh = None
+    if args.tp * args.dp > 1:
+      from polar_jax import sharding
+      mesh = sharding.make_mesh(tp=args.tp, dp=args.dp)
+    model = polar_jax.load_model(args.ckpt, dtype=args.dtype, mesh=mesh)
     tok = polar_jax.load_tokenizer(args.ckpt)
     routers = polar_jax.load_routers(routers_dir, model) if routers_dir is not None else None
     ids = encode_prompts(tok, prompts, chat=args.chat)

@@ -124,10 +124,36 @@ def mean_stderr(x) -> float:
 
 
 # ---- perplexity ----------------------------------------------------------------------------------------------
-def ppl_texts(source: str) -> list[str]:
-  """The perplexity passages of `source`: held out from router training and from its validation."""
+def ppl_texts(source: str, part: str = "test") -> list[str]:
+  """Passages of `source`. "test" (perplexity): held out from router training and from its validation;
+  "train": the router training split (for fitting anything, e.g. per-layer budgets)."""
+  if part == "train":
+    return data.load_passages(source, "train")
+  if part != "test":
+    raise ValueError(f"part must be 'test' or 'train', got {part!r}")
   from polar_jax.routers.pipeline import heldout_part
   return [t for t in data.load_passages(source, "heldout") if heldout_part(t) == "test"]
+
+
+def text_windows(tokenizer, sources: Sequence[str] = PPL_SOURCES, *, part: str = "test", window: int = PPL_WINDOW,
+                 max_windows: int | None = None) -> list[tuple[list[int], str]]:
+  """(window tokens, source) of each source's passages joined with blank lines, cut into `window`-token windows,
+  alternating between sources, at most `max_windows`."""
+  per_source = {}
+  for src in sources:
+    if src not in PPL_SOURCES:
+      raise ValueError(f"unknown perplexity source {src!r}; expected one of {PPL_SOURCES}")
+    texts = ppl_texts(src, part)
+    if part == "train" and max_windows is not None:   # only as much text as needed (the train split is large)
+      texts = texts[:max(1, max_windows * window // 50)]
+    ids = _encode(tokenizer, "\n\n".join(texts))
+    per_source[src] = [ids[s:s + window] for s in range(0, len(ids) - window + 1, window)]
+  out = []
+  for i in range(max((len(w) for w in per_source.values()), default=0)):
+    for src, wins in per_source.items():
+      if i < len(wins) and (max_windows is None or len(out) < max_windows):
+        out.append((wins[i], src))
+  return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,19 +171,10 @@ def ppl_task(tokenizer, sources: Sequence[str] = PPL_SOURCES, *, window: int = P
   """Windows of held-out text (see the module docstring)."""
   if not 1 <= prefix < window:
     raise ValueError(f"need 1 <= prefix < window, got prefix={prefix}, window={window}")
-  per_source = {}
-  for src in sources:
-    if src not in PPL_SOURCES:
-      raise ValueError(f"unknown perplexity source {src!r}; expected one of {PPL_SOURCES}")
-    ids = _encode(tokenizer, "\n\n".join(ppl_texts(src)))
-    per_source[src] = [ids[s:s + window] for s in range(0, len(ids) - window + 1, window)]
-  requests, names, scored = [], [], 0
-  for i in range(max((len(w) for w in per_source.values()), default=0)):
-    for src, wins in per_source.items():
-      if i < len(wins) and (max_tokens is None or scored < max_tokens):
-        requests.append(ScoreRequest(wins[i][:prefix], [wins[i][prefix:]]))
-        names.append(src)
-        scored += window - prefix
+  max_windows = None if max_tokens is None else -(-max_tokens // (window - prefix))
+  wins = text_windows(tokenizer, sources, part="test", window=window, max_windows=max_windows)
+  requests = [ScoreRequest(w[:prefix], [w[prefix:]]) for w, _ in wins]
+  names = [src for _, src in wins]
   if not requests:
     raise ValueError(f"no perplexity windows of {window} tokens in {list(sources)}")
   return PPLTask(requests, names, window, prefix)

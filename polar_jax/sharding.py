@@ -1,0 +1,246 @@
+"""Tensor (and data) parallel decoding on a `jax.sharding.Mesh` with axes ("dp", "tp").
+
+    mesh = polar_jax.sharding.make_mesh(tp=2)
+    model = polar_jax.load_model(path, mesh=mesh)        # params restored straight into their shards
+    out = polar_jax.generate(model, prompts, max_new_tokens=64, sparsity=SparsityConfig(attn_density=0.5))
+
+Layout (Megatron style, GSPMD inserts the collectives):
+  * attention q/k/v kernels `[d, H*D]` split by columns over "tp" (each shard holds whole heads, i.e. whole
+    KV groups and their query heads), o_proj `[H*D, d]` by rows (its matmul ends in an all-reduce over tp);
+  * gated MLP gate/up by columns, down by rows; ReLU MLP `w_in_nd`/`w_out_nd` `[N, d]` by neurons (rows);
+  * norms, embeddings, lm_head and output biases replicated;
+  * KV cache `[B, Hkv, S, D]`: P("dp", "tp", None, None) (batch over dp when B divides by dp);
+  * decode attention: the kernel (`pallas_kernels.selective_decode_attention`, a per-device Pallas program)
+    runs inside `jax.shard_map` over "tp" on each shard's local query heads, KV groups and group indices.
+
+KV groups (`num_kv_heads`) and the MLP width must divide by tp, otherwise `ValueError` (no replication
+fallback: a replicated KV cache would cost tp times the memory, which is what tensor parallelism avoids).
+
+Sparse attention under tp uses *balanced per-shard selection* (see `balanced_topk`): each shard keeps
+round(density x local groups) of its own groups. A global top-k over all groups may take more groups from one
+shard than another; balanced selection gives every shard the same work (and static shapes inside shard_map).
+The same selection runs on one device with `SparsityConfig(shards=tp)`, which is how it is tested.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from polar_jax.config import ModelConfig
+
+AXES = ("dp", "tp")
+TRACE_COUNTS = {"shard_map": 0}   # decode-attention shard_map calls traced (tests check the path is taken)
+
+# (regex over the flat parameter name, spec); the first match wins, the rest is replicated.
+_RULES = (
+    (r"attn\.[qkv]_proj\.kernel$", P(None, "tp")),
+    (r"attn\.[qkv]_proj\.bias$", P("tp")),
+    (r"attn\.o_proj\.kernel$", P("tp", None)),
+    (r"mlp\.(gate|up)_proj\.kernel$", P(None, "tp")),
+    (r"mlp\.down_proj\.kernel$", P("tp", None)),
+    (r"mlp\.w_(in|out)_nd$", P("tp", None)),
+    (r"mlp\.b_in_n$", P("tp")),
+)
+
+
+def make_mesh(tp: int = 1, dp: int = 1, devices=None) -> jax.sharding.Mesh:
+  """A mesh of `dp * tp` devices with axes ("dp", "tp") (both `AxisType.Auto`: GSPMD propagates shardings).
+
+  `devices` default to `jax.devices()` (all processes' devices under `jax.distributed`).
+  """
+  for name, n in (("tp", tp), ("dp", dp)):
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+      raise ValueError(f"{name} must be an integer >= 1, got {n!r}")
+  devices = list(jax.devices() if devices is None else devices)
+  if dp * tp > len(devices):
+    raise ValueError(f"a mesh of dp={dp} x tp={tp} needs {dp * tp} devices; {len(devices)} available")
+  auto = jax.sharding.AxisType.Auto
+  return jax.make_mesh((dp, tp), AXES, (auto, auto), devices=devices[:dp * tp])
+
+
+def check_config(config: ModelConfig, tp: int) -> None:
+  """Raises ValueError when the model cannot be split over `tp` shards."""
+  if tp == 1:
+    return
+  if config.num_kv_heads % tp:
+    raise ValueError(f"tensor parallelism tp={tp} needs the KV groups to divide evenly: this model has "
+                     f"{config.num_kv_heads} KV heads (query heads {config.num_heads}); pick tp dividing "
+                     f"{config.num_kv_heads}")
+  if config.intermediate_size % tp:
+    raise ValueError(f"tp={tp} does not divide the MLP width {config.intermediate_size}")
+
+
+def param_spec(name: str) -> P:
+  """The PartitionSpec of one parameter by its flat name (e.g. "layers.0.attn.q_proj.kernel")."""
+  for pattern, spec in _RULES:
+    if re.search(pattern, name):
+      return spec
+  return P()
+
+
+def param_specs(config: ModelConfig) -> dict[str, P]:
+  """`{flat parameter name: PartitionSpec}` for every parameter of `config`'s model."""
+  from polar_jax.model import param_shapes
+  return {name: param_spec(name) for name in param_shapes(config)}
+
+
+def mesh_tp(mesh) -> int:
+  return 1 if mesh is None else int(dict(mesh.shape).get("tp", 1))
+
+
+def model_mesh(model) -> jax.sharding.Mesh | None:
+  """The mesh a model was sharded onto (`shard_model` / `load_model(mesh=)`), or None."""
+  return getattr(model.layers[0].attn, "mesh", None)
+
+
+def model_tp(model) -> int:
+  return mesh_tp(model_mesh(model))
+
+
+def attach_mesh(model, mesh) -> None:
+  """Marks the attention modules so decode runs the kernel inside `shard_map` (static graph attribute)."""
+  for layer in model.layers:   # a one-device mesh keeps the plain single-device path
+    layer.attn.mesh = mesh if mesh is not None and mesh.size > 1 else None
+    layer.attn.dp = int(dict(mesh.shape).get("dp", 1)) if mesh is not None else 1
+
+
+def shard_model(model, mesh: jax.sharding.Mesh):
+  """Places a model's parameters on `mesh` (in place; also returns the model). Works under `jax.distributed`:
+  every process must hold the same parameter values (e.g. the same `init_model` seed)."""
+  check_config(model.config, mesh_tp(mesh))
+  state = nnx.state(model, nnx.Param)
+  flat = nnx.to_flat_state(state)
+  for path, var in flat:
+    name = ".".join(str(p) for p in path)
+    value = var.get_value()
+    sh = NamedSharding(mesh, param_spec(name))
+    if jax.process_count() == 1:
+      var.set_value(jax.device_put(value, sh))          # device to device, leaf by leaf
+    else:                                               # each process fills its own shards from its copy
+      host = np.asarray(jax.device_get(value))
+      var.set_value(jax.make_array_from_callback(host.shape, sh, lambda idx, h=host: h[idx]))
+  nnx.update(model, state)
+  attach_mesh(model, mesh)
+  return model
+
+
+def cache_spec(batch: int, dp: int) -> P:
+  return P("dp" if dp > 1 and batch % dp == 0 else None, "tp", None, None)
+
+
+def constrain_cache(cache_bhsd, mesh, dp: int):
+  """KV cache layer `[B, Hkv, S, D]` constrained to P("dp", "tp", None, None)."""
+  return jax.lax.with_sharding_constraint(cache_bhsd, NamedSharding(mesh, cache_spec(cache_bhsd.shape[0], dp)))
+
+
+# ---- balanced per-shard selection -------------------------------------------------------------
+def balanced_topk(scores_bg: jax.Array, k_total: int, shards: int) -> jax.Array:
+  """int32 `[B, k_total]` global group indices: each of `shards` equal blocks of groups keeps its
+  `k_total // shards` best groups; block s's picks come s-th (so shard s reads columns [s*kl, (s+1)*kl)).
+
+  With shards == 1 this is the plain per-row top-k. Unlike a global top-k (which may take, say, 3 groups from
+  shard 0 and 1 from shard 1), every shard keeps exactly the same number, so work is even across devices;
+  the kept set can differ from the global top-k when important groups cluster on one shard.
+  """
+  b, g = scores_bg.shape
+  if shards == 1:
+    return jax.lax.top_k(scores_bg, k_total)[1].astype(jnp.int32)
+  gl, kl = g // shards, k_total // shards
+  idx = jax.lax.top_k(scores_bg.reshape(b, shards, gl), kl)[1]
+  return (idx + (jnp.arange(shards) * gl)[None, :, None]).reshape(b, shards * kl).astype(jnp.int32)
+
+
+def local_group_idx(group_idx_bk: jax.Array, num_groups: int, tp: int) -> jax.Array:
+  """`[B, K]` balanced global indices -> `[B, tp, K/tp]` indices local to each shard."""
+  b, k = group_idx_bk.shape
+  return group_idx_bk.reshape(b, tp, k // tp) - (jnp.arange(tp) * (num_groups // tp))[None, :, None]
+
+
+def sharded_decode_attention(q_bhd, k_cache, v_cache, new_len, group_idx_bk, kv_start, *, mesh, dp: int,
+                             num_groups: int, scale: float, implementation=None):
+  """`selective_decode_attention` inside `jax.shard_map` over "tp": each shard its local heads and groups.
+
+  `group_idx_bk` must come from `balanced_topk(..., shards=tp)` (or be None for dense)."""
+  import pallas_kernels
+  TRACE_COUNTS["shard_map"] += 1
+  tp = mesh_tp(mesh)
+  b = q_bhd.shape[0]
+  bax = "dp" if dp > 1 and b % dp == 0 else None
+  args = [q_bhd, k_cache, v_cache, new_len]
+  specs = [P(bax, "tp", None), P(bax, "tp", None, None), P(bax, "tp", None, None), P(bax)]
+  has_idx, has_start = group_idx_bk is not None, kv_start is not None
+  if has_idx:
+    if group_idx_bk.shape[1] % tp:
+      raise ValueError(f"under tp={tp} the selected groups per row ({group_idx_bk.shape[1]}) must divide by tp "
+                       "(balanced per-shard selection)")
+    args.append(local_group_idx(group_idx_bk, num_groups, tp))
+    specs.append(P(bax, "tp", None))
+  if has_start:
+    args.append(kv_start)
+    specs.append(P(bax))
+
+  def local(q, k, v, lengths, *rest):
+    rest = list(rest)
+    idx = rest.pop(0).reshape(q.shape[0], -1) if has_idx else None
+    start = rest.pop(0) if has_start else None
+    return pallas_kernels.selective_decode_attention(q, k, v, lengths, idx, scale=scale, kv_start=start,
+                                                     implementation=implementation)
+
+  fn = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(bax, "tp", None), check_vma=False)
+  return fn(*args)
+
+
+def to_host(tree: Any) -> Any:
+  """`jax.device_get` that also works for arrays spread over several processes (gathers them)."""
+  def get(x):
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      from jax.experimental import multihost_utils
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return jax.device_get(x)
+  return jax.tree.map(get, tree)
+
+
+# ---- neuron sparsity (ReLU MLPs) under tp: a per-shard union ------------------------------------
+def balanced_union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k_total: int, shards: int) -> jax.Array:
+  """int32 `[k_total]` global neuron indices: the batch-union score `sum_b relu(logits)` split into `shards`
+  equal blocks of neurons, each keeping its `k_total // shards` best (block s's picks come s-th)."""
+  act = jax.nn.relu(logits_bn)
+  if active_b is not None:
+    act = jnp.where(active_b[:, None], act, 0.0)
+  score_n = act.sum(axis=0)
+  n = score_n.shape[0]
+  nl, kl = n // shards, k_total // shards
+  idx = jax.lax.top_k(score_n.reshape(shards, nl), kl)[1] + (jnp.arange(shards) * nl)[:, None]
+  return idx.reshape(shards * kl).astype(jnp.int32)
+
+
+def sharded_sparse_mlp(mlp, x_md, idx_k, *, mesh, implementation=None):
+  """`NeuronMLP.sparse` under tp: each shard gathers its local neurons (`idx_k` from `balanced_union_topk`)
+  from its rows of fc1/fc2, then the partial fc2 outputs are summed over "tp" (psum) and the fc2 bias added."""
+  import pallas_kernels
+  tp = mesh_tp(mesh)
+  w_in, w_out = mlp.w_in_nd[...], mlp.w_out_nd[...]
+  n = w_in.shape[0]
+  local_idx = idx_k.reshape(tp, -1) - (jnp.arange(tp) * (n // tp))[:, None]
+  has_b = mlp.b_in_n is not None
+  args = [x_md.astype(w_in.dtype), w_in, w_out, local_idx] + ([mlp.b_in_n[...]] if has_b else [])
+  specs = [P(), P("tp", None), P("tp", None), P("tp", None)] + ([P("tp")] if has_b else [])
+
+  def local(x, wi, wo, idx, *b):
+    idx = idx.reshape(-1)
+    h = pallas_kernels.gather_matmul_cols(x, wi, idx, b[0] if b else None, mlp.activation,
+                                          implementation=implementation)
+    y = pallas_kernels.gather_matmul_rows(h, wo, idx, None, implementation=implementation)
+    return jax.lax.psum(y.astype(jnp.float32), "tp")
+
+  y = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(), check_vma=False)(*args)
+  if mlp.b_out_d is not None:
+    y = y + mlp.b_out_d[...].astype(jnp.float32)
+  return y.astype(w_in.dtype)

@@ -1,0 +1,177 @@
+"""Tensor-parallel checks run in a subprocess (JAX must see several CPU devices before it is imported).
+
+    python tests/sharding_check.py single            # 8 host devices: tp 2/4 vs one device
+    python tests/sharding_check.py multi RANK PORT   # one of 2 processes x 2 CPU devices (jax.distributed)
+
+Prints "OK <name>" lines and exits non-zero on the first mismatch (tests/test_sharding.py drives it).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+MODE = sys.argv[1] if len(sys.argv) > 1 else "single"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           f" --xla_force_host_platform_device_count={8 if MODE == 'single' else 2}")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+if MODE == "multi":
+  from polar_jax import distributed
+  distributed.initialize(f"localhost:{sys.argv[3]}", num_processes=2, process_id=int(sys.argv[2]))
+
+from polar_jax import sharding  # noqa: E402
+from polar_jax.config import ModelConfig  # noqa: E402
+from polar_jax.generation import generate  # noqa: E402
+from polar_jax.kv_cache import KVCache  # noqa: E402
+from polar_jax.model import init_model  # noqa: E402
+from polar_jax.routers import Routers  # noqa: E402
+from polar_jax.sparse_decode import SparseDecode, make_decoder  # noqa: E402
+from polar_jax.sparsity import SparsityConfig  # noqa: E402
+
+GQA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=8, num_kv_heads=4, head_dim=8, max_position_embeddings=128)
+MHA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                  num_heads=8, num_kv_heads=8, head_dim=4, max_position_embeddings=128)
+GQA8 = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                   num_heads=16, num_kv_heads=8, head_dim=4, max_position_embeddings=128)
+# (a layer stays dense when density x local groups rounds to all of them: e.g. 4 KV groups at tp 4)
+OPT = ModelConfig(model_type="opt", vocab_size=97, hidden_size=32, intermediate_size=128, num_layers=2,
+                  num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=128, norm="layer",
+                  norm_eps=1e-5, mlp="relu_mlp", activation="relu", attn_bias=True, o_bias=True, mlp_bias=True,
+                  positions="learned", tie_word_embeddings=True)
+PROMPTS = [[5, 9, 13, 2, 7], [3, 1], [8, 8, 4, 60, 2, 11, 7], [40]]
+NEW = 4
+
+
+def random_routers(config, seed=1):
+  routers = Routers.init(config)
+  w = routers.head.w_ldg
+  w.set_value(jax.random.normal(jax.random.key(seed), w.shape, jnp.float32))
+  return routers
+
+
+def greedy_logits(model, sparsity, routers, steps=NEW - 1):
+  """Greedy decoding by hand: (tokens `[B, steps + 1]`, float32 logits `[steps + 1, B, V]`)."""
+  b = len(PROMPTS)
+  t = max(map(len, PROMPTS))
+  toks = np.zeros((b, t), np.int32)
+  for i, p in enumerate(PROMPTS):
+    toks[i, :len(p)] = p
+  lengths = np.array([len(p) for p in PROMPTS], np.int32)
+  decode, state = make_decoder(model, sparsity, routers, batch=b) if sparsity is not None else (None, None)
+  if sparsity is not None:
+    assert isinstance(decode, SparseDecode) and decode.shards == (sparsity.shards or sharding.model_tp(model)), decode
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def run(params, toks, lengths, state):
+    m = nnx.merge(graphdef, params)
+    cache = KVCache.init(m.config, b, t + steps + 1, m.dtype)
+    logits, cache = m.prefill(toks, lengths, cache)
+    out, tok_out = [logits], [jnp.argmax(logits, -1)]
+    for _ in range(steps):
+      tok = tok_out[-1].astype(jnp.int32)
+      if decode is None:
+        logits, cache = m.decode_step(tok, cache)
+      else:
+        logits, cache = decode(m, tok, cache, state, jnp.ones((b,), bool))
+      out.append(logits)
+      tok_out.append(jnp.argmax(logits, -1))
+    return jnp.stack(tok_out, 1), jnp.stack(out)
+
+  return sharding.to_host(run(params, jnp.asarray(toks), jnp.asarray(lengths), state))
+
+
+def check(name, config, tp, dp=1, sparsity_kw=None, routers=None, via_generate=False):
+  """Greedy tokens and every step's logits of the tp model equal the one-device run (same balanced selection)."""
+  ref_model = init_model(config, seed=3)
+  mesh = sharding.make_mesh(tp=tp, dp=dp)
+  tp_model = sharding.shard_model(init_model(config, seed=3), mesh)
+  tp_sparsity = ref_sparsity = None
+  if sparsity_kw is not None:
+    tp_sparsity = SparsityConfig(**sparsity_kw)                 # shards=None: the model's tp
+    ref_sparsity = SparsityConfig(**sparsity_kw, shards=tp)     # the same balanced selection on one device
+  traced = sharding.TRACE_COUNTS["shard_map"]
+  tok_ref, lg_ref = greedy_logits(ref_model, ref_sparsity, routers)
+  assert sharding.TRACE_COUNTS["shard_map"] == traced, "shard_map used without a mesh"
+  tok_tp, lg_tp = greedy_logits(tp_model, tp_sparsity, routers)
+  assert sharding.TRACE_COUNTS["shard_map"] > traced, "the tp decode did not go through shard_map"
+  if not np.array_equal(tok_ref, tok_tp):
+    raise AssertionError(f"{name}: greedy tokens differ\n{tok_ref}\n{tok_tp}")
+  err = float(np.max(np.abs(lg_ref - lg_tp)))
+  if not np.allclose(lg_ref, lg_tp, atol=2e-5, rtol=1e-5):
+    raise AssertionError(f"{name}: logits differ by {err}")
+  if via_generate:   # the full generate program (prefill + while_loop) too
+    g_ref = generate(ref_model, PROMPTS, max_new_tokens=NEW, sparsity=ref_sparsity, routers=routers).tokens
+    g_tp = generate(tp_model, PROMPTS, max_new_tokens=NEW, sparsity=tp_sparsity, routers=routers).tokens
+    if not (np.array_equal(g_ref, g_tp) and np.array_equal(g_ref, tok_ref)):
+      raise AssertionError(f"{name}: generate tokens differ\n{g_ref}\n{g_tp}\n{tok_ref}")
+  print(f"OK {name} max|dlogits|={err:.2e}", flush=True)
+
+
+def check_checkpoint():
+  """load_model(path, mesh=...) restores every parameter straight into its shards."""
+  import tempfile
+  from jax.sharding import PartitionSpec as P
+  from polar_jax.checkpoint import load_model, save_model
+  ref = init_model(GQA, seed=3)
+  with tempfile.TemporaryDirectory() as d:
+    save_model(f"{d}/ckpt", ref)
+    model = load_model(f"{d}/ckpt", mesh=sharding.make_mesh(tp=2))
+  q = model.layers[0].attn.q_proj.kernel[...]
+  assert q.sharding.spec == P(None, "tp") and q.addressable_shards[0].data.shape == (32, 32), q.sharding
+  w = model.layers[0].attn.o_proj.kernel[...]
+  assert w.sharding.spec == P("tp", None) and w.addressable_shards[0].data.shape == (32, 32), w.sharding
+  assert model.embed.embedding[...].sharding.spec == P()
+  tok_ref, lg_ref = greedy_logits(ref, None, None)
+  tok_tp, lg_tp = greedy_logits(model, None, None)
+  assert np.array_equal(tok_ref, tok_tp) and np.allclose(lg_ref, lg_tp, atol=2e-5, rtol=1e-5)
+  print("OK checkpoint load_model(mesh=tp2)", flush=True)
+
+
+def main_single():
+  assert len(jax.devices()) == 8, jax.devices()
+  mha_r, gqa_r = random_routers(MHA), random_routers(GQA)
+  check("mha tp2 dense", MHA, 2)
+  check("gqa tp4 dense", GQA, 4)
+  check("opt tp2 dense", OPT, 2)
+  check("mha tp4 oracle", MHA, 4, sparsity_kw=dict(attn_density=0.5, selector="oracle"))
+  check("gqa8 tp4 random", GQA8, 4, sparsity_kw=dict(attn_density=0.5, selector="random", seed=4))
+  check("mha tp4 router", MHA, 4, sparsity_kw=dict(attn_density=0.5), routers=mha_r)
+  check("gqa tp2 router", GQA, 2, sparsity_kw=dict(attn_density=0.5), routers=gqa_r, via_generate=True)
+  check("gqa dp2 tp2 router", GQA, 2, dp=2, sparsity_kw=dict(attn_density=0.5), routers=gqa_r)
+  opt_r = random_routers(OPT)
+  opt_r.mlp_topk = {8: (40, 24)}                                  # neuron budgets per layer (N = 128)
+  check("opt tp2 router+neurons", OPT, 2, sparsity_kw=dict(attn_density=0.5, mlp="router"), routers=opt_r)
+  check_checkpoint()
+  # Balanced per-shard selection differs from a global top-k in general.
+  scores = jnp.array([[0.9, 0.8, 0.1, 0.2]])
+  assert sharding.balanced_topk(scores, 2, 2).tolist() == [[0, 3]]
+  assert sorted(sharding.balanced_topk(scores, 2, 1)[0].tolist()) == [0, 1]
+  # Non-divisible KV groups: a clear error.
+  try:
+    sharding.shard_model(init_model(GQA), sharding.make_mesh(tp=8))
+  except ValueError as e:
+    assert "KV" in str(e), e
+  else:
+    raise AssertionError("tp=8 over 4 KV groups did not raise")
+  print("OK errors", flush=True)
+
+
+def main_multi():
+  assert jax.process_count() == 2 and len(jax.devices()) == 4, (jax.process_count(), jax.devices())
+  routers = random_routers(GQA8)
+  check("multi gqa8 tp4 dense", GQA8, 4, via_generate=True)
+  check("multi gqa8 tp4 router", GQA8, 4, sparsity_kw=dict(attn_density=0.5), routers=routers, via_generate=True)
+
+
+if __name__ == "__main__":
+  main_single() if MODE == "single" else main_multi()
+  print("DONE", flush=True)

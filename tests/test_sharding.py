@@ -1,0 +1,86 @@
+"""Tensor-parallel decoding (polar_jax.sharding) on CPU devices.
+
+The sharded checks need several JAX devices, which must be configured before JAX is imported, so they
+run in subprocesses (`tests/sharding_check.py`): one process with 8 host devices (tp 2 and 4, dense and
+sparse, MHA / GQA / OPT, load_model(mesh=)), and two processes x 2 CPU devices joined by
+`jax.distributed` with the gloo CPU collectives (tp 4 equals one device).
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+
+SCRIPT = pathlib.Path(__file__).with_name("sharding_check.py")
+
+
+def _env():
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("localhost", 0))
+    return s.getsockname()[1]
+
+
+def _start_multi():
+  port = _free_port()
+  return [subprocess.Popen([sys.executable, str(SCRIPT), "multi", str(rank), str(port)], env=_env(),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+
+
+def test_tensor_parallel_equals_one_device():
+  r = subprocess.run([sys.executable, str(SCRIPT), "single"], env=_env(), capture_output=True, text=True,
+                     timeout=900)
+  assert r.returncode == 0 and "DONE" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
+  assert r.stdout.count("OK ") >= 11, r.stdout
+
+
+def test_two_processes_tp4_equals_one_device():
+  """2 processes x 2 CPU devices, jax.distributed + gloo collectives: tp 4 (dense and router-sparse)."""
+  procs = _start_multi()
+  outs = []
+  for p in procs:
+    try:
+      out, _ = p.communicate(timeout=900)
+    except subprocess.TimeoutExpired:
+      for q in procs:
+        q.kill()
+      out, _ = p.communicate()
+    outs.append((p.returncode, out))
+  for rc, out in outs:
+    assert rc == 0 and "DONE" in out and out.count("OK multi") == 2, out[-4000:]
+
+
+def test_mesh_errors_on_one_device():
+  from polar_jax import sharding
+  with pytest.raises(ValueError, match="needs 64 devices"):
+    sharding.make_mesh(tp=64)
+  with pytest.raises(ValueError, match="tp must be"):
+    sharding.make_mesh(tp=0)
+
+
+def test_balanced_selection_single_device():
+  import jax.numpy as jnp
+  from polar_jax import sharding
+  from polar_jax.config import ModelConfig
+  from polar_jax.sparsity import SparsityConfig
+  scores = jnp.array([[0.9, 0.8, 0.1, 0.2], [0.1, 0.2, 0.9, 0.8]])
+  assert sharding.balanced_topk(scores, 2, 2).tolist() == [[0, 3], [1, 2]]    # one group from each half
+  assert sharding.balanced_topk(scores, 2, 1).tolist() == [[0, 1], [2, 3]]    # global top-k
+  cfg = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=8, num_kv_heads=8, head_dim=4, max_position_embeddings=64)
+  # 0.3 x 8 = 2.4 -> 2 globally; balanced over 4 shards: round(0.3 x 2) = 1 per shard -> 4.
+  assert SparsityConfig(attn_density=0.3).layer_groups(cfg) == (None, 2)
+  assert SparsityConfig(attn_density=0.3, shards=4).layer_groups(cfg) == (None, 4)
+  assert SparsityConfig(attn_density=0.5, shards=2).layer_groups(cfg) == (None, 4)
+  with pytest.raises(ValueError, match="divide evenly"):
+    SparsityConfig(attn_density=0.5, shards=3).layer_groups(cfg)
