@@ -17,12 +17,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime
 import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import time
 import warnings
@@ -33,6 +31,7 @@ import numpy as np
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))
+from benchmarks import common  # noqa: E402
 from pallas_kernels import gather_matmul_cols  # noqa: E402
 from pallas_kernels import gather_matmul_rows  # noqa: E402
 from pallas_kernels import gather_matmul_triton  # noqa: E402
@@ -75,14 +74,6 @@ class Timer:
         print(f"CUPTI timing unavailable ({type(e).__name__}: {e}); wall clock")
         self.cupti = False
     return wall, wall, "wall", first
-
-
-def _commit():
-  try:
-    return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True,
-                          text=True, check=True).stdout.strip() or "uncommitted"
-  except Exception:  # pylint: disable=broad-except
-    return "uncommitted"
 
 
 def copy_bandwidth(timer, nbytes):
@@ -298,9 +289,7 @@ def main(argv=None):
   on_gpu = jax.default_backend() == "gpu"
   timer = Timer(iters=2 if args.smoke else args.iters, cupti=on_gpu,
                 warmup=1 if args.smoke else 3)
-  base = dict(device=jax.devices()[0].device_kind, jax=jax.__version__,
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(
-                  timespec="seconds"), commit=_commit())
+  base = common.provenance()
   base["copy_tbps"] = copy_bandwidth(timer, (1 << 20) if args.smoke
                                      else (1 << 30))
   print(f"{base['device']} jax {base['jax']}: copy {base['copy_tbps']:.2f} "

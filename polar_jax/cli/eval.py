@@ -93,6 +93,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dense-layers", default="0", help="layers kept dense (default 0; '' for none)")
   p.add_argument("--per-layer", default=None,
                  help="per-layer densities overriding --densities for the layers named: 'L:D,L:D' or a JSON file")
+  p.add_argument("--budget-name", default=None, help="name of the --per-layer budget in the records and table")
   p.add_argument("--seed", type=int, default=0, help="seed of the random selector")
   p.add_argument("--max-rows", type=int, default=32, help="continuations scored together (decode batch)")
   p.add_argument("--fixed-shapes", default=None,
@@ -239,10 +240,10 @@ def main(argv=None) -> int:
                 f"± {r['stderr'] * (1 if r['task'] == 'ppl' else 100):.2f} (n={r['n']})", flush=True)
       evaluate(model, tokenizer, tasks=tasks, densities=densities, selectors=selectors, mode=mode, limit=limit,
                routers=routers, routers_label=routers_label, dense_layers=dense_layers, per_layer=per_layer,
-               seed=args.seed, max_rows=args.max_rows, fixed_shapes=fixed, ppl_tokens=args.ppl_tokens,
+               seed=args.seed, budget_name=args.budget_name, max_rows=args.max_rows, fixed_shapes=fixed, ppl_tokens=args.ppl_tokens,
                ppl_sources=tuple(_csv(args.ppl_sources)), model_name=name, progress=not args.no_progress,
                on_task=on_task, **kw)
-      budget = report.budget_label(per_layer)
+      budget = (args.budget_name or report.budget_label(per_layer)) if per_layer else ""
       crit = report.critical_records(out, name, mode, selectors, budget)
       report.append_records(out, crit)
       for c in crit:

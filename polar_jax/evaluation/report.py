@@ -79,10 +79,21 @@ def budget_label(per_layer) -> str:
   return ",".join(f"{int(layer)}:{float(d):g}" for layer, d in sorted(items, key=lambda p: int(p[0])))
 
 
+def budget_key(rec: dict) -> str:
+  """"" for the uniform budget, else the record's budget name (or its "L:d,..." text)."""
+  if not rec.get("per_layer"):
+    return ""
+  name = rec.get("budget")
+  return name if name and name != "uniform" else budget_label(rec["per_layer"])
+
+
 def details_name(rec: dict) -> str:
   parts = [rec["model"], rec["mode"], rec["task"], rec["selector"], f"{rec['density']:g}"]
-  if rec.get("per_layer"):
-    parts.append(budget_label(rec["per_layer"]).replace(":", "-").replace(",", "_"))
+  key = budget_key(rec)
+  if key:
+    import hashlib
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in key)
+    parts.append(safe if len(safe) <= 40 else hashlib.sha1(key.encode()).hexdigest()[:10])
   return "__".join(parts) + ".json"
 
 
@@ -116,7 +127,7 @@ def latest(records: Iterable[dict]) -> dict[tuple, dict]:
   for r in records:
     if r.get("kind") == "critical_density":
       continue
-    out[(r["model"], r["mode"], r["task"], r["selector"], float(r["density"]), budget_label(r.get("per_layer")))] = r
+    out[(r["model"], r["mode"], r["task"], r["selector"], float(r["density"]), budget_key(r))] = r
   return out
 
 
@@ -214,7 +225,7 @@ def markdown(out_dir, records: Sequence[dict] | None = None) -> str:
     else:
       lines += ["all_tokens: every token (context and continuation) goes through the sparse decode step from an "
                 "empty cache, as in the paper's masked-model evaluation.", ""]
-    head = ["selector", "density", "groups", "budget"] + mc + (["avg", "Δavg"] if mc else []) + (
+    head = ["selector", "density", "groups", "budget", "avg density"] + mc + (["avg", "Δavg"] if mc else []) + (
         ["ppl", "Δppl"] if "ppl" in tasks else [])
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     dense = settings.get(("dense", 1.0, ""), {})
@@ -226,7 +237,8 @@ def markdown(out_dir, records: Sequence[dict] | None = None) -> str:
       sel, dens, budget = key
       by = settings[key]
       r0 = next(iter(by.values()))
-      row = [sel, f"{dens:g}", f"{r0.get('groups', '?')}/{r0.get('num_groups', '?')}", budget or "uniform"]
+      row = [sel, f"{dens:g}", f"{r0.get('groups', '?')}/{r0.get('num_groups', '?')}", budget or "uniform",
+             "–" if r0.get("avg_density") is None else f"{r0['avg_density']:.3f}"]
       row += [_fmt(by.get(t)) for t in mc]
       if mc:
         avg = average_accuracy(by, mc)
@@ -337,7 +349,9 @@ def plot(out_dir, records: Sequence[dict] | None = None) -> list[pathlib.Path]:
     for ax, panel in zip(axes.ravel(), panels):
       for si, sel in enumerate(selectors):
         for budget in budgets:
-          pts = sorted((k[1], by) for k, by in settings.items() if k[0] == sel and k[2] == budget)
+          # a budget's point sits at its average density (KV groups kept over all layers)
+          pts = sorted(((next(iter(by.values())).get("avg_density") or k[1]) if budget else k[1], by)
+                       for k, by in settings.items() if k[0] == sel and k[2] == budget)
           if dense:
             pts = pts + [(1.0, dense)]
           xs, ys, es = [], [], []
@@ -365,7 +379,7 @@ def plot(out_dir, records: Sequence[dict] | None = None) -> list[pathlib.Path]:
         ax.axhline(100 * (average_accuracy(dense, mc) - ACC_TOLERANCE), color="gray", lw=0.8, ls=":",
                    label="dense − 1 pt")
       ax.set_title({"avg": "average zero-shot accuracy", "ppl": "held-out perplexity"}.get(panel, panel))
-      ax.set_xlabel("attention density (KV groups kept)")
+      ax.set_xlabel("attention density (KV groups kept; budgets: average)")
       ax.set_ylabel("perplexity" if panel == "ppl" else "accuracy (%)")
       ax.grid(alpha=0.3)
     for ax in axes.ravel()[len(panels):]:

@@ -21,6 +21,7 @@ class Setting:
   density: float
   groups: int              # KV groups kept per row in the sparse layers (num_groups when dense)
   per_layer: tuple[tuple[int, float], ...] | None
+  avg_density: float = 1.0  # KV groups kept over all layers / (layers x groups)
 
 
 def settings_for(model, selectors: Sequence[str], densities: Sequence[float], *, dense_layers=(0,),
@@ -32,10 +33,12 @@ def settings_for(model, selectors: Sequence[str], densities: Sequence[float], *,
   for d in densities:
     for s in selectors:
       sc = sel_mod.sparsity_config(s, d, dense_layers=dense_layers, per_layer=per_layer)
-      dense = all(k is None for k in sc.layer_groups(cfg))
+      layer_groups = sc.layer_groups(cfg)
+      dense = all(k is None for k in layer_groups)
+      kept = sum(cfg.num_kv_heads if k is None else k for k in layer_groups)
       st = Setting("dense" if dense else s, 1.0 if dense else float(d),
                    cfg.num_kv_heads if dense else groups_for_density(d, cfg.num_kv_heads),
-                   None if dense else sc.per_layer)
+                   None if dense else sc.per_layer, round(kept / (cfg.num_layers * cfg.num_kv_heads), 4))
       if st not in seen:
         seen.add(st)
         out.append(st)
@@ -45,7 +48,7 @@ def settings_for(model, selectors: Sequence[str], densities: Sequence[float], *,
 def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[float], selectors: Sequence[str],
              mode: str = "engine", limit: int | None = None, routers=None, routers_label: str | None = None,
              dense_layers: Sequence[int] = (0,), per_layer: Mapping[int, float] | None = None, seed: int = 0,
-             max_rows: int = 32, fixed_shapes: tuple[int, int] | None = None, ppl_tokens: int | None = None, ppl_sources: Sequence[str] = task_mod.PPL_SOURCES,
+             budget_name: str | None = None, max_rows: int = 32, fixed_shapes: tuple[int, int] | None = None, ppl_tokens: int | None = None, ppl_sources: Sequence[str] = task_mod.PPL_SOURCES,
              static_tokens: int = sel_mod.STATIC_TOKENS, model_name: str = "model", progress: bool = True,
              on_task: Callable[[list[dict], list[dict]], None] | None = None) -> list[dict]:
   """Evaluates every task under every setting; returns the records (`report` describes their keys).
@@ -59,6 +62,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
     limit: first `limit` documents of each MC task (None: all), or `{task: limit}` (tasks not named: all).
     routers: `Routers` for the "router" selector.
     dense_layers, per_layer, seed: `SparsityConfig` fields shared by every setting.
+    budget_name: a name for the `per_layer` budget in the records and the table (default: its "L:d,..." text).
     ppl_tokens: scored perplexity tokens (None: all windows).
     on_task: called after each task with (its records, their details), e.g. to append them to a file.
   """
@@ -84,7 +88,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
   prov = report.provenance()
   cfg = model.config
   common = {"model": model_name, "mode": mode, "dense_layers": list(dense_layers), "seed": seed,
-            "dtype": str(np.dtype(model.dtype)), "num_groups": cfg.num_kv_heads, **prov}
+            "dtype": str(np.dtype(model.dtype)), "num_groups": cfg.num_kv_heads, "num_layers": cfg.num_layers, **prov}
   all_records = []
   for task in task_names:
     t0 = time.perf_counter()
@@ -103,6 +107,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
       m = task_mod.ppl_metrics(t, sc) if task == "ppl" else task_mod.mc_metrics(t, sc)
       rec = {**common, "task": task, "selector": s.selector, "density": s.density, "groups": s.groups,
              "per_layer": [list(p) for p in s.per_layer] if s.per_layer else None,
+             "budget": (budget_name or report.budget_label(s.per_layer)) if s.per_layer else "uniform",
+             "avg_density": s.avg_density,
              "routers": routers_label if s.selector == "router" else None,
              "value": m["value"], "stderr": m["stderr"], "n": m["n"], "metric": m["metric"],
              "seconds_all_settings": round(seconds, 1), **extra}
