@@ -25,6 +25,8 @@ from typing import Any
 
 # Weights + a B32 x 2k-token cache of a 7B model need more than JAX's default 75% of an 80 GB GPU.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.94")
+# Hugging Face's B32 prefill failed on fragmentation (11 GiB reserved but unallocated) without this.
+os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
 import jax  # noqa: E402
 import jax.numpy as jnp
 import numpy as np
@@ -217,6 +219,24 @@ def run_hf_static(setting: Setting, config: ModelConfig, *, n1: int, n2: int, it
               roofline_frac=None)
 
 
+def _guarded(fn, system: str) -> dict[str, Any] | None:
+  """`fn()`, or an error record when it runs out of device memory (the sweep goes on to the next setting)."""
+  try:
+    return fn()
+  except Exception as e:  # noqa: BLE001 - XlaRuntimeError / torch.OutOfMemoryError, matched by message
+    msg = str(e)
+    if "RESOURCE_EXHAUSTED" not in msg and "out of memory" not in msg.lower():
+      raise
+    print(f"{system}: out of device memory: {msg.splitlines()[0][:300]}", flush=True)
+    try:
+      import torch
+      torch.cuda.empty_cache()
+    except Exception:  # noqa: BLE001
+      pass
+    return dict(system=system, decode_tok_s=None, ms_per_step=None, prefill_ms=None, peak_mem_gb=None,
+                roofline_frac=None, error="out of device memory")
+
+
 def _hf_config(config: ModelConfig, transformers):
   common_kw = dict(vocab_size=config.vocab_size, hidden_size=config.hidden_size,
                    num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
@@ -233,28 +253,34 @@ def _hf_config(config: ModelConfig, transformers):
 
 
 def plot(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
+  """Decode tokens/s vs batch size, one panel per model; a series per system/density/prompt (/tp, /device when
+  several); the latest record wins where a setting was measured more than once."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  records = [r for r in records if r.get("decode_tok_s") is not None and r.get("model") in MODELS]
+  if not records:
+    raise ValueError("no measured records to plot")
   models = sorted({r["model"] for r in records})
-  fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 4), squeeze=False)
+  several_devices = len({r["device"] for r in records}) > 1
+  fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
   for ax, m in zip(axes[0], models):
-    series: dict[str, list[tuple[int, float]]] = {}
-    for r in records:
-      if r["model"] != m:
-        continue
+    series: dict[str, dict[int, float]] = {}
+    for r in sorted((r for r in records if r["model"] == m), key=lambda r: r["date"]):
       label = "HF static" if r["system"] == "hf_static" else (
           "polar dense" if r["density"] == 1.0 and r["mlp"] == "dense" else f"polar d={r['density']} mlp={r['mlp']}")
-      label += f" p{r['prompt']}"
-      series.setdefault(label, []).append((r["B"], r["decode_tok_s"]))
+      label += f" p{r['prompt']}" + (f" tp{r['tp']}" if r.get("tp", 1) > 1 else "")
+      if several_devices:
+        label += f" [{r['device'].replace('NVIDIA ', '')}]"
+      series.setdefault(label, {})[r["B"]] = r["decode_tok_s"]
     for label, pts in sorted(series.items()):
-      pts.sort()
-      ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label)
-    ax.set_title(f"{m} ({records[0]['device']})")
+      bs = sorted(pts)
+      ax.plot(bs, [pts[b] for b in bs], marker="o", label=label)
+    ax.set_title(m)
     ax.set_xlabel("batch size")
     ax.set_ylabel("decode tokens/s")
     ax.set_xscale("log", base=2)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6)
   fig.tight_layout()
   fig.savefig(path, dpi=120)
 
@@ -279,6 +305,8 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR / "e2e.jsonl")
   p.add_argument("--plot", type=pathlib.Path, default=None)
+  p.add_argument("--plot-only", action="store_true",
+                 help="only draw --plot from the records already in --out (e.g. benchmarks/results/e2e.jsonl)")
   p.add_argument("--smoke", action="store_true", help="tiny model, CPU friendly")
   p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (polar_jax.sharding; records carry tp)")
   p.add_argument("--dp", type=int, default=1, help="data parallel degree (batch split over dp)")
@@ -288,9 +316,17 @@ def main(argv=None) -> int:
     args.densities = sorted(set(args.densities) | {1.0, 0.5}, reverse=True)
     args.dtype = "float32"
 
+  if args.plot_only:
+    if not args.plot:
+      p.error("--plot-only needs --plot PATH")
+    import json
+    plot(args.plot, [json.loads(line) for line in args.out.read_text().splitlines() if line.strip()])
+    print(f"wrote {args.plot}")
+    return 0
   copy_tbps = common.copy_bandwidth_tbps(1 << 26 if args.smoke else 1 << 31)
   prov = common.provenance()
   print(f"{prov['device']} jax {prov['jax']}: copy bandwidth {copy_tbps:.2f} TB/s")
+  devices = args.tp * args.dp     # roofline of a tp x dp run: the summed copy bandwidth of its devices
   records = []
   for name in args.models:
     config = MODELS[name]
@@ -311,20 +347,25 @@ def main(argv=None) -> int:
             if mlp == "router" and config.mlp != "relu_mlp":
               continue
             s = Setting(name, b, prompt, density, mlp)
-            r = run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters, copy_tbps=copy_tbps,
-                          routers=routers)
+            r = _guarded(lambda: run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters,
+                                           copy_tbps=copy_tbps * devices, routers=routers), "polar_jax")
             rows.append((s, r))
         s = Setting(name, b, prompt)
         if "hf_static" in args.systems:
-          hf = run_hf_static(s, config, n1=args.n1, n2=args.n2, iters=args.iters)
+          hf = _guarded(lambda: run_hf_static(s, config, n1=args.n1, n2=args.n2, iters=args.iters), "hf_static")
           if hf:
             rows.append((s, hf))
         for s, r in rows:
           rec = dict(prov, model=name, B=b, prompt=prompt, density=s.density, mlp=s.mlp, copy_tbps=copy_tbps,
                      tp=args.tp if r["system"] == "polar_jax" else 1,
-                     dp=args.dp if r["system"] == "polar_jax" else 1, **r)
+                     dp=args.dp if r["system"] == "polar_jax" else 1,
+                     devices=devices if r["system"] == "polar_jax" else 1, **r)
           records.append(rec)
           common.append_jsonl(args.out, [rec])              # written as measured: a cut-off run keeps its rows
+          if rec.get("error"):
+            print(f"{name:12s} {rec['system']:9s} B{b:<4d} prompt {prompt:5d} density {s.density:.3f}: "
+                  f"FAILED ({rec['error']})", flush=True)
+            continue
           frac = "-" if rec["roofline_frac"] is None else f"{rec['roofline_frac']:.2f}"
           print(f"{name:12s} {rec['system']:9s} B{b:<4d} prompt {prompt:5d} density {s.density:.3f}: "
                 f"{rec['decode_tok_s']:9.1f} tok/s {rec['ms_per_step']:7.2f} ms/step roofline {frac}", flush=True)

@@ -50,12 +50,49 @@ def mlp_table(recs: list[dict], version: str = "v4b") -> str:
 
 
 def e2e_table(recs: list[dict]) -> str:
-  out = ["| model | system | B | prompt | density | decode tok/s | ms/step | roofline | device | date |",
+  """Every measured end-to-end record (latest per setting), with the speed-up over our dense run of the same
+  model/B/prompt/tp/device."""
+  latest: dict[tuple, dict] = {}
+  for r in sorted(recs, key=lambda r: r["date"]):
+    if r.get("decode_tok_s") is None:
+      continue
+    key = (r["model"], r["system"], r["B"], r["prompt"], r["density"], r["mlp"], r.get("tp", 1), r["device"])
+    latest[key] = r
+  dense = {(k[0], k[2], k[3], k[6], k[7]): r["decode_tok_s"] for k, r in latest.items()
+           if k[1] == "polar_jax" and k[4] == 1.0 and k[5] == "dense"}
+  out = ["| model | system | tp | B | prompt | attn density | MLP | decode tok/s | x our dense | ms/step | roofline | "
+         "device | date |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for k, r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][7], kv[0][6], kv[0][3], kv[0][2], kv[0][1],
+                                                      -kv[0][4], kv[0][5])):
+    frac = "" if r.get("roofline_frac") is None else f"{r['roofline_frac']:.2f}"
+    base = dense.get((k[0], k[2], k[3], k[6], k[7]))
+    ratio = f"{r['decode_tok_s'] / base:.2f}" if base else ""
+    out.append(f"| {r['model']} | {r['system']} | {r.get('tp', 1)} | {r['B']} | {r['prompt']} | {r['density']:g} | "
+               f"{r['mlp']} | {r['decode_tok_s']:.1f} | {ratio} | {r['ms_per_step']:.2f} | {frac} | "
+               f"{r['device'].replace('NVIDIA ', '')} | {r['date'][:10]} |")
+  return "\n".join(out)
+
+
+def layer_table(recs: list[dict]) -> str:
+  out = ["| model | B | S | attn density | MLP | ms / layer-step | GB | TB/s | roofline | x dense |",
          "|---|---|---|---|---|---|---|---|---|---|"]
   for r in recs:
-    frac = "" if r.get("roofline_frac") is None else f"{r['roofline_frac']:.2f}"
-    out.append(f"| {r['model']} | {r['system']} | {r['B']} | {r['prompt']} | {r['density']:g} | "
-               f"{r['decode_tok_s']:.1f} | {r['ms_per_step']:.2f} | {frac} | {r['device']} | {r['date'][:10]} |")
+    if r.get("kind") != "layer":
+      continue
+    out.append(f"| {r['model']} | {r['B']} | {r['S']} | {r['density']:g} | {r['mlp']} | {r['ms']:.3f} | "
+               f"{r['bytes'] / 1e9:.2f} | {r['tbps']:.2f} | {r['roofline_frac']:.2f} | {r['speedup_vs_dense']:.2f} |")
+  return "\n".join(out)
+
+
+def router_cost_table(recs: list[dict]) -> str:
+  out = ["| model | B | MLP | method | head layers | neuron layers | router weight GB read | router ms / step |",
+         "|---|---|---|---|---|---|---|---|"]
+  for r in recs:
+    if r.get("kind") != "router_cost":
+      continue
+    gb = f"{r['router_bytes'] / 1e9:.2f}" if r.get("router_bytes") else ""
+    out.append(f"| {r['model']} | {r['B']} | {r['mlp']} | {r['method']} | {r['head_layers']} | "
+               f"{r['neuron_layers']} | {gb} | {r['router_ms']:.3f} |")
   return "\n".join(out)
 
 
@@ -63,7 +100,10 @@ def main() -> int:
   kernels = load("kernels.jsonl")
   print("## Attention (v2 kernel)\n\n" + attention_table(kernels) + "\n")
   print("## Gathered MLP (v4b)\n\n" + mlp_table(kernels) + "\n")
-  print("## End to end\n\n" + e2e_table(load("e2e.jsonl")))
+  print("## End to end\n\n" + e2e_table(load("e2e.jsonl")) + "\n")
+  layer = load("layer.jsonl")
+  print("## One decoder layer\n\n" + layer_table(layer) + "\n")
+  print("## Router cost (all layers, one decode step)\n\n" + router_cost_table(layer))
   return 0
 
 

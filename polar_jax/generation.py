@@ -252,8 +252,10 @@ def stream(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens: i
            sparsity=None, routers=None) -> Iterator[np.ndarray]:
   """Same arguments as `generate`; yields each step's tokens `[B]` (pad id once a row stopped).
 
-  Stops after `max_new_tokens` steps or when every row has emitted a stop token.
+  Stops after `max_new_tokens` steps or when every row has emitted a stop token. Works on a tensor-parallel model
+  and under `jax.distributed` (every process runs the loop and gets every row's tokens, as with `generate`).
   """
+  from polar_jax.sharding import to_host   # device_get, gathering arrays spread over processes (dp over hosts)
   _check_sampler(sampler)
   cfg = model.config
   batch = prepare_batch(input_ids, attention_mask, vocab_size=cfg.vocab_size,
@@ -272,7 +274,7 @@ def stream(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens: i
       logits, cache = _step_program(graphdef, state, jnp.asarray(tok), cache, decode_state,
                                     jnp.asarray(~done), decode=decode)
     key, sub = jax.random.split(key)
-    tok = np.asarray(_sample_jit(rows, logits, sub))
+    tok = np.asarray(to_host(_sample_jit(rows, logits, sub)))
     tok = np.where(done, pad_id, tok).astype(np.int32)
     yield tok[:batch.batch]
     done |= np.isin(tok, stop)

@@ -34,6 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from polar_jax.config import ModelConfig
+from polar_jax.topk import topk_set, union_scores
 
 AXES = ("dp", "tp")
 TRACE_COUNTS = {"shard_map": 0}   # decode-attention shard_map calls traced (tests check the path is taken)
@@ -208,16 +209,21 @@ def to_host(tree: Any) -> Any:
 
 
 # ---- neuron sparsity (ReLU MLPs) under tp: a per-shard union ------------------------------------
-def balanced_union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k_total: int, shards: int) -> jax.Array:
+def balanced_union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k_total: int, shards: int,
+                        method: str = "radix") -> jax.Array:
   """int32 `[k_total]` global neuron indices: the batch-union score `sum_b relu(logits)` split into `shards`
-  equal blocks of neurons, each keeping its `k_total // shards` best (block s's picks come s-th)."""
-  act = jax.nn.relu(logits_bn)
-  if active_b is not None:
-    act = jnp.where(active_b[:, None], act, 0.0)
-  score_n = act.sum(axis=0)
+  equal blocks of neurons, each keeping its `k_total // shards` best (block s's picks come s-th; within a
+  block ascending for method "radix", by descending score for "sort": the same sets, see `union_topk`)."""
+  score_n = union_scores(logits_bn, active_b)
   n = score_n.shape[0]
   nl, kl = n // shards, k_total // shards
-  idx = jax.lax.top_k(score_n.reshape(shards, nl), kl)[1] + (jnp.arange(shards) * nl)[:, None]
+  if method == "radix":
+    local = topk_set(score_n.reshape(shards, nl), kl)
+  elif method == "sort":
+    local = jax.lax.top_k(score_n.reshape(shards, nl), kl)[1]
+  else:
+    raise ValueError(f"unknown union method {method!r}")
+  idx = local + (jnp.arange(shards) * nl)[:, None]
   return idx.reshape(shards * kl).astype(jnp.int32)
 
 

@@ -9,8 +9,10 @@ Per decode step and layer (prefill stays dense; K/V of every head is written to 
   1. the layer's pre-attention normed input `x_bd` -> group scores (router, random) -> per-row top-k
      (`lax.top_k`) -> `selective_decode_attention` over those groups -> dense o_proj;
      the oracle runs dense attention and keeps each row's top-k groups by output norm instead;
-  2. ReLU MLPs with `mlp="router"`: `sum_b active_b * relu(neuron logits)` -> top-k with the layer's static
-     budget -> gathered fc1/fc2 matmuls (biases included); layers over budget run the dense MLP.
+  2. ReLU MLPs with `mlp="router"`: neuron logits (router weights in the model's dtype, float32 accumulation)
+     -> `sum_b active_b * relu(logits)` -> top-k set with the layer's static budget (sort-free radix select,
+     `polar_jax.topk`; indices ascending) -> gathered fc1/fc2 matmuls (biases included); layers over budget run
+     the dense MLP.
 Tensor parallel (`polar_jax.sharding`, `shards > 1`): both selections are balanced per shard: each of the tp
 shards keeps k / tp of its own KV groups (resp. ceil(k / tp) of its own neurons), not a global top-k.
 """
@@ -24,8 +26,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from polar_jax.routers.modules import decode_neuron_layers, neuron_logits
 from polar_jax.sharding import balanced_topk, balanced_union_topk, model_mesh, model_tp, sharded_sparse_mlp
 from polar_jax.sparsity import SparsityConfig, neuron_budgets
+from polar_jax.topk import topk_set, union_scores
 
 
 def topk_groups(scores_bg: jax.Array, k: int) -> jax.Array:
@@ -44,12 +48,22 @@ def random_scores(seed: int, layer: int, positions_b: jax.Array, tokens_b: jax.A
   return jax.vmap(row)(positions_b, tokens_b)
 
 
-def union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k: int) -> jax.Array:
-  """int32 `[k]`: the batch-union neuron set, top-k of `sum_b relu(logits)` over active rows."""
-  act = jax.nn.relu(logits_bn)
-  if active_b is not None:
-    act = jnp.where(active_b[:, None], act, 0.0)
-  return jax.lax.top_k(act.sum(axis=0), k)[1].astype(jnp.int32)
+UNION_METHODS = ("radix", "sort")
+
+
+def union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k: int, method: str = "radix") -> jax.Array:
+  """int32 `[k]`: the batch-union neuron set, top-k of `sum_b relu(logits)` over active rows (ties: lower
+  index first).
+
+  `method`: "radix" (default): `polar_jax.topk.topk_set`, sort-free, the indices in ascending order;
+  "sort": `lax.top_k` (a full sort of the N scores on GPU for large k), by descending score. Both give the
+  same set exactly; only the order differs."""
+  score_n = union_scores(logits_bn, active_b)
+  if method == "radix":
+    return topk_set(score_n[None], k)[0]
+  if method == "sort":
+    return jax.lax.top_k(score_n, k)[1].astype(jnp.int32)
+  raise ValueError(f"unknown union method {method!r}; expected one of {UNION_METHODS}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,9 +74,12 @@ class SparseDecode:
     groups: per layer, KV groups kept per row, or None for dense attention.
     selector: "router", "oracle" or "random".
     seed: seed of the random selector.
-    neuron_k: per layer, the neuron budget (None: dense MLP), or None for dense MLPs everywhere.
-    head_graphdef, neuron_graphdef: `nnx.split` graph definitions of the routers (None when unused).
+    neuron_k: per layer, the neuron budget (None: dense MLP), or None for dense MLPs everywhere. With
+      budgets, `router_state["neuron"]` holds per layer `(w_down_dr, w_up_rn, b_n)` (None for a dense MLP):
+      `routers.modules.decode_neuron_layers`, the weights cast once to the model's dtype.
+    head_graphdef: `nnx.split` graph definition of the head routers (None when unused).
     implementation: kernel implementation ("pallas", "xla" or None = best for the platform).
+    union_method: how the batch-union neuron set is selected (`union_topk`): "radix" or "sort".
   """
 
   groups: tuple[int | None, ...]
@@ -70,14 +87,16 @@ class SparseDecode:
   seed: int = 0
   neuron_k: tuple[int | None, ...] | None = None
   head_graphdef: Any = None
-  neuron_graphdef: Any = None
   implementation: str | None = None
   shards: int = 1   # balanced per-shard selection over this many blocks of groups (polar_jax.sharding)
+  union_method: str = "radix"
 
-  def __call__(self, model, tok_b, cache, router_state=None, active_b=None):
+  def hooks(self, model, tok_b, positions_b, router_state=None, active_b=None) -> "StepHooks":
+    """The per-layer hooks `__call__` gives `model.decode_step` (positions_b: the cache lengths before the
+    step). Public so that one layer can be run or its routers timed alone with exactly the step's selection
+    (`benchmarks/layer.py`)."""
     head = None if self.head_graphdef is None else nnx.merge(self.head_graphdef, router_state["head"])
-    neuron = None if self.neuron_graphdef is None else nnx.merge(self.neuron_graphdef, router_state["neuron"])
-    positions_b = cache.lengths_b
+    neuron = None if self.neuron_k is None else router_state["neuron"]   # per layer: its own weight arrays
     num_groups = model.config.num_kv_heads
 
     def selector(layer, x_bd):
@@ -94,29 +113,54 @@ class SparseDecode:
         return balanced_topk(scores_bg, k, self.shards)
       return topk_groups(scores_bg, k)
 
+    def select_neurons(layer, x_bd):
+      k = self.neuron_k[layer]
+      logits_bn = neuron_logits(*neuron[layer], x_bd)
+      if self.shards > 1:                          # tensor parallel: a per-shard neuron union (polar_jax.sharding)
+        return balanced_union_topk(logits_bn, active_b, k, self.shards, self.union_method)
+      return union_topk(logits_bn, active_b, k, self.union_method)
+
     def mlp_override(layer):
       if self.neuron_k is None or self.neuron_k[layer] is None:
         return None
-      k, mlp = self.neuron_k[layer], model.layers[layer].mlp
+      mlp = model.layers[layer].mlp
 
       def sparse_mlp(y_bd, x_bd):
-        if self.shards > 1:                        # tensor parallel: a per-shard neuron union (polar_jax.sharding)
-          idx_k = balanced_union_topk(neuron.layer_logits(layer, x_bd), active_b, k, self.shards)
-          mesh = model_mesh(model)
-          if mesh is not None:
-            return sharded_sparse_mlp(mlp, y_bd, idx_k, mesh=mesh, implementation=self.implementation)
-          return mlp.sparse(y_bd, idx_k, implementation=self.implementation)
-        idx_k = union_topk(neuron.layer_logits(layer, x_bd), active_b, k)
+        idx_k = select_neurons(layer, x_bd)
+        mesh = model_mesh(model) if self.shards > 1 else None
+        if mesh is not None:
+          return sharded_sparse_mlp(mlp, y_bd, idx_k, mesh=mesh, implementation=self.implementation)
         return mlp.sparse(y_bd, idx_k, implementation=self.implementation)
 
       return sparse_mlp
 
-    return model.decode_step(tok_b, cache, selector=selector, mlp_override=mlp_override,
+    return StepHooks(selector, mlp_override, select_neurons)
+
+  def __call__(self, model, tok_b, cache, router_state=None, active_b=None):
+    hooks = self.hooks(model, tok_b, cache.lengths_b, router_state, active_b)
+    return model.decode_step(tok_b, cache, selector=hooks.selector, mlp_override=hooks.mlp_override,
                              implementation=self.implementation)
 
 
+@dataclasses.dataclass(frozen=True)
+class StepHooks:
+  """One decode step's selection, per layer (built by `SparseDecode.hooks` inside the traced step).
+
+  Attributes:
+    selector: `(layer, x_bd) -> [B, K] group indices | None (dense) | oracle k`, `model.decode_step`'s selector.
+    mlp_override: `layer -> None (dense MLP) | mlp_fn(y_bd, x_bd)`, `model.decode_step`'s mlp_override.
+    select_neurons: `(layer, x_bd) -> [k] neuron indices`, the batch union the sparse MLP of a layer with a
+      neuron budget gathers (only for such layers).
+  """
+
+  selector: Any
+  mlp_override: Any
+  select_neurons: Any
+
+
 def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch: int = 1,
-                 implementation: str | None = None, dense_factory=None):
+                 implementation: str | None = None, dense_factory=None, union_method: str = "radix",
+                 neuron_dtype=None):
   """The decode step and its dynamic state for `generate`/`stream`.
 
   Args:
@@ -126,6 +170,10 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
     batch: rows decoded together (selects the neuron budgets).
     implementation: kernel implementation for the sparse step.
     dense_factory: builds the dense step (default: `generation.DenseDecode`), used when nothing is sparse.
+    union_method: the batch-union neuron selection, "radix" (default) or "sort" (`union_topk`; the same set).
+    neuron_dtype: dtype of the neuron-router weights in the decode step (default: the model's dtype, e.g.
+      bf16: half the bytes of the float32 checkpoint; float32 accumulation either way). The copy is made
+      here, once per decoder, for the layers with a neuron budget only.
 
   Returns:
     `(decode, decode_state)`. When the settings compute exactly the dense step (e.g. density 1.0 and
@@ -167,13 +215,16 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
       neuron_k = None
   if all(k is None for k in groups) and neuron_k is None:
     return dense_factory(), None
-  state, head_gd, neuron_gd = {}, None, None
+  if union_method not in UNION_METHODS:
+    raise ValueError(f"unknown union_method {union_method!r}; expected one of {UNION_METHODS}")
+  state, head_gd = {}, None
   if needs_head:
     head_gd, state["head"] = nnx.split(routers.head)
   if neuron_k is not None:
-    neuron_gd, state["neuron"] = nnx.split(routers.neuron)
-  decode = SparseDecode(groups, sparsity.selector, sparsity.seed, neuron_k, head_gd, neuron_gd, implementation,
-                        shards)
+    dtype = neuron_dtype if neuron_dtype is not None else getattr(model, "dtype", jnp.float32)
+    state["neuron"] = decode_neuron_layers(routers.neuron, [k is not None for k in neuron_k], dtype)
+  decode = SparseDecode(groups, sparsity.selector, sparsity.seed, neuron_k, head_gd, implementation, shards,
+                        union_method)
   return decode, state
 
 

@@ -3,6 +3,8 @@
     python tests/sharding_check.py single            # 8 host devices: tp 2/4 vs one device
     python tests/sharding_check.py multi RANK PORT   # one of 2 processes x 2 CPU devices (jax.distributed)
 
+Both check `generate` and `stream` (same tokens as generate, in every process) on the sharded model.
+
 Prints "OK <name>" lines and exits non-zero on the first mismatch (tests/test_sharding.py drives it).
 """
 
@@ -116,6 +118,24 @@ def check(name, config, tp, dp=1, sparsity_kw=None, routers=None, via_generate=F
   print(f"OK {name} max|dlogits|={err:.2e}", flush=True)
 
 
+def check_stream(name, config, tp, dp=1, sparsity_kw=None, routers=None):
+  """`stream` on the tp model yields, step by step, the tokens of `generate` on the one-device model (and on the
+  tp model); every process sees the same tokens."""
+  from polar_jax.generation import stream
+  ref_model = init_model(config, seed=3)
+  tp_model = sharding.shard_model(init_model(config, seed=3), sharding.make_mesh(tp=tp, dp=dp))
+  tp_sparsity = None if sparsity_kw is None else SparsityConfig(**sparsity_kw)
+  ref_sparsity = None if sparsity_kw is None else SparsityConfig(**sparsity_kw, shards=tp)
+  g_ref = generate(ref_model, PROMPTS, max_new_tokens=NEW, sparsity=ref_sparsity, routers=routers).tokens
+  g_tp = generate(tp_model, PROMPTS, max_new_tokens=NEW, sparsity=tp_sparsity, routers=routers).tokens
+  steps = list(stream(tp_model, PROMPTS, max_new_tokens=NEW, sparsity=tp_sparsity, routers=routers))
+  assert all(isinstance(t, np.ndarray) and t.shape == (len(PROMPTS),) for t in steps), steps
+  s_tp = np.stack(steps, axis=1)
+  if not (np.array_equal(s_tp, g_tp) and np.array_equal(s_tp, g_ref)):
+    raise AssertionError(f"{name}: stream tokens differ from generate\n{s_tp}\n{g_tp}\n{g_ref}")
+  print(f"OK {name}", flush=True)
+
+
 def check_checkpoint():
   """load_model(path, mesh=...) restores every parameter straight into its shards."""
   import tempfile
@@ -151,6 +171,8 @@ def main_single():
   opt_r.mlp_topk = {8: (40, 24)}                                  # neuron budgets per layer (N = 128)
   check("opt tp2 router+neurons", OPT, 2, sparsity_kw=dict(attn_density=0.5, mlp="router"), routers=opt_r)
   check_checkpoint()
+  check_stream("stream gqa tp2 dense", GQA, 2)
+  check_stream("stream gqa dp2 tp2 router", GQA, 2, dp=2, sparsity_kw=dict(attn_density=0.5), routers=gqa_r)
   # Balanced per-shard selection differs from a global top-k in general.
   scores = jnp.array([[0.9, 0.8, 0.1, 0.2]])
   assert sharding.balanced_topk(scores, 2, 2).tolist() == [[0, 3]]
@@ -170,6 +192,10 @@ def main_multi():
   routers = random_routers(GQA8)
   check("multi gqa8 tp4 dense", GQA8, 4, via_generate=True)
   check("multi gqa8 tp4 router", GQA8, 4, sparsity_kw=dict(attn_density=0.5), routers=routers, via_generate=True)
+  check_stream("multi stream gqa8 tp4 router", GQA8, 4, sparsity_kw=dict(attn_density=0.5), routers=routers)
+  # dp over the two processes: the sampled tokens are not process-local (stream gathers them, as generate does)
+  check_stream("multi stream gqa dp2 tp2 router", GQA, 2, dp=2, sparsity_kw=dict(attn_density=0.5),
+               routers=random_routers(GQA))
 
 
 if __name__ == "__main__":

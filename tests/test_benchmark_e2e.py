@@ -47,3 +47,15 @@ def test_smoke_run_writes_records(tmp_path):
     assert key in r
   assert r["system"] == "polar_jax" and r["decode_tok_s"] > 0 and r["copy_tbps"] > 0
   assert (tmp_path / "e2e.png").stat().st_size > 1000
+
+
+def test_profile_step_arithmetic_and_smoke(tmp_path):
+  from benchmarks import profile_step
+  assert profile_step.kernel_group("fusion.123") == "fusion"
+  assert profile_step.kernel_group("loop_add_fusion_2.1") == "loop_add_fusion"
+  steps = profile_step.per_step({"a": 2e6, "b": 5e6}, {"a": 10e6, "b": 5e6, "c": 4e6}, n1=2, n2=6)
+  assert steps == {"a": 2.0, "c": 1.0}            # (10-2)/4 ms, b unchanged -> dropped, c new
+  out = tmp_path / "p.jsonl"
+  assert profile_step.main(["--smoke", "--densities", "1", "--out", str(out)]) == 0
+  recs = [json.loads(line) for line in out.read_text().splitlines()]
+  assert recs and all(r["kind"] == "step_profile" and r["ms_per_step"] > 0 for r in recs)

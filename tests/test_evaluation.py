@@ -264,6 +264,80 @@ def test_critical_density():
   assert report.critical_density(settings, "random")["critical_density"] is None   # accuracy -5 points
 
 
+# ---- MHA expansion and balanced per-shard selection (tensor parallel) -----------------------------------------
+@pytest.mark.parametrize("layout", ["grouped", "interleaved"])
+def test_expand_kv_groups_is_the_same_model(layout):
+  """GQA -> MHA (every query head its own copy of its KV head): the same logits, tokens and per-head contexts."""
+  from polar_jax.evaluation.expand import expand_kv_groups, head_order
+  from polar_jax.model import forward
+  cfg = ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=128, attn_bias=True)
+  model = init_model(cfg, seed=1)
+  for layer in model.layers:     # non-zero q/k/v biases, so that their expansion is checked too
+    for proj in (layer.attn.q_proj, layer.attn.k_proj, layer.attn.v_proj):
+      proj.bias.set_value(jax.random.normal(jax.random.key(5), proj.bias.shape))
+  mha = expand_kv_groups(model, layout)
+  assert mha.config.num_kv_heads == 6 and mha.config.num_heads == 6
+  assert mha.layers[0].attn.k_proj.kernel.shape == (32, 48) and mha.layers[0].attn.v_proj.bias.shape == (48,)
+  ids = np.random.default_rng(0).integers(0, 97, (2, 11))
+  np.testing.assert_allclose(np.asarray(forward(mha, ids)), np.asarray(forward(model, ids)), atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(gen.generate(mha, ids.tolist(), max_new_tokens=5).tokens,
+                                gen.generate(model, ids.tolist(), max_new_tokens=5).tokens)
+  x = jax.random.normal(jax.random.key(2), (1, 7, 32))
+  lengths = jnp.array([7])
+  ctx_old = model.layers[0].attn.forward(x, lengths, return_context=True)[2]
+  ctx_new = mha.layers[0].attn.forward(x, lengths, return_context=True)[2]
+  order = head_order(6, 2, layout)       # head position p of the MHA model = original query head order[p]
+  assert order.tolist() == ([0, 1, 2, 3, 4, 5] if layout == "grouped" else [0, 3, 1, 4, 2, 5])
+  np.testing.assert_allclose(np.asarray(ctx_new), np.asarray(ctx_old)[:, :, order], atol=1e-6, rtol=0)
+  assert expand_kv_groups(mha) is mha
+  with pytest.raises(ValueError, match="unknown layout"):
+    expand_kv_groups(model, "random")
+
+
+def test_expanded_smollm2_has_the_same_logits(smollm2_dir):
+  """SmolLM2-135M (9 query heads, 3 KV groups) and its 9-group MHA expansions: equal float32 logits."""
+  import polar_jax
+  from polar_jax.evaluation.expand import expand_kv_groups
+  from polar_jax.model import forward
+  model = polar_jax.load_model(smollm2_dir, dtype="float32")
+  ids = np.asarray([polar_jax.load_tokenizer(smollm2_dir).encode("The capital of France is Paris, and the")])
+  ref = np.asarray(forward(model, ids))
+  for layout in ("grouped", "interleaved"):
+    mha = expand_kv_groups(model, layout)
+    assert (mha.config.num_kv_heads, mha.config.num_heads) == (9, 9)
+    got = np.asarray(forward(mha, ids))
+    assert np.max(np.abs(got - ref)) < 1e-4, (layout, np.max(np.abs(got - ref)))
+    assert np.array_equal(got.argmax(-1), ref.argmax(-1))
+
+
+def test_balanced_shards_are_settings_of_their_own(tiny, tmp_path):
+  """`shards=(1, 2)`: every sparse setting with the global top-k and balanced over 2 shards, kept apart in the
+  records (`shards`, budget "shards=2"), the details, the table and its paired differences."""
+  from polar_jax.evaluation.expand import expand_kv_groups
+  from polar_jax.evaluation.run import settings_for
+  mha = expand_kv_groups(tiny)                                 # 6 groups: 3 per shard
+  assert [(s.selector, s.groups, s.shards) for s in settings_for(mha, ("oracle",), (1, 0.67, 0.34),
+                                                                  shards=(1, 2))] == [
+      ("dense", 6, 1), ("oracle", 4, 1), ("oracle", 2, 1), ("oracle", 4, 2), ("oracle", 2, 2)]
+  with pytest.raises(ValueError, match="divide by 4"):
+    settings_for(mha, ("oracle",), (0.5,), shards=(4,))
+  decode, _ = sel.build_decoder(mha, "random", 0.5, shards=2)
+  assert decode.shards == 2 and decode.groups == (None, 4, 4)   # round(0.5 x 3) = 2 per shard
+  out = tmp_path / "results"
+  recs = evaluate(mha, ByteTokenizer(), tasks=("ppl", "arc_easy"), densities=(1, 0.34), selectors=("oracle", "random"),
+                  limit=3, ppl_tokens=192, shards=(1, 2), model_name="tiny-mha", progress=False, max_rows=ROWS,
+                  on_task=lambda r, d: report.append_records(out, r, d))
+  assert sorted({(r["selector"], r["shards"], report.budget_key(r)) for r in recs}) == [
+      ("dense", 1, ""), ("oracle", 1, ""), ("oracle", 2, "shards=2"), ("random", 1, ""), ("random", 2, "shards=2")]
+  assert len(report.latest(report.read_records(out))) == len(recs) == 10
+  assert len(list((out / "details").glob("*shards-2.json"))) == 4
+  text = report.markdown(out)
+  assert "| oracle | 0.34 | 2/6 | shards=2 |" in text and "| oracle | 0.34 | 2/6 | uniform |" in text
+  assert "oracle: shards=2 − global" in text and "random: shards=2 − global" in text
+  assert "(budget shards=2)" in text                            # its own critical density
+
+
 # ---- the CLI ---------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("args, match", [
     (["--tasks", "ppl,mmlu"], "unknown task"),
@@ -275,6 +349,7 @@ def test_critical_density():
     (["--per-layer", "5=1"], "--per-layer: bad item"),
     (["--limit", "mmlu=5"], "--limit names 'mmlu'"),
     (["--fixed-shapes", "1024"], "--fixed-shapes: expected CTX,CONT"),
+    (["--shards", "1,x"], "--shards: expected integers"),
 ])
 def test_cli_rejects_bad_arguments(args, match, capsys, tmp_path):
   from polar_jax.cli import eval as cli
@@ -316,6 +391,41 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch,
   assert [(r["task"], r["selector"]) for r in lines if "task" in r] == [("sciq", "dense"), ("sciq", "random")]
   assert (out / "accuracy.md").is_file() and (out / "accuracy_tiny-ckpt.png").is_file()
   assert cli.main(["unused", "--report-only", "--out", str(out)]) == 0
+  assert cli.main(argv + ["--resume"]) == 0                                   # everything is there already
+  assert "nothing to do" in capsys.readouterr().out
+  assert len((out / "accuracy.jsonl").read_text().splitlines()) == len(lines)
+
+
+def test_cli_expand_kv_and_shards(smollm2_dir, tmp_path, monkeypatch, capsys):
+  """`--expand-kv --shards 1,3`: the MHA expansion's global and balanced selections, then --resume finds both."""
+  from polar_jax.checkpoint import save_model
+  from polar_jax.cli import eval as cli
+  cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2,
+                    num_heads=6, num_kv_heads=3, head_dim=8, max_position_embeddings=2048, tie_word_embeddings=True)
+  ckpt = tmp_path / "tiny-ckpt"
+  save_model(ckpt, init_model(cfg, seed=0))
+  for f in ("tokenizer.json", "tokenizer_config.json"):
+    shutil.copy(smollm2_dir / f, ckpt / f)
+  monkeypatch.setenv("POLAR_JAX_HOME", str(tmp_path / "home"))
+  out = tmp_path / "res"
+  base = [str(ckpt), "--tasks", "sciq", "--selector", "oracle", "--limit", "2", "--max-rows", "8", "--out", str(out),
+          "--no-progress", "--compile-cache", "none"]
+  assert cli.main(base + ["--densities", "0.5", "--shards", "2"]) == 2             # 3 KV groups
+  err = capsys.readouterr().err
+  assert "divide by 2" in err and "--expand-kv" in err
+  argv = base + ["--densities", "0.5", "--shards", "1,3", "--expand-kv"]
+  assert cli.main(argv) == 0
+  printed = capsys.readouterr().out
+  assert "critical density (tiny-ckpt-mha6, engine, oracle shards=3)" in printed
+  lines = [json.loads(x) for x in (out / "accuracy.jsonl").read_text().splitlines()]
+  recs = [r for r in lines if "task" in r]
+  assert [(r["model"], r["selector"], r["shards"], r["groups"], r["num_groups"]) for r in recs] == [
+      ("tiny-ckpt-mha6", "oracle", 1, 3, 6), ("tiny-ckpt-mha6", "oracle", 3, 3, 6)]
+  assert "oracle: shards=3 − global" in (out / "accuracy.md").read_text()
+  assert cli.main(argv + ["--resume"]) == 0
+  assert "nothing to do" in capsys.readouterr().out
+  assert cli.main(base + ["--densities", "0.5", "--shards", "3", "--expand-kv=interleaved", "--resume"]) == 0
+  assert "tiny-ckpt-mha6i" in capsys.readouterr().out
 
 
 # ---- the real model against transformers -----------------------------------------------------------------
@@ -367,8 +477,22 @@ def test_layer_sensitivity_equals_all_tokens_scoring_with_one_sparse_layer(tiny,
   np.testing.assert_allclose(-np.concatenate(sparse.logprob).sum() / 69 - sens["base"], sens["delta"][2], atol=1e-4)
 
 
-def test_dense_budget_keeps_the_most_sensitive_layers():
-  from polar_jax.evaluation.sensitivity import dense_budget
-  assert dense_budget([None, 0.001, 0.05, 0.002, 0.02], ppl_ratio=1.03) == [2]     # log(1.03) = 0.0296
-  assert dense_budget([None, 0.001, 0.05, 0.002, 0.04], ppl_ratio=1.03) == [2, 4]
-  assert dense_budget([None, 0.001], ppl_ratio=1.03) == []
+@pytest.mark.parametrize("selector", ["router", "oracle"])
+def test_budget_nll_with_a_dense_prefix_equals_engine_scoring(tiny, selector):
+  from polar_jax.evaluation.sensitivity import budget_nll
+  windows = np.random.default_rng(8).integers(0, 260, (3, 24)).tolist()
+  routers = random_routers(TINY) if selector == "router" else None
+  nll, n = budget_nll(tiny, windows, [3, 1, 2], selector=selector, routers=routers, sparse_from=10, batch=4)
+  assert n == 3 * 14
+  reqs = [ScoreRequest(w[:10], [w[10:]]) for w in windows]
+  cfg = SparsityConfig(attn_density=0.34, per_layer={2: 0.67}, selector=selector)   # layer 0 dense, 1 group, 2 groups
+  got = score_requests(tiny, reqs, {"s": make_decoder(tiny, cfg, routers, batch=ROWS)}, max_rows=ROWS)["s"]
+  np.testing.assert_allclose(-np.concatenate(got.logprob).sum() / n, nll, atol=1e-5)
+
+
+def test_plan_budget():
+  from polar_jax.evaluation.sensitivity import budget_spec, plan_budget
+  delta = {1: [None, 0.3, 0.1, 0.05], 2: [None, 0.05, 0.02, 0.001]}
+  assert plan_budget(delta, 3, total_groups=9) == [3, 3, 2, 1]       # cost 0.07 beats [3, 2, 2, 2] (0.071)
+  assert plan_budget(delta, 3, max_nll=0.03) == [3, 3, 2, 2]         # 7 groups, predicted 0.021
+  assert budget_spec([3, 3, 2, 1], 3, default_k=2) == "1:1,3:0.34"

@@ -2,7 +2,7 @@
 
 The sharded checks need several JAX devices, which must be configured before JAX is imported, so they
 run in subprocesses (`tests/sharding_check.py`): one process with 8 host devices (tp 2 and 4, dense and
-sparse, MHA / GQA / OPT, load_model(mesh=)), and two processes x 2 CPU devices joined by
+sparse, MHA / GQA / OPT, load_model(mesh=), stream), and two processes x 2 CPU devices joined by
 `jax.distributed` with the gloo CPU collectives (tp 4 equals one device).
 """
 
@@ -41,11 +41,13 @@ def test_tensor_parallel_equals_one_device():
   r = subprocess.run([sys.executable, str(SCRIPT), "single"], env=_env(), capture_output=True, text=True,
                      timeout=900)
   assert r.returncode == 0 and "DONE" in r.stdout, r.stdout[-4000:] + r.stderr[-4000:]
-  assert r.stdout.count("OK ") >= 11, r.stdout
+  assert r.stdout.count("OK ") >= 13, r.stdout
+  assert "OK stream gqa dp2 tp2 router" in r.stdout, r.stdout
 
 
 def test_two_processes_tp4_equals_one_device():
-  """2 processes x 2 CPU devices, jax.distributed + gloo collectives: tp 4 (dense and router-sparse)."""
+  """2 processes x 2 CPU devices, jax.distributed + gloo collectives: tp 4 (dense and router-sparse) with generate
+  and stream, and stream with dp 2 x tp 2 (rows split over the processes): every process gets every token."""
   procs = _start_multi()
   outs = []
   for p in procs:
@@ -57,7 +59,8 @@ def test_two_processes_tp4_equals_one_device():
       out, _ = p.communicate()
     outs.append((p.returncode, out))
   for rc, out in outs:
-    assert rc == 0 and "DONE" in out and out.count("OK multi") == 2, out[-4000:]
+    assert rc == 0 and "DONE" in out and out.count("OK multi") == 4, out[-4000:]
+    assert "OK multi stream gqa dp2 tp2 router" in out, out[-4000:]
 
 
 def test_mesh_errors_on_one_device():

@@ -267,3 +267,68 @@ def test_sparse_mlp_matches_numpy_union_reference():
   w_out, b_out = np.asarray(mlp.w_out_nd[...]), np.asarray(mlp.b_out_d[...])
   ref = np.maximum(x @ w_in[idx].T + b_in[idx], 0) @ w_out[idx] + b_out      # fc2 bias kept
   np.testing.assert_allclose(np.asarray(mlp.sparse(jnp.asarray(x), jnp.asarray(idx))), ref, rtol=1e-5, atol=1e-5)
+
+
+# ---- the batch-union neuron selection (sort-free radix top-k set) -----------------------------------
+def _structured_scores(rng, n):
+  """Score vectors like the union's: many exact zeros, heavy ties, -0.0, +-inf, a few huge values."""
+  relu_sum = np.maximum(rng.normal(size=(4, n)), 0).sum(0)
+  ties = rng.integers(0, 3, n).astype(np.float32)
+  signed_zero = np.where(rng.random(n) < 0.5, 0.0, -0.0).astype(np.float32)
+  spiky = np.where(rng.random(n) < 0.01, 1e30, rng.normal(size=n) * 1e-30)
+  extremes = np.concatenate([[np.inf, -np.inf, 0.0, -0.0], rng.normal(size=n - 4)])
+  return np.stack([relu_sum, ties, signed_zero, spiky, extremes]).astype(np.float32)
+
+
+@pytest.mark.parametrize("n", [9, 512, 16384])
+def test_topk_set_equals_lax_top_k_set(n):
+  from polar_jax.topk import topk_set
+  rng = np.random.default_rng(n)
+  scores = np.concatenate([rng.normal(size=(2, n)).astype(np.float32), _structured_scores(rng, n)])
+  for k in sorted({1, 2, n // 7 or 1, n // 2, int(0.79 * n), n - 1, n}):
+    got = np.asarray(topk_set(jnp.asarray(scores), k))
+    ref = np.asarray(jax.lax.top_k(jnp.asarray(scores), k)[1])
+    assert got.shape == (len(scores), k) and got.dtype == np.int32
+    for g, r in zip(got, ref):
+      assert (np.diff(g) > 0).all()                          # ascending, no repeats
+      np.testing.assert_array_equal(g, np.sort(r))           # the same set, ties included
+
+
+def test_union_topk_radix_and_sort_select_the_same_neurons():
+  from polar_jax.sharding import balanced_union_topk
+  from polar_jax.sparse_decode import union_topk
+  rng = np.random.default_rng(3)
+  logits = jnp.asarray(rng.normal(size=(32, 2048)).astype(np.float32) - 1.5)
+  active = jnp.asarray(rng.random(32) < 0.7)
+  for act in (None, active):
+    for k in (128, 1000, 1637):
+      radix, sort = union_topk(logits, act, k), union_topk(logits, act, k, method="sort")
+      np.testing.assert_array_equal(np.asarray(radix), np.sort(np.asarray(sort)))
+      br = np.asarray(balanced_union_topk(logits, act, k - k % 4, 4)).reshape(4, -1)
+      bs = np.asarray(balanced_union_topk(logits, act, k - k % 4, 4, method="sort")).reshape(4, -1)
+      np.testing.assert_array_equal(br, np.sort(bs, axis=1))
+  with pytest.raises(ValueError, match="unknown union method"):
+    union_topk(logits, None, 8, method="approx")
+
+
+def test_union_methods_decode_the_same_tokens_and_router_weights_follow_model_dtype(monkeypatch):
+  import polar_jax.sparse_decode as sd
+  model = _opt_with_sparse_firing()
+  routers = _opt_routers(OPT, k=128)
+  cfg = SparsityConfig(0.5, mlp="router")
+  prompts = _prompts(4, (6, 9, 3))
+  decode, state = make_decoder(model, cfg, routers, batch=3)
+  assert decode.union_method == "radix"
+  w_down, w_up, b = state["neuron"][0]                    # float32 model: the float32 weights themselves
+  assert w_down.dtype == w_up.dtype == b.dtype == jnp.float32
+  np.testing.assert_array_equal(np.asarray(w_up), np.asarray(routers.neuron.w_up_lrn[0]))
+  radix = gen.generate(model, prompts, max_new_tokens=6, sparsity=cfg, routers=routers).tokens
+  make = sd.make_decoder                                  # the old top_k order: the same set each step
+  monkeypatch.setattr(sd, "make_decoder", lambda *a, **kw: make(*a, **dict(kw, union_method="sort")))
+  sort = gen.generate(model, prompts, max_new_tokens=6, sparsity=cfg, routers=routers).tokens
+  np.testing.assert_array_equal(radix, sort)
+  _, state = make(model, cfg, routers, batch=3, neuron_dtype=jnp.bfloat16)
+  w_down, w_up, b = state["neuron"][1]
+  assert w_down.dtype == w_up.dtype == jnp.bfloat16 and b.dtype == jnp.float32
+  with pytest.raises(ValueError, match="unknown union_method"):
+    make(model, cfg, routers, batch=3, union_method="approx")

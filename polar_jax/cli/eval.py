@@ -11,6 +11,12 @@ Appends JSON lines to OUT/accuracy.jsonl (default OUT: benchmarks/results), rewr
 plot OUT/accuracy.png from all the records there, writes per-document details to OUT/details/, and prints and
 records the critical density (the lowest density whose average zero-shot accuracy is within 1 point of dense and
 whose perplexity is within +3%). `--report-only` just rewrites the table and plot.
+
+Tensor-parallel selection: `--shards 1,3` evaluates each sparse setting with the global per-row top-k and with
+balanced per-shard selection over 3 shards (what decoding with tp=3 selects); the table lists the balanced settings
+as budget "shards=3" and their paired differences to the global top-k. A GQA model with fewer KV groups than
+useful shards can be measured as its exactly equivalent MHA model, every query head a group: `--expand-kv`
+(e.g. SmolLM2-135M: 9 groups, `--shards 1,3 --densities 1,0.67,0.34` keeps 6 or 3 of 9 groups, 2 or 1 per shard).
 """
 
 from __future__ import annotations
@@ -95,6 +101,17 @@ def parser() -> argparse.ArgumentParser:
                  help="per-layer densities overriding --densities for the layers named: 'L:D,L:D' or a JSON file")
   p.add_argument("--budget-name", default=None, help="name of the --per-layer budget in the records and table")
   p.add_argument("--seed", type=int, default=0, help="seed of the random selector")
+  p.add_argument("--shards", default="1",
+                 help="KV-group selection: 1 = the global per-row top-k (default); N = balanced per-shard selection "
+                      "over N equal blocks of groups, as tensor parallelism over N devices selects (round(density x "
+                      "G/N) per block); comma-separated to compare, e.g. 1,3 (records: `shards`, budget 'shards=N')")
+  p.add_argument("--expand-kv", nargs="?", const="grouped", default=None, choices=("grouped", "interleaved"),
+                 help="evaluate the exactly equivalent multi-head model instead: each KV head repeated for its query "
+                      "heads (polar_jax.evaluation.expand.expand_kv_groups), so every query head is a selectable "
+                      "group (SmolLM2-135M: 9 instead of 3). Head order: 'grouped' (default; shard s of tp=Hkv holds "
+                      "original KV group s's heads; model name '<name>-mha<heads>') or 'interleaved' (shard s holds "
+                      "query head s of every group; '<name>-mha<heads>i'). Routers trained on the original groups "
+                      "do not fit it (use oracle / random / static)")
   p.add_argument("--max-rows", type=int, default=32, help="continuations scored together (decode batch)")
   p.add_argument("--fixed-shapes", default=None,
                  help="CTX,CONT: pad every batch of every task to these token lengths (one compiled program per "
@@ -106,10 +123,14 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--compile-cache", default=None,
                  help="JAX persistent compilation cache directory (default $POLAR_JAX_HOME/jax_cache; 'none' to disable)")
   p.add_argument("--sensitivity", action="store_true",
-                 help="instead of the tasks: per-layer sensitivity (NLL increase with one layer sparse) of the "
-                      "router/oracle selectors at each density < 1 on router training text; writes "
-                      "OUT/sensitivity.jsonl and prints a --per-layer budget for +3%% perplexity")
+                 help="instead of the tasks: per-layer sensitivity (NLL increase with one layer sparse, engine "
+                      "semantics) of the router/oracle selectors on router training text, and per-layer budgets "
+                      "planned from it (equal cost to each density < 1; +3%% perplexity); writes "
+                      "OUT/sensitivity.jsonl and prints the --per-layer options")
   p.add_argument("--sensitivity-windows", type=int, default=16, help="256-token windows for --sensitivity")
+  p.add_argument("--resume", action="store_true",
+                 help="skip tasks whose records for every requested setting are already in OUT (same model, mode, "
+                      "limit, dtype, budget, routers), e.g. after a run was cut off")
   p.add_argument("--report-only", action="store_true", help="only rewrite accuracy.md and the plot from OUT")
   p.add_argument("--no-progress", action="store_true")
   return p
@@ -163,6 +184,29 @@ def enable_compile_cache(arg: str | None) -> None:
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
 
 
+def pending_tasks(out, model, name, mode, tasks, selectors, densities, limit, args, per_layer, dense_layers,
+                  routers_label, shards=(1,)) -> list[str]:
+  """The tasks of `tasks` that OUT does not hold a matching record of for some requested setting."""
+  import numpy as np
+  from polar_jax.evaluation import report
+  from polar_jax.evaluation.run import settings_for
+  settings = settings_for(model, selectors, densities, dense_layers=dense_layers, per_layer=per_layer, shards=shards)
+  budget = (args.budget_name or report.budget_label(per_layer)) if per_layer else ""
+  have = report.latest(report.read_records(out))
+  dtype = str(np.dtype(model.dtype))
+  todo = []
+  for task in tasks:
+    want_limit = args.ppl_tokens if task == "ppl" else limit.get(task)
+    for s in settings:
+      r = have.get((name, mode, task, s.selector, s.density,
+                    report.shards_label(budget if s.per_layer else "", s.shards)))
+      if (r is None or r.get("limit") != want_limit or r.get("dtype") != dtype
+          or (s.selector == "router" and r.get("routers") != routers_label)):
+        todo.append(task)
+        break
+  return todo
+
+
 def run_sensitivity(args, model, tokenizer, name, routers, routers_label, selectors, densities, dense_layers,
                     out) -> int:
   from polar_jax.evaluation import report
@@ -178,12 +222,18 @@ def run_sensitivity(args, model, tokenizer, name, routers, routers_label, select
       f.write(json.dumps({"model": name, "routers": routers_label if r["selector"] == "router" else None, **r,
                           **prov}, sort_keys=True) + "\n")
   for r in rows:
-    top = sorted(((d, i) for i, d in enumerate(r["delta"]) if d is not None), reverse=True)[:8]
-    print(f"{name} {r['selector']} density {r['density']:g}: dense NLL {r['base']:.4f}; per-layer NLL increase, "
-          f"largest: " + ", ".join(f"L{i} {d:+.4f}" for d, i in top))
-    print(f"  sum over layers -> predicted ppl x{r['predicted_ppl_ratio_all_sparse']:.3f}; keep dense for "
-          f"+{100 * (r['dense_for_ppl_ratio'] - 1):.0f}%: {r['suggested_dense_layers']} (average density "
-          f"{r['average_density']:.3f}): --per-layer {r['per_layer'] or '(none)'}")
+    if r["kind"] == "layer_sensitivity":
+      for k, delta in r["delta_by_k"].items():
+        top = sorted(((d, i) for i, d in enumerate(delta) if d is not None), reverse=True)[:6]
+        print(f"{name} {r['selector']} k={k}: dense NLL {r['dense_nll']:.4f}; largest single-layer NLL increases: "
+              + ", ".join(f"L{i} {d:+.4f}" for d, i in top))
+    else:
+      extra = (f" (uniform density {r['density']:g}: ppl x{r['uniform_ppl_ratio']:.3f})"
+               if "uniform_ppl_ratio" in r else "")
+      print(f"  budget {r['name']} [{r['selector']}]: average density {r['avg_density']:.3f}, ppl "
+            f"x{r['predicted_ppl_ratio']:.3f} on the training windows{extra}\n"
+            f"    polar-eval ... --densities {r['density']:g} --per-layer {r['per_layer'] or '(none)'} "
+            f"--budget-name {r['name']}")
   return 0
 
 
@@ -217,6 +267,10 @@ def main(argv=None) -> int:
             from None
     per_layer = parse_per_layer(args.per_layer)
     dense_layers = tuple(int(x) for x in _csv(args.dense_layers))
+    try:
+      shards = tuple(int(x) for x in _csv(args.shards))
+    except ValueError:
+      raise ValueError(f"--shards: expected integers >= 1 (comma-separated), got {args.shards!r}") from None
     ckpt = pathlib.Path(args.ckpt).expanduser()
     enable_compile_cache(args.compile_cache)
     import polar_jax
@@ -225,6 +279,13 @@ def main(argv=None) -> int:
     model = polar_jax.load_model(ckpt, dtype=args.dtype)
     tokenizer = polar_jax.load_tokenizer(ckpt)
     name = args.model_name or model_name(ckpt)
+    if args.expand_kv:
+      from polar_jax.evaluation.expand import expand_kv_groups
+      heads = model.config.num_heads
+      model = expand_kv_groups(model, args.expand_kv)
+      name = args.model_name or f"{name}-mha{heads}{'i' if args.expand_kv == 'interleaved' else ''}"
+    from polar_jax.evaluation.run import check_shards
+    shards = check_shards(shards, model.config.num_kv_heads)
     routers, routers_label = resolve_routers(args.routers, model, selectors)
     kw = {} if args.static_tokens is None else {"static_tokens": args.static_tokens}
     t0 = time.perf_counter()
@@ -232,23 +293,39 @@ def main(argv=None) -> int:
       return run_sensitivity(args, model, tokenizer, name, routers, routers_label, selectors, densities, dense_layers,
                              out)
     for mode in modes:
+      mode_tasks = tasks
+      if args.resume:
+        mode_tasks = pending_tasks(out, model, name, mode, tasks, selectors, densities, limit, args, per_layer,
+                                   dense_layers, routers_label, shards)
+        if not mode_tasks:
+          print(f"{name} {mode}: every task is already in {out}; nothing to do")
+          continue
+
       def on_task(records, details):
         report.append_records(out, records, details)
         for r in records:
           v = f"{r['value']:.3f}" if r["task"] == "ppl" else f"{100 * r['value']:.1f}%"
-          print(f"{name} {mode} {r['task']:9s} {r['selector']:6s} density {r['density']:<4g} {r['metric']} {v} "
-                f"± {r['stderr'] * (1 if r['task'] == 'ppl' else 100):.2f} (n={r['n']})", flush=True)
-      evaluate(model, tokenizer, tasks=tasks, densities=densities, selectors=selectors, mode=mode, limit=limit,
+          key = report.budget_key(r)
+          print(f"{name} {mode} {r['task']:9s} {r['selector']:6s} density {r['density']:<4g}{' ' + key if key else ''} "
+                f"{r['metric']} {v} ± {r['stderr'] * (1 if r['task'] == 'ppl' else 100):.2f} (n={r['n']})", flush=True)
+      evaluate(model, tokenizer, tasks=mode_tasks, densities=densities, selectors=selectors, mode=mode, limit=limit,
                routers=routers, routers_label=routers_label, dense_layers=dense_layers, per_layer=per_layer,
-               seed=args.seed, budget_name=args.budget_name, max_rows=args.max_rows, fixed_shapes=fixed, ppl_tokens=args.ppl_tokens,
+               seed=args.seed, budget_name=args.budget_name, shards=shards, max_rows=args.max_rows, fixed_shapes=fixed, ppl_tokens=args.ppl_tokens,
                ppl_sources=tuple(_csv(args.ppl_sources)), model_name=name, progress=not args.no_progress,
                on_task=on_task, **kw)
-      budget = (args.budget_name or report.budget_label(per_layer)) if per_layer else ""
-      crit = report.critical_records(out, name, mode, selectors, budget)
-      report.append_records(out, crit)
-      for c in crit:
-        print(f"critical density ({name}, {mode}, {c['selector']}{' ' + budget if budget else ''}): "
-              f"{c['critical_density'] if c['critical_density'] is not None else 'none of those evaluated'}")
+      if "static" in selectors:   # document the static selection next to the results (cached: no recompute)
+        from polar_jax.evaluation.selectors import static_groups_file
+        st = static_groups_file(model, tokenizer, **({"max_tokens": args.static_tokens} if args.static_tokens else {}))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"static_groups_{name}.json").write_text(json.dumps(
+            {k: st[k] for k in ("fingerprint", "data", "tokens", "groups")}, indent=1) + "\n")
+      for n in shards:
+        budget = report.shards_label((args.budget_name or report.budget_label(per_layer)) if per_layer else "", n)
+        crit = report.critical_records(out, name, mode, selectors, budget)
+        report.append_records(out, crit)
+        for c in crit:
+          print(f"critical density ({name}, {mode}, {c['selector']}{' ' + budget if budget else ''}): "
+                f"{c['critical_density'] if c['critical_density'] is not None else 'none of those evaluated'}")
     md, pngs = report.write_report(out)
     print(f"wrote {out / report.RESULTS_FILE}, {md}" + "".join(f", {p}" for p in pngs) +
           f" in {time.perf_counter() - t0:.0f} s")

@@ -7,7 +7,9 @@ Files in the output directory (default `benchmarks/results/`):
   random / static), `density`, `mode` ("engine" or "all_tokens"), `value` (accuracy: acc_norm for HellaSwag, acc
   otherwise; perplexity for ppl), `stderr`, `n` (documents, or scored tokens for ppl), `device`, `date`, `commit`,
   plus `metric`, `groups` (KV groups kept per row / of `num_groups`), `dense_layers`, `per_layer`, `limit`, `dtype`,
-  `routers`, `acc`/`acc_norm` (MC), `windows` (ppl), `seed`.
+  `routers`, `acc`/`acc_norm` (MC), `windows` (ppl), `seed`, `shards` (1: the global per-row top-k; N > 1: balanced
+  per-shard selection over N blocks of groups, as tensor parallelism over N devices selects; such records are a
+  setting of their own, budget "shards=N", see `budget_key`).
   Critical-density summaries are appended as objects with `"kind": "critical_density"`.
 * `details/<model>__<mode>__<task>__<selector>__<density>[__<budget>].json`: per-document correctness (MC) or
   per-window NLL (ppl), used for the paired comparisons in the table.
@@ -79,12 +81,22 @@ def budget_label(per_layer) -> str:
   return ",".join(f"{int(layer)}:{float(d):g}" for layer, d in sorted(items, key=lambda p: int(p[0])))
 
 
-def budget_key(rec: dict) -> str:
-  """"" for the uniform budget, else the record's budget name (or its "L:d,..." text)."""
+def shards_label(budget: str, shards: int | None) -> str:
+  """A budget label with the balanced per-shard selection appended: ("", 3) -> "shards=3"; shards 1 -> unchanged."""
+  if not shards or int(shards) <= 1:
+    return budget
+  return f"{budget} shards={int(shards)}" if budget else f"shards={int(shards)}"
+
+
+def budget_key(rec: dict, *, with_shards: bool = True) -> str:
+  """"" for the uniform budget, else the record's budget name (or its "L:d,..." text); balanced per-shard
+  selection appends " shards=N" (so "shards=3" for a uniform budget), unless `with_shards` is False."""
   if not rec.get("per_layer"):
-    return ""
-  name = rec.get("budget")
-  return name if name and name != "uniform" else budget_label(rec["per_layer"])
+    base = ""
+  else:
+    name = rec.get("budget")
+    base = name if name and name != "uniform" else budget_label(rec["per_layer"])
+  return shards_label(base, rec.get("shards")) if with_shards else base
 
 
 def details_name(rec: dict) -> str:
@@ -282,6 +294,17 @@ def _n(settings, task) -> str:
   return "?"
 
 
+def _paired_cell(out_dir, a: dict, b: dict) -> str:
+  d = paired_difference(out_dir, a, b)
+  if d is None:
+    return "–"
+  if a["task"] == "ppl":
+    # mean NLL per window difference: < 0 means a is better; shown as the perplexity ratio a / b - 1.
+    return (f"{100 * (math.exp(d[0]) - 1):+.2f}% (z={d[0] / d[1]:+.1f})" if d[1] > 0 else
+            f"{100 * (math.exp(d[0]) - 1):+.2f}%")
+  return f"{100 * d[0]:+.1f} ± {100 * d[1]:.1f}" + (f" (z={d[0] / d[1]:+.1f})" if d[1] > 0 else "")
+
+
 def _paired_section(out_dir, settings, tasks) -> list[str]:
   """Paired differences (same documents / windows) between selectors at each density."""
   pairs = [("router", "random"), ("router", "static"), ("oracle", "router")]
@@ -292,28 +315,27 @@ def _paired_section(out_dir, settings, tasks) -> list[str]:
         ra, rb = settings.get((a, dens, budget)), settings.get((b, dens, budget))
         if not ra or not rb:
           continue
-        cells = []
-        for t in tasks:
-          if t in ra and t in rb:
-            d = paired_difference(out_dir, ra[t], rb[t])
-            if d is None:
-              cells.append("–")
-            elif t == "ppl":
-              # NLL per token: b - a > 0 means a is better; show as a relative perplexity change a vs b.
-              cells.append(f"{100 * (math.exp(d[0]) - 1):+.2f}% (z={d[0] / d[1]:+.1f})" if d[1] > 0 else
-                           f"{100 * (math.exp(d[0]) - 1):+.2f}%")
-            else:
-              cells.append(f"{100 * d[0]:+.1f} ± {100 * d[1]:.1f}" + (f" (z={d[0] / d[1]:+.1f})" if d[1] > 0 else ""))
-          else:
-            cells.append("–")
+        cells = [_paired_cell(out_dir, ra[t], rb[t]) if t in ra and t in rb else "–" for t in tasks]
         rows.append([f"{a} − {b}", f"{dens:g}", budget or "uniform"] + cells)
+  # balanced per-shard selection vs the global top-k: the same selector, density and budget
+  for (sel, dens, budget), by in sorted(settings.items(), key=lambda kv: (-kv[0][1], kv[0])):
+    r0 = next(iter(by.values()))
+    if (r0.get("shards") or 1) <= 1:
+      continue
+    base = budget_key(r0, with_shards=False)
+    glob = settings.get((sel, dens, base))
+    if not glob:
+      continue
+    cells = [_paired_cell(out_dir, by[t], glob[t]) if t in by and t in glob else "–" for t in tasks]
+    rows.append([f"{sel}: {budget} − global", f"{dens:g}", base or "uniform"] + cells)
   if not rows:
     return []
   head = ["comparison", "density", "budget"] + tasks
   return (["### Paired differences", "",
            "Same documents (windows for ppl), so the standard error is the paired one: accuracy points (z = "
            "difference / paired standard error; |z| > 2 is significant at about 5%); for ppl, the perplexity "
-           "ratio of the first selector over the second (negative = first is better).", "",
+           "ratio of the first selector over the second (negative = first is better). `X: shards=N − global`: "
+           "selector X with balanced per-shard selection over N shards (tensor parallelism) vs its global top-k.", "",
            "| " + " | ".join(head) + " |", "|" + "---|" * len(head)] +
           ["| " + " | ".join(r) + " |" for r in rows] + [""])
 

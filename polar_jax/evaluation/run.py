@@ -22,33 +22,55 @@ class Setting:
   groups: int              # KV groups kept per row in the sparse layers (num_groups when dense)
   per_layer: tuple[tuple[int, float], ...] | None
   avg_density: float = 1.0  # KV groups kept over all layers / (layers x groups)
+  shards: int = 1           # > 1: balanced per-shard selection over this many blocks of groups (tensor parallel)
 
 
 def settings_for(model, selectors: Sequence[str], densities: Sequence[float], *, dense_layers=(0,),
-                 per_layer: Mapping[int, float] | None = None) -> list[Setting]:
-  """The distinct settings of a sweep: a setting that computes the dense step is one "dense" setting."""
-  from polar_jax.sparsity import groups_for_density
+                 per_layer: Mapping[int, float] | None = None, shards: Sequence[int] = (1,)) -> list[Setting]:
+  """The distinct settings of a sweep: a setting that computes the dense step is one "dense" setting.
+
+  `shards`: the selections to evaluate, 1 = the global per-row top-k, N > 1 = balanced per-shard selection over N
+  blocks of groups (what tensor parallelism over N devices runs; `SparsityConfig.shards`)."""
+  from polar_jax.sparsity import SparsityConfig
   cfg = model.config
   out, seen = [], set()
-  for d in densities:
-    for s in selectors:
-      sc = sel_mod.sparsity_config(s, d, dense_layers=dense_layers, per_layer=per_layer)
-      layer_groups = sc.layer_groups(cfg)
-      dense = all(k is None for k in layer_groups)
-      kept = sum(cfg.num_kv_heads if k is None else k for k in layer_groups)
-      st = Setting("dense" if dense else s, 1.0 if dense else float(d),
-                   cfg.num_kv_heads if dense else groups_for_density(d, cfg.num_kv_heads),
-                   None if dense else sc.per_layer, round(kept / (cfg.num_layers * cfg.num_kv_heads), 4))
-      if st not in seen:
-        seen.add(st)
-        out.append(st)
+  for n in check_shards(shards, cfg.num_kv_heads):
+    for d in densities:
+      for s in selectors:
+        sc = sel_mod.sparsity_config(s, d, dense_layers=dense_layers, per_layer=per_layer, shards=n)
+        layer_groups = sc.layer_groups(cfg)
+        dense = all(k is None for k in layer_groups)
+        kept = sum(cfg.num_kv_heads if k is None else k for k in layer_groups)
+        uniform = SparsityConfig(attn_density=float(d), dense_layers=(), shards=sc.shards).layer_groups(cfg)[0]
+        st = Setting("dense" if dense else s, 1.0 if dense else float(d),
+                     cfg.num_kv_heads if dense or uniform is None else uniform,
+                     None if dense else sc.per_layer, round(kept / (cfg.num_layers * cfg.num_kv_heads), 4),
+                     1 if dense else n)
+        if st not in seen:
+          seen.add(st)
+          out.append(st)
   return out
+
+
+def check_shards(shards: Sequence[int], num_groups: int) -> tuple[int, ...]:
+  """Validates the `shards` of a sweep: integers >= 1 dividing the model's KV groups."""
+  out = []
+  for n in shards:
+    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1:
+      raise ValueError(f"shards must be integers >= 1, got {n!r}")
+    if num_groups % n:
+      raise ValueError(f"balanced selection over {n} shards needs the model's {num_groups} KV groups to divide by "
+                       f"{n} (a GQA model with few groups can be evaluated as its MHA equivalent: --expand-kv)")
+    out.append(int(n))
+  if not out:
+    raise ValueError("no shards given")
+  return tuple(out)
 
 
 def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[float], selectors: Sequence[str],
              mode: str = "engine", limit: int | None = None, routers=None, routers_label: str | None = None,
              dense_layers: Sequence[int] = (0,), per_layer: Mapping[int, float] | None = None, seed: int = 0,
-             budget_name: str | None = None, max_rows: int = 32, fixed_shapes: tuple[int, int] | None = None, ppl_tokens: int | None = None, ppl_sources: Sequence[str] = task_mod.PPL_SOURCES,
+             budget_name: str | None = None, shards: Sequence[int] = (1,), max_rows: int = 32, fixed_shapes: tuple[int, int] | None = None, ppl_tokens: int | None = None, ppl_sources: Sequence[str] = task_mod.PPL_SOURCES,
              static_tokens: int = sel_mod.STATIC_TOKENS, model_name: str = "model", progress: bool = True,
              on_task: Callable[[list[dict], list[dict]], None] | None = None) -> list[dict]:
   """Evaluates every task under every setting; returns the records (`report` describes their keys).
@@ -63,6 +85,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
     routers: `Routers` for the "router" selector.
     dense_layers, per_layer, seed: `SparsityConfig` fields shared by every setting.
     budget_name: a name for the `per_layer` budget in the records and the table (default: its "L:d,..." text).
+    shards: selections to evaluate: 1 = global per-row top-k, N > 1 = balanced over N shards (`settings_for`);
+      records carry `shards`, and `report.budget_key` keeps the balanced ones apart ("shards=N").
     ppl_tokens: scored perplexity tokens (None: all windows).
     on_task: called after each task with (its records, their details), e.g. to append them to a file.
   """
@@ -75,7 +99,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
   for t, n in limits.items():
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
       raise ValueError(f"limit must be an integer >= 1 or None, got {n!r} for {t}")
-  settings = settings_for(model, selectors, densities, dense_layers=dense_layers, per_layer=per_layer)
+  settings = settings_for(model, selectors, densities, dense_layers=dense_layers, per_layer=per_layer, shards=shards)
   static = None
   if any(s.selector == "static" for s in settings):
     static = sel_mod.static_groups_file(model, tokenizer, max_tokens=static_tokens, progress=progress)
@@ -84,7 +108,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
     decoders[s] = sel_mod.build_decoder(
         model, "random" if s.selector == "dense" else s.selector, s.density, routers=routers,
         static_counts=None if static is None else np.asarray(static["counts"]), dense_layers=dense_layers,
-        per_layer=dict(s.per_layer) if s.per_layer else None, seed=seed, batch=max_rows)
+        per_layer=dict(s.per_layer) if s.per_layer else None, seed=seed, batch=max_rows, shards=s.shards)
   prov = report.provenance()
   cfg = model.config
   common = {"model": model_name, "mode": mode, "dense_layers": list(dense_layers), "seed": seed,
@@ -108,7 +132,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
       rec = {**common, "task": task, "selector": s.selector, "density": s.density, "groups": s.groups,
              "per_layer": [list(p) for p in s.per_layer] if s.per_layer else None,
              "budget": (budget_name or report.budget_label(s.per_layer)) if s.per_layer else "uniform",
-             "avg_density": s.avg_density,
+             "avg_density": s.avg_density, "shards": s.shards,
              "routers": routers_label if s.selector == "router" else None,
              "value": m["value"], "stderr": m["stderr"], "n": m["n"], "metric": m["metric"],
              "seconds_all_settings": round(seconds, 1), **extra}

@@ -178,17 +178,21 @@ def static_routers(model, counts_lgg, k: int):
 
 # ---- decoders ------------------------------------------------------------------------------------------------
 def sparsity_config(selector: str, density: float, *, dense_layers=(0,), per_layer: Mapping[int, float] | None = None,
-                    seed: int = 0) -> SparsityConfig:
-  """The SparsityConfig of one evaluated setting ("static" runs as the router path, see `static_routers`)."""
+                    seed: int = 0, shards: int = 1) -> SparsityConfig:
+  """The SparsityConfig of one evaluated setting ("static" runs as the router path, see `static_routers`).
+
+  `shards > 1`: balanced per-shard selection over that many blocks of groups, as tensor parallelism over `shards`
+  devices selects (`SparsityConfig.shards`); 1: the global per-row top-k."""
   check_selectors([selector])
   return SparsityConfig(attn_density=float(density), dense_layers=tuple(dense_layers),
                         per_layer=dict(per_layer) if per_layer else None,
-                        selector="router" if selector == "static" else selector, seed=seed)
+                        selector="router" if selector == "static" else selector, seed=seed,
+                        shards=None if shards == 1 else int(shards))
 
 
 def build_decoder(model, selector: str, density: float, *, routers=None, static_counts=None, dense_layers=(0,),
-                  per_layer: Mapping[int, float] | None = None, seed: int = 0, batch: int = 32):
-  """(decode, decode_state) of `make_decoder` for one selector and density.
+                  per_layer: Mapping[int, float] | None = None, seed: int = 0, batch: int = 32, shards: int = 1):
+  """(decode, decode_state) of `make_decoder` for one selector and density (`shards`: see `sparsity_config`).
 
   A setting that keeps every group in every layer returns the dense step itself (as `generate` does), so
   density 1.0 reproduces dense decoding exactly for every selector.
@@ -197,7 +201,7 @@ def build_decoder(model, selector: str, density: float, *, routers=None, static_
     ValueError: unknown selector, bad density, "router" without routers or "static" without counts.
   """
   from polar_jax.sparse_decode import make_decoder
-  cfg = sparsity_config(selector, density, dense_layers=dense_layers, per_layer=per_layer, seed=seed)
+  cfg = sparsity_config(selector, density, dense_layers=dense_layers, per_layer=per_layer, seed=seed, shards=shards)
   groups = cfg.layer_groups(model.config)
   if all(k is None for k in groups):
     return make_decoder(model, cfg, None, batch=batch)

@@ -97,9 +97,25 @@ class NeuronRouters(nnx.Module):
 
 
 def neuron_logits(w_down_dr, w_up_rn, b_n, x_bd):
-  """One layer's neuron-router logits `[B, N]` (float32)."""
-  low_br = jnp.dot(x_bd.astype(jnp.float32), w_down_dr, preferred_element_type=jnp.float32)
-  return jnp.dot(low_br, w_up_rn, preferred_element_type=jnp.float32) + b_n
+  """One layer's neuron-router logits `[B, N]` (float32), computed in the weights' dtype with float32
+  accumulation: float32 weights (training, calibration, checkpoints) give exactly the float32 logits; bf16
+  weights (the decode copy, `decode_neuron_layers`) read half the bytes, with `x_bd` and the rank-r
+  intermediate rounded to bf16 like the input of any bf16 layer."""
+  low_br = jnp.dot(x_bd.astype(w_down_dr.dtype), w_down_dr, preferred_element_type=jnp.float32)
+  return (jnp.dot(low_br.astype(w_up_rn.dtype), w_up_rn, preferred_element_type=jnp.float32)
+          + b_n.astype(jnp.float32))
+
+
+def decode_neuron_layers(neuron: NeuronRouters, layers, dtype) -> tuple:
+  """The neuron routers as the decode step reads them: per layer `(w_down_dr, w_up_rn, b_n)` with the weights
+  cast to `dtype` (the bias stays float32), or None where `layers[i]` is false (a dense MLP: no router).
+
+  One array per layer, cast once here (outside the decode loop): the step neither slices the stacked `[L, ...]`
+  float32 parameters nor re-reads them to cast."""
+  dtype = jnp.dtype(dtype)
+  w_down, w_up, b = neuron.w_down_ldr[...], neuron.w_up_lrn[...], neuron.b_ln[...]
+  return tuple((w_down[i].astype(dtype), w_up[i].astype(dtype), b[i].astype(jnp.float32)) if use else None
+               for i, use in enumerate(layers))
 
 
 @dataclasses.dataclass

@@ -1,0 +1,122 @@
+"""Where a decode step's GPU time goes, per kernel (a script, not a test; issue 6 "find where the time goes").
+
+Runs `generate` on a random-weight model twice under `jax.profiler.trace`, with N1 and N2 new tokens, and
+subtracts the per-kernel device time of the two traces, so prefill and compile cancel and what is left is
+(N2 - N1) decode steps:
+
+  per-step time of kernel K = (time_K(N2) - time_K(N1)) / (N2 - N1)
+
+Kernels are grouped by name (XLA fusions by their HLO op name, Pallas kernels by theirs) and printed with the
+share of the step; a JSON line per (density, kernel group) goes to --out. Compare the dense and a sparse density
+to see what the selective step adds or saves:
+
+  python benchmarks/profile_step.py --model llama2-7b --batch 32 --prompt 2000 --densities 1 0.5 --out $OUT/p.jsonl
+  python benchmarks/profile_step.py --smoke        # tiny model on CPU (host-side ops only): checks the script
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import pathlib
+import re
+import sys
+import tempfile
+from typing import Any
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+from benchmarks import e2e  # noqa: E402  (sets the memory fraction before jax starts)
+from benchmarks import common  # noqa: E402
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from polar_jax.generation import generate  # noqa: E402
+
+
+def kernel_group(name: str) -> str:
+  """A stable label for a kernel: trailing numeric ids dropped (fusion.123 -> fusion)."""
+  return re.sub(r"([._]\d+)+$", "", name)
+
+
+def device_kernel_times(xplane_path: str) -> dict[str, float]:
+  """Total device nanoseconds per kernel group in one trace (GPU stream lines; on CPU the XLA thread pools)."""
+  from jax.profiler import ProfileData
+  data = ProfileData.from_file(xplane_path)
+  totals: dict[str, float] = collections.defaultdict(float)
+  for plane in data.planes:
+    on_gpu = plane.name.startswith("/device:GPU")
+    if not on_gpu and plane.name != "/host:CPU":
+      continue
+    for line in plane.lines:
+      if on_gpu and not line.name.startswith("Stream"):
+        continue            # "XLA Ops" / "XLA Modules" lines summarise the same kernels
+      if not on_gpu and not line.name.startswith("tf_XLA"):
+        continue
+      for ev in line.events:
+        if ev.name.startswith("ThreadpoolListener"):
+          continue
+        totals[kernel_group(ev.name)] += ev.duration_ns
+  return dict(totals)
+
+
+def traced_totals(fn) -> dict[str, float]:
+  jax.block_until_ready(fn())                       # compile + warm up outside the trace
+  with tempfile.TemporaryDirectory() as d:
+    with jax.profiler.trace(d):
+      jax.block_until_ready(fn())
+    paths = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
+    if not paths:
+      raise RuntimeError("the profiler wrote no trace")
+    return device_kernel_times(paths[0])
+
+
+def per_step(t1: dict[str, float], t2: dict[str, float], n1: int, n2: int) -> dict[str, float]:
+  """Per-step milliseconds per kernel group from two traces with n1 < n2 new tokens (groups < 0 dropped)."""
+  out = {}
+  for k in set(t1) | set(t2):
+    v = (t2.get(k, 0.0) - t1.get(k, 0.0)) / (n2 - n1) / 1e6
+    if v > 0:
+      out[k] = v
+  return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--model", default="llama2-7b", choices=sorted(e2e.MODELS))
+  p.add_argument("--batch", type=int, default=32)
+  p.add_argument("--prompt", type=int, default=2000)
+  p.add_argument("--densities", nargs="+", type=float, default=[1.0, 0.5])
+  p.add_argument("--n1", type=int, default=8)
+  p.add_argument("--n2", type=int, default=40)
+  p.add_argument("--top", type=int, default=25)
+  p.add_argument("--dtype", default="bfloat16")
+  p.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR / "profile.jsonl")
+  p.add_argument("--smoke", action="store_true")
+  args = p.parse_args(argv)
+  if args.smoke:
+    args.model, args.batch, args.prompt, args.n1, args.n2, args.dtype = "tiny", 2, 16, 2, 6, "float32"
+  config = e2e.MODELS[args.model]
+  model = e2e.random_model(config, jnp.dtype(args.dtype))
+  routers = e2e.random_routers(config) if any(d < 1 for d in args.densities) else None
+  ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.prompt)).astype(np.int32)
+  prov = common.provenance()
+  for density in args.densities:
+    setting = e2e.Setting(args.model, args.batch, args.prompt, density)
+    sparsity = e2e.sparsity_for(setting)
+    kw: dict[str, Any] = {} if sparsity is None else dict(sparsity=sparsity, routers=routers)
+    t1 = traced_totals(lambda: generate(model, ids, max_new_tokens=args.n1, **kw).tokens)
+    t2 = traced_totals(lambda: generate(model, ids, max_new_tokens=args.n2, **kw).tokens)
+    steps = per_step(t1, t2, args.n1, args.n2)
+    total = sum(steps.values())
+    print(f"\n{args.model} B{args.batch} prompt {args.prompt} density {density:g}: {total:.3f} ms of kernels per step")
+    for name, ms in list(steps.items())[:args.top]:
+      print(f"  {ms:8.4f} ms {100 * ms / total:5.1f}%  {name[:110]}")
+    common.append_jsonl(args.out, [dict(prov, kind="step_profile", model=args.model, B=args.batch,
+                                        prompt=args.prompt, density=density, kernel=name, ms_per_step=ms,
+                                        step_kernel_ms=total) for name, ms in steps.items()])
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
