@@ -92,12 +92,16 @@ def main(argv=None) -> int:
   p.add_argument("--top", type=int, default=25)
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR / "profile.jsonl")
+  p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (kernels of every device are summed)")
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
   if args.smoke:
     args.model, args.batch, args.prompt, args.n1, args.n2, args.dtype = "tiny", 2, 16, 2, 6, "float32"
   config = e2e.MODELS[args.model]
   model = e2e.random_model(config, jnp.dtype(args.dtype))
+  if args.tp > 1:
+    from polar_jax import sharding
+    model = sharding.shard_model(model, sharding.make_mesh(tp=args.tp))
   routers = e2e.random_routers(config) if any(d < 1 for d in args.densities) else None
   ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.prompt)).astype(np.int32)
   prov = common.provenance()
@@ -109,11 +113,12 @@ def main(argv=None) -> int:
     t2 = traced_totals(lambda: generate(model, ids, max_new_tokens=args.n2, **kw).tokens)
     steps = per_step(t1, t2, args.n1, args.n2)
     total = sum(steps.values())
-    print(f"\n{args.model} B{args.batch} prompt {args.prompt} density {density:g}: {total:.3f} ms of kernels per step")
+    print(f"\n{args.model} B{args.batch} prompt {args.prompt} density {density:g} tp {args.tp}: {total:.3f} ms of "
+          f"kernels per step" + (" (summed over devices)" if args.tp > 1 else ""))
     for name, ms in list(steps.items())[:args.top]:
       print(f"  {ms:8.4f} ms {100 * ms / total:5.1f}%  {name[:110]}")
     common.append_jsonl(args.out, [dict(prov, kind="step_profile", model=args.model, B=args.batch,
-                                        prompt=args.prompt, density=density, kernel=name, ms_per_step=ms,
+                                        prompt=args.prompt, density=density, tp=args.tp, kernel=name, ms_per_step=ms,
                                         step_kernel_ms=total) for name, ms in steps.items()])
   return 0
 

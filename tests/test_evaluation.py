@@ -496,3 +496,23 @@ def test_plan_budget():
   assert plan_budget(delta, 3, total_groups=9) == [3, 3, 2, 1]       # cost 0.07 beats [3, 2, 2, 2] (0.071)
   assert plan_budget(delta, 3, max_nll=0.03) == [3, 3, 2, 2]         # 7 groups, predicted 0.021
   assert budget_spec([3, 3, 2, 1], 3, default_k=2) == "1:1,3:0.34"
+
+
+def test_sensitivity_report_plans_a_budget_for_each_ppl_target(tiny, monkeypatch):
+  from polar_jax.cli.eval import parse_ppl_targets
+  from polar_jax.evaluation.sensitivity import sensitivity_report
+  assert parse_ppl_targets("1.03") == [1.03] and parse_ppl_targets("1.03, 1.1") == [1.03, 1.1]
+  for bad in ("", "x", "1.03,0.9", "1"):
+    with pytest.raises(ValueError, match="sensitivity-target"):
+      parse_ppl_targets(bad)
+  wins = np.random.default_rng(9).integers(0, 260, (2, tasks.PPL_PREFIX + 16)).tolist()
+  monkeypatch.setattr(tasks, "text_windows", lambda *a, **k: [(w, "lambada") for w in wins])
+  rows = sensitivity_report(tiny, None, selectors=["oracle"], densities=[1.0], ppl_ratio=(1.03, 1000.0))
+  budgets = {r["name"]: r for r in rows if r["kind"] == "budget"}
+  assert list(budgets) == ["ppl-3pct", "ppl-99900pct"]
+  assert budgets["ppl-99900pct"]["k_per_layer"] == [3, 1, 1]           # any loss allowed: layer 0 dense, rest 1
+  assert sum(budgets["ppl-3pct"]["k_per_layer"]) >= 5
+  assert [r["name"] for r in sensitivity_report(tiny, None, selectors=["oracle"], densities=[1.0])
+          if r["kind"] == "budget"] == ["ppl-3pct"]                     # the default: one +3% budget
+  with pytest.raises(ValueError, match="ratios > 1"):
+    sensitivity_report(tiny, None, selectors=["oracle"], densities=[1.0], ppl_ratio=[0.5])

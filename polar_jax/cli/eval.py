@@ -74,6 +74,17 @@ def parse_per_layer(spec: str | None) -> dict[int, float] | None:
   return out
 
 
+def parse_ppl_targets(spec: str) -> list[float]:
+  """`"1.03,1.1"` -> [1.03, 1.1]: perplexity ratios (> 1) for `--sensitivity-target`."""
+  try:
+    out = [float(t) for t in _csv(spec)]
+  except ValueError:
+    raise ValueError(f"--sensitivity-target: expected ratios such as 1.03,1.1, got {spec!r}") from None
+  if not out or min(out) <= 1.0:
+    raise ValueError(f"--sensitivity-target: ratios must be > 1 (1.03 = +3% perplexity), got {spec!r}")
+  return out
+
+
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="polar-eval", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -127,6 +138,9 @@ def parser() -> argparse.ArgumentParser:
                       "semantics) of the router/oracle selectors on router training text, and per-layer budgets "
                       "planned from it (equal cost to each density < 1; +3%% perplexity); writes "
                       "OUT/sensitivity.jsonl and prints the --per-layer options")
+  p.add_argument("--sensitivity-target", default="1.03",
+                 help="perplexity ratios to plan --sensitivity budgets for, comma-separated (default 1.03: "
+                      "+3%%; e.g. 1.03,1.06,1.1)")
   p.add_argument("--sensitivity-windows", type=int, default=16, help="256-token windows for --sensitivity")
   p.add_argument("--resume", action="store_true",
                  help="skip tasks whose records for every requested setting are already in OUT (same model, mode, "
@@ -212,7 +226,8 @@ def run_sensitivity(args, model, tokenizer, name, routers, routers_label, select
   from polar_jax.evaluation import report
   from polar_jax.evaluation.sensitivity import sensitivity_report
   rows = sensitivity_report(model, tokenizer, selectors=selectors, densities=densities, routers=routers,
-                            windows=args.sensitivity_windows, dense_layers=dense_layers, progress=not args.no_progress)
+                            windows=args.sensitivity_windows, dense_layers=dense_layers,
+                            ppl_ratio=parse_ppl_targets(args.sensitivity_target), progress=not args.no_progress)
   if not rows:
     raise ValueError("--sensitivity needs selector router or oracle and a density < 1")
   prov = report.provenance()

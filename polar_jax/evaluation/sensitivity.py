@@ -181,20 +181,24 @@ def budget_spec(ks: Sequence[int], num_groups: int, default_k: int) -> str:
 
 
 def sensitivity_report(model, tokenizer, *, selectors: Sequence[str], densities: Sequence[float], routers=None,
-                       windows: int = 16, dense_layers: Sequence[int] = (0,), ppl_ratio: float = 1.03,
-                       progress: bool = False) -> list[dict]:
+                       windows: int = 16, dense_layers: Sequence[int] = (0,),
+                       ppl_ratio: float | Sequence[float] = 1.03, progress: bool = False) -> list[dict]:
   """Per-layer sensitivity on router training text (train split, 256-token windows; engine semantics: the first
   64 tokens dense, the rest sparse and scored) for each selector in {router, oracle} at every k < G, and per-layer
   budgets planned from it (`plan_budget`), each checked with one joint `budget_nll` pass:
 
   * `"equal_cost"` for each density < 1: the same total KV groups as the uniform density (layer 0 dense);
-  * `"ppl_target"`: the fewest groups whose predicted perplexity stays within `ppl_ratio` of dense.
+  * `"ppl-<p>pct"` for each ratio in `ppl_ratio` (a float or a sequence, e.g. (1.03, 1.1)): the fewest groups whose
+    predicted perplexity (additive model) stays within that ratio of dense.
   """
   from polar_jax.evaluation.tasks import PPL_PREFIX, text_windows
   from polar_jax.sparsity import SparsityConfig
   wins = [w for w, _ in text_windows(tokenizer, part="train", max_windows=windows)]
   cfg = model.config
   g = cfg.num_kv_heads
+  ratios = [float(ppl_ratio)] if np.ndim(ppl_ratio) == 0 else [float(r) for r in ppl_ratio]
+  if not ratios or min(ratios) <= 1.0:
+    raise ValueError(f"perplexity targets must be ratios > 1 (e.g. 1.03), got {ppl_ratio!r}")
   out = []
   for selector in [s for s in selectors if s in ("router", "oracle")]:
     sens = {k: layer_sensitivity(model, wins, k=k, selector=selector, routers=routers, dense_layers=dense_layers,
@@ -209,8 +213,9 @@ def sensitivity_report(model, tokenizer, *, selectors: Sequence[str], densities:
       total = sum(g if k is None else k for k in uniform)
       plans.append((f"equal-cost-{d:g}", d, plan_budget({k: v["delta"] for k, v in sens.items()}, g,
                                                       total_groups=total), uniform))
-    plans.append((f"ppl-{100 * (ppl_ratio - 1):g}pct", None,
-                  plan_budget({k: v["delta"] for k, v in sens.items()}, g, max_nll=math.log(ppl_ratio)), None))
+    for ratio in ratios:
+      plans.append((f"ppl-{round(100 * (ratio - 1), 6):g}pct", None,
+                    plan_budget({k: v["delta"] for k, v in sens.items()}, g, max_nll=math.log(ratio)), None))
     for name, d, ks, uniform in plans:
       checked, _ = budget_nll(model, wins, ks, selector=selector, routers=routers, sparse_from=PPL_PREFIX)
       row = {**common, "kind": "budget", "name": name, "k_per_layer": ks,
