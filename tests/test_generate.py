@@ -152,3 +152,24 @@ def test_prefill_in_row_groups_equals_whole_batch(model):
   np.testing.assert_allclose(np.asarray(grouped[0]), np.asarray(whole[0]), rtol=1e-5, atol=1e-6)
   for a, b in zip(grouped[1].k_bhsd + grouped[1].v_bhsd, whole[1].k_bhsd + whole[1].v_bhsd):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
+def test_device_memory_does_not_grow_with_the_number_of_steps(model):
+  """One compiled program: its temporary memory is the same for 8 and 512 decode steps at the same cache size, up
+  to the [B, max_new_tokens] token buffer (the cache is preallocated, the loop carries fixed shapes)."""
+  import jax.numpy as jnp
+  from flax import nnx
+  graphdef, state = nnx.split(model)
+  b, max_len = 4, 1024
+  decode, decode_state = gen._decoder(model, None, None, b)
+
+  def temp_bytes(n):
+    lowered = gen._generate_program.lower(
+        graphdef, state, jnp.zeros((b, 16), jnp.int32), jnp.full((b,), 16, jnp.int32), jnp.ones((b,), bool),
+        gen.Greedy().per_row(b), jax.random.key(0), decode_state, max_new_tokens=n, max_len=max_len,
+        stop_tokens=(), pad_id=0, decode=decode)
+    mem = lowered.compile().memory_analysis()
+    return mem.temp_size_in_bytes + mem.output_size_in_bytes
+
+  small, large = temp_bytes(8), temp_bytes(512)
+  assert 0 <= large - small <= 2 * b * (512 - 8) * 4 + 4096, (small, large)
