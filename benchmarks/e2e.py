@@ -63,17 +63,22 @@ def _random_leaf(key, shape, dtype):
   return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
 
 
-def random_model(config: ModelConfig, dtype, seed: int = 0):
-  """A model with random weights, filled leaf by leaf (one small compile per distinct shape: fast even for
-  7B-parameter shapes, unlike compiling the whole initialiser as one program)."""
+def randomize(abstract_module, seed: int = 0):
+  """`abstract_module` (an `nnx.eval_shape`d module) with every leaf filled with random values on the device,
+  leaf by leaf (one small compile per distinct shape: fast even for 7B-parameter shapes, unlike compiling the
+  whole initialiser as one program)."""
   from flax import nnx
-  from polar_jax.model import abstract_model
-  model = abstract_model(config, dtype=dtype)
-  graphdef, state = nnx.split(model)
+  graphdef, state = nnx.split(abstract_module)
   leaves, treedef = jax.tree_util.tree_flatten(state)
   keys = jax.random.split(jax.random.key(seed), len(leaves))
   leaves = [_random_leaf(k, tuple(x.shape), jnp.dtype(x.dtype)) for k, x in zip(keys, leaves)]
   return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+
+
+def random_model(config: ModelConfig, dtype, seed: int = 0):
+  """A model with random weights (`randomize` of the abstract model)."""
+  from polar_jax.model import abstract_model
+  return randomize(abstract_model(config, dtype=dtype), seed)
 
 
 def weight_bytes_per_step(config: ModelConfig, model) -> int:

@@ -74,19 +74,9 @@ class OneLayer(nnx.Module):
     self.layers = nnx.List([DecoderLayer(self.config, dtype=dtype, rngs=rngs)])
 
 
-@functools.partial(jax.jit, static_argnums=(1, 2))
-def _random_leaf(key, shape, dtype):
-  return (0.02 * jax.random.normal(key, shape, jnp.float32)).astype(dtype)
-
-
 def random_one_layer(config: ModelConfig, dtype, seed: int = 0) -> OneLayer:
-  """A `OneLayer` with random weights, filled leaf by leaf on the device (no full-model initialiser)."""
-  abstract = nnx.eval_shape(lambda: OneLayer(config, dtype=dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  leaves, treedef = jax.tree_util.tree_flatten(state)
-  keys = jax.random.split(jax.random.key(seed), len(leaves))
-  leaves = [_random_leaf(k, tuple(x.shape), jnp.dtype(x.dtype)) for k, x in zip(keys, leaves)]
-  return nnx.merge(graphdef, jax.tree_util.tree_unflatten(treedef, leaves))
+  """A `OneLayer` with random weights, filled leaf by leaf on the device (`e2e.randomize`)."""
+  return e2e.randomize(nnx.eval_shape(lambda: OneLayer(config, dtype=dtype, rngs=nnx.Rngs(0))), seed)
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
