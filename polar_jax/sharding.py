@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from polar_jax.config import ModelConfig
-from polar_jax.topk import topk_set, union_scores
+from polar_jax.topk import topk_rows, union_scores
 
 AXES = ("dp", "tp")
 TRACE_COUNTS = {"shard_map": 0}   # decode-attention shard_map calls traced (tests check the path is taken)
@@ -217,13 +217,7 @@ def balanced_union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k_tota
   score_n = union_scores(logits_bn, active_b)
   n = score_n.shape[0]
   nl, kl = n // shards, k_total // shards
-  if method == "radix":
-    local = topk_set(score_n.reshape(shards, nl), kl)
-  elif method == "sort":
-    local = jax.lax.top_k(score_n.reshape(shards, nl), kl)[1]
-  else:
-    raise ValueError(f"unknown union method {method!r}")
-  idx = local + (jnp.arange(shards) * nl)[:, None]
+  idx = topk_rows(score_n.reshape(shards, nl), kl, method) + (jnp.arange(shards) * nl)[:, None]
   return idx.reshape(shards * kl).astype(jnp.int32)
 
 

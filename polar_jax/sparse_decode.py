@@ -29,7 +29,7 @@ from flax import nnx
 from polar_jax.routers.modules import decode_neuron_layers, neuron_logits
 from polar_jax.sharding import balanced_topk, balanced_union_topk, model_mesh, model_tp, sharded_sparse_mlp
 from polar_jax.sparsity import SparsityConfig, neuron_budgets
-from polar_jax.topk import topk_set, union_scores
+from polar_jax.topk import METHODS as UNION_METHODS, topk_rows, union_scores
 
 
 def topk_groups(scores_bg: jax.Array, k: int) -> jax.Array:
@@ -48,22 +48,11 @@ def random_scores(seed: int, layer: int, positions_b: jax.Array, tokens_b: jax.A
   return jax.vmap(row)(positions_b, tokens_b)
 
 
-UNION_METHODS = ("radix", "sort")
-
-
 def union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k: int, method: str = "radix") -> jax.Array:
   """int32 `[k]`: the batch-union neuron set, top-k of `sum_b relu(logits)` over active rows (ties: lower
-  index first).
-
-  `method`: "radix" (default): `polar_jax.topk.topk_set`, sort-free, the indices in ascending order;
-  "sort": `lax.top_k` (a full sort of the N scores on GPU for large k), by descending score. Both give the
-  same set exactly; only the order differs."""
-  score_n = union_scores(logits_bn, active_b)
-  if method == "radix":
-    return topk_set(score_n[None], k)[0]
-  if method == "sort":
-    return jax.lax.top_k(score_n, k)[1].astype(jnp.int32)
-  raise ValueError(f"unknown union method {method!r}; expected one of {UNION_METHODS}")
+  index first). `method`: "radix" (default, sort-free, ascending indices) or "sort" (`lax.top_k`, a full sort
+  of the N scores on GPU for large k); the same set exactly (`polar_jax.topk.topk_rows`)."""
+  return topk_rows(union_scores(logits_bn, active_b)[None], k, method)[0]
 
 
 @dataclasses.dataclass(frozen=True)

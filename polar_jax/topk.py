@@ -76,6 +76,19 @@ def topk_set(scores_rn: jax.Array, k: int) -> jax.Array:
   return jnp.zeros((r, k), jnp.int32).at[rows, pos].set(cols, mode="drop", unique_indices=True)
 
 
+METHODS = ("radix", "sort")
+
+
+def topk_rows(scores_rn: jax.Array, k: int, method: str = "radix") -> jax.Array:
+  """int32 `[R, k]`: each row's top-k indices by `method`: "radix" (`topk_set`, sort-free, ascending index
+  order) or "sort" (`lax.top_k`, by descending score). The same sets exactly; only the order differs."""
+  if method == "radix":
+    return topk_set(scores_rn, k)
+  if method == "sort":
+    return jax.lax.top_k(scores_rn, k)[1].astype(jnp.int32)
+  raise ValueError(f"unknown union method {method!r}; expected one of {METHODS}")
+
+
 def union_scores(logits_bn: jax.Array, active_b: jax.Array | None) -> jax.Array:
   """float32 `[N]`: the batch-union score `sum_b relu(logits)` over active rows."""
   act = jax.nn.relu(logits_bn.astype(jnp.float32))
