@@ -52,7 +52,7 @@ def main(argv=None) -> int:
   path = paths.default_model_dir()
   ensure_model(path, args.gguf)
   t0 = time.perf_counter()
-  model = polar_jax.load_model(path, dtype=args.dtype)
+  model = polar_jax.load_model(path, dtype=args.dtype, fuse=True)   # one q|k|v and one gate|up matmul per layer
   tok = polar_jax.load_tokenizer(path)
   print(f"loaded {model.config.model_type} ({model.config.num_layers} layers, {model.config.num_heads} heads / "
         f"{model.config.num_kv_heads} KV groups) as {model.dtype} on {jax.devices()[0].platform} "

@@ -14,6 +14,7 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "load_model": "polar_jax.checkpoint",
+    "fuse_projections": "polar_jax.fusion",
     "load_tokenizer": "polar_jax.checkpoint",
     "ModelConfig": "polar_jax.config",
     "UnsupportedConfigError": "polar_jax.config",

@@ -70,6 +70,7 @@ class Attention(nnx.Module):
     self.k_proj = Linear(d, hkv * hd, bias=config.attn_bias, dtype=dtype, rngs=rngs)
     self.v_proj = Linear(d, hkv * hd, bias=config.attn_bias, dtype=dtype, rngs=rngs)
     self.o_proj = Linear(hq * hd, d, bias=config.o_bias, dtype=dtype, rngs=rngs)
+    self.qkv_proj = nnx.data(None)   # one q|k|v projection in KV-group-major columns after `polar_jax.fusion.fuse_projections`
     self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, hd
     self.window = config.sliding_window
     self.use_rope = config.positions == "rope"
@@ -78,9 +79,14 @@ class Attention(nnx.Module):
 
   def _qkv(self, x_btd, positions_bt):
     b, t, _ = x_btd.shape
-    q = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
-    k = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
-    v = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+    if self.qkv_proj is not None:     # columns [group g: its r query heads, its key head, its value head]
+      g, r = self.num_kv_heads, self.num_heads // self.num_kv_heads
+      y = self.qkv_proj(x_btd).reshape(b, t, g, r + 2, self.head_dim)
+      q, k, v = y[:, :, :, :r].reshape(b, t, g * r, self.head_dim), y[:, :, :, r], y[:, :, :, r + 1]
+    else:
+      q = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
+      k = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+      v = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.use_rope:
       cos, sin = rope.rope_cos_sin(positions_bt, np.asarray(self.inv_freq, np.float32))
       q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)

@@ -116,9 +116,12 @@ def save_config(path: str | os.PathLike, config: ModelConfig) -> None:
 
 
 def model_params(model: CausalLM) -> dict[str, jax.Array]:
-  """`{flat name: array}` of a model's parameters (the names of `param_shapes`)."""
+  """`{flat name: array}` of a model's parameters (the names of `param_shapes`; fused projections of
+  `polar_jax.fusion` are split back)."""
+  from polar_jax.fusion import unfused_params
   state = nnx.state(model, nnx.Param)
-  return {".".join(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(state)}
+  flat = {".".join(str(p) for p in path): v.get_value() for path, v in nnx.to_flat_state(state)}
+  return unfused_params(model.config, flat)
 
 
 def save_model(path: str | os.PathLike, model: CausalLM) -> None:
@@ -177,7 +180,8 @@ def _saved_shapes(params_dir: pathlib.Path) -> dict[str, tuple[int, ...]]:
 
 
 def load_model(path: str | os.PathLike, dtype: Any = None, *,
-               sharding: jax.sharding.Sharding | None = None, mesh: jax.sharding.Mesh | None = None) -> CausalLM:
+               sharding: jax.sharding.Sharding | None = None, mesh: jax.sharding.Mesh | None = None,
+               fuse: bool = False) -> CausalLM:
   """Restores a converted checkpoint into a `CausalLM` with real arrays.
 
   Args:
@@ -188,6 +192,8 @@ def load_model(path: str | os.PathLike, dtype: Any = None, *,
     mesh: a ("dp", "tp") mesh (`polar_jax.sharding.make_mesh`): each parameter is restored straight into its
       tensor-parallel shards (`polar_jax.sharding.param_spec`; no full copy on one device) and decoding runs
       tensor parallel. ValueError when the KV groups or MLP width do not divide by tp. Excludes `sharding`.
+    fuse: fuse each layer's q/k/v and gate/up projections into one matmul each (`polar_jax.fusion`; faster
+      decoding, same results up to float32 summation order). `polar-generate` and the demo do this.
 
   Raises:
     CheckpointError: the directory is missing, incomplete, or its arrays do not match the config.
@@ -240,6 +246,9 @@ def load_model(path: str | os.PathLike, dtype: Any = None, *,
   model = nnx.merge(graphdef, state)
   if mesh is not None:
     tp_sharding.attach_mesh(model, mesh)
+  if fuse:
+    from polar_jax.fusion import fuse_projections
+    fuse_projections(model)
   return model
 
 

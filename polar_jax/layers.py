@@ -16,9 +16,20 @@ def _normal(rngs: nnx.Rngs, shape, dtype) -> jax.Array:
 class Linear(nnx.Module):
   """`y = x @ kernel + bias` with `kernel [in, out]`; float32 accumulation, x's dtype out."""
 
-  def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs):
-    self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype))
-    self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+  def __init__(self, in_features: int, out_features: int, *, bias: bool, dtype, rngs: nnx.Rngs | None = None,
+               values: tuple[jax.Array, jax.Array | None] | None = None):
+    """`values=(kernel, bias or None)`: take these arrays (shapes checked) instead of a random init."""
+    if values is None:
+      self.kernel = nnx.Param(_normal(rngs, (in_features, out_features), dtype))
+      self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if bias else None
+      return
+    kernel, bias_value = values
+    if tuple(kernel.shape) != (in_features, out_features) or (bias_value is None) == bias or (
+        bias_value is not None and tuple(bias_value.shape) != (out_features,)):
+      raise ValueError(f"Linear({in_features}, {out_features}, bias={bias}) given kernel {tuple(kernel.shape)} and "
+                       f"bias {None if bias_value is None else tuple(bias_value.shape)}")
+    self.kernel = nnx.Param(kernel)
+    self.bias = nnx.Param(bias_value) if bias else None
 
   def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
     kernel = self.kernel[...]

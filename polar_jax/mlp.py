@@ -25,11 +25,17 @@ class GatedMLP(nnx.Module):
     self.gate_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs)
     self.up_proj = Linear(d, f, bias=False, dtype=dtype, rngs=rngs)
     self.down_proj = Linear(f, d, bias=False, dtype=dtype, rngs=rngs)
+    self.gate_up_proj = nnx.data(None)   # columns [neuron n: gate, up] after `polar_jax.fusion.fuse_projections`
     self.activation = config.activation
 
   def __call__(self, x):
     act = ACTIVATIONS[self.activation]
-    h = act(self.gate_proj(x, jnp.float32)) * self.up_proj(x, jnp.float32)
+    if self.gate_up_proj is not None:
+      y = self.gate_up_proj(x, jnp.float32)
+      y = y.reshape(*y.shape[:-1], y.shape[-1] // 2, 2)
+      h = act(y[..., 0]) * y[..., 1]
+    else:
+      h = act(self.gate_proj(x, jnp.float32)) * self.up_proj(x, jnp.float32)
     return self.down_proj(h.astype(x.dtype))
 
 

@@ -6,7 +6,8 @@
 
 Layout (Megatron style, GSPMD inserts the collectives):
   * attention q/k/v kernels `[d, H*D]` split by columns over "tp" (each shard holds whole heads, i.e. whole
-    KV groups and their query heads), o_proj `[H*D, d]` by rows (its matmul ends in an all-reduce over tp);
+    KV groups and their query heads; the fused `qkv_proj` of `polar_jax.fusion` is KV-group-major, so the same
+    column split gives each shard whole groups), o_proj `[H*D, d]` by rows (its matmul ends in an all-reduce over tp);
   * gated MLP gate/up by columns, down by rows; ReLU MLP `w_in_nd`/`w_out_nd` `[N, d]` by neurons (rows);
   * norms, embeddings, lm_head and output biases replicated;
   * KV cache `[B, Hkv, S, D]`: P("dp", "tp", None, None) (batch over dp when B divides by dp);
@@ -41,10 +42,10 @@ TRACE_COUNTS = {"shard_map": 0}   # decode-attention shard_map calls traced (tes
 
 # (regex over the flat parameter name, spec); the first match wins, the rest is replicated.
 _RULES = (
-    (r"attn\.[qkv]_proj\.kernel$", P(None, "tp")),
-    (r"attn\.[qkv]_proj\.bias$", P("tp")),
+    (r"attn\.(qkv|[qkv])_proj\.kernel$", P(None, "tp")),     # qkv: fused, KV-group-major (polar_jax.fusion)
+    (r"attn\.(qkv|[qkv])_proj\.bias$", P("tp")),
     (r"attn\.o_proj\.kernel$", P("tp", None)),
-    (r"mlp\.(gate|up)_proj\.kernel$", P(None, "tp")),
+    (r"mlp\.(gate|up|gate_up)_proj\.kernel$", P(None, "tp")),
     (r"mlp\.down_proj\.kernel$", P("tp", None)),
     (r"mlp\.w_(in|out)_nd$", P("tp", None)),
     (r"mlp\.b_in_n$", P("tp")),

@@ -91,11 +91,18 @@ def greedy_logits(model, sparsity, routers, steps=NEW - 1):
   return sharding.to_host(run(params, jnp.asarray(toks), jnp.asarray(lengths), state))
 
 
-def check(name, config, tp, dp=1, sparsity_kw=None, routers=None, via_generate=False):
-  """Greedy tokens and every step's logits of the tp model equal the one-device run (same balanced selection)."""
+def check(name, config, tp, dp=1, sparsity_kw=None, routers=None, via_generate=False, fuse=False):
+  """Greedy tokens and every step's logits of the tp model equal the one-device run (same balanced selection).
+  `fuse`: the tp model's projections are fused after sharding (polar_jax.fusion), the reference's are not."""
   ref_model = init_model(config, seed=3)
   mesh = sharding.make_mesh(tp=tp, dp=dp)
   tp_model = sharding.shard_model(init_model(config, seed=3), mesh)
+  if fuse:
+    from jax.sharding import PartitionSpec as P
+    from polar_jax.fusion import fuse_projections
+    fuse_projections(tp_model)
+    for w in (tp_model.layers[0].attn.qkv_proj.kernel[...], tp_model.layers[1].mlp.gate_up_proj.kernel[...]):
+      assert w.sharding.spec == P(None, "tp"), w.sharding
   tp_sparsity = ref_sparsity = None
   if sparsity_kw is not None:
     tp_sparsity = SparsityConfig(**sparsity_kw)                 # shards=None: the model's tp
@@ -145,6 +152,10 @@ def check_checkpoint():
   with tempfile.TemporaryDirectory() as d:
     save_model(f"{d}/ckpt", ref)
     model = load_model(f"{d}/ckpt", mesh=sharding.make_mesh(tp=2))
+    fused = load_model(f"{d}/ckpt", mesh=sharding.make_mesh(tp=2), fuse=True)
+  qkv = fused.layers[0].attn.qkv_proj.kernel[...]     # 4 groups x (2 query + k + v heads) x 8: whole groups per shard
+  assert qkv.sharding.spec == P(None, "tp") and qkv.addressable_shards[0].data.shape == (32, 64), qkv.sharding
+  tok_f, lg_f = greedy_logits(fused, None, None)
   q = model.layers[0].attn.q_proj.kernel[...]
   assert q.sharding.spec == P(None, "tp") and q.addressable_shards[0].data.shape == (32, 32), q.sharding
   w = model.layers[0].attn.o_proj.kernel[...]
@@ -153,7 +164,8 @@ def check_checkpoint():
   tok_ref, lg_ref = greedy_logits(ref, None, None)
   tok_tp, lg_tp = greedy_logits(model, None, None)
   assert np.array_equal(tok_ref, tok_tp) and np.allclose(lg_ref, lg_tp, atol=2e-5, rtol=1e-5)
-  print("OK checkpoint load_model(mesh=tp2)", flush=True)
+  assert np.array_equal(tok_ref, tok_f) and np.allclose(lg_ref, lg_f, atol=2e-5, rtol=1e-5)
+  print("OK checkpoint load_model(mesh=tp2) and fuse=True", flush=True)
 
 
 def main_single():
@@ -167,6 +179,8 @@ def main_single():
   check("mha tp4 router", MHA, 4, sparsity_kw=dict(attn_density=0.5), routers=mha_r)
   check("gqa tp2 router", GQA, 2, sparsity_kw=dict(attn_density=0.5), routers=gqa_r, via_generate=True)
   check("gqa dp2 tp2 router", GQA, 2, dp=2, sparsity_kw=dict(attn_density=0.5), routers=gqa_r)
+  check("gqa8 tp4 router fused", GQA8, 4, sparsity_kw=dict(attn_density=0.5), routers=random_routers(GQA8),
+        via_generate=True, fuse=True)
   opt_r = random_routers(OPT)
   opt_r.mlp_topk = {8: (40, 24)}                                  # neuron budgets per layer (N = 128)
   check("opt tp2 router+neurons", OPT, 2, sparsity_kw=dict(attn_density=0.5, mlp="router"), routers=opt_r)

@@ -42,6 +42,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--tp", type=int, default=1, help="tensor parallel degree: split heads/KV groups and MLP neurons "
                  "over N devices (polar_jax.sharding)")
   p.add_argument("--dp", type=int, default=1, help="data parallel degree: split the batch over N device groups")
+  p.add_argument("--no-fuse", action="store_true", help="keep separate q/k/v and gate/up projections (default: "
+                 "one fused matmul each, polar_jax.fusion)")
   sp = p.add_argument_group("Polar Sparsity (decode only; prefill stays dense)")
   sp.add_argument("--routers", help="router directory from polar-train-routers, or 'default' (shipped SmolLM2)")
   sp.add_argument("--attn-density", type=float, default=None, help="fraction of KV groups kept per row, (0, 1]")
@@ -94,7 +96,7 @@ def main(argv=None) -> int:
     if args.tp * args.dp > 1:
       from polar_jax import sharding
       mesh = sharding.make_mesh(tp=args.tp, dp=args.dp)
-    model = polar_jax.load_model(args.ckpt, dtype=args.dtype, mesh=mesh)
+    model = polar_jax.load_model(args.ckpt, dtype=args.dtype, mesh=mesh, fuse=not args.no_fuse)
     tok = polar_jax.load_tokenizer(args.ckpt)
     routers = polar_jax.load_routers(routers_dir, model) if routers_dir is not None else None
     ids = encode_prompts(tok, prompts, chat=args.chat)
