@@ -93,6 +93,7 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR / "profile.jsonl")
   p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (kernels of every device are summed)")
+  p.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up projections (default: fused)")
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
   if args.smoke:
@@ -102,6 +103,9 @@ def main(argv=None) -> int:
   if args.tp > 1:
     from polar_jax import sharding
     model = sharding.shard_model(model, sharding.make_mesh(tp=args.tp))
+  if not args.no_fuse:
+    from polar_jax.fusion import fuse_projections
+    fuse_projections(model)
   routers = e2e.random_routers(config) if any(d < 1 for d in args.densities) else None
   ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.prompt)).astype(np.int32)
   prov = common.provenance()
@@ -118,7 +122,7 @@ def main(argv=None) -> int:
     for name, ms in list(steps.items())[:args.top]:
       print(f"  {ms:8.4f} ms {100 * ms / total:5.1f}%  {name[:110]}")
     common.append_jsonl(args.out, [dict(prov, kind="step_profile", model=args.model, B=args.batch,
-                                        prompt=args.prompt, density=density, tp=args.tp, kernel=name, ms_per_step=ms,
+                                        prompt=args.prompt, density=density, tp=args.tp, fused=not args.no_fuse, kernel=name, ms_per_step=ms,
                                         step_kernel_ms=total) for name, ms in steps.items()])
   return 0
 

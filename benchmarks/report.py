@@ -60,15 +60,16 @@ def e2e_table(recs: list[dict]) -> str:
     latest[key] = r
   dense = {(k[0], k[2], k[3], k[6], k[7]): r["decode_tok_s"] for k, r in latest.items()
            if k[1] == "polar_jax" and k[4] == 1.0 and k[5] == "dense"}
-  out = ["| model | system | tp | B | prompt | attn density | MLP | decode tok/s | x our dense | ms/step | roofline | "
-         "device | date |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  out = ["| model | system | tp | B | prompt | attn density | MLP | projections | decode tok/s | x our dense | ms/step | "
+         "roofline | device | date |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for k, r in sorted(latest.items(), key=lambda kv: (kv[0][0], kv[0][7], kv[0][6], kv[0][3], kv[0][2], kv[0][1],
                                                       -kv[0][4], kv[0][5])):
     frac = "" if r.get("roofline_frac") is None else f"{r['roofline_frac']:.2f}"
     base = dense.get((k[0], k[2], k[3], k[6], k[7]))
     ratio = f"{r['decode_tok_s'] / base:.2f}" if base else ""
+    proj = "" if r["system"] != "polar_jax" else ("fused" if r.get("fused") else "separate")   # polar_jax.fusion
     out.append(f"| {r['model']} | {r['system']} | {r.get('tp', 1)} | {r['B']} | {r['prompt']} | {r['density']:g} | "
-               f"{r['mlp']} | {r['decode_tok_s']:.1f} | {ratio} | {r['ms_per_step']:.2f} | {frac} | "
+               f"{r['mlp']} | {proj} | {r['decode_tok_s']:.1f} | {ratio} | {r['ms_per_step']:.2f} | {frac} | "
                f"{r['device'].replace('NVIDIA ', '')} | {r['date'][:10]} |")
   return "\n".join(out)
 
