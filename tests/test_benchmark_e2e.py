@@ -16,6 +16,16 @@ def test_decode_rate_and_roofline_arithmetic():
     e2e.decode_rate(batch=1, n1=8, n2=8, t1=1.0, t2=2.0)
 
 
+def test_time_fn_statistics():
+  from benchmarks import common
+  import time
+  delays = iter([0.0, 0.0, 0.03, 0.0, 0.01])      # warm-up, then 0.0 / 0.03 / 0.0 / 0.01 s of extra time
+  fn = lambda: time.sleep(next(delays))  # noqa: E731
+  assert common.time_fn(fn, warmup=1, iters=4, stat="min") < 0.005
+  with pytest.raises(ValueError, match="stat"):
+    common.time_fn(lambda: None, warmup=0, iters=1, stat="mean")
+
+
 def test_kv_bytes_follow_density_and_window():
   cfg = e2e.MODELS["llama2-7b"]
   full = e2e.kv_bytes_per_step(cfg, 16, 2036.0, 2)
@@ -45,6 +55,7 @@ def test_smoke_run_writes_records(tmp_path):
   for key in ("device", "jax", "date", "commit", "system", "model", "B", "prompt", "density", "mlp",
               "decode_tok_s", "ms_per_step", "prefill_ms", "peak_mem_gb", "roofline_frac", "copy_tbps"):
     assert key in r
+  assert r["fused"] is True and r["timing"] == "min" and r["n2"] > r["n1"]
   assert r["system"] == "polar_jax" and r["decode_tok_s"] > 0 and r["copy_tbps"] > 0
   assert (tmp_path / "e2e.png").stat().st_size > 1000
 
