@@ -251,8 +251,11 @@ class LayerBench:
 
   @classmethod
   def create(cls, config: ModelConfig, batch: int, seq: int, dtype, timing: Timing, ragged=False,
-             implementation=None) -> "LayerBench":
+             implementation=None, fuse=True) -> "LayerBench":
     model = random_one_layer(config, dtype)
+    if fuse:   # one q|k|v and one gate|up matmul, as the end-to-end step (polar_jax.fusion)
+      from polar_jax.fusion import fuse_projections
+      fuse_projections(model)
     shape = (batch, config.num_kv_heads, seq, config.head_dim)
     k = random_cache(jax.random.key(1), shape, jnp.dtype(dtype))
     v = random_cache(jax.random.key(2), shape, jnp.dtype(dtype))
@@ -346,7 +349,8 @@ def run_layers(args, name: str, config: ModelConfig, timing: Timing, copy_tbps: 
   records = []
   for batch in args.batch:
     for seq in args.seq:
-      bench = LayerBench.create(config, batch, seq, jnp.dtype(args.dtype), timing, args.ragged, args.implementation)
+      bench = LayerBench.create(config, batch, seq, jnp.dtype(args.dtype), timing, args.ragged, args.implementation,
+                                not args.no_fuse)
       dense_ms = None
       for s in layer_settings(name, config, batch, seq, args.densities, args.mlp, args.mlp_layers, table):
         rec = measure_layer(bench, s, table, timing, copy_tbps)
@@ -437,7 +441,8 @@ def run_router_cost(args, name: str, config: ModelConfig, timing: Timing, sink) 
   mlps = ["dense"] + (["router"] if "router" in args.mlp and has_neuron_mlp(config) else [])
   records = []
   for batch in args.router_batch:
-    bench = LayerBench.create(config, batch, args.router_seq, dtype, timing, args.ragged, args.implementation)
+    bench = LayerBench.create(config, batch, args.router_seq, dtype, timing, args.ragged, args.implementation,
+                              not args.no_fuse)
     layer_ms, counts = {}, {}
     for mlp in mlps:
       iso = isolated_router_ms(config, batch, args.router_density, mlp, table, dtype, timing)
@@ -503,6 +508,7 @@ def parse_args(argv=None):
   p.add_argument("--dtype", default="bfloat16")
   p.add_argument("--implementation", default=None, choices=["pallas", "xla"], help="kernels (default: platform)")
   p.add_argument("--no-layers", action="store_true", help="skip the layer benchmark")
+  p.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up projections (default: fused)")
   p.add_argument("--router-cost", action="store_true", help="time the routers of the whole model")
   p.add_argument("--router-batch", nargs="+", type=int, default=[16, 32])
   p.add_argument("--router-seq", type=int, default=2048, help="cache slots of the in-situ layer")
@@ -528,7 +534,7 @@ def main(argv=None) -> int:
   print(f"{prov['device']} jax {prov['jax']}: copy bandwidth {copy_tbps:.2f} TB/s", flush=True)
 
   def sink(rec):
-    rec = dict(prov, dtype=args.dtype, ragged=args.ragged, **rec)
+    rec = dict(prov, dtype=args.dtype, ragged=args.ragged, fused=not args.no_fuse, **rec)
     common.append_jsonl(args.out, [rec])     # written as measured: a cut-off run keeps its rows
     print_row(rec)
     return rec

@@ -64,6 +64,7 @@ def test_smoke_run_writes_records(tmp_path):
               "copy_tbps", "roofline_frac", "speedup_vs_dense", "kv_bytes", "weight_bytes", "groups"):
     assert all(key in r for r in layers), key
   assert all(r["ms"] > 0 and r["tbps"] > 0 and r["copy_tbps"] > 0 for r in layers)
+  assert all(r["fused"] is True for r in recs)                # projections fused by default (polar_jax.fusion)
   for model in ("tiny", "tiny-opt"):
     rows = [r for r in layers if r["model"] == model]
     assert {r["density"] for r in rows} == {1.0, 0.5}
