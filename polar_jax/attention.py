@@ -17,6 +17,7 @@ from flax import nnx
 import pallas_kernels
 from polar_jax import kv_cache, rope
 from polar_jax.config import ModelConfig
+from polar_jax.fusion import split_qkv
 from polar_jax.layers import Linear
 
 # Query rows processed at once by the XLA prefill attention, bounding its score buffer.
@@ -79,14 +80,13 @@ class Attention(nnx.Module):
 
   def _qkv(self, x_btd, positions_bt):
     b, t, _ = x_btd.shape
-    if self.qkv_proj is not None:     # columns [group g: its r query heads, its key head, its value head]
-      g, r = self.num_kv_heads, self.num_heads // self.num_kv_heads
-      y = self.qkv_proj(x_btd).reshape(b, t, g, r + 2, self.head_dim)
-      q, k, v = y[:, :, :, :r].reshape(b, t, g * r, self.head_dim), y[:, :, :, r], y[:, :, :, r + 1]
+    if self.qkv_proj is not None:
+      q, k, v = split_qkv(self.qkv_proj(x_btd), self.num_heads, self.num_kv_heads, self.head_dim)
     else:
-      q = self.q_proj(x_btd).reshape(b, t, self.num_heads, self.head_dim)
-      k = self.k_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
-      v = self.v_proj(x_btd).reshape(b, t, self.num_kv_heads, self.head_dim)
+      q, k, v = self.q_proj(x_btd), self.k_proj(x_btd), self.v_proj(x_btd)
+    q = q.reshape(b, t, self.num_heads, self.head_dim)
+    k = k.reshape(b, t, self.num_kv_heads, self.head_dim)
+    v = v.reshape(b, t, self.num_kv_heads, self.head_dim)
     if self.use_rope:
       cos, sin = rope.rope_cos_sin(positions_bt, np.asarray(self.inv_freq, np.float32))
       q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)

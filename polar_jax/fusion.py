@@ -11,10 +11,10 @@ projections twice):
   * gated MLP: `gate_up_proj` `[d, 2F]` with neuron-major columns (neuron n: gate, then up), which also splits
     over tp by neurons, matching `down_proj`'s rows.
 
-Results equal the unfused model's up to float32 summation order. ReLU (OPT) MLPs keep their per-neuron
-`[N, d]` weights (the neuron router gathers rows of them). A fused model computes exactly like the checkpoint's,
-but its parameter names differ from the checkpoint contract: `split_projections` undoes the fusion (e.g.
-before `polar_jax.save_model`).
+The layouts live here once: `split_qkv` / `split_gate_up` split a fused projection's output (what `Attention` and
+`GatedMLP` call) or a fused kernel's columns (what `unfused_params` does for `polar_jax.save_model`, which writes
+the checkpoint's separate names for a fused model too). Results equal the unfused model's up to float32 summation
+order. ReLU (OPT) MLPs keep their per-neuron `[N, d]` weights (the neuron router gathers rows of them).
 """
 
 from __future__ import annotations
@@ -24,6 +24,32 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from polar_jax.layers import Linear
+
+
+def fuse_qkv(q, k, v, num_kv_heads: int):
+  """`[..., G*r*D]`, `[..., G*D]`, `[..., G*D]` columns -> the KV-group-major `[..., G*(r+2)*D]`."""
+  lead, g = q.shape[:-1], num_kv_heads
+  parts = (q.reshape(*lead, g, -1), k.reshape(*lead, g, -1), v.reshape(*lead, g, -1))
+  return jnp.concatenate(parts, axis=-1).reshape(*lead, -1)
+
+
+def split_qkv(y, num_heads: int, num_kv_heads: int, head_dim: int):
+  """The inverse of `fuse_qkv`: `[..., G*(r+2)*D]` -> q `[..., Hq*D]`, k, v `[..., G*D]`."""
+  lead, g, r = y.shape[:-1], num_kv_heads, num_heads // num_kv_heads
+  y = y.reshape(*lead, g, r + 2, head_dim)
+  return (y[..., :r, :].reshape(*lead, g * r * head_dim), y[..., r, :].reshape(*lead, g * head_dim),
+          y[..., r + 1, :].reshape(*lead, g * head_dim))
+
+
+def fuse_gate_up(gate, up):
+  """`[..., F]`, `[..., F]` -> the neuron-major `[..., 2F]` (gate, up of neuron 0, then of neuron 1, ...)."""
+  return jnp.stack([gate, up], axis=-1).reshape(*gate.shape[:-1], 2 * gate.shape[-1])
+
+
+def split_gate_up(y):
+  """The inverse of `fuse_gate_up`: `[..., 2F]` -> gate, up `[..., F]`."""
+  pairs = y.reshape(*y.shape[:-1], -1, 2)
+  return pairs[..., 0], pairs[..., 1]
 
 
 def is_fused(model) -> bool:
@@ -40,30 +66,9 @@ def _placed(fn, *arrays, spec):
   return jax.jit(fn)(*arrays)
 
 
-def _qkv_columns(config):
-  """(fuse, split): q, k, v columns <-> the KV-group-major fused columns, for `config`'s heads."""
-  g, r, hd = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
-
-  def fuse(q, k, v):   # [..., G*r*D], [..., G*D], [..., G*D] -> [..., G*(r+2)*D]
-    lead = q.shape[:-1]
-    parts = (q.reshape(*lead, g, r * hd), k.reshape(*lead, g, hd), v.reshape(*lead, g, hd))
-    return jnp.concatenate(parts, axis=-1).reshape(*lead, g * (r + 2) * hd)
-
-  def split(y):
-    lead = y.shape[:-1]
-    y = y.reshape(*lead, g, (r + 2) * hd)
-    return (y[..., :r * hd].reshape(*lead, g * r * hd), y[..., r * hd:(r + 1) * hd].reshape(*lead, g * hd),
-            y[..., (r + 1) * hd:].reshape(*lead, g * hd))
-  return fuse, split
-
-
-def _interleave(a, b):
-  return jnp.stack([a, b], axis=-1).reshape(*a.shape[:-1], 2 * a.shape[-1])
-
-
 def fuse_projections(model):
   """Fuses every layer's q/k/v (and gated-MLP gate/up) projections in place; returns the model. Idempotent."""
-  fuse, _ = _qkv_columns(model.config)
+  fuse = lambda q, k, v: fuse_qkv(q, k, v, model.config.num_kv_heads)  # noqa: E731
   for layer in model.layers:
     attn = layer.attn
     if attn.qkv_proj is None:
@@ -76,7 +81,7 @@ def fuse_projections(model):
       attn.q_proj = attn.k_proj = attn.v_proj = None
     mlp = layer.mlp
     if hasattr(mlp, "gate_up_proj") and mlp.gate_up_proj is None:
-      kernel = _placed(_interleave, mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...], spec=P(None, "tp"))
+      kernel = _placed(fuse_gate_up, mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...], spec=P(None, "tp"))
       mlp.gate_up_proj = Linear(kernel.shape[0], kernel.shape[1], bias=False, dtype=kernel.dtype,
                                 values=(kernel, None))
       mlp.gate_proj = mlp.up_proj = None
@@ -86,43 +91,17 @@ def fuse_projections(model):
 def unfused_params(config, params: dict[str, jax.Array]) -> dict[str, jax.Array]:
   """Flat `{name: array}` parameters with any fused projection split back into the checkpoint's names (a new
   dict; arrays not fused are passed through)."""
-  _, split = _qkv_columns(config)
   out = {}
   for name, value in params.items():
     prefix, _, leaf = name.rpartition(".")
     if prefix.endswith("attn.qkv_proj"):
-      base = prefix[:-len("qkv_proj")]
-      for proj, part in zip(("q_proj", "k_proj", "v_proj"), split(value)):
-        out[f"{base}{proj}.{leaf}"] = part
+      parts = split_qkv(value, config.num_heads, config.num_kv_heads, config.head_dim)
+      names = ("q_proj", "k_proj", "v_proj")
     elif prefix.endswith("mlp.gate_up_proj"):
-      base = prefix[:-len("gate_up_proj")]
-      pairs = value.reshape(*value.shape[:-1], -1, 2)
-      out[f"{base}gate_proj.{leaf}"], out[f"{base}up_proj.{leaf}"] = pairs[..., 0], pairs[..., 1]
+      parts, names = split_gate_up(value), ("gate_proj", "up_proj")
     else:
       out[name] = value
+      continue
+    base = prefix.rpartition(".")[0]
+    out.update({f"{base}.{proj}.{leaf}": part for proj, part in zip(names, parts)})
   return out
-
-
-def split_projections(model):
-  """Undoes `fuse_projections` in place (the checkpoint's q/k/v and gate/up parameters); returns the model."""
-  _, split = _qkv_columns(model.config)
-  for layer in model.layers:
-    attn = layer.attn
-    if attn.qkv_proj is not None:
-      fused = attn.qkv_proj
-      kernels = [_placed(lambda y, i=i: split(y)[i], fused.kernel[...], spec=P(None, "tp")) for i in range(3)]
-      biases = ([None] * 3 if fused.bias is None else
-                [_placed(lambda y, i=i: split(y)[i], fused.bias[...], spec=P("tp")) for i in range(3)])
-      attn.q_proj, attn.k_proj, attn.v_proj = (
-          Linear(k.shape[0], k.shape[1], bias=b is not None, dtype=k.dtype, values=(k, b))
-          for k, b in zip(kernels, biases))
-      attn.qkv_proj = None
-    mlp = layer.mlp
-    if getattr(mlp, "gate_up_proj", None) is not None:
-      w = mlp.gate_up_proj.kernel[...]
-      gate, up = (_placed(lambda y, i=i: y.reshape(*y.shape[:-1], -1, 2)[..., i], w, spec=P(None, "tp"))
-                  for i in range(2))
-      mlp.gate_proj, mlp.up_proj = (Linear(x.shape[0], x.shape[1], bias=False, dtype=x.dtype, values=(x, None))
-                                    for x in (gate, up))
-      mlp.gate_up_proj = None
-  return model

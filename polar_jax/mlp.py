@@ -8,6 +8,7 @@ from flax import nnx
 
 import pallas_kernels
 from polar_jax.config import ModelConfig
+from polar_jax.fusion import split_gate_up
 from polar_jax.layers import Linear, _normal
 
 ACTIVATIONS = {
@@ -31,11 +32,10 @@ class GatedMLP(nnx.Module):
   def __call__(self, x):
     act = ACTIVATIONS[self.activation]
     if self.gate_up_proj is not None:
-      y = self.gate_up_proj(x, jnp.float32)
-      y = y.reshape(*y.shape[:-1], y.shape[-1] // 2, 2)
-      h = act(y[..., 0]) * y[..., 1]
+      gate, up = split_gate_up(self.gate_up_proj(x, jnp.float32))
     else:
-      h = act(self.gate_proj(x, jnp.float32)) * self.up_proj(x, jnp.float32)
+      gate, up = self.gate_proj(x, jnp.float32), self.up_proj(x, jnp.float32)
+    h = act(gate) * up
     return self.down_proj(h.astype(x.dtype))
 
 
