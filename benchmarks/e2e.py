@@ -81,6 +81,19 @@ def random_model(config: ModelConfig, dtype, seed: int = 0):
   return randomize(abstract_model(config, dtype=dtype), seed)
 
 
+def prepared_model(config: ModelConfig, dtype, *, tp: int = 1, dp: int = 1, fuse: bool = True):
+  """The benchmarked model: random weights, sharded over a dp x tp mesh when that is more than one device, and
+  with fused projections (`polar_jax.fusion`) unless `fuse` is False."""
+  model = random_model(config, dtype)
+  if tp * dp > 1:
+    from polar_jax import sharding
+    model = sharding.shard_model(model, sharding.make_mesh(tp=tp, dp=dp))
+  if fuse:
+    from polar_jax.fusion import fuse_projections
+    fuse_projections(model)
+  return model
+
+
 def weight_bytes_per_step(config: ModelConfig, model) -> int:
   """Bytes of weights a decode step reads: every parameter except an untied input embedding table."""
   from flax import nnx
@@ -341,13 +354,8 @@ def main(argv=None) -> int:
   for name in args.models:
     config = MODELS[name]
     run_ours = "polar_jax" in args.systems
-    model = random_model(config, jnp.dtype(args.dtype)) if run_ours else None
-    if model is not None and args.tp * args.dp > 1:   # tensor / data parallel over tp x dp devices
-      from polar_jax import sharding
-      model = sharding.shard_model(model, sharding.make_mesh(tp=args.tp, dp=args.dp))
-    if model is not None and not args.no_fuse:
-      from polar_jax.fusion import fuse_projections
-      fuse_projections(model)
+    model = (prepared_model(config, jnp.dtype(args.dtype), tp=args.tp, dp=args.dp, fuse=not args.no_fuse)
+             if run_ours else None)
     sparse_needed = any(d < 1 for d in args.densities) or "router" in args.mlp
     topk = read_mlp_topk(args.mlp_topk_dir) if "router" in args.mlp and config.mlp == "relu_mlp" else None
     routers = random_routers(config, mlp_topk=topk) if sparse_needed and run_ours else None

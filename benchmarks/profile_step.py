@@ -99,13 +99,7 @@ def main(argv=None) -> int:
   if args.smoke:
     args.model, args.batch, args.prompt, args.n1, args.n2, args.dtype = "tiny", 2, 16, 2, 6, "float32"
   config = e2e.MODELS[args.model]
-  model = e2e.random_model(config, jnp.dtype(args.dtype))
-  if args.tp > 1:
-    from polar_jax import sharding
-    model = sharding.shard_model(model, sharding.make_mesh(tp=args.tp))
-  if not args.no_fuse:
-    from polar_jax.fusion import fuse_projections
-    fuse_projections(model)
+  model = e2e.prepared_model(config, jnp.dtype(args.dtype), tp=args.tp, fuse=not args.no_fuse)
   routers = e2e.random_routers(config) if any(d < 1 for d in args.densities) else None
   ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.prompt)).astype(np.int32)
   prov = common.provenance()
