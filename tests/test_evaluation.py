@@ -495,6 +495,10 @@ def test_plan_budget():
   assert plan_budget(delta, 3, total_groups=9) == [3, 3, 2, 1]       # cost 0.07 beats [3, 2, 2, 2] (0.071)
   assert plan_budget(delta, 3, max_nll=0.03) == [3, 3, 2, 2]         # 7 groups, predicted 0.021
   assert budget_spec([3, 3, 2, 1], 3, default_k=2) == "1:1,3:0.34"
+  from polar_jax.evaluation.sensitivity import density_of
+  from polar_jax.sparsity import groups_for_density
+  for g in (2, 3, 4, 8, 9, 32):                                      # the --per-layer text maps back to k
+    assert all(groups_for_density(density_of(k, g), g) == k for k in range(1, g + 1))
 
 
 def test_sensitivity_report_plans_a_budget_for_each_ppl_target(tiny, monkeypatch):

@@ -172,12 +172,14 @@ def plan_budget(delta_by_k: dict[int, Sequence[float | None]], num_groups: int, 
   return out
 
 
+def density_of(k: int, num_groups: int) -> float:
+  """The 2-decimal density that keeps k of `num_groups` groups (`sparsity.groups_for_density` maps it back to k)."""
+  return 1 if k >= num_groups else round(k / num_groups + 0.005, 2)
+
+
 def budget_spec(ks: Sequence[int], num_groups: int, default_k: int) -> str:
   """`--per-layer` text for a plan: the layers whose k differs from `default_k`, as "layer:density"."""
-  from polar_jax.sparsity import groups_for_density
-  dens = {k: round(k / num_groups + 0.005, 2) if k < num_groups else 1 for k in range(1, num_groups + 1)}
-  assert all(groups_for_density(dens[k], num_groups) == k for k in dens)
-  return ",".join(f"{i}:{dens[k]:g}" for i, k in enumerate(ks) if k != default_k and i > 0)
+  return ",".join(f"{i}:{density_of(k, num_groups):g}" for i, k in enumerate(ks) if k != default_k and i > 0)
 
 
 def sensitivity_report(model, tokenizer, *, selectors: Sequence[str], densities: Sequence[float], routers=None,
@@ -207,15 +209,15 @@ def sensitivity_report(model, tokenizer, *, selectors: Sequence[str], densities:
     common = {"selector": selector, "data": f"router training text (train split), {len(wins)} windows of 256 "
               f"tokens, first {PPL_PREFIX} dense", "tokens": sens[1]["tokens"], "dense_nll": base}
     out.append({**common, "kind": "layer_sensitivity", "delta_by_k": {str(k): v["delta"] for k, v in sens.items()}})
+    delta_by_k = {k: v["delta"] for k, v in sens.items()}
     plans = []
     for d in sorted({float(d) for d in densities if float(d) < 1.0}, reverse=True):
       uniform = SparsityConfig(attn_density=d, dense_layers=tuple(dense_layers)).layer_groups(cfg)
       total = sum(g if k is None else k for k in uniform)
-      plans.append((f"equal-cost-{d:g}", d, plan_budget({k: v["delta"] for k, v in sens.items()}, g,
-                                                      total_groups=total), uniform))
+      plans.append((f"equal-cost-{d:g}", d, plan_budget(delta_by_k, g, total_groups=total), uniform))
     for ratio in ratios:
       plans.append((f"ppl-{round(100 * (ratio - 1), 6):g}pct", None,
-                    plan_budget({k: v["delta"] for k, v in sens.items()}, g, max_nll=math.log(ratio)), None))
+                    plan_budget(delta_by_k, g, max_nll=math.log(ratio)), None))
     for name, d, ks, uniform in plans:
       checked, _ = budget_nll(model, wins, ks, selector=selector, routers=routers, sparse_from=PPL_PREFIX)
       row = {**common, "kind": "budget", "name": name, "k_per_layer": ks,
@@ -228,6 +230,6 @@ def sensitivity_report(model, tokenizer, *, selectors: Sequence[str], densities:
                    per_layer=budget_spec(ks, g, default_k))
       else:
         default_k = max(set(ks[1:]), key=ks[1:].count)
-        row.update(density=round(default_k / g + 0.005, 2), per_layer=budget_spec(ks, g, default_k))
+        row.update(density=density_of(default_k, g), per_layer=budget_spec(ks, g, default_k))
       out.append(row)
   return out
