@@ -24,13 +24,14 @@ from pallas_kernels import gather_matmul_triton
 A = AttentionConfig
 # (B, S, Hq, Hkv, K): configs as (block_k, num_splits, num_warps, num_stages).
 ATTENTION_SWEEP = {
-    (64, 4096, 32, 32, 32): [(32, 1, 4, 3), (64, 1, 4, 2), (32, 1, 4, 4),
-                             (64, 1, 2, 3), (32, 1, 2, 3), (128, 1, 4, 2),
-                             (64, 2, 4, 3)],
-    (16, 1024, 32, 32, 16): [(32, 4, 4, 3), (64, 2, 4, 3), (32, 2, 4, 3),
-                             (64, 4, 2, 3), (32, 8, 4, 3)],
-    (64, 4096, 32, 8, 5): [(32, 4, 4, 3), (64, 4, 2, 3), (64, 8, 4, 3),
-                           (128, 4, 4, 2), (64, 2, 4, 3)],
+    # Session 4: the decode step's shapes (LLaMA-2-7B B32/B16 prompt ~2000 at density 0.5 and dense, Llama-3.1-8B
+    # B32 prompt 4000 at 0.625): num_splits 1 = the direct kernel (no merge/normalise/scatter after it) against
+    # the split-K kernel and its XLA epilogue, and the direct kernel's pipeline depth. Earlier sweeps' shapes and
+    # results: results/kernels_sweep.jsonl.
+    (32, 2048, 32, 32, 16): [(64, 1, 4, 4), (64, 3, 4, 3), (64, 2, 4, 3), (32, 1, 4, 3), (64, 1, 2, 3)],
+    (16, 2048, 32, 32, 16): [(64, 1, 4, 4), (32, 1, 4, 4), (64, 5, 4, 3), (32, 1, 4, 3)],
+    (32, 2048, 32, 32, 32): [(64, 1, 4, 4), (64, 2, 4, 3)],
+    (32, 4096, 32, 8, 5): [(64, 1, 4, 4), (64, 7, 4, 3), (64, 2, 4, 3)],
 }
 # (block_n, block_k, splits_factor, warps, stages); splits = heuristic splits for
 # that (block_n, block_k) times splits_factor.

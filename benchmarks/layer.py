@@ -310,7 +310,7 @@ def layer_bytes(bench: LayerBench, decode, steps: int) -> dict[str, float]:
                          itemsize)
   weights = layer_weight_bytes(layer, neuron_k_of(decode))
   routed = isinstance(decode, SparseDecode)
-  rb = router_bytes(config, routed and decode.head_graphdef is not None, neuron_k_of(decode) is not None, itemsize)
+  rb = router_bytes(config, routed and decode.head_router, neuron_k_of(decode) is not None, itemsize)
   return dict(bytes=weights + kv, kv_bytes=kv, weight_bytes=weights, router_bytes=rb)
 
 
@@ -375,7 +375,7 @@ def routed_layers(decode) -> tuple[int, int]:
   """(layers with a head router, layers with a neuron router) in a step of `decode`."""
   if not isinstance(decode, SparseDecode):
     return 0, 0
-  heads = sum(k is not None for k in decode.groups) if decode.head_graphdef is not None else 0
+  heads = sum(k is not None for k in decode.groups) if decode.head_router else 0
   neurons = 0 if decode.neuron_k is None else sum(k is not None for k in decode.neuron_k)
   return heads, neurons
 

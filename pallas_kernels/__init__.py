@@ -1,7 +1,8 @@
 """Pallas GPU kernels for Polar Sparsity decoding, each with an XLA reference.
 
 Public ops (implementation=None picks "pallas" on GPU, "xla" elsewhere):
-  selective_decode_attention: split-K decode attention over selected KV groups.
+  selective_decode_attention: decode attention over selected KV groups (direct kernel writing the
+    normalised output in place, or split-K + merge where B x K is small).
   merge_attention_partials: merges (o, m, l) residuals of disjoint partials.
   gather_matmul_cols: act(x @ w_in[idx].T + bias[idx]) (first MLP matmul).
   gather_matmul_rows: h @ w_out[idx] + bias (second MLP matmul).

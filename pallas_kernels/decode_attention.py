@@ -89,6 +89,11 @@ def _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, *, scale,
   B, Hq, D = q.shape
   Hkv = k_cache.shape[1]
   dense = group_idx is None
+  if config.num_splits == 1 and not return_residuals:
+    # One program per (row, group), normalised output in place: no merge, normalise or scatter after it.
+    return _triton.decode_attention_triton_direct(
+        q, k_cache, v_cache, lengths, None if dense else group_idx, kv_start, scale=scale, config=config,
+        interpret=interpret)
   if dense:
     group_idx = jnp.broadcast_to(jnp.arange(Hkv, dtype=jnp.int32), (B, Hkv))
   group_idx = jnp.clip(group_idx.astype(jnp.int32), 0, Hkv - 1)

@@ -1,15 +1,18 @@
-"""Selective split-K decode attention as a Pallas kernel on the Triton backend.
+"""Selective decode attention as Pallas kernels on the Triton backend.
 
-One program per (row b, selected group j, split s). It reads the group id from
-`group_idx[b, j]` inside the kernel and streams that group's K/V blocks straight
-from the full head-major cache (no gathered copy), computing all query heads of
-the group at once (rows padded to >= 16 for the tensor-core dot; padded rows
-duplicate the last real row and are never stored apart from it). Each split
-covers an equal share of the row's own key range [kv_start, length): blocks
-outside it are never visited. Full key blocks use contiguous unmasked loads
-(the masked integer-index path capped the kernel at ~0.75 of copy bandwidth on
-H100); only the row's last partial block is masked. The splits are merged in
-XLA (max-rescale and sum).
+Two kernels share one streaming loop (`_stream`):
+- split-K (`decode_attention_triton`): one program per (row b, selected group j, split s), writing float32
+  partials (o, m, l) of the selected groups only; the splits are merged in XLA and the decode step
+  places the normalised groups at their heads. Used where B x K alone would leave SMs idle.
+- direct (`decode_attention_triton_direct`): one program per (row b, group g) over *every* group, no split. A
+  program whose group row b did not select writes zeros and streams nothing; a selected one streams its
+  group and writes the normalised output in q's dtype straight into `[B, Hq, D]`. So the decode step needs no
+  merge, no normalise and no scatter into zeros after the kernel (four small XLA kernels per layer fewer).
+Each program reads its group id inside the kernel (from `group_idx`, no gathered copy) and streams that
+group's K/V blocks straight from the full head-major cache, computing all query heads of the group at once
+(rows padded to >= 16 for the tensor-core dot; padded rows duplicate the last real row and are never stored
+apart from it). Full key blocks use contiguous unmasked loads (the masked integer-index path capped the
+kernel at ~0.75 of copy bandwidth on H100); only the row's last partial block is masked.
 """
 from __future__ import annotations
 
@@ -26,6 +29,16 @@ from pallas_kernels import _platform
 from pallas_kernels.decode_attention_xla import M_EMPTY
 
 
+# Selected (row, group) programs per SM from which keys are not split (the direct kernel). Measured on one H100
+# (`kernels.py --sweep`, all kernels of the op): direct vs split-K + merge/scatter at B32 K16 S2048 0.190 vs
+# 0.189 ms, B16 K16 0.099 vs 0.100, dense B32 0.354 vs 0.361, GQA B32 K5 S4096 (160 programs) 0.116 vs 0.125.
+DIRECT_PROGRAMS_PER_SM = 1
+# ... and from which the direct kernel pipelines 4 key blocks instead of 3. Measured on H100s: B32 K16 S2048
+# 0.179 vs 0.183 ms isolated, in the LLaMA-2-7B B32 density 0.5 step 5.60 vs 5.94 ms of attention (two machines);
+# at 160 programs (GQA B32 K5) 4 stages were slower (0.125 vs 0.112 ms: one program per SM leaves a tail wave).
+DEEP_PIPELINE_PROGRAMS_PER_SM = 3
+
+
 @dataclasses.dataclass(frozen=True)
 class AttentionConfig:
   block_k: int  # keys per loop iteration (power of two >= 16)
@@ -40,7 +53,9 @@ def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
 
   The split count is sized from the selected work (B * K programs), so that small
   batches or low densities still put several programs on every SM, while keeping
-  at least `min_blocks_per_split` key blocks in every split. Tuned on one H100
+  at least `min_blocks_per_split` key blocks in every split. With at least
+  `DIRECT_PROGRAMS_PER_SM` selected (row, group) programs per SM, no split (1 split selects the direct
+  kernel in `selective_decode_attention`). Tuned on one H100
   (bf16, D=128): block_k 32/64/128 and 2/4 warps were within 3% of each other
   at B64 S4096; 8 warps and (block_k 128, 4 warps, masked loads) were slower.
   """
@@ -55,8 +70,13 @@ def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
   target_programs = 8 * num_sms
   splits = _platform.cdiv(target_programs, work)
   splits = max(1, min(splits, n_blocks // min_blocks_per_split))
+  if work >= DIRECT_PROGRAMS_PER_SM * num_sms:
+    splits = 1   # enough (row, group) programs without splitting keys: the direct kernel, no merge after it
+  # A 4-deep pipeline (128 KB of shared memory: one program per SM) where the direct kernel has >= 3 waves of
+  # programs anyway; 3 stages (two programs per SM) below, where a second program per SM fills the tail.
+  deep = splits == 1 and work >= DEEP_PIPELINE_PROGRAMS_PER_SM * num_sms
   return AttentionConfig(block_k=block_k, num_splits=splits, num_warps=4,
-                         num_stages=3)
+                         num_stages=4 if deep else 3)
 
 
 def _precision(a):
@@ -64,20 +84,18 @@ def _precision(a):
   return lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
 
 
-def _attention_kernel(gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref,
-                      o_ref, m_ref, l_ref, *, scale: float, group_size: int,
-                      head_dim: int, block_g: int, block_d: int, block_k: int,
-                      num_splits: int):
-  """q_ref [Hq, D], k_ref/v_ref [Hkv, S, D] of row b; o_ref [G, D], m/l [G]."""
-  b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  num_kv_heads, seq_len, _ = k_ref.shape
-  group = jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1)
-  length = jnp.clip(len_ref[b], 0, seq_len)
-  start = jnp.clip(start_ref[b], 0, length)
+def _stream(q_ref, k_ref, v_ref, group, length, start, *, selected, scale: float, group_size: int,
+            head_dim: int, block_g: int, block_d: int, block_k: int, split, num_splits: int):
+  """Online-softmax pass of one group's query heads over its keys [start, length) of one row.
 
+  Streams this split's share of the key blocks (nothing when `selected` is False). Returns
+  (o_gd unnormalised float32, m_g, l_g, rows_g, cols_d): `rows_g`/`cols_d` are the clamped row/column
+  indices of the padded tile, for the stores.
+  """
+  num_kv_heads, seq_len, _ = k_ref.shape
   # Padded query rows / head_dim columns index a clamped copy of the last real
   # row / column, so they compute duplicates of real values; the unmasked stores
-  # below then write identical values to the same address (benign on GPU and in
+  # then write identical values to the same address (benign on GPU and in
   # interpret mode, where a masked store would be a racy read-modify-write).
   rows_g = jnp.minimum(jnp.arange(block_g, dtype=jnp.int32), group_size - 1)
   cols_d = jnp.arange(block_d, dtype=jnp.int32)
@@ -94,7 +112,7 @@ def _attention_kernel(gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref,
     q_gd = q_ref[q_index]
 
   n_keys = length - start
-  n_blocks = (n_keys + block_k - 1) // block_k
+  n_blocks = jnp.where(selected, (n_keys + block_k - 1) // block_k, 0)
   per_split = (n_blocks + num_splits - 1) // num_splits
   lo = split * per_split
   hi = jnp.minimum(lo + per_split, n_blocks)
@@ -141,15 +159,68 @@ def _attention_kernel(gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref,
     carry = lax.fori_loop(lo, full_hi, full_body, init)
     o_gd, m_g, l_g = lax.fori_loop(jnp.maximum(full_hi, lo), hi, masked_body,
                                    carry)
+  return o_gd, m_g, l_g, rows_g, cols_d
 
-  if block_g == group_size and not pad_d:
-    o_ref[...] = o_gd
-    m_ref[...] = m_g
-    l_ref[...] = l_g
+
+def _store(ref, value, rows_g, cols_d, whole: bool):
+  """Stores a padded [block_g(, block_d)] tile into its [G(, D)] block."""
+  if whole:
+    ref[...] = value
+  elif value.ndim == 2:
+    ref[rows_g[:, None], cols_d[None, :]] = value
   else:
-    o_ref[rows_g[:, None], cols_d[None, :]] = o_gd
-    m_ref[rows_g] = m_g
-    l_ref[rows_g] = l_g
+    ref[rows_g] = value
+
+
+def _row_bounds(len_ref, start_ref, b, seq_len):
+  length = jnp.clip(len_ref[b], 0, seq_len)
+  return length, jnp.clip(start_ref[b], 0, length)
+
+
+def _attention_kernel(gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref,
+                      o_ref, m_ref, l_ref, *, block_g: int, block_d: int, **kw):
+  """Split-K program (b, j, split): q_ref [Hq, D], k_ref/v_ref [Hkv, S, D] of row b; o_ref [G, D], m/l [G]."""
+  b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  num_kv_heads, seq_len, _ = k_ref.shape
+  group = jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1)
+  length, start = _row_bounds(len_ref, start_ref, b, seq_len)
+  o_gd, m_g, l_g, rows_g, cols_d = _stream(
+      q_ref, k_ref, v_ref, group, length, start, selected=True, block_g=block_g, block_d=block_d,
+      split=split, **kw)
+  whole = block_g == kw["group_size"] and block_d == kw["head_dim"]
+  _store(o_ref, o_gd, rows_g, cols_d, whole)
+  _store(m_ref, m_g, rows_g, cols_d, whole)
+  _store(l_ref, l_g, rows_g, cols_d, whole)
+
+
+def _direct_kernel(*refs, num_selected: int | None, block_g: int, block_d: int, **kw):
+  """Direct program (b, g): refs = ([gidx_ref,] len_ref, start_ref, q_ref, k_ref, v_ref, o_ref), o_ref [G, D] of
+  group g of row b. num_selected None: every group (dense); else group g is computed when one of row b's
+  `num_selected` (clamped) entries of gidx names it, and written as zeros otherwise."""
+  if num_selected is None:
+    gidx_ref, (len_ref, start_ref, q_ref, k_ref, v_ref, o_ref) = None, refs
+  else:
+    gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref, o_ref = refs
+  b, group = pl.program_id(0), pl.program_id(1)
+  num_kv_heads, seq_len, _ = k_ref.shape
+  length, start = _row_bounds(len_ref, start_ref, b, seq_len)
+  selected = True
+  if num_selected is not None:
+    selected = False
+    for j in range(num_selected):   # K scalar reads; K <= Hkv is small
+      selected = selected | (jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1) == group)
+  o_gd, _, l_g, rows_g, cols_d = _stream(
+      q_ref, k_ref, v_ref, group, length, start, selected=selected, block_g=block_g, block_d=block_d,
+      split=0, num_splits=1, **kw)
+  # o / l, and 0 where nothing was attended (l == 0: unselected group or empty key range; o is 0 there too).
+  out_gd = o_gd / jnp.where(l_g > 0, l_g, 1.0)[:, None]
+  whole = block_g == kw["group_size"] and block_d == kw["head_dim"]
+  _store(o_ref, out_gd.astype(o_ref.dtype), rows_g, cols_d, whole)
+
+
+def _kernel_kw(scale, G, D, config):
+  return dict(scale=scale, group_size=G, head_dim=D, block_g=max(16, _platform.next_pow2(G)),
+              block_d=max(16, _platform.next_pow2(D)), block_k=config.block_k)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
@@ -166,11 +237,7 @@ def decode_attention_triton(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
   K = group_idx_BK.shape[1]
   G = Hq // Hkv
   NS = config.num_splits
-  kernel = functools.partial(
-      _attention_kernel, scale=scale, group_size=G, head_dim=D,
-      block_g=max(16, _platform.next_pow2(G)),
-      block_d=max(16, _platform.next_pow2(D)), block_k=config.block_k,
-      num_splits=NS)
+  kernel = functools.partial(_attention_kernel, num_splits=NS, **_kernel_kw(scale, G, D, config))
   whole2 = lambda b, j, s: (0, 0)
   whole1 = lambda b, j, s: (0,)
   o_p, m_p, l_p = pl.pallas_call(
@@ -207,3 +274,43 @@ def decode_attention_triton(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
   l_BKG = jnp.sum(l_p * w_BKNG, axis=2)
   o_BKGD = jnp.sum(o_p * w_BKNG[..., None], axis=2)
   return o_BKGD, m_BKG, l_BKG
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
+def decode_attention_triton_direct(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
+                                   kv_start_B, *, scale: float, config: AttentionConfig,
+                                   interpret: bool):
+  """Normalised output `[B, Hq, D]` in q's dtype, query heads of unselected groups exactly 0.
+
+  One program per (row, group) over all Hkv groups, no key split (`config.num_splits` is ignored);
+  `group_idx_BK` None computes every group.
+  """
+  B, Hq, D = q_BHD.shape
+  _, Hkv, S, _ = k_BHSD.shape
+  G = Hq // Hkv
+  K = None if group_idx_BK is None else group_idx_BK.shape[1]
+  kernel = functools.partial(_direct_kernel, num_selected=K, **_kernel_kw(scale, G, D, config))
+  row = lambda b, g: (0,)
+  in_specs = [
+      pl.BlockSpec((B,), row),
+      pl.BlockSpec((B,), row),
+      pl.BlockSpec((None, Hq, D), lambda b, g: (b, 0, 0)),
+      pl.BlockSpec((None, Hkv, S, D), lambda b, g: (b, 0, 0, 0)),
+      pl.BlockSpec((None, Hkv, S, D), lambda b, g: (b, 0, 0, 0)),
+  ]
+  args = [lengths_B.astype(jnp.int32), kv_start_B.astype(jnp.int32), q_BHD, k_BHSD, v_BHSD]
+  if K is not None:
+    in_specs.insert(0, pl.BlockSpec((B, K), lambda b, g: (0, 0)))
+    args.insert(0, group_idx_BK.astype(jnp.int32))
+  out = pl.pallas_call(
+      kernel,
+      grid=(B, Hkv),
+      in_specs=in_specs,
+      out_specs=pl.BlockSpec((None, None, G, D), lambda b, g: (b, g, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, Hkv, G, D), q_BHD.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
+                                           num_stages=config.num_stages),
+      interpret=interpret,
+      name="selective_decode_attention_direct",
+  )(*args)
+  return out.reshape(B, Hq, D)

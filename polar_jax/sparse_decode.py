@@ -24,9 +24,8 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from polar_jax.routers.modules import decode_neuron_layers, neuron_logits
+from polar_jax.routers.modules import decode_head_layers, decode_head_scores, decode_neuron_layers, neuron_logits
 from polar_jax.sharding import balanced_topk, balanced_union_topk, model_mesh, model_tp, sharded_sparse_mlp
 from polar_jax.sparsity import SparsityConfig, neuron_budgets
 from polar_jax.topk import METHODS as UNION_METHODS, topk_rows, union_scores
@@ -66,7 +65,8 @@ class SparseDecode:
     neuron_k: per layer, the neuron budget (None: dense MLP), or None for dense MLPs everywhere. With
       budgets, `router_state["neuron"]` holds per layer `(w_down_dr, w_up_rn, b_n)` (None for a dense MLP):
       `routers.modules.decode_neuron_layers`, the weights cast once to the model's dtype.
-    head_graphdef: `nnx.split` graph definition of the head routers (None when unused).
+    head_router: whether the step runs head routers; then `router_state["head"]` holds per layer `(w_gd, b_g)`
+      (None for a dense layer): `routers.modules.decode_head_layers`.
     implementation: kernel implementation ("pallas", "xla" or None = best for the platform).
     union_method: how the batch-union neuron set is selected (`union_topk`): "radix" or "sort".
   """
@@ -75,7 +75,7 @@ class SparseDecode:
   selector: str = "router"
   seed: int = 0
   neuron_k: tuple[int | None, ...] | None = None
-  head_graphdef: Any = None
+  head_router: bool = False
   implementation: str | None = None
   shards: int = 1   # balanced per-shard selection over this many blocks of groups (polar_jax.sharding)
   union_method: str = "radix"
@@ -84,7 +84,7 @@ class SparseDecode:
     """The per-layer hooks `__call__` gives `model.decode_step` (positions_b: the cache lengths before the
     step). Public so that one layer can be run or its routers timed alone with exactly the step's selection
     (`benchmarks/layer.py`)."""
-    head = None if self.head_graphdef is None else nnx.merge(self.head_graphdef, router_state["head"])
+    head = router_state["head"] if self.head_router else None   # per layer: (w_gd, b_g) or None
     neuron = None if self.neuron_k is None else router_state["neuron"]   # per layer: its own weight arrays
     num_groups = model.config.num_kv_heads
 
@@ -97,7 +97,7 @@ class SparseDecode:
       if self.selector == "random":
         scores_bg = random_scores(self.seed, layer, positions_b, tok_b, num_groups)
       else:
-        scores_bg = head.layer_scores(layer, x_bd)
+        scores_bg = decode_head_scores(*head[layer], x_bd)
       if self.shards > 1:                          # tensor parallel: k / shards groups of each shard
         return balanced_topk(scores_bg, k, self.shards)
       return topk_groups(scores_bg, k)
@@ -206,13 +206,13 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
     return dense_factory(), None
   if union_method not in UNION_METHODS:
     raise ValueError(f"unknown union_method {union_method!r}; expected one of {UNION_METHODS}")
-  state, head_gd = {}, None
+  state = {}
   if needs_head:
-    head_gd, state["head"] = nnx.split(routers.head)
+    state["head"] = decode_head_layers(routers.head, [k is not None for k in groups])
   if neuron_k is not None:
     dtype = neuron_dtype if neuron_dtype is not None else getattr(model, "dtype", jnp.float32)
     state["neuron"] = decode_neuron_layers(routers.neuron, [k is not None for k in neuron_k], dtype)
-  decode = SparseDecode(groups, sparsity.selector, sparsity.seed, neuron_k, head_gd, implementation, shards,
+  decode = SparseDecode(groups, sparsity.selector, sparsity.seed, neuron_k, needs_head, implementation, shards,
                         union_method)
   return decode, state
 

@@ -100,6 +100,13 @@ CASES = [
      AttentionConfig(block_k=16, num_splits=5, num_warps=4, num_stages=2)),
     (2, 4, 4, 777, 64, 2, jnp.float32, False,
      AttentionConfig(block_k=32, num_splits=3, num_warps=4, num_stages=2)),
+    # num_splits=1: the direct kernel (every group's program, zeros for unselected ones)
+    (3, 8, 2, 777, 64, 1, jnp.bfloat16, True,
+     AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2)),
+    (2, 4, 2, 50, 80, 2, jnp.float32, True,
+     AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2)),
+    (4, 6, 6, 129, 64, 5, jnp.float16, False,
+     AttentionConfig(block_k=32, num_splits=1, num_warps=4, num_stages=2)),
 ]
 
 
@@ -122,11 +129,39 @@ def test_pallas_matches_xla(case):
   assert np.all(np.asarray(out.astype(jnp.float32))[unselected] == 0.0)
 
 
-def test_dense_group_idx_none():
-  q, k, v, lengths, _, _ = _inputs(2, 2, 8, 2, 90, 64, 2, jnp.bfloat16)
+@pytest.mark.parametrize("splits", [1, 3])
+def test_dense_group_idx_none(splits):
+  q, k, v, lengths, _, _ = _inputs(2, 2, 8, 2, 300, 64, 2, jnp.bfloat16)
   ref = selective_decode_attention(q, k, v, lengths, implementation="xla")
-  out = selective_decode_attention(q, k, v, lengths, implementation="pallas")
+  cfg = AttentionConfig(block_k=32, num_splits=splits, num_warps=4, num_stages=2)
+  out = selective_decode_attention(q, k, v, lengths, implementation="pallas", config=cfg)
   _assert_close(out, ref, jnp.bfloat16)
+
+
+def test_raw_direct_kernel_writes_every_head():
+  """Interpret mode fills outputs with NaN: the direct kernel writes every head, zeros for unselected groups,
+  and also when a row selects one group several times or names it out of range (clamped, as documented)."""
+  q, k, v, lengths, _, start = _inputs(7, 3, 8, 4, 100, 64, 2, jnp.float32)
+  gidx = jnp.asarray([[1, 1], [0, 3], [7, -2]], jnp.int32)   # row 2: clamped to groups 3 and 0
+  cfg = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2)
+  out = attn_triton.decode_attention_triton_direct(
+      q, k, v, lengths, gidx, jnp.zeros((3,), jnp.int32), scale=0.125, config=cfg, interpret=True)
+  ref = selective_decode_attention(q, k, v, lengths, jnp.clip(gidx, 0, 3), scale=0.125,
+                                   implementation="xla")
+  assert np.all(np.isfinite(np.asarray(out)))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(out)[0, [0, 1, 4, 5, 6, 7]] == 0)
+
+
+def test_choose_config_direct_threshold():
+  """Enough selected (row, group) programs per SM: no key split (the direct kernel); fewer: split keys."""
+  per_sm = attn_triton.DIRECT_PROGRAMS_PER_SM
+  big = attn_triton.choose_config(per_sm * 132, 1, 4096, 128, 2, num_sms=132)
+  small = attn_triton.choose_config(per_sm * 132 - 1, 1, 4096, 128, 2, num_sms=132)
+  assert big.num_splits == 1 and small.num_splits > 1
+  deep = attn_triton.DEEP_PIPELINE_PROGRAMS_PER_SM * 132
+  assert attn_triton.choose_config(deep, 1, 4096, 128, 2, num_sms=132).num_stages == 4
+  assert attn_triton.choose_config(deep - 1, 1, 4096, 128, 2, num_sms=132).num_stages == 3
 
 
 def test_raw_kernel_writes_every_partial():

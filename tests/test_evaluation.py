@@ -173,8 +173,9 @@ def test_static_selection_with_per_layer_budgets(tiny):
   counts[:, 1] = [[9, 5, 1], [5, 1, 9], [1, 9, 5]]
   decode, state = sel.build_decoder(tiny, "static", 0.34, static_counts=counts, per_layer={2: 0.67})
   assert decode.groups == (None, 1, 2)
-  b = state["head"]["b_lg"][...]
-  assert int(jnp.argmax(b[1])) == 0 and set(np.argsort(-np.asarray(b[2]))[:2].tolist()) == {1, 2}
+  assert state["head"][0] is None                                   # layer 0 dense: no router
+  b1, b2 = state["head"][1][1], state["head"][2][1]
+  assert int(jnp.argmax(b1)) == 0 and set(np.argsort(-np.asarray(b2))[:2].tolist()) == {1, 2}
 
 
 @pytest.mark.parametrize("bad, match", [

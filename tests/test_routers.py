@@ -244,3 +244,20 @@ def test_shipped_smollm2_routers_reach_recorded_recall(smollm2_dir):
   se = se_test * math.sqrt(1 + lengths.sum() / md["validation"]["tokens"])
   assert abs(measured - recorded) <= 3 * se + 1e-3, (measured, recorded, se)
   assert measured > k / g + 0.05                            # far above chance
+
+
+def test_decode_head_scores_equal_head_scores():
+  """The decode step's router layout ([G, d] per layer, product reduced over d) gives `head_scores`' scores and
+  the same top-k; layers without a budget get no router."""
+  from polar_jax.routers.modules import HeadRouters, decode_head_layers, decode_head_scores, head_scores
+  head = HeadRouters(3, 48, 6, rngs=nnx.Rngs(0))
+  head.w_ldg[...] = jax.random.normal(jax.random.key(0), (3, 48, 6))
+  head.b_lg[...] = jax.random.normal(jax.random.key(1), (3, 6))
+  x_bd = jax.random.normal(jax.random.key(2), (5, 48), jnp.bfloat16)
+  layers = decode_head_layers(head, [False, True, True])
+  assert layers[0] is None and layers[1][0].shape == (6, 48) and layers[1][0].dtype == jnp.float32
+  for i in (1, 2):
+    got = decode_head_scores(*layers[i], x_bd)
+    want = head_scores(head.w_ldg[i], head.b_lg[i], x_bd)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert (np.asarray(jax.lax.top_k(got, 3)[1]) == np.asarray(jax.lax.top_k(want, 3)[1])).all()

@@ -106,6 +106,22 @@ def neuron_logits(w_down_dr, w_up_rn, b_n, x_bd):
           + b_n.astype(jnp.float32))
 
 
+def decode_head_layers(head: HeadRouters, layers) -> tuple:
+  """The head routers as the decode step reads them: per layer `(w_gd, b_g)` float32 with the weight
+  transposed to `[G, d]`, or None where `layers[i]` is false (a dense layer: no router). One array per layer,
+  made once outside the decode loop, so the step does not slice the stacked `[L, d, G]` parameter."""
+  w, b = head.w_ldg[...], head.b_lg[...]
+  return tuple((jnp.asarray(w[i], jnp.float32).T, jnp.asarray(b[i], jnp.float32)) if use else None
+               for i, use in enumerate(layers))
+
+
+def decode_head_scores(w_gd, b_g, x_bd):
+  """`head_scores` for the decode step from `decode_head_layers`' `[G, d]` weight: the same float32 scores
+  (exact float32 products: a GPU dot would use TF32), written as a product reduced over d so that XLA emits
+  one row-reduction kernel with the bias add fused, instead of a split-K GEMM, its reduction and the add."""
+  return jnp.sum(x_bd.astype(jnp.float32)[:, None, :] * w_gd[None], axis=-1) + b_g
+
+
 def decode_neuron_layers(neuron: NeuronRouters, layers, dtype) -> tuple:
   """The neuron routers as the decode step reads them: per layer `(w_down_dr, w_up_rn, b_n)` with the weights
   cast to `dtype` (the bias stays float32), or None where `layers[i]` is false (a dense MLP: no router).
