@@ -2,11 +2,12 @@
 
 `make_decoder(model, sparsity, routers, batch)` returns `(decode, decode_state)`; the generation program
 calls `decode(model, tok_b, cache, decode_state, active_b)` inside its jitted `lax.while_loop`. Everything
-that fixes shapes (groups kept per layer, neuron budgets, the router graph definitions) is in `decode`
+that fixes shapes (groups kept per layer, neuron budgets, which routers run) is in `decode`
 (static); router weights are in `decode_state` (dynamic), so new router weights do not recompile.
 
 Per decode step and layer (prefill stays dense; K/V of every head is written to the cache):
-  1. the layer's pre-attention normed input `x_bd` -> group scores (router, random) -> per-row top-k
+  1. the layer's pre-attention normed input `x_bd` -> group scores (router: one float32 row reduction per layer,
+     `routers.modules.decode_head_scores`; or random) -> per-row top-k
      (`lax.top_k`) -> `selective_decode_attention` over those groups -> dense o_proj;
      the oracle runs dense attention and keeps each row's top-k groups by output norm instead;
   2. ReLU MLPs with `mlp="router"`: neuron logits (router weights in the model's dtype, float32 accumulation)
