@@ -177,23 +177,21 @@ def _row_bounds(len_ref, start_ref, b, seq_len):
   return length, jnp.clip(start_ref[b], 0, length)
 
 
-def _attention_kernel(gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref,
-                      o_ref, m_ref, l_ref, *, block_g: int, block_d: int, **kw):
+def _attention_kernel(gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, **kw):
   """Split-K program (b, j, split): q_ref [Hq, D], k_ref/v_ref [Hkv, S, D] of row b; o_ref [G, D], m/l [G]."""
   b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   num_kv_heads, seq_len, _ = k_ref.shape
   group = jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1)
   length, start = _row_bounds(len_ref, start_ref, b, seq_len)
-  o_gd, m_g, l_g, rows_g, cols_d = _stream(
-      q_ref, k_ref, v_ref, group, length, start, selected=True, block_g=block_g, block_d=block_d,
-      split=split, **kw)
-  whole = block_g == kw["group_size"] and block_d == kw["head_dim"]
+  o_gd, m_g, l_g, rows_g, cols_d = _stream(q_ref, k_ref, v_ref, group, length, start, selected=True,
+                                           split=split, **kw)
+  whole = _unpadded(kw)
   _store(o_ref, o_gd, rows_g, cols_d, whole)
   _store(m_ref, m_g, rows_g, cols_d, whole)
   _store(l_ref, l_g, rows_g, cols_d, whole)
 
 
-def _direct_kernel(*refs, num_selected: int | None, block_g: int, block_d: int, **kw):
+def _direct_kernel(*refs, num_selected: int | None, **kw):
   """Direct program (b, g): refs = ([gidx_ref,] len_ref, start_ref, q_ref, k_ref, v_ref, o_ref), o_ref [G, D] of
   group g of row b. num_selected None: every group (dense); else group g is computed when one of row b's
   `num_selected` (clamped) entries of gidx names it, and written as zeros otherwise."""
@@ -209,13 +207,16 @@ def _direct_kernel(*refs, num_selected: int | None, block_g: int, block_d: int, 
     selected = False
     for j in range(num_selected):   # K scalar reads; K <= Hkv is small
       selected = selected | (jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1) == group)
-  o_gd, _, l_g, rows_g, cols_d = _stream(
-      q_ref, k_ref, v_ref, group, length, start, selected=selected, block_g=block_g, block_d=block_d,
-      split=0, num_splits=1, **kw)
+  o_gd, _, l_g, rows_g, cols_d = _stream(q_ref, k_ref, v_ref, group, length, start, selected=selected,
+                                         split=0, num_splits=1, **kw)
   # o / l, and 0 where nothing was attended (l == 0: unselected group or empty key range; o is 0 there too).
   out_gd = o_gd / jnp.where(l_g > 0, l_g, 1.0)[:, None]
-  whole = block_g == kw["group_size"] and block_d == kw["head_dim"]
-  _store(o_ref, out_gd.astype(o_ref.dtype), rows_g, cols_d, whole)
+  _store(o_ref, out_gd.astype(o_ref.dtype), rows_g, cols_d, _unpadded(kw))
+
+
+def _unpadded(kw) -> bool:
+  """True when the tile is exactly [G, D] (no padded rows or columns): whole-block stores."""
+  return kw["block_g"] == kw["group_size"] and kw["block_d"] == kw["head_dim"]
 
 
 def _kernel_kw(scale, G, D, config):
