@@ -35,7 +35,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from polar_jax.config import ModelConfig
-from polar_jax.topk import topk_rows, union_scores
+from polar_jax.topk import rank_topk, topk_rows, union_scores
 
 AXES = ("dp", "tp")
 TRACE_COUNTS = {"shard_map": 0}   # decode-attention shard_map calls traced (tests check the path is taken)
@@ -153,9 +153,9 @@ def balanced_topk(scores_bg: jax.Array, k_total: int, shards: int) -> jax.Array:
   """
   b, g = scores_bg.shape
   if shards == 1:
-    return jax.lax.top_k(scores_bg, k_total)[1].astype(jnp.int32)
+    return rank_topk(scores_bg, k_total)
   gl, kl = g // shards, k_total // shards
-  idx = jax.lax.top_k(scores_bg.reshape(b, shards, gl), kl)[1]
+  idx = rank_topk(scores_bg.reshape(b * shards, gl), kl).reshape(b, shards, kl)
   return (idx + (jnp.arange(shards) * gl)[None, :, None]).reshape(b, shards * kl).astype(jnp.int32)
 
 

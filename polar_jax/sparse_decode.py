@@ -8,7 +8,8 @@ that fixes shapes (groups kept per layer, neuron budgets, which routers run) is 
 Per decode step and layer (prefill stays dense; K/V of every head is written to the cache):
   1. the layer's pre-attention normed input `x_bd` -> group scores (router: one float32 row reduction per layer,
      `routers.modules.decode_head_scores`; or random) -> per-row top-k
-     (`lax.top_k`) -> `selective_decode_attention` over those groups -> dense o_proj;
+     (`polar_jax.topk.rank_topk`: `lax.top_k`'s indices without a sort) -> `selective_decode_attention` over
+     those groups -> dense o_proj;
      the oracle runs dense attention and keeps each row's top-k groups by output norm instead;
   2. ReLU MLPs with `mlp="router"`: neuron logits (router weights in the model's dtype, float32 accumulation)
      -> `sum_b active_b * relu(logits)` -> top-k set with the layer's static budget (sort-free radix select,
@@ -29,12 +30,13 @@ import jax.numpy as jnp
 from polar_jax.routers.modules import decode_head_layers, decode_head_scores, decode_neuron_layers, neuron_logits
 from polar_jax.sharding import balanced_topk, balanced_union_topk, model_mesh, model_tp, sharded_sparse_mlp
 from polar_jax.sparsity import SparsityConfig, neuron_budgets
-from polar_jax.topk import METHODS as UNION_METHODS, topk_rows, union_scores
+from polar_jax.topk import METHODS as UNION_METHODS, rank_topk, topk_rows, union_scores
 
 
 def topk_groups(scores_bg: jax.Array, k: int) -> jax.Array:
-  """int32 `[B, k]`: each row's k highest-scoring groups (ties: lower index first)."""
-  return jax.lax.top_k(scores_bg, k)[1].astype(jnp.int32)
+  """int32 `[B, k]`: each row's k highest-scoring groups by descending score (ties: lower index first); equal to
+  `lax.top_k(scores_bg, k)[1]`, computed without a sort (`polar_jax.topk.rank_topk`)."""
+  return rank_topk(scores_bg, k)
 
 
 def random_scores(seed: int, layer: int, positions_b: jax.Array, tokens_b: jax.Array, num_groups: int):

@@ -294,6 +294,29 @@ def test_topk_set_equals_lax_top_k_set(n):
       np.testing.assert_array_equal(g, np.sort(r))           # the same set, ties included
 
 
+@pytest.mark.parametrize("n", [1, 5, 32, 40, 300])
+def test_rank_topk_equals_lax_top_k(n):
+  from polar_jax.sharding import balanced_topk
+  from polar_jax.topk import RANK_MAX_N, rank_topk
+  rng = np.random.default_rng(n)
+  scores = rng.normal(size=(3, n)).astype(np.float32)
+  if n >= 9:
+    scores = np.concatenate([scores, _structured_scores(rng, n)])
+    scores[-1, 4:8] = [np.nan, -np.nan, np.nan, 1e-45]             # NaNs rank beyond +-inf, as in lax.top_k
+  for k in sorted({1, 2 if n > 1 else 1, n // 2 or 1, n}):
+    got = np.asarray(rank_topk(jnp.asarray(scores), k))
+    ref = np.asarray(jax.lax.top_k(jnp.asarray(scores), k)[1])
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, ref)                   # same indices in the same order, ties included
+  if n % 4 == 0:                                              # balanced (tensor-parallel) selection, 4 shards
+    got = np.asarray(balanced_topk(jnp.asarray(scores), n // 2, 4)).reshape(len(scores), 4, -1)
+    ref = np.asarray(jax.lax.top_k(jnp.asarray(scores).reshape(len(scores), 4, -1), n // 8)[1])
+    np.testing.assert_array_equal(got - (np.arange(4) * (n // 4))[None, :, None], ref)
+  assert (n > RANK_MAX_N) == (n == 300)                       # 300 takes the sort fallback
+  with pytest.raises(ValueError, match="must lie in"):
+    rank_topk(jnp.asarray(scores), n + 1)
+
+
 def test_union_topk_radix_and_sort_select_the_same_neurons():
   from polar_jax.sharding import balanced_union_topk
   from polar_jax.sparse_decode import union_topk
