@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import pathlib
 import statistics
 import subprocess
@@ -17,6 +18,10 @@ RESULTS_DIR = pathlib.Path(__file__).resolve().parent / "results"
 
 
 def git_commit() -> str:
+  """The short commit of this checkout (+dirty), or $POLAR_JAX_COMMIT when set (the device tool's copy of the
+  working tree carries a stale .git, so device runs pass the commit they were launched from)."""
+  if os.environ.get("POLAR_JAX_COMMIT"):
+    return os.environ["POLAR_JAX_COMMIT"]
   try:
     out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10,
                          cwd=pathlib.Path(__file__).resolve().parent)
