@@ -94,29 +94,37 @@ def main(argv=None) -> int:
   p.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR / "profile.jsonl")
   p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (kernels of every device are summed)")
   p.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up projections (default: fused)")
+  p.add_argument("--mlp", default="dense", choices=["dense", "router"],
+                 help="router: batch-union neurons (ReLU models; budgets from --mlp-topk-dir)")
+  p.add_argument("--mlp-topk-dir", type=pathlib.Path,
+                 default=pathlib.Path(__file__).resolve().parents[2] / "shared/reference-data/mlp_topk/opt-6.7b")
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
   if args.smoke:
     args.model, args.batch, args.prompt, args.n1, args.n2, args.dtype = "tiny", 2, 16, 2, 6, "float32"
   config = e2e.MODELS[args.model]
   model = e2e.prepared_model(config, jnp.dtype(args.dtype), tp=args.tp, fuse=not args.no_fuse)
-  routers = e2e.random_routers(config) if any(d < 1 for d in args.densities) else None
+  if args.mlp == "router" and config.mlp != "relu_mlp":
+    p.error(f"--mlp router needs a ReLU model; {args.model} has {config.mlp}")
+  topk = e2e.read_mlp_topk(args.mlp_topk_dir) if args.mlp == "router" else None
+  routers = e2e.random_routers(config, mlp_topk=topk) if any(d < 1 for d in args.densities) or topk else None
   ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.prompt)).astype(np.int32)
   prov = common.provenance()
   for density in args.densities:
-    setting = e2e.Setting(args.model, args.batch, args.prompt, density)
+    setting = e2e.Setting(args.model, args.batch, args.prompt, density, args.mlp)
     sparsity = e2e.sparsity_for(setting)
     kw: dict[str, Any] = {} if sparsity is None else dict(sparsity=sparsity, routers=routers)
     t1 = traced_totals(lambda: generate(model, ids, max_new_tokens=args.n1, **kw).tokens)
     t2 = traced_totals(lambda: generate(model, ids, max_new_tokens=args.n2, **kw).tokens)
     steps = per_step(t1, t2, args.n1, args.n2)
     total = sum(steps.values())
-    print(f"\n{args.model} B{args.batch} prompt {args.prompt} density {density:g} tp {args.tp}: {total:.3f} ms of "
+    print(f"\n{args.model} B{args.batch} prompt {args.prompt} density {density:g} mlp {args.mlp} tp {args.tp}: "
+          f"{total:.3f} ms of "
           f"kernels per step" + (" (summed over devices)" if args.tp > 1 else ""))
     for name, ms in list(steps.items())[:args.top]:
       print(f"  {ms:8.4f} ms {100 * ms / total:5.1f}%  {name[:110]}")
     common.append_jsonl(args.out, [dict(prov, kind="step_profile", model=args.model, B=args.batch,
-                                        prompt=args.prompt, density=density, tp=args.tp, fused=not args.no_fuse, kernel=name, ms_per_step=ms,
+                                        prompt=args.prompt, density=density, mlp=args.mlp, tp=args.tp, fused=not args.no_fuse, kernel=name, ms_per_step=ms,
                                         step_kernel_ms=total) for name, ms in steps.items()])
   return 0
 
