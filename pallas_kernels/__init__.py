@@ -6,6 +6,7 @@ Public ops (implementation=None picks "pallas" on GPU, "xla" elsewhere):
   merge_attention_partials: merges (o, m, l) residuals of disjoint partials.
   gather_matmul_cols: act(x @ w_in[idx].T + bias[idx]) (first MLP matmul).
   gather_matmul_rows: h @ w_out[idx] + bias (second MLP matmul).
+  topk_select: per row, the indices of the k largest scores in ascending order (the batch-union neurons).
 """
 from pallas_kernels.decode_attention import merge_attention_partials
 from pallas_kernels.decode_attention import selective_decode_attention
@@ -13,6 +14,7 @@ from pallas_kernels.decode_attention_triton import AttentionConfig
 from pallas_kernels.gather_matmul import gather_matmul_cols
 from pallas_kernels.gather_matmul import gather_matmul_rows
 from pallas_kernels.gather_matmul_triton import GatherConfig
+from pallas_kernels.topk_select import topk_select
 
 __all__ = [
     "AttentionConfig",
@@ -21,4 +23,5 @@ __all__ = [
     "gather_matmul_rows",
     "merge_attention_partials",
     "selective_decode_attention",
+    "topk_select",
 ]

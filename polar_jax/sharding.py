@@ -211,14 +211,14 @@ def to_host(tree: Any) -> Any:
 
 # ---- neuron sparsity (ReLU MLPs) under tp: a per-shard union ------------------------------------
 def balanced_union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k_total: int, shards: int,
-                        method: str = "radix") -> jax.Array:
+                        method: str = "radix", implementation: str | None = None) -> jax.Array:
   """int32 `[k_total]` global neuron indices: the batch-union score `sum_b relu(logits)` split into `shards`
   equal blocks of neurons, each keeping its `k_total // shards` best (block s's picks come s-th; within a
   block ascending for method "radix", by descending score for "sort": the same sets, see `union_topk`)."""
   score_n = union_scores(logits_bn, active_b)
   n = score_n.shape[0]
   nl, kl = n // shards, k_total // shards
-  idx = topk_rows(score_n.reshape(shards, nl), kl, method) + (jnp.arange(shards) * nl)[:, None]
+  idx = topk_rows(score_n.reshape(shards, nl), kl, method, implementation) + (jnp.arange(shards) * nl)[:, None]
   return idx.reshape(shards * kl).astype(jnp.int32)
 
 

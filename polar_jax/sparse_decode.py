@@ -12,8 +12,9 @@ Per decode step and layer (prefill stays dense; K/V of every head is written to 
      those groups -> dense o_proj;
      the oracle runs dense attention and keeps each row's top-k groups by output norm instead;
   2. ReLU MLPs with `mlp="router"`: neuron logits (router weights in the model's dtype, float32 accumulation)
-     -> `sum_b active_b * relu(logits)` -> top-k set with the layer's static budget (sort-free radix select,
-     `polar_jax.topk`; indices ascending) -> gathered fc1/fc2 matmuls (biases included); layers over budget run
+     -> `sum_b active_b * relu(logits)` -> top-k set with the layer's static budget (sort-free:
+     `pallas_kernels.topk_select`, one kernel per layer on GPU; indices ascending) -> gathered fc1/fc2 matmuls
+     (biases included); layers over budget run
      the dense MLP.
 Tensor parallel (`polar_jax.sharding`, `shards > 1`): both selections are balanced per shard: each of the tp
 shards keeps k / tp of its own KV groups (resp. ceil(k / tp) of its own neurons), not a global top-k.
@@ -50,11 +51,13 @@ def random_scores(seed: int, layer: int, positions_b: jax.Array, tokens_b: jax.A
   return jax.vmap(row)(positions_b, tokens_b)
 
 
-def union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k: int, method: str = "radix") -> jax.Array:
+def union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k: int, method: str = "radix",
+               implementation: str | None = None) -> jax.Array:
   """int32 `[k]`: the batch-union neuron set, top-k of `sum_b relu(logits)` over active rows (ties: lower
-  index first). `method`: "radix" (default, sort-free, ascending indices) or "sort" (`lax.top_k`, a full sort
-  of the N scores on GPU for large k); the same set exactly (`polar_jax.topk.topk_rows`)."""
-  return topk_rows(union_scores(logits_bn, active_b)[None], k, method)[0]
+  index first). `method`: "radix" (default, sort-free, ascending indices: `pallas_kernels.topk_select` with
+  `implementation`) or "sort" (`lax.top_k`, a full sort of the N scores on GPU for large k); the same set exactly
+  (`polar_jax.topk.topk_rows`)."""
+  return topk_rows(union_scores(logits_bn, active_b)[None], k, method, implementation)[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,8 +112,8 @@ class SparseDecode:
       k = self.neuron_k[layer]
       logits_bn = neuron_logits(*neuron[layer], x_bd)
       if self.shards > 1:                          # tensor parallel: a per-shard neuron union (polar_jax.sharding)
-        return balanced_union_topk(logits_bn, active_b, k, self.shards, self.union_method)
-      return union_topk(logits_bn, active_b, k, self.union_method)
+        return balanced_union_topk(logits_bn, active_b, k, self.shards, self.union_method, self.implementation)
+      return union_topk(logits_bn, active_b, k, self.union_method, self.implementation)
 
     def mlp_override(layer):
       if self.neuron_k is None or self.neuron_k[layer] is None:

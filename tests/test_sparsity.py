@@ -327,9 +327,13 @@ def test_union_topk_radix_and_sort_select_the_same_neurons():
     for k in (128, 1000, 1637):
       radix, sort = union_topk(logits, act, k), union_topk(logits, act, k, method="sort")
       np.testing.assert_array_equal(np.asarray(radix), np.sort(np.asarray(sort)))
+      kernel = union_topk(logits, act, k, implementation="pallas")             # the GPU path, interpreted
+      np.testing.assert_array_equal(np.asarray(kernel), np.asarray(radix))
       br = np.asarray(balanced_union_topk(logits, act, k - k % 4, 4)).reshape(4, -1)
       bs = np.asarray(balanced_union_topk(logits, act, k - k % 4, 4, method="sort")).reshape(4, -1)
       np.testing.assert_array_equal(br, np.sort(bs, axis=1))
+      bk = balanced_union_topk(logits, act, k - k % 4, 4, implementation="pallas")
+      np.testing.assert_array_equal(np.asarray(bk).reshape(4, -1), br)
   with pytest.raises(ValueError, match="unknown union method"):
     union_topk(logits, None, 8, method="approx")
 

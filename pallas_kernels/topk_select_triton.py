@@ -1,0 +1,78 @@
+"""Top-k index sets of long score rows as one Pallas kernel on the Triton backend.
+
+The batch-union neuron selection (`polar_jax.topk`) needs, per layer, the k largest of N ~ 16k scores as an index
+list in ascending order. The XLA formulation (`topk_select_xla.topk_set`: 4 radix passes, cumsums, a scatter) is
+exact but runs ~10 small kernels per layer, whose launch and ramp cost ~20 us at decode (OPT-6.7B B32 profile,
+benchmarks/NOTES.md session 5). Here one program per row does all of it on chip:
+
+  1. keys: the float bits as int32 in the total order of `lax.top_k`'s comparator
+     (`skey = bits ^ ((bits >> 31) & 0x7fffffff)`: -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN);
+     padding (the row is padded to a power of two) gets the smallest key and comes last, so it is never taken
+     before a real score;
+  2. the k-th largest key T, bit by bit from the top (32 count-reductions over the row held in registers);
+  3. selection as `lax.top_k`: every key > T, then keys == T in index order until k are taken;
+  4. compaction: each taken column is stored at its rank among the taken (an exclusive cumsum); the others get
+     distinct slots >= k, which the store's mask drops, so no two lanes ever write one slot.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+MAX_N = 1 << 16           # longest row (padded) the kernel holds on chip; longer rows use the XLA reference
+_INT_MIN = -(1 << 31)
+
+
+def num_warps_for(n_padded: int) -> int:
+  """Warps per program: ~64 keys per thread, 4 to 16 warps."""
+  return max(4, min(16, n_padded // (64 * 32)))
+
+
+def _select_kernel(scores_ref, out_ref, *, n: int, k: int):
+  n_pad = scores_ref.shape[-1]
+  cols = jax.lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
+  bits = jax.lax.bitcast_convert_type(scores_ref[...].astype(jnp.float32), jnp.int32)
+  skey = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+  skey = jnp.where(cols < n, skey, _INT_MIN)
+  # the largest t with count(skey >= t) >= k, built in the offset (unsigned) order u = t ^ INT_MIN
+  prefix_u = jnp.int32(0)
+  for bit in range(31, -1, -1):
+    cand_u = prefix_u | jnp.int32(-(1 << 31) if bit == 31 else 1 << bit)
+    count = jnp.sum((skey >= (cand_u ^ _INT_MIN)).astype(jnp.int32))
+    prefix_u = jnp.where(count >= k, cand_u, prefix_u)
+  t = prefix_u ^ _INT_MIN
+  gt = (skey > t).astype(jnp.int32)
+  eq = (skey == t).astype(jnp.int32)
+  need_eq = k - jnp.sum(gt)                                    # ties at T taken in index order
+  eq_before = jnp.cumsum(eq) - eq
+  take = (gt == 1) | ((eq == 1) & (eq_before < need_eq))
+  take_i = take.astype(jnp.int32)
+  taken_before = jnp.cumsum(take_i) - take_i
+  pos = jnp.where(take, taken_before, k + cols - taken_before)  # distinct; < k exactly where taken
+  plgpu.store(out_ref.at[pos], cols, mask=take)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "interpret"))
+def topk_select_triton(scores_rn: jax.Array, k: int, *, interpret: bool) -> jax.Array:
+  """int32 `[R, k]`: per row, the indices of the k largest scores in ascending order (ties: lower index
+  first); rows of at most `MAX_N` scores."""
+  r, n = scores_rn.shape
+  n_pad = 1 << max(n - 1, 0).bit_length()
+  if n_pad > MAX_N:
+    raise ValueError(f"rows of {n} scores exceed the kernel's {MAX_N}; use the XLA implementation")
+  scores = jnp.pad(scores_rn, ((0, 0), (0, n_pad - n))) if n_pad != n else scores_rn
+  kernel = functools.partial(_select_kernel, n=n, k=k)
+  return pl.pallas_call(
+      kernel,
+      grid=(r,),
+      in_specs=[pl.BlockSpec((None, n_pad), lambda i: (i, 0))],
+      out_specs=pl.BlockSpec((None, k), lambda i: (i, 0)),
+      out_shape=jax.ShapeDtypeStruct((r, k), jnp.int32),
+      compiler_params=plgpu.CompilerParams(num_warps=num_warps_for(n_pad), num_stages=1),
+      interpret=interpret,
+      name="topk_select",
+  )(scores)
