@@ -1,4 +1,4 @@
-"""Kernel benchmark: selective decode attention and the gathered MLP vs XLA.
+"""Kernel benchmark: selective decode attention, the gathered MLP and the union top-k vs XLA.
 
 Sweeps the shapes of shared/anchors.md, measures the device copy bandwidth in the
 same run and appends one JSON line per measurement to --out:
@@ -36,6 +36,7 @@ from pallas_kernels import gather_matmul_cols  # noqa: E402
 from pallas_kernels import gather_matmul_rows  # noqa: E402
 from pallas_kernels import gather_matmul_triton  # noqa: E402
 from pallas_kernels import selective_decode_attention  # noqa: E402
+from pallas_kernels import topk_select  # noqa: E402
 from pallas_kernels.decode_attention_xla import decode_attention_xla_gather  # noqa: E402
 
 KEYS = ("device", "jax", "date", "commit", "op", "impl", "B", "S", "Hq", "Hkv",
@@ -225,6 +226,37 @@ def bench_mlp(timer, base, smoke, check, dtype=jnp.bfloat16, xla=True,
   return records
 
 
+def topk_cases(smoke):
+  """(rows, N, k): OPT-6.7B's union (N 16384, the B32 budgets' smallest, median and largest k), a tp-4 split,
+  and an N that is not a power of two."""
+  if smoke:
+    return [(1, 300, 37), (2, 256, 100)]
+  return [(1, 16384, 896), (1, 16384, 4480), (1, 16384, 13824), (4, 4096, 1120), (1, 36864, 9000)]
+
+
+def bench_topk(timer, base, smoke, check):
+  """The union top-k set: pallas kernel vs XLA radix select vs lax.top_k; every result checked for the exact
+  lax.top_k set (a mismatch raises)."""
+  records = []
+  for rows, n, k in topk_cases(smoke):
+    rng = np.random.default_rng(n + k)
+    # union-like scores: sums of ReLUs (many exact zeros) with a few ties
+    scores = jnp.asarray(np.round(np.maximum(rng.normal(size=(rows, n)), 0) * 64) / 64, jnp.float32)
+    want = np.sort(np.asarray(jax.lax.top_k(scores, k)[1]), axis=1)
+    fns = {"pallas": lambda a: topk_select(a, k, implementation="pallas"),
+           "xla": lambda a: topk_select(a, k, implementation="xla"),
+           "xla_sort": lambda a: jax.lax.top_k(a, k)[1]}
+    for impl, fn in fns.items():
+      ms, wall, how, out = timer(fn, [(scores,)])
+      got = np.sort(np.asarray(out), axis=1)
+      if not np.array_equal(got, want):
+        raise AssertionError(f"topk_select {impl} rows={rows} N={n} k={k}: not lax.top_k's set")
+      rec = _finish(dict(base, op="topk_select", impl=impl, M=rows, N=n, density=k / n, dtype="float32", ms=ms,
+                         ms_wall=wall, timer=how, bytes=rows * n * 4, max_rel_err=0.0, exact_set=True))
+      records.append(rec)
+  return records
+
+
 def _mlp_record(timer, base, check, fn, sets, ref_fn, impl, cfgs, M, d, N,
                 density, dtype, sel_bytes, sink):
   try:
@@ -272,7 +304,7 @@ def main(argv=None):
                                                     "kernels.jsonl"))
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes, runs on CPU in interpret mode")
-  parser.add_argument("--only", choices=("attn", "mlp", "all"), default="all")
+  parser.add_argument("--only", choices=("attn", "mlp", "topk", "all"), default="all")
   parser.add_argument("--iters", type=int, default=30)
   parser.add_argument("--check", action="store_true",
                       help="also record each pallas result's error vs XLA")
@@ -316,6 +348,10 @@ def main(argv=None):
     records += bench_mlp(timer, base, args.smoke, args.check,
                          xla=not args.no_xla, variants=args.mlp_variants,
                          sink=sink)
+  if args.only in ("topk", "all"):
+    for rec in bench_topk(timer, base, args.smoke, args.check):
+      sink(rec)
+      records.append(rec)
   print_table(records)
   return records
 

@@ -30,7 +30,8 @@ def test_smoke_records(tmp_path):
   ops = {(r["op"], r["impl"]) for r in lines}
   assert ops >= {("attention", "pallas"), ("attention", "xla_einsum"),
                  ("attention", "xla_gather"), ("gather_mlp", "pallas"),
-                 ("gather_mlp", "xla_gather"), ("gather_mlp", "xla_dense")}
+                 ("gather_mlp", "xla_gather"), ("gather_mlp", "xla_dense"), ("topk_select", "pallas"),
+                 ("topk_select", "xla")}
   for r in lines:
     assert set(bench.KEYS) <= set(r)
     assert r["ms"] > 0 and r["bytes"] > 0 and r["copy_tbps"] > 0
@@ -41,6 +42,8 @@ def test_smoke_records(tmp_path):
     if r["op"] == "attention":
       k = max(1, round(r["density"] * r["Hkv"]))
       assert r["bytes"] == 2 * r["B"] * k * r["S"] * r["D"] * 2
+    elif r["op"] == "topk_select":                 # the script raises unless each result is lax.top_k's set
+      assert r["exact_set"] and r["bytes"] == r["M"] * r["N"] * 4
     else:
       k = max(1, round(r["density"] * r["N"]))
       assert r["bytes"] == 2 * k * r["d"] * 2
