@@ -3,8 +3,8 @@
   idx_rk = topk_select(scores_rn, k)    # per row, the k largest scores' indices, ascending; ties: lower index first
 
 The same set per row as `jax.lax.top_k(scores_rn, k)[1]`, without its sort. "pallas": one program per row
-(`topk_select_triton`, rows of up to `MAX_N` scores; longer rows take the reference); "xla": a 4-pass radix
-select (`topk_select_xla.topk_set`).
+(`topk_select_triton`) for rows of up to `FAST_N` (4096) scores, where it measured faster; longer rows (OPT-6.7B's
+16384 neurons on one GPU) take the reference; "xla": a 4-pass radix select (`topk_select_xla.topk_set`).
 """
 from __future__ import annotations
 
@@ -32,6 +32,6 @@ def topk_select(scores_rn: jax.Array, k: int, *, implementation: str | None = No
   impl = _platform.resolve_implementation(implementation)
   if k == n:
     return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (r, n))
-  if impl == "pallas" and _platform.next_pow2(n) <= _triton.MAX_N:
+  if impl == "pallas" and _platform.next_pow2(n) <= _triton.FAST_N:
     return _triton.topk_select_triton(scores_rn.astype(jnp.float32), k, interpret=_platform.interpret_mode())
   return _xla.topk_set(scores_rn, k)

@@ -1,9 +1,10 @@
 """Top-k index sets of long score rows as one Pallas kernel on the Triton backend.
 
-The batch-union neuron selection (`polar_jax.topk`) needs, per layer, the k largest of N ~ 16k scores as an index
-list in ascending order. The XLA formulation (`topk_select_xla.topk_set`: 4 radix passes, cumsums, a scatter) is
-exact but runs ~10 small kernels per layer, whose launch and ramp cost ~20 us at decode (OPT-6.7B B32 profile,
-benchmarks/NOTES.md session 5). Here one program per row does all of it on chip:
+The batch-union neuron selection (`polar_jax.topk`) needs, per layer, the k largest of N scores as an index list
+in ascending order. The XLA formulation (`topk_select_xla.topk_set`: 4 radix passes, cumsums, a scatter) is exact
+but runs ~10 small kernels per layer, ~20 us at decode. Here one program per row does all of it on chip, which
+wins for rows of up to `FAST_N` scores (one SM's serial reductions lose to XLA's parallel passes beyond; see
+`FAST_N`):
 
   1. keys: the float bits as int32 in the total order of `lax.top_k`'s comparator
      (`skey = bits ^ ((bits >> 31) & 0x7fffffff)`: -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN);
@@ -23,7 +24,12 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-MAX_N = 1 << 16           # longest row (padded) the kernel holds on chip; longer rows use the XLA reference
+MAX_N = 1 << 16           # longest row (padded) the kernel holds on chip
+# Longest row (padded) `topk_select` sends here; longer rows take the XLA reference. Measured on an H100
+# (`kernels.py --only topk`, results/kernels.jsonl): the kernel's 32 serial count-reductions on one SM take ~28 us
+# per row of 16384 (XLA's 4-pass radix: ~28 us isolated, ~22 us in the OPT-6.7B step, where the kernel took
+# ~43 us), but 9.9 us for 4 rows of 4096 (XLA 22.7 us: the tensor-parallel per-shard union).
+FAST_N = 1 << 12
 _INT_MIN = -(1 << 31)
 
 
