@@ -70,7 +70,8 @@ def test_topk_select_bad_inputs_raise(bad, k, match):
 def test_topk_select_long_rows_take_the_reference(monkeypatch):
   calls = []
   real = topk_select_triton.topk_select_triton
-  monkeypatch.setattr(topk_select_triton, "topk_select_triton", lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
+  monkeypatch.setattr(topk_select_triton, "topk_select_triton",
+                      lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
   scores = jnp.asarray(np.random.default_rng(3).normal(size=(2, topk_select_triton.FAST_N + 1)), jnp.float32)
   got = np.asarray(topk_select(scores, 700, implementation="pallas"))
   np.testing.assert_array_equal(got, np.sort(np.asarray(jax.lax.top_k(scores, 700)[1]), axis=1))
