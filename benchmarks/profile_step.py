@@ -119,12 +119,12 @@ def main(argv=None) -> int:
     steps = per_step(t1, t2, args.n1, args.n2)
     total = sum(steps.values())
     print(f"\n{args.model} B{args.batch} prompt {args.prompt} density {density:g} mlp {args.mlp} tp {args.tp}: "
-          f"{total:.3f} ms of "
-          f"kernels per step" + (" (summed over devices)" if args.tp > 1 else ""))
+          f"{total:.3f} ms of kernels per step" + (" (summed over devices)" if args.tp > 1 else ""))
     for name, ms in list(steps.items())[:args.top]:
       print(f"  {ms:8.4f} ms {100 * ms / total:5.1f}%  {name[:110]}")
     common.append_jsonl(args.out, [dict(prov, kind="step_profile", model=args.model, B=args.batch,
-                                        prompt=args.prompt, density=density, mlp=args.mlp, tp=args.tp, fused=not args.no_fuse, kernel=name, ms_per_step=ms,
+                                        prompt=args.prompt, density=density, mlp=args.mlp, tp=args.tp,
+                                        fused=not args.no_fuse, kernel=name, ms_per_step=ms,
                                         step_kernel_ms=total) for name, ms in steps.items()])
   return 0
 
