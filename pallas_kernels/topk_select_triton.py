@@ -1,4 +1,4 @@
-"""Top-k index sets of long score rows as one Pallas kernel on the Triton backend.
+"""Top-k index sets of score rows (up to `FAST_N` scores in use) as one Pallas kernel on the Triton backend.
 
 The batch-union neuron selection (`polar_jax.topk`) needs, per layer, the k largest of N scores as an index list
 in ascending order. The XLA formulation (`topk_select_xla.topk_set`: 4 radix passes, cumsums, a scatter) is exact

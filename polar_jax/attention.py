@@ -71,7 +71,7 @@ class Attention(nnx.Module):
     self.k_proj = Linear(d, hkv * hd, bias=config.attn_bias, dtype=dtype, rngs=rngs)
     self.v_proj = Linear(d, hkv * hd, bias=config.attn_bias, dtype=dtype, rngs=rngs)
     self.o_proj = Linear(hq * hd, d, bias=config.o_bias, dtype=dtype, rngs=rngs)
-    self.qkv_proj = nnx.data(None)   # one q|k|v projection in KV-group-major columns after `polar_jax.fusion.fuse_projections`
+    self.qkv_proj = nnx.data(None)   # one KV-group-major q|k|v projection after `fusion.fuse_projections`
     self.num_heads, self.num_kv_heads, self.head_dim = hq, hkv, hd
     self.window = config.sliding_window
     self.use_rope = config.positions == "rope"

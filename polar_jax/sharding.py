@@ -152,11 +152,9 @@ def balanced_topk(scores_bg: jax.Array, k_total: int, shards: int) -> jax.Array:
   the kept set can differ from the global top-k when important groups cluster on one shard.
   """
   b, g = scores_bg.shape
-  if shards == 1:
-    return rank_topk(scores_bg, k_total)
   gl, kl = g // shards, k_total // shards
   idx = rank_topk(scores_bg.reshape(b * shards, gl), kl).reshape(b, shards, kl)
-  return (idx + (jnp.arange(shards) * gl)[None, :, None]).reshape(b, shards * kl).astype(jnp.int32)
+  return (idx + (jnp.arange(shards, dtype=jnp.int32) * gl)[None, :, None]).reshape(b, shards * kl)
 
 
 def local_group_idx(group_idx_bk: jax.Array, num_groups: int, tp: int) -> jax.Array:

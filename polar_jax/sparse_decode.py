@@ -8,14 +8,14 @@ that fixes shapes (groups kept per layer, neuron budgets, which routers run) is 
 Per decode step and layer (prefill stays dense; K/V of every head is written to the cache):
   1. the layer's pre-attention normed input `x_bd` -> group scores (router: one float32 row reduction per layer,
      `routers.modules.decode_head_scores`; or random) -> per-row top-k
-     (`polar_jax.topk.rank_topk`: `lax.top_k`'s indices without a sort) -> `selective_decode_attention` over
+     (`polar_jax.sharding.balanced_topk` -> `polar_jax.topk.rank_topk`: `lax.top_k`'s indices without a sort;
+     one block of groups off tensor parallel) -> `selective_decode_attention` over
      those groups -> dense o_proj;
      the oracle runs dense attention and keeps each row's top-k groups by output norm instead;
   2. ReLU MLPs with `mlp="router"`: neuron logits (router weights in the model's dtype, float32 accumulation)
      -> `sum_b active_b * relu(logits)` -> top-k set with the layer's static budget (sort-free:
-     `pallas_kernels.topk_select`, one kernel per layer on GPU; indices ascending) -> gathered fc1/fc2 matmuls
-     (biases included); layers over budget run
-     the dense MLP.
+     `pallas_kernels.topk_select`; indices ascending) -> gathered fc1/fc2 matmuls (biases included); layers over
+     budget run the dense MLP.
 Tensor parallel (`polar_jax.sharding`, `shards > 1`): both selections are balanced per shard: each of the tp
 shards keeps k / tp of its own KV groups (resp. ceil(k / tp) of its own neurons), not a global top-k.
 """
@@ -31,13 +31,7 @@ import jax.numpy as jnp
 from polar_jax.routers.modules import decode_head_layers, decode_head_scores, decode_neuron_layers, neuron_logits
 from polar_jax.sharding import balanced_topk, balanced_union_topk, model_mesh, model_tp, sharded_sparse_mlp
 from polar_jax.sparsity import SparsityConfig, neuron_budgets
-from polar_jax.topk import METHODS as UNION_METHODS, rank_topk, topk_rows, union_scores
-
-
-def topk_groups(scores_bg: jax.Array, k: int) -> jax.Array:
-  """int32 `[B, k]`: each row's k highest-scoring groups by descending score (ties: lower index first); equal to
-  `lax.top_k(scores_bg, k)[1]`, computed without a sort (`polar_jax.topk.rank_topk`)."""
-  return rank_topk(scores_bg, k)
+from polar_jax.topk import METHODS as UNION_METHODS, topk_rows, union_scores
 
 
 def random_scores(seed: int, layer: int, positions_b: jax.Array, tokens_b: jax.Array, num_groups: int):
@@ -104,9 +98,8 @@ class SparseDecode:
         scores_bg = random_scores(self.seed, layer, positions_b, tok_b, num_groups)
       else:
         scores_bg = decode_head_scores(*head[layer], x_bd)
-      if self.shards > 1:                          # tensor parallel: k / shards groups of each shard
-        return balanced_topk(scores_bg, k, self.shards)
-      return topk_groups(scores_bg, k)
+      # per-row top-k (`rank_topk`, lax.top_k's indices); tensor parallel: k / shards groups of each shard
+      return balanced_topk(scores_bg, k, self.shards)
 
     def select_neurons(layer, x_bd):
       k = self.neuron_k[layer]

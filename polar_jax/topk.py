@@ -6,10 +6,10 @@
   `[R, N, N]`. On GPU `lax.top_k` of 32 group scores is a sort kernel plus a slice (0.07 + 0.03 ms per LLaMA-2-7B
   B32 step, benchmarks/NOTES.md).
 * `topk_rows(scores_rn, k)`, large k (the batch-union neuron selection, k in the thousands of N ~ 16k): the same
-  *set* as `lax.top_k` (ties: lower index first) in ascending index order, by `pallas_kernels.topk_select`: one
-  Pallas kernel per row on GPU, a 4-pass radix select in XLA elsewhere (`topk_select_xla.topk_set`). `lax.top_k`
-  there is a full sort of the row (~0.1 ms per layer); the order differs, not the set (the gathered MLP sums over
-  the set, so only the float summation order changes).
+  *set* as `lax.top_k` (ties: lower index first) in ascending index order, by `pallas_kernels.topk_select`: a
+  4-pass radix select in XLA (`topk_select_xla.topk_set`), or on GPU for rows of up to 4096 one Pallas program
+  per row. `lax.top_k` there is a full sort of the row (~0.1 ms per layer); the order differs, not the set (the
+  gathered MLP sums over the set, so only the float summation order changes).
 Floats compare in the total order of `lax.top_k`'s comparator (-0.0 below +0.0, NaN beyond +-inf).
 """
 
@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.topk_select import topk_select
-from pallas_kernels.topk_select_xla import kth_largest_key, sortable_keys, topk_set  # noqa: F401 (re-exported)
+from pallas_kernels.topk_select_xla import sortable_keys
 
 RANK_MAX_N = 256               # rank_topk's `[R, N, N]` compares up to this many scores per row; sort beyond
 

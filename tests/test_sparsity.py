@@ -282,7 +282,7 @@ def _structured_scores(rng, n):
 
 @pytest.mark.parametrize("n", [9, 512, 16384])
 def test_topk_set_equals_lax_top_k_set(n):
-  from polar_jax.topk import topk_set
+  from pallas_kernels.topk_select_xla import topk_set
   rng = np.random.default_rng(n)
   scores = np.concatenate([rng.normal(size=(2, n)).astype(np.float32), _structured_scores(rng, n)])
   for k in sorted({1, 2, n // 7 or 1, n // 2, int(0.79 * n), n - 1, n}):
