@@ -41,6 +41,8 @@ def provenance() -> dict[str, Any]:
       "jax": jax.__version__,
       "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
       "commit": git_commit(),
+      # compiler flags change the kernels XLA picks (e.g. cuBLAS vs Triton GEMMs): runs say which they used
+      "xla_flags": os.environ.get("XLA_FLAGS") or None,
   }
 
 
