@@ -3,6 +3,8 @@
 Public ops (implementation=None picks "pallas" on GPU, "xla" elsewhere):
   selective_decode_attention: decode attention over selected KV groups (direct kernel writing the
     normalised output in place, or split-K + merge where B x K is small).
+  selective_decode_attention_append: appends the new token's K/V to every group, then the same attention
+    (the direct kernel writes the cache slots itself: no scatter kernel before it).
   merge_attention_partials: merges (o, m, l) residuals of disjoint partials.
   gather_matmul_cols: act(x @ w_in[idx].T + bias[idx]) (first MLP matmul).
   gather_matmul_rows: h @ w_out[idx] + bias (second MLP matmul).
@@ -10,6 +12,7 @@ Public ops (implementation=None picks "pallas" on GPU, "xla" elsewhere):
 """
 from pallas_kernels.decode_attention import merge_attention_partials
 from pallas_kernels.decode_attention import selective_decode_attention
+from pallas_kernels.decode_attention import selective_decode_attention_append
 from pallas_kernels.decode_attention_triton import AttentionConfig
 from pallas_kernels.gather_matmul import gather_matmul_cols
 from pallas_kernels.gather_matmul import gather_matmul_rows
@@ -23,5 +26,6 @@ __all__ = [
     "gather_matmul_rows",
     "merge_attention_partials",
     "selective_decode_attention",
+    "selective_decode_attention_append",
     "topk_select",
 ]

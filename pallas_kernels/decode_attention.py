@@ -19,7 +19,7 @@ def _check_int(name, x):
     raise ValueError(f"{name} must have an integer dtype, got {x.dtype}")
 
 
-def _validate(q, k_cache, v_cache, lengths, group_idx, kv_start):
+def _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=False):
   if q.ndim != 3:
     raise ValueError(f"q must be [B, Hq, D], got shape {q.shape}")
   if k_cache.ndim != 4 or v_cache.ndim != 4:
@@ -64,7 +64,8 @@ def _validate(q, k_cache, v_cache, lengths, group_idx, kv_start):
   if _platform.is_concrete(lengths):
     n = np.asarray(lengths)
     if n.size and (n.min() < 0 or n.max() > S):
-      raise ValueError(f"lengths must lie in [0, S={S}], got range "
+      what = "tokens already cached (the new token's slot)" if appending else "lengths"
+      raise ValueError(f"{what} must lie in [0, S={S}], got range "
                        f"[{n.min()}, {n.max()}]")
 
 
@@ -165,6 +166,58 @@ def selective_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *,
 
 _xla_jit = jax.jit(_xla.decode_attention_xla,
                    static_argnames=("scale", "return_residuals"))
+
+
+def selective_decode_attention_append(q, k_new, v_new, k_cache, v_cache, lengths, group_idx=None, *,
+                                      scale=None, kv_start=None, implementation=None, config=None):
+  """Appends one token's K/V to every group of the cache, then attends over the selected groups.
+
+  The decode step's attention: equal to writing `k_new`/`v_new` at slot `lengths[b]` of each row (every
+  group, selected or not, so that a group skipped now can be selected later) and then calling
+  `selective_decode_attention(q, k_cache, v_cache, lengths + 1, group_idx, ...)`. Where the direct Pallas
+  kernel runs (B x K >= the SM count) each of its (row, group) programs writes its group's slot itself: no
+  separate scatter kernel. Elsewhere (XLA, or the split-K kernel) one XLA scatter per cache runs first.
+
+  Args:
+    q: [B, Hq, D] query of the new token.
+    k_new, v_new: [B, Hkv, D] its key and value (cast to the cache dtype).
+    k_cache, v_cache: [B, Hkv, S, D] caches; updated in place when the caller donates them (or, under jit,
+      when they are dead after the call).
+    lengths: [B] int, tokens already in each row's cache = the new token's slot. A slot outside [0, S) is
+      not written (as `mode="drop"`), and the row attends over its min(lengths + 1, S) cached keys.
+    group_idx, scale, kv_start, implementation, config: as `selective_decode_attention`.
+
+  Returns:
+    (out [B, Hq, D] in q's dtype (heads of unselected groups exactly 0), k_cache, v_cache).
+  """
+  impl = _platform.resolve_implementation(implementation)
+  lengths = jnp.asarray(lengths)
+  group_idx = None if group_idx is None else jnp.asarray(group_idx)
+  kv_start = None if kv_start is None else jnp.asarray(kv_start)
+  _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=True)
+  B, _, D = q.shape
+  Hkv, S = k_cache.shape[1], k_cache.shape[2]
+  if k_new.shape != (B, Hkv, D) or v_new.shape != (B, Hkv, D):
+    raise ValueError(f"k_new and v_new must be [B, Hkv, D] = {(B, Hkv, D)}, got {k_new.shape} and {v_new.shape}")
+  scale = float(D ** -0.5 if scale is None else scale)
+  if impl == "xla":
+    return _append_xla_jit(q, k_new, v_new, k_cache, v_cache, lengths, group_idx, kv_start, scale=scale)
+  if kv_start is None:
+    kv_start = jnp.zeros((B,), jnp.int32)
+  if config is None:
+    K = Hkv if group_idx is None else group_idx.shape[1]
+    config = _triton.choose_config(B, K, S, D, jnp.dtype(q.dtype).itemsize)
+  if config.num_splits == 1:
+    return _triton.decode_attention_triton_direct(
+        q, k_cache, v_cache, lengths.astype(jnp.int32) + 1, group_idx, kv_start, k_new, v_new, scale=scale,
+        config=config, interpret=_platform.interpret_mode())
+  k_cache, v_cache = _xla.append_kv_xla(k_cache, v_cache, k_new, v_new, lengths)
+  out = _pallas_path(q, k_cache, v_cache, lengths.astype(jnp.int32) + 1, group_idx, kv_start, scale=scale,
+                     return_residuals=False, config=config, interpret=_platform.interpret_mode())
+  return out, k_cache, v_cache
+
+
+_append_xla_jit = jax.jit(_xla.decode_attention_append_xla, static_argnames=("scale",))
 
 
 def merge_attention_partials(parts, out_dtype=jnp.float32):

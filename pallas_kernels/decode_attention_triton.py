@@ -191,17 +191,31 @@ def _attention_kernel(gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref, o_ref, 
   _store(l_ref, l_g, rows_g, cols_d, whole)
 
 
-def _direct_kernel(*refs, num_selected: int | None, **kw):
-  """Direct program (b, g): refs = ([gidx_ref,] len_ref, start_ref, q_ref, k_ref, v_ref, o_ref), o_ref [G, D] of
-  group g of row b. num_selected None: every group (dense); else group g is computed when one of row b's
-  `num_selected` (clamped) entries of gidx names it, and written as zeros otherwise."""
-  if num_selected is None:
-    gidx_ref, (len_ref, start_ref, q_ref, k_ref, v_ref, o_ref) = None, refs
+def _direct_kernel(*refs, num_selected: int | None, append: bool, interpret: bool, **kw):
+  """Direct program (b, g): refs = ([gidx_ref,] len_ref, start_ref, q_ref, k_ref, v_ref, [kn_ref, vn_ref,] o_ref
+  [, kc_ref, vc_ref]), o_ref [G, D] of group g of row b. num_selected None: every group (dense); else group g is
+  computed when one of row b's `num_selected` (clamped) entries of gidx names it, and written as zeros otherwise.
+
+  append: kn_ref/vn_ref [Hkv, D] hold row b's new token, which every program (selected or not) first writes
+  into its group's slot len - 1 of the output caches kc_ref/vc_ref (aliased to k_ref/v_ref: the same memory on
+  GPU), then attends over those caches, the new key included."""
+  kn_ref = vn_ref = None
+  if append:
+    *refs, kn_ref, vn_ref, o_ref, kc_ref, vc_ref = refs
   else:
-    gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref, o_ref = refs
+    *refs, o_ref = refs
+  if num_selected is None:
+    gidx_ref, (len_ref, start_ref, q_ref, k_ref, v_ref) = None, refs
+  else:
+    gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref = refs
   b, group = pl.program_id(0), pl.program_id(1)
   num_kv_heads, seq_len, _ = k_ref.shape
   length, start = _row_bounds(len_ref, start_ref, b, seq_len)
+  if append:
+    _append_token(kn_ref, vn_ref, kc_ref, vc_ref, group, len_ref[b] - 1, seq_len, kw["block_d"], kw["head_dim"])
+    if not interpret:
+      plgpu.debug_barrier()   # every thread's slot store precedes the key loads below
+    k_ref, v_ref = kc_ref, vc_ref
   selected = True
   if num_selected is not None:
     selected = False
@@ -212,6 +226,17 @@ def _direct_kernel(*refs, num_selected: int | None, **kw):
   # o / l, and 0 where nothing was attended (l == 0: unselected group or empty key range; o is 0 there too).
   out_gd = o_gd / jnp.where(l_g > 0, l_g, 1.0)[:, None]
   _store(o_ref, out_gd.astype(o_ref.dtype), rows_g, cols_d, _unpadded(kw))
+
+
+def _append_token(kn_ref, vn_ref, kc_ref, vc_ref, group, slot, seq_len: int, block_d: int, head_dim: int):
+  """Writes the new token's K/V `[D]` of `group` at `slot` of the caches; nothing when slot is outside [0, S)."""
+  cols_d = jnp.minimum(jnp.arange(block_d, dtype=jnp.int32), head_dim - 1)  # padded lanes repeat the last column
+
+  @pl.when((slot >= 0) & (slot < seq_len))
+  def _():
+    slot_c = jnp.clip(slot, 0, seq_len - 1)
+    kc_ref[group, slot_c, cols_d] = kn_ref[group, cols_d]
+    vc_ref[group, slot_c, cols_d] = vn_ref[group, cols_d]
 
 
 def _unpadded(kw) -> bool:
@@ -279,39 +304,58 @@ def decode_attention_triton(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
 def decode_attention_triton_direct(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
-                                   kv_start_B, *, scale: float, config: AttentionConfig,
-                                   interpret: bool):
+                                   kv_start_B, k_new_BHD=None, v_new_BHD=None, *, scale: float,
+                                   config: AttentionConfig, interpret: bool):
   """Normalised output `[B, Hq, D]` in q's dtype, query heads of unselected groups exactly 0.
 
   One program per (row, group) over all Hkv groups, no key split (`config.num_splits` is ignored);
-  `group_idx_BK` None computes every group.
+  `group_idx_BK` None computes every group. With `k_new_BHD`/`v_new_BHD` (`[B, Hkv, D]`), each program first
+  writes its group's new key/value at slot `lengths_B[b] - 1` (dropped outside `[0, S)`) and returns
+  `(out, k_BHSD, v_BHSD)`, the caches updated in place (output aliased to input: no copy when the caller's
+  buffers are donated or dead after the call).
   """
   B, Hq, D = q_BHD.shape
   _, Hkv, S, _ = k_BHSD.shape
   G = Hq // Hkv
   K = None if group_idx_BK is None else group_idx_BK.shape[1]
-  kernel = functools.partial(_direct_kernel, num_selected=K, **_kernel_kw(scale, G, D, config))
+  append = k_new_BHD is not None
+  kernel = functools.partial(_direct_kernel, num_selected=K, append=append, interpret=interpret,
+                             **_kernel_kw(scale, G, D, config))
   row = lambda b, g: (0,)
+  cache_spec = pl.BlockSpec((None, Hkv, S, D), lambda b, g: (b, 0, 0, 0))
   in_specs = [
       pl.BlockSpec((B,), row),
       pl.BlockSpec((B,), row),
       pl.BlockSpec((None, Hq, D), lambda b, g: (b, 0, 0)),
-      pl.BlockSpec((None, Hkv, S, D), lambda b, g: (b, 0, 0, 0)),
-      pl.BlockSpec((None, Hkv, S, D), lambda b, g: (b, 0, 0, 0)),
+      cache_spec,
+      cache_spec,
   ]
   args = [lengths_B.astype(jnp.int32), kv_start_B.astype(jnp.int32), q_BHD, k_BHSD, v_BHSD]
   if K is not None:
     in_specs.insert(0, pl.BlockSpec((B, K), lambda b, g: (0, 0)))
     args.insert(0, group_idx_BK.astype(jnp.int32))
-  out = pl.pallas_call(
+  out_specs = [pl.BlockSpec((None, None, G, D), lambda b, g: (b, g, 0, 0))]
+  out_shape = [jax.ShapeDtypeStruct((B, Hkv, G, D), q_BHD.dtype)]
+  aliases = {}
+  if append:
+    new_spec = pl.BlockSpec((None, Hkv, D), lambda b, g: (b, 0, 0))
+    in_specs += [new_spec, new_spec]
+    args += [k_new_BHD.astype(k_BHSD.dtype), v_new_BHD.astype(v_BHSD.dtype)]
+    out_specs += [cache_spec, cache_spec]
+    out_shape += [jax.ShapeDtypeStruct(k_BHSD.shape, k_BHSD.dtype), jax.ShapeDtypeStruct(v_BHSD.shape, v_BHSD.dtype)]
+    first_cache = len(args) - 4          # k_BHSD's position among the operands
+    aliases = {first_cache: 1, first_cache + 1: 2}
+  outs = pl.pallas_call(
       kernel,
       grid=(B, Hkv),
       in_specs=in_specs,
-      out_specs=pl.BlockSpec((None, None, G, D), lambda b, g: (b, g, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct((B, Hkv, G, D), q_BHD.dtype),
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                            num_stages=config.num_stages),
       interpret=interpret,
       name="selective_decode_attention_direct",
   )(*args)
-  return out.reshape(B, Hq, D)
+  out = outs[0].reshape(B, Hq, D)
+  return (out, outs[1], outs[2]) if append else out

@@ -74,6 +74,25 @@ def decode_attention_xla(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
   return normalise(o_BHD, l_BH).astype(q_BHD.dtype)
 
 
+def append_kv_xla(k_BHSD, v_BHSD, k_new_BHD, v_new_BHD, lengths_B):
+  """Writes each row's new K/V `[B, Hkv, D]` at slot `lengths_B[b]` of every group (dropped when the slot is
+  outside `[0, S)`): one scatter per cache, in place when the caches are donated or dead afterwards."""
+  B, Hkv = k_BHSD.shape[:2]
+  index = (jnp.arange(B)[:, None], jnp.arange(Hkv)[None, :], lengths_B.astype(jnp.int32)[:, None])
+  return (k_BHSD.at[index].set(k_new_BHD.astype(k_BHSD.dtype), mode="drop"),
+          v_BHSD.at[index].set(v_new_BHD.astype(v_BHSD.dtype), mode="drop"))
+
+
+def decode_attention_append_xla(q_BHD, k_new_BHD, v_new_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
+                                kv_start_B, *, scale: float):
+  """Reference of `selective_decode_attention_append`: `append_kv_xla`, then attention over
+  `[kv_start, lengths + 1)`. Returns `(out [B, Hq, D], k_BHSD, v_BHSD)`."""
+  k_BHSD, v_BHSD = append_kv_xla(k_BHSD, v_BHSD, k_new_BHD, v_new_BHD, lengths_B)
+  out = decode_attention_xla(q_BHD, k_BHSD, v_BHSD, lengths_B.astype(jnp.int32) + 1, group_idx_BK, kv_start_B,
+                             scale=scale)
+  return out, k_BHSD, v_BHSD
+
+
 def normalise(o_BHD, l_BH):
   """o / l with 0 where l == 0 (unselected heads, empty rows)."""
   safe_l_BH = jnp.where(l_BH > 0, l_BH, 1.0)

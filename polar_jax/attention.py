@@ -1,8 +1,8 @@
 """Multi-head / grouped-query self-attention with a head-major KV cache.
 
 Prefill runs dense causal attention over a compacted (right-padded) prompt and writes K/V of
-every head to the cache. Decode writes the new token's K/V for every head, then calls
-`pallas_kernels.selective_decode_attention`, optionally restricted to selected KV groups.
+every head to the cache. Decode calls `pallas_kernels.selective_decode_attention_append`: the new token's K/V
+go to every head's slot, then attention over the selected KV groups (all when none are given).
 """
 
 from __future__ import annotations
@@ -135,19 +135,20 @@ class Attention(nnx.Module):
     """
     b = x_bd.shape[0]
     q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
-    k_cache_bhsd = kv_cache.write_decode(k_cache_bhsd, k[:, 0], lengths_b)
-    v_cache_bhsd = kv_cache.write_decode(v_cache_bhsd, v[:, 0], lengths_b)
     new_len = lengths_b + 1
     kv_start = None if self.window is None else jnp.maximum(new_len - self.window, 0).astype(jnp.int32)
     oracle_k, shards = group_idx_bk if isinstance(group_idx_bk, tuple) else (group_idx_bk, 1)
     oracle_k = oracle_k if isinstance(oracle_k, int) else None
     mesh = getattr(self, "mesh", None)   # set by polar_jax.sharding (tensor parallel); None on one device
     if mesh is None:
-      ctx = pallas_kernels.selective_decode_attention(
-          q[:, 0], k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, scale=self.scale,
-          kv_start=kv_start, implementation=implementation)
+      # K/V of every group go to slot lengths_b (the direct kernel writes them itself), then attention.
+      ctx, k_cache_bhsd, v_cache_bhsd = pallas_kernels.selective_decode_attention_append(
+          q[:, 0], k[:, 0], v[:, 0], k_cache_bhsd, v_cache_bhsd, lengths_b, None if oracle_k else group_idx_bk,
+          scale=self.scale, kv_start=kv_start, implementation=implementation)
     else:
       from polar_jax import sharding
+      k_cache_bhsd = kv_cache.write_decode(k_cache_bhsd, k[:, 0], lengths_b)
+      v_cache_bhsd = kv_cache.write_decode(v_cache_bhsd, v[:, 0], lengths_b)
       dp = getattr(self, "dp", 1)
       k_cache_bhsd = sharding.constrain_cache(k_cache_bhsd, mesh, dp)
       v_cache_bhsd = sharding.constrain_cache(v_cache_bhsd, mesh, dp)
