@@ -191,15 +191,16 @@ def _attention_kernel(gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref, o_ref, 
   _store(l_ref, l_g, rows_g, cols_d, whole)
 
 
-def _direct_kernel(*refs, num_selected: int | None, append: bool, interpret: bool, **kw):
+def _direct_kernel(*refs, num_selected: int | None, append: bool, **kw):
   """Direct program (b, g): refs = ([gidx_ref,] len_ref, start_ref, q_ref, k_ref, v_ref, [kn_ref, vn_ref,] o_ref
   [, kc_ref, vc_ref]), o_ref [G, D] of group g of row b. num_selected None: every group (dense); else group g is
   computed when one of row b's `num_selected` (clamped) entries of gidx names it, and written as zeros otherwise.
 
-  append: kn_ref/vn_ref [Hkv, D] hold row b's new token, which every program (selected or not) first writes
-  into its group's slot len - 1 of the output caches kc_ref/vc_ref (aliased to k_ref/v_ref: the same memory on
-  GPU), then attends over those caches, the new key included."""
-  kn_ref = vn_ref = None
+  append: kn_ref/vn_ref [Hkv, D] hold row b's new token, whose slot is len - 1. The program streams the cached
+  keys before that slot, adds the new key/value from registers, and only then writes them into its group's slot
+  of the output caches kc_ref/vc_ref (aliased to k_ref/v_ref): no read-after-write, so no barrier delays the
+  first key loads. Every program writes its slot, selected or not."""
+  kn_ref = vn_ref = kc_ref = vc_ref = None
   if append:
     *refs, kn_ref, vn_ref, o_ref, kc_ref, vc_ref = refs
   else:
@@ -211,32 +212,48 @@ def _direct_kernel(*refs, num_selected: int | None, append: bool, interpret: boo
   b, group = pl.program_id(0), pl.program_id(1)
   num_kv_heads, seq_len, _ = k_ref.shape
   length, start = _row_bounds(len_ref, start_ref, b, seq_len)
-  if append:
-    _append_token(kn_ref, vn_ref, kc_ref, vc_ref, group, len_ref[b] - 1, seq_len, kw["block_d"], kw["head_dim"])
-    if not interpret:
-      plgpu.debug_barrier()   # every thread's slot store precedes the key loads below
-    k_ref, v_ref = kc_ref, vc_ref
   selected = True
   if num_selected is not None:
     selected = False
     for j in range(num_selected):   # K scalar reads; K <= Hkv is small
       selected = selected | (jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1) == group)
-  o_gd, _, l_g, rows_g, cols_d = _stream(q_ref, k_ref, v_ref, group, length, start, selected=selected,
-                                         split=0, num_splits=1, **kw)
+  if append:
+    slot = len_ref[b] - 1                          # unclipped: a slot at S (a full row) is not written
+    in_cache = (slot >= 0) & (slot < seq_len)
+    length = jnp.where(in_cache, jnp.maximum(slot, start), length)   # cached keys before the new one
+  o_gd, m_g, l_g, rows_g, cols_d = _stream(q_ref, k_ref, v_ref, group, length, start, selected=selected,
+                                           split=0, num_splits=1, **kw)
+  if append:
+    k_d, v_d = kn_ref[group, cols_d], vn_ref[group, cols_d]   # padded lanes repeat the last column
+    new_key = selected & in_cache & (slot >= start)
+    o_gd, l_g = _attend_new_key(q_ref, group, k_d, v_d, o_gd, m_g, l_g, rows_g, cols_d, new_key, **kw)
+
+    @pl.when(in_cache)
+    def _():
+      slot_c = jnp.clip(slot, 0, seq_len - 1)
+      kc_ref[group, slot_c, cols_d] = k_d
+      vc_ref[group, slot_c, cols_d] = v_d
+
   # o / l, and 0 where nothing was attended (l == 0: unselected group or empty key range; o is 0 there too).
   out_gd = o_gd / jnp.where(l_g > 0, l_g, 1.0)[:, None]
   _store(o_ref, out_gd.astype(o_ref.dtype), rows_g, cols_d, _unpadded(kw))
 
 
-def _append_token(kn_ref, vn_ref, kc_ref, vc_ref, group, slot, seq_len: int, block_d: int, head_dim: int):
-  """Writes the new token's K/V `[D]` of `group` at `slot` of the caches; nothing when slot is outside [0, S)."""
-  cols_d = jnp.minimum(jnp.arange(block_d, dtype=jnp.int32), head_dim - 1)  # padded lanes repeat the last column
-
-  @pl.when((slot >= 0) & (slot < seq_len))
-  def _():
-    slot_c = jnp.clip(slot, 0, seq_len - 1)
-    kc_ref[group, slot_c, cols_d] = kn_ref[group, cols_d]
-    vc_ref[group, slot_c, cols_d] = vn_ref[group, cols_d]
+def _attend_new_key(q_ref, group, k_d, v_d, o_gd, m_g, l_g, rows_g, cols_d, attend, *, scale: float,
+                    group_size: int, head_dim: int, block_g: int, block_d: int, **_):
+  """One online-softmax step over a single key/value `[D]` held in registers (the new token), as `_stream`'s
+  update: float32 scores, p cast to v's dtype for the p.v product. Returns (o_gd, l_g) at the new maximum (the
+  caller normalises o / l, so m is not needed after it); unchanged where `attend` is False."""
+  q_gd = q_ref[(group * group_size + rows_g)[:, None], cols_d[None, :]].astype(jnp.float32)
+  col_ok_d = jnp.arange(block_d, dtype=jnp.int32) < head_dim       # padded lanes repeat a column: mask them
+  k_f = jnp.where(col_ok_d, k_d.astype(jnp.float32), 0.0)
+  s_g = jnp.sum(q_gd * k_f[None, :], axis=1) * scale
+  m_new_g = jnp.maximum(m_g, s_g)
+  alpha_g = jnp.exp(m_g - m_new_g)
+  p_g = jnp.exp(s_g - m_new_g).astype(v_d.dtype).astype(jnp.float32)
+  o_new = o_gd * alpha_g[:, None] + p_g[:, None] * v_d.astype(jnp.float32)[None, :]
+  l_new = l_g * alpha_g + p_g
+  return jnp.where(attend, o_new, o_gd), jnp.where(attend, l_new, l_g)
 
 
 def _unpadded(kw) -> bool:
@@ -309,8 +326,8 @@ def decode_attention_triton_direct(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_B
   """Normalised output `[B, Hq, D]` in q's dtype, query heads of unselected groups exactly 0.
 
   One program per (row, group) over all Hkv groups, no key split (`config.num_splits` is ignored);
-  `group_idx_BK` None computes every group. With `k_new_BHD`/`v_new_BHD` (`[B, Hkv, D]`), each program first
-  writes its group's new key/value at slot `lengths_B[b] - 1` (dropped outside `[0, S)`) and returns
+  `group_idx_BK` None computes every group. With `k_new_BHD`/`v_new_BHD` (`[B, Hkv, D]`) the new token sits at
+  slot `lengths_B[b] - 1` (attended from registers, then written by each program; dropped outside `[0, S)`): returns
   `(out, k_BHSD, v_BHSD)`, the caches updated in place (output aliased to input: no copy when the caller's
   buffers are donated or dead after the call).
   """
@@ -319,8 +336,7 @@ def decode_attention_triton_direct(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_B
   G = Hq // Hkv
   K = None if group_idx_BK is None else group_idx_BK.shape[1]
   append = k_new_BHD is not None
-  kernel = functools.partial(_direct_kernel, num_selected=K, append=append, interpret=interpret,
-                             **_kernel_kw(scale, G, D, config))
+  kernel = functools.partial(_direct_kernel, num_selected=K, append=append, **_kernel_kw(scale, G, D, config))
   row = lambda b, g: (0,)
   cache_spec = pl.BlockSpec((None, Hkv, S, D), lambda b, g: (b, 0, 0, 0))
   in_specs = [
