@@ -37,6 +37,7 @@ from pallas_kernels import gather_matmul_rows  # noqa: E402
 from pallas_kernels import gather_matmul_triton  # noqa: E402
 from pallas_kernels import selective_decode_attention  # noqa: E402
 from pallas_kernels import selective_decode_attention_append  # noqa: E402
+from pallas_kernels.decode_attention_triton import choose_config as attn_config  # noqa: E402
 from pallas_kernels.decode_attention_xla import append_kv_xla  # noqa: E402
 from pallas_kernels import topk_select  # noqa: E402
 from pallas_kernels.decode_attention_xla import decode_attention_xla_gather  # noqa: E402
@@ -267,8 +268,9 @@ def append_cases(smoke):
 
 
 def bench_append(iters, base, smoke, steps=16):
-  """The decode step's attention with its cache write: `selective_decode_attention_append` (the direct kernel
-  writes each group's slot itself) vs an XLA scatter + `selective_decode_attention` (the pre-session-6 step).
+  """The decode step's attention with its cache write: `selective_decode_attention_append` with
+  `append_in_kernel` (the direct kernel writes each group's slot itself) vs an XLA scatter +
+  `selective_decode_attention` (the default, and the pre-session-6 step).
   Each timed call is one jitted fori_loop of `steps` appends with the caches donated and carried (in place, as
   in the decode loop); wall clock per step (median of `iters` calls). Checked: outputs and caches of the two
   paths agree (caches exactly; a mismatch raises)."""
@@ -286,7 +288,9 @@ def bench_append(iters, base, smoke, steps=16):
       def body(i, carry):
         k, v, acc = carry
         if fused:
-          out, k, v = selective_decode_attention_append(q, kn, vn, k, v, cached + i, gidx)
+          cfg = dataclasses.replace(attn_config(B, K, S, D, jnp.dtype(dtype).itemsize), num_splits=1,
+                                    append_in_kernel=True)
+          out, k, v = selective_decode_attention_append(q, kn, vn, k, v, cached + i, gidx, config=cfg)
         else:
           k, v = append_kv_xla(k, v, kn, vn, cached + i)
           out = selective_decode_attention(q, k, v, cached + i + 1, gidx)
@@ -310,7 +314,8 @@ def bench_append(iters, base, smoke, steps=16):
       ms = statistics.median(walls)
       mean_len = float(np.mean(np.asarray(cached))) + steps / 2
       rec = _finish(dict(base, op="attention_append", impl=impl, B=B, S=S, Hq=Hq, Hkv=Hkv, D=D, density=K / Hkv,
-                         dtype=jnp.dtype(dtype).name, ms=ms, ms_wall=ms, timer="wall_loop", steps=steps, mean_len=mean_len,
+                         dtype=jnp.dtype(dtype).name, ms=ms, ms_wall=ms, timer="wall_loop", steps=steps,
+                         mean_len=mean_len,
                          bytes=int(2 * B * K * mean_len * D * jnp.dtype(dtype).itemsize)))
       records.append(rec)
       del k, v

@@ -98,8 +98,13 @@ def main(argv=None) -> int:
                  help="router: batch-union neurons (ReLU models; budgets from --mlp-topk-dir)")
   p.add_argument("--mlp-topk-dir", type=pathlib.Path,
                  default=pathlib.Path(__file__).resolve().parents[2] / "shared/reference-data/mlp_topk/opt-6.7b")
+  p.add_argument("--append-in-kernel", action="store_true",
+                 help="the direct attention kernel writes the new K/V slots (decode_attention_triton.APPEND_IN_KERNEL)")
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
+  if args.append_in_kernel:
+    from pallas_kernels import decode_attention_triton
+    decode_attention_triton.APPEND_IN_KERNEL = True
   if args.smoke:
     args.model, args.batch, args.prompt, args.n1, args.n2, args.dtype = "tiny", 2, 16, 2, 6, "float32"
   config = e2e.MODELS[args.model]
@@ -124,7 +129,8 @@ def main(argv=None) -> int:
       print(f"  {ms:8.4f} ms {100 * ms / total:5.1f}%  {name[:110]}")
     common.append_jsonl(args.out, [dict(prov, kind="step_profile", model=args.model, B=args.batch,
                                         prompt=args.prompt, density=density, mlp=args.mlp, tp=args.tp,
-                                        fused=not args.no_fuse, kernel=name, ms_per_step=ms,
+                                        fused=not args.no_fuse, append_in_kernel=args.append_in_kernel,
+                                        kernel=name, ms_per_step=ms,
                                         step_kernel_ms=total) for name, ms in steps.items()])
   return 0
 

@@ -174,9 +174,10 @@ def selective_decode_attention_append(q, k_new, v_new, k_cache, v_cache, lengths
 
   The decode step's attention: equal to writing `k_new`/`v_new` at slot `lengths[b]` of each row (every
   group, selected or not, so that a group skipped now can be selected later) and then calling
-  `selective_decode_attention(q, k_cache, v_cache, lengths + 1, group_idx, ...)`. Where the direct Pallas
-  kernel runs (B x K >= the SM count) each of its (row, group) programs writes its group's slot itself: no
-  separate scatter kernel. Elsewhere (XLA, or the split-K kernel) one XLA scatter per cache runs first.
+  `selective_decode_attention(q, k_cache, v_cache, lengths + 1, group_idx, ...)`. By default one XLA scatter
+  per cache runs first. With `config.append_in_kernel` (default `decode_attention_triton.APPEND_IN_KERNEL`,
+  off: see there for the measurement) and the direct Pallas kernel (B x K >= the SM count), each (row, group)
+  program attends the new key from registers and writes its group's slot itself: no scatter kernel.
 
   Args:
     q: [B, Hq, D] query of the new token.
@@ -207,7 +208,7 @@ def selective_decode_attention_append(q, k_new, v_new, k_cache, v_cache, lengths
   if config is None:
     K = Hkv if group_idx is None else group_idx.shape[1]
     config = _triton.choose_config(B, K, S, D, jnp.dtype(q.dtype).itemsize)
-  if config.num_splits == 1:
+  if config.num_splits == 1 and config.append_in_kernel:
     return _triton.decode_attention_triton_direct(
         q, k_cache, v_cache, lengths.astype(jnp.int32) + 1, group_idx, kv_start, k_new, v_new, scale=scale,
         config=config, interpret=_platform.interpret_mode())

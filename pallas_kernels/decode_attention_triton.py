@@ -37,6 +37,13 @@ DIRECT_PROGRAMS_PER_SM = 1
 # 0.179 vs 0.183 ms isolated, in the LLaMA-2-7B B32 density 0.5 step 5.60 vs 5.94 ms of attention (two machines);
 # at 160 programs (GQA B32 K5) 4 stages were slower (0.125 vs 0.112 ms: one program per SM leaves a tail wave).
 DEEP_PIPELINE_PROGRAMS_PER_SM = 3
+# Whether `selective_decode_attention_append` lets the direct kernel write the new token's cache slots (else one
+# XLA scatter per cache runs before the kernel). Off: measured on one H100 (session 6, LLaMA-2-7B B32 density 0.5,
+# the same machine) the step's kernels took 11.995 ms with the in-kernel write vs 11.930 ms with the scatter: the
+# scatter (0.216 ms) went, but materialising k/v for the kernel (+0.12 ms) and a slower attention kernel
+# (5.79 -> 5.97 ms; every program, selected or not, now loads and stores its slot) cost more. Isolated (kernels.py
+# --only append) the in-kernel write was faster: 0.178 vs 0.187 ms per B32 layer.
+APPEND_IN_KERNEL = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,6 +52,7 @@ class AttentionConfig:
   num_splits: int  # split-K programs per (row, group)
   num_warps: int
   num_stages: int
+  append_in_kernel: bool = False  # `selective_decode_attention_append` on the direct kernel: write slots in it
 
 
 def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
@@ -76,7 +84,7 @@ def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
   # programs anyway; 3 stages (two programs per SM) below, where a second program per SM fills the tail.
   deep = splits == 1 and work >= DEEP_PIPELINE_PROGRAMS_PER_SM * num_sms
   return AttentionConfig(block_k=block_k, num_splits=splits, num_warps=4,
-                         num_stages=4 if deep else 3)
+                         num_stages=4 if deep else 3, append_in_kernel=APPEND_IN_KERNEL)
 
 
 def _precision(a):
