@@ -2,7 +2,8 @@
 
 Random bf16 weights (speed does not depend on values), decode tokens/s with prefill excluded:
   decode_tok_s = B * (N2 - N1) / (t(N2 new tokens) - t(N1 new tokens))
-as in shared/anchors.md, plus prefill time, peak device memory, and the roofline fraction
+as in shared/anchors.md, where t is one compiled greedy decode loop (the step `generate` runs) timed after an
+untimed prefill (`--timing generate`: two `generate` calls instead, prefill included in both), plus prefill time, peak device memory, and the roofline fraction
   (weight bytes + KV bytes read per step) / step time / copy bandwidth (measured in the same run).
 `--systems hf_static` times Hugging Face `generate` with a static cache on the same shapes (torch +
 transformers + CUDA, as on the GPU image), in its own process so JAX and torch do not share memory:
@@ -178,26 +179,89 @@ def kept_fraction(config: ModelConfig, sparsity) -> Any:
   return lambda layer: 1.0 if groups[layer] is None else groups[layer] / config.num_kv_heads
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
+def _prefill_greedy(graphdef, state, tokens_bt, lengths_b, *, max_len):
+  """The dense prefill of `generate` (a fresh cache of `max_len` slots) and its greedy first tokens."""
+  from flax import nnx
+  from polar_jax.kv_cache import KVCache
+  model = nnx.merge(graphdef, state)
+  cache = KVCache.init(model.config, tokens_bt.shape[0], max_len, model.dtype)
+  logits, cache = model.prefill(tokens_bt, lengths_b, cache)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "decode"), donate_argnames=("cache",))
+def _decode_greedy(graphdef, state, tok_b, cache, decode_state, steps, *, decode):
+  """`steps` greedy decode steps from a prefilled cache, with the step `generate` runs (`decode`). `steps` is
+  traced, so every step count runs the same compiled program (the same autotuned kernels)."""
+  from flax import nnx
+  model = nnx.merge(graphdef, state)
+  active_b = jnp.ones(tok_b.shape, bool)
+
+  def body(_, carry):
+    tok, cache = carry
+    logits, cache = decode(model, tok, cache, decode_state, active_b)
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
+
+  return jax.lax.fori_loop(0, steps, body, (tok_b, cache))
+
+
+def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: int) -> tuple[float, float, float]:
+  """(t(n1), t(n2), prefill seconds): the fastest of `iters` timed calls of one compiled decode loop running n
+  steps from a freshly prefilled cache (the prefill runs before the clock starts and is timed on its own).
+
+  `generate` compiles one program per `max_new_tokens`, prefill included, so `t(N2) - t(N1)` of two generate
+  calls also carries the difference of two prefills and of two autotuning outcomes (session 6: B32 readings of
+  one commit fell into ~2685 or ~2760 tok/s by process); here both counts run the same program, prefill-free."""
+  from flax import nnx
+  from polar_jax.generation import DenseDecode, prepare_batch
+  from polar_jax.sparse_decode import make_decoder
+  cfg = model.config
+  batch = prepare_batch(ids, None, vocab_size=cfg.vocab_size, context=cfg.max_position_embeddings,
+                        max_new_tokens=n2)
+  decode, decode_state = make_decoder(model, sparsity, routers if sparsity is not None else None,
+                                      batch=batch.batch, dense_factory=DenseDecode)   # what `generate` runs
+  graphdef, state = nnx.split(model)
+  tokens, lengths = jnp.asarray(batch.tokens_bt), jnp.asarray(batch.lengths_b)
+  best = {"prefill": float("inf"), n1: float("inf"), n2: float("inf")}
+  for i in range(iters + 1):                      # the first round compiles and warms up
+    for n in (n1, n2):
+      t0 = time.perf_counter()
+      tok, cache = jax.block_until_ready(_prefill_greedy(graphdef, state, tokens, lengths, max_len=batch.max_len))
+      t_prefill = time.perf_counter() - t0
+      t0 = time.perf_counter()
+      jax.block_until_ready(_decode_greedy(graphdef, state, tok, cache, decode_state, jnp.int32(n), decode=decode))
+      t_decode = time.perf_counter() - t0
+      del tok, cache
+      if i:
+        best["prefill"] = min(best["prefill"], t_prefill)
+        best[n] = min(best[n], t_decode)
+  return best[n1], best[n2], best["prefill"]
+
+
 def run_polar(setting: Setting, model, config: ModelConfig, *, n1: int, n2: int, iters: int,
-              copy_tbps: float, routers=None) -> dict[str, Any]:
+              copy_tbps: float, routers=None, timing: str = "decode_loop") -> dict[str, Any]:
   rng = np.random.default_rng(0)
   ids = rng.integers(0, config.vocab_size, (setting.batch, setting.prompt)).astype(np.int32)
   sparsity = sparsity_for(setting)
-  kwargs: dict[str, Any] = {} if sparsity is None else dict(sparsity=sparsity, routers=routers)
-
-  def run(n):
-    return generate(model, ids, max_new_tokens=n, **kwargs).tokens
-
-  # The fastest of `iters` runs each: the prefill (seconds at B32) varies by ~0.1 s run to run, which the median
-  # of 3 let through into (t2 - t1) / (n2 - n1) (one B32 record read 15% fast on 2026-11-21).
-  t1 = common.time_fn(lambda: run(n1), warmup=1, iters=iters, stat="min")
-  t2 = common.time_fn(lambda: run(n2), warmup=1, iters=iters, stat="min")
-  tok_s, ms = decode_rate(setting.batch, n1, n2, t1, t2)
+  if timing == "decode_loop":
+    t1, t2, prefill_s = time_decode_loop(model, ids, sparsity, routers, n1=n1, n2=n2, iters=iters)
+    tok_s, ms = decode_rate(setting.batch, n1, n2, t1, t2)
+    prefill_ms = prefill_s * 1e3
+  else:
+    # `generate` end to end, the fastest of `iters` runs each: the prefill (seconds at B32) varies by ~0.1 s run
+    # to run, which the median of 3 let through into (t2 - t1) / (n2 - n1) (one B32 record read 15% fast on
+    # 2026-11-21).
+    kwargs: dict[str, Any] = {} if sparsity is None else dict(sparsity=sparsity, routers=routers)
+    run = lambda n: generate(model, ids, max_new_tokens=n, **kwargs).tokens  # noqa: E731
+    t1 = common.time_fn(lambda: run(n1), warmup=1, iters=iters, stat="min")
+    t2 = common.time_fn(lambda: run(n2), warmup=1, iters=iters, stat="min")
+    tok_s, ms = decode_rate(setting.batch, n1, n2, t1, t2)
+    prefill_ms = max(t1 - n1 * ms * 1e-3, 0.0) * 1e3
   itemsize = jnp.dtype(model.dtype).itemsize
   mean_len = setting.prompt + (n1 + n2) / 2
   step_bytes = weight_bytes_per_step(config, model) + kv_bytes_per_step(
       config, setting.batch, mean_len, itemsize, kept_fraction(config, sparsity))
-  prefill_ms = max(t1 - n1 * ms * 1e-3, 0.0) * 1e3
   return dict(system="polar_jax", decode_tok_s=tok_s, ms_per_step=ms, prefill_ms=prefill_ms,
               peak_mem_gb=peak_memory_gb(), roofline_frac=roofline_fraction(step_bytes, ms, copy_tbps),
               step_bytes=step_bytes)
@@ -331,6 +395,10 @@ def main(argv=None) -> int:
   p.add_argument("--smoke", action="store_true", help="tiny model, CPU friendly")
   p.add_argument("--tp", type=int, default=1, help="tensor parallel degree (polar_jax.sharding; records carry tp)")
   p.add_argument("--dp", type=int, default=1, help="data parallel degree (batch split over dp)")
+  p.add_argument("--timing", default="decode_loop", choices=["decode_loop", "generate"],
+                 help="decode_loop (default): one compiled greedy decode loop timed after an untimed prefill, "
+                      "t(N2) - t(N1) of the same program; generate: two `generate` calls, prefill included "
+                      "(records before 2026-11-22 04:30 UTC)")
   p.add_argument("--no-fuse", action="store_true",
                  help="keep separate q/k/v and gate/up projections (default: fused, polar_jax.fusion)")
   args = p.parse_args(argv)
@@ -369,7 +437,8 @@ def main(argv=None) -> int:
               continue
             s = Setting(name, b, prompt, density, mlp)
             r = _guarded(lambda: run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters,
-                                           copy_tbps=copy_tbps * devices, routers=routers), "polar_jax")
+                                           copy_tbps=copy_tbps * devices, routers=routers, timing=args.timing),
+                         "polar_jax")
             rows.append((s, r))
         s = Setting(name, b, prompt)
         if "hf_static" in args.systems:
@@ -382,7 +451,8 @@ def main(argv=None) -> int:
                      dp=args.dp if r["system"] == "polar_jax" else 1,
                      devices=devices if r["system"] == "polar_jax" else 1,
                      fused=(not args.no_fuse) if r["system"] == "polar_jax" else None, n1=args.n1, n2=args.n2,
-                     timing="min", **r)
+                     timing="decode_loop_min" if r["system"] == "polar_jax" and args.timing == "decode_loop"
+                     else "min", **r)
           records.append(rec)
           common.append_jsonl(args.out, [rec])              # written as measured: a cut-off run keeps its rows
           if rec.get("error"):
