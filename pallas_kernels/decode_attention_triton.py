@@ -37,6 +37,11 @@ DIRECT_PROGRAMS_PER_SM = 1
 # 0.179 vs 0.183 ms isolated, in the LLaMA-2-7B B32 density 0.5 step 5.60 vs 5.94 ms of attention (two machines);
 # at 160 programs (GQA B32 K5) 4 stages were slower (0.125 vs 0.112 ms: one program per SM leaves a tail wave).
 DEEP_PIPELINE_PROGRAMS_PER_SM = 3
+# Below that, 4 stages still win when the last wave of one-program-per-SM is (nearly) full. Measured end to end
+# (session 6, decode-loop timing, one H100, one call each): LLaMA-2-7B B16 density 0.5 (B x K = 256 programs on 132
+# SMs, last wave 124/132) 1885.5 tok/s with 4 stages vs 1864.5 / 1865.4 with 3; Llama-3.1-8B B64 prompt 2000
+# density 0.625 (320 programs, last wave 56/132) 5951.8 with 4 vs 6130.1 with 3.
+DEEP_PIPELINE_LAST_WAVE = 0.9
 # Whether `selective_decode_attention_append` lets the direct kernel write the new token's cache slots (else one
 # XLA scatter per cache runs before the kernel). Off: measured on one H100 (session 6, LLaMA-2-7B B32 density 0.5,
 # the same machine) the step's kernels took 11.995 ms with the in-kernel write vs 11.930 ms with the scatter: the
@@ -81,8 +86,10 @@ def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
   if work >= DIRECT_PROGRAMS_PER_SM * num_sms:
     splits = 1   # enough (row, group) programs without splitting keys: the direct kernel, no merge after it
   # A 4-deep pipeline (128 KB of shared memory: one program per SM) where the direct kernel has >= 3 waves of
-  # programs anyway; 3 stages (two programs per SM) below, where a second program per SM fills the tail.
-  deep = splits == 1 and work >= DEEP_PIPELINE_PROGRAMS_PER_SM * num_sms
+  # programs anyway, or fewer whole waves whose last one is >= 90% full; 3 stages (two programs per SM) elsewhere,
+  # where a second program per SM fills the tail.
+  last_wave = (work % num_sms or num_sms) / num_sms
+  deep = splits == 1 and (work >= DEEP_PIPELINE_PROGRAMS_PER_SM * num_sms or last_wave >= DEEP_PIPELINE_LAST_WAVE)
   return AttentionConfig(block_k=block_k, num_splits=splits, num_warps=4,
                          num_stages=4 if deep else 3, append_in_kernel=APPEND_IN_KERNEL)
 

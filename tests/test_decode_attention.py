@@ -160,8 +160,13 @@ def test_choose_config_direct_threshold():
   small = attn_triton.choose_config(per_sm * 132 - 1, 1, 4096, 128, 2, num_sms=132)
   assert big.num_splits == 1 and small.num_splits > 1
   deep = attn_triton.DEEP_PIPELINE_PROGRAMS_PER_SM * 132
-  assert attn_triton.choose_config(deep, 1, 4096, 128, 2, num_sms=132).num_stages == 4
-  assert attn_triton.choose_config(deep - 1, 1, 4096, 128, 2, num_sms=132).num_stages == 3
+  stages = lambda work: attn_triton.choose_config(work, 1, 4096, 128, 2, num_sms=132).num_stages  # noqa: E731
+  assert stages(deep) == 4 and stages(deep + 5) == 4
+  assert stages(deep - 5) == 4                 # 391 programs: last wave 127/132
+  assert stages(300) == 3                      # 300: last wave 36/132
+  assert stages(2 * 132 - 8) == 4              # 256 programs (LLaMA-2 B16 K16): last wave 124/132
+  assert stages(320) == 3 and stages(160) == 3  # Llama-3.1 B64 K5, B32 K5: short last waves, 3 stages
+  assert stages(132) == 4 and stages(264) == 4  # whole waves
 
 
 def test_raw_kernel_writes_every_partial():
