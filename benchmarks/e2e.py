@@ -3,7 +3,8 @@
 Random bf16 weights (speed does not depend on values), decode tokens/s with prefill excluded:
   decode_tok_s = B * (N2 - N1) / (t(N2 new tokens) - t(N1 new tokens))
 as in shared/anchors.md, where t is one compiled greedy decode loop (the step `generate` runs) timed after an
-untimed prefill (`--timing generate`: two `generate` calls instead, prefill included in both), plus prefill time, peak device memory, and the roofline fraction
+untimed prefill (`--timing generate`: two `generate` calls instead, prefill included in both), plus prefill time,
+peak device memory, and the roofline fraction
   (weight bytes + KV bytes read per step) / step time / copy bandwidth (measured in the same run).
 `--systems hf_static` times Hugging Face `generate` with a static cache on the same shapes (torch +
 transformers + CUDA, as on the GPU image), in its own process so JAX and torch do not share memory:
@@ -179,17 +180,6 @@ def kept_fraction(config: ModelConfig, sparsity) -> Any:
   return lambda layer: 1.0 if groups[layer] is None else groups[layer] / config.num_kv_heads
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
-def _prefill_greedy(graphdef, state, tokens_bt, lengths_b, *, max_len):
-  """The dense prefill of `generate` (a fresh cache of `max_len` slots) and its greedy first tokens."""
-  from flax import nnx
-  from polar_jax.kv_cache import KVCache
-  model = nnx.merge(graphdef, state)
-  cache = KVCache.init(model.config, tokens_bt.shape[0], max_len, model.dtype)
-  logits, cache = model.prefill(tokens_bt, lengths_b, cache)
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32), cache
-
-
 @functools.partial(jax.jit, static_argnames=("graphdef", "decode"), donate_argnames=("cache",))
 def _decode_greedy(graphdef, state, tok_b, cache, decode_state, steps, *, decode):
   """`steps` greedy decode steps from a prefilled cache, with the step `generate` runs (`decode`). `steps` is
@@ -214,25 +204,26 @@ def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: 
   calls also carries the difference of two prefills and of two autotuning outcomes (session 6: B32 readings of
   one commit fell into ~2685 or ~2760 tok/s by process); here both counts run the same program, prefill-free."""
   from flax import nnx
-  from polar_jax.generation import DenseDecode, prepare_batch
-  from polar_jax.sparse_decode import make_decoder
+  from polar_jax import generation      # generate's own prefill program and step (no copies of them here)
   cfg = model.config
-  batch = prepare_batch(ids, None, vocab_size=cfg.vocab_size, context=cfg.max_position_embeddings,
-                        max_new_tokens=n2)
-  decode, decode_state = make_decoder(model, sparsity, routers if sparsity is not None else None,
-                                      batch=batch.batch, dense_factory=DenseDecode)   # what `generate` runs
+  batch = generation.prepare_batch(ids, None, vocab_size=cfg.vocab_size, context=cfg.max_position_embeddings,
+                                   max_new_tokens=n2)
+  decode, decode_state = generation._decoder(model, sparsity, routers if sparsity is not None else None,
+                                             batch.batch)
   graphdef, state = nnx.split(model)
   tokens, lengths = jnp.asarray(batch.tokens_bt), jnp.asarray(batch.lengths_b)
   best = {"prefill": float("inf"), n1: float("inf"), n2: float("inf")}
   for i in range(iters + 1):                      # the first round compiles and warms up
     for n in (n1, n2):
       t0 = time.perf_counter()
-      tok, cache = jax.block_until_ready(_prefill_greedy(graphdef, state, tokens, lengths, max_len=batch.max_len))
+      logits, cache = jax.block_until_ready(
+          generation._prefill_program(graphdef, state, tokens, lengths, max_len=batch.max_len))
       t_prefill = time.perf_counter() - t0
+      tok = jax.block_until_ready(jnp.argmax(logits, axis=-1).astype(jnp.int32))   # greedy, as Greedy()
       t0 = time.perf_counter()
       jax.block_until_ready(_decode_greedy(graphdef, state, tok, cache, decode_state, jnp.int32(n), decode=decode))
       t_decode = time.perf_counter() - t0
-      del tok, cache
+      del logits, tok, cache
       if i:
         best["prefill"] = min(best["prefill"], t_prefill)
         best[n] = min(best[n], t_decode)

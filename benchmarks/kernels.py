@@ -38,7 +38,6 @@ from pallas_kernels import gather_matmul_triton  # noqa: E402
 from pallas_kernels import selective_decode_attention  # noqa: E402
 from pallas_kernels import selective_decode_attention_append  # noqa: E402
 from pallas_kernels.decode_attention_triton import choose_config as attn_config  # noqa: E402
-from pallas_kernels.decode_attention_xla import append_kv_xla  # noqa: E402
 from pallas_kernels import topk_select  # noqa: E402
 from pallas_kernels.decode_attention_xla import decode_attention_xla_gather  # noqa: E402
 
@@ -269,8 +268,8 @@ def append_cases(smoke):
 
 def bench_append(iters, base, smoke, steps=16):
   """The decode step's attention with its cache write: `selective_decode_attention_append` with
-  `append_in_kernel` (the direct kernel writes each group's slot itself) vs an XLA scatter +
-  `selective_decode_attention` (the default, and the pre-session-6 step).
+  `append_in_kernel` (the direct kernel writes each group's slot itself) vs the default (an XLA scatter, then
+  the same direct kernel: the pre-session-6 step).
   Each timed call is one jitted fori_loop of `steps` appends with the caches donated and carried (in place, as
   in the decode loop); wall clock per step (median of `iters` calls). Checked: outputs and caches of the two
   paths agree (caches exactly; a mismatch raises)."""
@@ -285,15 +284,12 @@ def bench_append(iters, base, smoke, steps=16):
     gidx = None if K == Hkv else jnp.asarray(np.stack([rng.permutation(Hkv)[:K] for _ in range(B)]), jnp.int32)
 
     def make(fused):
+      cfg = dataclasses.replace(attn_config(B, K, S, D, jnp.dtype(dtype).itemsize), num_splits=1,
+                                append_in_kernel=fused)   # the direct kernel, writing the slots or after a scatter
+
       def body(i, carry):
         k, v, acc = carry
-        if fused:
-          cfg = dataclasses.replace(attn_config(B, K, S, D, jnp.dtype(dtype).itemsize), num_splits=1,
-                                    append_in_kernel=True)
-          out, k, v = selective_decode_attention_append(q, kn, vn, k, v, cached + i, gidx, config=cfg)
-        else:
-          k, v = append_kv_xla(k, v, kn, vn, cached + i)
-          out = selective_decode_attention(q, k, v, cached + i + 1, gidx)
+        out, k, v = selective_decode_attention_append(q, kn, vn, k, v, cached + i, gidx, config=cfg)
         return k, v, acc + out.astype(jnp.float32)
       return jax.jit(lambda k, v: jax.lax.fori_loop(0, steps, body, (k, v, jnp.zeros(q.shape, jnp.float32))),
                      donate_argnums=(0, 1))

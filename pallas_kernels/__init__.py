@@ -3,8 +3,8 @@
 Public ops (implementation=None picks "pallas" on GPU, "xla" elsewhere):
   selective_decode_attention: decode attention over selected KV groups (direct kernel writing the
     normalised output in place, or split-K + merge where B x K is small).
-  selective_decode_attention_append: appends the new token's K/V to every group, then the same attention
-    (the direct kernel writes the cache slots itself: no scatter kernel before it).
+  selective_decode_attention_append: appends the new token's K/V to every group (one XLA scatter per cache, or
+    in the direct kernel with `AttentionConfig(append_in_kernel=True)`), then the same attention.
   merge_attention_partials: merges (o, m, l) residuals of disjoint partials.
   gather_matmul_cols: act(x @ w_in[idx].T + bias[idx]) (first MLP matmul).
   gather_matmul_rows: h @ w_out[idx] + bias (second MLP matmul).

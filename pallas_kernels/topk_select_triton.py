@@ -24,6 +24,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from pallas_kernels import _platform
+
 MAX_N = 1 << 16           # longest row (padded) the kernel holds on chip
 # Longest row (padded) `topk_select` sends here; longer rows take the XLA reference. Measured on an H100
 # (`kernels.py --only topk`, results/kernels.jsonl): the kernel's 32 serial count-reductions on one SM take ~28 us
@@ -67,7 +69,7 @@ def topk_select_triton(scores_rn: jax.Array, k: int, *, interpret: bool) -> jax.
   """int32 `[R, k]`: per row, the indices of the k largest scores in ascending order (ties: lower index
   first); rows of at most `MAX_N` scores."""
   r, n = scores_rn.shape
-  n_pad = 1 << max(n - 1, 0).bit_length()
+  n_pad = _platform.next_pow2(n)
   if n_pad > MAX_N:
     raise ValueError(f"rows of {n} scores exceed the kernel's {MAX_N}; use the XLA implementation")
   scores = jnp.pad(scores_rn, ((0, 0), (0, n_pad - n))) if n_pad != n else scores_rn

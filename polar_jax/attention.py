@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 import pallas_kernels
+from pallas_kernels.decode_attention_xla import append_kv_xla
 from polar_jax import kv_cache, rope
 from polar_jax.config import ModelConfig
 from polar_jax.fusion import split_qkv
@@ -147,8 +148,7 @@ class Attention(nnx.Module):
           scale=self.scale, kv_start=kv_start, implementation=implementation)
     else:
       from polar_jax import sharding
-      k_cache_bhsd = kv_cache.write_decode(k_cache_bhsd, k[:, 0], lengths_b)
-      v_cache_bhsd = kv_cache.write_decode(v_cache_bhsd, v[:, 0], lengths_b)
+      k_cache_bhsd, v_cache_bhsd = append_kv_xla(k_cache_bhsd, v_cache_bhsd, k[:, 0], v[:, 0], lengths_b)
       dp = getattr(self, "dp", 1)
       k_cache_bhsd = sharding.constrain_cache(k_cache_bhsd, mesh, dp)
       v_cache_bhsd = sharding.constrain_cache(v_cache_bhsd, mesh, dp)

@@ -54,9 +54,3 @@ def write_prefill(cache_bhsd: jax.Array, new_bthd: jax.Array, row0=0) -> jax.Arr
   return jax.lax.dynamic_update_slice(cache_bhsd, new_bthd.transpose(0, 2, 1, 3).astype(cache_bhsd.dtype),
                                       (row0, 0, 0, 0))
 
-
-def write_decode(cache_bhsd: jax.Array, new_bhd: jax.Array, slot_b: jax.Array) -> jax.Array:
-  """Writes one token's K or V `[B, H, D]` into slot `slot_b[b]` of each row (in place when donated)."""
-  b, h = cache_bhsd.shape[:2]
-  return cache_bhsd.at[jnp.arange(b)[:, None], jnp.arange(h)[None, :], slot_b[:, None]].set(
-      new_bhd.astype(cache_bhsd.dtype), mode="drop")

@@ -71,8 +71,7 @@ def test_smoke_generate_timing(tmp_path):
 def test_decode_loop_matches_generate_tokens():
   """The timed decode loop runs `generate`'s step: the same greedy tokens for the same prompts (dense and sparse)."""
   import numpy as np
-  from polar_jax.generation import DenseDecode, generate, prepare_batch
-  from polar_jax.sparse_decode import make_decoder
+  from polar_jax import generation
   from flax import nnx
   cfg = e2e.MODELS["tiny"]
   model = e2e.prepared_model(cfg, np.float32)
@@ -81,13 +80,15 @@ def test_decode_loop_matches_generate_tokens():
   for density in (1.0, 0.5):
     sparsity = e2e.sparsity_for(e2e.Setting("tiny", 2, 24, density))
     kw = {} if sparsity is None else dict(sparsity=sparsity, routers=routers)
-    want = generate(model, ids, max_new_tokens=6, **kw).tokens
-    batch = prepare_batch(ids, None, vocab_size=cfg.vocab_size, context=cfg.max_position_embeddings,
-                          max_new_tokens=6)
-    decode, state_d = make_decoder(model, sparsity, routers if sparsity else None, batch=2, dense_factory=DenseDecode)
+    want = generation.generate(model, ids, max_new_tokens=6, **kw).tokens
+    batch = generation.prepare_batch(ids, None, vocab_size=cfg.vocab_size, context=cfg.max_position_embeddings,
+                                     max_new_tokens=6)
+    decode, state_d = generation._decoder(model, sparsity, routers if sparsity else None, 2)
     graphdef, state = nnx.split(model)
-    tok, cache = e2e._prefill_greedy(graphdef, state, batch.tokens_bt, batch.lengths_b, max_len=batch.max_len)
-    got = [np.asarray(tok)]
+    logits, cache = generation._prefill_program(graphdef, state, batch.tokens_bt, batch.lengths_b,
+                                                max_len=batch.max_len)
+    tok = np.argmax(np.asarray(logits), axis=-1).astype(np.int32)
+    got = [tok]
     for _ in range(5):
       tok, cache = e2e._decode_greedy(graphdef, state, tok, cache, state_d, 1, decode=decode)
       got.append(np.asarray(tok))
