@@ -6,8 +6,9 @@ that fixes shapes (groups kept per layer, neuron budgets, which routers run) is 
 (static); router weights are in `decode_state` (dynamic), so new router weights do not recompile.
 
 Per decode step and layer (prefill stays dense; K/V of every head is written to the cache):
-  1. the layer's pre-attention normed input `x_bd` -> group scores (router: one float32 row reduction per layer,
-     `routers.modules.decode_head_scores`; or random) -> per-row top-k
+  1. the layer's pre-attention normed input `x_bd` -> group scores (router: a dot in the model's dtype with
+     float32 accumulation, which XLA merges into the q/k/v GEMM, `routers.modules.decode_head_scores`; or
+     random) -> per-row top-k
      (`polar_jax.sharding.balanced_topk` -> `polar_jax.topk.rank_topk`: `lax.top_k`'s indices without a sort;
      one block of groups off tensor parallel) -> `selective_decode_attention` over
      those groups -> dense o_proj;
@@ -65,8 +66,8 @@ class SparseDecode:
     neuron_k: per layer, the neuron budget (None: dense MLP), or None for dense MLPs everywhere. With
       budgets, `router_state["neuron"]` holds per layer `(w_down_dr, w_up_rn, b_n)` (None for a dense MLP):
       `routers.modules.decode_neuron_layers`, the weights cast once to the model's dtype.
-    head_router: whether the step runs head routers; then `router_state["head"]` holds per layer `(w_gd, b_g)`
-      (None for a dense layer): `routers.modules.decode_head_layers`.
+    head_router: whether the step runs head routers; then `router_state["head"]` holds per layer `(w_dg, b_g)`
+      (None for a dense layer): `routers.modules.decode_head_layers`, the weight cast once to the model's dtype.
     implementation: kernel implementation ("pallas", "xla" or None = best for the platform).
     union_method: how the batch-union neuron set is selected (`union_topk`): "radix" or "sort".
   """
@@ -84,7 +85,7 @@ class SparseDecode:
     """The per-layer hooks `__call__` gives `model.decode_step` (positions_b: the cache lengths before the
     step). Public so that one layer can be run or its routers timed alone with exactly the step's selection
     (`benchmarks/layer.py`)."""
-    head = router_state["head"] if self.head_router else None   # per layer: (w_gd, b_g) or None
+    head = router_state["head"] if self.head_router else None   # per layer: (w_dg, b_g) or None
     neuron = None if self.neuron_k is None else router_state["neuron"]   # per layer: its own weight arrays
     num_groups = model.config.num_kv_heads
 
@@ -148,7 +149,7 @@ class StepHooks:
 
 def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch: int = 1,
                  implementation: str | None = None, dense_factory=None, union_method: str = "radix",
-                 neuron_dtype=None):
+                 router_dtype=None):
   """The decode step and its dynamic state for `generate`/`stream`.
 
   Args:
@@ -159,9 +160,10 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
     implementation: kernel implementation for the sparse step.
     dense_factory: builds the dense step (default: `generation.DenseDecode`), used when nothing is sparse.
     union_method: the batch-union neuron selection, "radix" (default) or "sort" (`union_topk`; the same set).
-    neuron_dtype: dtype of the neuron-router weights in the decode step (default: the model's dtype, e.g.
-      bf16: half the bytes of the float32 checkpoint; float32 accumulation either way). The copy is made
-      here, once per decoder, for the layers with a neuron budget only.
+    router_dtype: dtype of the head- and neuron-router weights in the decode step (default: the model's
+      dtype, e.g. bf16: half the bytes of the float32 checkpoint, and the head router's dot merges into the
+      q/k/v GEMM; float32 accumulation either way). The copy is made here, once per decoder, for the layers
+      with a budget only; float32 keeps the routers' exact float32 scores.
 
   Returns:
     `(decode, decode_state)`. When the settings compute exactly the dense step (e.g. density 1.0 and
@@ -206,10 +208,10 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
   if union_method not in UNION_METHODS:
     raise ValueError(f"unknown union_method {union_method!r}; expected one of {UNION_METHODS}")
   state = {}
+  dtype = router_dtype if router_dtype is not None else getattr(model, "dtype", jnp.float32)
   if needs_head:
-    state["head"] = decode_head_layers(routers.head, [k is not None for k in groups])
+    state["head"] = decode_head_layers(routers.head, [k is not None for k in groups], dtype)
   if neuron_k is not None:
-    dtype = neuron_dtype if neuron_dtype is not None else getattr(model, "dtype", jnp.float32)
     state["neuron"] = decode_neuron_layers(routers.neuron, [k is not None for k in neuron_k], dtype)
   decode = SparseDecode(groups, sparsity.selector, sparsity.seed, neuron_k, needs_head, implementation, shards,
                         union_method)

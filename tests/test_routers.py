@@ -247,17 +247,26 @@ def test_shipped_smollm2_routers_reach_recorded_recall(smollm2_dir):
 
 
 def test_decode_head_scores_equal_head_scores():
-  """The decode step's router layout ([G, d] per layer, product reduced over d) gives `head_scores`' scores and
-  the same top-k; layers without a budget get no router."""
+  """The decode step's router copy: float32 gives `head_scores`' scores exactly and the same top-k; a bf16 copy
+  (the model's dtype) is within bf16 rounding of them; layers without a budget get no router."""
   from polar_jax.routers.modules import HeadRouters, decode_head_layers, decode_head_scores, head_scores
   head = HeadRouters(3, 48, 6, rngs=nnx.Rngs(0))
   head.w_ldg[...] = jax.random.normal(jax.random.key(0), (3, 48, 6))
   head.b_lg[...] = jax.random.normal(jax.random.key(1), (3, 6))
   x_bd = jax.random.normal(jax.random.key(2), (5, 48), jnp.bfloat16)
   layers = decode_head_layers(head, [False, True, True])
-  assert layers[0] is None and layers[1][0].shape == (6, 48) and layers[1][0].dtype == jnp.float32
+  assert layers[0] is None and layers[1][0].shape == (48, 6) and layers[1][0].dtype == jnp.float32
+  half = decode_head_layers(head, [False, True, True], jnp.bfloat16)
+  assert half[0] is None and half[1][0].dtype == jnp.bfloat16 and half[1][1].dtype == jnp.float32
   for i in (1, 2):
     got = decode_head_scores(*layers[i], x_bd)
     want = head_scores(head.w_ldg[i], head.b_lg[i], x_bd)
+    assert got.dtype == jnp.float32
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
     assert (np.asarray(jax.lax.top_k(got, 3)[1]) == np.asarray(jax.lax.top_k(want, 3)[1])).all()
+    # bf16 weights (x is bf16 already): each product's weight rounded by <= 2^-9 relative, so the error is
+    # bounded by 2^-9 * sum_d |x_d w_d| (float32 accumulation adds far less)
+    got16 = np.asarray(decode_head_scores(*half[i], x_bd))
+    bound = 2.0 ** -9 * np.abs(np.asarray(x_bd, np.float32)) @ np.abs(np.asarray(head.w_ldg[i]))
+    assert (np.abs(got16 - np.asarray(want)) <= bound + 1e-6).all()
+    assert not np.array_equal(got16, np.asarray(want))        # the copy really is bf16

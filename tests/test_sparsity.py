@@ -354,8 +354,10 @@ def test_union_methods_decode_the_same_tokens_and_router_weights_follow_model_dt
   monkeypatch.setattr(sd, "make_decoder", lambda *a, **kw: make(*a, **dict(kw, union_method="sort")))
   sort = gen.generate(model, prompts, max_new_tokens=6, sparsity=cfg, routers=routers).tokens
   np.testing.assert_array_equal(radix, sort)
-  _, state = make(model, cfg, routers, batch=3, neuron_dtype=jnp.bfloat16)
+  _, state = make(model, cfg, routers, batch=3, router_dtype=jnp.bfloat16)
   w_down, w_up, b = state["neuron"][1]
   assert w_down.dtype == w_up.dtype == jnp.bfloat16 and b.dtype == jnp.float32
+  w_dg, b_g = state["head"][1]
+  assert w_dg.dtype == jnp.bfloat16 and b_g.dtype == jnp.float32
   with pytest.raises(ValueError, match="unknown union_method"):
     make(model, cfg, routers, batch=3, union_method="approx")

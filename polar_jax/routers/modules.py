@@ -106,20 +106,27 @@ def neuron_logits(w_down_dr, w_up_rn, b_n, x_bd):
           + b_n.astype(jnp.float32))
 
 
-def decode_head_layers(head: HeadRouters, layers) -> tuple:
-  """The head routers as the decode step reads them: per layer `(w_gd, b_g)` float32 with the weight
-  transposed to `[G, d]`, or None where `layers[i]` is false (a dense layer: no router). One array per layer,
-  made once outside the decode loop, so the step does not slice the stacked `[L, d, G]` parameter."""
+def decode_head_layers(head: HeadRouters, layers, dtype=jnp.float32) -> tuple:
+  """The head routers as the decode step reads them: per layer `(w_dg, b_g)` with the weight cast to `dtype`
+  (the bias stays float32), or None where `layers[i]` is false (a dense layer: no router). One array per layer,
+  made once outside the decode loop, so the step neither slices the stacked `[L, d, G]` parameter nor casts it."""
+  dtype = jnp.dtype(dtype)
   w, b = head.w_ldg[...], head.b_lg[...]
-  return tuple((jnp.asarray(w[i], jnp.float32).T, jnp.asarray(b[i], jnp.float32)) if use else None
-               for i, use in enumerate(layers))
+  return tuple((w[i].astype(dtype), b[i].astype(jnp.float32)) if use else None for i, use in enumerate(layers))
 
 
-def decode_head_scores(w_gd, b_g, x_bd):
-  """`head_scores` for the decode step from `decode_head_layers`' `[G, d]` weight: the same float32 scores
-  (exact float32 products: a GPU dot would use TF32), written as a product reduced over d so that XLA emits
-  one row-reduction kernel with the bias add fused, instead of a split-K GEMM, its reduction and the add."""
-  return jnp.sum(x_bd.astype(jnp.float32)[:, None, :] * w_gd[None], axis=-1) + b_g
+def decode_head_scores(w_dg, b_g, x_bd):
+  """`head_scores` for the decode step from `decode_head_layers`' copy: float32 `[B, G]`, computed in the
+  weight's dtype with float32 accumulation, as the layer's own projections.
+
+  float32 weights give exactly `head_scores` (IEEE float32 products: a GPU dot would otherwise use TF32). A
+  copy in the model's dtype (bf16) is a dot of the same operand and kind as the fused q/k/v projection, so
+  XLA merges the two into one GEMM (its DotMerger pass; the router adds G columns to the 3 x d of q/k/v)
+  instead of running a separate router kernel that re-reads x and a float32 weight (benchmarks/NOTES.md,
+  session 7); the scores then carry bf16 rounding of x and w, like any bf16 layer's input."""
+  precision = jax.lax.Precision.HIGHEST if w_dg.dtype == jnp.float32 else None
+  return jnp.dot(x_bd.astype(w_dg.dtype), w_dg, preferred_element_type=jnp.float32,
+                 precision=precision) + b_g.astype(jnp.float32)
 
 
 def decode_neuron_layers(neuron: NeuronRouters, layers, dtype) -> tuple:
