@@ -196,6 +196,38 @@ def _decode_greedy(graphdef, state, tok_b, cache, decode_state, steps, *, decode
   return jax.lax.fori_loop(0, steps, body, (tok_b, cache))
 
 
+class DecodeLoop:
+  """`generate`'s own prefill program and decode step, split so that a greedy decode loop of n steps can run
+  (and be timed or profiled) apart from the prefill: `tok, cache = loop.prefill()`, then `loop.decode(tok, cache,
+  n)` runs n steps in one compiled program whatever n is (n is traced; the cache is donated)."""
+
+  def __init__(self, model, ids, sparsity, routers, *, max_new_tokens: int):
+    from flax import nnx
+    from polar_jax import generation      # generate's own prefill program and step (no copies of them here)
+    cfg = model.config
+    self.batch = generation.prepare_batch(ids, None, vocab_size=cfg.vocab_size,
+                                          context=cfg.max_position_embeddings, max_new_tokens=max_new_tokens)
+    self.step, self.state = generation._decoder(model, sparsity, routers if sparsity is not None else None,
+                                                self.batch.batch)
+    self.graphdef, self.params = nnx.split(model)
+    self.tokens, self.lengths = jnp.asarray(self.batch.tokens_bt), jnp.asarray(self.batch.lengths_b)
+    self._prefill = generation._prefill_program
+
+  def prefill(self):
+    """(first greedy token `[B]`, prefilled cache), computed and waited for."""
+    logits, cache = self._prefill(self.graphdef, self.params, self.tokens, self.lengths, max_len=self.batch.max_len)
+    tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)                  # greedy, as Greedy()
+    return jax.block_until_ready((tok, cache))
+
+  def decode(self, tok, cache, n: int):
+    return _decode_greedy(self.graphdef, self.params, tok, cache, self.state, jnp.int32(n), decode=self.step)
+
+  def compiled_text(self, tok, cache) -> str:
+    """The optimised HLO of the decode loop (as compiled for these shapes)."""
+    return _decode_greedy.lower(self.graphdef, self.params, tok, cache, self.state, jnp.int32(1),
+                                decode=self.step).compile().as_text()
+
+
 def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: int) -> tuple[float, float, float]:
   """(t(n1), t(n2), prefill seconds): the fastest of `iters` timed calls of one compiled decode loop running n
   steps from a freshly prefilled cache (the prefill runs before the clock starts and is timed on its own).
@@ -203,27 +235,17 @@ def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: 
   `generate` compiles one program per `max_new_tokens`, prefill included, so `t(N2) - t(N1)` of two generate
   calls also carries the difference of two prefills and of two autotuning outcomes (session 6: B32 readings of
   one commit fell into ~2685 or ~2760 tok/s by process); here both counts run the same program, prefill-free."""
-  from flax import nnx
-  from polar_jax import generation      # generate's own prefill program and step (no copies of them here)
-  cfg = model.config
-  batch = generation.prepare_batch(ids, None, vocab_size=cfg.vocab_size, context=cfg.max_position_embeddings,
-                                   max_new_tokens=n2)
-  decode, decode_state = generation._decoder(model, sparsity, routers if sparsity is not None else None,
-                                             batch.batch)
-  graphdef, state = nnx.split(model)
-  tokens, lengths = jnp.asarray(batch.tokens_bt), jnp.asarray(batch.lengths_b)
+  loop = DecodeLoop(model, ids, sparsity, routers, max_new_tokens=n2)
   best = {"prefill": float("inf"), n1: float("inf"), n2: float("inf")}
   for i in range(iters + 1):                      # the first round compiles and warms up
     for n in (n1, n2):
       t0 = time.perf_counter()
-      logits, cache = jax.block_until_ready(
-          generation._prefill_program(graphdef, state, tokens, lengths, max_len=batch.max_len))
+      tok, cache = loop.prefill()
       t_prefill = time.perf_counter() - t0
-      tok = jax.block_until_ready(jnp.argmax(logits, axis=-1).astype(jnp.int32))   # greedy, as Greedy()
       t0 = time.perf_counter()
-      jax.block_until_ready(_decode_greedy(graphdef, state, tok, cache, decode_state, jnp.int32(n), decode=decode))
+      jax.block_until_ready(loop.decode(tok, cache, n))
       t_decode = time.perf_counter() - t0
-      del logits, tok, cache
+      del tok, cache
       if i:
         best["prefill"] = min(best["prefill"], t_prefill)
         best[n] = min(best[n], t_decode)

@@ -1,16 +1,18 @@
 """Where a decode step's GPU time goes, per kernel (a script, not a test; issue 6 "find where the time goes").
 
-Runs `generate` on a random-weight model twice under `jax.profiler.trace`, with N1 and N2 new tokens, and
-subtracts the per-kernel device time of the two traces, so prefill and compile cancel and what is left is
-(N2 - N1) decode steps:
+Default (`--timing decode_loop`): prefills, compiles and warms up `generate`'s decode step as one greedy loop
+(`e2e.DecodeLoop`), then traces one call of N2 steps under `jax.profiler.trace`; per-step time of kernel K =
+time_K / N2 (the prefill ran before the trace). `--timing generate` (records before 2026-11-22 06:00 UTC) traces
+two `generate` calls with N1 and N2 new tokens and takes (time_K(N2) - time_K(N1)) / (N2 - N1).
 
-  per-step time of kernel K = (time_K(N2) - time_K(N1)) / (N2 - N1)
-
-Kernels are grouped by name (XLA fusions by their HLO op name, Pallas kernels by theirs) and printed with the
-share of the step; a JSON line per (density, kernel group) goes to --out. Compare the dense and a sparse density
-to see what the selective step adds or saves:
+Kernels are grouped by name (XLA fusions by their HLO op name, Pallas kernels by theirs), or with `--instances`
+kept apart (fusion.1479 and fusion.1826 are different fusions: read them in the `--hlo` dump, which writes the
+compiled decode loop's HLO text), and printed with the share of the step and launches per step; a JSON line per
+(density, kernel) goes to --out. Compare the dense and a sparse density to see what the selective step adds or
+saves:
 
   python benchmarks/profile_step.py --model llama2-7b --batch 32 --prompt 2000 --densities 1 0.5 --out $OUT/p.jsonl
+  python benchmarks/profile_step.py --instances --hlo $OUT/hlo --densities 0.5 --out $OUT/p.jsonl
   python benchmarks/profile_step.py --smoke        # tiny model on CPU (host-side ops only): checks the script
 """
 
@@ -39,8 +41,10 @@ def kernel_group(name: str) -> str:
   return re.sub(r"([._]\d+)+$", "", name)
 
 
-def device_kernel_times(xplane_path: str) -> dict[str, float]:
-  """Total device nanoseconds per kernel group in one trace (GPU stream lines; on CPU the XLA thread pools)."""
+def device_kernel_times(xplane_path: str, group=None, counts: dict[str, int] | None = None) -> dict[str, float]:
+  """Total device nanoseconds per kernel group in one trace (GPU stream lines; on CPU the XLA thread pools).
+  `group` maps a kernel name to its label (default `kernel_group`); `counts`, if given, gets launches per label."""
+  group = group or kernel_group
   from jax.profiler import ProfileData
   data = ProfileData.from_file(xplane_path)
   totals: dict[str, float] = collections.defaultdict(float)
@@ -56,19 +60,25 @@ def device_kernel_times(xplane_path: str) -> dict[str, float]:
       for ev in line.events:
         if ev.name.startswith("ThreadpoolListener"):
           continue
-        totals[kernel_group(ev.name)] += ev.duration_ns
+        totals[group(ev.name)] += ev.duration_ns
+        if counts is not None:
+          counts[group(ev.name)] = counts.get(group(ev.name), 0) + 1
   return dict(totals)
 
 
-def traced_totals(fn) -> dict[str, float]:
-  jax.block_until_ready(fn())                       # compile + warm up outside the trace
+def traced_totals(fn, setup=None, group=None, counts=None) -> dict[str, float]:
+  """Per-kernel device ns of one traced `fn(*setup())` after an untraced compile and warm-up call; `setup` (run
+  outside the trace) makes fresh arguments for each call (e.g. a prefilled cache that `fn` donates)."""
+  setup = setup or (lambda: ())
+  jax.block_until_ready(fn(*setup()))               # compile + warm up outside the trace
+  args = setup()
   with tempfile.TemporaryDirectory() as d:
     with jax.profiler.trace(d):
-      jax.block_until_ready(fn())
+      jax.block_until_ready(fn(*args))
     paths = glob.glob(f"{d}/**/*.xplane.pb", recursive=True)
     if not paths:
       raise RuntimeError("the profiler wrote no trace")
-    return device_kernel_times(paths[0])
+    return device_kernel_times(paths[0], group, counts)
 
 
 def per_step(t1: dict[str, float], t2: dict[str, float], n1: int, n2: int) -> dict[str, float]:
@@ -100,6 +110,13 @@ def main(argv=None) -> int:
                  default=pathlib.Path(__file__).resolve().parents[2] / "shared/reference-data/mlp_topk/opt-6.7b")
   p.add_argument("--append-in-kernel", action="store_true",
                  help="the direct attention kernel writes the new K/V slots (decode_attention_triton.APPEND_IN_KERNEL)")
+  p.add_argument("--timing", default="decode_loop", choices=["decode_loop", "generate"],
+                 help="decode_loop: one traced N2-step decode loop after an untraced prefill; generate: the "
+                      "difference of two traced generate calls (N1 and N2 new tokens)")
+  p.add_argument("--instances", action="store_true",
+                 help="keep each kernel's own name (fusion.1479 and fusion.1826 apart) instead of grouping by name")
+  p.add_argument("--hlo", type=pathlib.Path, default=None,
+                 help="decode_loop: write the compiled decode loop's HLO text here (one file per density)")
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
   if args.append_in_kernel:
@@ -118,19 +135,34 @@ def main(argv=None) -> int:
   for density in args.densities:
     setting = e2e.Setting(args.model, args.batch, args.prompt, density, args.mlp)
     sparsity = e2e.sparsity_for(setting)
-    kw: dict[str, Any] = {} if sparsity is None else dict(sparsity=sparsity, routers=routers)
-    t1 = traced_totals(lambda: generate(model, ids, max_new_tokens=args.n1, **kw).tokens)
-    t2 = traced_totals(lambda: generate(model, ids, max_new_tokens=args.n2, **kw).tokens)
-    steps = per_step(t1, t2, args.n1, args.n2)
+    group = (lambda name: name) if args.instances else kernel_group
+    counts: dict[str, int] = {}
+    if args.timing == "decode_loop":
+      loop = e2e.DecodeLoop(model, ids, sparsity, routers, max_new_tokens=args.n2)
+      if args.hlo is not None:
+        args.hlo.mkdir(parents=True, exist_ok=True)
+        (args.hlo / f"{args.model}_B{args.batch}_p{args.prompt}_d{density:g}_{args.mlp}.hlo.txt").write_text(
+            loop.compiled_text(*loop.prefill()))
+      totals = traced_totals(lambda tok, cache: loop.decode(tok, cache, args.n2), loop.prefill, group, counts)
+      steps = {k: v / args.n2 / 1e6 for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0}
+      launches = {k: c / args.n2 for k, c in counts.items()}
+    else:
+      kw: dict[str, Any] = {} if sparsity is None else dict(sparsity=sparsity, routers=routers)
+      t1 = traced_totals(lambda: generate(model, ids, max_new_tokens=args.n1, **kw).tokens, group=group)
+      t2 = traced_totals(lambda: generate(model, ids, max_new_tokens=args.n2, **kw).tokens, group=group)
+      steps = per_step(t1, t2, args.n1, args.n2)
+      launches = {}
     total = sum(steps.values())
     print(f"\n{args.model} B{args.batch} prompt {args.prompt} density {density:g} mlp {args.mlp} tp {args.tp}: "
           f"{total:.3f} ms of kernels per step" + (" (summed over devices)" if args.tp > 1 else ""))
     for name, ms in list(steps.items())[:args.top]:
-      print(f"  {ms:8.4f} ms {100 * ms / total:5.1f}%  {name[:110]}")
+      per = f" x{launches[name]:5.2f}" if name in launches else ""
+      print(f"  {ms:8.4f} ms {100 * ms / total:5.1f}%{per}  {name[:110]}")
     common.append_jsonl(args.out, [dict(prov, kind="step_profile", model=args.model, B=args.batch,
                                         prompt=args.prompt, density=density, mlp=args.mlp, tp=args.tp,
                                         fused=not args.no_fuse, append_in_kernel=args.append_in_kernel,
-                                        kernel=name, ms_per_step=ms,
+                                        kernel=name, ms_per_step=ms, launches_per_step=launches.get(name),
+                                        timing=args.timing, instances=args.instances,
                                         step_kernel_ms=total) for name, ms in steps.items()])
   return 0
 

@@ -69,10 +69,10 @@ def test_smoke_generate_timing(tmp_path):
 
 
 def test_decode_loop_matches_generate_tokens():
-  """The timed decode loop runs `generate`'s step: the same greedy tokens for the same prompts (dense and sparse)."""
+  """The timed decode loop (`e2e.DecodeLoop`) runs `generate`'s prefill and step: the same greedy tokens for the
+  same prompts (dense and sparse), step by step and as one n-step call; its HLO text is the loop's."""
   import numpy as np
   from polar_jax import generation
-  from flax import nnx
   cfg = e2e.MODELS["tiny"]
   model = e2e.prepared_model(cfg, np.float32)
   routers = e2e.random_routers(cfg)
@@ -81,18 +81,17 @@ def test_decode_loop_matches_generate_tokens():
     sparsity = e2e.sparsity_for(e2e.Setting("tiny", 2, 24, density))
     kw = {} if sparsity is None else dict(sparsity=sparsity, routers=routers)
     want = generation.generate(model, ids, max_new_tokens=6, **kw).tokens
-    batch = generation.prepare_batch(ids, None, vocab_size=cfg.vocab_size, context=cfg.max_position_embeddings,
-                                     max_new_tokens=6)
-    decode, state_d = generation._decoder(model, sparsity, routers if sparsity else None, 2)
-    graphdef, state = nnx.split(model)
-    logits, cache = generation._prefill_program(graphdef, state, batch.tokens_bt, batch.lengths_b,
-                                                max_len=batch.max_len)
-    tok = np.argmax(np.asarray(logits), axis=-1).astype(np.int32)
-    got = [tok]
+    loop = e2e.DecodeLoop(model, ids, sparsity, routers, max_new_tokens=6)
+    tok, cache = loop.prefill()
+    got = [np.asarray(tok)]
     for _ in range(5):
-      tok, cache = e2e._decode_greedy(graphdef, state, tok, cache, state_d, 1, decode=decode)
+      tok, cache = loop.decode(tok, cache, 1)
       got.append(np.asarray(tok))
     np.testing.assert_array_equal(np.stack(got, 1)[:2], want)
+    tok, cache = loop.prefill()
+    assert "while" in loop.compiled_text(tok, cache)
+    last, _ = loop.decode(tok, cache, 5)                       # five steps in one call: the same last token
+    np.testing.assert_array_equal(np.asarray(last), want[:, -1])
 
 
 def test_profile_step_arithmetic_and_smoke(tmp_path):
@@ -105,3 +104,13 @@ def test_profile_step_arithmetic_and_smoke(tmp_path):
   assert profile_step.main(["--smoke", "--densities", "1", "--out", str(out)]) == 0
   recs = [json.loads(line) for line in out.read_text().splitlines()]
   assert recs and all(r["kind"] == "step_profile" and r["ms_per_step"] > 0 for r in recs)
+  assert all(r["timing"] == "decode_loop" and r["launches_per_step"] > 0 for r in recs)
+  # kernels kept apart by name, the loop's HLO written; and the older two-generate method still runs
+  out2, hlo = tmp_path / "p2.jsonl", tmp_path / "hlo"
+  assert profile_step.main(["--smoke", "--densities", "0.5", "--instances", "--hlo", str(hlo), "--out", str(out2)]) == 0
+  inst = [json.loads(line) for line in out2.read_text().splitlines()]
+  assert inst and all(r["instances"] for r in inst)
+  assert "while" in (hlo / "tiny_B2_p16_d0.5_dense.hlo.txt").read_text()
+  out3 = tmp_path / "p3.jsonl"
+  assert profile_step.main(["--smoke", "--densities", "1", "--timing", "generate", "--out", str(out3)]) == 0
+  assert all(json.loads(line)["timing"] == "generate" for line in out3.read_text().splitlines())
