@@ -37,6 +37,12 @@ DIRECT_PROGRAMS_PER_SM = 1
 # 0.179 vs 0.183 ms isolated, in the LLaMA-2-7B B32 density 0.5 step 5.60 vs 5.94 ms of attention (two machines);
 # at 160 programs (GQA B32 K5) 4 stages were slower (0.125 vs 0.112 ms: one program per SM leaves a tail wave).
 DEEP_PIPELINE_PROGRAMS_PER_SM = 3
+# Below `DIRECT_PROGRAMS_PER_SM`, keys are split into about this many programs per SM in all (capped so that every
+# split keeps >= 4 key blocks). Measured on one H100 (session 7, `kernels_sweep.jsonl` "attention_split_probe" /
+# "attention_split_scan", all kernels of the op, MHA D128 S2048): at 128 selected programs 2-3 splits 55.4-56.4 us vs
+# 59.0-59.9 with the 8 that a target of 8 per SM gave; at 64, 4-6 splits 32.3-33.1 vs 35.9-36.2; at 16-32 the cap
+# decides (8 splits) either way.
+SPLIT_TARGET_PROGRAMS_PER_SM = 2
 # Below that, 4 stages still win when the last wave of one-program-per-SM is (nearly) full. Measured end to end
 # (session 6, decode-loop timing, one H100, one call each): LLaMA-2-7B B16 density 0.5 (B x K = 256 programs on 132
 # SMs, last wave 124/132) 1885.5 tok/s with 4 stages vs 1864.5 / 1865.4 with 3; Llama-3.1-8B B64 prompt 2000
@@ -80,7 +86,7 @@ def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
   work = batch * num_selected
   n_blocks = _platform.cdiv(seq_len, block_k)
   min_blocks_per_split = 4
-  target_programs = 8 * num_sms
+  target_programs = SPLIT_TARGET_PROGRAMS_PER_SM * num_sms
   splits = _platform.cdiv(target_programs, work)
   splits = max(1, min(splits, n_blocks // min_blocks_per_split))
   if work >= DIRECT_PROGRAMS_PER_SM * num_sms:

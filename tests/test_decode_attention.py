@@ -159,6 +159,10 @@ def test_choose_config_direct_threshold():
   big = attn_triton.choose_config(per_sm * 132, 1, 4096, 128, 2, num_sms=132)
   small = attn_triton.choose_config(per_sm * 132 - 1, 1, 4096, 128, 2, num_sms=132)
   assert big.num_splits == 1 and small.num_splits > 1
+  splits = lambda work, s=2048: attn_triton.choose_config(work, 1, s, 128, 2, num_sms=132).num_splits  # noqa: E731
+  assert splits(128) == 3 and splits(64) == 5     # ~2 programs per SM in all (measured: 8 splits were slower)
+  assert splits(16) == 8 and splits(1) == 8        # capped: every split keeps >= 4 blocks of 64 keys
+  assert splits(16, 512) == 2
   deep = attn_triton.DEEP_PIPELINE_PROGRAMS_PER_SM * 132
   stages = lambda work: attn_triton.choose_config(work, 1, 4096, 128, 2, num_sms=132).num_stages  # noqa: E731
   assert stages(deep) == 4 and stages(deep + 5) == 4
