@@ -153,6 +153,71 @@ def bench_attention(timer, base, smoke, check, dtype=jnp.bfloat16):
   return records
 
 
+def probe_cases(smoke):
+  """(family, B, S, K or None (dense), selection, config overrides) for `bench_attention_probe`, MHA."""
+  if smoke:
+    return [("selection", 2, 64, None, "dense", {}), ("selection", 2, 64, 2, "random", {}),
+            ("selection", 2, 64, 2, "first", {}), ("config", 2, 64, 2, "random", dict(block_k=16, num_stages=2)),
+            ("splits", 2, 64, 2, "random", dict(num_splits=2))]
+  cases = [("selection", 32, 2048, k, sel, {}) for k, sel in ((None, "dense"), (32, "random"), (16, "random"),
+                                                             (16, "first"), (16, "even"))]
+  cases += [("length", 32, s, k, "dense" if k is None else "random", {}) for s in (1024, 4096) for k in (None, 16)]
+  cases += [("config", b, 2048, 16, "random", dict(block_k=bk, num_stages=st, num_warps=nw))
+            for b in (32, 16) for bk in (32, 64, 128) for st in (3, 4) for nw in (4, 8)]
+  shapes = [(2048, b, k) for b, k in ((32, 16), (16, 16), (16, 8), (32, 4), (8, 16), (8, 8), (4, 16), (16, 4),
+                                      (1, 16), (1, 32))] + [(4096, 16, 8), (4096, 8, 16), (4096, 1, 16)]
+  cases += [("splits", b, s, k, "random", dict(num_splits=ns)) for s, b, k in shapes for ns in (1, 2, 3, 4, 6, 8)]
+  return cases
+
+
+def bench_attention_probe(timer, base, smoke, dtype=jnp.bfloat16):
+  """Where the direct kernel's time goes, at the decode step's shapes (LLaMA-2-7B layer: Hq = Hkv = 32, D 128,
+  rows of S - 7 cached keys; bytes = the selected K+V): `selection` runs one kernel with selections that differ
+  only in the index path (all 32 groups named vs None), in locality (random / first K / every other group);
+  `length` scales S (the fixed cost per call is the intercept); `config` varies block_k, stages and warps;
+  `splits` times 1-8 key splits (1: the direct kernel; else split-K + XLA merge) below and above one selected
+  program per SM. Records: op "attention_probe", `family`, `selection`, `config` (the one run), `heuristic`
+  (whether it is `choose_config`'s)."""
+  records = []
+  Hq = Hkv = 4 if smoke else 32
+  D = 32 if smoke else 128
+  itemsize = jnp.dtype(dtype).itemsize
+  for family, B, S, K, selection, overrides in probe_cases(smoke):
+    length = S - 7
+    rng = np.random.default_rng(B * S + (K or 0))
+    if selection == "dense":
+      gidx = None
+    elif selection == "random":
+      gidx = np.stack([rng.permutation(Hkv)[:K] for _ in range(B)])
+    elif selection == "first":
+      gidx = np.tile(np.arange(K), (B, 1))
+    else:                                                    # "even": every other group
+      gidx = np.tile(np.arange(0, 2 * K, 2), (B, 1))
+    gidx = None if gidx is None else jnp.asarray(gidx, jnp.int32)
+    k_sel = Hkv if K is None else K
+    heur = attn_config(B, k_sel, S, D, itemsize)
+    cfg = dataclasses.replace(heur, **overrides)
+    if "num_stages" not in overrides and cfg.num_splits != heur.num_splits:
+      cfg = dataclasses.replace(cfg, num_stages=3)     # off the heuristic's split count: the 3-stage default
+    sel_bytes = 2 * B * k_sel * length * D * itemsize
+    lengths = jnp.full((B,), length, jnp.int32)
+    sets = []
+    for r in range(_copies(sel_bytes)):
+      kq, kk, kv = jax.random.split(jax.random.key(r), 3)
+      sets.append((jax.random.normal(kq, (B, Hq, D), dtype), jax.random.normal(kk, (B, Hkv, S, D), dtype),
+                   jax.random.normal(kv, (B, Hkv, S, D), dtype)))
+    fn = lambda q, k, v, cfg=cfg, gidx=gidx: selective_decode_attention(  # noqa: E731
+        q, k, v, lengths, gidx, implementation="pallas", config=cfg)
+    ms, wall, how, out = timer(fn, sets)
+    ref = selective_decode_attention(*sets[0], lengths, gidx, implementation="xla")
+    records.append(_finish(dict(
+        base, op="attention_probe", impl="pallas", family=family, selection=selection, B=B, S=S, Hq=Hq, Hkv=Hkv,
+        D=D, K=k_sel, density=k_sel / Hkv, dtype=jnp.dtype(dtype).name, ms=ms, ms_wall=wall, timer=how,
+        bytes=sel_bytes, config=dataclasses.asdict(cfg), heuristic=cfg == heur, max_rel_err=_rel_err(out, ref))))
+    del sets
+  return records
+
+
 # Config variants timed next to the heuristic (--mlp-variants): name ->
 # (cols config, rows config) as functions of the heuristic's, on the shapes
 # (M, density) of MLP_VARIANT_SHAPES. They probe the heuristic's two main
@@ -371,7 +436,9 @@ def main(argv=None):
                                                     "kernels.jsonl"))
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes, runs on CPU in interpret mode")
-  parser.add_argument("--only", choices=("attn", "mlp", "topk", "append", "all"), default="all")
+  parser.add_argument("--only", choices=("attn", "mlp", "topk", "append", "probe", "all"), default="all",
+                      help="probe: the direct attention kernel's selection / length / config / split probes "
+                           "(not part of all)")
   parser.add_argument("--iters", type=int, default=30)
   parser.add_argument("--check", action="store_true",
                       help="also record each pallas result's error vs XLA")
@@ -421,6 +488,10 @@ def main(argv=None):
       records.append(rec)
   if args.only in ("append", "all"):
     for rec in bench_append(timer.iters, base, args.smoke):
+      sink(rec)
+      records.append(rec)
+  if args.only == "probe":
+    for rec in bench_attention_probe(timer, base, args.smoke):
       sink(rec)
       records.append(rec)
   print_table(records)

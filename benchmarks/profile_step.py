@@ -60,9 +60,10 @@ def device_kernel_times(xplane_path: str, group=None, counts: dict[str, int] | N
       for ev in line.events:
         if ev.name.startswith("ThreadpoolListener"):
           continue
-        totals[group(ev.name)] += ev.duration_ns
+        label = group(ev.name)
+        totals[label] += ev.duration_ns
         if counts is not None:
-          counts[group(ev.name)] = counts.get(group(ev.name), 0) + 1
+          counts[label] = counts.get(label, 0) + 1
   return dict(totals)
 
 

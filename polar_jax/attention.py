@@ -142,7 +142,8 @@ class Attention(nnx.Module):
     oracle_k = oracle_k if isinstance(oracle_k, int) else None
     mesh = getattr(self, "mesh", None)   # set by polar_jax.sharding (tensor parallel); None on one device
     if mesh is None:
-      # K/V of every group go to slot lengths_b (the direct kernel writes them itself), then attention.
+      # K/V of every group go to slot lengths_b (an XLA scatter, or the direct kernel with append_in_kernel), then
+      # attention over the selected groups.
       ctx, k_cache_bhsd, v_cache_bhsd = pallas_kernels.selective_decode_attention_append(
           q[:, 0], k[:, 0], v[:, 0], k_cache_bhsd, v_cache_bhsd, lengths_b, None if oracle_k else group_idx_bk,
           scale=self.scale, kv_start=kv_start, implementation=implementation)

@@ -7,8 +7,7 @@ that fixes shapes (groups kept per layer, neuron budgets, which routers run) is 
 
 Per decode step and layer (prefill stays dense; K/V of every head is written to the cache):
   1. the layer's pre-attention normed input `x_bd` -> group scores (router: a dot in the model's dtype with
-     float32 accumulation, which XLA merges into the q/k/v GEMM, `routers.modules.decode_head_scores`; or
-     random) -> per-row top-k
+     float32 accumulation, `routers.modules.decode_head_scores`; or random) -> per-row top-k
      (`polar_jax.sharding.balanced_topk` -> `polar_jax.topk.rank_topk`: `lax.top_k`'s indices without a sort;
      one block of groups off tensor parallel) -> `selective_decode_attention` over
      those groups -> dense o_proj;
@@ -161,8 +160,8 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
     dense_factory: builds the dense step (default: `generation.DenseDecode`), used when nothing is sparse.
     union_method: the batch-union neuron selection, "radix" (default) or "sort" (`union_topk`; the same set).
     router_dtype: dtype of the head- and neuron-router weights in the decode step (default: the model's
-      dtype, e.g. bf16: half the bytes of the float32 checkpoint, and the head router's dot merges into the
-      q/k/v GEMM; float32 accumulation either way). The copy is made here, once per decoder, for the layers
+      dtype, e.g. bf16: half the bytes of the float32 checkpoint, and the head router runs as one small GEMM;
+      float32 accumulation either way). The copy is made here, once per decoder, for the layers
       with a budget only; float32 keeps the routers' exact float32 scores.
 
   Returns:

@@ -25,8 +25,12 @@ def test_smoke_records(tmp_path):
   bench = _load()
   out = tmp_path / "kernels.jsonl"
   returned = bench.main(["--smoke", "--check", "--out", str(out)])
+  assert bench.main(["--smoke", "--only", "probe", "--out", str(out)])   # the attention probes (not in "all")
   lines = [json.loads(l) for l in out.read_text().splitlines()]
-  assert lines == json.loads(json.dumps(returned))
+  assert lines[:len(returned)] == json.loads(json.dumps(returned))
+  probes = [r for r in lines if r["op"] == "attention_probe"]
+  assert {r["family"] for r in probes} == {"selection", "config", "splits"} and len(probes) == 5
+  assert [r["config"]["num_splits"] for r in probes if r["family"] == "splits"] == [2]
   ops = {(r["op"], r["impl"]) for r in lines}
   assert ops >= {("attention", "pallas"), ("attention", "xla_einsum"),
                  ("attention", "xla_gather"), ("gather_mlp", "pallas"),
@@ -46,6 +50,8 @@ def test_smoke_records(tmp_path):
     elif r["op"] == "attention_append":            # the script raises unless both paths' caches are equal
       k = round(r["density"] * r["Hkv"])
       assert r["bytes"] == int(2 * r["B"] * k * r["mean_len"] * r["D"] * {"float32": 4, "bfloat16": 2}[r["dtype"]])
+    elif r["op"] == "attention_probe":
+      assert r["bytes"] == 2 * r["B"] * r["K"] * (r["S"] - 7) * r["D"] * 2 and r["max_rel_err"] < 1e-2
     elif r["op"] == "topk_select":                 # the script raises unless each result is lax.top_k's set
       assert r["exact_set"] and r["bytes"] == r["M"] * r["N"] * 4
     else:

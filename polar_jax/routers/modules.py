@@ -120,10 +120,11 @@ def decode_head_scores(w_dg, b_g, x_bd):
   weight's dtype with float32 accumulation, as the layer's own projections.
 
   float32 weights give exactly `head_scores` (IEEE float32 products: a GPU dot would otherwise use TF32). A
-  copy in the model's dtype (bf16) is a dot of the same operand and kind as the fused q/k/v projection, so
-  XLA merges the two into one GEMM (its DotMerger pass; the router adds G columns to the 3 x d of q/k/v)
-  instead of running a separate router kernel that re-reads x and a float32 weight (benchmarks/NOTES.md,
-  session 7); the scores then carry bf16 rounding of x and w, like any bf16 layer's input."""
+  copy in the model's dtype (bf16) runs as one small GEMM on the normed input the q/k/v projection already
+  reads, where the float32 product-and-reduce form made XLA fuse a second copy of the norm into the router
+  kernel (4.7 vs 1.9 + 1.5 us per layer at LLaMA-2-7B B32; benchmarks/NOTES.md, session 7; XLA does not merge
+  it into the q/k/v GEMM: outputs 32 vs 12288 columns wide). The scores then carry bf16 rounding of x and w,
+  like any bf16 layer's input."""
   precision = jax.lax.Precision.HIGHEST if w_dg.dtype == jnp.float32 else None
   return jnp.dot(x_bd.astype(w_dg.dtype), w_dg, preferred_element_type=jnp.float32,
                  precision=precision) + b_g.astype(jnp.float32)
