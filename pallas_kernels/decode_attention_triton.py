@@ -38,9 +38,9 @@ DIRECT_PROGRAMS_PER_SM = 1
 # at 160 programs (GQA B32 K5) 4 stages were slower (0.125 vs 0.112 ms: one program per SM leaves a tail wave).
 DEEP_PIPELINE_PROGRAMS_PER_SM = 3
 # Below `DIRECT_PROGRAMS_PER_SM`, keys are split into about this many programs per SM in all (capped so that every
-# split keeps >= 4 key blocks). Measured on one H100 (session 7, `kernels_sweep.jsonl` "attention_split_probe" /
-# "attention_split_scan", all kernels of the op, MHA D128 S2048): at 128 selected programs 2-3 splits 55.4-56.4 us vs
-# 59.0-59.9 with the 8 that a target of 8 per SM gave; at 64, 4-6 splits 32.3-33.1 vs 35.9-36.2; at 16-32 the cap
+# split keeps >= 4 key blocks). Measured on one H100 (session 7, `kernels.py --only probe`, family "splits" in
+# results/kernels.jsonl, all kernels of the op, MHA D128 S2048): at 128 selected programs 3 splits 54.6-55.0 us vs
+# 58.3-58.4 with the 8 that a target of 8 per SM gave; at 64, 4-6 splits 32.1-32.8 vs 35.3-35.8; at 16-32 the cap
 # decides (8 splits) either way.
 SPLIT_TARGET_PROGRAMS_PER_SM = 2
 # Below that, 4 stages still win when the last wave of one-program-per-SM is (nearly) full. Measured end to end
