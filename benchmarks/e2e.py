@@ -414,6 +414,9 @@ def main(argv=None) -> int:
                       "(records before 2026-11-22 04:30 UTC)")
   p.add_argument("--append-in-kernel", action="store_true",
                  help="the direct attention kernel writes the new K/V slots (decode_attention_triton.APPEND_IN_KERNEL)")
+  p.add_argument("--attention-kernel", default="persistent", choices=["persistent", "direct"],
+                 help="unsplit decode attention: the persistent kernel (default) or one direct program per (row, "
+                      "group) (decode_attention_triton.PERSISTENT)")
   p.add_argument("--no-fuse", action="store_true",
                  help="keep separate q/k/v and gate/up projections (default: fused, polar_jax.fusion)")
   args = p.parse_args(argv)
@@ -422,9 +425,9 @@ def main(argv=None) -> int:
     args.densities = sorted(set(args.densities) | {1.0, 0.5}, reverse=True)
     args.dtype = "float32"
 
-  if args.append_in_kernel:
-    from pallas_kernels import decode_attention_triton
-    decode_attention_triton.APPEND_IN_KERNEL = True
+  from pallas_kernels import decode_attention_triton
+  decode_attention_triton.APPEND_IN_KERNEL = args.append_in_kernel
+  decode_attention_triton.PERSISTENT = args.attention_kernel == "persistent"
   if args.plot_only:
     if not args.plot:
       p.error("--plot-only needs --plot PATH")
@@ -470,6 +473,7 @@ def main(argv=None) -> int:
                      devices=devices if r["system"] == "polar_jax" else 1,
                      fused=(not args.no_fuse) if r["system"] == "polar_jax" else None, n1=args.n1, n2=args.n2,
                      append_in_kernel=args.append_in_kernel if r["system"] == "polar_jax" else None,
+                     attention_kernel=args.attention_kernel if r["system"] == "polar_jax" else None,
                      timing="decode_loop_min" if r["system"] == "polar_jax" and args.timing == "decode_loop"
                      else "min", **r)
           records.append(rec)

@@ -153,12 +153,23 @@ def bench_attention(timer, base, smoke, check, dtype=jnp.bfloat16):
   return records
 
 
+# The persistent-kernel probe's variants: the direct kernel (one program per (row, group), its heuristic stages)
+# and the persistent kernel at several pipeline depths / programs per SM / key blocks.
+PERSISTENT_VARIANTS = (dict(persistent=False), dict(persistent=True, num_stages=4),
+                       dict(persistent=True, num_stages=3), dict(persistent=True, num_stages=6),
+                       dict(persistent=True, num_stages=3, programs_per_sm=2),
+                       dict(persistent=True, block_k=32, num_stages=6))
+
+
 def probe_cases(smoke):
-  """(family, B, S, K or None (dense), selection, config overrides) for `bench_attention_probe`, MHA."""
+  """(family, B, S, K or None (dense), selection, config overrides[, Hkv]) for `bench_attention_probe`; Hq 32
+  (4 in the smoke run), Hkv = Hq unless given."""
   if smoke:
     return [("selection", 2, 64, None, "dense", {}), ("selection", 2, 64, 2, "random", {}),
             ("selection", 2, 64, 2, "first", {}), ("config", 2, 64, 2, "random", dict(block_k=16, num_stages=2)),
-            ("splits", 2, 64, 2, "random", dict(num_splits=2))]
+            ("splits", 2, 64, 2, "random", dict(num_splits=2)),
+            ("persistent", 2, 64, 2, "random", dict(persistent=True, block_k=16, num_stages=2)),
+            ("persistent", 2, 64, 1, "random", dict(persistent=True, block_k=16, num_stages=2), 2)]
   cases = [("selection", 32, 2048, k, sel, {}) for k, sel in ((None, "dense"), (32, "random"), (16, "random"),
                                                              (16, "first"), (16, "even"))]
   cases += [("length", 32, s, k, "dense" if k is None else "random", {}) for s in (1024, 4096) for k in (None, 16)]
@@ -167,22 +178,32 @@ def probe_cases(smoke):
   shapes = [(2048, b, k) for b, k in ((32, 16), (16, 16), (16, 8), (32, 4), (8, 16), (8, 8), (4, 16), (16, 4),
                                       (1, 16), (1, 32))] + [(4096, 16, 8), (4096, 8, 16), (4096, 1, 16)]
   cases += [("splits", b, s, k, "random", dict(num_splits=ns)) for s, b, k in shapes for ns in (1, 2, 3, 4, 6, 8)]
+  # Persistent vs direct where the heuristic does not split keys (>= 1 selected program per SM); GQA (Hkv 8):
+  # Llama-3.1-8B at density 0.625 (K 5) and dense.
+  shapes = [(32, 2048, 16, 32), (32, 1024, 16, 32), (32, 4096, 16, 32), (32, 2048, None, 32), (16, 2048, 16, 32),
+            (64, 2048, 16, 32), (16, 2048, 12, 32), (32, 4096, 5, 8), (32, 4096, None, 8), (64, 2048, 5, 8)]
+  cases += [("persistent", b, s, k, "dense" if k is None else "random", dict(v), hkv)
+            for b, s, k, hkv in shapes for v in PERSISTENT_VARIANTS]
   return cases
 
 
-def bench_attention_probe(timer, base, smoke, dtype=jnp.bfloat16):
+def bench_attention_probe(timer, base, smoke, dtype=jnp.bfloat16, families=None):
   """Where the direct kernel's time goes, at the decode step's shapes (LLaMA-2-7B layer: Hq = Hkv = 32, D 128,
   rows of S - 7 cached keys; bytes = the selected K+V): `selection` runs one kernel with selections that differ
   only in the index path (all 32 groups named vs None), in locality (random / first K / every other group);
   `length` scales S (the fixed cost per call is the intercept); `config` varies block_k, stages and warps;
   `splits` times 1-8 key splits (1: the direct kernel; else split-K + XLA merge) below and above one selected
-  program per SM. Records: op "attention_probe", `family`, `selection`, `config` (the one run), `heuristic`
+  program per SM; `persistent` times the persistent kernel's variants against the direct kernel. Records: op
+  "attention_probe", `family`, `selection`, `config` (the one run), `heuristic`
   (whether it is `choose_config`'s)."""
   records = []
-  Hq = Hkv = 4 if smoke else 32
+  Hq = 4 if smoke else 32
   D = 32 if smoke else 128
   itemsize = jnp.dtype(dtype).itemsize
-  for family, B, S, K, selection, overrides in probe_cases(smoke):
+  for family, B, S, K, selection, overrides, *hkv in probe_cases(smoke):
+    if families and family not in families:
+      continue
+    Hkv = hkv[0] if hkv else Hq
     length = S - 7
     rng = np.random.default_rng(B * S + (K or 0))
     if selection == "dense":
@@ -195,7 +216,7 @@ def bench_attention_probe(timer, base, smoke, dtype=jnp.bfloat16):
       gidx = np.tile(np.arange(0, 2 * K, 2), (B, 1))
     gidx = None if gidx is None else jnp.asarray(gidx, jnp.int32)
     k_sel = Hkv if K is None else K
-    heur = attn_config(B, k_sel, S, D, itemsize)
+    heur = attn_config(B, k_sel, S, D, itemsize, persistent=overrides.get("persistent"))
     cfg = dataclasses.replace(heur, **overrides)
     if "num_stages" not in overrides and cfg.num_splits != heur.num_splits:
       cfg = dataclasses.replace(cfg, num_stages=3)     # off the heuristic's split count: the 3-stage default
@@ -439,6 +460,9 @@ def main(argv=None):
   parser.add_argument("--only", choices=("attn", "mlp", "topk", "append", "probe", "all"), default="all",
                       help="probe: the direct attention kernel's selection / length / config / split probes "
                            "(not part of all)")
+  parser.add_argument("--families", default=None,
+                      help="probe: comma-separated families (selection, length, config, splits, persistent); "
+                           "default all")
   parser.add_argument("--iters", type=int, default=30)
   parser.add_argument("--check", action="store_true",
                       help="also record each pallas result's error vs XLA")
@@ -491,7 +515,8 @@ def main(argv=None):
       sink(rec)
       records.append(rec)
   if args.only == "probe":
-    for rec in bench_attention_probe(timer, base, args.smoke):
+    families = args.families.split(",") if args.families else None
+    for rec in bench_attention_probe(timer, base, args.smoke, families=families):
       sink(rec)
       records.append(rec)
   print_table(records)

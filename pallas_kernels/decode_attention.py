@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import _platform
+from pallas_kernels import decode_attention_persistent as _persistent
 from pallas_kernels import decode_attention_triton as _triton
 from pallas_kernels import decode_attention_xla as _xla
 
@@ -90,6 +91,12 @@ def _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, *, scale,
   B, Hq, D = q.shape
   Hkv = k_cache.shape[1]
   dense = group_idx is None
+  S = k_cache.shape[2]
+  if (config.num_splits == 1 and config.persistent and not return_residuals
+      and _persistent.supports(S, D, config.block_k)):
+    # One program per SM streaming its run of (row, group) items as one pipelined loop.
+    return _persistent.decode_attention_persistent(
+        q, k_cache, v_cache, lengths, group_idx, kv_start, scale=scale, config=config, interpret=interpret)
   if config.num_splits == 1 and not return_residuals:
     # One program per (row, group), normalised output in place: no merge, normalise or scatter after it.
     return _triton.decode_attention_triton_direct(

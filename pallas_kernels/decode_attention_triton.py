@@ -26,6 +26,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _platform
+from pallas_kernels import decode_attention_persistent as _persistent
 from pallas_kernels.decode_attention_xla import M_EMPTY
 
 
@@ -55,6 +56,10 @@ DEEP_PIPELINE_LAST_WAVE = 0.9
 # (5.79 -> 5.97 ms; every program, selected or not, now loads and stores its slot) cost more. Isolated (kernels.py
 # --only append) the in-kernel write was faster: 0.178 vs 0.187 ms per B32 layer.
 APPEND_IN_KERNEL = False
+# Unsplit shapes run the persistent kernel (`decode_attention_persistent`: one program per SM streaming its run of
+# (row, group) items as one pipelined loop) instead of one direct program per (row, group).
+PERSISTENT = True
+PERSISTENT_STAGES = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,10 +69,12 @@ class AttentionConfig:
   num_warps: int
   num_stages: int
   append_in_kernel: bool = False  # `selective_decode_attention_append` on the direct kernel: write slots in it
+  persistent: bool = False  # unsplit: the persistent kernel (`decode_attention_persistent`) instead of the direct
+  programs_per_sm: int = 1  # persistent kernel: programs per SM
 
 
 def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
-                  itemsize: int, num_sms: int | None = None) -> AttentionConfig:
+                  itemsize: int, num_sms: int | None = None, persistent: bool | None = None) -> AttentionConfig:
   """Heuristic block/split/warp choice from the static shapes.
 
   The split count is sized from the selected work (B * K programs), so that small
@@ -76,7 +83,8 @@ def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
   `DIRECT_PROGRAMS_PER_SM` selected (row, group) programs per SM, no split (1 split selects the direct
   kernel in `selective_decode_attention`). Tuned on one H100
   (bf16, D=128): block_k 32/64/128 and 2/4 warps were within 3% of each other
-  at B64 S4096; 8 warps and (block_k 128, 4 warps, masked loads) were slower.
+  at B64 S4096; 8 warps and (block_k 128, 4 warps, masked loads) were slower. Unsplit shapes take the
+  persistent kernel where `persistent` (default `PERSISTENT`) and its shape limits allow.
   """
   num_sms = num_sms or _platform.num_sms()
   block_d = max(16, _platform.next_pow2(head_dim))
@@ -96,8 +104,11 @@ def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
   # where a second program per SM fills the tail.
   last_wave = (work % num_sms or num_sms) / num_sms
   deep = splits == 1 and (work >= DEEP_PIPELINE_PROGRAMS_PER_SM * num_sms or last_wave >= DEEP_PIPELINE_LAST_WAVE)
-  return AttentionConfig(block_k=block_k, num_splits=splits, num_warps=4,
-                         num_stages=4 if deep else 3, append_in_kernel=APPEND_IN_KERNEL)
+  persistent = PERSISTENT if persistent is None else persistent
+  persistent = persistent and splits == 1 and _persistent.supports(seq_len, head_dim, block_k)
+  stages = PERSISTENT_STAGES if persistent else 4 if deep else 3
+  return AttentionConfig(block_k=block_k, num_splits=splits, num_warps=4, num_stages=stages,
+                         append_in_kernel=APPEND_IN_KERNEL, persistent=persistent)
 
 
 def _precision(a):

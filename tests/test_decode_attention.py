@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from pallas_kernels import AttentionConfig
+from pallas_kernels import decode_attention_persistent as attn_persistent
 from pallas_kernels import decode_attention_triton as attn_triton
 from pallas_kernels import merge_attention_partials
 from pallas_kernels import selective_decode_attention
@@ -107,6 +108,16 @@ CASES = [
      AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2)),
     (4, 6, 6, 129, 64, 5, jnp.float16, False,
      AttentionConfig(block_k=32, num_splits=1, num_warps=4, num_stages=2)),
+    # persistent kernel: runs of (row, group) items per program, rows of lengths 1..S in one flat loop
+    (3, 8, 2, 777, 64, 1, jnp.bfloat16, True,
+     AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2, persistent=True)),
+    (4, 6, 6, 129, 64, 5, jnp.float16, False,
+     AttentionConfig(block_k=32, num_splits=1, num_warps=4, num_stages=2, persistent=True)),
+    (2, 16, 2, 130, 128, 2, jnp.float32, True,
+     AttentionConfig(block_k=64, num_splits=1, num_warps=4, num_stages=2, persistent=True)),
+    # head_dim 80: not supported by the persistent kernel, the direct kernel runs instead
+    (2, 4, 2, 50, 80, 2, jnp.float32, True,
+     AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2, persistent=True)),
 ]
 
 
@@ -129,11 +140,11 @@ def test_pallas_matches_xla(case):
   assert np.all(np.asarray(out.astype(jnp.float32))[unselected] == 0.0)
 
 
-@pytest.mark.parametrize("splits", [1, 3])
-def test_dense_group_idx_none(splits):
+@pytest.mark.parametrize("splits,persistent", [(1, False), (3, False), (1, True)])
+def test_dense_group_idx_none(splits, persistent):
   q, k, v, lengths, _, _ = _inputs(2, 2, 8, 2, 300, 64, 2, jnp.bfloat16)
   ref = selective_decode_attention(q, k, v, lengths, implementation="xla")
-  cfg = AttentionConfig(block_k=32, num_splits=splits, num_warps=4, num_stages=2)
+  cfg = AttentionConfig(block_k=32, num_splits=splits, num_warps=4, num_stages=2, persistent=persistent)
   out = selective_decode_attention(q, k, v, lengths, implementation="pallas", config=cfg)
   _assert_close(out, ref, jnp.bfloat16)
 
@@ -153,8 +164,61 @@ def test_raw_direct_kernel_writes_every_head():
   assert np.all(np.asarray(out)[0, [0, 1, 4, 5, 6, 7]] == 0)
 
 
-def test_choose_config_direct_threshold():
+@pytest.mark.parametrize("num_sms", [1, 2, 3, 64])
+def test_raw_persistent_kernel_writes_every_head(num_sms):
+  """Interpret mode fills outputs with NaN. With 1-3 programs, each streams several (row, group) items, some
+  spanning two rows, and zero-fills the unselected groups of several rows; rows of different lengths (one
+  empty, one with a sliding start), a row naming one group twice and one naming groups out of range (clamped)."""
+  B, Hq, Hkv, S, D = 5, 8, 4, 100, 64
+  q, k, v, lengths, _, _ = _inputs(8, B, Hq, Hkv, S, D, 2, jnp.float32)
+  lengths = jnp.asarray([0, 37, 100, 64, 65], jnp.int32)
+  start = jnp.asarray([0, 5, 0, 63, 0], jnp.int32)
+  gidx = jnp.asarray([[1, 2], [1, 1], [7, -2], [3, 0], [2, 1]], jnp.int32)
+  cfg = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2, persistent=True)
+  out = attn_persistent.decode_attention_persistent(q, k, v, lengths, gidx, start, scale=0.125, config=cfg,
+                                                    interpret=True, num_sms=num_sms)
+  clamped = jnp.clip(gidx, 0, Hkv - 1)
+  ref = selective_decode_attention(q, k, v, lengths, clamped, kv_start=start, scale=0.125, implementation="xla")
+  assert np.all(np.isfinite(np.asarray(out)))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  assert np.all(np.asarray(out)[0] == 0)                           # empty row
+  assert np.all(np.asarray(out)[1, [0, 1, 4, 5, 6, 7]] == 0)       # only group 1 (named twice)
+  assert np.any(np.asarray(out)[1, 2:4] != 0)
+  dense = attn_persistent.decode_attention_persistent(q, k, v, lengths, None, start, scale=0.125, config=cfg,
+                                                      interpret=True, num_sms=num_sms)
+  ref = selective_decode_attention(q, k, v, lengths, kv_start=start, scale=0.125, implementation="xla")
+  np.testing.assert_allclose(np.asarray(dense), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_persistent_programs_and_limits():
+  """Equal contiguous runs, no program without work; shapes it cannot take raise (and dispatch elsewhere)."""
+  assert attn_persistent.num_programs(512, 1, 132) == (128, 4)
+  assert attn_persistent.num_programs(1024, 1, 132) == (128, 8)
+  assert attn_persistent.num_programs(160, 1, 132) == (80, 2)
+  assert attn_persistent.num_programs(160, 2, 132) == (160, 1)
+  assert attn_persistent.num_programs(5, 1, 132) == (5, 1)
+  assert attn_persistent.supports(2048, 128, 64) and attn_persistent.supports(64, 64, 64)
+  assert not attn_persistent.supports(2048, 80, 32) and not attn_persistent.supports(40, 64, 64)
+  q, k, v, lengths, gidx, _ = _inputs(9, 2, 4, 2, 50, 80, 1, jnp.float32)
+  cfg = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2, persistent=True)
+  with pytest.raises(ValueError, match="power-of-two head_dim"):
+    attn_persistent.decode_attention_persistent(q, k, v, lengths, gidx, jnp.zeros((2,), jnp.int32), scale=0.1,
+                                                config=cfg, interpret=True)
+
+
+def test_choose_config_persistent():
+  """Unsplit shapes take the persistent kernel (4 stages) when the shape allows; split shapes never do."""
+  cfg = attn_triton.choose_config(32, 16, 2048, 128, 2, num_sms=132, persistent=True)
+  assert cfg.persistent and cfg.num_splits == 1 and cfg.num_stages == attn_triton.PERSISTENT_STAGES
+  assert not attn_triton.choose_config(32, 16, 2048, 80, 2, num_sms=132, persistent=True).persistent
+  assert not attn_triton.choose_config(4, 16, 2048, 128, 2, num_sms=132, persistent=True).persistent  # split
+  assert not attn_triton.choose_config(32, 16, 2048, 128, 2, num_sms=132, persistent=False).persistent
+  assert attn_triton.choose_config(32, 16, 2048, 128, 2, num_sms=132).persistent == attn_triton.PERSISTENT
+
+
+def test_choose_config_direct_threshold(monkeypatch):
   """Enough selected (row, group) programs per SM: no key split (the direct kernel); fewer: split keys."""
+  monkeypatch.setattr(attn_triton, "PERSISTENT", False)   # the direct kernel's pipeline-depth rule below
   per_sm = attn_triton.DIRECT_PROGRAMS_PER_SM
   big = attn_triton.choose_config(per_sm * 132, 1, 4096, 128, 2, num_sms=132)
   small = attn_triton.choose_config(per_sm * 132 - 1, 1, 4096, 128, 2, num_sms=132)

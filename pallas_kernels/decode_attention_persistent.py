@@ -1,0 +1,172 @@
+"""Selective decode attention as one persistent Pallas (Triton) program per SM.
+
+The direct kernel (`decode_attention_triton_direct`) launches one program per (row, group): at B32 x 16 selected
+groups that is ~4 waves of one program per SM, and every program pays a pipeline fill (its first key blocks'
+latency) and drain with nothing else in flight on its SM. Measured on one H100 (session 7, `kernels.py --only
+probe`, family "length"): ~11.5 us of fixed cost per call at 512 programs, ~0.35 ms per LLaMA-2-7B B32 step.
+
+Here each program owns a contiguous run of the selected (row, group) items and streams them as ONE flat loop over
+(item, key block): iteration t reads item t // NB, block t % NB (NB = key blocks of the longest row, shared by
+every item), so the software pipeline prefetches the next item's first blocks while the current item's last
+blocks are reduced. At an item's last block the program normalises and stores that group's output and resets its
+online-softmax state. Key blocks past a row's length (shorter rows, or the clamped tail block) are masked loads:
+no memory traffic. Query heads of unselected groups are written as zeros by the program that owns the row
+(`b % programs`), after its items.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _platform
+from pallas_kernels.decode_attention_xla import M_EMPTY
+
+
+def supports(seq_len: int, head_dim: int, block_k: int) -> bool:
+  """Shapes the persistent kernel takes: a power-of-two head_dim and at least one whole key block."""
+  return head_dim >= 16 and head_dim == _platform.next_pow2(head_dim) and seq_len >= block_k
+
+
+def num_programs(num_items: int, programs_per_sm: int, num_sms: int | None = None) -> tuple[int, int]:
+  """(programs, items per program): contiguous runs of equal size, no program without work."""
+  num_sms = num_sms or _platform.num_sms()
+  per_program = _platform.cdiv(num_items, max(1, min(num_items, programs_per_sm * num_sms)))
+  return _platform.cdiv(num_items, per_program), per_program
+
+
+def _precision(a):
+  return lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+
+
+def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: int, num_programs: int,
+            scale: float, group_size: int, block_g: int, block_k: int):
+  """Program p: items [p * items_per_program, ...) of the row-major (row b, selected slot j) list.
+
+  refs = ([gidx_ref,] len_ref, start_ref, q_ref [B, Hq, D], k_ref/v_ref [B, Hkv, S, D], o_ref [B, Hkv, G, D])."""
+  if num_selected is None:
+    gidx_ref, (len_ref, start_ref, q_ref, k_ref, v_ref, o_ref) = None, refs
+  else:
+    gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref, o_ref = refs
+  batch, num_kv_heads, seq_len, head_dim = k_ref.shape
+  slots = num_kv_heads if num_selected is None else num_selected
+  p = pl.program_id(0)
+  first = p * items_per_program
+  mine = jnp.clip(num_items - first, 0, items_per_program)
+  # NB, the key blocks per item: the longest row's (>= 1, so that every item's last block stores its output).
+  rows_b = jnp.minimum(jnp.arange(_platform.next_pow2(batch), dtype=jnp.int32), batch - 1)
+  len_b = jnp.clip(len_ref[rows_b], 0, seq_len)
+  span_b = len_b - jnp.clip(start_ref[rows_b], 0, len_b)
+  nb = jnp.maximum((jnp.max(span_b) + block_k - 1) // block_k, 1)
+  rows_g = jnp.minimum(jnp.arange(block_g, dtype=jnp.int32), group_size - 1)  # padded rows repeat the last
+  cols_d = jnp.arange(head_dim, dtype=jnp.int32)
+  whole = block_g == group_size
+
+  def item_at(t):
+    it = t // nb
+    item = first + it
+    b = item // slots
+    j = item - b * slots
+    group = j if gidx_ref is None else jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1)
+    length = jnp.clip(len_ref[b], 0, seq_len)
+    start = jnp.clip(start_ref[b], 0, length)
+    return b, group, length, start, t - it * nb
+
+  def body(t, carry):
+    o_gd, m_g, l_g = carry
+    b, group, length, start, blk = item_at(t)
+    nominal = start + blk * block_k
+    s0 = jnp.minimum(nominal, seq_len - block_k)          # a whole block inside the cache; keys before
+    pos_k = s0 + jnp.arange(block_k, dtype=jnp.int32)     # `nominal` belong to the previous block
+    ok_k = (pos_k >= nominal) & (pos_k < length)
+    kv_mask = jnp.broadcast_to(ok_k[:, None], (block_k, head_dim))
+    keys = pl.ds(s0, block_k)
+    k_kd = plgpu.load(k_ref.at[b, group, keys, :], mask=kv_mask, other=0)
+    v_kd = plgpu.load(v_ref.at[b, group, keys, :], mask=kv_mask, other=0)
+    q_gd = q_ref[b, (group * group_size + rows_g)[:, None], cols_d[None, :]]
+    s_gk = lax.dot_general(q_gd, k_kd, (((1,), (1,)), ((), ())), precision=_precision(k_kd),
+                           preferred_element_type=jnp.float32) * scale
+    s_gk = jnp.where(ok_k[None, :], s_gk, -jnp.inf)
+    m_new_g = jnp.maximum(m_g, jnp.max(s_gk, axis=1))
+    alpha_g = jnp.exp(m_g - m_new_g)
+    p_gk = jnp.exp(s_gk - m_new_g[:, None])
+    l_g = l_g * alpha_g + jnp.sum(p_gk, axis=1)
+    o_gd = o_gd * alpha_g[:, None] + lax.dot_general(
+        p_gk.astype(v_kd.dtype), v_kd, (((1,), (0,)), ((), ())), precision=_precision(v_kd),
+        preferred_element_type=jnp.float32)
+    last = blk == nb - 1
+
+    @pl.when(last)
+    def _():
+      out_gd = (o_gd / jnp.where(l_g > 0, l_g, 1.0)[:, None]).astype(o_ref.dtype)
+      if whole:
+        o_ref[b, group, :, :] = out_gd
+      else:   # duplicated padded rows store the same values at the same addresses
+        o_ref[b, group, rows_g[:, None], cols_d[None, :]] = out_gd
+
+    return (jnp.where(last, 0.0, o_gd), jnp.where(last, M_EMPTY, m_new_g), jnp.where(last, 0.0, l_g))
+
+  init = (jnp.zeros((block_g, head_dim), jnp.float32), jnp.full((block_g,), M_EMPTY, jnp.float32),
+          jnp.zeros((block_g,), jnp.float32))
+  lax.fori_loop(0, mine * nb, body, init)
+
+  if num_selected is not None:
+    # Zeros for the query heads of row b's unselected groups, by program b % num_programs (disjoint from the
+    # selected groups' slots that the items write, so no ordering between programs is needed).
+    block_h = _platform.next_pow2(num_kv_heads)
+    groups_h = jnp.arange(block_h, dtype=jnp.int32)
+    index = (jnp.minimum(groups_h, num_kv_heads - 1)[:, None, None], rows_g[None, :, None],
+             cols_d[None, None, :])
+    zeros = jnp.zeros((block_h, block_g, head_dim), o_ref.dtype)
+    for r in range(_platform.cdiv(batch, num_programs)):
+      b = p + r * num_programs
+
+      @pl.when(b < batch)
+      def _():
+        b_c = jnp.minimum(b, batch - 1)
+        chosen_h = groups_h >= num_kv_heads
+        for j in range(num_selected):
+          chosen_h = chosen_h | (groups_h == jnp.clip(gidx_ref[b_c, j], 0, num_kv_heads - 1))
+        mask = jnp.broadcast_to((~chosen_h)[:, None, None], zeros.shape)
+        plgpu.store(o_ref.at[(b_c,) + index], zeros, mask=mask)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "interpret", "num_sms"))
+def decode_attention_persistent(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK, kv_start_B, *, scale: float,
+                                config, interpret: bool, num_sms: int | None = None):
+  """Normalised output `[B, Hq, D]` in q's dtype, query heads of unselected groups exactly 0 (as the direct
+  kernel). `group_idx_BK` None computes every group. Needs `supports(S, D, config.block_k)`; uses
+  `config.block_k`, `num_warps`, `num_stages` and `programs_per_sm`."""
+  B, Hq, D = q_BHD.shape
+  _, Hkv, S, _ = k_BHSD.shape
+  if not supports(S, D, config.block_k):
+    raise ValueError(f"the persistent attention kernel needs a power-of-two head_dim >= 16 and S >= block_k; "
+                     f"got D={D}, S={S}, block_k={config.block_k}")
+  G = Hq // Hkv
+  K = None if group_idx_BK is None else group_idx_BK.shape[1]
+  num_items = B * (Hkv if K is None else K)
+  programs, per_program = num_programs(num_items, config.programs_per_sm, num_sms)
+  kernel = functools.partial(_kernel, num_selected=K, num_items=num_items, items_per_program=per_program,
+                             num_programs=programs, scale=scale, group_size=G,
+                             block_g=max(16, _platform.next_pow2(G)), block_k=config.block_k)
+  whole = lambda shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))  # noqa: E731
+  in_specs = [whole((B,)), whole((B,)), whole((B, Hq, D)), whole((B, Hkv, S, D)), whole((B, Hkv, S, D))]
+  args = [lengths_B.astype(jnp.int32), kv_start_B.astype(jnp.int32), q_BHD, k_BHSD, v_BHSD]
+  if K is not None:
+    in_specs.insert(0, whole((B, K)))
+    args.insert(0, group_idx_BK.astype(jnp.int32))
+  out = pl.pallas_call(
+      kernel,
+      grid=(programs,),
+      in_specs=in_specs,
+      out_specs=whole((B, Hkv, G, D)),
+      out_shape=jax.ShapeDtypeStruct((B, Hkv, G, D), q_BHD.dtype),
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+      interpret=interpret,
+      name="selective_decode_attention_persistent",
+  )(*args)
+  return out.reshape(B, Hq, D)
