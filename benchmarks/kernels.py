@@ -156,9 +156,10 @@ def bench_attention(timer, base, smoke, check, dtype=jnp.bfloat16):
 # The persistent-kernel probe's variants: the direct kernel (one program per (row, group), its heuristic stages)
 # and the persistent kernel at several pipeline depths / programs per SM / key blocks.
 PERSISTENT_VARIANTS = (dict(persistent=False), dict(persistent=True, num_stages=4),
-                       dict(persistent=True, num_stages=3), dict(persistent=True, num_stages=6),
-                       dict(persistent=True, num_stages=3, programs_per_sm=2),
-                       dict(persistent=True, block_k=32, num_stages=6))
+                       dict(persistent=True, num_stages=6), dict(persistent=True, num_stages=3, programs_per_sm=2),
+                       dict(persistent=True, flat_loop=False, num_stages=4),
+                       dict(persistent=True, flat_loop=False, num_stages=3, programs_per_sm=2),
+                       dict(persistent=True, flat_loop=False, num_stages=6))
 
 
 def probe_cases(smoke):

@@ -27,9 +27,11 @@ from pallas_kernels import _platform
 from pallas_kernels.decode_attention_xla import M_EMPTY
 
 
-def supports(seq_len: int, head_dim: int, block_k: int) -> bool:
-  """Shapes the persistent kernel takes: a power-of-two head_dim and at least one whole key block."""
-  return head_dim >= 16 and head_dim == _platform.next_pow2(head_dim) and seq_len >= block_k
+def supports(seq_len: int, head_dim: int, block_k: int, cache_size: int = 0) -> bool:
+  """Shapes the persistent kernel takes: a power-of-two head_dim, at least one whole key block, and caches of
+  < 2**31 elements (`cache_size`; it indexes the whole cache with 32-bit offsets)."""
+  return (head_dim >= 16 and head_dim == _platform.next_pow2(head_dim) and seq_len >= block_k
+          and cache_size < 2**31)
 
 
 def num_programs(num_items: int, programs_per_sm: int, num_sms: int | None = None) -> tuple[int, int]:
@@ -43,11 +45,30 @@ def _precision(a):
   return lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
 
 
+def _update(carry, q_gd, k_kd, v_kd, ok_k, scale):
+  """One online-softmax step over a key block (`ok_k` None: every key valid)."""
+  o_gd, m_g, l_g = carry
+  s_gk = lax.dot_general(q_gd, k_kd, (((1,), (1,)), ((), ())), precision=_precision(k_kd),
+                         preferred_element_type=jnp.float32) * scale
+  if ok_k is not None:
+    s_gk = jnp.where(ok_k[None, :], s_gk, -jnp.inf)
+  m_new_g = jnp.maximum(m_g, jnp.max(s_gk, axis=1))
+  alpha_g = jnp.exp(m_g - m_new_g)
+  p_gk = jnp.exp(s_gk - m_new_g[:, None])
+  l_g = l_g * alpha_g + jnp.sum(p_gk, axis=1)
+  o_gd = o_gd * alpha_g[:, None] + lax.dot_general(
+      p_gk.astype(v_kd.dtype), v_kd, (((1,), (0,)), ((), ())), precision=_precision(v_kd),
+      preferred_element_type=jnp.float32)
+  return o_gd, m_new_g, l_g
+
+
 def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: int, num_programs: int,
-            scale: float, group_size: int, block_g: int, block_k: int):
+            scale: float, group_size: int, block_g: int, block_k: int, flat: bool):
   """Program p: items [p * items_per_program, ...) of the row-major (row b, selected slot j) list.
 
-  refs = ([gidx_ref,] len_ref, start_ref, q_ref [B, Hq, D], k_ref/v_ref [B, Hkv, S, D], o_ref [B, Hkv, G, D])."""
+  refs = ([gidx_ref,] len_ref, start_ref, q_ref [B, Hq, D], k_ref/v_ref [B, Hkv, S, D], o_ref [B, Hkv, G, D]).
+  flat: one loop over (item, key block) with NB blocks per item (the longest row's); else a loop over items
+  around each item's own key blocks (whole blocks unmasked, then the masked tail)."""
   if num_selected is None:
     gidx_ref, (len_ref, start_ref, q_ref, k_ref, v_ref, o_ref) = None, refs
   else:
@@ -57,62 +78,85 @@ def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: 
   p = pl.program_id(0)
   first = p * items_per_program
   mine = jnp.clip(num_items - first, 0, items_per_program)
-  # NB, the key blocks per item: the longest row's (>= 1, so that every item's last block stores its output).
-  rows_b = jnp.minimum(jnp.arange(_platform.next_pow2(batch), dtype=jnp.int32), batch - 1)
-  len_b = jnp.clip(len_ref[rows_b], 0, seq_len)
-  span_b = len_b - jnp.clip(start_ref[rows_b], 0, len_b)
-  nb = jnp.maximum((jnp.max(span_b) + block_k - 1) // block_k, 1)
   rows_g = jnp.minimum(jnp.arange(block_g, dtype=jnp.int32), group_size - 1)  # padded rows repeat the last
   cols_d = jnp.arange(head_dim, dtype=jnp.int32)
-  whole = block_g == group_size
+  arange_k = jnp.arange(block_k, dtype=jnp.int32)
 
-  def item_at(t):
-    it = t // nb
+  def item_at(it):
     item = first + it
     b = item // slots
     j = item - b * slots
     group = j if gidx_ref is None else jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1)
     length = jnp.clip(len_ref[b], 0, seq_len)
-    start = jnp.clip(start_ref[b], 0, length)
-    return b, group, length, start, t - it * nb
+    return b, group, length, jnp.clip(start_ref[b], 0, length)
 
-  def body(t, carry):
-    o_gd, m_g, l_g = carry
-    b, group, length, start, blk = item_at(t)
-    nominal = start + blk * block_k
-    s0 = jnp.minimum(nominal, seq_len - block_k)          # a whole block inside the cache; keys before
-    pos_k = s0 + jnp.arange(block_k, dtype=jnp.int32)     # `nominal` belong to the previous block
+  def load_q(b, group):
+    return q_ref[b, (group * group_size + rows_g)[:, None], cols_d[None, :]]
+
+  def masked_block(b, group, length, nominal):
+    """The key block starting at `nominal`, as a whole block inside the cache (its start clamped to S - block_k;
+    keys before `nominal` belong to the previous block) with the keys outside [nominal, length) masked."""
+    s0 = jnp.minimum(nominal, seq_len - block_k)
+    pos_k = s0 + arange_k
     ok_k = (pos_k >= nominal) & (pos_k < length)
-    kv_mask = jnp.broadcast_to(ok_k[:, None], (block_k, head_dim))
+    mask = jnp.broadcast_to(ok_k[:, None], (block_k, head_dim))
     keys = pl.ds(s0, block_k)
-    k_kd = plgpu.load(k_ref.at[b, group, keys, :], mask=kv_mask, other=0)
-    v_kd = plgpu.load(v_ref.at[b, group, keys, :], mask=kv_mask, other=0)
-    q_gd = q_ref[b, (group * group_size + rows_g)[:, None], cols_d[None, :]]
-    s_gk = lax.dot_general(q_gd, k_kd, (((1,), (1,)), ((), ())), precision=_precision(k_kd),
-                           preferred_element_type=jnp.float32) * scale
-    s_gk = jnp.where(ok_k[None, :], s_gk, -jnp.inf)
-    m_new_g = jnp.maximum(m_g, jnp.max(s_gk, axis=1))
-    alpha_g = jnp.exp(m_g - m_new_g)
-    p_gk = jnp.exp(s_gk - m_new_g[:, None])
-    l_g = l_g * alpha_g + jnp.sum(p_gk, axis=1)
-    o_gd = o_gd * alpha_g[:, None] + lax.dot_general(
-        p_gk.astype(v_kd.dtype), v_kd, (((1,), (0,)), ((), ())), precision=_precision(v_kd),
-        preferred_element_type=jnp.float32)
-    last = blk == nb - 1
+    return (plgpu.load(k_ref.at[b, group, keys, :], mask=mask, other=0),
+            plgpu.load(v_ref.at[b, group, keys, :], mask=mask, other=0), ok_k)
 
-    @pl.when(last)
-    def _():
-      out_gd = (o_gd / jnp.where(l_g > 0, l_g, 1.0)[:, None]).astype(o_ref.dtype)
-      if whole:
-        o_ref[b, group, :, :] = out_gd
-      else:   # duplicated padded rows store the same values at the same addresses
-        o_ref[b, group, rows_g[:, None], cols_d[None, :]] = out_gd
-
-    return (jnp.where(last, 0.0, o_gd), jnp.where(last, M_EMPTY, m_new_g), jnp.where(last, 0.0, l_g))
+  def store(b, group, carry):
+    o_gd, _, l_g = carry
+    out_gd = (o_gd / jnp.where(l_g > 0, l_g, 1.0)[:, None]).astype(o_ref.dtype)
+    if block_g == group_size:
+      o_ref[b, group, :, :] = out_gd
+    else:   # duplicated padded rows store the same values at the same addresses
+      o_ref[b, group, rows_g[:, None], cols_d[None, :]] = out_gd
 
   init = (jnp.zeros((block_g, head_dim), jnp.float32), jnp.full((block_g,), M_EMPTY, jnp.float32),
           jnp.zeros((block_g,), jnp.float32))
-  lax.fori_loop(0, mine * nb, body, init)
+  if flat:
+    # NB, the key blocks per item: the longest row's (>= 1, so that every item's last block stores its output).
+    rows_b = jnp.minimum(jnp.arange(_platform.next_pow2(batch), dtype=jnp.int32), batch - 1)
+    len_b = jnp.clip(len_ref[rows_b], 0, seq_len)
+    span_b = len_b - jnp.clip(start_ref[rows_b], 0, len_b)
+    nb = jnp.maximum((jnp.max(span_b) + block_k - 1) // block_k, 1)
+
+    def body(t, carry):
+      it = t // nb
+      blk = t - it * nb
+      b, group, length, start = item_at(it)
+      k_kd, v_kd, ok_k = masked_block(b, group, length, start + blk * block_k)
+      carry = _update(carry, load_q(b, group), k_kd, v_kd, ok_k, scale)
+      last = blk == nb - 1
+
+      @pl.when(last)
+      def _():
+        store(b, group, carry)
+
+      o_gd, m_g, l_g = carry
+      return jnp.where(last, 0.0, o_gd), jnp.where(last, M_EMPTY, m_g), jnp.where(last, 0.0, l_g)
+
+    lax.fori_loop(0, mine * nb, body, init)
+  else:
+    def item_body(it, _):
+      b, group, length, start = item_at(it)
+      q_gd = load_q(b, group)
+      n_keys = length - start
+      whole_blocks = n_keys // block_k
+
+      def whole_body(i, carry):
+        keys = pl.ds(start + i * block_k, block_k)
+        return _update(carry, q_gd, k_ref[b, group, keys, :], v_ref[b, group, keys, :], None, scale)
+
+      def tail_body(i, carry):
+        return _update(carry, q_gd, *masked_block(b, group, length, start + i * block_k), scale)
+
+      carry = lax.fori_loop(0, whole_blocks, whole_body, init)
+      carry = lax.fori_loop(whole_blocks, (n_keys + block_k - 1) // block_k, tail_body, carry)
+      store(b, group, carry)
+      return 0
+
+    lax.fori_loop(0, mine, item_body, 0)
 
   if num_selected is not None:
     # Zeros for the query heads of row b's unselected groups, by program b % num_programs (disjoint from the
@@ -143,16 +187,17 @@ def decode_attention_persistent(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK, 
   `config.block_k`, `num_warps`, `num_stages` and `programs_per_sm`."""
   B, Hq, D = q_BHD.shape
   _, Hkv, S, _ = k_BHSD.shape
-  if not supports(S, D, config.block_k):
-    raise ValueError(f"the persistent attention kernel needs a power-of-two head_dim >= 16 and S >= block_k; "
-                     f"got D={D}, S={S}, block_k={config.block_k}")
+  if not supports(S, D, config.block_k, k_BHSD.size):
+    raise ValueError(f"the persistent attention kernel needs a power-of-two head_dim >= 16, S >= block_k and "
+                     f"< 2**31 cache elements; got D={D}, S={S}, block_k={config.block_k}, {k_BHSD.size} elements")
   G = Hq // Hkv
   K = None if group_idx_BK is None else group_idx_BK.shape[1]
   num_items = B * (Hkv if K is None else K)
   programs, per_program = num_programs(num_items, config.programs_per_sm, num_sms)
   kernel = functools.partial(_kernel, num_selected=K, num_items=num_items, items_per_program=per_program,
                              num_programs=programs, scale=scale, group_size=G,
-                             block_g=max(16, _platform.next_pow2(G)), block_k=config.block_k)
+                             block_g=max(16, _platform.next_pow2(G)), block_k=config.block_k,
+                             flat=config.flat_loop)
   whole = lambda shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))  # noqa: E731
   in_specs = [whole((B,)), whole((B,)), whole((B, Hq, D)), whole((B, Hkv, S, D)), whole((B, Hkv, S, D))]
   args = [lengths_B.astype(jnp.int32), kv_start_B.astype(jnp.int32), q_BHD, k_BHSD, v_BHSD]

@@ -71,6 +71,7 @@ class AttentionConfig:
   append_in_kernel: bool = False  # `selective_decode_attention_append` on the direct kernel: write slots in it
   persistent: bool = False  # unsplit: the persistent kernel (`decode_attention_persistent`) instead of the direct
   programs_per_sm: int = 1  # persistent kernel: programs per SM
+  flat_loop: bool = True  # persistent kernel: one (item, key block) loop, else a key-block loop per item
 
 
 def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
