@@ -138,7 +138,7 @@ def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: 
 
     lax.fori_loop(0, mine * nb, body, init)
   else:
-    def item_body(it, _):
+    def item_body(it, done):
       b, group, length, start = item_at(it)
       q_gd = load_q(b, group)
       n_keys = length - start
@@ -154,9 +154,9 @@ def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: 
       carry = lax.fori_loop(0, whole_blocks, whole_body, init)
       carry = lax.fori_loop(whole_blocks, (n_keys + block_k - 1) // block_k, tail_body, carry)
       store(b, group, carry)
-      return 0
+      return done + 1      # a loop-carried value (Triton's scf.for needs one)
 
-    lax.fori_loop(0, mine, item_body, 0)
+    lax.fori_loop(0, mine, item_body, jnp.int32(0))
 
   if num_selected is not None:
     # Zeros for the query heads of row b's unselected groups, by program b % num_programs (disjoint from the
