@@ -153,13 +153,12 @@ def bench_attention(timer, base, smoke, check, dtype=jnp.bfloat16):
   return records
 
 
-# The persistent-kernel probe's variants: the direct kernel (one program per (row, group), its heuristic stages)
-# and the persistent kernel at several pipeline depths / programs per SM / key blocks.
-PERSISTENT_VARIANTS = (dict(persistent=False), dict(persistent=True, num_stages=4),
-                       dict(persistent=True, num_stages=6), dict(persistent=True, num_stages=3, programs_per_sm=2),
-                       dict(persistent=True, flat_loop=False, num_stages=4),
-                       dict(persistent=True, flat_loop=False, num_stages=3, programs_per_sm=2),
-                       dict(persistent=True, flat_loop=False, num_stages=6))
+# The persistent-kernel probe's variants: the direct kernel (one program per (row, group), its heuristic stages),
+# the persistent kernel as `choose_config` sets it, and at other pipeline depths / programs per SM / key blocks.
+PERSISTENT_VARIANTS = (dict(persistent=False), dict(persistent=True),
+                       dict(persistent=True, num_stages=4, programs_per_sm=1),
+                       dict(persistent=True, num_stages=6, programs_per_sm=1),
+                       dict(persistent=True, block_k=32, num_stages=4, programs_per_sm=2))
 
 
 def probe_cases(smoke):

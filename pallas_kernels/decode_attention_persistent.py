@@ -1,17 +1,21 @@
-"""Selective decode attention as one persistent Pallas (Triton) program per SM.
+"""Selective decode attention as persistent Pallas (Triton) programs, a few per SM.
 
 The direct kernel (`decode_attention_triton_direct`) launches one program per (row, group): at B32 x 16 selected
-groups that is ~4 waves of one program per SM, and every program pays a pipeline fill (its first key blocks'
-latency) and drain with nothing else in flight on its SM. Measured on one H100 (session 7, `kernels.py --only
-probe`, family "length"): ~11.5 us of fixed cost per call at 512 programs, ~0.35 ms per LLaMA-2-7B B32 step.
+groups that is ~4 waves of one 4-stage program per SM, and every program pays a pipeline fill (its first key
+blocks' latency), a drain and a relaunch with nothing else streaming on its SM. Measured on one H100 (session 7,
+`kernels.py --only probe`, family "length"): ~11.5 us of fixed cost per call at 512 programs.
 
-Here each program owns a contiguous run of the selected (row, group) items and streams them as ONE flat loop over
-(item, key block): iteration t reads item t // NB, block t % NB (NB = key blocks of the longest row, shared by
-every item), so the software pipeline prefetches the next item's first blocks while the current item's last
-blocks are reduced. At an item's last block the program normalises and stores that group's output and resets its
-online-softmax state. Key blocks past a row's length (shorter rows, or the clamped tail block) are masked loads:
-no memory traffic. Query heads of unselected groups are written as zeros by the program that owns the row
-(`b % programs`), after its items.
+Here `programs_per_sm` x SMs programs (2 x 132 on an H100) each own a contiguous run of the selected (row, group)
+items and loop over them: per item, its whole key blocks as contiguous unmasked loads (software-pipelined), then the
+row's partial block masked, then the normalised output stored. Two 3-stage programs share an SM, so one streams
+while the other refills its pipeline between items; items never wait for a new wave. Query heads of unselected
+groups are written as zeros by the program that owns the row (`b % programs`), after its items.
+
+Measured on one H100 (session 8, `kernels.py --only probe --families persistent`, results/kernels.jsonl, MHA D128
+unless noted, direct kernel vs this one): B32 K16 S2048 186.3 vs 181.0 us, S1024 98.6 vs 93.8, S4096 360.2 vs
+353.8, dense B32 356.3 vs 352.0, B16 K16 98.6 vs 93.0, B64 K16 359.6 vs 354.0, GQA (Hkv 8) B32 K5 S4096 118.0 vs
+118.8, dense 181.7 vs 179.4. A flat variant (one loop over (item, key block), prefetching across items) was slower:
+the per-block item arithmetic and masked loads cost more than the refills it hid (225.8 us at B32 K16, 4 stages).
 """
 from __future__ import annotations
 
@@ -63,12 +67,12 @@ def _update(carry, q_gd, k_kd, v_kd, ok_k, scale):
 
 
 def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: int, num_programs: int,
-            scale: float, group_size: int, block_g: int, block_k: int, flat: bool):
+            scale: float, group_size: int, block_g: int, block_k: int):
   """Program p: items [p * items_per_program, ...) of the row-major (row b, selected slot j) list.
 
   refs = ([gidx_ref,] len_ref, start_ref, q_ref [B, Hq, D], k_ref/v_ref [B, Hkv, S, D], o_ref [B, Hkv, G, D]).
-  flat: one loop over (item, key block) with NB blocks per item (the longest row's); else a loop over items
-  around each item's own key blocks (whole blocks unmasked, then the masked tail)."""
+  A loop over the items around each item's key blocks: whole blocks as contiguous unmasked loads, then the
+  row's partial block (at most one) masked."""
   if num_selected is None:
     gidx_ref, (len_ref, start_ref, q_ref, k_ref, v_ref, o_ref) = None, refs
   else:
@@ -90,9 +94,6 @@ def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: 
     length = jnp.clip(len_ref[b], 0, seq_len)
     return b, group, length, jnp.clip(start_ref[b], 0, length)
 
-  def load_q(b, group):
-    return q_ref[b, (group * group_size + rows_g)[:, None], cols_d[None, :]]
-
   def masked_block(b, group, length, nominal):
     """The key block starting at `nominal`, as a whole block inside the cache (its start clamped to S - block_k;
     keys before `nominal` belong to the previous block) with the keys outside [nominal, length) masked."""
@@ -104,59 +105,32 @@ def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: 
     return (plgpu.load(k_ref.at[b, group, keys, :], mask=mask, other=0),
             plgpu.load(v_ref.at[b, group, keys, :], mask=mask, other=0), ok_k)
 
-  def store(b, group, carry):
-    o_gd, _, l_g = carry
+  init = (jnp.zeros((block_g, head_dim), jnp.float32), jnp.full((block_g,), M_EMPTY, jnp.float32),
+          jnp.zeros((block_g,), jnp.float32))
+
+  def item_body(it, done):
+    b, group, length, start = item_at(it)
+    q_gd = q_ref[b, (group * group_size + rows_g)[:, None], cols_d[None, :]]
+    n_keys = length - start
+    whole_blocks = n_keys // block_k
+
+    def whole_body(i, carry):
+      keys = pl.ds(start + i * block_k, block_k)
+      return _update(carry, q_gd, k_ref[b, group, keys, :], v_ref[b, group, keys, :], None, scale)
+
+    def tail_body(i, carry):
+      return _update(carry, q_gd, *masked_block(b, group, length, start + i * block_k), scale)
+
+    carry = lax.fori_loop(0, whole_blocks, whole_body, init)
+    o_gd, _, l_g = lax.fori_loop(whole_blocks, (n_keys + block_k - 1) // block_k, tail_body, carry)
     out_gd = (o_gd / jnp.where(l_g > 0, l_g, 1.0)[:, None]).astype(o_ref.dtype)
     if block_g == group_size:
       o_ref[b, group, :, :] = out_gd
     else:   # duplicated padded rows store the same values at the same addresses
       o_ref[b, group, rows_g[:, None], cols_d[None, :]] = out_gd
+    return done + 1      # a loop-carried value (Triton's scf.for needs one)
 
-  init = (jnp.zeros((block_g, head_dim), jnp.float32), jnp.full((block_g,), M_EMPTY, jnp.float32),
-          jnp.zeros((block_g,), jnp.float32))
-  if flat:
-    # NB, the key blocks per item: the longest row's (>= 1, so that every item's last block stores its output).
-    rows_b = jnp.minimum(jnp.arange(_platform.next_pow2(batch), dtype=jnp.int32), batch - 1)
-    len_b = jnp.clip(len_ref[rows_b], 0, seq_len)
-    span_b = len_b - jnp.clip(start_ref[rows_b], 0, len_b)
-    nb = jnp.maximum((jnp.max(span_b) + block_k - 1) // block_k, 1)
-
-    def body(t, carry):
-      it = t // nb
-      blk = t - it * nb
-      b, group, length, start = item_at(it)
-      k_kd, v_kd, ok_k = masked_block(b, group, length, start + blk * block_k)
-      carry = _update(carry, load_q(b, group), k_kd, v_kd, ok_k, scale)
-      last = blk == nb - 1
-
-      @pl.when(last)
-      def _():
-        store(b, group, carry)
-
-      o_gd, m_g, l_g = carry
-      return jnp.where(last, 0.0, o_gd), jnp.where(last, M_EMPTY, m_g), jnp.where(last, 0.0, l_g)
-
-    lax.fori_loop(0, mine * nb, body, init)
-  else:
-    def item_body(it, done):
-      b, group, length, start = item_at(it)
-      q_gd = load_q(b, group)
-      n_keys = length - start
-      whole_blocks = n_keys // block_k
-
-      def whole_body(i, carry):
-        keys = pl.ds(start + i * block_k, block_k)
-        return _update(carry, q_gd, k_ref[b, group, keys, :], v_ref[b, group, keys, :], None, scale)
-
-      def tail_body(i, carry):
-        return _update(carry, q_gd, *masked_block(b, group, length, start + i * block_k), scale)
-
-      carry = lax.fori_loop(0, whole_blocks, whole_body, init)
-      carry = lax.fori_loop(whole_blocks, (n_keys + block_k - 1) // block_k, tail_body, carry)
-      store(b, group, carry)
-      return done + 1      # a loop-carried value (Triton's scf.for needs one)
-
-    lax.fori_loop(0, mine, item_body, jnp.int32(0))
+  lax.fori_loop(0, mine, item_body, jnp.int32(0))
 
   if num_selected is not None:
     # Zeros for the query heads of row b's unselected groups, by program b % num_programs (disjoint from the
@@ -196,8 +170,7 @@ def decode_attention_persistent(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK, 
   programs, per_program = num_programs(num_items, config.programs_per_sm, num_sms)
   kernel = functools.partial(_kernel, num_selected=K, num_items=num_items, items_per_program=per_program,
                              num_programs=programs, scale=scale, group_size=G,
-                             block_g=max(16, _platform.next_pow2(G)), block_k=config.block_k,
-                             flat=config.flat_loop)
+                             block_g=max(16, _platform.next_pow2(G)), block_k=config.block_k)
   whole = lambda shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))  # noqa: E731
   in_specs = [whole((B,)), whole((B,)), whole((B, Hq, D)), whole((B, Hkv, S, D)), whole((B, Hkv, S, D))]
   args = [lengths_B.astype(jnp.int32), kv_start_B.astype(jnp.int32), q_BHD, k_BHSD, v_BHSD]

@@ -56,10 +56,13 @@ DEEP_PIPELINE_LAST_WAVE = 0.9
 # (5.79 -> 5.97 ms; every program, selected or not, now loads and stores its slot) cost more. Isolated (kernels.py
 # --only append) the in-kernel write was faster: 0.178 vs 0.187 ms per B32 layer.
 APPEND_IN_KERNEL = False
-# Unsplit shapes run the persistent kernel (`decode_attention_persistent`: one program per SM streaming its run of
-# (row, group) items as one pipelined loop) instead of one direct program per (row, group).
+# Unsplit shapes run the persistent kernel (`decode_attention_persistent`: 2 x SMs programs, each looping over a run
+# of (row, group) items) instead of one direct program per (row, group); 3 stages, so that two programs share an
+# SM. Measured on one H100 (session 8, `kernels.py --only probe --families persistent`): 1-6% faster than the
+# direct kernel at every MHA shape probed (B16-B64, S1024-4096, K 12-32), GQA B32 K5 S4096 +0.7% slower.
 PERSISTENT = True
-PERSISTENT_STAGES = 4
+PERSISTENT_STAGES = 3
+PERSISTENT_PROGRAMS_PER_SM = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +73,7 @@ class AttentionConfig:
   num_stages: int
   append_in_kernel: bool = False  # `selective_decode_attention_append` on the direct kernel: write slots in it
   persistent: bool = False  # unsplit: the persistent kernel (`decode_attention_persistent`) instead of the direct
-  programs_per_sm: int = 1  # persistent kernel: programs per SM
-  flat_loop: bool = True  # persistent kernel: one (item, key block) loop, else a key-block loop per item
+  programs_per_sm: int = 2  # persistent kernel: programs per SM
 
 
 def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
@@ -109,7 +111,8 @@ def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
   persistent = persistent and splits == 1 and _persistent.supports(seq_len, head_dim, block_k)
   stages = PERSISTENT_STAGES if persistent else 4 if deep else 3
   return AttentionConfig(block_k=block_k, num_splits=splits, num_warps=4, num_stages=stages,
-                         append_in_kernel=APPEND_IN_KERNEL, persistent=persistent)
+                         append_in_kernel=APPEND_IN_KERNEL, persistent=persistent,
+                         programs_per_sm=PERSISTENT_PROGRAMS_PER_SM)
 
 
 def _precision(a):

@@ -108,7 +108,7 @@ CASES = [
      AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2)),
     (4, 6, 6, 129, 64, 5, jnp.float16, False,
      AttentionConfig(block_k=32, num_splits=1, num_warps=4, num_stages=2)),
-    # persistent kernel: runs of (row, group) items per program, rows of lengths 1..S in one flat loop
+    # persistent kernel: runs of (row, group) items per program, rows of lengths 1..S
     (3, 8, 2, 777, 64, 1, jnp.bfloat16, True,
      AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2, persistent=True)),
     (4, 6, 6, 129, 64, 5, jnp.float16, False,
@@ -116,7 +116,7 @@ CASES = [
     (2, 16, 2, 130, 128, 2, jnp.float32, True,
      AttentionConfig(block_k=64, num_splits=1, num_warps=4, num_stages=2, persistent=True)),
     (3, 8, 2, 777, 64, 2, jnp.bfloat16, True,
-     AttentionConfig(block_k=32, num_splits=1, num_warps=4, num_stages=2, persistent=True, flat_loop=False)),
+     AttentionConfig(block_k=32, num_splits=1, num_warps=4, num_stages=2, persistent=True, programs_per_sm=1)),
     # head_dim 80: not supported by the persistent kernel, the direct kernel runs instead
     (2, 4, 2, 50, 80, 2, jnp.float32, True,
      AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2, persistent=True)),
@@ -166,8 +166,8 @@ def test_raw_direct_kernel_writes_every_head():
   assert np.all(np.asarray(out)[0, [0, 1, 4, 5, 6, 7]] == 0)
 
 
-@pytest.mark.parametrize("num_sms,flat", [(1, True), (2, True), (3, True), (64, True), (2, False), (64, False)])
-def test_raw_persistent_kernel_writes_every_head(num_sms, flat):
+@pytest.mark.parametrize("num_sms,programs_per_sm", [(1, 1), (1, 2), (2, 2), (1, 3), (64, 2)])
+def test_raw_persistent_kernel_writes_every_head(num_sms, programs_per_sm):
   """Interpret mode fills outputs with NaN. With 1-3 programs, each streams several (row, group) items, some
   spanning two rows, and zero-fills the unselected groups of several rows; rows of different lengths (one
   empty, one with a sliding start), a row naming one group twice and one naming groups out of range (clamped)."""
@@ -176,7 +176,8 @@ def test_raw_persistent_kernel_writes_every_head(num_sms, flat):
   lengths = jnp.asarray([0, 37, 100, 64, 65], jnp.int32)
   start = jnp.asarray([0, 5, 0, 63, 0], jnp.int32)
   gidx = jnp.asarray([[1, 2], [1, 1], [7, -2], [3, 0], [2, 1]], jnp.int32)
-  cfg = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2, persistent=True, flat_loop=flat)
+  cfg = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2, persistent=True,
+                        programs_per_sm=programs_per_sm)
   out = attn_persistent.decode_attention_persistent(q, k, v, lengths, gidx, start, scale=0.125, config=cfg,
                                                     interpret=True, num_sms=num_sms)
   clamped = jnp.clip(gidx, 0, Hkv - 1)
