@@ -414,6 +414,9 @@ def main(argv=None) -> int:
                       "(records before 2026-11-22 04:30 UTC)")
   p.add_argument("--append-in-kernel", action="store_true",
                  help="the direct attention kernel writes the new K/V slots (decode_attention_triton.APPEND_IN_KERNEL)")
+  p.add_argument("--no-rope-append", action="store_true",
+                 help="XLA's RoPE fusion and K/V scatters instead of the fused rope_append kernel "
+                      "(polar_jax.attention.FUSED_ROPE_APPEND)")
   p.add_argument("--attention-kernel", default="persistent", choices=["persistent", "direct"],
                  help="unsplit decode attention: the persistent kernel (default) or one direct program per (row, "
                       "group) (decode_attention_triton.PERSISTENT)")
@@ -428,6 +431,8 @@ def main(argv=None) -> int:
   from pallas_kernels import decode_attention_triton
   decode_attention_triton.APPEND_IN_KERNEL = args.append_in_kernel
   decode_attention_triton.PERSISTENT = args.attention_kernel == "persistent"
+  from polar_jax import attention
+  attention.FUSED_ROPE_APPEND = not args.no_rope_append
   if args.plot_only:
     if not args.plot:
       p.error("--plot-only needs --plot PATH")
@@ -474,6 +479,7 @@ def main(argv=None) -> int:
                      fused=(not args.no_fuse) if r["system"] == "polar_jax" else None, n1=args.n1, n2=args.n2,
                      append_in_kernel=args.append_in_kernel if r["system"] == "polar_jax" else None,
                      attention_kernel=args.attention_kernel if r["system"] == "polar_jax" else None,
+                     rope_append=(not args.no_rope_append) if r["system"] == "polar_jax" else None,
                      timing="decode_loop_min" if r["system"] == "polar_jax" and args.timing == "decode_loop"
                      else "min", **r)
           records.append(rec)

@@ -1,8 +1,9 @@
 """Multi-head / grouped-query self-attention with a head-major KV cache.
 
 Prefill runs dense causal attention over a compacted (right-padded) prompt and writes K/V of
-every head to the cache. Decode calls `pallas_kernels.selective_decode_attention_append`: the new token's K/V
-go to every head's slot, then attention over the selected KV groups (all when none are given).
+every head to the cache. Decode writes the new token's K/V to every head's slot (`pallas_kernels.rope_append`
+after a fused q|k|v projection, else `selective_decode_attention_append`), then attends over the selected KV
+groups (all when none are given) with `pallas_kernels.selective_decode_attention`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,9 @@ from polar_jax.config import ModelConfig
 from polar_jax.fusion import split_qkv
 from polar_jax.layers import Linear
 
+# Decode with a fused q|k|v projection on one device: q/k rotation and the K/V cache write as one kernel
+# (`pallas_kernels.rope_append`) instead of XLA's RoPE fusion and two scatters. Off: the XLA path (A/B runs).
+FUSED_ROPE_APPEND = True
 # Query rows processed at once by the XLA prefill attention, bounding its score buffer.
 _SCORE_BUDGET = 1 << 28  # float32 elements
 _MASKED = -1e30
@@ -135,12 +139,22 @@ class Attention(nnx.Module):
       return_context: also return the attention context `[B, Hq, D]` before o_proj.
     """
     b = x_bd.shape[0]
-    q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
     new_len = lengths_b + 1
     kv_start = None if self.window is None else jnp.maximum(new_len - self.window, 0).astype(jnp.int32)
     oracle_k, shards = group_idx_bk if isinstance(group_idx_bk, tuple) else (group_idx_bk, 1)
     oracle_k = oracle_k if isinstance(oracle_k, int) else None
     mesh = getattr(self, "mesh", None)   # set by polar_jax.sharding (tensor parallel); None on one device
+    if mesh is None and self.qkv_proj is not None and FUSED_ROPE_APPEND:
+      # One kernel rotates q and k of the fused projection and writes K/V of every group at slot lengths_b.
+      inv_freq = None if self.inv_freq is None else jnp.asarray(self.inv_freq, jnp.float32)
+      q_bhd, k_cache_bhsd, v_cache_bhsd = pallas_kernels.rope_append(
+          self.qkv_proj(x_bd), lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd, num_heads=self.num_heads,
+          implementation=implementation)
+      ctx = pallas_kernels.selective_decode_attention(
+          q_bhd, k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, scale=self.scale,
+          kv_start=kv_start, implementation=implementation)
+      return self._finish_decode(ctx, k_cache_bhsd, v_cache_bhsd, oracle_k, shards, return_context)
+    q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
     if mesh is None:
       # K/V of every group go to slot lengths_b (an XLA scatter, or the direct kernel with append_in_kernel), then
       # attention over the selected groups.
@@ -157,9 +171,12 @@ class Attention(nnx.Module):
       ctx = sharding.sharded_decode_attention(
           q[:, 0], k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, kv_start, mesh=mesh,
           dp=dp, num_groups=self.num_kv_heads, scale=self.scale, implementation=implementation)
+    return self._finish_decode(ctx, k_cache_bhsd, v_cache_bhsd, oracle_k, shards, return_context)
+
+  def _finish_decode(self, ctx, k_cache_bhsd, v_cache_bhsd, oracle_k, shards, return_context):
     if oracle_k:
       ctx = keep_top_groups(ctx, self.num_kv_heads, oracle_k, shards=shards)
-    out = self.o_proj(ctx.reshape(b, -1))
+    out = self.o_proj(ctx.reshape(ctx.shape[0], -1))
     if return_context:
       return out, k_cache_bhsd, v_cache_bhsd, ctx
     return out, k_cache_bhsd, v_cache_bhsd
