@@ -350,12 +350,12 @@ def router_cases(smoke):
   """(B, D, G, k): the head router at LLaMA-2-7B (d 4096, 32 groups, k 16 = density 0.5) and Llama-3.1-8B
   (8 groups, k 5 = 0.625)."""
   if smoke:
-    return [(16, 64, 16, 3)]
+    return [(3, 64, 8, 3)]
   return [(b, 4096, g, k) for b in (16, 32, 64) for g, k in ((32, 16), (8, 5))]
 
 
 def bench_router(timer, base, smoke, dtype=jnp.bfloat16):
-  """The head router's scores + per-row top-k: `router_topk` (one kernel where it `supports` the shape) vs the XLA
+  """The head router's scores + per-row top-k: `router_topk` (one kernel; 1 or 16 rows per program) vs the XLA
   path the step ran before (`routers.modules.decode_head_scores` + `polar_jax.topk.rank_topk`). Every result is
   checked against `lax.top_k` of the reference scores (a mismatch raises). bytes: the router weight."""
   from polar_jax.routers.modules import decode_head_scores  # pylint: disable=import-outside-toplevel
@@ -367,7 +367,8 @@ def bench_router(timer, base, smoke, dtype=jnp.bfloat16):
     w = jnp.asarray(rng.standard_normal((D, G)) / np.sqrt(D), dtype)
     b = jnp.asarray(rng.standard_normal(G), jnp.float32)
     want = np.asarray(jax.lax.top_k(decode_head_scores(w, b, x), k)[1])
-    fns = {"pallas": lambda x, w, b: router_topk(x, w, b, k, implementation="pallas"),
+    fns = {"pallas_rows1": lambda x, w, b: router_topk(x, w, b, k, implementation="pallas", rows_per_program=1),
+           "pallas_rows16": lambda x, w, b: router_topk(x, w, b, k, implementation="pallas", rows_per_program=16),
            "xla_rank": lambda x, w, b: rank_topk(decode_head_scores(w, b, x), k)}
     for impl, fn in fns.items():
       ms, wall, how, out = timer(fn, [(x, w, b)])

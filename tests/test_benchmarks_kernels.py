@@ -38,8 +38,8 @@ def test_smoke_records(tmp_path):
                  ("attention", "xla_gather"), ("gather_mlp", "pallas"),
                  ("gather_mlp", "xla_gather"), ("gather_mlp", "xla_dense"), ("topk_select", "pallas"),
                  ("topk_select", "xla"), ("attention_append", "pallas_append"),
-                 ("attention_append", "xla_scatter+pallas"), ("router_topk", "pallas"),
-                 ("router_topk", "xla_rank")}
+                 ("attention_append", "xla_scatter+pallas"), ("router_topk", "pallas_rows1"),
+                 ("router_topk", "pallas_rows16"), ("router_topk", "xla_rank")}
   for r in lines:
     assert set(bench.KEYS) <= set(r)
     assert r["ms"] > 0 and r["bytes"] > 0 and r["copy_tbps"] > 0
