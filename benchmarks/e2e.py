@@ -414,9 +414,6 @@ def main(argv=None) -> int:
                       "(records before 2026-11-22 04:30 UTC)")
   p.add_argument("--append-in-kernel", action="store_true",
                  help="the direct attention kernel writes the new K/V slots (decode_attention_triton.APPEND_IN_KERNEL)")
-  p.add_argument("--no-router-kernel", action="store_true",
-                 help="XLA's router GEMM and rank top-k instead of the router_topk kernel "
-                      "(polar_jax.sparse_decode.ROUTER_TOPK_KERNEL)")
   p.add_argument("--no-rope-append", action="store_true",
                  help="XLA's RoPE fusion and K/V scatters instead of the fused rope_append kernel "
                       "(polar_jax.attention.FUSED_ROPE_APPEND)")
@@ -436,8 +433,6 @@ def main(argv=None) -> int:
   decode_attention_triton.PERSISTENT = args.attention_kernel == "persistent"
   from polar_jax import attention
   attention.FUSED_ROPE_APPEND = not args.no_rope_append
-  from polar_jax import sparse_decode
-  sparse_decode.ROUTER_TOPK_KERNEL = not args.no_router_kernel
   if args.plot_only:
     if not args.plot:
       p.error("--plot-only needs --plot PATH")
@@ -485,7 +480,6 @@ def main(argv=None) -> int:
                      append_in_kernel=args.append_in_kernel if r["system"] == "polar_jax" else None,
                      attention_kernel=args.attention_kernel if r["system"] == "polar_jax" else None,
                      rope_append=(not args.no_rope_append) if r["system"] == "polar_jax" else None,
-                     router_kernel=(not args.no_router_kernel) if r["system"] == "polar_jax" else None,
                      timing="decode_loop_min" if r["system"] == "polar_jax" and args.timing == "decode_loop"
                      else "min", **r)
           records.append(rec)

@@ -38,7 +38,6 @@ from pallas_kernels import gather_matmul_triton  # noqa: E402
 from pallas_kernels import selective_decode_attention  # noqa: E402
 from pallas_kernels import selective_decode_attention_append  # noqa: E402
 from pallas_kernels.decode_attention_triton import choose_config as attn_config  # noqa: E402
-from pallas_kernels import router_topk  # noqa: E402
 from pallas_kernels import topk_select  # noqa: E402
 from pallas_kernels.decode_attention_xla import decode_attention_xla_gather  # noqa: E402
 
@@ -346,40 +345,6 @@ def bench_topk(timer, base, smoke, check):
   return records
 
 
-def router_cases(smoke):
-  """(B, D, G, k): the head router at LLaMA-2-7B (d 4096, 32 groups, k 16 = density 0.5) and Llama-3.1-8B
-  (8 groups, k 5 = 0.625)."""
-  if smoke:
-    return [(3, 64, 8, 3)]
-  return [(b, 4096, g, k) for b in (16, 32, 64) for g, k in ((32, 16), (8, 5))]
-
-
-def bench_router(timer, base, smoke, dtype=jnp.bfloat16):
-  """The head router's scores + per-row top-k: `router_topk` (one kernel; 1 or 16 rows per program) vs the XLA
-  path the step ran before (`routers.modules.decode_head_scores` + `polar_jax.topk.rank_topk`). Every result is
-  checked against `lax.top_k` of the reference scores (a mismatch raises). bytes: the router weight."""
-  from polar_jax.routers.modules import decode_head_scores  # pylint: disable=import-outside-toplevel
-  from polar_jax.topk import rank_topk  # pylint: disable=import-outside-toplevel
-  records = []
-  for B, D, G, k in router_cases(smoke):
-    rng = np.random.default_rng(B * G + k)
-    x = jnp.asarray(rng.standard_normal((B, D)), dtype)
-    w = jnp.asarray(rng.standard_normal((D, G)) / np.sqrt(D), dtype)
-    b = jnp.asarray(rng.standard_normal(G), jnp.float32)
-    want = np.asarray(jax.lax.top_k(decode_head_scores(w, b, x), k)[1])
-    fns = {"pallas_rows1": lambda x, w, b: router_topk(x, w, b, k, implementation="pallas", rows_per_program=1),
-           "pallas_rows16": lambda x, w, b: router_topk(x, w, b, k, implementation="pallas", rows_per_program=16),
-           "xla_rank": lambda x, w, b: rank_topk(decode_head_scores(w, b, x), k)}
-    for impl, fn in fns.items():
-      ms, wall, how, out = timer(fn, [(x, w, b)])
-      if not np.array_equal(np.asarray(out), want):
-        raise AssertionError(f"router_topk {impl} B={B} G={G} k={k}: not lax.top_k's indices")
-      records.append(_finish(dict(base, op="router_topk", impl=impl, B=B, M=B, d=D, N=G, density=k / G,
-                                  dtype=jnp.dtype(dtype).name, ms=ms, ms_wall=wall, timer=how,
-                                  bytes=D * G * jnp.dtype(dtype).itemsize, max_rel_err=0.0)))
-  return records
-
-
 def append_cases(smoke):
   """(B, Hq, Hkv, S, D, K): the LLaMA-2-7B layer at B32 / B16, density 0.5 (K 16) and dense."""
   if smoke:
@@ -492,7 +457,7 @@ def main(argv=None):
                                                     "kernels.jsonl"))
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes, runs on CPU in interpret mode")
-  parser.add_argument("--only", choices=("attn", "mlp", "topk", "append", "router", "probe", "all"), default="all",
+  parser.add_argument("--only", choices=("attn", "mlp", "topk", "append", "probe", "all"), default="all",
                       help="probe: the direct attention kernel's selection / length / config / split probes "
                            "(not part of all)")
   parser.add_argument("--families", default=None,
@@ -547,10 +512,6 @@ def main(argv=None):
       records.append(rec)
   if args.only in ("append", "all"):
     for rec in bench_append(timer.iters, base, args.smoke):
-      sink(rec)
-      records.append(rec)
-  if args.only in ("router", "all"):
-    for rec in bench_router(timer, base, args.smoke):
       sink(rec)
       records.append(rec)
   if args.only == "probe":

@@ -111,9 +111,6 @@ def main(argv=None) -> int:
                  default=pathlib.Path(__file__).resolve().parents[2] / "shared/reference-data/mlp_topk/opt-6.7b")
   p.add_argument("--append-in-kernel", action="store_true",
                  help="the direct attention kernel writes the new K/V slots (decode_attention_triton.APPEND_IN_KERNEL)")
-  p.add_argument("--no-router-kernel", action="store_true",
-                 help="XLA's router GEMM and rank top-k instead of the router_topk kernel "
-                      "(polar_jax.sparse_decode.ROUTER_TOPK_KERNEL)")
   p.add_argument("--no-rope-append", action="store_true",
                  help="XLA's RoPE fusion and K/V scatters instead of the fused rope_append kernel "
                       "(polar_jax.attention.FUSED_ROPE_APPEND)")
@@ -134,8 +131,6 @@ def main(argv=None) -> int:
   decode_attention_triton.PERSISTENT = args.attention_kernel == "persistent"
   from polar_jax import attention
   attention.FUSED_ROPE_APPEND = not args.no_rope_append
-  from polar_jax import sparse_decode
-  sparse_decode.ROUTER_TOPK_KERNEL = not args.no_router_kernel
   if args.smoke:
     args.model, args.batch, args.prompt, args.n1, args.n2, args.dtype = "tiny", 2, 16, 2, 6, "float32"
   config = e2e.MODELS[args.model]
@@ -176,7 +171,6 @@ def main(argv=None) -> int:
                                         prompt=args.prompt, density=density, mlp=args.mlp, tp=args.tp,
                                         fused=not args.no_fuse, append_in_kernel=args.append_in_kernel,
                                         attention_kernel=args.attention_kernel, rope_append=not args.no_rope_append,
-                                        router_kernel=not args.no_router_kernel,
                                         kernel=name, ms_per_step=ms, launches_per_step=launches.get(name),
                                         timing=args.timing, instances=args.instances,
                                         step_kernel_ms=total) for name, ms in steps.items()])

@@ -9,7 +9,6 @@ Public ops (implementation=None picks "pallas" on GPU, "xla" elsewhere):
   gather_matmul_cols: act(x @ w_in[idx].T + bias[idx]) (first MLP matmul).
   gather_matmul_rows: h @ w_out[idx] + bias (second MLP matmul).
   rope_append: the decode step's q/k RoPE and K/V cache write from the fused q|k|v projection, one kernel.
-  router_topk: the head router's scores and each row's top-k groups, one kernel.
   topk_select: per row, the indices of the k largest scores in ascending order (the batch-union neurons).
 """
 from pallas_kernels.decode_attention import merge_attention_partials
@@ -20,7 +19,6 @@ from pallas_kernels.gather_matmul import gather_matmul_cols
 from pallas_kernels.gather_matmul import gather_matmul_rows
 from pallas_kernels.gather_matmul_triton import GatherConfig
 from pallas_kernels.rope_append import rope_append
-from pallas_kernels.router_topk import router_topk
 from pallas_kernels.topk_select import topk_select
 
 __all__ = [
@@ -30,7 +28,6 @@ __all__ = [
     "gather_matmul_rows",
     "merge_attention_partials",
     "rope_append",
-    "router_topk",
     "selective_decode_attention",
     "selective_decode_attention_append",
     "topk_select",

@@ -9,8 +9,7 @@ Per decode step and layer (prefill stays dense; K/V of every head is written to 
   1. the layer's pre-attention normed input `x_bd` -> group scores (router: a dot in the model's dtype with
      float32 accumulation, `routers.modules.decode_head_scores`; or random) -> per-row top-k
      (`polar_jax.sharding.balanced_topk` -> `polar_jax.topk.rank_topk`: `lax.top_k`'s indices without a sort;
-     one block of groups off tensor parallel; with the pallas implementation on one device, scores and top-k are
-     one kernel, `pallas_kernels.router_topk`) -> `selective_decode_attention` over
+     one block of groups off tensor parallel) -> `selective_decode_attention` over
      those groups -> dense o_proj;
      the oracle runs dense attention and keeps each row's top-k groups by output norm instead;
   2. ReLU MLPs with `mlp="router"`: neuron logits (router weights in the model's dtype, float32 accumulation)
@@ -29,17 +28,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import router_topk
-from pallas_kernels._platform import resolve_implementation
 from polar_jax.routers.modules import decode_head_layers, decode_head_scores, decode_neuron_layers, neuron_logits
 from polar_jax.sharding import balanced_topk, balanced_union_topk, model_mesh, model_tp, sharded_sparse_mlp
 from polar_jax.sparsity import SparsityConfig, neuron_budgets
 from polar_jax.topk import METHODS as UNION_METHODS, topk_rows, union_scores
-
-
-# With the pallas implementation on one device, the head router's scores and top-k run as one kernel
-# (`pallas_kernels.router_topk`) instead of XLA's GEMM, split-K sum and rank top-k. Off: the XLA path (A/B runs).
-ROUTER_TOPK_KERNEL = True
 
 
 def random_scores(seed: int, layer: int, positions_b: jax.Array, tokens_b: jax.Array, num_groups: int):
@@ -104,9 +96,6 @@ class SparseDecode:
         return (k, self.shards) if self.shards > 1 else k
       if self.selector == "random":
         scores_bg = random_scores(self.seed, layer, positions_b, tok_b, num_groups)
-      elif self.shards == 1 and ROUTER_TOPK_KERNEL and resolve_implementation(self.implementation) == "pallas":
-        # scores and per-row top-k in one kernel (lax.top_k's indices, as rank_topk below)
-        return router_topk(x_bd, *head[layer], k, implementation="pallas")
       else:
         scores_bg = decode_head_scores(*head[layer], x_bd)
       # per-row top-k (`rank_topk`, lax.top_k's indices); tensor parallel: k / shards groups of each shard
