@@ -59,7 +59,7 @@ APPEND_IN_KERNEL = False
 # Unsplit shapes run the persistent kernel (`decode_attention_persistent`: 2 x SMs programs, each looping over a run
 # of (row, group) items) instead of one direct program per (row, group); 3 stages, so that two programs share an
 # SM. Measured on one H100 (session 8, `kernels.py --only probe --families persistent`): 1-6% faster than the
-# direct kernel at every MHA shape probed (B16-B64, S1024-4096, K 12-32), GQA B32 K5 S4096 +0.7% slower.
+# direct kernel at every MHA shape probed (B16-B64, S1024-4096, K 12-32); GQA B32 K5 S4096 within 1% (slower).
 PERSISTENT = True
 PERSISTENT_STAGES = 3
 PERSISTENT_PROGRAMS_PER_SM = 2
