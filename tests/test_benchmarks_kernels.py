@@ -29,8 +29,10 @@ def test_smoke_records(tmp_path):
   lines = [json.loads(l) for l in out.read_text().splitlines()]
   assert lines[:len(returned)] == json.loads(json.dumps(returned))
   probes = [r for r in lines if r["op"] == "attention_probe"]
-  assert {r["family"] for r in probes} == {"selection", "config", "splits"} and len(probes) == 5
+  assert {r["family"] for r in probes} == {"selection", "config", "splits", "persistent"} and len(probes) == 7
   assert [r["config"]["num_splits"] for r in probes if r["family"] == "splits"] == [2]
+  assert [r["Hkv"] for r in probes if r["family"] == "persistent"] == [4, 2]
+  assert all(r["config"]["persistent"] for r in probes if r["family"] == "persistent")
   ops = {(r["op"], r["impl"]) for r in lines}
   assert ops >= {("attention", "pallas"), ("attention", "xla_einsum"),
                  ("attention", "xla_gather"), ("gather_mlp", "pallas"),
