@@ -85,3 +85,27 @@ def append_jsonl(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
   with open(path, "a", encoding="utf-8") as f:
     for r in records:
       f.write(json.dumps(r, sort_keys=True) + "\n")
+
+
+def add_step_switches(parser) -> None:
+  """The decode step's kernel switches shared by `e2e.py` and `profile_step.py` (for A/B runs in one call)."""
+  parser.add_argument("--append-in-kernel", action="store_true",
+                      help="the direct attention kernel writes the new K/V slots "
+                           "(decode_attention_triton.APPEND_IN_KERNEL)")
+  parser.add_argument("--no-rope-append", action="store_true",
+                      help="XLA's RoPE fusion and K/V scatters instead of the fused rope_append kernel "
+                           "(polar_jax.attention.FUSED_ROPE_APPEND)")
+  parser.add_argument("--attention-kernel", default="persistent", choices=["persistent", "direct"],
+                      help="unsplit decode attention: the persistent kernel (default) or one direct program per "
+                           "(row, group) (decode_attention_triton.PERSISTENT)")
+
+
+def apply_step_switches(args) -> dict[str, Any]:
+  """Sets the module switches from `add_step_switches`' flags; returns them as record fields."""
+  from pallas_kernels import decode_attention_triton  # pylint: disable=import-outside-toplevel
+  from polar_jax import attention  # pylint: disable=import-outside-toplevel
+  decode_attention_triton.APPEND_IN_KERNEL = args.append_in_kernel
+  decode_attention_triton.PERSISTENT = args.attention_kernel == "persistent"
+  attention.FUSED_ROPE_APPEND = not args.no_rope_append
+  return dict(append_in_kernel=args.append_in_kernel, attention_kernel=args.attention_kernel,
+              rope_append=not args.no_rope_append)

@@ -412,14 +412,7 @@ def main(argv=None) -> int:
                  help="decode_loop (default): one compiled greedy decode loop timed after an untimed prefill, "
                       "t(N2) - t(N1) of the same program; generate: two `generate` calls, prefill included "
                       "(records before 2026-11-22 04:30 UTC)")
-  p.add_argument("--append-in-kernel", action="store_true",
-                 help="the direct attention kernel writes the new K/V slots (decode_attention_triton.APPEND_IN_KERNEL)")
-  p.add_argument("--no-rope-append", action="store_true",
-                 help="XLA's RoPE fusion and K/V scatters instead of the fused rope_append kernel "
-                      "(polar_jax.attention.FUSED_ROPE_APPEND)")
-  p.add_argument("--attention-kernel", default="persistent", choices=["persistent", "direct"],
-                 help="unsplit decode attention: the persistent kernel (default) or one direct program per (row, "
-                      "group) (decode_attention_triton.PERSISTENT)")
+  common.add_step_switches(p)
   p.add_argument("--no-fuse", action="store_true",
                  help="keep separate q/k/v and gate/up projections (default: fused, polar_jax.fusion)")
   args = p.parse_args(argv)
@@ -428,11 +421,7 @@ def main(argv=None) -> int:
     args.densities = sorted(set(args.densities) | {1.0, 0.5}, reverse=True)
     args.dtype = "float32"
 
-  from pallas_kernels import decode_attention_triton
-  decode_attention_triton.APPEND_IN_KERNEL = args.append_in_kernel
-  decode_attention_triton.PERSISTENT = args.attention_kernel == "persistent"
-  from polar_jax import attention
-  attention.FUSED_ROPE_APPEND = not args.no_rope_append
+  switches = common.apply_step_switches(args)
   if args.plot_only:
     if not args.plot:
       p.error("--plot-only needs --plot PATH")
@@ -477,9 +466,7 @@ def main(argv=None) -> int:
                      dp=args.dp if r["system"] == "polar_jax" else 1,
                      devices=devices if r["system"] == "polar_jax" else 1,
                      fused=(not args.no_fuse) if r["system"] == "polar_jax" else None, n1=args.n1, n2=args.n2,
-                     append_in_kernel=args.append_in_kernel if r["system"] == "polar_jax" else None,
-                     attention_kernel=args.attention_kernel if r["system"] == "polar_jax" else None,
-                     rope_append=(not args.no_rope_append) if r["system"] == "polar_jax" else None,
+                     **{k: v if r["system"] == "polar_jax" else None for k, v in switches.items()},
                      timing="decode_loop_min" if r["system"] == "polar_jax" and args.timing == "decode_loop"
                      else "min", **r)
           records.append(rec)

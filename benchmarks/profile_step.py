@@ -109,14 +109,7 @@ def main(argv=None) -> int:
                  help="router: batch-union neurons (ReLU models; budgets from --mlp-topk-dir)")
   p.add_argument("--mlp-topk-dir", type=pathlib.Path,
                  default=pathlib.Path(__file__).resolve().parents[2] / "shared/reference-data/mlp_topk/opt-6.7b")
-  p.add_argument("--append-in-kernel", action="store_true",
-                 help="the direct attention kernel writes the new K/V slots (decode_attention_triton.APPEND_IN_KERNEL)")
-  p.add_argument("--no-rope-append", action="store_true",
-                 help="XLA's RoPE fusion and K/V scatters instead of the fused rope_append kernel "
-                      "(polar_jax.attention.FUSED_ROPE_APPEND)")
-  p.add_argument("--attention-kernel", default="persistent", choices=["persistent", "direct"],
-                 help="unsplit decode attention: the persistent kernel (default) or one direct program per (row, "
-                      "group) (decode_attention_triton.PERSISTENT)")
+  common.add_step_switches(p)
   p.add_argument("--timing", default="decode_loop", choices=["decode_loop", "generate"],
                  help="decode_loop: one traced N2-step decode loop after an untraced prefill; generate: the "
                       "difference of two traced generate calls (N1 and N2 new tokens)")
@@ -126,11 +119,7 @@ def main(argv=None) -> int:
                  help="decode_loop: write the compiled decode loop's HLO text here (one file per density)")
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
-  from pallas_kernels import decode_attention_triton
-  decode_attention_triton.APPEND_IN_KERNEL = args.append_in_kernel
-  decode_attention_triton.PERSISTENT = args.attention_kernel == "persistent"
-  from polar_jax import attention
-  attention.FUSED_ROPE_APPEND = not args.no_rope_append
+  switches = common.apply_step_switches(args)
   if args.smoke:
     args.model, args.batch, args.prompt, args.n1, args.n2, args.dtype = "tiny", 2, 16, 2, 6, "float32"
   config = e2e.MODELS[args.model]
@@ -169,8 +158,7 @@ def main(argv=None) -> int:
       print(f"  {ms:8.4f} ms {100 * ms / total:5.1f}%{per}  {name[:110]}")
     common.append_jsonl(args.out, [dict(prov, kind="step_profile", model=args.model, B=args.batch,
                                         prompt=args.prompt, density=density, mlp=args.mlp, tp=args.tp,
-                                        fused=not args.no_fuse, append_in_kernel=args.append_in_kernel,
-                                        attention_kernel=args.attention_kernel, rope_append=not args.no_rope_append,
+                                        fused=not args.no_fuse, **switches,
                                         kernel=name, ms_per_step=ms, launches_per_step=launches.get(name),
                                         timing=args.timing, instances=args.instances,
                                         step_kernel_ms=total) for name, ms in steps.items()])

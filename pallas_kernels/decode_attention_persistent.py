@@ -28,6 +28,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _platform
+from pallas_kernels._online_softmax import online_softmax_step
 from pallas_kernels.decode_attention_xla import M_EMPTY
 
 
@@ -43,27 +44,6 @@ def num_programs(num_items: int, programs_per_sm: int, num_sms: int | None = Non
   num_sms = num_sms or _platform.num_sms()
   per_program = _platform.cdiv(num_items, max(1, min(num_items, programs_per_sm * num_sms)))
   return _platform.cdiv(num_items, per_program), per_program
-
-
-def _precision(a):
-  return lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-
-
-def _update(carry, q_gd, k_kd, v_kd, ok_k, scale):
-  """One online-softmax step over a key block (`ok_k` None: every key valid)."""
-  o_gd, m_g, l_g = carry
-  s_gk = lax.dot_general(q_gd, k_kd, (((1,), (1,)), ((), ())), precision=_precision(k_kd),
-                         preferred_element_type=jnp.float32) * scale
-  if ok_k is not None:
-    s_gk = jnp.where(ok_k[None, :], s_gk, -jnp.inf)
-  m_new_g = jnp.maximum(m_g, jnp.max(s_gk, axis=1))
-  alpha_g = jnp.exp(m_g - m_new_g)
-  p_gk = jnp.exp(s_gk - m_new_g[:, None])
-  l_g = l_g * alpha_g + jnp.sum(p_gk, axis=1)
-  o_gd = o_gd * alpha_g[:, None] + lax.dot_general(
-      p_gk.astype(v_kd.dtype), v_kd, (((1,), (0,)), ((), ())), precision=_precision(v_kd),
-      preferred_element_type=jnp.float32)
-  return o_gd, m_new_g, l_g
 
 
 def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: int, num_programs: int,
@@ -116,10 +96,10 @@ def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: 
 
     def whole_body(i, carry):
       keys = pl.ds(start + i * block_k, block_k)
-      return _update(carry, q_gd, k_ref[b, group, keys, :], v_ref[b, group, keys, :], None, scale)
+      return online_softmax_step(carry, q_gd, k_ref[b, group, keys, :], v_ref[b, group, keys, :], None, scale)
 
     def tail_body(i, carry):
-      return _update(carry, q_gd, *masked_block(b, group, length, start + i * block_k), scale)
+      return online_softmax_step(carry, q_gd, *masked_block(b, group, length, start + i * block_k), scale)
 
     carry = lax.fori_loop(0, whole_blocks, whole_body, init)
     o_gd, _, l_g = lax.fori_loop(whole_blocks, (n_keys + block_k - 1) // block_k, tail_body, carry)

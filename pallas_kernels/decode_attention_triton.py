@@ -27,6 +27,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _platform
 from pallas_kernels import decode_attention_persistent as _persistent
+from pallas_kernels._online_softmax import online_softmax_step
 from pallas_kernels.decode_attention_xla import M_EMPTY
 
 
@@ -115,11 +116,6 @@ def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
                          programs_per_sm=PERSISTENT_PROGRAMS_PER_SM)
 
 
-def _precision(a):
-  """IEEE float32 dots for float32 inputs (Triton's default would be TF32)."""
-  return lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-
-
 def _stream(q_ref, k_ref, v_ref, group, length, start, *, selected, scale: float, group_size: int,
             head_dim: int, block_g: int, block_d: int, block_k: int, split, num_splits: int):
   """Online-softmax pass of one group's query heads over its keys [start, length) of one row.
@@ -157,21 +153,7 @@ def _stream(q_ref, k_ref, v_ref, group, length, start, *, selected, scale: float
   full_hi = jnp.minimum(hi, n_keys // block_k)
 
   def update(carry, k_kd, v_kd, key_ok_k):
-    o_gd, m_g, l_g = carry
-    s_gk = lax.dot_general(q_gd, k_kd, (((1,), (1,)), ((), ())),
-                           precision=_precision(k_kd),
-                           preferred_element_type=jnp.float32) * scale
-    if key_ok_k is not None:
-      s_gk = jnp.where(key_ok_k[None, :], s_gk, -jnp.inf)
-    m_new_g = jnp.maximum(m_g, jnp.max(s_gk, axis=1))
-    alpha_g = jnp.exp(m_g - m_new_g)
-    p_gk = jnp.exp(s_gk - m_new_g[:, None])
-    l_g = l_g * alpha_g + jnp.sum(p_gk, axis=1)
-    pv_gd = lax.dot_general(p_gk.astype(v_kd.dtype), v_kd,
-                            (((1,), (0,)), ((), ())),
-                            precision=_precision(v_kd),
-                            preferred_element_type=jnp.float32)
-    return o_gd * alpha_g[:, None] + pv_gd, m_new_g, l_g
+    return online_softmax_step(carry, q_gd, k_kd, v_kd, key_ok_k, scale)
 
   def full_body(i, carry):
     keys = pl.ds(start + i * block_k, block_k)
