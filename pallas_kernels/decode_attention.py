@@ -94,7 +94,7 @@ def _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, *, scale,
   S = k_cache.shape[2]
   if (config.num_splits == 1 and config.persistent and not return_residuals
       and _persistent.supports(S, D, config.block_k, k_cache.size)):
-    # One program per SM streaming its run of (row, group) items as one pipelined loop.
+    # A few programs per SM, each looping over a run of (row, group) items; normalised output in place.
     return _persistent.decode_attention_persistent(
         q, k_cache, v_cache, lengths, group_idx, kv_start, scale=scale, config=config, interpret=interpret)
   if config.num_splits == 1 and not return_residuals:

@@ -137,7 +137,7 @@ def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: 
 def decode_attention_persistent(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK, kv_start_B, *, scale: float,
                                 config, interpret: bool, num_sms: int | None = None):
   """Normalised output `[B, Hq, D]` in q's dtype, query heads of unselected groups exactly 0 (as the direct
-  kernel). `group_idx_BK` None computes every group. Needs `supports(S, D, config.block_k)`; uses
+  kernel). `group_idx_BK` None computes every group. Needs `supports(S, D, config.block_k, k_BHSD.size)`; uses
   `config.block_k`, `num_warps`, `num_stages` and `programs_per_sm`."""
   B, Hq, D = q_BHD.shape
   _, Hkv, S, _ = k_BHSD.shape

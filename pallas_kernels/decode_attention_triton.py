@@ -74,7 +74,7 @@ class AttentionConfig:
   num_stages: int
   append_in_kernel: bool = False  # `selective_decode_attention_append` on the direct kernel: write slots in it
   persistent: bool = False  # unsplit: the persistent kernel (`decode_attention_persistent`) instead of the direct
-  programs_per_sm: int = 2  # persistent kernel: programs per SM
+  programs_per_sm: int = PERSISTENT_PROGRAMS_PER_SM  # persistent kernel: programs per SM
 
 
 def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
