@@ -36,6 +36,8 @@ from pallas_kernels import gather_matmul_cols  # noqa: E402
 from pallas_kernels import gather_matmul_rows  # noqa: E402
 from pallas_kernels import gather_matmul_triton  # noqa: E402
 from pallas_kernels import selective_decode_attention  # noqa: E402
+from pallas_kernels import skinny_matmul_triton  # noqa: E402
+from pallas_kernels.skinny_matmul import skinny_matmul  # noqa: E402
 from pallas_kernels import selective_decode_attention_append  # noqa: E402
 from pallas_kernels.decode_attention_triton import choose_config as attn_config  # noqa: E402
 from pallas_kernels import topk_select  # noqa: E402
@@ -235,6 +237,68 @@ def bench_attention_probe(timer, base, smoke, dtype=jnp.bfloat16, families=None)
         base, op="attention_probe", impl="pallas", family=family, selection=selection, B=B, S=S, Hq=Hq, Hkv=Hkv,
         D=D, K=k_sel, density=k_sel / Hkv, dtype=jnp.dtype(dtype).name, ms=ms, ms_wall=wall, timer=how,
         bytes=sel_bytes, config=dataclasses.asdict(cfg), heuristic=cfg == heur, max_rel_err=_rel_err(out, ref))))
+    del sets
+  return records
+
+
+# The decode step's projections (`--only matmul`): (name, K, N, residual, out dtype) of LLaMA-2-7B (fused q|k|v,
+# o, fused gate|up, down) and Llama-3.1-8B (GQA q|k|v, gate|up, down).
+MATMUL_SHAPES = (("llama2.qkv", 4096, 12288, False, "bfloat16"), ("llama2.o", 4096, 4096, True, "bfloat16"),
+                 ("llama2.gate_up", 4096, 22016, False, "float32"), ("llama2.down", 11008, 4096, True, "bfloat16"),
+                 ("llama3.qkv", 4096, 6144, False, "bfloat16"), ("llama3.gate_up", 4096, 28672, False, "float32"),
+                 ("llama3.down", 14336, 4096, True, "bfloat16"))
+# Config overrides timed next to the heuristic: (block_n, block_k, num_splits, num_stages, num_warps).
+MATMUL_VARIANTS = tuple((bn, bk, ns, st, 4) for bn in (64, 128, 256) for ns in (1, 2, 4)
+                        for bk, st in ((128, 4), (256, 3))) + ((256, 128, 2, 4, 8), (256, 128, 4, 4, 8))
+
+
+def matmul_cases(smoke):
+  """(shape name, M, K, N, residual, out dtype, overrides or None (the heuristic), "pallas" or "xla")."""
+  if smoke:
+    return [("smoke", 3, 200, 96, True, "bfloat16", None, "xla"), ("smoke", 3, 200, 96, True, "bfloat16", None,
+                                                                       "pallas"),
+            ("smoke", 3, 200, 96, True, "bfloat16", (32, 64, 2, 2, 4), "pallas")]
+  cases = []
+  for name, k, n, res, out in MATMUL_SHAPES:
+    for m in (32, 16):
+      full = m == 32 and name.startswith("llama2")
+      variants = MATMUL_VARIANTS if full else [v for v in MATMUL_VARIANTS if v[1] == 128 and v[2] in (2, 4)
+                                                and v[0] in (64, 128) and v[4] == 4]
+      cases += [(name, m, k, n, res, out, None, "xla"), (name, m, k, n, res, out, None, "pallas")]
+      cases += [(name, m, k, n, res, out, v, "pallas") for v in variants]
+  return cases
+
+
+def bench_matmul(timer, base, smoke, sink, dtype=jnp.bfloat16):
+  """The decode projections: `skinny_matmul` (heuristic and MATMUL_VARIANTS configs) vs XLA's dot (+ the
+  residual add, whose fusion also sums XLA's split-K partials). bytes = weight + x + output (+ residual).
+  Records: op "skinny_matmul", `shape`, `M`, `d` (= K), `N`, `config`, `heuristic`, `max_rel_err` vs XLA."""
+  records = []
+  itemsize = jnp.dtype(dtype).itemsize
+  for name, m, k, n, res, out, variant, impl in matmul_cases(smoke):
+    out_dtype = jnp.dtype(out)
+    heur = skinny_matmul_triton.choose_config(m, k, n, itemsize)
+    cfg = heur if variant is None else dataclasses.replace(
+        heur, block_n=variant[0], block_k=variant[1], num_splits=variant[2], num_stages=variant[3],
+        num_warps=variant[4])
+    nbytes = (k * n + m * k) * itemsize + m * n * out_dtype.itemsize * (2 if res else 1)
+    sets = []
+    for r in range(_copies(k * n * itemsize)):
+      kx, kw, kr = jax.random.split(jax.random.key(r), 3)
+      sets.append((jax.random.normal(kx, (m, k), dtype), jax.random.normal(kw, (k, n), dtype) * k ** -0.5,
+                   jax.random.normal(kr, (m, n), out_dtype) if res else None))
+    fn = lambda x, w, r, cfg=cfg, impl=impl, out_dtype=out_dtype: skinny_matmul(  # noqa: E731
+        x, w, None, r, out_dtype=out_dtype, implementation=impl, config=cfg if impl == "pallas" else None)
+    ms, wall, how, y = timer(fn, sets)
+    ref = skinny_matmul(*sets[0][:2], None, sets[0][2], out_dtype=out_dtype, implementation="xla")
+    rec = _finish(dict(base, op="skinny_matmul", impl=impl, shape=name, M=m, d=k, N=n, density=1.0,
+                       dtype=jnp.dtype(dtype).name, out_dtype=out, residual=res, ms=ms, ms_wall=wall, timer=how,
+                       bytes=nbytes, config=dataclasses.asdict(cfg) if impl == "pallas" else None,
+                       heuristic=impl == "pallas" and cfg == heur, max_rel_err=_rel_err(y, ref)))
+    sink(rec)
+    records.append(rec)
+    print(f"{name:15} M{m:3} {impl:6} {'' if impl == 'xla' else variant or 'heuristic'}: {ms * 1e3:7.1f} us "
+          f"{rec['tbps']:.2f} TB/s err {rec['max_rel_err']:.1e}", flush=True)
     del sets
   return records
 
@@ -457,9 +521,9 @@ def main(argv=None):
                                                     "kernels.jsonl"))
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes, runs on CPU in interpret mode")
-  parser.add_argument("--only", choices=("attn", "mlp", "topk", "append", "probe", "all"), default="all",
-                      help="probe: the direct attention kernel's selection / length / config / split probes "
-                           "(not part of all)")
+  parser.add_argument("--only", choices=("attn", "mlp", "topk", "append", "probe", "matmul", "all"), default="all",
+                      help="probe: the direct attention kernel's selection / length / config / split probes; "
+                           "matmul: the decode projections (skinny_matmul vs XLA); neither is part of all")
   parser.add_argument("--families", default=None,
                       help="probe: comma-separated families (selection, length, config, splits, persistent); "
                            "default all")
@@ -519,6 +583,8 @@ def main(argv=None):
     for rec in bench_attention_probe(timer, base, args.smoke, families=families):
       sink(rec)
       records.append(rec)
+  if args.only == "matmul":
+    records += bench_matmul(timer, base, args.smoke, sink)
   print_table(records)
   return records
 

@@ -25,6 +25,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _platform
+from pallas_kernels._split_k import finish as _finish
+from pallas_kernels._split_k import split_range as _split_range
+from pallas_kernels._split_k import tile_lanes as _tile_lanes
 from pallas_kernels.gather_matmul_xla import apply_activation
 
 
@@ -148,45 +151,6 @@ def _kernel_activation(y, activation):
   if activation == "silu":
     return y / (1.0 + jnp.exp(-y))
   return apply_activation(y, activation)
-
-
-def _split_range(num_blocks, split, num_splits):
-  per = (num_blocks + num_splits - 1) // num_splits
-  lo = split * per
-  return lo, jnp.minimum(lo + per, num_blocks)
-
-
-def _tile_lanes(pid, block, size):
-  """Lanes of one output tile: unclamped (workspace) and clamped to [0, size)."""
-  lanes = pid * block + jnp.arange(block, dtype=jnp.int32)
-  # A clamp hides contiguity from Triton (no vector loads/stores): only clamp
-  # when the tile can overrun. Duplicate lanes compute identical values.
-  return lanes, (jnp.minimum(lanes, size - 1) if size % block else lanes)
-
-
-def _finish(acc, epilogue, ws_ref, cnt_ref, *, tile, split, rows, cols,
-            num_splits, interpret):
-  """Runs `epilogue` on the tile's full reduction.
-
-  Split: store this program's float32 partial, then arrive on the tile's counter;
-  the last program to arrive adds the other partials to its own and finishes.
-  """
-  if num_splits == 1:
-    epilogue(acc)
-    return
-  ws_ref[split, rows[:, None], cols[None, :]] = acc
-  if not interpret:
-    plgpu.debug_barrier()  # all threads' partial stores precede the release
-  arrived = plgpu.atomic_add(cnt_ref, tile, jnp.ones((), jnp.int32))  # acq_rel
-
-  @pl.when(arrived == num_splits - 1)
-  def _():
-    def add(s, total):
-      others = jnp.broadcast_to(s != split, acc.shape)
-      part = plgpu.load(ws_ref.at[s, rows[:, None], cols[None, :]],
-                        mask=others, other=0.0, volatile=True)
-      return total + part
-    epilogue(lax.fori_loop(0, num_splits, add, acc))
 
 
 def _cols_kernel(count_ref, idx_ref, x_ref, w_ref, b_ref, *refs, cfg,

@@ -1,0 +1,46 @@
+"""Public skinny (decode) matmul: validation, dispatch.
+
+  y_MN = skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, out_dtype=None)
+
+`y = x @ w` accumulated in float32, plus the bias, cast to `out_dtype` (w's dtype by default), then plus the
+residual in `out_dtype` (the model's `h + o_proj(ctx)`). "pallas": one kernel that streams the weight once and
+writes the finished output (`skinny_matmul_triton`: no float32 partials for a separate XLA reduce); "xla": the
+reference (`skinny_matmul_xla`), also used for shapes the kernel does not take (rows > `MAX_ROWS`, dtypes other
+than bfloat16 / float16 / float32).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import _platform
+from pallas_kernels import skinny_matmul_triton as _triton
+from pallas_kernels import skinny_matmul_xla as _xla
+from pallas_kernels.skinny_matmul_triton import MatmulConfig
+
+# The kernel is for decode: a few rows against a streamed weight. Prefill-sized inputs go to XLA's GEMMs.
+MAX_ROWS = 128
+_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, implementation: str | None = None,
+                  config: MatmulConfig | None = None):
+  """See the module docstring. Raises ValueError on inconsistent shapes."""
+  if x_MK.ndim != 2 or w_KN.ndim != 2 or x_MK.shape[1] != w_KN.shape[0]:
+    raise ValueError(f"skinny_matmul needs x [M, K] and w [K, N], got {x_MK.shape} and {w_KN.shape}")
+  (m, k), n = x_MK.shape, w_KN.shape[1]
+  if bias_N is not None and bias_N.shape != (n,):
+    raise ValueError(f"bias must have shape ({n},), got {bias_N.shape}")
+  out_dtype = jnp.dtype(out_dtype or w_KN.dtype)
+  if residual_MN is not None and (residual_MN.shape != (m, n) or residual_MN.dtype != out_dtype):
+    raise ValueError(f"residual must be [{m}, {n}] {out_dtype.name}, got {residual_MN.shape} "
+                     f"{residual_MN.dtype}")
+  impl = _platform.resolve_implementation(implementation)
+  if impl == "pallas" and m <= MAX_ROWS and any(w_KN.dtype == d for d in _DTYPES) and min(m, k, n) > 0:
+    config = config or _triton.choose_config(m, k, n, jnp.dtype(w_KN.dtype).itemsize)
+    return _triton.skinny_matmul_triton(x_MK.astype(w_KN.dtype), w_KN, bias_N, residual_MN, out_dtype=out_dtype,
+                                        config=config, interpret=_platform.interpret_mode())
+  return _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype)
+
+
+_xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype",))

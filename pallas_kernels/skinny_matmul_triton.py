@@ -1,0 +1,128 @@
+"""Skinny (decode) matmuls `y = x @ w (+ bias) (+ residual)` as one Pallas kernel on the Triton backend.
+
+At decode batch sizes (M = B <= 64 rows) a projection streams its weight once and is bound by HBM bandwidth.
+XLA splits such GEMMs over K (2-8 ways), writes float32 partials and sums them in the next fusion (the residual
+add, the q/k/v consumers), at 2.4-2.8 TB/s on an H100 (benchmarks/NOTES.md, session 8). Here program
+(m-block, split, n-block) streams the weight tile column `w[:, n-block]` over its share of K in `block_k` steps
+(contiguous `pl.ds` slices, pipelined `num_stages` deep) against the L2-resident rows of x; split programs meet
+through `_split_k.finish` (in-kernel, no XLA reduce), and the epilogue adds the bias and the residual and casts,
+so the output is written once, already summed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from pallas_kernels import _platform
+from pallas_kernels import _split_k
+from pallas_kernels._online_softmax import precision
+
+
+@dataclasses.dataclass(frozen=True)
+class MatmulConfig:
+  block_m: int      # rows of x per program (power of two >= 16)
+  block_n: int      # output columns per program (power of two)
+  block_k: int      # reduction step (power of two)
+  num_splits: int   # programs sharing one output tile's reduction
+  num_warps: int = 4
+  num_stages: int = 4
+
+
+# Below this many programs the GPU is not filled; splits are added until the grid reaches it.
+TARGET_PROGRAMS_PER_SM = 2
+
+
+def choose_config(m: int, k: int, n: int, itemsize: int, num_sms: int | None = None) -> MatmulConfig:
+  """Tiling for `[m, k] @ [k, n]`: one M block up to 64 rows, 128-wide column tiles of 128-deep steps (64 for
+  float32), and the fewest K splits that give about `TARGET_PROGRAMS_PER_SM` programs per SM with >= 4 steps
+  each."""
+  num_sms = num_sms or _platform.num_sms()
+  bm = max(16, min(64, _platform.next_pow2(m)))
+  bn = 128 if n >= 128 else max(16, _platform.next_pow2(n))
+  bk = 64 if itemsize > 2 else 128
+  tiles = _platform.cdiv(m, bm) * _platform.cdiv(n, bn)
+  k_blocks = _platform.cdiv(k, bk)
+  ns = max(1, min(_platform.cdiv(TARGET_PROGRAMS_PER_SM * num_sms, tiles), k_blocks // 4))
+  ns = _platform.cdiv(k_blocks, _platform.cdiv(k_blocks, ns))   # no empty split
+  return MatmulConfig(bm, bn, bk, ns, num_warps=4, num_stages=3 if itemsize > 2 else 4)
+
+
+def _kernel(x_ref, w_ref, b_ref, r_ref, *refs, cfg: MatmulConfig, interpret: bool):
+  """x_ref [M, K], w_ref [K, N], b_ref [N] or None, r_ref [M, N] or None; o_ref [M, N] (+ workspace, counters)."""
+  if cfg.num_splits > 1:
+    _, o_ref, ws_ref, cnt_ref = refs
+  else:
+    (o_ref,), ws_ref, cnt_ref = refs, None, None
+  pm, split, pn = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  (m, kdim), n = x_ref.shape, w_ref.shape[1]
+  bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
+  ws_m, rows_m = _split_k.tile_lanes(pm, bm, m)
+  ws_n, cols_n = _split_k.tile_lanes(pn, bn, n)
+  lo, hi = _split_k.split_range(_platform.cdiv(kdim, bk), split, cfg.num_splits)
+  full_hi = jnp.minimum(hi, kdim // bk)          # blocks wholly inside K: unmasked loads
+
+  def body(i, acc, masked):
+    ks = i * bk + jnp.arange(bk, dtype=jnp.int32)
+    if masked:                                   # the K tail: zero both operands past K
+      live = ks < kdim
+      ks = jnp.minimum(ks, kdim - 1)
+      x = plgpu.load(x_ref.at[rows_m[:, None], ks[None, :]], mask=jnp.broadcast_to(live[None, :], (bm, bk)),
+                     other=0)
+      w = plgpu.load(w_ref.at[ks[:, None], cols_n[None, :]], mask=jnp.broadcast_to(live[:, None], (bk, bn)),
+                     other=0)
+    else:
+      x = x_ref[rows_m[:, None], ks[None, :]]
+      w = w_ref[pl.ds(i * bk, bk), pl.ds(pn * bn, bn)] if n % bn == 0 else w_ref[ks[:, None], cols_n[None, :]]
+    return acc + lax.dot_general(x, w, (((1,), (0,)), ((), ())), precision=precision(w),
+                                 preferred_element_type=jnp.float32)
+
+  acc = jnp.zeros((bm, bn), jnp.float32)
+  acc = lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), acc)
+  if kdim % bk:
+    acc = lax.fori_loop(jnp.maximum(full_hi, lo), hi, functools.partial(body, masked=True), acc)
+
+  def epilogue(y):
+    if b_ref is not None:
+      y = y + b_ref[cols_n].astype(jnp.float32)[None, :]
+    if r_ref is not None:   # round to the output dtype first: the same sum as `residual + y` in that dtype
+      y = y.astype(o_ref.dtype).astype(jnp.float32) + r_ref[rows_m[:, None], cols_n[None, :]].astype(jnp.float32)
+    o_ref[rows_m[:, None], cols_n[None, :]] = y.astype(o_ref.dtype)
+
+  _split_k.finish(acc, epilogue, ws_ref, cnt_ref, tile=pn * pl.num_programs(0) + pm, split=split, rows=ws_m,
+                  cols=ws_n, num_splits=cfg.num_splits, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
+def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, *, out_dtype, config: MatmulConfig, interpret: bool):
+  """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype). Grid (M blocks, splits, N blocks)."""
+  (m, _), n = x_MK.shape, w_KN.shape[1]
+  bm, bn, ns = config.block_m, config.block_n, config.num_splits
+  m_blocks, n_blocks = pl.cdiv(m, bm), pl.cdiv(n, bn)
+  operands = [x_MK, w_KN, bias_N, residual_MN]
+  out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype)]
+  aliases = {}
+  if ns > 1:
+    counters = jnp.zeros((m_blocks * n_blocks,), jnp.int32)
+    aliases = {sum(a is not None for a in operands): 2}   # alias indices count flattened inputs (no None)
+    operands.append(counters)
+    out_shape += [jax.ShapeDtypeStruct((ns, m_blocks * bm, n_blocks * bn), jnp.float32),
+                  jax.ShapeDtypeStruct(counters.shape, counters.dtype)]
+  whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
+  outs = pl.pallas_call(
+      functools.partial(_kernel, cfg=config, interpret=interpret),
+      grid=(m_blocks, ns, n_blocks),
+      in_specs=[None if a is None else whole(a.shape) for a in operands],
+      out_specs=[whole(s.shape) for s in out_shape],
+      out_shape=out_shape,
+      input_output_aliases=aliases,
+      compiler_params=plgpu.CompilerParams(num_warps=config.num_warps, num_stages=config.num_stages),
+      interpret=interpret,
+      name="skinny_matmul",
+  )(*operands)
+  return outs[0]
