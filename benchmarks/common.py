@@ -95,6 +95,9 @@ def add_step_switches(parser) -> None:
   parser.add_argument("--no-rope-append", action="store_true",
                       help="XLA's RoPE fusion and K/V scatters instead of the fused rope_append kernel "
                            "(polar_jax.attention.FUSED_ROPE_APPEND)")
+  parser.add_argument("--no-decode-matmul", action="store_true",
+                      help="XLA's dots and residual adds for the decode projections instead of "
+                           "pallas_kernels.skinny_matmul (polar_jax.layers.DECODE_MATMUL)")
   parser.add_argument("--attention-kernel", default="persistent", choices=["persistent", "direct"],
                       help="unsplit decode attention: the persistent kernel (default) or one direct program per "
                            "(row, group) (decode_attention_triton.PERSISTENT)")
@@ -103,9 +106,10 @@ def add_step_switches(parser) -> None:
 def apply_step_switches(args) -> dict[str, Any]:
   """Sets the module switches from `add_step_switches`' flags; returns them as record fields."""
   from pallas_kernels import decode_attention_triton  # pylint: disable=import-outside-toplevel
-  from polar_jax import attention  # pylint: disable=import-outside-toplevel
+  from polar_jax import attention, layers  # pylint: disable=import-outside-toplevel
   decode_attention_triton.APPEND_IN_KERNEL = args.append_in_kernel
   decode_attention_triton.PERSISTENT = args.attention_kernel == "persistent"
   attention.FUSED_ROPE_APPEND = not args.no_rope_append
+  layers.DECODE_MATMUL = not args.no_decode_matmul
   return dict(append_in_kernel=args.append_in_kernel, attention_kernel=args.attention_kernel,
-              rope_append=not args.no_rope_append)
+              rope_append=not args.no_rope_append, decode_matmul=not args.no_decode_matmul)

@@ -248,8 +248,9 @@ MATMUL_SHAPES = (("llama2.qkv", 4096, 12288, False, "bfloat16"), ("llama2.o", 40
                  ("llama3.qkv", 4096, 6144, False, "bfloat16"), ("llama3.gate_up", 4096, 28672, False, "float32"),
                  ("llama3.down", 14336, 4096, True, "bfloat16"))
 # Config overrides timed next to the heuristic: (block_n, block_k, num_splits, num_stages, num_warps).
-MATMUL_VARIANTS = tuple((bn, bk, ns, st, 4) for bn in (64, 128, 256) for ns in (1, 2, 4)
-                        for bk, st in ((128, 4), (256, 3))) + ((256, 128, 2, 4, 8), (256, 128, 4, 4, 8))
+MATMUL_VARIANTS = tuple((bn, bk, 1, st, 4) for bn in (64, 128, 256) for bk, st in (
+    (64, 4), (64, 6), (128, 3), (128, 4), (128, 5))) + ((128, 128, 1, 4, 8), (256, 64, 1, 4, 8),
+                                                      (64, 128, 2, 4, 4), (128, 128, 2, 4, 4), (128, 64, 2, 6, 4))
 
 
 def matmul_cases(smoke):
@@ -262,8 +263,8 @@ def matmul_cases(smoke):
   for name, k, n, res, out in MATMUL_SHAPES:
     for m in (32, 16):
       full = m == 32 and name.startswith("llama2")
-      variants = MATMUL_VARIANTS if full else [v for v in MATMUL_VARIANTS if v[1] == 128 and v[2] in (2, 4)
-                                                and v[0] in (64, 128) and v[4] == 4]
+      variants = MATMUL_VARIANTS if full else [v for v in MATMUL_VARIANTS if v[0] in (64, 128) and v[4] == 4
+                                                and v[1:4] in ((128, 1, 4), (64, 1, 6), (128, 2, 4))]
       cases += [(name, m, k, n, res, out, None, "xla"), (name, m, k, n, res, out, None, "pallas")]
       cases += [(name, m, k, n, res, out, v, "pallas") for v in variants]
   return cases
@@ -289,7 +290,11 @@ def bench_matmul(timer, base, smoke, sink, dtype=jnp.bfloat16):
                    jax.random.normal(kr, (m, n), out_dtype) if res else None))
     fn = lambda x, w, r, cfg=cfg, impl=impl, out_dtype=out_dtype: skinny_matmul(  # noqa: E731
         x, w, None, r, out_dtype=out_dtype, implementation=impl, config=cfg if impl == "pallas" else None)
-    ms, wall, how, y = timer(fn, sets)
+    try:
+      ms, wall, how, y = timer(fn, sets)
+    except Exception as e:  # pylint: disable=broad-except  (e.g. a variant's pipeline exceeds shared memory)
+      print(f"{name:15} M{m:3} {impl:6} {variant}: failed ({type(e).__name__}: {str(e)[:120]})", flush=True)
+      continue
     ref = skinny_matmul(*sets[0][:2], None, sets[0][2], out_dtype=out_dtype, implementation="xla")
     rec = _finish(dict(base, op="skinny_matmul", impl=impl, shape=name, M=m, d=k, N=n, density=1.0,
                        dtype=jnp.dtype(dtype).name, out_dtype=out, residual=res, ms=ms, ms_wall=wall, timer=how,

@@ -9,6 +9,7 @@ Public ops (implementation=None picks "pallas" on GPU, "xla" elsewhere):
   gather_matmul_cols: act(x @ w_in[idx].T + bias[idx]) (first MLP matmul).
   gather_matmul_rows: h @ w_out[idx] + bias (second MLP matmul).
   rope_append: the decode step's q/k RoPE and K/V cache write from the fused q|k|v projection, one kernel.
+  skinny_matmul: x @ w (+ bias) (+ residual) for a few rows (the decode step's projections), one kernel.
   topk_select: per row, the indices of the k largest scores in ascending order (the batch-union neurons).
 """
 from pallas_kernels.decode_attention import merge_attention_partials
@@ -19,16 +20,20 @@ from pallas_kernels.gather_matmul import gather_matmul_cols
 from pallas_kernels.gather_matmul import gather_matmul_rows
 from pallas_kernels.gather_matmul_triton import GatherConfig
 from pallas_kernels.rope_append import rope_append
+from pallas_kernels.skinny_matmul import MatmulConfig
+from pallas_kernels.skinny_matmul import skinny_matmul
 from pallas_kernels.topk_select import topk_select
 
 __all__ = [
     "AttentionConfig",
     "GatherConfig",
+    "MatmulConfig",
     "gather_matmul_cols",
     "gather_matmul_rows",
     "merge_attention_partials",
     "rope_append",
     "selective_decode_attention",
     "selective_decode_attention_append",
+    "skinny_matmul",
     "topk_select",
 ]

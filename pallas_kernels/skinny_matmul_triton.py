@@ -34,23 +34,38 @@ class MatmulConfig:
   num_stages: int = 4
 
 
-# Below this many programs the GPU is not filled; splits are added until the grid reaches it.
-TARGET_PROGRAMS_PER_SM = 2
+# Tiling, from `kernels.py --only matmul` on an H100 (benchmarks/NOTES.md, session 9): the fastest grids put every
+# program on an SM at once, one program per SM streaming a long run of ~32 KB weight tiles 4 deep. The widest column
+# tile that still gives >= FILL x SMs programs wins (fewer, longer streams; fewer L2 re-reads of x); narrower
+# grids split K until about one program per SM (split programs pay a float32 partial store and read).
+FILL = 0.6
+TILE_BYTES = 32 << 10
+SMEM_BYTES = 200 << 10   # of the H100's 227 KB per block, with room for the epilogue's scratch
 
 
 def choose_config(m: int, k: int, n: int, itemsize: int, num_sms: int | None = None) -> MatmulConfig:
-  """Tiling for `[m, k] @ [k, n]`: one M block up to 64 rows, 128-wide column tiles of 128-deep steps (64 for
-  float32), and the fewest K splits that give about `TARGET_PROGRAMS_PER_SM` programs per SM with >= 4 steps
-  each."""
+  """Tiling for `[m, k] @ [k, n]` (see above): block_m up to 64 rows, block_n 256 / 128 / 64 (smaller for a
+  narrower n), block_k for ~TILE_BYTES weight tiles, 4 stages within SMEM_BYTES, splits for ~1 program per SM."""
   num_sms = num_sms or _platform.num_sms()
   bm = max(16, min(64, _platform.next_pow2(m)))
-  bn = 128 if n >= 128 else max(16, _platform.next_pow2(n))
-  bk = 64 if itemsize > 2 else 128
-  tiles = _platform.cdiv(m, bm) * _platform.cdiv(n, bn)
+  m_blocks = _platform.cdiv(m, bm)
+  bn = min(64, max(16, _platform.next_pow2(n)))
+  for wide in (256, 128):
+    if wide <= n and m_blocks * _platform.cdiv(n, wide) >= FILL * num_sms:
+      bn = wide
+      break
+  tiles = m_blocks * _platform.cdiv(n, bn)
+  bk = max(16, min(128, TILE_BYTES // (bn * itemsize), _platform.next_pow2(k + 1) // 2))   # <= K when K >= 16
+  stages = 4
+  while stages * (bm + bn) * bk * itemsize > SMEM_BYTES:
+    if stages > 2:
+      stages -= 1
+    else:
+      bk //= 2
   k_blocks = _platform.cdiv(k, bk)
-  ns = max(1, min(_platform.cdiv(TARGET_PROGRAMS_PER_SM * num_sms, tiles), k_blocks // 4))
+  ns = 1 if tiles >= FILL * num_sms else max(1, min(round(num_sms / tiles), k_blocks // 2))
   ns = _platform.cdiv(k_blocks, _platform.cdiv(k_blocks, ns))   # no empty split
-  return MatmulConfig(bm, bn, bk, ns, num_warps=4, num_stages=3 if itemsize > 2 else 4)
+  return MatmulConfig(bm, bn, bk, ns, num_warps=4, num_stages=stages)
 
 
 def _kernel(x_ref, w_ref, b_ref, r_ref, *refs, cfg: MatmulConfig, interpret: bool):
@@ -83,7 +98,8 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, *refs, cfg: MatmulConfig, interpret: boo
                                  preferred_element_type=jnp.float32)
 
   acc = jnp.zeros((bm, bn), jnp.float32)
-  acc = lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), acc)
+  if kdim >= bk:                                 # (a block wider than K is only ever the masked tail)
+    acc = lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), acc)
   if kdim % bk:
     acc = lax.fori_loop(jnp.maximum(full_hi, lo), hi, functools.partial(body, masked=True), acc)
 

@@ -8,6 +8,7 @@ groups (all when none are given) with `pallas_kernels.selective_decode_attention
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -17,7 +18,7 @@ from flax import nnx
 
 import pallas_kernels
 from pallas_kernels.decode_attention_xla import append_kv_xla
-from polar_jax import kv_cache, rope
+from polar_jax import kv_cache, layers, rope
 from polar_jax.config import ModelConfig
 from polar_jax.fusion import split_qkv
 from polar_jax.layers import Linear
@@ -123,7 +124,7 @@ class Attention(nnx.Module):
     return out, k_cache_bhsd, v_cache_bhsd
 
   def decode(self, x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, group_idx_bk=None, *,
-             implementation=None, return_context=False):
+             implementation=None, return_context=False, residual_bd=None):
     """One decode step: writes K/V of every head at slot lengths_b, attends over the selected groups.
 
     Args:
@@ -135,8 +136,10 @@ class Attention(nnx.Module):
         over the group's query heads' contexts), zeroing the other heads before o_proj; or a tuple
         (k, shards): the oracle with balanced per-shard selection. Under tensor parallelism (`self.mesh`, set by
         `polar_jax.sharding`) the kernel runs in `shard_map` and group_idx must be balanced over tp shards.
-      implementation: passed to the kernel ("pallas", "xla" or None = best for the platform).
+      implementation: passed to the kernels ("pallas", "xla" or None = best for the platform).
       return_context: also return the attention context `[B, Hq, D]` before o_proj.
+      residual_bd: when given, the output is `residual_bd + o_proj(ctx)` (added in o_proj's epilogue on one
+        device, `layers.DECODE_MATMUL`).
     """
     b = x_bd.shape[0]
     new_len = lengths_b + 1
@@ -144,16 +147,20 @@ class Attention(nnx.Module):
     oracle_k, shards = group_idx_bk if isinstance(group_idx_bk, tuple) else (group_idx_bk, 1)
     oracle_k = oracle_k if isinstance(oracle_k, int) else None
     mesh = getattr(self, "mesh", None)   # set by polar_jax.sharding (tensor parallel); None on one device
+    finish = functools.partial(self._finish_decode, oracle_k=oracle_k, return_context=return_context,
+                               residual_bd=residual_bd, implementation=implementation)
     if mesh is None and self.qkv_proj is not None and FUSED_ROPE_APPEND:
       # One kernel rotates q and k of the fused projection and writes K/V of every group at slot lengths_b.
       inv_freq = None if self.inv_freq is None else jnp.asarray(self.inv_freq, jnp.float32)
+      qkv_bn = (self.qkv_proj.decode(x_bd, implementation=implementation) if layers.DECODE_MATMUL
+                else self.qkv_proj(x_bd))
       q_bhd, k_cache_bhsd, v_cache_bhsd = pallas_kernels.rope_append(
-          self.qkv_proj(x_bd), lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd, num_heads=self.num_heads,
+          qkv_bn, lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd, num_heads=self.num_heads,
           implementation=implementation)
       ctx = pallas_kernels.selective_decode_attention(
           q_bhd, k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, scale=self.scale,
           kv_start=kv_start, implementation=implementation)
-      return self._finish_decode(ctx, k_cache_bhsd, v_cache_bhsd, oracle_k, shards, return_context)
+      return finish(ctx, k_cache_bhsd, v_cache_bhsd, shards=shards, skinny=layers.DECODE_MATMUL)
     q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
     if mesh is None:
       # K/V of every group go to slot lengths_b (an XLA scatter, or the direct kernel with append_in_kernel), then
@@ -161,6 +168,7 @@ class Attention(nnx.Module):
       ctx, k_cache_bhsd, v_cache_bhsd = pallas_kernels.selective_decode_attention_append(
           q[:, 0], k[:, 0], v[:, 0], k_cache_bhsd, v_cache_bhsd, lengths_b, None if oracle_k else group_idx_bk,
           scale=self.scale, kv_start=kv_start, implementation=implementation)
+      return finish(ctx, k_cache_bhsd, v_cache_bhsd, shards=shards, skinny=layers.DECODE_MATMUL)
     else:
       from polar_jax import sharding
       k_cache_bhsd, v_cache_bhsd = append_kv_xla(k_cache_bhsd, v_cache_bhsd, k[:, 0], v[:, 0], lengths_b)
@@ -171,12 +179,15 @@ class Attention(nnx.Module):
       ctx = sharding.sharded_decode_attention(
           q[:, 0], k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, kv_start, mesh=mesh,
           dp=dp, num_groups=self.num_kv_heads, scale=self.scale, implementation=implementation)
-    return self._finish_decode(ctx, k_cache_bhsd, v_cache_bhsd, oracle_k, shards, return_context)
+    return finish(ctx, k_cache_bhsd, v_cache_bhsd, shards=shards, skinny=False)
 
-  def _finish_decode(self, ctx, k_cache_bhsd, v_cache_bhsd, oracle_k, shards, return_context):
+  def _finish_decode(self, ctx, k_cache_bhsd, v_cache_bhsd, *, oracle_k, shards, return_context, residual_bd,
+                     implementation, skinny):
     if oracle_k:
       ctx = keep_top_groups(ctx, self.num_kv_heads, oracle_k, shards=shards)
-    out = self.o_proj(ctx.reshape(ctx.shape[0], -1))
+    ctx_bn = ctx.reshape(ctx.shape[0], -1)
+    out = (self.o_proj.decode(ctx_bn, residual=residual_bd, implementation=implementation) if skinny
+           else self.o_proj(ctx_bn, residual=residual_bd))
     if return_context:
       return out, k_cache_bhsd, v_cache_bhsd, ctx
     return out, k_cache_bhsd, v_cache_bhsd

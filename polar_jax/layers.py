@@ -6,7 +6,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels
+
 _INIT_STD = 0.02
+# The decode step's dense projections on one device run `Linear.decode` (`pallas_kernels.skinny_matmul`) with the
+# residual adds in its epilogue; off: XLA's dots and adds (A/B runs; set at process start, not part of jit keys).
+DECODE_MATMUL = True
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype) -> jax.Array:
@@ -31,12 +36,27 @@ class Linear(nnx.Module):
     self.kernel = nnx.Param(kernel)
     self.bias = nnx.Param(bias_value) if bias else None
 
-  def __call__(self, x: jax.Array, out_dtype=None) -> jax.Array:
+  def __call__(self, x: jax.Array, out_dtype=None, *, residual: jax.Array | None = None) -> jax.Array:
+    """XLA's dot; with `residual`, `residual + y` in the output dtype."""
     kernel = self.kernel[...]
     y = jnp.dot(x.astype(kernel.dtype), kernel, preferred_element_type=jnp.float32)
     if self.bias is not None:
       y = y + self.bias[...].astype(jnp.float32)
-    return y.astype(out_dtype or kernel.dtype)
+    y = y.astype(out_dtype or kernel.dtype)
+    return y if residual is None else residual + y
+
+  def decode(self, x_md: jax.Array, out_dtype=None, *, residual: jax.Array | None = None,
+             implementation: str | None = None) -> jax.Array:
+    """The decode step's projection of a few rows `[M, in]`: `pallas_kernels.skinny_matmul` (one kernel that
+    streams the weight once and adds the bias and the residual in its epilogue; the XLA reference off GPU).
+    Same values as `__call__` up to float32 summation order."""
+    bias = None if self.bias is None else self.bias[...]
+    kernel = self.kernel[...]
+    out_dtype = out_dtype or kernel.dtype
+    if residual is not None:
+      residual = residual.astype(out_dtype)
+    return pallas_kernels.skinny_matmul(x_md, kernel, bias, residual, out_dtype=out_dtype,
+                                        implementation=implementation)
 
 
 class RMSNorm(nnx.Module):

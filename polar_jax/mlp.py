@@ -38,6 +38,18 @@ class GatedMLP(nnx.Module):
     h = act(gate) * up
     return self.down_proj(h.astype(x.dtype))
 
+  def decode(self, x_md, *, residual_md=None, implementation=None):
+    """The decode step's MLP of a few rows `[M, d]` with `Linear.decode` projections (fused or not); with
+    `residual_md`, returns `residual_md + mlp(x)` (added in down_proj's epilogue)."""
+    act = ACTIVATIONS[self.activation]
+    if self.gate_up_proj is not None:
+      gate, up = split_gate_up(self.gate_up_proj.decode(x_md, jnp.float32, implementation=implementation))
+    else:
+      gate = self.gate_proj.decode(x_md, jnp.float32, implementation=implementation)
+      up = self.up_proj.decode(x_md, jnp.float32, implementation=implementation)
+    h = (act(gate) * up).astype(x_md.dtype)
+    return self.down_proj.decode(h, residual=residual_md, implementation=implementation)
+
 
 class NeuronMLP(nnx.Module):
   """`fc2(act(fc1(x)))` with one row per neuron in both weights, so neurons can be gathered.

@@ -17,11 +17,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from polar_jax import layers
 from polar_jax.attention import Attention
 from polar_jax.config import ModelConfig
 from polar_jax.kv_cache import KVCache
 from polar_jax.layers import Embedding, Linear, make_norm
-from polar_jax.mlp import make_mlp
+from polar_jax.mlp import GatedMLP, make_mlp
 
 OPT_POSITION_OFFSET = 2
 # Prompt tokens prefilled at once; larger batches are prefilled a group of rows at a time.
@@ -81,9 +82,14 @@ class DecoderLayer(nnx.Module):
     input (the router input); `mlp_fn(y_bd, x_bd)` replaces the MLP on its input y, given that router input."""
     x = self.attn_norm(h_bd) if self.pre_norm else h_bd
     group_idx = selector_fn(x) if selector_fn is not None else None
-    a, k_cache, v_cache = self.attn.decode(x, lengths_b, k_cache, v_cache, group_idx,
-                                           implementation=implementation)
-    h = h_bd + a if self.pre_norm else self.attn_norm(h_bd + a)
+    h, k_cache, v_cache = self.attn.decode(x, lengths_b, k_cache, v_cache, group_idx,
+                                           implementation=implementation, residual_bd=h_bd)   # h_bd + attention
+    h = h if self.pre_norm else self.attn_norm(h)
+    if mlp_fn is None and isinstance(self.mlp, GatedMLP) and layers.DECODE_MATMUL and (
+        getattr(self.attn, "mesh", None) is None):   # one device: the residual add in down_proj's epilogue
+      y = self.mlp_norm(h) if self.pre_norm else h
+      out = self.mlp.decode(y, residual_md=h, implementation=implementation)
+      return (out if self.pre_norm else self.mlp_norm(out)), k_cache, v_cache
     mlp = self.mlp if mlp_fn is None else (lambda y: mlp_fn(y, x))
     return self._mlp_block(h, mlp), k_cache, v_cache
 

@@ -1,0 +1,165 @@
+"""skinny_matmul: the decode projections' kernel (Pallas in interpret mode on CPU, the real kernel on a GPU) vs a
+float64 reference and vs its XLA reference: odd M / K / N (tails of every block), 1-4 K splits, bias and residual,
+16- and 32-bit dtypes; the tiling heuristic's invariants; bad input; `Linear.decode` and the decode step with the
+kernel on and off."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from pallas_kernels import MatmulConfig
+from pallas_kernels import skinny_matmul
+from pallas_kernels import skinny_matmul_triton
+from polar_jax import fusion
+from polar_jax import layers
+from polar_jax.config import ModelConfig
+from polar_jax.kv_cache import KVCache
+from polar_jax.model import init_model
+
+LLAMA_GQA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
+                        num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
+OPT = ModelConfig(model_type="opt", vocab_size=97, hidden_size=32, intermediate_size=128, num_layers=2,
+                  num_heads=4, num_kv_heads=4, head_dim=16, max_position_embeddings=64, norm="layer",
+                  norm_eps=1e-5, mlp="relu_mlp", activation="relu", attn_bias=True, o_bias=True, mlp_bias=True,
+                  positions="learned", tie_word_embeddings=True, pre_norm=False)
+
+
+def _inputs(seed, m, k, n, dtype, out_dtype, bias, residual):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((m, k)), dtype)
+  w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+  b = jnp.asarray(rng.standard_normal(n), dtype) if bias else None
+  r = jnp.asarray(rng.standard_normal((m, n)), out_dtype) if residual else None
+  return x, w, b, r
+
+
+def _check(y, x, w, b, r, out_dtype):
+  """|y - exact| within the output dtype's rounding (of x @ w + b, then of the residual sum) plus float32
+  accumulation error over K."""
+  x64, w64 = np.asarray(x, np.float64), np.asarray(w, np.float64)
+  exact = x64 @ w64 + (0 if b is None else np.asarray(b, np.float64))
+  eps_out = float(jnp.finfo(out_dtype).eps)
+  mag = np.abs(x64) @ np.abs(w64)
+  tol = 2 * eps_out * np.abs(exact) + 4 * x.shape[1] * float(jnp.finfo(jnp.float32).eps) * mag
+  if r is not None:
+    r64 = np.asarray(r, np.float64)
+    exact = exact + r64
+    tol = tol + 2 * eps_out * (np.abs(exact) + np.abs(r64))
+  y64 = np.asarray(y, np.float64)
+  assert y.dtype == out_dtype and y.shape == exact.shape
+  assert np.all(np.isfinite(y64))
+  err = np.abs(y64 - exact)
+  assert np.all(err <= tol + 1e-30), f"max excess {np.max(err - tol)}"
+
+
+CASES = [  # m, k, n, dtype, out dtype, bias, residual, config (None: the heuristic)
+    (5, 300, 200, jnp.float32, jnp.float32, True, True, None),                      # every tail
+    (32, 512, 384, jnp.bfloat16, jnp.bfloat16, False, True, MatmulConfig(32, 128, 128, 2)),
+    (3, 256, 96, jnp.bfloat16, jnp.bfloat16, True, False, MatmulConfig(16, 32, 64, 3)),   # 3 splits of 4 blocks
+    (16, 640, 256, jnp.bfloat16, jnp.float32, False, False, MatmulConfig(16, 64, 64, 4)),  # float32 out
+    (1, 200, 64, jnp.float16, jnp.float16, True, True, MatmulConfig(16, 64, 64, 2, num_stages=2)),  # K tail split
+    (70, 128, 48, jnp.bfloat16, jnp.bfloat16, False, True, MatmulConfig(64, 16, 32, 1)),  # two M blocks, M tail
+    (8, 96, 1000, jnp.bfloat16, jnp.bfloat16, False, False, MatmulConfig(16, 256, 32, 1)),  # N tail
+]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(str(v) for v in c[:5]))
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_matches_exact(case, impl):
+  m, k, n, dtype, out_dtype, bias, residual, cfg = case
+  x, w, b, r = _inputs(0, m, k, n, dtype, out_dtype, bias, residual)
+  y = skinny_matmul(x, w, b, r, out_dtype=out_dtype, implementation=impl, config=cfg)
+  _check(y, x, w, b, r, jnp.dtype(out_dtype))
+
+
+@pytest.mark.parametrize("case", CASES[:4], ids=lambda c: "-".join(str(v) for v in c[:5]))
+def test_pallas_matches_xla_reference(case):
+  """Same float32 sums up to order: at most one rounding step of the output dtype apart."""
+  m, k, n, dtype, out_dtype, bias, residual, cfg = case
+  args = _inputs(1, m, k, n, dtype, out_dtype, bias, residual)
+  y = np.asarray(skinny_matmul(*args, out_dtype=out_dtype, implementation="pallas", config=cfg), np.float64)
+  ref = np.asarray(skinny_matmul(*args, out_dtype=out_dtype, implementation="xla"), np.float64)
+  ulp = float(jnp.finfo(out_dtype).eps) * np.maximum(np.abs(ref), 1e-3)
+  assert np.all(np.abs(y - ref) <= 2 * ulp + 1e-5 * (out_dtype == jnp.float32))
+
+
+def test_splits_agree():
+  """Every split count of one shape gives the one-split result up to float32 summation order."""
+  x, w, _, r = _inputs(2, 4, 1024, 128, jnp.float32, jnp.float32, False, True)
+  base = skinny_matmul(x, w, None, r, implementation="pallas", config=MatmulConfig(16, 64, 64, 1))
+  for ns in (2, 3, 5, 16):
+    y = skinny_matmul(x, w, None, r, implementation="pallas", config=MatmulConfig(16, 64, 64, ns))
+    np.testing.assert_allclose(np.asarray(y), np.asarray(base), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("m", [1, 16, 32, 64, 128])
+@pytest.mark.parametrize("k, n", [(4096, 12288), (4096, 4096), (11008, 4096), (4096, 28672), (576, 960), (96, 40)])
+@pytest.mark.parametrize("itemsize", [2, 4])
+def test_heuristic_invariants(m, k, n, itemsize):
+  cfg = skinny_matmul_triton.choose_config(m, k, n, itemsize, num_sms=132)
+  pow2 = lambda v: v & (v - 1) == 0  # noqa: E731
+  assert all(pow2(v) and v >= 16 for v in (cfg.block_m, cfg.block_n, cfg.block_k))
+  assert cfg.block_m >= min(m, 64) and cfg.block_n <= max(16, 2 * n)
+  k_blocks = -(-k // cfg.block_k)
+  assert 1 <= cfg.num_splits <= k_blocks
+  assert (cfg.num_splits - 1) * -(-k_blocks // cfg.num_splits) < k_blocks      # no empty split
+  smem = cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * itemsize
+  assert smem <= skinny_matmul_triton.SMEM_BYTES and cfg.num_stages >= 2
+
+
+def test_heuristic_fills_the_gpu():
+  """LLaMA-2-7B decode shapes: wide tiles without splits where columns fill the SMs, splits where they do not."""
+  choose = lambda k, n: skinny_matmul_triton.choose_config(32, k, n, 2, num_sms=132)  # noqa: E731
+  assert (choose(4096, 12288).block_n, choose(4096, 12288).num_splits) == (128, 1)   # q|k|v: 96 tiles
+  assert (choose(4096, 22016).block_n, choose(4096, 22016).num_splits) == (256, 1)   # gate|up: 86 tiles
+  assert (choose(4096, 4096).block_n, choose(4096, 4096).num_splits) == (64, 2)      # o: 64 tiles x 2
+
+
+def test_bad_input():
+  x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
+  with pytest.raises(ValueError, match="x \\[M, K\\] and w \\[K, N\\]"):
+    skinny_matmul(x, jnp.ones((9, 16)))
+  with pytest.raises(ValueError, match="bias"):
+    skinny_matmul(x, w, jnp.ones((15,)))
+  with pytest.raises(ValueError, match="residual"):
+    skinny_matmul(x, w, None, jnp.ones((4, 16), jnp.bfloat16))
+  with pytest.raises(ValueError, match="unknown implementation"):
+    skinny_matmul(x, w, implementation="cuda")
+
+
+def test_large_m_goes_to_xla():
+  """Prefill-sized inputs take XLA's dot (same values as the reference)."""
+  x, w, _, _ = _inputs(3, 200, 64, 32, jnp.float32, jnp.float32, False, False)
+  np.testing.assert_array_equal(np.asarray(skinny_matmul(x, w, implementation="pallas")),
+                                np.asarray(skinny_matmul(x, w, implementation="xla")))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_linear_decode_matches_call(bias):
+  lin = layers.Linear(96, 80, bias=bias, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  if bias:
+    lin.bias[...] = jnp.linspace(-1, 1, 80)
+  x = jax.random.normal(jax.random.key(1), (3, 96))
+  res = jax.random.normal(jax.random.key(2), (3, 80))
+  ref = lin(x, residual=res)
+  for impl in ("pallas", "xla"):
+    np.testing.assert_allclose(np.asarray(lin.decode(x, residual=res, implementation=impl)), np.asarray(ref),
+                               rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("config", [LLAMA_GQA, OPT], ids=["llama-gqa", "opt"])
+def test_decode_step_with_and_without_the_kernel(config, monkeypatch):
+  """A fused tiny model's decode logits and caches with the projections (and residual adds) through
+  skinny_matmul in interpret mode equal those of XLA's dots and adds; OPT's post-norm attention residual too."""
+  model = fusion.fuse_projections(init_model(config, seed=4))
+  tokens = jnp.asarray([[5, 7, 9, 11, 2], [3, 4, 0, 0, 0], [8, 1, 6, 0, 0]], jnp.int32)
+  lengths = jnp.asarray([5, 2, 3], jnp.int32)
+  _, cache = model.prefill(tokens, lengths, KVCache.init(config, 3, 16, jnp.float32))
+  outs = {}
+  for on in (True, False):
+    monkeypatch.setattr(layers, "DECODE_MATMUL", on)
+    logits, new = model.decode_step(jnp.asarray([1, 2, 3], jnp.int32), cache, implementation="pallas")
+    outs[on] = (logits, new.k_bhsd[1])
+  np.testing.assert_allclose(np.asarray(outs[True][0]), np.asarray(outs[False][0]), rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(outs[True][1]), np.asarray(outs[False][1]), rtol=1e-5, atol=1e-5)
