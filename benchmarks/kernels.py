@@ -253,12 +253,29 @@ MATMUL_VARIANTS = tuple((bn, bk, 1, st, 4) for bn in (64, 128, 256) for bk, st i
                                                       (64, 128, 2, 4, 4), (128, 128, 2, 4, 4), (128, 64, 2, 6, 4))
 
 
-def matmul_cases(smoke):
+# `--families narrow`: the grids for projections too narrow to fill the SMs with column tiles (o, down: N 4096),
+# and gate|up at M 16: (block_n, block_k, num_splits, num_stages, num_warps).
+MATMUL_NARROW_VARIANTS = tuple((bn, bk, ns, st, 4) for bn in (32, 64, 128) for ns in (1, 2, 3, 4)
+                               for bk, st in ((128, 4), (64, 6))) + ((64, 128, 2, 4, 8), (64, 128, 2, 3, 4),
+                                                                    (32, 256, 2, 3, 4), (64, 64, 4, 4, 4))
+MATMUL_WIDE_VARIANTS = ((256, 64, 1, 3, 4), (256, 64, 1, 5, 4), (256, 32, 1, 6, 4), (256, 64, 1, 4, 8),
+                        (128, 64, 1, 4, 4), (128, 64, 1, 6, 4), (128, 128, 1, 3, 4))
+
+
+def matmul_cases(smoke, families=None):
   """(shape name, M, K, N, residual, out dtype, overrides or None (the heuristic), "pallas" or "xla")."""
   if smoke:
     return [("smoke", 3, 200, 96, True, "bfloat16", None, "xla"), ("smoke", 3, 200, 96, True, "bfloat16", None,
                                                                        "pallas"),
             ("smoke", 3, 200, 96, True, "bfloat16", (32, 64, 2, 2, 4), "pallas")]
+  if families and "narrow" in families:
+    cases = []
+    for name, k, n, res, out in MATMUL_SHAPES:
+      variants = MATMUL_NARROW_VARIANTS if n == 4096 else MATMUL_WIDE_VARIANTS if "gate_up" in name else ()
+      for m in (16, 32) if variants else ():
+        cases += [(name, m, k, n, res, out, None, "xla"), (name, m, k, n, res, out, None, "pallas")]
+        cases += [(name, m, k, n, res, out, v, "pallas") for v in variants]
+    return cases
   cases = []
   for name, k, n, res, out in MATMUL_SHAPES:
     for m in (32, 16):
@@ -270,13 +287,13 @@ def matmul_cases(smoke):
   return cases
 
 
-def bench_matmul(timer, base, smoke, sink, dtype=jnp.bfloat16):
+def bench_matmul(timer, base, smoke, sink, dtype=jnp.bfloat16, families=None):
   """The decode projections: `skinny_matmul` (heuristic and MATMUL_VARIANTS configs) vs XLA's dot (+ the
   residual add, whose fusion also sums XLA's split-K partials). bytes = weight + x + output (+ residual).
   Records: op "skinny_matmul", `shape`, `M`, `d` (= K), `N`, `config`, `heuristic`, `max_rel_err` vs XLA."""
   records = []
   itemsize = jnp.dtype(dtype).itemsize
-  for name, m, k, n, res, out, variant, impl in matmul_cases(smoke):
+  for name, m, k, n, res, out, variant, impl in matmul_cases(smoke, families):
     out_dtype = jnp.dtype(out)
     heur = skinny_matmul_triton.choose_config(m, k, n, itemsize)
     cfg = heur if variant is None else dataclasses.replace(
@@ -531,7 +548,7 @@ def main(argv=None):
                            "matmul: the decode projections (skinny_matmul vs XLA); neither is part of all")
   parser.add_argument("--families", default=None,
                       help="probe: comma-separated families (selection, length, config, splits, persistent); "
-                           "default all")
+                           "default all. matmul: narrow (the o / down / gate|up grid sweep)")
   parser.add_argument("--iters", type=int, default=30)
   parser.add_argument("--check", action="store_true",
                       help="also record each pallas result's error vs XLA")
@@ -589,7 +606,8 @@ def main(argv=None):
       sink(rec)
       records.append(rec)
   if args.only == "matmul":
-    records += bench_matmul(timer, base, args.smoke, sink)
+    records += bench_matmul(timer, base, args.smoke, sink,
+                            families=args.families.split(",") if args.families else None)
   print_table(records)
   return records
 
