@@ -1,14 +1,20 @@
 """Public skinny (decode) matmul: validation, dispatch.
 
   y_MN = skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, out_dtype=None)
+  y_MN, side_MP = skinny_matmul(h_MK, w_KN, norm_scale_K=s, norm_eps=eps, side_w_KP=w2, side_b_P=b2)
 
 `y = x @ w` accumulated in float32, plus the bias, cast to `out_dtype` (w's dtype by default), then plus the
-residual in `out_dtype` (the model's `h + o_proj(ctx)`). "pallas": one kernel that streams the weight once and
+residual in `out_dtype` (the model's `h + o_proj(ctx)`). With `norm_scale_K`, x is RMS-normed first (the layer's
+pre-norm, `polar_jax.layers.RMSNorm`; the kernel scales x in its loop and divides by the row's rms at the end, so
+the normed x is never written). With `side_w_KP`, a second small weight (a head router) is streamed by extra
+programs of the same kernel and its float32 product `x @ side_w + side_b` is returned too. "pallas": one kernel that streams the weight once and
 writes the finished output (`skinny_matmul_triton`: no float32 partials for a separate XLA reduce); "xla": the
 reference (`skinny_matmul_xla`), also used for shapes the kernel does not take (rows > `MAX_ROWS`, dtypes other
 than bfloat16 / float16 / float32).
 """
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -23,9 +29,10 @@ MAX_ROWS = 128
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
-def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, implementation: str | None = None,
+def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, norm_scale_K=None,
+                  norm_eps: float = 1e-6, side_w_KP=None, side_b_P=None, implementation: str | None = None,
                   config: MatmulConfig | None = None):
-  """See the module docstring. Raises ValueError on inconsistent shapes."""
+  """See the module docstring. Raises ValueError on inconsistent shapes or dtypes."""
   if x_MK.ndim != 2 or w_KN.ndim != 2 or x_MK.shape[1] != w_KN.shape[0]:
     raise ValueError(f"skinny_matmul needs x [M, K] and w [K, N], got {x_MK.shape} and {w_KN.shape}")
   (m, k), n = x_MK.shape, w_KN.shape[1]
@@ -35,12 +42,25 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
   if residual_MN is not None and (residual_MN.shape != (m, n) or residual_MN.dtype != out_dtype):
     raise ValueError(f"residual must be [{m}, {n}] {out_dtype.name}, got {residual_MN.shape} "
                      f"{residual_MN.dtype}")
+  if norm_scale_K is not None and norm_scale_K.shape != (k,):
+    raise ValueError(f"norm scale must have shape ({k},), got {norm_scale_K.shape}")
+  if side_w_KP is not None and (side_w_KP.ndim != 2 or side_w_KP.shape[0] != k or side_w_KP.dtype != w_KN.dtype):
+    raise ValueError(f"side weight must be [{k}, P] {w_KN.dtype}, got {side_w_KP.shape} {side_w_KP.dtype}")
+  if side_b_P is not None and (side_w_KP is None or side_b_P.shape != (side_w_KP.shape[1],)):
+    raise ValueError(f"side bias needs a side weight and shape [P], got {side_b_P.shape}")
   impl = _platform.resolve_implementation(implementation)
   if impl == "pallas" and m <= MAX_ROWS and any(w_KN.dtype == d for d in _DTYPES) and min(m, k, n) > 0:
-    config = config or _triton.choose_config(m, k, n, jnp.dtype(w_KN.dtype).itemsize)
-    return _triton.skinny_matmul_triton(x_MK.astype(w_KN.dtype), w_KN, bias_N, residual_MN, out_dtype=out_dtype,
+    fused = norm_scale_K is not None or side_w_KP is not None
+    if config is None:
+      config = _triton.choose_config(m, k, n, jnp.dtype(w_KN.dtype).itemsize)
+      config = dataclasses.replace(config, num_splits=1) if fused else config
+    elif fused and config.num_splits > 1:
+      raise ValueError("skinny_matmul: a norm or a side weight needs config.num_splits == 1")
+    return _triton.skinny_matmul_triton(x_MK.astype(w_KN.dtype), w_KN, bias_N, residual_MN, norm_scale_K,
+                                        side_w_KP, side_b_P, out_dtype=out_dtype, norm_eps=float(norm_eps),
                                         config=config, interpret=_platform.interpret_mode())
-  return _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype)
+  return _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype, norm_scale_K=norm_scale_K,
+                  norm_eps=float(norm_eps), side_w_KP=side_w_KP, side_b_P=side_b_P)
 
 
-_xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype",))
+_xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "norm_eps"))

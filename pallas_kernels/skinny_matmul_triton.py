@@ -68,60 +68,111 @@ def choose_config(m: int, k: int, n: int, itemsize: int, num_sms: int | None = N
   return MatmulConfig(bm, bn, bk, ns, num_warps=4, num_stages=stages)
 
 
-def _kernel(x_ref, w_ref, b_ref, r_ref, *refs, cfg: MatmulConfig, interpret: bool):
-  """x_ref [M, K], w_ref [K, N], b_ref [N] or None, r_ref [M, N] or None; o_ref [M, N] (+ workspace, counters)."""
+def _kernel(x_ref, w_ref, b_ref, r_ref, s_ref, w2_ref, b2_ref, *refs, cfg: MatmulConfig, side_bn: int,
+            eps: float, interpret: bool):
+  """x_ref [M, K], w_ref [K, N], b_ref [N], r_ref [M, N], s_ref [K] (RMSNorm scale), w2_ref [K, N2], b2_ref [N2]
+  (each but x and w may be None); outputs o_ref [M, N] (+ o2_ref [M, N2] float32 with w2; + workspace and
+  counters with splits). Program (m, split, n): n < N / block_n streams a column tile of w, later ones of w2."""
   if cfg.num_splits > 1:
     _, o_ref, ws_ref, cnt_ref = refs
+    o2_ref = None
   else:
-    (o_ref,), ws_ref, cnt_ref = refs, None, None
+    (o_ref, *o2), ws_ref, cnt_ref = refs, None, None
+    o2_ref = o2[0] if o2 else None
   pm, split, pn = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   (m, kdim), n = x_ref.shape, w_ref.shape[1]
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   ws_m, rows_m = _split_k.tile_lanes(pm, bm, m)
-  ws_n, cols_n = _split_k.tile_lanes(pn, bn, n)
-  lo, hi = _split_k.split_range(_platform.cdiv(kdim, bk), split, cfg.num_splits)
-  full_hi = jnp.minimum(hi, kdim // bk)          # blocks wholly inside K: unmasked loads
+  k_blocks = _platform.cdiv(kdim, bk)
 
-  def body(i, acc, masked):
-    ks = i * bk + jnp.arange(bk, dtype=jnp.int32)
-    if masked:                                   # the K tail: zero both operands past K
-      live = ks < kdim
-      ks = jnp.minimum(ks, kdim - 1)
-      x = plgpu.load(x_ref.at[rows_m[:, None], ks[None, :]], mask=jnp.broadcast_to(live[None, :], (bm, bk)),
-                     other=0)
-      w = plgpu.load(w_ref.at[ks[:, None], cols_n[None, :]], mask=jnp.broadcast_to(live[:, None], (bk, bn)),
-                     other=0)
-    else:
-      x = x_ref[rows_m[:, None], ks[None, :]]
-      w = w_ref[pl.ds(i * bk, bk), pl.ds(pn * bn, bn)] if n % bn == 0 else w_ref[ks[:, None], cols_n[None, :]]
-    return acc + lax.dot_general(x, w, (((1,), (0,)), ((), ())), precision=precision(w),
-                                 preferred_element_type=jnp.float32)
+  def stream(wr, width, tile, lo, hi):
+    """float32 [bm, width] of (normed) x @ wr[:, tile's columns] over K blocks [lo, hi), and the columns."""
+    n_w = wr.shape[1]
+    ws_n, cols_n = _split_k.tile_lanes(tile, width, n_w)
+    full_hi = jnp.minimum(hi, kdim // bk)        # blocks wholly inside K: unmasked loads
 
-  acc = jnp.zeros((bm, bn), jnp.float32)
-  if kdim >= bk:                                 # (a block wider than K is only ever the masked tail)
-    acc = lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), acc)
-  if kdim % bk:
-    acc = lax.fori_loop(jnp.maximum(full_hi, lo), hi, functools.partial(body, masked=True), acc)
+    def body(i, carry, masked):
+      acc, ss = carry
+      ks = i * bk + jnp.arange(bk, dtype=jnp.int32)
+      if masked:                                 # the K tail: zero both operands past K
+        live = ks < kdim
+        ks = jnp.minimum(ks, kdim - 1)
+        x = plgpu.load(x_ref.at[rows_m[:, None], ks[None, :]], mask=jnp.broadcast_to(live[None, :], (bm, bk)),
+                       other=0)
+        w = plgpu.load(wr.at[ks[:, None], cols_n[None, :]], mask=jnp.broadcast_to(live[:, None], (bk, width)),
+                       other=0)
+      else:
+        x = x_ref[rows_m[:, None], ks[None, :]]
+        w = wr[pl.ds(i * bk, bk), pl.ds(tile * width, width)] if n_w % width == 0 else wr[ks[:, None],
+                                                                                            cols_n[None, :]]
+      if s_ref is not None:                      # RMSNorm: scale here, 1 / rms(row) after the loop
+        xf = x.astype(jnp.float32)
+        ss = ss + jnp.sum(xf * xf, axis=1)
+        x = (xf * s_ref[ks].astype(jnp.float32)[None, :]).astype(x.dtype)
+      acc = acc + lax.dot_general(x, w.astype(x.dtype), (((1,), (0,)), ((), ())), precision=precision(w),
+                                  preferred_element_type=jnp.float32)
+      return acc, ss
 
-  def epilogue(y):
-    if b_ref is not None:
-      y = y + b_ref[cols_n].astype(jnp.float32)[None, :]
-    if r_ref is not None:   # round to the output dtype first: the same sum as `residual + y` in that dtype
-      y = y.astype(o_ref.dtype).astype(jnp.float32) + r_ref[rows_m[:, None], cols_n[None, :]].astype(jnp.float32)
-    o_ref[rows_m[:, None], cols_n[None, :]] = y.astype(o_ref.dtype)
+    carry = (jnp.zeros((bm, width), jnp.float32), jnp.zeros((bm,), jnp.float32))
+    if kdim >= bk:                               # (a block wider than K is only ever the masked tail)
+      carry = lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
+    if kdim % bk:
+      carry = lax.fori_loop(jnp.maximum(full_hi, lo), hi, functools.partial(body, masked=True), carry)
+    acc, ss = carry
+    if s_ref is not None:
+      acc = acc * lax.rsqrt(ss / kdim + eps)[:, None]
+    return acc, ws_n, cols_n
 
-  _split_k.finish(acc, epilogue, ws_ref, cnt_ref, tile=pn * pl.num_programs(0) + pm, split=split, rows=ws_m,
-                  cols=ws_n, num_splits=cfg.num_splits, interpret=interpret)
+  def main():
+    lo, hi = _split_k.split_range(k_blocks, split, cfg.num_splits)
+    acc, ws_n, cols_n = stream(w_ref, bn, pn, lo, hi)
+
+    def epilogue(y):
+      if b_ref is not None:
+        y = y + b_ref[cols_n].astype(jnp.float32)[None, :]
+      if r_ref is not None:   # round to the output dtype first: the same sum as `residual + y` in that dtype
+        y = (y.astype(o_ref.dtype).astype(jnp.float32)
+             + r_ref[rows_m[:, None], cols_n[None, :]].astype(jnp.float32))
+      o_ref[rows_m[:, None], cols_n[None, :]] = y.astype(o_ref.dtype)
+
+    _split_k.finish(acc, epilogue, ws_ref, cnt_ref, tile=pn * pl.num_programs(0) + pm, split=split, rows=ws_m,
+                    cols=ws_n, num_splits=cfg.num_splits, interpret=interpret)
+
+  if w2_ref is None:
+    main()
+    return
+  n_tiles = _platform.cdiv(n, bn)
+  pl.when(pn < n_tiles)(main)
+
+  @pl.when(pn >= n_tiles)
+  def _():
+    acc, _, cols = stream(w2_ref, side_bn, pn - n_tiles, 0, k_blocks)
+    if b2_ref is not None:
+      acc = acc + b2_ref[cols].astype(jnp.float32)[None, :]
+    o2_ref[rows_m[:, None], cols[None, :]] = acc
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "interpret"))
-def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, *, out_dtype, config: MatmulConfig, interpret: bool):
-  """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype). Grid (M blocks, splits, N blocks)."""
+def side_block(n2: int, block_n: int) -> int:
+  """Column tile of the side weight: the main tile, or the side's own width rounded up to a power of two."""
+  return min(block_n, max(16, _platform.next_pow2(n2)))
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "norm_eps", "config", "interpret"))
+def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_KP, side_b_P, *, out_dtype,
+                         norm_eps: float, config: MatmulConfig, interpret: bool):
+  """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype; no splits with a norm or a side weight).
+  Grid (M blocks, splits, N blocks + side blocks)."""
   (m, _), n = x_MK.shape, w_KN.shape[1]
   bm, bn, ns = config.block_m, config.block_n, config.num_splits
   m_blocks, n_blocks = pl.cdiv(m, bm), pl.cdiv(n, bn)
-  operands = [x_MK, w_KN, bias_N, residual_MN]
+  side_bn = side_block(side_w_KP.shape[1], bn) if side_w_KP is not None else bn
+  side_blocks = 0 if side_w_KP is None else pl.cdiv(side_w_KP.shape[1], side_bn)
+  if ns > 1 and (norm_scale_K is not None or side_w_KP is not None):
+    raise ValueError("skinny_matmul: a norm or a side weight needs num_splits == 1")
+  operands = [x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_KP, side_b_P]
   out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype)]
+  if side_w_KP is not None:
+    out_shape.append(jax.ShapeDtypeStruct((m, side_w_KP.shape[1]), jnp.float32))
   aliases = {}
   if ns > 1:
     counters = jnp.zeros((m_blocks * n_blocks,), jnp.int32)
@@ -131,8 +182,8 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, *, out_dtype, config: 
                   jax.ShapeDtypeStruct(counters.shape, counters.dtype)]
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
   outs = pl.pallas_call(
-      functools.partial(_kernel, cfg=config, interpret=interpret),
-      grid=(m_blocks, ns, n_blocks),
+      functools.partial(_kernel, cfg=config, side_bn=side_bn, eps=norm_eps, interpret=interpret),
+      grid=(m_blocks, ns, n_blocks + side_blocks),
       in_specs=[None if a is None else whole(a.shape) for a in operands],
       out_specs=[whole(s.shape) for s in out_shape],
       out_shape=out_shape,
@@ -141,4 +192,4 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, *, out_dtype, config: 
       interpret=interpret,
       name="skinny_matmul",
   )(*operands)
-  return outs[0]
+  return (outs[0], outs[1]) if side_w_KP is not None else outs[0]

@@ -5,13 +5,34 @@ import jax
 import jax.numpy as jnp
 
 
-def skinny_matmul_xla(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None):
-  """`y = x @ w` in float32 (IEEE float32 products for float32 inputs) (+ bias), cast to `out_dtype` (w's dtype by default); with a residual, `residual + y`
-  in `out_dtype` (as the model's `h + o_proj(ctx)`)."""
+def rms_norm(x_MK, scale_K, eps: float):
+  """`polar_jax.layers.RMSNorm` (Hugging Face LLaMA's): float32 `x / rms(x)`, rounded to x's dtype, times the
+  scale, in the scale's dtype."""
+  xf = x_MK.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (scale_K.astype(jnp.float32) * y.astype(x_MK.dtype).astype(jnp.float32)).astype(scale_K.dtype)
+
+
+def skinny_matmul_xla(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, norm_scale_K=None,
+                      norm_eps: float = 1e-6, side_w_KP=None, side_b_P=None):
+  """`y = x @ w` in float32 (IEEE float32 products for float32 inputs) (+ bias), cast to `out_dtype` (w's dtype
+  by default); with a residual, `residual + y` in `out_dtype` (as the model's `h + o_proj(ctx)`). With
+  `norm_scale_K`, x is first RMS-normed (`rms_norm`). With `side_w_KP`, also returns float32
+  `x @ side_w + side_b` of the same (normed) x: `(y, side)`."""
   out_dtype = jnp.dtype(out_dtype or w_KN.dtype)
-  precision = jax.lax.Precision.HIGHEST if w_KN.dtype == jnp.float32 else None   # IEEE float32, not TF32
-  y = jnp.dot(x_MK.astype(w_KN.dtype), w_KN, preferred_element_type=jnp.float32, precision=precision)
+  if norm_scale_K is not None:
+    x_MK = rms_norm(x_MK, norm_scale_K, norm_eps)
+  y = _dot(x_MK, w_KN)
   if bias_N is not None:
     y = y + bias_N.astype(jnp.float32)
   y = y.astype(out_dtype)
-  return y if residual_MN is None else residual_MN.astype(out_dtype) + y
+  y = y if residual_MN is None else residual_MN.astype(out_dtype) + y
+  if side_w_KP is None:
+    return y
+  side = _dot(x_MK, side_w_KP)
+  return y, side if side_b_P is None else side + side_b_P.astype(jnp.float32)
+
+
+def _dot(x, w):
+  precision = jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None   # IEEE float32, not TF32
+  return jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32, precision=precision)

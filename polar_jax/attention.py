@@ -123,8 +123,13 @@ class Attention(nnx.Module):
       v_cache_bhsd = sharding.constrain_cache(v_cache_bhsd, self.mesh, getattr(self, "dp", 1))
     return out, k_cache_bhsd, v_cache_bhsd
 
+  @property
+  def fused_qkv_decode(self) -> bool:
+    """Whether `decode` takes `norm=` / `router=`: a fused q|k|v projection through `rope_append` on one device."""
+    return self.qkv_proj is not None and FUSED_ROPE_APPEND and getattr(self, "mesh", None) is None
+
   def decode(self, x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, group_idx_bk=None, *,
-             implementation=None, return_context=False, residual_bd=None):
+             implementation=None, return_context=False, residual_bd=None, norm=None, router=None):
     """One decode step: writes K/V of every head at slot lengths_b, attends over the selected groups.
 
     Args:
@@ -140,6 +145,10 @@ class Attention(nnx.Module):
       return_context: also return the attention context `[B, Hq, D]` before o_proj.
       residual_bd: when given, the output is `residual_bd + o_proj(ctx)` (added in o_proj's epilogue on one
         device, `layers.DECODE_MATMUL`).
+      norm: an RMSNorm: x_bd is the un-normed residual stream, normed inside the q|k|v kernel
+        (`fused_qkv_decode` only).
+      router: `(w_dg, b_g, pick)`: the group selection is `pick(normed x @ w_dg + b_g)`, the scores computed by the
+        q|k|v kernel (`fused_qkv_decode` only; replaces group_idx_bk).
     """
     b = x_bd.shape[0]
     new_len = lengths_b + 1
@@ -147,13 +156,20 @@ class Attention(nnx.Module):
     oracle_k, shards = group_idx_bk if isinstance(group_idx_bk, tuple) else (group_idx_bk, 1)
     oracle_k = oracle_k if isinstance(oracle_k, int) else None
     mesh = getattr(self, "mesh", None)   # set by polar_jax.sharding (tensor parallel); None on one device
+    if (norm is not None or router is not None) and not self.fused_qkv_decode:
+      raise ValueError("Attention.decode: norm= / router= need a fused q|k|v projection on one device")
     finish = functools.partial(self._finish_decode, oracle_k=oracle_k, return_context=return_context,
                                residual_bd=residual_bd, implementation=implementation)
     if mesh is None and self.qkv_proj is not None and FUSED_ROPE_APPEND:
       # One kernel rotates q and k of the fused projection and writes K/V of every group at slot lengths_b.
       inv_freq = None if self.inv_freq is None else jnp.asarray(self.inv_freq, jnp.float32)
-      qkv_bn = (self.qkv_proj.decode(x_bd, implementation=implementation) if layers.DECODE_MATMUL
-                else self.qkv_proj(x_bd))
+      if norm is not None or router is not None:
+        out = self.qkv_proj.decode(x_bd, norm=norm, side=None if router is None else router[:2],
+                                   implementation=implementation)
+        qkv_bn, group_idx_bk = (out[0], router[2](out[1])) if router is not None else (out, group_idx_bk)
+      else:
+        qkv_bn = (self.qkv_proj.decode(x_bd, implementation=implementation) if layers.DECODE_MATMUL
+                  else self.qkv_proj(x_bd))
       q_bhd, k_cache_bhsd, v_cache_bhsd = pallas_kernels.rope_append(
           qkv_bn, lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd, num_heads=self.num_heads,
           implementation=implementation)

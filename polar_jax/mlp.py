@@ -38,15 +38,16 @@ class GatedMLP(nnx.Module):
     h = act(gate) * up
     return self.down_proj(h.astype(x.dtype))
 
-  def decode(self, x_md, *, residual_md=None, implementation=None):
+  def decode(self, x_md, *, residual_md=None, norm=None, implementation=None):
     """The decode step's MLP of a few rows `[M, d]` with `Linear.decode` projections (fused or not); with
-    `residual_md`, returns `residual_md + mlp(x)` (added in down_proj's epilogue)."""
+    `residual_md`, returns `residual_md + mlp(x)` (added in down_proj's epilogue); with `norm` (an RMSNorm),
+    `mlp(norm(x))`, the norm applied inside the gate/up kernels."""
     act = ACTIVATIONS[self.activation]
+    kw = dict(norm=norm, implementation=implementation)
     if self.gate_up_proj is not None:
-      gate, up = split_gate_up(self.gate_up_proj.decode(x_md, jnp.float32, implementation=implementation))
+      gate, up = split_gate_up(self.gate_up_proj.decode(x_md, jnp.float32, **kw))
     else:
-      gate = self.gate_proj.decode(x_md, jnp.float32, implementation=implementation)
-      up = self.up_proj.decode(x_md, jnp.float32, implementation=implementation)
+      gate, up = self.gate_proj.decode(x_md, jnp.float32, **kw), self.up_proj.decode(x_md, jnp.float32, **kw)
     h = (act(gate) * up).astype(x_md.dtype)
     return self.down_proj.decode(h, residual=residual_md, implementation=implementation)
 

@@ -77,16 +77,35 @@ class DecoderLayer(nnx.Module):
     h = h_btd + a if self.pre_norm else self.attn_norm(h_btd + a)
     return self._mlp_block(h, self.mlp), k_cache, v_cache
 
-  def decode(self, h_bd, lengths_b, k_cache, v_cache, selector_fn=None, mlp_fn=None, implementation=None):
+  def decode(self, h_bd, lengths_b, k_cache, v_cache, selector_fn=None, mlp_fn=None, implementation=None, *,
+             selector_plan=None):
     """One token per row. `selector_fn(x_bd) -> group_idx, None or oracle k` sees the normed attention
-    input (the router input); `mlp_fn(y_bd, x_bd)` replaces the MLP on its input y, given that router input."""
-    x = self.attn_norm(h_bd) if self.pre_norm else h_bd
-    group_idx = selector_fn(x) if selector_fn is not None else None
-    h, k_cache, v_cache = self.attn.decode(x, lengths_b, k_cache, v_cache, group_idx,
-                                           implementation=implementation, residual_bd=h_bd)   # h_bd + attention
-    h = h if self.pre_norm else self.attn_norm(h)
-    if mlp_fn is None and isinstance(self.mlp, GatedMLP) and layers.DECODE_MATMUL and (
-        getattr(self.attn, "mesh", None) is None):   # one device: the residual add in down_proj's epilogue
+    input (the router input); `mlp_fn(y_bd, x_bd)` replaces the MLP on its input y, given that router input.
+    `selector_plan` (`SparseDecode.hooks`' `selector.plan(layer)`) says whether the selection is a linear
+    router the q|k|v kernel can evaluate itself.
+
+    On one device with `layers.DECODE_MATMUL` (`pallas_kernels.skinny_matmul`), pre-norm RMSNorm layers read the
+    residual stream directly: the q|k|v kernel norms it (and computes a linear router's scores as extra
+    programs), o_proj and down_proj add the residual, the gate|up kernel norms its input: no norm or add
+    kernels of their own."""
+    plan = selector_plan or (("dense",) if selector_fn is None else ("x",))
+    one_device = layers.DECODE_MATMUL and getattr(self.attn, "mesh", None) is None
+    rms = self.pre_norm and isinstance(self.attn_norm, layers.RMSNorm)
+    if (one_device and rms and mlp_fn is None and self.attn.fused_qkv_decode and plan[0] != "x" and (
+        plan[0] == "dense" or plan[1].dtype == self.attn.qkv_proj.kernel.dtype)):
+      h, k_cache, v_cache = self.attn.decode(h_bd, lengths_b, k_cache, v_cache, implementation=implementation,
+                                             residual_bd=h_bd, norm=self.attn_norm,
+                                             router=plan[1:] if plan[0] == "linear" else None)
+    else:
+      x = self.attn_norm(h_bd) if self.pre_norm else h_bd
+      group_idx = selector_fn(x) if selector_fn is not None else None
+      h, k_cache, v_cache = self.attn.decode(x, lengths_b, k_cache, v_cache, group_idx,
+                                             implementation=implementation, residual_bd=h_bd)   # h_bd + attention
+      h = h if self.pre_norm else self.attn_norm(h)
+    if mlp_fn is None and isinstance(self.mlp, GatedMLP) and one_device:
+      # the residual add in down_proj's epilogue; an RMSNorm pre-norm in the gate|up kernel
+      if rms and isinstance(self.mlp_norm, layers.RMSNorm):
+        return self.mlp.decode(h, residual_md=h, norm=self.mlp_norm, implementation=implementation), k_cache, v_cache
       y = self.mlp_norm(h) if self.pre_norm else h
       out = self.mlp.decode(y, residual_md=h, implementation=implementation)
       return (out if self.pre_norm else self.mlp_norm(out)), k_cache, v_cache
@@ -205,8 +224,10 @@ class CausalLM(nnx.Module):
     ks, vs = [], []
     for i, layer in enumerate(self.layers):
       sel = (lambda x, i=i: selector(i, x)) if selector is not None else None
+      plan = selector.plan(i) if hasattr(selector, "plan") else None
       mlp_fn = mlp_override(i) if mlp_override is not None else None
-      h, k, v = layer.decode(h, lengths, cache.k_bhsd[i], cache.v_bhsd[i], sel, mlp_fn, implementation)
+      h, k, v = layer.decode(h, lengths, cache.k_bhsd[i], cache.v_bhsd[i], sel, mlp_fn, implementation,
+                             selector_plan=plan)
       ks.append(k)
       vs.append(v)
     return self.logits(h), KVCache(tuple(ks), tuple(vs), lengths + 1)

@@ -101,6 +101,19 @@ class SparseDecode:
       # per-row top-k (`rank_topk`, lax.top_k's indices); tensor parallel: k / shards groups of each shard
       return balanced_topk(scores_bg, k, self.shards)
 
+    def plan(layer):
+      """How the layer selects, for the decode step's fusions (`DecoderLayer.decode`): ("dense",) (no selection),
+      ("linear", w_dg, b_g, pick) (scores = normed x @ w + b, then `pick(scores)`: the q|k|v kernel can compute
+      the scores itself), or ("x",) (the selector needs the normed input: call it)."""
+      k = self.groups[layer]
+      if k is None:
+        return ("dense",)
+      if self.selector == "router":
+        return ("linear", *head[layer], lambda scores_bg: balanced_topk(scores_bg, k, self.shards))
+      return ("x",)
+
+    selector.plan = plan
+
     def select_neurons(layer, x_bd):
       k = self.neuron_k[layer]
       logits_bn = neuron_logits(*neuron[layer], x_bd)

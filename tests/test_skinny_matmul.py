@@ -120,6 +120,43 @@ def test_heuristic_fills_the_gpu():
   assert (choose(4096, 4096).block_n, choose(4096, 4096).num_splits) == (64, 2)      # o: 64 tiles x 2
 
 
+FUSED_CASES = [  # m, k, n, p (side width), dtype, config
+    (5, 300, 200, 32, jnp.float32, None),
+    (32, 512, 384, 32, jnp.bfloat16, MatmulConfig(32, 128, 128, 1)),
+    (3, 256, 96, 20, jnp.bfloat16, MatmulConfig(16, 32, 64, 1, num_stages=2)),   # side narrower than its tile
+]
+
+
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(str(v) for v in c[:5]))
+@pytest.mark.parametrize("what", ["norm", "side", "norm+side"])
+def test_norm_and_side_weight(case, what):
+  """RMSNorm inside the kernel (x scaled in the loop, 1 / rms after it) and a side weight streamed by extra
+  programs, vs the XLA reference (which norms first, as `polar_jax.layers.RMSNorm`): they round the normed x to
+  the input dtype at different points, so they may differ by one unit of it per product term."""
+  m, k, n, p, dtype, cfg = case
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(3 * rng.standard_normal((m, k)), dtype)
+  w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
+  kw = {}
+  if "norm" in what:
+    kw.update(norm_scale_K=jnp.asarray(1 + 0.3 * rng.standard_normal(k), dtype), norm_eps=1e-5)
+  if "side" in what:
+    kw.update(side_w_KP=jnp.asarray(rng.standard_normal((k, p)) / np.sqrt(k), dtype),
+              side_b_P=jnp.asarray(rng.standard_normal(p), jnp.float32))
+  got = skinny_matmul(x, w, implementation="pallas", config=cfg, **kw)
+  ref = skinny_matmul(x, w, implementation="xla", **kw)
+  got, ref = (got, ref) if "side" in what else ((got,), (ref,))
+  assert got[0].dtype == dtype and (len(got) == 1 or (got[1].dtype == jnp.float32 and got[1].shape == (m, p)))
+  eps = float(jnp.finfo(dtype).eps)
+  xn = np.abs(np.asarray(x, np.float64))
+  if "norm" in what:
+    xn = xn / np.sqrt(np.mean(xn ** 2, axis=1, keepdims=True)) * np.abs(np.asarray(kw["norm_scale_K"], np.float64))
+  for g, r, wt in zip(got, ref, (w, kw.get("side_w_KP"))):
+    bound = (np.abs(xn) @ np.abs(np.asarray(wt, np.float64))) * (2 * eps * ("norm" in what) + 8 * k * 1.2e-7)
+    bound = bound + eps * np.abs(np.asarray(r, np.float64)) * (g.dtype != jnp.float32)   # output rounding
+    assert np.all(np.abs(np.asarray(g, np.float64) - np.asarray(r, np.float64)) <= bound + 1e-6)
+
+
 def test_bad_input():
   x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
   with pytest.raises(ValueError, match="x \\[M, K\\] and w \\[K, N\\]"):
@@ -130,6 +167,12 @@ def test_bad_input():
     skinny_matmul(x, w, None, jnp.ones((4, 16), jnp.bfloat16))
   with pytest.raises(ValueError, match="unknown implementation"):
     skinny_matmul(x, w, implementation="cuda")
+  with pytest.raises(ValueError, match="norm scale"):
+    skinny_matmul(x, w, norm_scale_K=jnp.ones((7,)))
+  with pytest.raises(ValueError, match="side weight"):
+    skinny_matmul(x, w, side_w_KP=jnp.ones((8, 4), jnp.bfloat16))
+  with pytest.raises(ValueError, match="num_splits == 1"):
+    skinny_matmul(x, w, norm_scale_K=jnp.ones((8,)), implementation="pallas", config=MatmulConfig(16, 16, 16, 2))
 
 
 def test_large_m_goes_to_xla():
@@ -167,3 +210,34 @@ def test_decode_step_with_and_without_the_kernel(config, monkeypatch):
     outs[on] = (logits, new.k_bhsd[1])
   np.testing.assert_allclose(np.asarray(outs[True][0]), np.asarray(outs[False][0]), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(np.asarray(outs[True][1]), np.asarray(outs[False][1]), rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_decode_router_in_the_qkv_kernel(monkeypatch):
+  """Sparse decode with a head router: on the kernel path the router scores come out of the q|k|v kernel (a side
+  weight, the norm inside it) and the logits equal those of XLA's norms, dots and router (same groups chosen)."""
+  from polar_jax.routers import Routers
+  from polar_jax.sparse_decode import make_decoder
+  from polar_jax.sparsity import SparsityConfig
+  import pallas_kernels
+  routers = Routers.init(LLAMA_GQA)
+  w = routers.head.w_ldg
+  w.set_value(jax.random.normal(jax.random.key(1), w.shape, jnp.float32))
+  model = fusion.fuse_projections(init_model(LLAMA_GQA, seed=4))
+  tokens = jnp.asarray([[5, 9, 13, 2, 7, 1, 4], [3, 1, 0, 0, 0, 0, 0], [8, 8, 4, 60, 2, 11, 7]], jnp.int32)
+  lengths = jnp.asarray([7, 2, 7], jnp.int32)
+  _, cache = model.prefill(tokens, lengths, KVCache.init(LLAMA_GQA, 3, 16, jnp.float32))
+  decode, state = make_decoder(model, SparsityConfig(attn_density=0.5), routers, batch=3, implementation="pallas")
+  calls = []
+  real = pallas_kernels.skinny_matmul
+
+  def spy(*args, **kwargs):
+    calls.append(sorted(k for k in ("norm_scale_K", "side_w_KP") if kwargs.get(k) is not None))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(pallas_kernels, "skinny_matmul", spy)
+  logits = {}
+  for on in (True, False):
+    monkeypatch.setattr(layers, "DECODE_MATMUL", on)
+    logits[on], _ = decode(model, jnp.asarray([1, 2, 3], jnp.int32), cache, state)
+  assert ["norm_scale_K", "side_w_KP"] in calls and ["norm_scale_K"] in calls   # routed layer; layer 0 / MLPs
+  np.testing.assert_allclose(np.asarray(logits[True]), np.asarray(logits[False]), rtol=1e-4, atol=1e-4)
