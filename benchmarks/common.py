@@ -98,6 +98,11 @@ def add_step_switches(parser) -> None:
   parser.add_argument("--no-decode-matmul", action="store_true",
                       help="XLA's dots and residual adds for the decode projections instead of "
                            "pallas_kernels.skinny_matmul (polar_jax.layers.DECODE_MATMUL)")
+  parser.add_argument("--norm-in-matmul", action="store_true",
+                      help="the pre-norm RMSNorms inside the q|k|v and gate|up kernels (polar_jax.layers.NORM_IN_MATMUL)")
+  parser.add_argument("--no-router-in-qkv", action="store_true",
+                      help="a linear head router as its own XLA dot, not extra programs of the q|k|v kernel "
+                           "(polar_jax.model.ROUTER_IN_QKV)")
   parser.add_argument("--attention-kernel", default="persistent", choices=["persistent", "direct"],
                       help="unsplit decode attention: the persistent kernel (default) or one direct program per "
                            "(row, group) (decode_attention_triton.PERSISTENT)")
@@ -110,6 +115,10 @@ def apply_step_switches(args) -> dict[str, Any]:
   decode_attention_triton.APPEND_IN_KERNEL = args.append_in_kernel
   decode_attention_triton.PERSISTENT = args.attention_kernel == "persistent"
   attention.FUSED_ROPE_APPEND = not args.no_rope_append
+  from polar_jax import model  # pylint: disable=import-outside-toplevel
   layers.DECODE_MATMUL = not args.no_decode_matmul
+  layers.NORM_IN_MATMUL = args.norm_in_matmul
+  model.ROUTER_IN_QKV = not args.no_router_in_qkv
   return dict(append_in_kernel=args.append_in_kernel, attention_kernel=args.attention_kernel,
-              rope_append=not args.no_rope_append, decode_matmul=not args.no_decode_matmul)
+              rope_append=not args.no_rope_append, decode_matmul=not args.no_decode_matmul,
+              norm_in_matmul=args.norm_in_matmul, router_in_qkv=not args.no_router_in_qkv)

@@ -12,6 +12,9 @@ _INIT_STD = 0.02
 # The decode step's dense projections on one device run `Linear.decode` (`pallas_kernels.skinny_matmul`) with the
 # residual adds in its epilogue; off: XLA's dots and adds (A/B runs; set at process start, not part of jit keys).
 DECODE_MATMUL = True
+# With DECODE_MATMUL: the pre-norm RMSNorms inside the q|k|v and gate|up kernels (x scaled per K block, divided by
+# its rms at the end). Off by default: measured slower on an H100 (benchmarks/NOTES.md, session 9).
+NORM_IN_MATMUL = False
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype) -> jax.Array:

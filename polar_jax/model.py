@@ -28,6 +28,9 @@ OPT_POSITION_OFFSET = 2
 # Prompt tokens prefilled at once; larger batches are prefilled a group of rows at a time.
 PREFILL_MAX_TOKENS = 16384
 
+# With layers.DECODE_MATMUL on one device: a linear head router's scores as extra programs of the q|k|v kernel
+# (`skinny_matmul`'s side weight) instead of an XLA dot and its split-K sum (A/B runs; set at process start).
+ROUTER_IN_QKV = True
 
 def prefill_group_rows(batch: int, length: int, max_tokens: int) -> int:
   """Rows per prefill group: the largest divisor of `batch` whose tokens fit `max_tokens` (at least 1)."""
@@ -84,18 +87,21 @@ class DecoderLayer(nnx.Module):
     `selector_plan` (`SparseDecode.hooks`' `selector.plan(layer)`) says whether the selection is a linear
     router the q|k|v kernel can evaluate itself.
 
-    On one device with `layers.DECODE_MATMUL` (`pallas_kernels.skinny_matmul`), pre-norm RMSNorm layers read the
-    residual stream directly: the q|k|v kernel norms it (and computes a linear router's scores as extra
-    programs), o_proj and down_proj add the residual, the gate|up kernel norms its input: no norm or add
-    kernels of their own."""
+    On one device with `layers.DECODE_MATMUL` (`pallas_kernels.skinny_matmul`): o_proj and down_proj add the
+    residual in their epilogues, and a linear router's scores come from extra programs of the q|k|v kernel;
+    with `layers.NORM_IN_MATMUL` pre-norm RMSNorm layers also norm inside the q|k|v and gate|up kernels."""
     plan = selector_plan or (("dense",) if selector_fn is None else ("x",))
     one_device = layers.DECODE_MATMUL and getattr(self.attn, "mesh", None) is None
-    rms = self.pre_norm and isinstance(self.attn_norm, layers.RMSNorm)
-    if (one_device and rms and mlp_fn is None and self.attn.fused_qkv_decode and plan[0] != "x" and (
-        plan[0] == "dense" or plan[1].dtype == self.attn.qkv_proj.kernel.dtype)):
-      h, k_cache, v_cache = self.attn.decode(h_bd, lengths_b, k_cache, v_cache, implementation=implementation,
-                                             residual_bd=h_bd, norm=self.attn_norm,
-                                             router=plan[1:] if plan[0] == "linear" else None)
+    rms = self.pre_norm and isinstance(self.attn_norm, layers.RMSNorm) and layers.NORM_IN_MATMUL
+    router = plan[1:] if ROUTER_IN_QKV and plan[0] == "linear" and plan[1].dtype == getattr(
+        self.attn.qkv_proj, "kernel", plan[1]).dtype else None
+    if one_device and mlp_fn is None and self.attn.fused_qkv_decode and (router or (rms and plan[0] == "dense")):
+      # the linear router's scores from the q|k|v kernel (and the norm in it)
+      x = h_bd if rms else (self.attn_norm(h_bd) if self.pre_norm else h_bd)
+      h, k_cache, v_cache = self.attn.decode(x, lengths_b, k_cache, v_cache, implementation=implementation,
+                                             residual_bd=h_bd, norm=self.attn_norm if rms else None,
+                                             router=router)
+      h = h if self.pre_norm else self.attn_norm(h)
     else:
       x = self.attn_norm(h_bd) if self.pre_norm else h_bd
       group_idx = selector_fn(x) if selector_fn is not None else None
@@ -104,7 +110,7 @@ class DecoderLayer(nnx.Module):
       h = h if self.pre_norm else self.attn_norm(h)
     if mlp_fn is None and isinstance(self.mlp, GatedMLP) and one_device:
       # the residual add in down_proj's epilogue; an RMSNorm pre-norm in the gate|up kernel
-      if rms and isinstance(self.mlp_norm, layers.RMSNorm):
+      if rms and isinstance(self.mlp_norm, layers.RMSNorm):   # (NORM_IN_MATMUL)
         return self.mlp.decode(h, residual_md=h, norm=self.mlp_norm, implementation=implementation), k_cache, v_cache
       y = self.mlp_norm(h) if self.pre_norm else h
       out = self.mlp.decode(y, residual_md=h, implementation=implementation)

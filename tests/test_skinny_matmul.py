@@ -189,9 +189,11 @@ def test_linear_decode_matches_call(bias):
     lin.bias[...] = jnp.linspace(-1, 1, 80)
   x = jax.random.normal(jax.random.key(1), (3, 96))
   res = jax.random.normal(jax.random.key(2), (3, 80))
-  ref = lin(x, residual=res)
+  ref = (np.asarray(x, np.float64) @ np.asarray(lin.kernel[...], np.float64) + np.asarray(res, np.float64)
+         + (np.asarray(lin.bias[...], np.float64) if bias else 0))   # not lin(x): XLA's float32 dot is TF32 on GPUs
+  np.testing.assert_allclose(np.asarray(lin(x, residual=res)), ref, rtol=2e-3, atol=2e-3)
   for impl in ("pallas", "xla"):
-    np.testing.assert_allclose(np.asarray(lin.decode(x, residual=res, implementation=impl)), np.asarray(ref),
+    np.testing.assert_allclose(np.asarray(lin.decode(x, residual=res, implementation=impl)), ref,
                                rtol=1e-5, atol=1e-5)
 
 
@@ -204,6 +206,7 @@ def test_decode_step_with_and_without_the_kernel(config, monkeypatch):
   lengths = jnp.asarray([5, 2, 3], jnp.int32)
   _, cache = model.prefill(tokens, lengths, KVCache.init(config, 3, 16, jnp.float32))
   outs = {}
+  monkeypatch.setattr(layers, "NORM_IN_MATMUL", True)    # the norms inside the kernels too
   for on in (True, False):
     monkeypatch.setattr(layers, "DECODE_MATMUL", on)
     logits, new = model.decode_step(jnp.asarray([1, 2, 3], jnp.int32), cache, implementation="pallas")
@@ -212,7 +215,8 @@ def test_decode_step_with_and_without_the_kernel(config, monkeypatch):
   np.testing.assert_allclose(np.asarray(outs[True][1]), np.asarray(outs[False][1]), rtol=1e-5, atol=1e-5)
 
 
-def test_sparse_decode_router_in_the_qkv_kernel(monkeypatch):
+@pytest.mark.parametrize("norm_in_matmul", [False, True])
+def test_sparse_decode_router_in_the_qkv_kernel(norm_in_matmul, monkeypatch):
   """Sparse decode with a head router: on the kernel path the router scores come out of the q|k|v kernel (a side
   weight, the norm inside it) and the logits equal those of XLA's norms, dots and router (same groups chosen)."""
   from polar_jax.routers import Routers
@@ -235,9 +239,13 @@ def test_sparse_decode_router_in_the_qkv_kernel(monkeypatch):
     return real(*args, **kwargs)
 
   monkeypatch.setattr(pallas_kernels, "skinny_matmul", spy)
+  monkeypatch.setattr(layers, "NORM_IN_MATMUL", norm_in_matmul)
   logits = {}
   for on in (True, False):
     monkeypatch.setattr(layers, "DECODE_MATMUL", on)
     logits[on], _ = decode(model, jnp.asarray([1, 2, 3], jnp.int32), cache, state)
-  assert ["norm_scale_K", "side_w_KP"] in calls and ["norm_scale_K"] in calls   # routed layer; layer 0 / MLPs
+  if norm_in_matmul:
+    assert ["norm_scale_K", "side_w_KP"] in calls and ["norm_scale_K"] in calls   # routed layer; layer 0 / MLPs
+  else:
+    assert ["side_w_KP"] in calls and not any("norm_scale_K" in c for c in calls)
   np.testing.assert_allclose(np.asarray(logits[True]), np.asarray(logits[False]), rtol=1e-4, atol=1e-4)
