@@ -103,6 +103,9 @@ def add_step_switches(parser) -> None:
   parser.add_argument("--no-router-in-qkv", action="store_true",
                       help="a linear head router as its own XLA dot, not extra programs of the q|k|v kernel "
                            "(polar_jax.model.ROUTER_IN_QKV)")
+  parser.add_argument("--no-glu-epilogue", action="store_true",
+                      help="the gated MLP's act(gate) * up as an XLA fusion, not in the gate|up kernel's epilogue "
+                           "(polar_jax.mlp.GLU_EPILOGUE)")
   parser.add_argument("--attention-kernel", default="persistent", choices=["persistent", "direct"],
                       help="unsplit decode attention: the persistent kernel (default) or one direct program per "
                            "(row, group) (decode_attention_triton.PERSISTENT)")
@@ -115,10 +118,12 @@ def apply_step_switches(args) -> dict[str, Any]:
   decode_attention_triton.APPEND_IN_KERNEL = args.append_in_kernel
   decode_attention_triton.PERSISTENT = args.attention_kernel == "persistent"
   attention.FUSED_ROPE_APPEND = not args.no_rope_append
-  from polar_jax import model  # pylint: disable=import-outside-toplevel
+  from polar_jax import mlp, model  # pylint: disable=import-outside-toplevel
+  mlp.GLU_EPILOGUE = not args.no_glu_epilogue
   layers.DECODE_MATMUL = not args.no_decode_matmul
   layers.NORM_IN_MATMUL = args.norm_in_matmul
   model.ROUTER_IN_QKV = not args.no_router_in_qkv
   return dict(append_in_kernel=args.append_in_kernel, attention_kernel=args.attention_kernel,
               rope_append=not args.no_rope_append, decode_matmul=not args.no_decode_matmul,
-              norm_in_matmul=args.norm_in_matmul, router_in_qkv=not args.no_router_in_qkv)
+              norm_in_matmul=args.norm_in_matmul, router_in_qkv=not args.no_router_in_qkv,
+              glu_epilogue=not args.no_glu_epilogue)

@@ -21,11 +21,13 @@ from pallas_kernels.gather_matmul import gather_matmul_rows
 from pallas_kernels.gather_matmul_triton import GatherConfig
 from pallas_kernels.rope_append import rope_append
 from pallas_kernels.skinny_matmul import MatmulConfig
+from pallas_kernels.skinny_matmul_xla import GLU_ACTIVATIONS
 from pallas_kernels.skinny_matmul import skinny_matmul
 from pallas_kernels.topk_select import topk_select
 
 __all__ = [
     "AttentionConfig",
+    "GLU_ACTIVATIONS",
     "GatherConfig",
     "MatmulConfig",
     "gather_matmul_cols",

@@ -7,7 +7,9 @@
 residual in `out_dtype` (the model's `h + o_proj(ctx)`). With `norm_scale_K`, x is RMS-normed first (the layer's
 pre-norm, `polar_jax.layers.RMSNorm`; the kernel scales x in its loop and divides by the row's rms at the end, so
 the normed x is never written). With `side_w_KP`, a second small weight (a head router) is streamed by extra
-programs of the same kernel and its float32 product `x @ side_w + side_b` is returned too. "pallas": one kernel that streams the weight once and
+programs of the same kernel and its float32 product `x @ side_w + side_b` is returned too. With `glu="silu"`,
+w's columns are neuron-interleaved (gate, up) pairs (a fused gate|up projection) and the output is
+`silu(gate) * up` (N / 2 wide), computed in the kernel's epilogue from the float32 sums. "pallas": one kernel that streams the weight once and
 writes the finished output (`skinny_matmul_triton`: no float32 partials for a separate XLA reduce); "xla": the
 reference (`skinny_matmul_xla`), also used for shapes the kernel does not take (rows > `MAX_ROWS`, dtypes other
 than bfloat16 / float16 / float32).
@@ -30,8 +32,8 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, norm_scale_K=None,
-                  norm_eps: float = 1e-6, side_w_KP=None, side_b_P=None, implementation: str | None = None,
-                  config: MatmulConfig | None = None):
+                  norm_eps: float = 1e-6, side_w_KP=None, side_b_P=None, glu: str | None = None,
+                  implementation: str | None = None, config: MatmulConfig | None = None):
   """See the module docstring. Raises ValueError on inconsistent shapes or dtypes."""
   if x_MK.ndim != 2 or w_KN.ndim != 2 or x_MK.shape[1] != w_KN.shape[0]:
     raise ValueError(f"skinny_matmul needs x [M, K] and w [K, N], got {x_MK.shape} and {w_KN.shape}")
@@ -39,6 +41,9 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
   if bias_N is not None and bias_N.shape != (n,):
     raise ValueError(f"bias must have shape ({n},), got {bias_N.shape}")
   out_dtype = jnp.dtype(out_dtype or w_KN.dtype)
+  if glu is not None and (glu not in _xla.GLU_ACTIVATIONS or n % 2 or residual_MN is not None):
+    raise ValueError(f"glu must be one of {sorted(_xla.GLU_ACTIVATIONS)} with an even N and no residual, got "
+                     f"{glu!r}, N={n}")
   if residual_MN is not None and (residual_MN.shape != (m, n) or residual_MN.dtype != out_dtype):
     raise ValueError(f"residual must be [{m}, {n}] {out_dtype.name}, got {residual_MN.shape} "
                      f"{residual_MN.dtype}")
@@ -56,11 +61,12 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
       config = dataclasses.replace(config, num_splits=1) if fused else config
     elif fused and config.num_splits > 1:
       raise ValueError("skinny_matmul: a norm or a side weight needs config.num_splits == 1")
-    return _triton.skinny_matmul_triton(x_MK.astype(w_KN.dtype), w_KN, bias_N, residual_MN, norm_scale_K,
-                                        side_w_KP, side_b_P, out_dtype=out_dtype, norm_eps=float(norm_eps),
-                                        config=config, interpret=_platform.interpret_mode())
+    if glu is None or n % config.block_n == 0:      # (the gated epilogue takes whole (gate, up) tiles)
+      return _triton.skinny_matmul_triton(x_MK.astype(w_KN.dtype), w_KN, bias_N, residual_MN, norm_scale_K,
+                                          side_w_KP, side_b_P, out_dtype=out_dtype, norm_eps=float(norm_eps),
+                                          glu=glu, config=config, interpret=_platform.interpret_mode())
   return _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype, norm_scale_K=norm_scale_K,
-                  norm_eps=float(norm_eps), side_w_KP=side_w_KP, side_b_P=side_b_P)
+                  norm_eps=float(norm_eps), side_w_KP=side_w_KP, side_b_P=side_b_P, glu=glu)
 
 
-_xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "norm_eps"))
+_xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "norm_eps", "glu"))

@@ -68,8 +68,12 @@ def choose_config(m: int, k: int, n: int, itemsize: int, num_sms: int | None = N
   return MatmulConfig(bm, bn, bk, ns, num_warps=4, num_stages=stages)
 
 
+def _silu(y):
+  return y / (1.0 + jnp.exp(-y))
+
+
 def _kernel(x_ref, w_ref, b_ref, r_ref, s_ref, w2_ref, b2_ref, *refs, cfg: MatmulConfig, side_bn: int,
-            eps: float, interpret: bool):
+            eps: float, glu: bool, interpret: bool):
   """x_ref [M, K], w_ref [K, N], b_ref [N], r_ref [M, N], s_ref [K] (RMSNorm scale), w2_ref [K, N2], b2_ref [N2]
   (each but x and w may be None); outputs o_ref [M, N] (+ o2_ref [M, N2] float32 with w2; + workspace and
   counters with splits). Program (m, split, n): n < N / block_n streams a column tile of w, later ones of w2."""
@@ -130,6 +134,11 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, s_ref, w2_ref, b2_ref, *refs, cfg: Matmu
     def epilogue(y):
       if b_ref is not None:
         y = y + b_ref[cols_n].astype(jnp.float32)[None, :]
+      if glu:   # neuron-interleaved columns (gate, up): out[:, j] = silu(gate_j) * up_j, half as wide
+        gate, up = jnp.unstack(y.reshape(bm, bn // 2, 2), axis=-1)
+        half = pn * (bn // 2) + jnp.arange(bn // 2, dtype=jnp.int32)
+        o_ref[rows_m[:, None], half[None, :]] = (_silu(gate) * up).astype(o_ref.dtype)
+        return
       if r_ref is not None:   # round to the output dtype first: the same sum as `residual + y` in that dtype
         y = (y.astype(o_ref.dtype).astype(jnp.float32)
              + r_ref[rows_m[:, None], cols_n[None, :]].astype(jnp.float32))
@@ -157,12 +166,14 @@ def side_block(n2: int, block_n: int) -> int:
   return min(block_n, max(16, _platform.next_pow2(n2)))
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "norm_eps", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "norm_eps", "glu", "config", "interpret"))
 def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_KP, side_b_P, *, out_dtype,
-                         norm_eps: float, config: MatmulConfig, interpret: bool):
-  """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype; no splits with a norm or a side weight).
-  Grid (M blocks, splits, N blocks + side blocks)."""
+                         norm_eps: float, glu: str | None, config: MatmulConfig, interpret: bool):
+  """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype; no splits with a norm or a side weight;
+  glu "silu" needs N % block_n == 0 and no residual). Grid (M blocks, splits, N blocks + side blocks)."""
   (m, _), n = x_MK.shape, w_KN.shape[1]
+  if glu is not None and (glu != "silu" or n % config.block_n or residual_MN is not None):
+    raise ValueError(f"skinny_matmul_triton: glu={glu!r} needs 'silu', N % block_n == 0 and no residual")
   bm, bn, ns = config.block_m, config.block_n, config.num_splits
   m_blocks, n_blocks = pl.cdiv(m, bm), pl.cdiv(n, bn)
   side_bn = side_block(side_w_KP.shape[1], bn) if side_w_KP is not None else bn
@@ -170,7 +181,7 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_K
   if ns > 1 and (norm_scale_K is not None or side_w_KP is not None):
     raise ValueError("skinny_matmul: a norm or a side weight needs num_splits == 1")
   operands = [x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_KP, side_b_P]
-  out_shape = [jax.ShapeDtypeStruct((m, n), out_dtype)]
+  out_shape = [jax.ShapeDtypeStruct((m, n // 2 if glu else n), out_dtype)]
   if side_w_KP is not None:
     out_shape.append(jax.ShapeDtypeStruct((m, side_w_KP.shape[1]), jnp.float32))
   aliases = {}
@@ -182,7 +193,8 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_K
                   jax.ShapeDtypeStruct(counters.shape, counters.dtype)]
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
   outs = pl.pallas_call(
-      functools.partial(_kernel, cfg=config, side_bn=side_bn, eps=norm_eps, interpret=interpret),
+      functools.partial(_kernel, cfg=config, side_bn=side_bn, eps=norm_eps, glu=glu is not None,
+                        interpret=interpret),
       grid=(m_blocks, ns, n_blocks + side_blocks),
       in_specs=[None if a is None else whole(a.shape) for a in operands],
       out_specs=[whole(s.shape) for s in out_shape],

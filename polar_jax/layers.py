@@ -49,12 +49,13 @@ class Linear(nnx.Module):
     return y if residual is None else residual + y
 
   def decode(self, x_md: jax.Array, out_dtype=None, *, residual: jax.Array | None = None, norm=None, side=None,
-             implementation: str | None = None):
+             glu: str | None = None, implementation: str | None = None):
     """The decode step's projection of a few rows `[M, in]`: `pallas_kernels.skinny_matmul` (one kernel that
     streams the weight once and adds the bias and the residual in its epilogue; the XLA reference off GPU).
     Same values as `__call__` up to float32 summation order. `norm`: an `RMSNorm` applied to x first (inside
     the kernel). `side=(w [in, P], b [P])`: also returns float32 `x @ w + b` of the same (normed) x, computed by
-    extra programs of the kernel (a head router): `(y, side_y)`."""
+    extra programs of the kernel (a head router): `(y, side_y)`. `glu="silu"`: the columns are (gate, up) pairs
+    (a fused gate|up projection) and the result is `silu(gate) * up`, half as wide, from the float32 sums."""
     bias = None if self.bias is None else self.bias[...]
     kernel = self.kernel[...]
     out_dtype = out_dtype or kernel.dtype
@@ -65,7 +66,7 @@ class Linear(nnx.Module):
       kw.update(norm_scale_K=norm.scale[...], norm_eps=norm.eps)
     if side is not None:
       kw.update(side_w_KP=side[0], side_b_P=side[1])
-    return pallas_kernels.skinny_matmul(x_md, kernel, bias, residual, out_dtype=out_dtype,
+    return pallas_kernels.skinny_matmul(x_md, kernel, bias, residual, out_dtype=out_dtype, glu=glu,
                                         implementation=implementation, **kw)
 
 

@@ -11,6 +11,10 @@ from polar_jax.config import ModelConfig
 from polar_jax.fusion import split_gate_up
 from polar_jax.layers import Linear, _normal
 
+# GatedMLP.decode with a fused gate|up: act(gate) * up in the skinny_matmul kernel's epilogue (off: the float32
+# product written and the activation as an XLA fusion; A/B runs, set at process start).
+GLU_EPILOGUE = True
+
 ACTIVATIONS = {
     "relu": jax.nn.relu,
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),
@@ -44,6 +48,10 @@ class GatedMLP(nnx.Module):
     `mlp(norm(x))`, the norm applied inside the gate/up kernels."""
     act = ACTIVATIONS[self.activation]
     kw = dict(norm=norm, implementation=implementation)
+    if self.gate_up_proj is not None and GLU_EPILOGUE and self.activation in pallas_kernels.GLU_ACTIVATIONS:
+      # act(gate) * up in the gate|up kernel's epilogue: the [M, 2F] float32 product is never written
+      h = self.gate_up_proj.decode(x_md, x_md.dtype, glu=self.activation, **kw)
+      return self.down_proj.decode(h, residual=residual_md, implementation=implementation)
     if self.gate_up_proj is not None:
       gate, up = split_gate_up(self.gate_up_proj.decode(x_md, jnp.float32, **kw))
     else:

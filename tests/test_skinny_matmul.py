@@ -157,6 +157,38 @@ def test_norm_and_side_weight(case, what):
     assert np.all(np.abs(np.asarray(g, np.float64) - np.asarray(r, np.float64)) <= bound + 1e-6)
 
 
+@pytest.mark.parametrize("m, k, n, dtype, cfg", [
+    (5, 300, 256, jnp.float32, None), (32, 512, 512, jnp.bfloat16, MatmulConfig(32, 256, 64, 1)),
+    (3, 256, 192, jnp.bfloat16, MatmulConfig(16, 64, 64, 2)),          # split K
+    (3, 256, 200, jnp.bfloat16, MatmulConfig(16, 64, 64, 1))])         # N % block_n: the XLA path
+def test_silu_glu_epilogue(m, k, n, dtype, cfg):
+  """glu="silu": neuron-interleaved (gate, up) columns -> silu(gate) * up, half as wide, vs float64."""
+  x, w, _, _ = _inputs(6, m, k, n, dtype, dtype, False, False)
+  y = skinny_matmul(x, w, glu="silu", implementation="pallas", config=cfg)
+  assert y.shape == (m, n // 2) and y.dtype == dtype
+  pre = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
+  gate, up = pre[:, 0::2], pre[:, 1::2]
+  want = gate / (1 + np.exp(-gate)) * up
+  mag = (np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64)))
+  acc = 4 * k * 1.2e-7 * mag
+  bound = 2 * float(jnp.finfo(dtype).eps) * np.abs(want) + acc[:, 1::2] * (np.abs(gate) + 1) + acc[:, 0::2] * (
+      np.abs(up) + 1)
+  assert np.all(np.abs(np.asarray(y, np.float64) - want) <= bound + 1e-6)
+
+
+def test_gated_mlp_decode_matches_call():
+  """GatedMLP.decode (fused gate|up with the silu epilogue, down_proj with the residual) == h + mlp(x)."""
+  model = fusion.fuse_projections(init_model(LLAMA_GQA, seed=2))
+  mlp = model.layers[0].mlp
+  x = jax.random.normal(jax.random.key(3), (3, 64))
+  h = jax.random.normal(jax.random.key(4), (3, 64))
+  with jax.default_matmul_precision("highest"):
+    ref = np.asarray(h + mlp(x))
+    for impl in ("pallas", "xla"):
+      np.testing.assert_allclose(np.asarray(mlp.decode(x, residual_md=h, implementation=impl)), ref, rtol=1e-5,
+                                 atol=1e-5)
+
+
 def test_bad_input():
   x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
   with pytest.raises(ValueError, match="x \\[M, K\\] and w \\[K, N\\]"):
@@ -171,6 +203,10 @@ def test_bad_input():
     skinny_matmul(x, w, norm_scale_K=jnp.ones((7,)))
   with pytest.raises(ValueError, match="side weight"):
     skinny_matmul(x, w, side_w_KP=jnp.ones((8, 4), jnp.bfloat16))
+  with pytest.raises(ValueError, match="glu must be"):
+    skinny_matmul(x, w, glu="relu")
+  with pytest.raises(ValueError, match="glu must be"):
+    skinny_matmul(x, jnp.ones((8, 15)), glu="silu")                 # odd N
   with pytest.raises(ValueError, match="num_splits == 1"):
     skinny_matmul(x, w, norm_scale_K=jnp.ones((8,)), implementation="pallas", config=MatmulConfig(16, 16, 16, 2))
 
@@ -209,7 +245,8 @@ def test_decode_step_with_and_without_the_kernel(config, monkeypatch):
   monkeypatch.setattr(layers, "NORM_IN_MATMUL", True)    # the norms inside the kernels too
   for on in (True, False):
     monkeypatch.setattr(layers, "DECODE_MATMUL", on)
-    logits, new = model.decode_step(jnp.asarray([1, 2, 3], jnp.int32), cache, implementation="pallas")
+    with jax.default_matmul_precision("highest"):         # (XLA's float32 dots are TF32 on GPUs)
+      logits, new = model.decode_step(jnp.asarray([1, 2, 3], jnp.int32), cache, implementation="pallas")
     outs[on] = (logits, new.k_bhsd[1])
   np.testing.assert_allclose(np.asarray(outs[True][0]), np.asarray(outs[False][0]), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(np.asarray(outs[True][1]), np.asarray(outs[False][1]), rtol=1e-5, atol=1e-5)
@@ -243,7 +280,8 @@ def test_sparse_decode_router_in_the_qkv_kernel(norm_in_matmul, monkeypatch):
   logits = {}
   for on in (True, False):
     monkeypatch.setattr(layers, "DECODE_MATMUL", on)
-    logits[on], _ = decode(model, jnp.asarray([1, 2, 3], jnp.int32), cache, state)
+    with jax.default_matmul_precision("highest"):         # (XLA's float32 dots are TF32 on GPUs)
+      logits[on], _ = decode(model, jnp.asarray([1, 2, 3], jnp.int32), cache, state)
   if norm_in_matmul:
     assert ["norm_scale_K", "side_w_KP"] in calls and ["norm_scale_K"] in calls   # routed layer; layer 0 / MLPs
   else:
