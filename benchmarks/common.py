@@ -106,6 +106,8 @@ def add_step_switches(parser) -> None:
   parser.add_argument("--no-glu-epilogue", action="store_true",
                       help="the gated MLP's act(gate) * up as an XLA fusion, not in the gate|up kernel's epilogue "
                            "(polar_jax.mlp.GLU_EPILOGUE)")
+  parser.add_argument("--no-chained-counters", action="store_true",
+                      help="o_proj / down_proj zero-fill their own split-K counters (polar_jax.layers.CHAINED_COUNTERS)")
   parser.add_argument("--attention-kernel", default="persistent", choices=["persistent", "direct"],
                       help="unsplit decode attention: the persistent kernel (default) or one direct program per "
                            "(row, group) (decode_attention_triton.PERSISTENT)")
@@ -122,8 +124,9 @@ def apply_step_switches(args) -> dict[str, Any]:
   mlp.GLU_EPILOGUE = not args.no_glu_epilogue
   layers.DECODE_MATMUL = not args.no_decode_matmul
   layers.NORM_IN_MATMUL = args.norm_in_matmul
+  layers.CHAINED_COUNTERS = not args.no_chained_counters
   model.ROUTER_IN_QKV = not args.no_router_in_qkv
   return dict(append_in_kernel=args.append_in_kernel, attention_kernel=args.attention_kernel,
               rope_append=not args.no_rope_append, decode_matmul=not args.no_decode_matmul,
               norm_in_matmul=args.norm_in_matmul, router_in_qkv=not args.no_router_in_qkv,
-              glu_epilogue=not args.no_glu_epilogue)
+              glu_epilogue=not args.no_glu_epilogue, chained_counters=not args.no_chained_counters)

@@ -33,8 +33,13 @@ _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, norm_scale_K=None,
                   norm_eps: float = 1e-6, side_w_KP=None, side_b_P=None, glu: str | None = None,
-                  implementation: str | None = None, config: MatmulConfig | None = None):
-  """See the module docstring. Raises ValueError on inconsistent shapes or dtypes."""
+                  counters_C=None, emit_counters: bool = False, implementation: str | None = None,
+                  config: MatmulConfig | None = None):
+  """See the module docstring. Raises ValueError on inconsistent shapes or dtypes.
+
+  `emit_counters=True` appends a zeroed int32 `[COUNTERS]` buffer to the results, written by this kernel; pass
+  it as `counters_C` to the next call, whose split-K counters then need no zero-fill kernel (XLA materialises a
+  constant zeros operand with a copy before each kernel that updates it in place)."""
   if x_MK.ndim != 2 or w_KN.ndim != 2 or x_MK.shape[1] != w_KN.shape[0]:
     raise ValueError(f"skinny_matmul needs x [M, K] and w [K, N], got {x_MK.shape} and {w_KN.shape}")
   (m, k), n = x_MK.shape, w_KN.shape[1]
@@ -63,10 +68,14 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
       raise ValueError("skinny_matmul: a norm or a side weight needs config.num_splits == 1")
     if glu is None or n % config.block_n == 0:      # (the gated epilogue takes whole (gate, up) tiles)
       return _triton.skinny_matmul_triton(x_MK.astype(w_KN.dtype), w_KN, bias_N, residual_MN, norm_scale_K,
-                                          side_w_KP, side_b_P, out_dtype=out_dtype, norm_eps=float(norm_eps),
-                                          glu=glu, config=config, interpret=_platform.interpret_mode())
-  return _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype, norm_scale_K=norm_scale_K,
-                  norm_eps=float(norm_eps), side_w_KP=side_w_KP, side_b_P=side_b_P, glu=glu)
+                                          side_w_KP, side_b_P, counters_C, out_dtype=out_dtype,
+                                          norm_eps=float(norm_eps), glu=glu, emit_counters=emit_counters,
+                                          config=config, interpret=_platform.interpret_mode())
+  out = _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype, norm_scale_K=norm_scale_K,
+                 norm_eps=float(norm_eps), side_w_KP=side_w_KP, side_b_P=side_b_P, glu=glu)
+  if not emit_counters:
+    return out
+  return (*(out if isinstance(out, tuple) else (out,)), jnp.zeros((_triton.COUNTERS,), jnp.int32))
 
 
 _xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "norm_eps", "glu"))

@@ -73,10 +73,12 @@ def _silu(y):
 
 
 def _kernel(x_ref, w_ref, b_ref, r_ref, s_ref, w2_ref, b2_ref, *refs, cfg: MatmulConfig, side_bn: int,
-            eps: float, glu: bool, interpret: bool):
+            eps: float, glu: bool, emit: int, interpret: bool):
   """x_ref [M, K], w_ref [K, N], b_ref [N], r_ref [M, N], s_ref [K] (RMSNorm scale), w2_ref [K, N2], b2_ref [N2]
   (each but x and w may be None); outputs o_ref [M, N] (+ o2_ref [M, N2] float32 with w2; + workspace and
   counters with splits). Program (m, split, n): n < N / block_n streams a column tile of w, later ones of w2."""
+  refs = list(refs)
+  z_ref = refs.pop() if emit else None
   if cfg.num_splits > 1:
     _, o_ref, ws_ref, cnt_ref = refs
     o2_ref = None
@@ -84,6 +86,11 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, s_ref, w2_ref, b2_ref, *refs, cfg: Matmu
     (o_ref, *o2), ws_ref, cnt_ref = refs, None, None
     o2_ref = o2[0] if o2 else None
   pm, split, pn = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  if emit:   # zeroed split-K counters for the next skinny_matmul (no XLA zero-fill / copy kernel before it)
+    @pl.when((pm == 0) & (split == 0) & (pn == 0))
+    def _():
+      z_ref[...] = jnp.zeros((emit,), jnp.int32)
+
   (m, kdim), n = x_ref.shape, w_ref.shape[1]
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   ws_m, rows_m = _split_k.tile_lanes(pm, bm, m)
@@ -166,11 +173,20 @@ def side_block(n2: int, block_n: int) -> int:
   return min(block_n, max(16, _platform.next_pow2(n2)))
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "norm_eps", "glu", "config", "interpret"))
-def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_KP, side_b_P, *, out_dtype,
-                         norm_eps: float, glu: str | None, config: MatmulConfig, interpret: bool):
+# Entries of the split-K counter buffers passed between calls (`counters_C`, `emit_counters`).
+COUNTERS = 1024
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "norm_eps", "glu", "emit_counters", "config",
+                                             "interpret"))
+def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_KP, side_b_P, counters_C=None, *,
+                         out_dtype, norm_eps: float, glu: str | None, emit_counters: bool = False,
+                         config: MatmulConfig, interpret: bool):
   """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype; no splits with a norm or a side weight;
-  glu "silu" needs N % block_n == 0 and no residual). Grid (M blocks, splits, N blocks + side blocks)."""
+  glu "silu" needs N % block_n == 0 and no residual). Grid (M blocks, splits, N blocks + side blocks).
+
+  counters_C: a zeroed int32 [COUNTERS] buffer for the split-K counters (consumed), else they are zero-filled
+  here. emit_counters: also return such a buffer, zeroed by this kernel, for the next call."""
   (m, _), n = x_MK.shape, w_KN.shape[1]
   if glu is not None and (glu != "silu" or n % config.block_n or residual_MN is not None):
     raise ValueError(f"skinny_matmul_triton: glu={glu!r} needs 'silu', N % block_n == 0 and no residual")
@@ -186,15 +202,19 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_K
     out_shape.append(jax.ShapeDtypeStruct((m, side_w_KP.shape[1]), jnp.float32))
   aliases = {}
   if ns > 1:
-    counters = jnp.zeros((m_blocks * n_blocks,), jnp.int32)
+    tiles = m_blocks * n_blocks
+    counters = (counters_C if counters_C is not None and counters_C.shape[0] >= tiles
+                else jnp.zeros((tiles,), jnp.int32))
     aliases = {sum(a is not None for a in operands): 2}   # alias indices count flattened inputs (no None)
     operands.append(counters)
     out_shape += [jax.ShapeDtypeStruct((ns, m_blocks * bm, n_blocks * bn), jnp.float32),
                   jax.ShapeDtypeStruct(counters.shape, counters.dtype)]
+  if emit_counters:
+    out_shape.append(jax.ShapeDtypeStruct((COUNTERS,), jnp.int32))
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
   outs = pl.pallas_call(
       functools.partial(_kernel, cfg=config, side_bn=side_bn, eps=norm_eps, glu=glu is not None,
-                        interpret=interpret),
+                        emit=COUNTERS if emit_counters else 0, interpret=interpret),
       grid=(m_blocks, ns, n_blocks + side_blocks),
       in_specs=[None if a is None else whole(a.shape) for a in operands],
       out_specs=[whole(s.shape) for s in out_shape],
@@ -204,4 +224,7 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_K
       interpret=interpret,
       name="skinny_matmul",
   )(*operands)
-  return (outs[0], outs[1]) if side_w_KP is not None else outs[0]
+  results = (outs[0], outs[1]) if side_w_KP is not None else (outs[0],)
+  if emit_counters:
+    results += (outs[-1],)
+  return results if len(results) > 1 else results[0]

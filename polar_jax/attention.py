@@ -163,20 +163,25 @@ class Attention(nnx.Module):
     if mesh is None and self.qkv_proj is not None and FUSED_ROPE_APPEND:
       # One kernel rotates q and k of the fused projection and writes K/V of every group at slot lengths_b.
       inv_freq = None if self.inv_freq is None else jnp.asarray(self.inv_freq, jnp.float32)
-      if norm is not None or router is not None:
+      counters = None
+      if layers.DECODE_MATMUL:
+        # (the router's scores from extra programs; zeroed split-K counters handed on to o_proj)
         out = self.qkv_proj.decode(x_bd, norm=norm, side=None if router is None else router[:2],
-                                   implementation=implementation)
-        qkv_bn, group_idx_bk = (out[0], router[2](out[1])) if router is not None else (out, group_idx_bk)
+                                   emit_counters=layers.CHAINED_COUNTERS, implementation=implementation)
+        out = list(out) if isinstance(out, tuple) else [out]
+        counters = out.pop() if layers.CHAINED_COUNTERS else None
+        qkv_bn = out[0]
+        if router is not None:
+          group_idx_bk = router[2](out[1])
       else:
-        qkv_bn = (self.qkv_proj.decode(x_bd, implementation=implementation) if layers.DECODE_MATMUL
-                  else self.qkv_proj(x_bd))
+        qkv_bn = self.qkv_proj(x_bd)
       q_bhd, k_cache_bhsd, v_cache_bhsd = pallas_kernels.rope_append(
           qkv_bn, lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd, num_heads=self.num_heads,
           implementation=implementation)
       ctx = pallas_kernels.selective_decode_attention(
           q_bhd, k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, scale=self.scale,
           kv_start=kv_start, implementation=implementation)
-      return finish(ctx, k_cache_bhsd, v_cache_bhsd, shards=shards, skinny=layers.DECODE_MATMUL)
+      return finish(ctx, k_cache_bhsd, v_cache_bhsd, shards=shards, skinny=layers.DECODE_MATMUL, counters=counters)
     q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
     if mesh is None:
       # K/V of every group go to slot lengths_b (an XLA scatter, or the direct kernel with append_in_kernel), then
@@ -198,12 +203,12 @@ class Attention(nnx.Module):
     return finish(ctx, k_cache_bhsd, v_cache_bhsd, shards=shards, skinny=False)
 
   def _finish_decode(self, ctx, k_cache_bhsd, v_cache_bhsd, *, oracle_k, shards, return_context, residual_bd,
-                     implementation, skinny):
+                     implementation, skinny, counters=None):
     if oracle_k:
       ctx = keep_top_groups(ctx, self.num_kv_heads, oracle_k, shards=shards)
     ctx_bn = ctx.reshape(ctx.shape[0], -1)
-    out = (self.o_proj.decode(ctx_bn, residual=residual_bd, implementation=implementation) if skinny
-           else self.o_proj(ctx_bn, residual=residual_bd))
+    out = (self.o_proj.decode(ctx_bn, residual=residual_bd, counters=counters, implementation=implementation)
+           if skinny else self.o_proj(ctx_bn, residual=residual_bd))
     if return_context:
       return out, k_cache_bhsd, v_cache_bhsd, ctx
     return out, k_cache_bhsd, v_cache_bhsd

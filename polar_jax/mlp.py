@@ -9,6 +9,7 @@ from flax import nnx
 import pallas_kernels
 from polar_jax.config import ModelConfig
 from polar_jax.fusion import split_gate_up
+from polar_jax import layers
 from polar_jax.layers import Linear, _normal
 
 # GatedMLP.decode with a fused gate|up: act(gate) * up in the skinny_matmul kernel's epilogue (off: the float32
@@ -50,8 +51,11 @@ class GatedMLP(nnx.Module):
     kw = dict(norm=norm, implementation=implementation)
     if self.gate_up_proj is not None and GLU_EPILOGUE and self.activation in pallas_kernels.GLU_ACTIVATIONS:
       # act(gate) * up in the gate|up kernel's epilogue: the [M, 2F] float32 product is never written
-      h = self.gate_up_proj.decode(x_md, x_md.dtype, glu=self.activation, **kw)
-      return self.down_proj.decode(h, residual=residual_md, implementation=implementation)
+      if layers.CHAINED_COUNTERS:
+        h, counters = self.gate_up_proj.decode(x_md, x_md.dtype, glu=self.activation, emit_counters=True, **kw)
+      else:
+        h, counters = self.gate_up_proj.decode(x_md, x_md.dtype, glu=self.activation, **kw), None
+      return self.down_proj.decode(h, residual=residual_md, counters=counters, implementation=implementation)
     if self.gate_up_proj is not None:
       gate, up = split_gate_up(self.gate_up_proj.decode(x_md, jnp.float32, **kw))
     else:

@@ -189,6 +189,20 @@ def test_gated_mlp_decode_matches_call():
                                  atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_emitted_counters_feed_the_next_split_call(impl):
+  """emit_counters: a zeroed int32 buffer comes back with the product; a split call given it as counters_C
+  gives the same result as one that zero-fills its own."""
+  x, w, _, r = _inputs(7, 4, 512, 128, jnp.float32, jnp.float32, False, True)
+  y, zeros = skinny_matmul(x, w, emit_counters=True, implementation=impl, config=MatmulConfig(16, 64, 64, 1))
+  assert zeros.dtype == jnp.int32 and zeros.shape == (skinny_matmul_triton.COUNTERS,)
+  np.testing.assert_array_equal(np.asarray(zeros), 0)
+  cfg = MatmulConfig(16, 64, 64, 4)
+  a = skinny_matmul(y, w[:128], None, r, counters_C=zeros, implementation=impl, config=cfg)
+  b = skinny_matmul(y, w[:128], None, r, implementation=impl, config=cfg)
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
 def test_bad_input():
   x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
   with pytest.raises(ValueError, match="x \\[M, K\\] and w \\[K, N\\]"):
