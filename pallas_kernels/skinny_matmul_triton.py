@@ -116,22 +116,23 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, s_ref, w2_ref, b2_ref, *refs, cfg: Matmu
         x = x_ref[rows_m[:, None], ks[None, :]]
         w = wr[pl.ds(i * bk, bk), pl.ds(tile * width, width)] if n_w % width == 0 else wr[ks[:, None],
                                                                                             cols_n[None, :]]
-      if s_ref is not None:                      # RMSNorm: scale here, 1 / rms(row) after the loop
-        xf = x.astype(jnp.float32)
-        ss = ss + jnp.sum(xf * xf, axis=1)
-        x = (xf * s_ref[ks].astype(jnp.float32)[None, :]).astype(x.dtype)
+      if s_ref is not None:   # RMSNorm: scale here, 1 / rms(row) after the loop (squares summed over K there:
+        xf = x.astype(jnp.float32)                # no cross-lane reduction inside the pipelined loop)
+        ss = ss + xf * xf
+        x = (xf * s_ref[pl.ds(i * bk, bk)].astype(jnp.float32)[None, :] if not masked else
+             xf * s_ref[ks].astype(jnp.float32)[None, :]).astype(x.dtype)
       acc = acc + lax.dot_general(x, w.astype(x.dtype), (((1,), (0,)), ((), ())), precision=precision(w),
                                   preferred_element_type=jnp.float32)
       return acc, ss
 
-    carry = (jnp.zeros((bm, width), jnp.float32), jnp.zeros((bm,), jnp.float32))
+    carry = (jnp.zeros((bm, width), jnp.float32), jnp.zeros((bm, bk) if s_ref is not None else (bm,), jnp.float32))
     if kdim >= bk:                               # (a block wider than K is only ever the masked tail)
       carry = lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
     if kdim % bk:
       carry = lax.fori_loop(jnp.maximum(full_hi, lo), hi, functools.partial(body, masked=True), carry)
     acc, ss = carry
     if s_ref is not None:
-      acc = acc * lax.rsqrt(ss / kdim + eps)[:, None]
+      acc = acc * lax.rsqrt(jnp.sum(ss, axis=1) / kdim + eps)[:, None]
     return acc, ws_n, cols_n
 
   def main():
