@@ -1,4 +1,4 @@
-"""Kernel benchmark: selective decode attention, the gathered MLP and the union top-k vs XLA.
+"""Kernel benchmark: selective decode attention, the gathered MLP, the union top-k and the decode projections vs XLA.
 
 Sweeps the shapes of shared/anchors.md, measures the device copy bandwidth in the
 same run and appends one JSON line per measurement to --out:
@@ -11,6 +11,7 @@ copies when the selected bytes would fit in L2.
 
   python3 benchmarks/kernels.py --out $OUT/kernels.jsonl          # on the GPU
   python3 benchmarks/kernels.py --sweep $OUT/sweep.jsonl --only attn   # tuning
+  python3 benchmarks/kernels.py --only matmul [--families narrow] --out $OUT/k.jsonl   # skinny_matmul vs XLA
   python benchmarks/kernels.py --smoke --out /tmp/k.jsonl          # CPU, interpret
 """
 from __future__ import annotations
