@@ -87,27 +87,35 @@ def append_jsonl(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
       f.write(json.dumps(r, sort_keys=True) + "\n")
 
 
+# The decode step's on/off kernel switches: (record field, module, attribute, default, help). A default-on switch
+# is turned off by `--no-<field>`, a default-off one on by `--<field>` (dashes for underscores).
+STEP_SWITCHES = (
+    ("append_in_kernel", "pallas_kernels.decode_attention_triton", "APPEND_IN_KERNEL", False,
+     "the direct attention kernel writes the new K/V slots"),
+    ("rope_append", "polar_jax.attention", "FUSED_ROPE_APPEND", True,
+     "the fused rope_append kernel (off: XLA's RoPE fusion and K/V scatters)"),
+    ("decode_matmul", "polar_jax.layers", "DECODE_MATMUL", True,
+     "pallas_kernels.skinny_matmul for the decode projections (off: XLA's dots and residual adds)"),
+    ("norm_in_matmul", "polar_jax.layers", "NORM_IN_MATMUL", False,
+     "the pre-norm RMSNorms inside the q|k|v and gate|up kernels"),
+    ("router_in_qkv", "polar_jax.model", "ROUTER_IN_QKV", True,
+     "a linear head router as extra programs of the q|k|v kernel (off: its own XLA dot)"),
+    ("glu_epilogue", "polar_jax.mlp", "GLU_EPILOGUE", True,
+     "the gated MLP's act(gate) * up in the gate|up kernel's epilogue (off: an XLA fusion)"),
+    ("chained_counters", "polar_jax.layers", "CHAINED_COUNTERS", True,
+     "o_proj / down_proj take zeroed split-K counters from the q|k|v / gate|up kernels (off: zero-filled by XLA)"),
+)
+
+
+def _switch_flag(field: str, default: bool) -> str:
+  return ("--no-" if default else "--") + field.replace("_", "-")
+
+
 def add_step_switches(parser) -> None:
   """The decode step's kernel switches shared by `e2e.py` and `profile_step.py` (for A/B runs in one call)."""
-  parser.add_argument("--append-in-kernel", action="store_true",
-                      help="the direct attention kernel writes the new K/V slots "
-                           "(decode_attention_triton.APPEND_IN_KERNEL)")
-  parser.add_argument("--no-rope-append", action="store_true",
-                      help="XLA's RoPE fusion and K/V scatters instead of the fused rope_append kernel "
-                           "(polar_jax.attention.FUSED_ROPE_APPEND)")
-  parser.add_argument("--no-decode-matmul", action="store_true",
-                      help="XLA's dots and residual adds for the decode projections instead of "
-                           "pallas_kernels.skinny_matmul (polar_jax.layers.DECODE_MATMUL)")
-  parser.add_argument("--norm-in-matmul", action="store_true",
-                      help="the pre-norm RMSNorms inside the q|k|v and gate|up kernels (polar_jax.layers.NORM_IN_MATMUL)")
-  parser.add_argument("--no-router-in-qkv", action="store_true",
-                      help="a linear head router as its own XLA dot, not extra programs of the q|k|v kernel "
-                           "(polar_jax.model.ROUTER_IN_QKV)")
-  parser.add_argument("--no-glu-epilogue", action="store_true",
-                      help="the gated MLP's act(gate) * up as an XLA fusion, not in the gate|up kernel's epilogue "
-                           "(polar_jax.mlp.GLU_EPILOGUE)")
-  parser.add_argument("--no-chained-counters", action="store_true",
-                      help="o_proj / down_proj zero-fill their own split-K counters (polar_jax.layers.CHAINED_COUNTERS)")
+  for field, module, attr, default, help_text in STEP_SWITCHES:
+    parser.add_argument(_switch_flag(field, default), dest=field, action="store_false" if default else "store_true",
+                        default=default, help=f"{'turn off: ' if default else ''}{help_text} ({module}.{attr})")
   parser.add_argument("--attention-kernel", default="persistent", choices=["persistent", "direct"],
                       help="unsplit decode attention: the persistent kernel (default) or one direct program per "
                            "(row, group) (decode_attention_triton.PERSISTENT)")
@@ -115,18 +123,10 @@ def add_step_switches(parser) -> None:
 
 def apply_step_switches(args) -> dict[str, Any]:
   """Sets the module switches from `add_step_switches`' flags; returns them as record fields."""
-  from pallas_kernels import decode_attention_triton  # pylint: disable=import-outside-toplevel
-  from polar_jax import attention, layers  # pylint: disable=import-outside-toplevel
-  decode_attention_triton.APPEND_IN_KERNEL = args.append_in_kernel
-  decode_attention_triton.PERSISTENT = args.attention_kernel == "persistent"
-  attention.FUSED_ROPE_APPEND = not args.no_rope_append
-  from polar_jax import mlp, model  # pylint: disable=import-outside-toplevel
-  mlp.GLU_EPILOGUE = not args.no_glu_epilogue
-  layers.DECODE_MATMUL = not args.no_decode_matmul
-  layers.NORM_IN_MATMUL = args.norm_in_matmul
-  layers.CHAINED_COUNTERS = not args.no_chained_counters
-  model.ROUTER_IN_QKV = not args.no_router_in_qkv
-  return dict(append_in_kernel=args.append_in_kernel, attention_kernel=args.attention_kernel,
-              rope_append=not args.no_rope_append, decode_matmul=not args.no_decode_matmul,
-              norm_in_matmul=args.norm_in_matmul, router_in_qkv=not args.no_router_in_qkv,
-              glu_epilogue=not args.no_glu_epilogue, chained_counters=not args.no_chained_counters)
+  import importlib  # pylint: disable=import-outside-toplevel
+  fields = {}
+  for field, module, attr, _, _ in STEP_SWITCHES:
+    setattr(importlib.import_module(module), attr, getattr(args, field))
+    fields[field] = getattr(args, field)
+  importlib.import_module("pallas_kernels.decode_attention_triton").PERSISTENT = args.attention_kernel == "persistent"
+  return dict(fields, attention_kernel=args.attention_kernel)
