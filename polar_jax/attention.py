@@ -164,10 +164,12 @@ class Attention(nnx.Module):
       # One kernel rotates q and k of the fused projection and writes K/V of every group at slot lengths_b.
       inv_freq = None if self.inv_freq is None else jnp.asarray(self.inv_freq, jnp.float32)
       counters = None
-      if layers.DECODE_MATMUL:
-        # (the router's scores from extra programs; zeroed split-K counters handed on to o_proj)
+      if layers.DECODE_MATMUL or norm is not None or router is not None:
+        # (the router's scores from extra programs; zeroed split-K counters handed on to o_proj; with the kernels
+        # switched off, the same math by XLA)
         out = self.qkv_proj.decode(x_bd, norm=norm, side=None if router is None else router[:2],
-                                   emit_counters=layers.CHAINED_COUNTERS, implementation=implementation)
+                                   emit_counters=layers.CHAINED_COUNTERS,
+                                   implementation=implementation if layers.DECODE_MATMUL else "xla")
         out = list(out) if isinstance(out, tuple) else [out]
         counters = out.pop() if layers.CHAINED_COUNTERS else None
         qkv_bn = out[0]

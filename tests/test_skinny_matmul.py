@@ -301,3 +301,33 @@ def test_sparse_decode_router_in_the_qkv_kernel(norm_in_matmul, monkeypatch):
   else:
     assert ["side_w_KP"] in calls and not any("norm_scale_K" in c for c in calls)
   np.testing.assert_allclose(np.asarray(logits[True]), np.asarray(logits[False]), rtol=1e-4, atol=1e-4)
+
+
+def test_attention_decode_router_and_norm_arguments(monkeypatch):
+  """Attention.decode(norm=, router=) selects from the scores it computes, also with the kernels switched off
+  (XLA), and refuses them without a fused q|k|v projection."""
+  model = fusion.fuse_projections(init_model(LLAMA_GQA, seed=5))
+  layer = model.layers[1]
+  h = jax.random.normal(jax.random.key(8), (2, 64))
+  caches = [jnp.zeros((2, 2, 8, 16)) for _ in range(2)]
+  lengths = jnp.asarray([3, 5], jnp.int32)
+  w = jax.random.normal(jax.random.key(9), (64, 2))
+  picked = []
+
+  def pick(scores):
+    picked.append(scores)
+    return jnp.argmax(scores, axis=1)[:, None].astype(jnp.int32)
+
+  outs = []
+  for on in (True, False):
+    monkeypatch.setattr(layers, "DECODE_MATMUL", on)
+    with jax.default_matmul_precision("highest"):
+      outs.append(layer.attn.decode(h, lengths, *caches, norm=layer.attn_norm, router=(w, jnp.zeros(2), pick),
+                                    residual_bd=h)[0])
+  want = np.asarray(layer.attn_norm(h), np.float64) @ np.asarray(w, np.float64)
+  for scores in picked:
+    np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), rtol=1e-4, atol=1e-4)
+  unfused = init_model(LLAMA_GQA, seed=5).layers[1]
+  with pytest.raises(ValueError, match="need a fused q"):
+    unfused.attn.decode(h, lengths, *caches, norm=unfused.attn_norm)
