@@ -94,6 +94,8 @@ STEP_SWITCHES = (
      "the direct attention kernel writes the new K/V slots"),
     ("rope_append", "polar_jax.attention", "FUSED_ROPE_APPEND", True,
      "the fused rope_append kernel (off: XLA's RoPE fusion and K/V scatters)"),
+    ("rope_in_qkv", "polar_jax.attention", "ROPE_IN_QKV", False,
+     "RoPE + K/V append in the q|k|v kernel's epilogue (pallas_kernels.qkv_rope_append)"),
     ("decode_matmul", "polar_jax.layers", "DECODE_MATMUL", True,
      "pallas_kernels.skinny_matmul for the decode projections (off: XLA's dots and residual adds)"),
     ("norm_in_matmul", "polar_jax.layers", "NORM_IN_MATMUL", False,

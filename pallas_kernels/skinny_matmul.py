@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _platform
+from pallas_kernels import rope_append_xla as _rope_xla
 from pallas_kernels import skinny_matmul_triton as _triton
 from pallas_kernels import skinny_matmul_xla as _xla
 from pallas_kernels.skinny_matmul_triton import MatmulConfig
@@ -79,3 +80,41 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
 
 
 _xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "norm_eps", "glu"))
+
+
+def qkv_rope_append(x_MK, w_KN, bias_N, positions_M, inv_freq_F, k_cache, v_cache, *, num_heads: int,
+                    side_w_KP=None, side_b_P=None, emit_counters: bool = False, implementation: str | None = None,
+                    config: MatmulConfig | None = None):
+  """The fused q|k|v projection with `rope_append` in its epilogue: `(q [M, Hq, D], k_cache, v_cache[, side]
+  [, counters])` equal to `rope_append(skinny_matmul(x, w, bias), positions, inv_freq, k_cache, v_cache)` (w's
+  columns KV-group-major, `polar_jax.fusion.fuse_qkv`; the qkv product rounded to w's dtype first). "pallas": one
+  kernel whose column tiles are whole heads (block_n = head_dim), q and k rotated in registers, k and v stored
+  straight into the caches' slots (aliased: in place when the caller donates them); "xla": the two references."""
+  if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
+    raise ValueError(f"k_cache and v_cache must be [M, Hkv, S, D] of one shape, got {k_cache.shape}, "
+                     f"{v_cache.shape}")
+  m, hkv, _, d = k_cache.shape
+  if x_MK.ndim != 2 or x_MK.shape[0] != m or w_KN.ndim != 2 or w_KN.shape[1] != (num_heads + 2 * hkv) * d:
+    raise ValueError(f"qkv_rope_append needs x [{m}, K] and w [K, (Hq + 2 Hkv) D = {(num_heads + 2 * hkv) * d}], "
+                     f"got {x_MK.shape} and {w_KN.shape}")
+  impl = _platform.resolve_implementation(implementation)
+  pow2 = d == _platform.next_pow2(d) and d >= 16
+  if impl == "pallas" and m <= MAX_ROWS and pow2 and any(w_KN.dtype == t for t in _DTYPES):
+    itemsize = jnp.dtype(w_KN.dtype).itemsize
+    config = config or _triton.choose_config(m, x_MK.shape[1], w_KN.shape[1], itemsize)
+    bk = max(16, min(config.block_k, _triton.TILE_BYTES // (d * itemsize)))
+    config = dataclasses.replace(config, block_n=d, block_k=bk, num_splits=1)
+    inv = None if inv_freq_F is None else jnp.asarray(inv_freq_F, jnp.float32)
+    return _triton.skinny_matmul_triton(
+        x_MK.astype(w_KN.dtype), w_KN, bias_N, None, None, side_w_KP, side_b_P, None,
+        positions_M.astype(jnp.int32), inv, k_cache, v_cache, out_dtype=jnp.dtype(w_KN.dtype), norm_eps=1e-6,
+        glu=None, emit_counters=emit_counters, rope_heads=(num_heads, hkv), config=config,
+        interpret=_platform.interpret_mode())
+  out = skinny_matmul(x_MK, w_KN, bias_N, side_w_KP=side_w_KP, side_b_P=side_b_P, emit_counters=emit_counters,
+                      implementation="xla")
+  out = list(out) if isinstance(out, tuple) else [out]
+  q, k_cache, v_cache = _rope_append_xla(out[0], positions_M, inv_freq_F, k_cache, v_cache, num_heads=num_heads)
+  return (q, k_cache, v_cache, *out[1:])
+
+
+_rope_append_xla = jax.jit(_rope_xla.rope_append_xla, static_argnames=("num_heads",))

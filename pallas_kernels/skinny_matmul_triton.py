@@ -72,13 +72,18 @@ def _silu(y):
   return y / (1.0 + jnp.exp(-y))
 
 
-def _kernel(x_ref, w_ref, b_ref, r_ref, s_ref, w2_ref, b2_ref, *refs, cfg: MatmulConfig, side_bn: int,
-            eps: float, glu: bool, emit: int, interpret: bool):
+def _kernel(x_ref, w_ref, b_ref, r_ref, s_ref, w2_ref, b2_ref, pos_ref, inv_ref, *refs, cfg: MatmulConfig,
+            side_bn: int, eps: float, glu: bool, emit: int, rope_heads, interpret: bool):
   """x_ref [M, K], w_ref [K, N], b_ref [N], r_ref [M, N], s_ref [K] (RMSNorm scale), w2_ref [K, N2], b2_ref [N2]
   (each but x and w may be None); outputs o_ref [M, N] (+ o2_ref [M, N2] float32 with w2; + workspace and
   counters with splits). Program (m, split, n): n < N / block_n streams a column tile of w, later ones of w2."""
   refs = list(refs)
   z_ref = refs.pop() if emit else None
+  kc_ref = vc_ref = None
+  if rope_heads is not None:   # inputs k, v caches first; outputs q, (o2), k, v caches last (aliased)
+    refs = refs[2:]
+    kc_ref, vc_ref = refs[-2:]
+    refs = refs[:-2]
   if cfg.num_splits > 1:
     _, o_ref, ws_ref, cnt_ref = refs
     o2_ref = None
@@ -142,6 +147,10 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, s_ref, w2_ref, b2_ref, *refs, cfg: Matmu
     def epilogue(y):
       if b_ref is not None:
         y = y + b_ref[cols_n].astype(jnp.float32)[None, :]
+      if rope_heads is not None:
+        _rope_append_epilogue(y.astype(o_ref.dtype).astype(jnp.float32), pn, rows_m, pos_ref, inv_ref, o_ref,
+                              kc_ref, vc_ref, rope_heads)
+        return
       if glu:   # neuron-interleaved columns (gate, up): out[:, j] = silu(gate_j) * up_j, half as wide
         gate, up = jnp.unstack(y.reshape(bm, bn // 2, 2), axis=-1)
         half = pn * (bn // 2) + jnp.arange(bn // 2, dtype=jnp.int32)
@@ -169,6 +178,43 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, s_ref, w2_ref, b2_ref, *refs, cfg: Matmu
     o2_ref[rows_m[:, None], cols[None, :]] = acc
 
 
+def _rope_append_epilogue(y, pn, rows_m, pos_ref, inv_ref, q_ref, kc_ref, vc_ref, rope_heads):
+  """Tile pn of a KV-group-major fused q|k|v projection is one head (block_n == head_dim): group g = pn // (r + 2),
+  then its r query heads, its key, its value (`polar_jax.fusion.fuse_qkv`). Rotates q and k at the rows' positions
+  (rotate-half RoPE, as `rope_append`; inv_ref None: no rotation) and stores q into q_ref [M, Hq, D], k and v into
+  the caches' slot positions[row] (dropped outside [0, S))."""
+  num_heads, num_kv_heads = rope_heads
+  r = num_heads // num_kv_heads
+  bm, d = y.shape
+  half = d // 2
+  g, j = pn // (r + 2), pn % (r + 2)
+  d_h = jnp.arange(half, dtype=jnp.int32)
+  x1, x2 = jnp.unstack(jnp.transpose(y.reshape(bm, 2, half), (0, 2, 1)), axis=-1)   # columns [0, D/2), [D/2, D)
+  pos = pos_ref[rows_m]
+  if inv_ref is not None:
+    ang = pos.astype(jnp.float32)[:, None] * inv_ref[d_h].astype(jnp.float32)[None, :]
+    cos, sin = jnp.cos(ang), jnp.sin(ang)
+    r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
+  else:
+    r1, r2 = x1, x2
+  seq_len = kc_ref.shape[2]
+  ok = jnp.broadcast_to(((pos >= 0) & (pos < seq_len))[:, None], (bm, half))
+  slot = jnp.clip(pos, 0, seq_len - 1)[:, None]
+  rows = rows_m[:, None]
+
+  @pl.when(j < r)
+  def _():
+    head = g * r + j
+    q_ref[rows, head, d_h[None, :]] = r1.astype(q_ref.dtype)
+    q_ref[rows, head, half + d_h[None, :]] = r2.astype(q_ref.dtype)
+
+  for which, ref, lo, hi in ((r, kc_ref, r1, r2), (r + 1, vc_ref, x1, x2)):
+    @pl.when(j == which)
+    def _(ref=ref, lo=lo, hi=hi):
+      plgpu.store(ref.at[rows, g, slot, d_h[None, :]], lo.astype(ref.dtype), mask=ok)
+      plgpu.store(ref.at[rows, g, slot, half + d_h[None, :]], hi.astype(ref.dtype), mask=ok)
+
+
 def side_block(n2: int, block_n: int) -> int:
   """Column tile of the side weight: the main tile, or the side's own width rounded up to a power of two."""
   return min(block_n, max(16, _platform.next_pow2(n2)))
@@ -178,16 +224,20 @@ def side_block(n2: int, block_n: int) -> int:
 COUNTERS = 1024
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "norm_eps", "glu", "emit_counters", "config",
-                                             "interpret"))
-def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_KP, side_b_P, counters_C=None, *,
-                         out_dtype, norm_eps: float, glu: str | None, emit_counters: bool = False,
-                         config: MatmulConfig, interpret: bool):
+@functools.partial(jax.jit, static_argnames=("out_dtype", "norm_eps", "glu", "emit_counters", "rope_heads",
+                                             "config", "interpret"))
+def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_KP, side_b_P, counters_C=None,
+                         positions_M=None, inv_freq_F=None, k_cache=None, v_cache=None, *, out_dtype, norm_eps: float,
+                         glu: str | None, emit_counters: bool = False, rope_heads=None, config: MatmulConfig,
+                         interpret: bool):
   """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype; no splits with a norm or a side weight;
   glu "silu" needs N % block_n == 0 and no residual). Grid (M blocks, splits, N blocks + side blocks).
 
   counters_C: a zeroed int32 [COUNTERS] buffer for the split-K counters (consumed), else they are zero-filled
-  here. emit_counters: also return such a buffer, zeroed by this kernel, for the next call."""
+  here. emit_counters: also return such a buffer, zeroed by this kernel, for the next call.
+  rope_heads=(Hq, Hkv): w is a fused q|k|v projection with block_n == head_dim; instead of y the kernel returns
+  q [M, Hq, D] rotated at positions_M and the caches with k, v written at those slots (`_rope_append_epilogue`;
+  the caches are aliased to the outputs)."""
   (m, _), n = x_MK.shape, w_KN.shape[1]
   if glu is not None and (glu != "silu" or n % config.block_n or residual_MN is not None):
     raise ValueError(f"skinny_matmul_triton: glu={glu!r} needs 'silu', N % block_n == 0 and no residual")
@@ -195,10 +245,19 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_K
   m_blocks, n_blocks = pl.cdiv(m, bm), pl.cdiv(n, bn)
   side_bn = side_block(side_w_KP.shape[1], bn) if side_w_KP is not None else bn
   side_blocks = 0 if side_w_KP is None else pl.cdiv(side_w_KP.shape[1], side_bn)
-  if ns > 1 and (norm_scale_K is not None or side_w_KP is not None):
-    raise ValueError("skinny_matmul: a norm or a side weight needs num_splits == 1")
-  operands = [x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_KP, side_b_P]
-  out_shape = [jax.ShapeDtypeStruct((m, n // 2 if glu else n), out_dtype)]
+  if ns > 1 and (norm_scale_K is not None or side_w_KP is not None or rope_heads is not None):
+    raise ValueError("skinny_matmul: a norm, a side weight or the RoPE epilogue needs num_splits == 1")
+  operands = [x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_KP, side_b_P, positions_M, inv_freq_F]
+  if rope_heads is not None:
+    hq, hkv = rope_heads
+    d = k_cache.shape[-1]
+    if bn != d or n != (hq + 2 * hkv) * d or glu or residual_MN is not None:
+      raise ValueError(f"skinny_matmul_triton: rope_heads={rope_heads} needs N = (Hq + 2 Hkv) D, block_n = D = {d}, "
+                       f"no glu and no residual")
+    first_cache = sum(a is not None for a in operands)
+    operands += [k_cache, v_cache]
+  out_shape = [jax.ShapeDtypeStruct((m, rope_heads[0], k_cache.shape[-1]) if rope_heads is not None else
+                                    (m, n // 2 if glu else n), out_dtype)]
   if side_w_KP is not None:
     out_shape.append(jax.ShapeDtypeStruct((m, side_w_KP.shape[1]), jnp.float32))
   aliases = {}
@@ -210,12 +269,16 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_K
     operands.append(counters)
     out_shape += [jax.ShapeDtypeStruct((ns, m_blocks * bm, n_blocks * bn), jnp.float32),
                   jax.ShapeDtypeStruct(counters.shape, counters.dtype)]
+  if rope_heads is not None:
+    aliases = {first_cache: len(out_shape), first_cache + 1: len(out_shape) + 1}
+    out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape,
+                                                                                           v_cache.dtype)]
   if emit_counters:
     out_shape.append(jax.ShapeDtypeStruct((COUNTERS,), jnp.int32))
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
   outs = pl.pallas_call(
       functools.partial(_kernel, cfg=config, side_bn=side_bn, eps=norm_eps, glu=glu is not None,
-                        emit=COUNTERS if emit_counters else 0, interpret=interpret),
+                        emit=COUNTERS if emit_counters else 0, rope_heads=rope_heads, interpret=interpret),
       grid=(m_blocks, ns, n_blocks + side_blocks),
       in_specs=[None if a is None else whole(a.shape) for a in operands],
       out_specs=[whole(s.shape) for s in out_shape],
@@ -226,6 +289,9 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_K
       name="skinny_matmul",
   )(*operands)
   results = (outs[0], outs[1]) if side_w_KP is not None else (outs[0],)
+  if rope_heads is not None:
+    k_out, v_out = outs[len(results):len(results) + 2]
+    results = (results[0], k_out, v_out) + results[1:]
   if emit_counters:
     results += (outs[-1],)
   return results if len(results) > 1 else results[0]

@@ -26,6 +26,10 @@ from polar_jax.layers import Linear
 # Decode with a fused q|k|v projection on one device: q/k rotation and the K/V cache write as one kernel
 # (`pallas_kernels.rope_append`) instead of XLA's RoPE fusion and two scatters. Off: the XLA path (A/B runs).
 FUSED_ROPE_APPEND = True
+# With layers.DECODE_MATMUL: the RoPE + K/V append in the q|k|v kernel's epilogue (`pallas_kernels.qkv_rope_append`,
+# one kernel instead of skinny_matmul + rope_append). Off by default: not yet measured on a GPU (benchmarks/NOTES.md,
+# session 9, "Next GPU session").
+ROPE_IN_QKV = False
 # Query rows processed at once by the XLA prefill attention, bounding its score buffer.
 _SCORE_BUDGET = 1 << 28  # float32 elements
 _MASKED = -1e30
@@ -164,6 +168,20 @@ class Attention(nnx.Module):
       # One kernel rotates q and k of the fused projection and writes K/V of every group at slot lengths_b.
       inv_freq = None if self.inv_freq is None else jnp.asarray(self.inv_freq, jnp.float32)
       counters = None
+      if layers.DECODE_MATMUL and ROPE_IN_QKV and norm is None:
+        bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[...]
+        q_bhd, k_cache_bhsd, v_cache_bhsd, *rest = pallas_kernels.qkv_rope_append(
+            x_bd, self.qkv_proj.kernel[...], bias, lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd,
+            num_heads=self.num_heads, side_w_KP=None if router is None else router[0],
+            side_b_P=None if router is None else router[1], emit_counters=layers.CHAINED_COUNTERS,
+            implementation=implementation)
+        if router is not None:
+          group_idx_bk = router[2](rest.pop(0))
+        counters = rest.pop(0) if layers.CHAINED_COUNTERS else None
+        ctx = pallas_kernels.selective_decode_attention(
+            q_bhd, k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, scale=self.scale,
+            kv_start=kv_start, implementation=implementation)
+        return finish(ctx, k_cache_bhsd, v_cache_bhsd, shards=shards, skinny=True, counters=counters)
       if layers.DECODE_MATMUL or norm is not None or router is not None:
         # (the router's scores from extra programs; zeroed split-K counters handed on to o_proj; with the kernels
         # switched off, the same math by XLA)
