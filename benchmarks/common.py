@@ -98,8 +98,6 @@ STEP_SWITCHES = (
      "RoPE + K/V append in the q|k|v kernel's epilogue (pallas_kernels.qkv_rope_append)"),
     ("decode_matmul", "polar_jax.layers", "DECODE_MATMUL", True,
      "pallas_kernels.skinny_matmul for the decode projections (off: XLA's dots and residual adds)"),
-    ("norm_in_matmul", "polar_jax.layers", "NORM_IN_MATMUL", False,
-     "the pre-norm RMSNorms inside the q|k|v and gate|up kernels"),
     ("router_in_qkv", "polar_jax.model", "ROUTER_IN_QKV", True,
      "a linear head router as extra programs of the q|k|v kernel (off: its own XLA dot)"),
     ("glu_epilogue", "polar_jax.mlp", "GLU_EPILOGUE", True,

@@ -1,18 +1,16 @@
 """Public skinny (decode) matmul: validation, dispatch.
 
   y_MN = skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, out_dtype=None)
-  y_MN, side_MP = skinny_matmul(h_MK, w_KN, norm_scale_K=s, norm_eps=eps, side_w_KP=w2, side_b_P=b2)
+  y_MN, side_MP = skinny_matmul(x_MK, w_KN, side_w_KP=w2, side_b_P=b2)
 
 `y = x @ w` accumulated in float32, plus the bias, cast to `out_dtype` (w's dtype by default), then plus the
-residual in `out_dtype` (the model's `h + o_proj(ctx)`). With `norm_scale_K`, x is RMS-normed first (the layer's
-pre-norm, `polar_jax.layers.RMSNorm`; the kernel scales x in its loop and divides by the row's rms at the end, so
-the normed x is never written). With `side_w_KP`, a second small weight (a head router) is streamed by extra
-programs of the same kernel and its float32 product `x @ side_w + side_b` is returned too. With `glu="silu"`,
-w's columns are neuron-interleaved (gate, up) pairs (a fused gate|up projection) and the output is
-`silu(gate) * up` (N / 2 wide), computed in the kernel's epilogue from the float32 sums. "pallas": one kernel that streams the weight once and
-writes the finished output (`skinny_matmul_triton`: no float32 partials for a separate XLA reduce); "xla": the
-reference (`skinny_matmul_xla`), also used for shapes the kernel does not take (rows > `MAX_ROWS`, dtypes other
-than bfloat16 / float16 / float32).
+residual in `out_dtype` (the model's `h + o_proj(ctx)`). With `side_w_KP`, a second small weight (a head router)
+is streamed by extra programs of the same kernel and its float32 product `x @ side_w + side_b` is returned too.
+With `glu="silu"`, w's columns are neuron-interleaved (gate, up) pairs (a fused gate|up projection) and the output
+is `silu(gate) * up` (N / 2 wide), computed in the kernel's epilogue from the float32 sums. "pallas": one kernel
+that streams the weight once and writes the finished output (`skinny_matmul_triton`: no float32 partials for a
+separate XLA reduce); "xla": the reference (`skinny_matmul_xla`), also used for shapes the kernel does not take
+(rows > `MAX_ROWS`, dtypes other than bfloat16 / float16 / float32).
 """
 from __future__ import annotations
 
@@ -32,8 +30,8 @@ MAX_ROWS = 128
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
-def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, norm_scale_K=None,
-                  norm_eps: float = 1e-6, side_w_KP=None, side_b_P=None, glu: str | None = None,
+def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, side_w_KP=None, side_b_P=None,
+                  glu: str | None = None,
                   counters_C=None, emit_counters: bool = False, implementation: str | None = None,
                   config: MatmulConfig | None = None):
   """See the module docstring. Raises ValueError on inconsistent shapes or dtypes.
@@ -53,33 +51,30 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
   if residual_MN is not None and (residual_MN.shape != (m, n) or residual_MN.dtype != out_dtype):
     raise ValueError(f"residual must be [{m}, {n}] {out_dtype.name}, got {residual_MN.shape} "
                      f"{residual_MN.dtype}")
-  if norm_scale_K is not None and norm_scale_K.shape != (k,):
-    raise ValueError(f"norm scale must have shape ({k},), got {norm_scale_K.shape}")
   if side_w_KP is not None and (side_w_KP.ndim != 2 or side_w_KP.shape[0] != k or side_w_KP.dtype != w_KN.dtype):
     raise ValueError(f"side weight must be [{k}, P] {w_KN.dtype}, got {side_w_KP.shape} {side_w_KP.dtype}")
   if side_b_P is not None and (side_w_KP is None or side_b_P.shape != (side_w_KP.shape[1],)):
     raise ValueError(f"side bias needs a side weight and shape [P], got {side_b_P.shape}")
   impl = _platform.resolve_implementation(implementation)
   if impl == "pallas" and m <= MAX_ROWS and any(w_KN.dtype == d for d in _DTYPES) and min(m, k, n) > 0:
-    fused = norm_scale_K is not None or side_w_KP is not None
     if config is None:
       config = _triton.choose_config(m, k, n, jnp.dtype(w_KN.dtype).itemsize)
-      config = dataclasses.replace(config, num_splits=1) if fused else config
-    elif fused and config.num_splits > 1:
-      raise ValueError("skinny_matmul: a norm or a side weight needs config.num_splits == 1")
+      config = dataclasses.replace(config, num_splits=1) if side_w_KP is not None else config
+    elif side_w_KP is not None and config.num_splits > 1:
+      raise ValueError("skinny_matmul: a side weight needs config.num_splits == 1")
     if glu is None or n % config.block_n == 0:      # (the gated epilogue takes whole (gate, up) tiles)
-      return _triton.skinny_matmul_triton(x_MK.astype(w_KN.dtype), w_KN, bias_N, residual_MN, norm_scale_K,
-                                          side_w_KP, side_b_P, counters_C, out_dtype=out_dtype,
-                                          norm_eps=float(norm_eps), glu=glu, emit_counters=emit_counters,
+      return _triton.skinny_matmul_triton(x_MK.astype(w_KN.dtype), w_KN, bias_N, residual_MN, side_w_KP,
+                                          side_b_P, counters_C, out_dtype=out_dtype, glu=glu,
+                                          emit_counters=emit_counters,
                                           config=config, interpret=_platform.interpret_mode())
-  out = _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype, norm_scale_K=norm_scale_K,
-                 norm_eps=float(norm_eps), side_w_KP=side_w_KP, side_b_P=side_b_P, glu=glu)
+  out = _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype, side_w_KP=side_w_KP, side_b_P=side_b_P,
+                 glu=glu)
   if not emit_counters:
     return out
   return (*(out if isinstance(out, tuple) else (out,)), jnp.zeros((_triton.COUNTERS,), jnp.int32))
 
 
-_xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "norm_eps", "glu"))
+_xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "glu"))
 
 
 def qkv_rope_append(x_MK, w_KN, bias_N, positions_M, inv_freq_F, k_cache, v_cache, *, num_heads: int,
@@ -106,9 +101,8 @@ def qkv_rope_append(x_MK, w_KN, bias_N, positions_M, inv_freq_F, k_cache, v_cach
     config = dataclasses.replace(config, block_n=d, block_k=bk, num_splits=1)
     inv = None if inv_freq_F is None else jnp.asarray(inv_freq_F, jnp.float32)
     return _triton.skinny_matmul_triton(
-        x_MK.astype(w_KN.dtype), w_KN, bias_N, None, None, side_w_KP, side_b_P, None,
-        positions_M.astype(jnp.int32), inv, k_cache, v_cache, out_dtype=jnp.dtype(w_KN.dtype), norm_eps=1e-6,
-        glu=None, emit_counters=emit_counters, rope_heads=(num_heads, hkv), config=config,
+        x_MK.astype(w_KN.dtype), w_KN, bias_N, None, side_w_KP, side_b_P, None,
+        positions_M.astype(jnp.int32), inv, k_cache, v_cache, out_dtype=jnp.dtype(w_KN.dtype), glu=None, emit_counters=emit_counters, rope_heads=(num_heads, hkv), config=config,
         interpret=_platform.interpret_mode())
   out = skinny_matmul(x_MK, w_KN, bias_N, side_w_KP=side_w_KP, side_b_P=side_b_P, emit_counters=emit_counters,
                       implementation="xla")

@@ -72,11 +72,13 @@ def _silu(y):
   return y / (1.0 + jnp.exp(-y))
 
 
-def _kernel(x_ref, w_ref, b_ref, r_ref, s_ref, w2_ref, b2_ref, pos_ref, inv_ref, *refs, cfg: MatmulConfig,
-            side_bn: int, eps: float, glu: bool, emit: int, rope_heads, interpret: bool):
-  """x_ref [M, K], w_ref [K, N], b_ref [N], r_ref [M, N], s_ref [K] (RMSNorm scale), w2_ref [K, N2], b2_ref [N2]
-  (each but x and w may be None); outputs o_ref [M, N] (+ o2_ref [M, N2] float32 with w2; + workspace and
-  counters with splits). Program (m, split, n): n < N / block_n streams a column tile of w, later ones of w2."""
+def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, *refs, cfg: MatmulConfig, side_bn: int,
+            glu: bool, emit: int, rope_heads, interpret: bool):
+  """x_ref [M, K], w_ref [K, N], b_ref [N], r_ref [M, N], w2_ref [K, N2], b2_ref [N2], pos_ref [M], inv_ref [D/2]
+  (each but x and w may be None; then the caches with rope_heads, the counters with splits); outputs o_ref [M, N]
+  (or q [M, Hq, D]) (+ o2_ref [M, N2] float32 with w2; + workspace and counters with splits; + the caches with
+  rope_heads; + zeroed counters with emit). Program (m, split, n): n < N / block_n streams a column tile of w,
+  later ones of w2."""
   refs = list(refs)
   z_ref = refs.pop() if emit else None
   kc_ref = vc_ref = None
@@ -102,13 +104,12 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, s_ref, w2_ref, b2_ref, pos_ref, inv_ref,
   k_blocks = _platform.cdiv(kdim, bk)
 
   def stream(wr, width, tile, lo, hi):
-    """float32 [bm, width] of (normed) x @ wr[:, tile's columns] over K blocks [lo, hi), and the columns."""
+    """float32 [bm, width] of x @ wr[:, tile's columns] over K blocks [lo, hi), and the columns."""
     n_w = wr.shape[1]
     ws_n, cols_n = _split_k.tile_lanes(tile, width, n_w)
     full_hi = jnp.minimum(hi, kdim // bk)        # blocks wholly inside K: unmasked loads
 
-    def body(i, carry, masked):
-      acc, ss = carry
+    def body(i, acc, masked):
       ks = i * bk + jnp.arange(bk, dtype=jnp.int32)
       if masked:                                 # the K tail: zero both operands past K
         live = ks < kdim
@@ -121,23 +122,14 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, s_ref, w2_ref, b2_ref, pos_ref, inv_ref,
         x = x_ref[rows_m[:, None], ks[None, :]]
         w = wr[pl.ds(i * bk, bk), pl.ds(tile * width, width)] if n_w % width == 0 else wr[ks[:, None],
                                                                                             cols_n[None, :]]
-      if s_ref is not None:   # RMSNorm: scale here, 1 / rms(row) after the loop (squares summed over K there:
-        xf = x.astype(jnp.float32)                # no cross-lane reduction inside the pipelined loop)
-        ss = ss + xf * xf
-        x = (xf * s_ref[pl.ds(i * bk, bk)].astype(jnp.float32)[None, :] if not masked else
-             xf * s_ref[ks].astype(jnp.float32)[None, :]).astype(x.dtype)
-      acc = acc + lax.dot_general(x, w.astype(x.dtype), (((1,), (0,)), ((), ())), precision=precision(w),
-                                  preferred_element_type=jnp.float32)
-      return acc, ss
+      return acc + lax.dot_general(x, w.astype(x.dtype), (((1,), (0,)), ((), ())), precision=precision(w),
+                                   preferred_element_type=jnp.float32)
 
-    carry = (jnp.zeros((bm, width), jnp.float32), jnp.zeros((bm, bk) if s_ref is not None else (bm,), jnp.float32))
+    acc = jnp.zeros((bm, width), jnp.float32)
     if kdim >= bk:                               # (a block wider than K is only ever the masked tail)
-      carry = lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), carry)
+      acc = lax.fori_loop(lo, full_hi, functools.partial(body, masked=False), acc)
     if kdim % bk:
-      carry = lax.fori_loop(jnp.maximum(full_hi, lo), hi, functools.partial(body, masked=True), carry)
-    acc, ss = carry
-    if s_ref is not None:
-      acc = acc * lax.rsqrt(jnp.sum(ss, axis=1) / kdim + eps)[:, None]
+      acc = lax.fori_loop(jnp.maximum(full_hi, lo), hi, functools.partial(body, masked=True), acc)
     return acc, ws_n, cols_n
 
   def main():
@@ -224,13 +216,12 @@ def side_block(n2: int, block_n: int) -> int:
 COUNTERS = 1024
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "norm_eps", "glu", "emit_counters", "rope_heads",
-                                             "config", "interpret"))
-def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_KP, side_b_P, counters_C=None,
-                         positions_M=None, inv_freq_F=None, k_cache=None, v_cache=None, *, out_dtype, norm_eps: float,
-                         glu: str | None, emit_counters: bool = False, rope_heads=None, config: MatmulConfig,
-                         interpret: bool):
-  """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype; no splits with a norm or a side weight;
+@functools.partial(jax.jit, static_argnames=("out_dtype", "glu", "emit_counters", "rope_heads", "config",
+                                             "interpret"))
+def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, counters_C=None, positions_M=None,
+                         inv_freq_F=None, k_cache=None, v_cache=None, *, out_dtype, glu: str | None,
+                         emit_counters: bool = False, rope_heads=None, config: MatmulConfig, interpret: bool):
+  """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype; no splits with a side weight;
   glu "silu" needs N % block_n == 0 and no residual). Grid (M blocks, splits, N blocks + side blocks).
 
   counters_C: a zeroed int32 [COUNTERS] buffer for the split-K counters (consumed), else they are zero-filled
@@ -245,9 +236,9 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_K
   m_blocks, n_blocks = pl.cdiv(m, bm), pl.cdiv(n, bn)
   side_bn = side_block(side_w_KP.shape[1], bn) if side_w_KP is not None else bn
   side_blocks = 0 if side_w_KP is None else pl.cdiv(side_w_KP.shape[1], side_bn)
-  if ns > 1 and (norm_scale_K is not None or side_w_KP is not None or rope_heads is not None):
-    raise ValueError("skinny_matmul: a norm, a side weight or the RoPE epilogue needs num_splits == 1")
-  operands = [x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_KP, side_b_P, positions_M, inv_freq_F]
+  if ns > 1 and (side_w_KP is not None or rope_heads is not None):
+    raise ValueError("skinny_matmul: a side weight or the RoPE epilogue needs num_splits == 1")
+  operands = [x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, positions_M, inv_freq_F]
   if rope_heads is not None:
     hq, hkv = rope_heads
     d = k_cache.shape[-1]
@@ -277,7 +268,7 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, norm_scale_K, side_w_K
     out_shape.append(jax.ShapeDtypeStruct((COUNTERS,), jnp.int32))
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
   outs = pl.pallas_call(
-      functools.partial(_kernel, cfg=config, side_bn=side_bn, eps=norm_eps, glu=glu is not None,
+      functools.partial(_kernel, cfg=config, side_bn=side_bn, glu=glu is not None,
                         emit=COUNTERS if emit_counters else 0, rope_heads=rope_heads, interpret=interpret),
       grid=(m_blocks, ns, n_blocks + side_blocks),
       in_specs=[None if a is None else whole(a.shape) for a in operands],

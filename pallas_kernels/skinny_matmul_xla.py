@@ -4,29 +4,17 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
 GLU_ACTIVATIONS = {"silu": jax.nn.silu}
 
 
-def rms_norm(x_MK, scale_K, eps: float):
-  """`polar_jax.layers.RMSNorm` (Hugging Face LLaMA's): float32 `x / rms(x)`, rounded to x's dtype, times the
-  scale, in the scale's dtype."""
-  xf = x_MK.astype(jnp.float32)
-  y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
-  return (scale_K.astype(jnp.float32) * y.astype(x_MK.dtype).astype(jnp.float32)).astype(scale_K.dtype)
-
-
-def skinny_matmul_xla(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, norm_scale_K=None,
-                      norm_eps: float = 1e-6, side_w_KP=None, side_b_P=None, glu: str | None = None):
+def skinny_matmul_xla(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, side_w_KP=None, side_b_P=None,
+                      glu: str | None = None):
   """`y = x @ w` in float32 (IEEE float32 products for float32 inputs) (+ bias), cast to `out_dtype` (w's dtype
   by default); with a residual, `residual + y` in `out_dtype` (as the model's `h + o_proj(ctx)`). With
-  `norm_scale_K`, x is first RMS-normed (`rms_norm`). With `side_w_KP`, also returns float32
-  `x @ side_w + side_b` of the same (normed) x: `(y, side)`. With `glu` ("silu"), w's columns are
-  neuron-interleaved (gate, up) pairs (`polar_jax.fusion.fuse_gate_up`) and y is `silu(gate) * up` (N / 2 wide),
-  computed in float32."""
+  `side_w_KP`, also returns float32 `x @ side_w + side_b` of the same x: `(y, side)`. With `glu` ("silu"), w's
+  columns are neuron-interleaved (gate, up) pairs (`polar_jax.fusion.fuse_gate_up`) and y is `silu(gate) * up`
+  (N / 2 wide), computed in float32."""
   out_dtype = jnp.dtype(out_dtype or w_KN.dtype)
-  if norm_scale_K is not None:
-    x_MK = rms_norm(x_MK, norm_scale_K, norm_eps)
   y = _dot(x_MK, w_KN)
   if bias_N is not None:
     y = y + bias_N.astype(jnp.float32)

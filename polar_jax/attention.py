@@ -129,11 +129,12 @@ class Attention(nnx.Module):
 
   @property
   def fused_qkv_decode(self) -> bool:
-    """Whether `decode` takes `norm=` / `router=`: a fused q|k|v projection through `rope_append` on one device."""
+    """Whether `decode` writes K/V with `rope_append` after a fused q|k|v projection (one device); only then does
+    it take `router=`."""
     return self.qkv_proj is not None and FUSED_ROPE_APPEND and getattr(self, "mesh", None) is None
 
   def decode(self, x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, group_idx_bk=None, *,
-             implementation=None, return_context=False, residual_bd=None, norm=None, router=None):
+             implementation=None, return_context=False, residual_bd=None, router=None):
     """One decode step: writes K/V of every head at slot lengths_b, attends over the selected groups.
 
     Args:
@@ -149,59 +150,48 @@ class Attention(nnx.Module):
       return_context: also return the attention context `[B, Hq, D]` before o_proj.
       residual_bd: when given, the output is `residual_bd + o_proj(ctx)` (added in o_proj's epilogue on one
         device, `layers.DECODE_MATMUL`).
-      norm: an RMSNorm: x_bd is the un-normed residual stream, normed inside the q|k|v kernel
-        (`fused_qkv_decode` only).
-      router: `(w_dg, b_g, pick)`: the group selection is `pick(normed x @ w_dg + b_g)`, the scores computed by the
+      router: `(w_dg, b_g, pick)`: the group selection is `pick(x @ w_dg + b_g)`, the scores computed by the
         q|k|v kernel (`fused_qkv_decode` only; replaces group_idx_bk).
     """
-    b = x_bd.shape[0]
     new_len = lengths_b + 1
     kv_start = None if self.window is None else jnp.maximum(new_len - self.window, 0).astype(jnp.int32)
     oracle_k, shards = group_idx_bk if isinstance(group_idx_bk, tuple) else (group_idx_bk, 1)
     oracle_k = oracle_k if isinstance(oracle_k, int) else None
     mesh = getattr(self, "mesh", None)   # set by polar_jax.sharding (tensor parallel); None on one device
-    if (norm is not None or router is not None) and not self.fused_qkv_decode:
-      raise ValueError("Attention.decode: norm= / router= need a fused q|k|v projection on one device")
+    if router is not None and not self.fused_qkv_decode:
+      raise ValueError("Attention.decode: router= needs a fused q|k|v projection on one device")
     finish = functools.partial(self._finish_decode, oracle_k=oracle_k, return_context=return_context,
                                residual_bd=residual_bd, implementation=implementation)
-    if mesh is None and self.qkv_proj is not None and FUSED_ROPE_APPEND:
-      # One kernel rotates q and k of the fused projection and writes K/V of every group at slot lengths_b.
+    if self.fused_qkv_decode:
+      # The fused projection (the router's scores from extra programs; zeroed split-K counters handed on to
+      # o_proj), then q/k rotation and the K/V cache write at slot lengths_b: one kernel for both with
+      # ROPE_IN_QKV, else skinny_matmul (XLA's dot when the kernels are switched off) and `rope_append`.
       inv_freq = None if self.inv_freq is None else jnp.asarray(self.inv_freq, jnp.float32)
-      counters = None
-      if layers.DECODE_MATMUL and ROPE_IN_QKV and norm is None:
+      mm_impl = implementation if layers.DECODE_MATMUL else "xla"
+      side = None if router is None else router[:2]
+      chain = layers.DECODE_MATMUL and layers.CHAINED_COUNTERS
+      if layers.DECODE_MATMUL and ROPE_IN_QKV:
         bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[...]
         q_bhd, k_cache_bhsd, v_cache_bhsd, *rest = pallas_kernels.qkv_rope_append(
             x_bd, self.qkv_proj.kernel[...], bias, lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd,
-            num_heads=self.num_heads, side_w_KP=None if router is None else router[0],
-            side_b_P=None if router is None else router[1], emit_counters=layers.CHAINED_COUNTERS,
-            implementation=implementation)
-        if router is not None:
-          group_idx_bk = router[2](rest.pop(0))
-        counters = rest.pop(0) if layers.CHAINED_COUNTERS else None
-        ctx = pallas_kernels.selective_decode_attention(
-            q_bhd, k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, scale=self.scale,
-            kv_start=kv_start, implementation=implementation)
-        return finish(ctx, k_cache_bhsd, v_cache_bhsd, shards=shards, skinny=True, counters=counters)
-      if layers.DECODE_MATMUL or norm is not None or router is not None:
-        # (the router's scores from extra programs; zeroed split-K counters handed on to o_proj; with the kernels
-        # switched off, the same math by XLA)
-        out = self.qkv_proj.decode(x_bd, norm=norm, side=None if router is None else router[:2],
-                                   emit_counters=layers.CHAINED_COUNTERS,
-                                   implementation=implementation if layers.DECODE_MATMUL else "xla")
-        out = list(out) if isinstance(out, tuple) else [out]
-        counters = out.pop() if layers.CHAINED_COUNTERS else None
-        qkv_bn = out[0]
-        if router is not None:
-          group_idx_bk = router[2](out[1])
+            num_heads=self.num_heads, side_w_KP=None if side is None else side[0],
+            side_b_P=None if side is None else side[1], emit_counters=chain, implementation=implementation)
       else:
-        qkv_bn = self.qkv_proj(x_bd)
-      q_bhd, k_cache_bhsd, v_cache_bhsd = pallas_kernels.rope_append(
-          qkv_bn, lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd, num_heads=self.num_heads,
-          implementation=implementation)
+        if layers.DECODE_MATMUL or router is not None:
+          out = self.qkv_proj.decode(x_bd, side=side, emit_counters=chain, implementation=mm_impl)
+          qkv_bn, *rest = out if isinstance(out, tuple) else (out,)
+        else:
+          qkv_bn, rest = self.qkv_proj(x_bd), []
+        q_bhd, k_cache_bhsd, v_cache_bhsd = pallas_kernels.rope_append(
+            qkv_bn, lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd, num_heads=self.num_heads,
+            implementation=implementation)
+      if router is not None:
+        group_idx_bk = router[2](rest.pop(0))
       ctx = pallas_kernels.selective_decode_attention(
           q_bhd, k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, scale=self.scale,
           kv_start=kv_start, implementation=implementation)
-      return finish(ctx, k_cache_bhsd, v_cache_bhsd, shards=shards, skinny=layers.DECODE_MATMUL, counters=counters)
+      return finish(ctx, k_cache_bhsd, v_cache_bhsd, shards=shards, skinny=layers.DECODE_MATMUL,
+                    counters=rest.pop(0) if chain else None)
     q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
     if mesh is None:
       # K/V of every group go to slot lengths_b (an XLA scatter, or the direct kernel with append_in_kernel), then

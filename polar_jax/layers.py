@@ -12,9 +12,6 @@ _INIT_STD = 0.02
 # The decode step's dense projections on one device run `Linear.decode` (`pallas_kernels.skinny_matmul`) with the
 # residual adds in its epilogue; off: XLA's dots and adds (A/B runs; set at process start, not part of jit keys).
 DECODE_MATMUL = True
-# With DECODE_MATMUL: the pre-norm RMSNorms inside the q|k|v and gate|up kernels (x scaled per K block, divided by
-# its rms at the end). Off by default: measured slower on an H100 (benchmarks/NOTES.md, session 9).
-NORM_IN_MATMUL = False
 # With DECODE_MATMUL: the q|k|v and gate|up kernels hand zeroed split-K counter buffers to o_proj and down_proj
 # (`skinny_matmul(emit_counters=True)`), instead of XLA copying a zeros constant before each of those kernels.
 CHAINED_COUNTERS = True
@@ -51,14 +48,12 @@ class Linear(nnx.Module):
     y = y.astype(out_dtype or kernel.dtype)
     return y if residual is None else residual + y
 
-  def decode(self, x_md: jax.Array, out_dtype=None, *, residual: jax.Array | None = None, norm=None, side=None,
-             glu: str | None = None, counters=None, emit_counters: bool = False,
-             implementation: str | None = None):
+  def decode(self, x_md: jax.Array, out_dtype=None, *, residual: jax.Array | None = None, side=None,
+             glu: str | None = None, counters=None, emit_counters: bool = False, implementation: str | None = None):
     """The decode step's projection of a few rows `[M, in]`: `pallas_kernels.skinny_matmul` (one kernel that
     streams the weight once and adds the bias and the residual in its epilogue; the XLA reference off GPU).
-    Same values as `__call__` up to float32 summation order. `norm`: an `RMSNorm` applied to x first (inside
-    the kernel). `side=(w [in, P], b [P])`: also returns float32 `x @ w + b` of the same (normed) x, computed by
-    extra programs of the kernel (a head router): `(y, side_y)`. `glu="silu"`: the columns are (gate, up) pairs
+    Same values as `__call__` up to float32 summation order. `side=(w [in, P], b [P])`: also returns float32
+    `x @ w + b`, computed by extra programs of the kernel (a head router): `(y, side_y)`. `glu="silu"`: the columns are (gate, up) pairs
     (a fused gate|up projection) and the result is `silu(gate) * up`, half as wide, from the float32 sums.
     `emit_counters` / `counters`: see `pallas_kernels.skinny_matmul` (a zeroed buffer appended to the results /
     taken for this call's split-K counters)."""
@@ -67,14 +62,10 @@ class Linear(nnx.Module):
     out_dtype = out_dtype or kernel.dtype
     if residual is not None:
       residual = residual.astype(out_dtype)
-    kw = {}
-    if norm is not None:
-      kw.update(norm_scale_K=norm.scale[...], norm_eps=norm.eps)
-    if side is not None:
-      kw.update(side_w_KP=side[0], side_b_P=side[1])
-    return pallas_kernels.skinny_matmul(x_md, kernel, bias, residual, out_dtype=out_dtype, glu=glu,
-                                        counters_C=counters, emit_counters=emit_counters,
-                                        implementation=implementation, **kw)
+    side_w, side_b = side if side is not None else (None, None)
+    return pallas_kernels.skinny_matmul(x_md, kernel, bias, residual, out_dtype=out_dtype, side_w_KP=side_w,
+                                        side_b_P=side_b, glu=glu, counters_C=counters, emit_counters=emit_counters,
+                                        implementation=implementation)
 
 
 class RMSNorm(nnx.Module):

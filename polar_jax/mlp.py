@@ -7,9 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
+from polar_jax import layers
 from polar_jax.config import ModelConfig
 from polar_jax.fusion import split_gate_up
-from polar_jax import layers
 from polar_jax.layers import Linear, _normal
 
 # GatedMLP.decode with a fused gate|up: act(gate) * up in the skinny_matmul kernel's epilogue (off: the float32
@@ -43,25 +43,24 @@ class GatedMLP(nnx.Module):
     h = act(gate) * up
     return self.down_proj(h.astype(x.dtype))
 
-  def decode(self, x_md, *, residual_md=None, norm=None, implementation=None):
+  def decode(self, x_md, *, residual_md=None, implementation=None):
     """The decode step's MLP of a few rows `[M, d]` with `Linear.decode` projections (fused or not); with
-    `residual_md`, returns `residual_md + mlp(x)` (added in down_proj's epilogue); with `norm` (an RMSNorm),
-    `mlp(norm(x))`, the norm applied inside the gate/up kernels."""
-    act = ACTIVATIONS[self.activation]
-    kw = dict(norm=norm, implementation=implementation)
+    `residual_md`, returns `residual_md + mlp(x)` (added in down_proj's epilogue)."""
+    counters = None
     if self.gate_up_proj is not None and GLU_EPILOGUE and self.activation in pallas_kernels.GLU_ACTIVATIONS:
-      # act(gate) * up in the gate|up kernel's epilogue: the [M, 2F] float32 product is never written
-      if layers.CHAINED_COUNTERS:
-        h, counters = self.gate_up_proj.decode(x_md, x_md.dtype, glu=self.activation, emit_counters=True, **kw)
-      else:
-        h, counters = self.gate_up_proj.decode(x_md, x_md.dtype, glu=self.activation, **kw), None
-      return self.down_proj.decode(h, residual=residual_md, counters=counters, implementation=implementation)
-    if self.gate_up_proj is not None:
-      gate, up = split_gate_up(self.gate_up_proj.decode(x_md, jnp.float32, **kw))
+      # act(gate) * up in the gate|up kernel's epilogue: the [M, 2F] float32 product is never written; zeroed
+      # split-K counters handed on to down_proj
+      out = self.gate_up_proj.decode(x_md, x_md.dtype, glu=self.activation, emit_counters=layers.CHAINED_COUNTERS,
+                                     implementation=implementation)
+      h, counters = out if layers.CHAINED_COUNTERS else (out, None)
     else:
-      gate, up = self.gate_proj.decode(x_md, jnp.float32, **kw), self.up_proj.decode(x_md, jnp.float32, **kw)
-    h = (act(gate) * up).astype(x_md.dtype)
-    return self.down_proj.decode(h, residual=residual_md, implementation=implementation)
+      kw = dict(implementation=implementation)
+      if self.gate_up_proj is not None:
+        gate, up = split_gate_up(self.gate_up_proj.decode(x_md, jnp.float32, **kw))
+      else:
+        gate, up = self.gate_proj.decode(x_md, jnp.float32, **kw), self.up_proj.decode(x_md, jnp.float32, **kw)
+      h = (ACTIVATIONS[self.activation](gate) * up).astype(x_md.dtype)
+    return self.down_proj.decode(h, residual=residual_md, counters=counters, implementation=implementation)
 
 
 class NeuronMLP(nnx.Module):

@@ -32,6 +32,7 @@ PREFILL_MAX_TOKENS = 16384
 # (`skinny_matmul`'s side weight) instead of an XLA dot and its split-K sum (A/B runs; set at process start).
 ROUTER_IN_QKV = True
 
+
 def prefill_group_rows(batch: int, length: int, max_tokens: int) -> int:
   """Rows per prefill group: the largest divisor of `batch` whose tokens fit `max_tokens` (at least 1)."""
   best = 1
@@ -88,32 +89,20 @@ class DecoderLayer(nnx.Module):
     router the q|k|v kernel can evaluate itself.
 
     On one device with `layers.DECODE_MATMUL` (`pallas_kernels.skinny_matmul`): o_proj and down_proj add the
-    residual in their epilogues, and a linear router's scores come from extra programs of the q|k|v kernel;
-    with `layers.NORM_IN_MATMUL` pre-norm RMSNorm layers also norm inside the q|k|v and gate|up kernels."""
+    residual in their epilogues, and a linear router's scores come from extra programs of the q|k|v kernel."""
     plan = selector_plan or (("dense",) if selector_fn is None else ("x",))
     one_device = layers.DECODE_MATMUL and getattr(self.attn, "mesh", None) is None
-    rms = self.pre_norm and isinstance(self.attn_norm, layers.RMSNorm) and layers.NORM_IN_MATMUL
-    router = plan[1:] if ROUTER_IN_QKV and plan[0] == "linear" and plan[1].dtype == getattr(
-        self.attn.qkv_proj, "kernel", plan[1]).dtype else None
-    if one_device and mlp_fn is None and self.attn.fused_qkv_decode and (router or (rms and plan[0] == "dense")):
-      # the linear router's scores from the q|k|v kernel (and the norm in it)
-      x = h_bd if rms else (self.attn_norm(h_bd) if self.pre_norm else h_bd)
-      h, k_cache, v_cache = self.attn.decode(x, lengths_b, k_cache, v_cache, implementation=implementation,
-                                             residual_bd=h_bd, norm=self.attn_norm if rms else None,
-                                             router=router)
-      h = h if self.pre_norm else self.attn_norm(h)
-    else:
-      x = self.attn_norm(h_bd) if self.pre_norm else h_bd
-      group_idx = selector_fn(x) if selector_fn is not None else None
-      h, k_cache, v_cache = self.attn.decode(x, lengths_b, k_cache, v_cache, group_idx,
-                                             implementation=implementation, residual_bd=h_bd)   # h_bd + attention
-      h = h if self.pre_norm else self.attn_norm(h)
-    if mlp_fn is None and isinstance(self.mlp, GatedMLP) and one_device:
-      # the residual add in down_proj's epilogue; an RMSNorm pre-norm in the gate|up kernel
-      if rms and isinstance(self.mlp_norm, layers.RMSNorm):   # (NORM_IN_MATMUL)
-        return self.mlp.decode(h, residual_md=h, norm=self.mlp_norm, implementation=implementation), k_cache, v_cache
-      y = self.mlp_norm(h) if self.pre_norm else h
-      out = self.mlp.decode(y, residual_md=h, implementation=implementation)
+    router = None
+    if (one_device and ROUTER_IN_QKV and plan[0] == "linear" and self.attn.fused_qkv_decode
+        and plan[1].dtype == self.attn.qkv_proj.kernel.dtype):
+      router = plan[1:]
+    x = self.attn_norm(h_bd) if self.pre_norm else h_bd
+    group_idx = selector_fn(x) if selector_fn is not None and router is None else None
+    h, k_cache, v_cache = self.attn.decode(x, lengths_b, k_cache, v_cache, group_idx, implementation=implementation,
+                                           residual_bd=h_bd, router=router)   # h_bd + attention
+    h = h if self.pre_norm else self.attn_norm(h)
+    if mlp_fn is None and isinstance(self.mlp, GatedMLP) and one_device:   # the residual add in down_proj
+      out = self.mlp.decode(self.mlp_norm(h) if self.pre_norm else h, residual_md=h, implementation=implementation)
       return (out if self.pre_norm else self.mlp_norm(out)), k_cache, v_cache
     mlp = self.mlp if mlp_fn is None else (lambda y: mlp_fn(y, x))
     return self._mlp_block(h, mlp), k_cache, v_cache

@@ -23,6 +23,7 @@ shards keeps k / tp of its own KV groups (resp. ceil(k / tp) of its own neurons)
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -88,6 +89,10 @@ class SparseDecode:
     neuron = None if self.neuron_k is None else router_state["neuron"]   # per layer: its own weight arrays
     num_groups = model.config.num_kv_heads
 
+    def top_groups(scores_bg, layer):
+      # per-row top-k (`rank_topk`, lax.top_k's indices); tensor parallel: k / shards groups of each shard
+      return balanced_topk(scores_bg, self.groups[layer], self.shards)
+
     def selector(layer, x_bd):
       k = self.groups[layer]
       if k is None:
@@ -98,18 +103,16 @@ class SparseDecode:
         scores_bg = random_scores(self.seed, layer, positions_b, tok_b, num_groups)
       else:
         scores_bg = decode_head_scores(*head[layer], x_bd)
-      # per-row top-k (`rank_topk`, lax.top_k's indices); tensor parallel: k / shards groups of each shard
-      return balanced_topk(scores_bg, k, self.shards)
+      return top_groups(scores_bg, layer)
 
     def plan(layer):
       """How the layer selects, for the decode step's fusions (`DecoderLayer.decode`): ("dense",) (no selection),
-      ("linear", w_dg, b_g, pick) (scores = normed x @ w + b, then `pick(scores)`: the q|k|v kernel can compute
-      the scores itself), or ("x",) (the selector needs the normed input: call it)."""
-      k = self.groups[layer]
-      if k is None:
+      ("linear", w_dg, b_g, pick) (the selector's own scores = normed x @ w + b, then `pick(scores)`: the q|k|v
+      kernel can compute the scores itself), or ("x",) (the selector needs the normed input: call it)."""
+      if self.groups[layer] is None:
         return ("dense",)
       if self.selector == "router":
-        return ("linear", *head[layer], lambda scores_bg: balanced_topk(scores_bg, k, self.shards))
+        return ("linear", *head[layer], functools.partial(top_groups, layer=layer))
       return ("x",)
 
     selector.plan = plan

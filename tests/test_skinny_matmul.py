@@ -1,5 +1,5 @@
 """skinny_matmul: the decode projections' kernel (Pallas in interpret mode on CPU, the real kernel on a GPU) vs a
-float64 reference and vs its XLA reference: odd M / K / N (tails of every block), 1-4 K splits, bias and residual,
+float64 reference and vs its XLA reference: odd M / K / N (tails of every block), 1-16 K splits, bias and residual,
 16- and 32-bit dtypes; the tiling heuristic's invariants; bad input; `Linear.decode` and the decode step with the
 kernel on and off."""
 import jax
@@ -128,31 +128,21 @@ FUSED_CASES = [  # m, k, n, p (side width), dtype, config
 
 
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(str(v) for v in c[:5]))
-@pytest.mark.parametrize("what", ["norm", "side", "norm+side"])
-def test_norm_and_side_weight(case, what):
-  """RMSNorm inside the kernel (x scaled in the loop, 1 / rms after it) and a side weight streamed by extra
-  programs, vs the XLA reference (which norms first, as `polar_jax.layers.RMSNorm`): they round the normed x to
-  the input dtype at different points, so they may differ by one unit of it per product term."""
+def test_side_weight(case):
+  """A side weight streamed by extra programs of the kernel, vs the XLA reference: both products."""
   m, k, n, p, dtype, cfg = case
   rng = np.random.default_rng(5)
   x = jnp.asarray(3 * rng.standard_normal((m, k)), dtype)
   w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
-  kw = {}
-  if "norm" in what:
-    kw.update(norm_scale_K=jnp.asarray(1 + 0.3 * rng.standard_normal(k), dtype), norm_eps=1e-5)
-  if "side" in what:
-    kw.update(side_w_KP=jnp.asarray(rng.standard_normal((k, p)) / np.sqrt(k), dtype),
-              side_b_P=jnp.asarray(rng.standard_normal(p), jnp.float32))
+  kw = dict(side_w_KP=jnp.asarray(rng.standard_normal((k, p)) / np.sqrt(k), dtype),
+            side_b_P=jnp.asarray(rng.standard_normal(p), jnp.float32))
   got = skinny_matmul(x, w, implementation="pallas", config=cfg, **kw)
   ref = skinny_matmul(x, w, implementation="xla", **kw)
-  got, ref = (got, ref) if "side" in what else ((got,), (ref,))
-  assert got[0].dtype == dtype and (len(got) == 1 or (got[1].dtype == jnp.float32 and got[1].shape == (m, p)))
+  assert got[0].dtype == dtype and got[1].dtype == jnp.float32 and got[1].shape == (m, p)
   eps = float(jnp.finfo(dtype).eps)
   xn = np.abs(np.asarray(x, np.float64))
-  if "norm" in what:
-    xn = xn / np.sqrt(np.mean(xn ** 2, axis=1, keepdims=True)) * np.abs(np.asarray(kw["norm_scale_K"], np.float64))
-  for g, r, wt in zip(got, ref, (w, kw.get("side_w_KP"))):
-    bound = (np.abs(xn) @ np.abs(np.asarray(wt, np.float64))) * (2 * eps * ("norm" in what) + 8 * k * 1.2e-7)
+  for g, r, wt in zip(got, ref, (w, kw["side_w_KP"])):
+    bound = (np.abs(xn) @ np.abs(np.asarray(wt, np.float64))) * (8 * k * 1.2e-7)
     bound = bound + eps * np.abs(np.asarray(r, np.float64)) * (g.dtype != jnp.float32)   # output rounding
     assert np.all(np.abs(np.asarray(g, np.float64) - np.asarray(r, np.float64)) <= bound + 1e-6)
 
@@ -213,8 +203,6 @@ def test_bad_input():
     skinny_matmul(x, w, None, jnp.ones((4, 16), jnp.bfloat16))
   with pytest.raises(ValueError, match="unknown implementation"):
     skinny_matmul(x, w, implementation="cuda")
-  with pytest.raises(ValueError, match="norm scale"):
-    skinny_matmul(x, w, norm_scale_K=jnp.ones((7,)))
   with pytest.raises(ValueError, match="side weight"):
     skinny_matmul(x, w, side_w_KP=jnp.ones((8, 4), jnp.bfloat16))
   with pytest.raises(ValueError, match="glu must be"):
@@ -222,7 +210,7 @@ def test_bad_input():
   with pytest.raises(ValueError, match="glu must be"):
     skinny_matmul(x, jnp.ones((8, 15)), glu="silu")                 # odd N
   with pytest.raises(ValueError, match="num_splits == 1"):
-    skinny_matmul(x, w, norm_scale_K=jnp.ones((8,)), implementation="pallas", config=MatmulConfig(16, 16, 16, 2))
+    skinny_matmul(x, w, side_w_KP=jnp.ones((8, 4)), implementation="pallas", config=MatmulConfig(16, 16, 16, 2))
 
 
 def test_large_m_goes_to_xla():
@@ -256,7 +244,6 @@ def test_decode_step_with_and_without_the_kernel(config, monkeypatch):
   lengths = jnp.asarray([5, 2, 3], jnp.int32)
   _, cache = model.prefill(tokens, lengths, KVCache.init(config, 3, 16, jnp.float32))
   outs = {}
-  monkeypatch.setattr(layers, "NORM_IN_MATMUL", True)    # the norms inside the kernels too
   for on in (True, False):
     monkeypatch.setattr(layers, "DECODE_MATMUL", on)
     with jax.default_matmul_precision("highest"):         # (XLA's float32 dots are TF32 on GPUs)
@@ -266,10 +253,9 @@ def test_decode_step_with_and_without_the_kernel(config, monkeypatch):
   np.testing.assert_allclose(np.asarray(outs[True][1]), np.asarray(outs[False][1]), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("norm_in_matmul", [False, True])
-def test_sparse_decode_router_in_the_qkv_kernel(norm_in_matmul, monkeypatch):
+def test_sparse_decode_router_in_the_qkv_kernel(monkeypatch):
   """Sparse decode with a head router: on the kernel path the router scores come out of the q|k|v kernel (a side
-  weight, the norm inside it) and the logits equal those of XLA's norms, dots and router (same groups chosen)."""
+  weight) and the logits equal those of XLA's dots and router (same groups chosen)."""
   from polar_jax.routers import Routers
   from polar_jax.sparse_decode import make_decoder
   from polar_jax.sparsity import SparsityConfig
@@ -286,26 +272,22 @@ def test_sparse_decode_router_in_the_qkv_kernel(norm_in_matmul, monkeypatch):
   real = pallas_kernels.skinny_matmul
 
   def spy(*args, **kwargs):
-    calls.append(sorted(k for k in ("norm_scale_K", "side_w_KP") if kwargs.get(k) is not None))
+    calls.append(kwargs.get("side_w_KP") is not None)
     return real(*args, **kwargs)
 
   monkeypatch.setattr(pallas_kernels, "skinny_matmul", spy)
-  monkeypatch.setattr(layers, "NORM_IN_MATMUL", norm_in_matmul)
   logits = {}
   for on in (True, False):
     monkeypatch.setattr(layers, "DECODE_MATMUL", on)
     with jax.default_matmul_precision("highest"):         # (XLA's float32 dots are TF32 on GPUs)
       logits[on], _ = decode(model, jnp.asarray([1, 2, 3], jnp.int32), cache, state)
-  if norm_in_matmul:
-    assert ["norm_scale_K", "side_w_KP"] in calls and ["norm_scale_K"] in calls   # routed layer; layer 0 / MLPs
-  else:
-    assert ["side_w_KP"] in calls and not any("norm_scale_K" in c for c in calls)
+  assert True in calls and False in calls    # the routed layer's q|k|v; layer 0 and the other projections
   np.testing.assert_allclose(np.asarray(logits[True]), np.asarray(logits[False]), rtol=1e-4, atol=1e-4)
 
 
-def test_attention_decode_router_and_norm_arguments(monkeypatch):
-  """Attention.decode(norm=, router=) selects from the scores it computes, also with the kernels switched off
-  (XLA), and refuses them without a fused q|k|v projection."""
+def test_attention_decode_router_argument(monkeypatch):
+  """Attention.decode(router=) selects from the scores it computes, also with the kernels switched off (XLA), and
+  refuses it without a fused q|k|v projection."""
   model = fusion.fuse_projections(init_model(LLAMA_GQA, seed=5))
   layer = model.layers[1]
   h = jax.random.normal(jax.random.key(8), (2, 64))
@@ -322,15 +304,15 @@ def test_attention_decode_router_and_norm_arguments(monkeypatch):
   for on in (True, False):
     monkeypatch.setattr(layers, "DECODE_MATMUL", on)
     with jax.default_matmul_precision("highest"):
-      outs.append(layer.attn.decode(h, lengths, *caches, norm=layer.attn_norm, router=(w, jnp.zeros(2), pick),
+      outs.append(layer.attn.decode(layer.attn_norm(h), lengths, *caches, router=(w, jnp.zeros(2), pick),
                                     residual_bd=h)[0])
   want = np.asarray(layer.attn_norm(h), np.float64) @ np.asarray(w, np.float64)
   for scores in picked:
     np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), rtol=1e-4, atol=1e-4)
   unfused = init_model(LLAMA_GQA, seed=5).layers[1]
-  with pytest.raises(ValueError, match="need a fused q"):
-    unfused.attn.decode(h, lengths, *caches, norm=unfused.attn_norm)
+  with pytest.raises(ValueError, match="needs a fused q"):
+    unfused.attn.decode(h, lengths, *caches, router=(w, jnp.zeros(2), pick))
 
 
 ROPE_CASES = [  # B, K, Hq, Hkv, S, D, dtype, rope
