@@ -35,6 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
+from polar_jax.compile_options import jit_loop  # noqa: E402
 from polar_jax.config import ModelConfig, RopeScaling  # noqa: E402
 from polar_jax.generation import generate  # noqa: E402
 from polar_jax.model import init_model  # noqa: E402
@@ -180,7 +181,7 @@ def kept_fraction(config: ModelConfig, sparsity) -> Any:
   return lambda layer: 1.0 if groups[layer] is None else groups[layer] / config.num_kv_heads
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "decode"), donate_argnames=("cache",))
+@functools.partial(jit_loop, static_argnames=("graphdef", "decode"), donate_argnames=("cache",))
 def _decode_greedy(graphdef, state, tok_b, cache, decode_state, steps, *, decode):
   """`steps` greedy decode steps from a prefilled cache, with the step `generate` runs (`decode`). `steps` is
   traced, so every step count runs the same compiled program (the same autotuned kernels)."""

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from polar_jax.compile_options import jit_loop
 from polar_jax.kv_cache import KVCache
 from polar_jax.model import CausalLM
 from polar_jax.sampling import Greedy, Sampler
@@ -117,8 +118,8 @@ def _sample(sampler, logits, key):
   return sampler(logits, key)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "max_len", "stop_tokens",
-                                             "pad_id", "decode"))
+@functools.partial(jit_loop, static_argnames=("graphdef", "max_new_tokens", "max_len", "stop_tokens",
+                                              "pad_id", "decode"))
 def _generate_program(graphdef, state, tokens_bt, lengths_b, real_b, sampler, key, decode_state, *,
                       max_new_tokens, max_len, stop_tokens, pad_id, decode):
   TRACE_COUNTS["generate"] += 1
