@@ -5,7 +5,9 @@
 
 `y = x @ w` accumulated in float32, plus the bias, cast to `out_dtype` (w's dtype by default), then plus the
 residual in `out_dtype` (the model's `h + o_proj(ctx)`). With `side_w_KP`, a second small weight (a head router)
-is streamed by extra programs of the same kernel and its float32 product `x @ side_w + side_b` is returned too.
+is streamed by extra programs of the same kernel and its float32 product `x @ side_w + side_b` is returned too
+(give it `side_width(P)` columns, zero-padded: narrower side weights are read by unpipelined gathers, measured
++12 us per call for an [4096, 8] router next to Llama-3.1-8B's q|k|v, benchmarks/NOTES.md session 10).
 With `glu="silu"`, w's columns are neuron-interleaved (gate, up) pairs (a fused gate|up projection) and the output
 is `silu(gate) * up` (N / 2 wide), computed in the kernel's epilogue from the float32 sums. "pallas": one kernel
 that streams the weight once and writes the finished output (`skinny_matmul_triton`: no float32 partials for a
@@ -28,6 +30,12 @@ from pallas_kernels.skinny_matmul_triton import MatmulConfig
 # The kernel is for decode: a few rows against a streamed weight. Prefill-sized inputs go to XLA's GEMMs.
 MAX_ROWS = 128
 _DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
+
+
+def side_width(p: int) -> int:
+  """Columns to give a side weight of p columns (zero-padded): a power of two >= 16, so that every side program
+  streams whole, contiguous column tiles (`skinny_matmul_triton.side_block`) with pipelined loads."""
+  return max(16, _platform.next_pow2(p))
 
 
 def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, side_w_KP=None, side_b_P=None,

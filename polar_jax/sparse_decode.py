@@ -29,6 +29,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.skinny_matmul import side_width
 from polar_jax.routers.modules import decode_head_layers, decode_head_scores, decode_neuron_layers, neuron_logits
 from polar_jax.sharding import balanced_topk, balanced_union_topk, model_mesh, model_tp, sharded_sparse_mlp
 from polar_jax.sparsity import SparsityConfig, neuron_budgets
@@ -86,6 +87,7 @@ class SparseDecode:
     step). Public so that one layer can be run or its routers timed alone with exactly the step's selection
     (`benchmarks/layer.py`)."""
     head = router_state["head"] if self.head_router else None   # per layer: (w_dg, b_g) or None
+    head_side = router_state.get("head_side") if self.head_router else None   # the same, zero-padded columns
     neuron = None if self.neuron_k is None else router_state["neuron"]   # per layer: its own weight arrays
     num_groups = model.config.num_kv_heads
 
@@ -111,6 +113,8 @@ class SparseDecode:
       kernel can compute the scores itself), or ("x",) (the selector needs the normed input: call it)."""
       if self.groups[layer] is None:
         return ("dense",)
+      if self.selector == "router" and head_side is not None:   # q|k|v side programs read whole column tiles
+        return ("linear", *head_side[layer], lambda scores_bp: top_groups(scores_bp[:, :num_groups], layer))
       if self.selector == "router":
         return ("linear", *head[layer], functools.partial(top_groups, layer=layer))
       return ("x",)
@@ -226,11 +230,23 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
   dtype = router_dtype if router_dtype is not None else getattr(model, "dtype", jnp.float32)
   if needs_head:
     state["head"] = decode_head_layers(routers.head, [k is not None for k in groups], dtype)
+    if shards == 1:   # for the fused q|k|v kernel's side programs (`selector.plan`)
+      state["head_side"] = tuple(None if wb is None else _side_copy(*wb) for wb in state["head"])
   if neuron_k is not None:
     state["neuron"] = decode_neuron_layers(routers.neuron, [k is not None for k in neuron_k], dtype)
   decode = SparseDecode(groups, sparsity.selector, sparsity.seed, neuron_k, needs_head, implementation, shards,
                         union_method)
   return decode, state
+
+
+def _side_copy(w_dg, b_g):
+  """`(w, b)` with `skinny_matmul.side_width(G)` columns, zeros past G (the same arrays when G is that wide).
+  Narrower side weights were read by unpipelined gathers: Llama-3.1-8B B32 (G = 8) q|k|v 32.9 vs 21.0 us per
+  layer (benchmarks/NOTES.md, session 10)."""
+  pad = side_width(w_dg.shape[1]) - w_dg.shape[1]
+  if pad == 0:
+    return w_dg, b_g
+  return jnp.pad(w_dg, ((0, 0), (0, pad))), jnp.pad(b_g, (0, pad))
 
 
 def _selection_shards(model, sparsity: SparsityConfig) -> int:

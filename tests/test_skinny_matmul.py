@@ -11,6 +11,7 @@ from flax import nnx
 from pallas_kernels import MatmulConfig
 from pallas_kernels import skinny_matmul
 from pallas_kernels import skinny_matmul_triton
+from pallas_kernels.skinny_matmul import side_width
 from polar_jax import fusion
 from polar_jax import layers
 from polar_jax.config import ModelConfig
@@ -271,8 +272,12 @@ def test_sparse_decode_router_in_the_qkv_kernel(monkeypatch):
   calls = []
   real = pallas_kernels.skinny_matmul
 
+  widths = []
+
   def spy(*args, **kwargs):
     calls.append(kwargs.get("side_w_KP") is not None)
+    if calls[-1]:
+      widths.append(kwargs["side_w_KP"].shape[1])
     return real(*args, **kwargs)
 
   monkeypatch.setattr(pallas_kernels, "skinny_matmul", spy)
@@ -282,7 +287,13 @@ def test_sparse_decode_router_in_the_qkv_kernel(monkeypatch):
     with jax.default_matmul_precision("highest"):         # (XLA's float32 dots are TF32 on GPUs)
       logits[on], _ = decode(model, jnp.asarray([1, 2, 3], jnp.int32), cache, state)
   assert True in calls and False in calls    # the routed layer's q|k|v; layer 0 and the other projections
+  g = LLAMA_GQA.num_kv_heads                 # the side weight is zero-padded to whole column tiles, scores sliced
+  assert g < 16 and set(widths) == {side_width(g)} == {16}
   np.testing.assert_allclose(np.asarray(logits[True]), np.asarray(logits[False]), rtol=1e-4, atol=1e-4)
+
+
+def test_side_width():
+  assert [side_width(p) for p in (1, 3, 8, 16, 17, 32, 33)] == [16, 16, 16, 16, 32, 32, 64]
 
 
 def test_attention_decode_router_argument(monkeypatch):
