@@ -27,8 +27,8 @@ from polar_jax.layers import Linear
 # (`pallas_kernels.rope_append`) instead of XLA's RoPE fusion and two scatters. Off: the XLA path (A/B runs).
 FUSED_ROPE_APPEND = True
 # With layers.DECODE_MATMUL: the RoPE + K/V append in the q|k|v kernel's epilogue (`pallas_kernels.qkv_rope_append`,
-# one kernel instead of skinny_matmul + rope_append). Off by default: not yet measured on a GPU (benchmarks/NOTES.md,
-# session 9, "Next GPU session").
+# one kernel instead of skinny_matmul + rope_append). Off: measured within noise on one H100 (session 10, LLaMA-2-7B
+# p2000 density 0.5, three A/B pairs in two calls, `e2e_experiments.jsonl`): B16 +0.15 to +0.6%, B32 -0.35 to +0.1%.
 ROPE_IN_QKV = False
 # Query rows processed at once by the XLA prefill attention, bounding its score buffer.
 _SCORE_BUDGET = 1 << 28  # float32 elements
