@@ -124,7 +124,14 @@ def main(argv=None) -> int:
   # A decode loop recorded as one command buffer (WHILE) hides its kernels from the profiler (session 10: a
   # Llama-3.1 B32 step read 0.29 ms of kernels): profile the loop with XLA's default kinds, each step's kernels
   # still in graphs, as the records before session 10.
-  compile_options.LOOP_GRAPH = switches["loop_graph"] = False
+  switches["loop_graph"] = compile_options.LOOP_GRAPH = False
+  try:
+    return _profile(p, args, switches)
+  finally:
+    compile_options.LOOP_GRAPH = args.loop_graph   # (tests run main in-process)
+
+
+def _profile(p, args, switches) -> int:
   if args.smoke:
     args.model, args.batch, args.prompt, args.n1, args.n2, args.dtype = "tiny", 2, 16, 2, 6, "float32"
   config = e2e.MODELS[args.model]

@@ -105,6 +105,8 @@ def test_profile_step_arithmetic_and_smoke(tmp_path):
   recs = [json.loads(line) for line in out.read_text().splitlines()]
   assert recs and all(r["kind"] == "step_profile" and r["ms_per_step"] > 0 for r in recs)
   assert all(r["timing"] == "decode_loop" and r["launches_per_step"] > 0 for r in recs)
+  from polar_jax import compile_options     # profiled without the loop's command buffer, the switch put back
+  assert all(r["loop_graph"] is False for r in recs) and compile_options.LOOP_GRAPH is True
   # kernels kept apart by name, the loop's HLO written; and the older two-generate method still runs
   out2, hlo = tmp_path / "p2.jsonl", tmp_path / "hlo"
   assert profile_step.main(["--smoke", "--densities", "0.5", "--instances", "--hlo", str(hlo), "--out", str(out2)]) == 0

@@ -8,12 +8,18 @@ import pytest
 from polar_jax import compile_options as co
 
 
+@pytest.fixture(autouse=True)
+def _defaults(monkeypatch):
+  """Each test starts from the shipped defaults, whatever a benchmark run in this process switched."""
+  monkeypatch.setattr(co, "LOOP_GRAPH", True)
+  monkeypatch.delenv("XLA_FLAGS", raising=False)
+
+
 def _loop(x, n):
   return jax.lax.fori_loop(0, n, lambda i, y: y * 2 + i, x)
 
 
-def test_default_options_add_while_and_conditional(monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
+def test_default_options_add_while_and_conditional():
   kinds = co.decode_loop_options()["xla_gpu_enable_command_buffer"].split(",")
   assert {"WHILE", "CONDITIONAL", "FUSION", "CUSTOM_CALL"} <= set(kinds)
 
@@ -27,7 +33,6 @@ def test_user_flags_and_switch_win(monkeypatch):
 
 
 def test_options_compile_and_reach_the_compiler(monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
   f = co.jit_loop(_loop, static_argnames=("n",))
   x = jnp.arange(3.0)
   assert jnp.array_equal(f(x, n=4), _loop(x, 4))          # this jax's XLA accepts every kind in the list
@@ -39,7 +44,6 @@ def test_options_compile_and_reach_the_compiler(monkeypatch):
 
 
 def test_switch_flip_recompiles(monkeypatch):
-  monkeypatch.delenv("XLA_FLAGS", raising=False)
   f = co.jit_loop(_loop, static_argnames=("n",))
   x = jnp.ones(2)
   f(x, n=2)
