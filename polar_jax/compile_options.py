@@ -40,7 +40,7 @@ def decode_loop_options() -> dict[str, str]:
 class jit_loop:  # pylint: disable=invalid-name  (used as a decorator, like jax.jit)
   """`jax.jit(fun, **jit_kwargs)` compiled with `decode_loop_options()` as they are at call time: one jitted
   function per distinct options, so a switch flipped between calls recompiles instead of being ignored.
-  Calls, `.lower` and `.trace` go to the jitted function of the current options."""
+  Calls and `.lower` go to the jitted function of the current options."""
 
   def __init__(self, fun, **jit_kwargs):
     self._fun, self._jit_kwargs, self._jitted = fun, jit_kwargs, {}
@@ -58,6 +58,3 @@ class jit_loop:  # pylint: disable=invalid-name  (used as a decorator, like jax.
 
   def lower(self, *args, **kwargs):
     return self.current().lower(*args, **kwargs)
-
-  def trace(self, *args, **kwargs):
-    return self.current().trace(*args, **kwargs)

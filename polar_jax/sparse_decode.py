@@ -23,7 +23,6 @@ shards keeps k / tp of its own KV groups (resp. ceil(k / tp) of its own neurons)
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -113,10 +112,8 @@ class SparseDecode:
       kernel can compute the scores itself), or ("x",) (the selector needs the normed input: call it)."""
       if self.groups[layer] is None:
         return ("dense",)
-      if self.selector == "router" and head_side is not None:   # q|k|v side programs read whole column tiles
-        return ("linear", *head_side[layer], lambda scores_bp: top_groups(scores_bp[:, :num_groups], layer))
-      if self.selector == "router":
-        return ("linear", *head[layer], functools.partial(top_groups, layer=layer))
+      if self.selector == "router":   # the zero-padded copy where there is one: the side programs read whole tiles
+        return ("linear", *(head_side or head)[layer], lambda scores_bp: top_groups(scores_bp[:, :num_groups], layer))
       return ("x",)
 
     selector.plan = plan
