@@ -104,6 +104,9 @@ STEP_SWITCHES = (
      "the gated MLP's act(gate) * up in the gate|up kernel's epilogue (off: an XLA fusion)"),
     ("chained_counters", "polar_jax.layers", "CHAINED_COUNTERS", True,
      "o_proj / down_proj take zeroed split-K counters from the q|k|v / gate|up kernels (off: zero-filled by XLA)"),
+    ("deferred_norm", "polar_jax.layers", "DEFERRED_NORM", True,
+     "RMSNorms in the projection kernels: o_proj / down_proj write h * g and h's squares, the next kernel scales "
+     "its rows (off: RMSNorm as an XLA fusion)"),
     ("loop_graph", "polar_jax.compile_options", "LOOP_GRAPH", True,
      "the decode loop as one command buffer: XLA's default kinds + WHILE, CONDITIONAL (off: XLA's default kinds)"),
 )

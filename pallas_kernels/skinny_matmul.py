@@ -9,7 +9,11 @@ is streamed by extra programs of the same kernel and its float32 product `x @ si
 (give it `side_width(P)` columns, zero-padded: narrower side weights are read by unpipelined gathers, measured
 +12 us per call for an [4096, 8] router next to Llama-3.1-8B's q|k|v, benchmarks/NOTES.md session 10).
 With `glu="silu"`, w's columns are neuron-interleaved (gate, up) pairs (a fused gate|up projection) and the output
-is `silu(gate) * up` (N / 2 wide), computed in the kernel's epilogue from the float32 sums. "pallas": one kernel
+is `silu(gate) * up` (N / 2 wide), computed in the kernel's epilogue from the float32 sums.
+Deferred RMSNorm (the decode step's norms without kernels of their own): `rms_sq_TM` + `rms_eps` scale the rows
+of both products by the norm factor of the hidden state x was made from (x = h * g, the squares of h given as
+float32 partial sums [T, M]) before the biases: `rmsnorm(h) @ w`; `norm_scale_N=g` appends `(y * g, sq [T, M])`,
+y prepared for the next norm's consumer (`skinny_matmul_xla.deferred_norm`). "pallas": one kernel
 that streams the weight once and writes the finished output (`skinny_matmul_triton`: no float32 partials for a
 separate XLA reduce); "xla": the reference (`skinny_matmul_xla`), also used for shapes the kernel does not take
 (rows > `MAX_ROWS`, dtypes other than bfloat16 / float16 / float32).
@@ -39,7 +43,7 @@ def side_width(p: int) -> int:
 
 
 def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, side_w_KP=None, side_b_P=None,
-                  glu: str | None = None,
+                  glu: str | None = None, rms_sq_TM=None, rms_eps: float | None = None, norm_scale_N=None,
                   counters_C=None, emit_counters: bool = False, implementation: str | None = None,
                   config: MatmulConfig | None = None):
   """See the module docstring. Raises ValueError on inconsistent shapes or dtypes.
@@ -63,6 +67,10 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
     raise ValueError(f"side weight must be [{k}, P] {w_KN.dtype}, got {side_w_KP.shape} {side_w_KP.dtype}")
   if side_b_P is not None and (side_w_KP is None or side_b_P.shape != (side_w_KP.shape[1],)):
     raise ValueError(f"side bias needs a side weight and shape [P], got {side_b_P.shape}")
+  _check_norm_args(m, n, rms_sq_TM, rms_eps, norm_scale_N)
+  if norm_scale_N is not None and glu is not None:
+    raise ValueError("skinny_matmul: norm_scale_N needs a plain output, not glu")
+  norm_kw = dict(rms_sq_TM=rms_sq_TM, rms_eps=None if rms_eps is None else float(rms_eps), norm_scale_N=norm_scale_N)
   impl = _platform.resolve_implementation(implementation)
   if impl == "pallas" and m <= MAX_ROWS and any(w_KN.dtype == d for d in _DTYPES) and min(m, k, n) > 0:
     if config is None:
@@ -73,26 +81,39 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
     if glu is None or n % config.block_n == 0:      # (the gated epilogue takes whole (gate, up) tiles)
       return _triton.skinny_matmul_triton(x_MK.astype(w_KN.dtype), w_KN, bias_N, residual_MN, side_w_KP,
                                           side_b_P, counters_C, out_dtype=out_dtype, glu=glu,
-                                          emit_counters=emit_counters,
-                                          config=config, interpret=_platform.interpret_mode())
+                                          emit_counters=emit_counters, config=config,
+                                          interpret=_platform.interpret_mode(), **norm_kw)
   out = _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype, side_w_KP=side_w_KP, side_b_P=side_b_P,
-                 glu=glu)
+                 glu=glu, **norm_kw)
   if not emit_counters:
     return out
   return (*(out if isinstance(out, tuple) else (out,)), jnp.zeros((_triton.COUNTERS,), jnp.int32))
 
 
-_xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "glu"))
+_xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "glu", "rms_eps"))
+
+
+def _check_norm_args(m, n, rms_sq_TM, rms_eps, norm_scale_N):
+  if (rms_sq_TM is None) != (rms_eps is None):
+    raise ValueError("skinny_matmul: rms_sq_TM (the rows' partial sums of squares) and rms_eps go together")
+  if rms_sq_TM is not None and (rms_sq_TM.ndim != 2 or rms_sq_TM.shape[1] != m or rms_sq_TM.dtype != jnp.float32
+                                or not rms_eps > 0):
+    raise ValueError(f"rms_sq_TM must be float32 [T, {m}] with rms_eps > 0, got {rms_sq_TM.shape} "
+                     f"{rms_sq_TM.dtype}, eps {rms_eps}")
+  if norm_scale_N is not None and norm_scale_N.shape != (n,):
+    raise ValueError(f"norm_scale_N must have shape ({n},), got {norm_scale_N.shape}")
 
 
 def qkv_rope_append(x_MK, w_KN, bias_N, positions_M, inv_freq_F, k_cache, v_cache, *, num_heads: int,
-                    side_w_KP=None, side_b_P=None, emit_counters: bool = False, implementation: str | None = None,
+                    side_w_KP=None, side_b_P=None, rms_sq_TM=None, rms_eps: float | None = None,
+                    emit_counters: bool = False, implementation: str | None = None,
                     config: MatmulConfig | None = None):
   """The fused q|k|v projection with `rope_append` in its epilogue: `(q [M, Hq, D], k_cache, v_cache[, side]
   [, counters])` equal to `rope_append(skinny_matmul(x, w, bias), positions, inv_freq, k_cache, v_cache)` (w's
   columns KV-group-major, `polar_jax.fusion.fuse_qkv`; the qkv product rounded to w's dtype first). "pallas": one
   kernel whose column tiles are whole heads (block_n = head_dim), q and k rotated in registers, k and v stored
-  straight into the caches' slots (aliased: in place when the caller donates them); "xla": the two references."""
+  straight into the caches' slots (aliased: in place when the caller donates them); "xla": the two references.
+  `rms_sq_TM`, `rms_eps`: the deferred RMSNorm, as `skinny_matmul`."""
   if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
     raise ValueError(f"k_cache and v_cache must be [M, Hkv, S, D] of one shape, got {k_cache.shape}, "
                      f"{v_cache.shape}")
@@ -100,6 +121,8 @@ def qkv_rope_append(x_MK, w_KN, bias_N, positions_M, inv_freq_F, k_cache, v_cach
   if x_MK.ndim != 2 or x_MK.shape[0] != m or w_KN.ndim != 2 or w_KN.shape[1] != (num_heads + 2 * hkv) * d:
     raise ValueError(f"qkv_rope_append needs x [{m}, K] and w [K, (Hq + 2 Hkv) D = {(num_heads + 2 * hkv) * d}], "
                      f"got {x_MK.shape} and {w_KN.shape}")
+  _check_norm_args(m, w_KN.shape[1], rms_sq_TM, rms_eps, None)
+  norm_kw = dict(rms_sq_TM=rms_sq_TM, rms_eps=None if rms_eps is None else float(rms_eps))
   impl = _platform.resolve_implementation(implementation)
   pow2 = d == _platform.next_pow2(d) and d >= 16
   if impl == "pallas" and m <= MAX_ROWS and pow2 and any(w_KN.dtype == t for t in _DTYPES):
@@ -110,10 +133,11 @@ def qkv_rope_append(x_MK, w_KN, bias_N, positions_M, inv_freq_F, k_cache, v_cach
     inv = None if inv_freq_F is None else jnp.asarray(inv_freq_F, jnp.float32)
     return _triton.skinny_matmul_triton(
         x_MK.astype(w_KN.dtype), w_KN, bias_N, None, side_w_KP, side_b_P, None,
-        positions_M.astype(jnp.int32), inv, k_cache, v_cache, out_dtype=jnp.dtype(w_KN.dtype), glu=None, emit_counters=emit_counters, rope_heads=(num_heads, hkv), config=config,
-        interpret=_platform.interpret_mode())
+        positions_M.astype(jnp.int32), inv, k_cache, v_cache, out_dtype=jnp.dtype(w_KN.dtype), glu=None,
+        emit_counters=emit_counters, rope_heads=(num_heads, hkv), config=config,
+        interpret=_platform.interpret_mode(), **norm_kw)
   out = skinny_matmul(x_MK, w_KN, bias_N, side_w_KP=side_w_KP, side_b_P=side_b_P, emit_counters=emit_counters,
-                      implementation="xla")
+                      implementation="xla", **norm_kw)
   out = list(out) if isinstance(out, tuple) else [out]
   q, k_cache, v_cache = _rope_append_xla(out[0], positions_M, inv_freq_F, k_cache, v_cache, num_heads=num_heads)
   return (q, k_cache, v_cache, *out[1:])

@@ -72,26 +72,28 @@ def _silu(y):
   return y / (1.0 + jnp.exp(-y))
 
 
-def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, *refs, cfg: MatmulConfig, side_bn: int,
-            glu: bool, emit: int, rope_heads, interpret: bool):
-  """x_ref [M, K], w_ref [K, N], b_ref [N], r_ref [M, N], w2_ref [K, N2], b2_ref [N2], pos_ref [M], inv_ref [D/2]
-  (each but x and w may be None; then the caches with rope_heads, the counters with splits); outputs o_ref [M, N]
-  (or q [M, Hq, D]) (+ o2_ref [M, N2] float32 with w2; + workspace and counters with splits; + the caches with
-  rope_heads; + zeroed counters with emit). Program (m, split, n): n < N / block_n streams a column tile of w,
-  later ones of w2."""
+def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, g_ref, rsq_ref, *refs, cfg: MatmulConfig,
+            side_bn: int, glu: bool, emit: int, rope_heads, rms_eps, interpret: bool):
+  """x_ref [M, K], w_ref [K, N], b_ref [N], r_ref [M, N], w2_ref [K, N2], b2_ref [N2], pos_ref [M], inv_ref [D/2],
+  g_ref [N] (a norm weight), rsq_ref [T, M] (each but x and w may be None; then the caches with rope_heads, the
+  counters with splits); outputs o_ref [M, N] (or q [M, Hq, D]) (+ o2_ref [M, N2] float32 with w2; + o * g and
+  the row sums of squares of o per column tile [N / block_n, M] with g; + workspace and counters with splits;
+  + the caches with rope_heads; + zeroed counters with emit). Program (m, split, n): n < N / block_n streams a
+  column tile of w, later ones of w2."""
   refs = list(refs)
   z_ref = refs.pop() if emit else None
-  kc_ref = vc_ref = None
+  kc_ref = vc_ref = ws_ref = cnt_ref = None
   if rope_heads is not None:   # inputs k, v caches first; outputs q, (o2), k, v caches last (aliased)
     refs = refs[2:]
     kc_ref, vc_ref = refs[-2:]
     refs = refs[:-2]
-  if cfg.num_splits > 1:
-    _, o_ref, ws_ref, cnt_ref = refs
-    o2_ref = None
-  else:
-    (o_ref, *o2), ws_ref, cnt_ref = refs, None, None
-    o2_ref = o2[0] if o2 else None
+  if cfg.num_splits > 1:       # input counters first; outputs workspace, counters last
+    refs = refs[1:]
+    ws_ref, cnt_ref = refs[-2:]
+    refs = refs[:-2]
+  o_ref, *refs = refs
+  o2_ref = refs.pop(0) if w2_ref is not None else None
+  ys_ref, sq_ref = refs if g_ref is not None else (None, None)
   pm, split, pn = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   if emit:   # zeroed split-K counters for the next skinny_matmul (no XLA zero-fill / copy kernel before it)
     @pl.when((pm == 0) & (split == 0) & (pn == 0))
@@ -132,11 +134,21 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, *refs,
       acc = lax.fori_loop(jnp.maximum(full_hi, lo), hi, functools.partial(body, masked=True), acc)
     return acc, ws_n, cols_n
 
+  def row_scale():
+    """float32 [bm, 1]: the deferred RMSNorm's factor of this program's rows, from the [T, M] partial squares."""
+    t = rsq_ref.shape[0]
+    ts = jnp.arange(_platform.next_pow2(t), dtype=jnp.int32)
+    live = jnp.broadcast_to((ts < t)[:, None], (ts.shape[0], bm))
+    sq = plgpu.load(rsq_ref.at[jnp.minimum(ts, t - 1)[:, None], rows_m[None, :]], mask=live, other=0.0)
+    return lax.rsqrt(jnp.sum(sq, axis=0) / kdim + rms_eps)[:, None]
+
   def main():
     lo, hi = _split_k.split_range(k_blocks, split, cfg.num_splits)
     acc, ws_n, cols_n = stream(w_ref, bn, pn, lo, hi)
 
     def epilogue(y):
+      if rsq_ref is not None:
+        y = y * row_scale()
       if b_ref is not None:
         y = y + b_ref[cols_n].astype(jnp.float32)[None, :]
       if rope_heads is not None:
@@ -151,7 +163,14 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, *refs,
       if r_ref is not None:   # round to the output dtype first: the same sum as `residual + y` in that dtype
         y = (y.astype(o_ref.dtype).astype(jnp.float32)
              + r_ref[rows_m[:, None], cols_n[None, :]].astype(jnp.float32))
-      o_ref[rows_m[:, None], cols_n[None, :]] = y.astype(o_ref.dtype)
+      out = y.astype(o_ref.dtype)
+      o_ref[rows_m[:, None], cols_n[None, :]] = out
+      if g_ref is not None:   # the next RMSNorm, deferred: o * g and this tile's share of each row's squares
+        of = out.astype(jnp.float32)
+        ys_ref[rows_m[:, None], cols_n[None, :]] = (of * g_ref[cols_n].astype(jnp.float32)[None, :]).astype(
+            ys_ref.dtype)
+        sq = of * of if n % bn == 0 else jnp.where((ws_n < n)[None, :], of * of, 0.0)
+        sq_ref[pn, rows_m] = jnp.sum(sq, axis=1)
 
     _split_k.finish(acc, epilogue, ws_ref, cnt_ref, tile=pn * pl.num_programs(0) + pm, split=split, rows=ws_m,
                     cols=ws_n, num_splits=cfg.num_splits, interpret=interpret)
@@ -165,6 +184,8 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, *refs,
   @pl.when(pn >= n_tiles)
   def _():
     acc, _, cols = stream(w2_ref, side_bn, pn - n_tiles, 0, k_blocks)
+    if rsq_ref is not None:
+      acc = acc * row_scale()
     if b2_ref is not None:
       acc = acc + b2_ref[cols].astype(jnp.float32)[None, :]
     o2_ref[rows_m[:, None], cols[None, :]] = acc
@@ -216,11 +237,12 @@ def side_block(n2: int, block_n: int) -> int:
 COUNTERS = 1024
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "glu", "emit_counters", "rope_heads", "config",
+@functools.partial(jax.jit, static_argnames=("out_dtype", "glu", "emit_counters", "rope_heads", "rms_eps", "config",
                                              "interpret"))
 def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, counters_C=None, positions_M=None,
-                         inv_freq_F=None, k_cache=None, v_cache=None, *, out_dtype, glu: str | None,
-                         emit_counters: bool = False, rope_heads=None, config: MatmulConfig, interpret: bool):
+                         inv_freq_F=None, k_cache=None, v_cache=None, norm_scale_N=None, rms_sq_TM=None, *,
+                         out_dtype, glu: str | None, emit_counters: bool = False, rope_heads=None,
+                         rms_eps: float | None = None, config: MatmulConfig, interpret: bool):
   """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype; no splits with a side weight;
   glu "silu" needs N % block_n == 0 and no residual). Grid (M blocks, splits, N blocks + side blocks).
 
@@ -228,7 +250,9 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
   here. emit_counters: also return such a buffer, zeroed by this kernel, for the next call.
   rope_heads=(Hq, Hkv): w is a fused q|k|v projection with block_n == head_dim; instead of y the kernel returns
   q [M, Hq, D] rotated at positions_M and the caches with k, v written at those slots (`_rope_append_epilogue`;
-  the caches are aliased to the outputs)."""
+  the caches are aliased to the outputs).
+  norm_scale_N / rms_sq_TM, rms_eps: the deferred RMSNorm (`skinny_matmul_xla.skinny_matmul_xla`); with
+  norm_scale_N the kernel also returns `(y * g, sq [N / block_n, M])` after the side product."""
   (m, _), n = x_MK.shape, w_KN.shape[1]
   if glu is not None and (glu != "silu" or n % config.block_n or residual_MN is not None):
     raise ValueError(f"skinny_matmul_triton: glu={glu!r} needs 'silu', N % block_n == 0 and no residual")
@@ -238,7 +262,12 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
   side_blocks = 0 if side_w_KP is None else pl.cdiv(side_w_KP.shape[1], side_bn)
   if ns > 1 and (side_w_KP is not None or rope_heads is not None):
     raise ValueError("skinny_matmul: a side weight or the RoPE epilogue needs num_splits == 1")
-  operands = [x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, positions_M, inv_freq_F]
+  if norm_scale_N is not None and (glu is not None or rope_heads is not None):
+    raise ValueError("skinny_matmul_triton: norm_scale_N needs a plain output (no glu, no RoPE epilogue)")
+  if (rms_sq_TM is None) != (rms_eps is None):
+    raise ValueError("skinny_matmul_triton: rms_sq_TM and rms_eps go together")
+  operands = [x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, positions_M, inv_freq_F, norm_scale_N,
+              rms_sq_TM]
   if rope_heads is not None:
     hq, hkv = rope_heads
     d = k_cache.shape[-1]
@@ -251,12 +280,15 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
                                     (m, n // 2 if glu else n), out_dtype)]
   if side_w_KP is not None:
     out_shape.append(jax.ShapeDtypeStruct((m, side_w_KP.shape[1]), jnp.float32))
+  if norm_scale_N is not None:
+    out_shape += [jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((n_blocks, m), jnp.float32)]
   aliases = {}
   if ns > 1:
     tiles = m_blocks * n_blocks
     counters = (counters_C if counters_C is not None and counters_C.shape[0] >= tiles
                 else jnp.zeros((tiles,), jnp.int32))
-    aliases = {sum(a is not None for a in operands): 2}   # alias indices count flattened inputs (no None)
+    # alias indices count flattened inputs (no None); the counters are the output after the workspace
+    aliases = {sum(a is not None for a in operands): len(out_shape) + 1}
     operands.append(counters)
     out_shape += [jax.ShapeDtypeStruct((ns, m_blocks * bm, n_blocks * bn), jnp.float32),
                   jax.ShapeDtypeStruct(counters.shape, counters.dtype)]
@@ -269,7 +301,8 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
   outs = pl.pallas_call(
       functools.partial(_kernel, cfg=config, side_bn=side_bn, glu=glu is not None,
-                        emit=COUNTERS if emit_counters else 0, rope_heads=rope_heads, interpret=interpret),
+                        emit=COUNTERS if emit_counters else 0, rope_heads=rope_heads, rms_eps=rms_eps,
+                        interpret=interpret),
       grid=(m_blocks, ns, n_blocks + side_blocks),
       in_specs=[None if a is None else whole(a.shape) for a in operands],
       out_specs=[whole(s.shape) for s in out_shape],
@@ -279,7 +312,7 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
       interpret=interpret,
       name="skinny_matmul",
   )(*operands)
-  results = (outs[0], outs[1]) if side_w_KP is not None else (outs[0],)
+  results = tuple(outs[:1 + (side_w_KP is not None) + 2 * (norm_scale_N is not None)])
   if rope_heads is not None:
     k_out, v_out = outs[len(results):len(results) + 2]
     results = (results[0], k_out, v_out) + results[1:]

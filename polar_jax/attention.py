@@ -134,7 +134,7 @@ class Attention(nnx.Module):
     return self.qkv_proj is not None and FUSED_ROPE_APPEND and getattr(self, "mesh", None) is None
 
   def decode(self, x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, group_idx_bk=None, *,
-             implementation=None, return_context=False, residual_bd=None, router=None):
+             implementation=None, return_context=False, residual_bd=None, router=None, rms=None, norm_scale=None):
     """One decode step: writes K/V of every head at slot lengths_b, attends over the selected groups.
 
     Args:
@@ -152,6 +152,10 @@ class Attention(nnx.Module):
         device, `layers.DECODE_MATMUL`).
       router: `(w_dg, b_g, pick)`: the group selection is `pick(x @ w_dg + b_g)`, the scores computed by the
         q|k|v kernel (`fused_qkv_decode` only; replaces group_idx_bk).
+      rms, norm_scale: the deferred RMSNorms (`layers.DEFERRED_NORM`; `fused_qkv_decode` with
+        `layers.DECODE_MATMUL` only): x_bd is `h * g` and `rms=(sq_TM, eps)` normalises it in the q|k|v kernel
+        (the router's scores too); with `norm_scale`, the first result is `(out, out * norm_scale, sq_TM)` from
+        o_proj's epilogue, the MLP norm's input prepared the same way.
     """
     new_len = lengths_b + 1
     kv_start = None if self.window is None else jnp.maximum(new_len - self.window, 0).astype(jnp.int32)
@@ -160,8 +164,12 @@ class Attention(nnx.Module):
     mesh = getattr(self, "mesh", None)   # set by polar_jax.sharding (tensor parallel); None on one device
     if router is not None and not self.fused_qkv_decode:
       raise ValueError("Attention.decode: router= needs a fused q|k|v projection on one device")
+    if (rms is not None or norm_scale is not None) and not (self.fused_qkv_decode and layers.DECODE_MATMUL):
+      raise ValueError("Attention.decode: rms= / norm_scale= need a fused q|k|v projection and "
+                       "layers.DECODE_MATMUL on one device")
     finish = functools.partial(self._finish_decode, oracle_k=oracle_k, return_context=return_context,
-                               residual_bd=residual_bd, implementation=implementation)
+                               residual_bd=residual_bd, norm_scale=norm_scale, implementation=implementation)
+    rms_sq, rms_eps = rms if rms is not None else (None, None)
     if self.fused_qkv_decode:
       # The fused projection (the router's scores from extra programs; zeroed split-K counters handed on to
       # o_proj), then q/k rotation and the K/V cache write at slot lengths_b: one kernel for both with
@@ -175,10 +183,11 @@ class Attention(nnx.Module):
         q_bhd, k_cache_bhsd, v_cache_bhsd, *rest = pallas_kernels.qkv_rope_append(
             x_bd, self.qkv_proj.kernel[...], bias, lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd,
             num_heads=self.num_heads, side_w_KP=None if side is None else side[0],
-            side_b_P=None if side is None else side[1], emit_counters=chain, implementation=implementation)
+            side_b_P=None if side is None else side[1], rms_sq_TM=rms_sq, rms_eps=rms_eps, emit_counters=chain,
+            implementation=implementation)
       else:
         if layers.DECODE_MATMUL or router is not None:
-          out = self.qkv_proj.decode(x_bd, side=side, emit_counters=chain, implementation=mm_impl)
+          out = self.qkv_proj.decode(x_bd, side=side, emit_counters=chain, rms=rms, implementation=mm_impl)
           qkv_bn, *rest = out if isinstance(out, tuple) else (out,)
         else:
           qkv_bn, rest = self.qkv_proj(x_bd), []
@@ -213,11 +222,12 @@ class Attention(nnx.Module):
     return finish(ctx, k_cache_bhsd, v_cache_bhsd, shards=shards, skinny=False)
 
   def _finish_decode(self, ctx, k_cache_bhsd, v_cache_bhsd, *, oracle_k, shards, return_context, residual_bd,
-                     implementation, skinny, counters=None):
+                     implementation, skinny, counters=None, norm_scale=None):
     if oracle_k:
       ctx = keep_top_groups(ctx, self.num_kv_heads, oracle_k, shards=shards)
     ctx_bn = ctx.reshape(ctx.shape[0], -1)
-    out = (self.o_proj.decode(ctx_bn, residual=residual_bd, counters=counters, implementation=implementation)
+    out = (self.o_proj.decode(ctx_bn, residual=residual_bd, counters=counters, norm_scale=norm_scale,
+                              implementation=implementation)
            if skinny else self.o_proj(ctx_bn, residual=residual_bd))
     if return_context:
       return out, k_cache_bhsd, v_cache_bhsd, ctx

@@ -43,15 +43,24 @@ class GatedMLP(nnx.Module):
     h = act(gate) * up
     return self.down_proj(h.astype(x.dtype))
 
-  def decode(self, x_md, *, residual_md=None, implementation=None):
+  @property
+  def glu_epilogue(self) -> bool:
+    """Whether `decode` runs act(gate) * up in the fused gate|up kernel (then it takes `rms=`)."""
+    return self.gate_up_proj is not None and GLU_EPILOGUE and self.activation in pallas_kernels.GLU_ACTIVATIONS
+
+  def decode(self, x_md, *, residual_md=None, rms=None, norm_scale=None, implementation=None):
     """The decode step's MLP of a few rows `[M, d]` with `Linear.decode` projections (fused or not); with
-    `residual_md`, returns `residual_md + mlp(x)` (added in down_proj's epilogue)."""
+    `residual_md`, returns `residual_md + mlp(x)` (added in down_proj's epilogue). `rms` / `norm_scale`: the
+    deferred RMSNorm (`Linear.decode`; `rms` needs `glu_epilogue`): x is `h * g` normalised in the gate|up
+    kernel / the result is `(out, out * norm_scale, sq_TM)`."""
     counters = None
-    if self.gate_up_proj is not None and GLU_EPILOGUE and self.activation in pallas_kernels.GLU_ACTIVATIONS:
+    if rms is not None and not self.glu_epilogue:
+      raise ValueError("GatedMLP.decode: rms= needs the fused gate|up kernel with the activation in its epilogue")
+    if self.glu_epilogue:
       # act(gate) * up in the gate|up kernel's epilogue: the [M, 2F] float32 product is never written; zeroed
       # split-K counters handed on to down_proj
       out = self.gate_up_proj.decode(x_md, x_md.dtype, glu=self.activation, emit_counters=layers.CHAINED_COUNTERS,
-                                     implementation=implementation)
+                                     rms=rms, implementation=implementation)
       h, counters = out if layers.CHAINED_COUNTERS else (out, None)
     else:
       kw = dict(implementation=implementation)
@@ -60,7 +69,8 @@ class GatedMLP(nnx.Module):
       else:
         gate, up = self.gate_proj.decode(x_md, jnp.float32, **kw), self.up_proj.decode(x_md, jnp.float32, **kw)
       h = (ACTIVATIONS[self.activation](gate) * up).astype(x_md.dtype)
-    return self.down_proj.decode(h, residual=residual_md, counters=counters, implementation=implementation)
+    return self.down_proj.decode(h, residual=residual_md, counters=counters, norm_scale=norm_scale,
+                                 implementation=implementation)
 
 
 class NeuronMLP(nnx.Module):

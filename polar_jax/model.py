@@ -21,8 +21,9 @@ from polar_jax import layers
 from polar_jax.attention import Attention
 from polar_jax.config import ModelConfig
 from polar_jax.kv_cache import KVCache
-from polar_jax.layers import Embedding, Linear, make_norm
+from polar_jax.layers import Embedding, Linear, RMSNorm, make_norm
 from polar_jax.mlp import GatedMLP, make_mlp
+from pallas_kernels.skinny_matmul_xla import deferred_norm, rms_row_scale
 
 OPT_POSITION_OFFSET = 2
 # Prompt tokens prefilled at once; larger batches are prefilled a group of rows at a time.
@@ -81,21 +82,39 @@ class DecoderLayer(nnx.Module):
     h = h_btd + a if self.pre_norm else self.attn_norm(h_btd + a)
     return self._mlp_block(h, self.mlp), k_cache, v_cache
 
+  def defers_norms(self, mlp_fn=None) -> bool:
+    """Whether `decode` runs this layer's RMSNorms inside its projection kernels (`layers.DEFERRED_NORM`: one
+    device, pre-norm RMSNorm, a fused q|k|v and a fused gated MLP with its activation in the kernel)."""
+    return (layers.DEFERRED_NORM and layers.DECODE_MATMUL and getattr(self.attn, "mesh", None) is None
+            and self.pre_norm and isinstance(self.attn_norm, RMSNorm) and isinstance(self.mlp_norm, RMSNorm)
+            and self.attn.fused_qkv_decode and mlp_fn is None and isinstance(self.mlp, GatedMLP)
+            and self.mlp.glu_epilogue)
+
   def decode(self, h_bd, lengths_b, k_cache, v_cache, selector_fn=None, mlp_fn=None, implementation=None, *,
-             selector_plan=None):
+             selector_plan=None, normed=None, next_norm=None):
     """One token per row. `selector_fn(x_bd) -> group_idx, None or oracle k` sees the normed attention
     input (the router input); `mlp_fn(y_bd, x_bd)` replaces the MLP on its input y, given that router input.
     `selector_plan` (`SparseDecode.hooks`' `selector.plan(layer)`) says whether the selection is a linear
     router the q|k|v kernel can evaluate itself.
 
     On one device with `layers.DECODE_MATMUL` (`pallas_kernels.skinny_matmul`): o_proj and down_proj add the
-    residual in their epilogues, and a linear router's scores come from extra programs of the q|k|v kernel."""
+    residual in their epilogues, and a linear router's scores come from extra programs of the q|k|v kernel.
+
+    Deferred norms (`defers_norms`): `normed=(h * g, sq_TM)` is this layer's attention-norm input as the previous
+    layer's down_proj left it (None: made here from h_bd); `next_norm` (the next layer's attention-norm weight)
+    makes the result `(h, k_cache, v_cache, (h * next_norm, sq_TM))`."""
+    if (normed is not None or next_norm is not None) and not self.defers_norms(mlp_fn):
+      raise ValueError("DecoderLayer.decode: normed= / next_norm= need a layer that defers its norms "
+                       "(defers_norms)")
     plan = selector_plan or (("dense",) if selector_fn is None else ("x",))
     one_device = layers.DECODE_MATMUL and getattr(self.attn, "mesh", None) is None
     router = None
     if (one_device and ROUTER_IN_QKV and plan[0] == "linear" and self.attn.fused_qkv_decode
         and plan[1].dtype == self.attn.qkv_proj.kernel.dtype):
       router = plan[1:]
+    if self.defers_norms(mlp_fn):
+      return self._decode_deferred(h_bd, lengths_b, k_cache, v_cache, selector_fn, router, implementation, normed,
+                                   next_norm)
     x = self.attn_norm(h_bd) if self.pre_norm else h_bd
     group_idx = selector_fn(x) if selector_fn is not None and router is None else None
     h, k_cache, v_cache = self.attn.decode(x, lengths_b, k_cache, v_cache, group_idx, implementation=implementation,
@@ -106,6 +125,25 @@ class DecoderLayer(nnx.Module):
       return (out if self.pre_norm else self.mlp_norm(out)), k_cache, v_cache
     mlp = self.mlp if mlp_fn is None else (lambda y: mlp_fn(y, x))
     return self._mlp_block(h, mlp), k_cache, v_cache
+
+  def _decode_deferred(self, h_bd, lengths_b, k_cache, v_cache, selector_fn, router, implementation, normed,
+                       next_norm):
+    """`decode` with both RMSNorms in the kernels: q|k|v (and the router's side programs) normalise `h * g`
+    rows in their epilogue, o_proj writes the MLP norm's `h * g` and squares, gate|up normalises them."""
+    eps = self.attn_norm.eps
+    x_bd, sq_tb = normed if normed is not None else deferred_norm(h_bd, self.attn_norm.scale[...])
+    group_idx = None
+    if selector_fn is not None and router is None:   # a selector that reads the normed input (XLA drops it if not)
+      xn = (x_bd.astype(jnp.float32) * rms_row_scale(sq_tb, x_bd.shape[-1], eps)).astype(x_bd.dtype)
+      group_idx = selector_fn(xn)
+    (h, y_bd, sq2_tb), k_cache, v_cache = self.attn.decode(
+        x_bd, lengths_b, k_cache, v_cache, group_idx, implementation=implementation, residual_bd=h_bd,
+        router=router, rms=(sq_tb, eps), norm_scale=self.mlp_norm.scale[...])
+    out = self.mlp.decode(y_bd, residual_md=h, rms=(sq2_tb, self.mlp_norm.eps), norm_scale=next_norm,
+                          implementation=implementation)
+    if next_norm is None:
+      return out, k_cache, v_cache
+    return out[0], k_cache, v_cache, tuple(out[1:])
 
 
 class CausalLM(nnx.Module):
@@ -217,12 +255,16 @@ class CausalLM(nnx.Module):
     lengths = cache.lengths_b
     h = self.embed_tokens(tokens_b, lengths)
     ks, vs = [], []
+    mlp_fns = [mlp_override(i) if mlp_override is not None else None for i in range(len(self.layers))]
+    defers = [layer.defers_norms(fn) for layer, fn in zip(self.layers, mlp_fns)] + [False]
+    normed = None   # the next layer's attention-norm input left by a deferring layer's down_proj
     for i, layer in enumerate(self.layers):
       sel = (lambda x, i=i: selector(i, x)) if selector is not None else None
       plan = selector.plan(i) if hasattr(selector, "plan") else None
-      mlp_fn = mlp_override(i) if mlp_override is not None else None
-      h, k, v = layer.decode(h, lengths, cache.k_bhsd[i], cache.v_bhsd[i], sel, mlp_fn, implementation,
-                             selector_plan=plan)
+      next_norm = self.layers[i + 1].attn_norm.scale[...] if defers[i] and defers[i + 1] else None
+      h, k, v, *rest = layer.decode(h, lengths, cache.k_bhsd[i], cache.v_bhsd[i], sel, mlp_fns[i], implementation,
+                                    selector_plan=plan, normed=normed, next_norm=next_norm)
+      normed = rest[0] if rest else None
       ks.append(k)
       vs.append(v)
     return self.logits(h), KVCache(tuple(ks), tuple(vs), lengths + 1)
