@@ -100,6 +100,8 @@ STEP_SWITCHES = (
      "pallas_kernels.skinny_matmul for the decode projections (off: XLA's dots and residual adds)"),
     ("router_in_qkv", "polar_jax.model", "ROUTER_IN_QKV", True,
      "a linear head router as extra programs of the q|k|v kernel (off: its own XLA dot)"),
+    ("router_topk_in_qkv", "polar_jax.model", "ROUTER_TOPK_IN_QKV", True,
+     "with router_in_qkv, the router's per-row top-k in the side program's epilogue (off: an XLA fusion)"),
     ("glu_epilogue", "polar_jax.mlp", "GLU_EPILOGUE", True,
      "the gated MLP's act(gate) * up in the gate|up kernel's epilogue (off: an XLA fusion)"),
     ("chained_counters", "polar_jax.layers", "CHAINED_COUNTERS", True,

@@ -13,7 +13,9 @@ is `silu(gate) * up` (N / 2 wide), computed in the kernel's epilogue from the fl
 Deferred RMSNorm (the decode step's norms without kernels of their own): `rms_sq_TM` + `rms_eps` scale the rows
 of both products by the norm factor of the hidden state x was made from (x = h * g, the squares of h given as
 float32 partial sums [T, M]) before the biases: `rmsnorm(h) @ w`; `norm_scale_N=g` appends `(y * g, sq [T, M])`,
-y prepared for the next norm's consumer (`skinny_matmul_xla.deferred_norm`). "pallas": one kernel
+y prepared for the next norm's consumer (`skinny_matmul_xla.deferred_norm`). `side_topk=(G, k)`: the side result
+is each row's top-k of its first G side scores, int32 [M, k] (`rank_topk`: `lax.top_k`'s indices), computed in the
+side program's epilogue (a head router's group selection without a kernel of its own). "pallas": one kernel
 that streams the weight once and writes the finished output (`skinny_matmul_triton`: no float32 partials for a
 separate XLA reduce); "xla": the reference (`skinny_matmul_xla`), also used for shapes the kernel does not take
 (rows > `MAX_ROWS`, dtypes other than bfloat16 / float16 / float32).
@@ -29,6 +31,7 @@ from pallas_kernels import _platform
 from pallas_kernels import rope_append_xla as _rope_xla
 from pallas_kernels import skinny_matmul_triton as _triton
 from pallas_kernels import skinny_matmul_xla as _xla
+from pallas_kernels.topk_select_xla import rank_topk
 from pallas_kernels.skinny_matmul_triton import MatmulConfig
 
 # The kernel is for decode: a few rows against a streamed weight. Prefill-sized inputs go to XLA's GEMMs.
@@ -44,7 +47,7 @@ def side_width(p: int) -> int:
 
 def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, side_w_KP=None, side_b_P=None,
                   glu: str | None = None, rms_sq_TM=None, rms_eps: float | None = None, norm_scale_N=None,
-                  counters_C=None, emit_counters: bool = False, implementation: str | None = None,
+                  side_topk: tuple[int, int] | None = None, counters_C=None, emit_counters: bool = False, implementation: str | None = None,
                   config: MatmulConfig | None = None):
   """See the module docstring. Raises ValueError on inconsistent shapes or dtypes.
 
@@ -68,6 +71,7 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
   if side_b_P is not None and (side_w_KP is None or side_b_P.shape != (side_w_KP.shape[1],)):
     raise ValueError(f"side bias needs a side weight and shape [P], got {side_b_P.shape}")
   _check_norm_args(m, n, rms_sq_TM, rms_eps, norm_scale_N)
+  _check_side_topk(side_w_KP, side_topk)
   if norm_scale_N is not None and glu is not None:
     raise ValueError("skinny_matmul: norm_scale_N needs a plain output, not glu")
   norm_kw = dict(rms_sq_TM=rms_sq_TM, rms_eps=None if rms_eps is None else float(rms_eps), norm_scale_N=norm_scale_N)
@@ -79,18 +83,44 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
     elif side_w_KP is not None and config.num_splits > 1:
       raise ValueError("skinny_matmul: a side weight needs config.num_splits == 1")
     if glu is None or n % config.block_n == 0:      # (the gated epilogue takes whole (gate, up) tiles)
-      return _triton.skinny_matmul_triton(x_MK.astype(w_KN.dtype), w_KN, bias_N, residual_MN, side_w_KP,
-                                          side_b_P, counters_C, out_dtype=out_dtype, glu=glu,
-                                          emit_counters=emit_counters, config=config,
-                                          interpret=_platform.interpret_mode(), **norm_kw)
+      in_kernel = side_topk is not None and _side_in_one_tile(side_w_KP, config)
+      out = _triton.skinny_matmul_triton(x_MK.astype(w_KN.dtype), w_KN, bias_N, residual_MN, side_w_KP,
+                                         side_b_P, counters_C, out_dtype=out_dtype, glu=glu,
+                                         emit_counters=emit_counters, config=config,
+                                         side_topk=side_topk if in_kernel else None,
+                                         interpret=_platform.interpret_mode(), **norm_kw)
+      return out if side_topk is None or in_kernel else _side_topk_xla(out, side_topk)
   out = _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype, side_w_KP=side_w_KP, side_b_P=side_b_P,
-                 glu=glu, **norm_kw)
+                 glu=glu, side_topk=side_topk, **norm_kw)
   if not emit_counters:
     return out
   return (*(out if isinstance(out, tuple) else (out,)), jnp.zeros((_triton.COUNTERS,), jnp.int32))
 
 
-_xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "glu", "rms_eps"))
+_xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "glu", "rms_eps", "side_topk"))
+
+
+def _check_side_topk(side_w_KP, side_topk):
+  if side_topk is None:
+    return
+  g, k = side_topk
+  if side_w_KP is None or not 1 <= k <= g <= side_w_KP.shape[1]:
+    raise ValueError(f"side_topk=(G, k)={side_topk} needs a side weight of at least G columns and 1 <= k <= G, "
+                     f"got side weight {None if side_w_KP is None else side_w_KP.shape}")
+
+
+def _side_in_one_tile(side_w_KP, config) -> bool:
+  """Whether the kernel's side program holds each row's whole side product (then it can pick the top-k)."""
+  return _triton.side_block(side_w_KP.shape[1], config.block_n) >= side_w_KP.shape[1]
+
+
+def _side_topk_xla(out, side_topk):
+  """The kernel's results with the float32 side scores (second) replaced by their top-k indices."""
+  g, k = side_topk
+  return (out[0], _rank_topk(out[1][:, :g], k), *out[2:])
+
+
+_rank_topk = jax.jit(rank_topk, static_argnames=("k",))
 
 
 def _check_norm_args(m, n, rms_sq_TM, rms_eps, norm_scale_N):
@@ -106,14 +136,14 @@ def _check_norm_args(m, n, rms_sq_TM, rms_eps, norm_scale_N):
 
 def qkv_rope_append(x_MK, w_KN, bias_N, positions_M, inv_freq_F, k_cache, v_cache, *, num_heads: int,
                     side_w_KP=None, side_b_P=None, rms_sq_TM=None, rms_eps: float | None = None,
-                    emit_counters: bool = False, implementation: str | None = None,
+                    side_topk: tuple[int, int] | None = None, emit_counters: bool = False, implementation: str | None = None,
                     config: MatmulConfig | None = None):
   """The fused q|k|v projection with `rope_append` in its epilogue: `(q [M, Hq, D], k_cache, v_cache[, side]
   [, counters])` equal to `rope_append(skinny_matmul(x, w, bias), positions, inv_freq, k_cache, v_cache)` (w's
   columns KV-group-major, `polar_jax.fusion.fuse_qkv`; the qkv product rounded to w's dtype first). "pallas": one
   kernel whose column tiles are whole heads (block_n = head_dim), q and k rotated in registers, k and v stored
   straight into the caches' slots (aliased: in place when the caller donates them); "xla": the two references.
-  `rms_sq_TM`, `rms_eps`: the deferred RMSNorm, as `skinny_matmul`."""
+  `rms_sq_TM`, `rms_eps`, `side_topk`: the deferred RMSNorm and the side top-k, as `skinny_matmul`."""
   if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
     raise ValueError(f"k_cache and v_cache must be [M, Hkv, S, D] of one shape, got {k_cache.shape}, "
                      f"{v_cache.shape}")
@@ -122,6 +152,7 @@ def qkv_rope_append(x_MK, w_KN, bias_N, positions_M, inv_freq_F, k_cache, v_cach
     raise ValueError(f"qkv_rope_append needs x [{m}, K] and w [K, (Hq + 2 Hkv) D = {(num_heads + 2 * hkv) * d}], "
                      f"got {x_MK.shape} and {w_KN.shape}")
   _check_norm_args(m, w_KN.shape[1], rms_sq_TM, rms_eps, None)
+  _check_side_topk(side_w_KP, side_topk)
   norm_kw = dict(rms_sq_TM=rms_sq_TM, rms_eps=None if rms_eps is None else float(rms_eps))
   impl = _platform.resolve_implementation(implementation)
   pow2 = d == _platform.next_pow2(d) and d >= 16
@@ -131,13 +162,17 @@ def qkv_rope_append(x_MK, w_KN, bias_N, positions_M, inv_freq_F, k_cache, v_cach
     bk = max(16, min(config.block_k, _triton.TILE_BYTES // (d * itemsize)))
     config = dataclasses.replace(config, block_n=d, block_k=bk, num_splits=1)
     inv = None if inv_freq_F is None else jnp.asarray(inv_freq_F, jnp.float32)
-    return _triton.skinny_matmul_triton(
+    in_kernel = side_topk is not None and _side_in_one_tile(side_w_KP, config)
+    out = _triton.skinny_matmul_triton(
         x_MK.astype(w_KN.dtype), w_KN, bias_N, None, side_w_KP, side_b_P, None,
         positions_M.astype(jnp.int32), inv, k_cache, v_cache, out_dtype=jnp.dtype(w_KN.dtype), glu=None,
         emit_counters=emit_counters, rope_heads=(num_heads, hkv), config=config,
-        interpret=_platform.interpret_mode(), **norm_kw)
+        side_topk=side_topk if in_kernel else None, interpret=_platform.interpret_mode(), **norm_kw)
+    if side_topk is None or in_kernel:
+      return out
+    return (*out[:3], _rank_topk(out[3][:, :side_topk[0]], side_topk[1]), *out[4:])
   out = skinny_matmul(x_MK, w_KN, bias_N, side_w_KP=side_w_KP, side_b_P=side_b_P, emit_counters=emit_counters,
-                      implementation="xla", **norm_kw)
+                      side_topk=side_topk, implementation="xla", **norm_kw)
   out = list(out) if isinstance(out, tuple) else [out]
   q, k_cache, v_cache = _rope_append_xla(out[0], positions_M, inv_freq_F, k_cache, v_cache, num_heads=num_heads)
   return (q, k_cache, v_cache, *out[1:])

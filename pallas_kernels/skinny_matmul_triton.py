@@ -73,11 +73,12 @@ def _silu(y):
 
 
 def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, g_ref, rsq_ref, *refs, cfg: MatmulConfig,
-            side_bn: int, glu: bool, emit: int, rope_heads, rms_eps, interpret: bool):
+            side_bn: int, glu: bool, emit: int, rope_heads, rms_eps, side_topk, interpret: bool):
   """x_ref [M, K], w_ref [K, N], b_ref [N], r_ref [M, N], w2_ref [K, N2], b2_ref [N2], pos_ref [M], inv_ref [D/2],
   g_ref [N] (a norm weight), rsq_ref [T, M] (each but x and w may be None; then the caches with rope_heads, the
   counters with splits); outputs o_ref [M, N] (or q [M, Hq, D]) (+ o2_ref [M, N2] float32 with w2; + o * g and
   the row sums of squares of o per column tile [N / block_n, M] with g; + workspace and counters with splits;
+  with side_topk=(G, k) o2_ref is int32 [M, k], the top-k of the first G side columns;
   + the caches with rope_heads; + zeroed counters with emit). Program (m, split, n): n < N / block_n streams a
   column tile of w, later ones of w2."""
   refs = list(refs)
@@ -188,7 +189,27 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, g_ref,
       acc = acc * row_scale()
     if b2_ref is not None:
       acc = acc + b2_ref[cols].astype(jnp.float32)[None, :]
-    o2_ref[rows_m[:, None], cols[None, :]] = acc
+    if side_topk is None:
+      o2_ref[rows_m[:, None], cols[None, :]] = acc
+    else:
+      _rank_topk_store(acc, rows_m, o2_ref, *side_topk)
+
+
+def _rank_topk_store(s, rows_m, out_ref, g: int, k: int):
+  """Stores each row's k highest of the first g scores of s [bm, P] (one program holds the whole row) into
+  out_ref[rows, :k]: the indices by descending score, ties lower index first, in `lax.top_k`'s float total order
+  (`topk_select_xla.rank_topk`: each score's rank is its count of scores above it; slot r takes rank r)."""
+  p = s.shape[1]
+  bits = lax.bitcast_convert_type(s, jnp.int32)
+  key = bits ^ ((bits >> 31) & 0x7FFFFFFF)                       # signed keys in the float total order
+  j = jnp.arange(p, dtype=jnp.int32)
+  ki, kj = key[:, :, None], key[:, None, :]                      # [bm, i, j]: does j rank above i?
+  above = (kj > ki) | ((kj == ki) & (j[None, :] < j[:, None])[None])
+  above = above & (j < g)[None, None, :]
+  rank = jnp.where((j < g)[None, :], jnp.sum(above.astype(jnp.int32), axis=-1), p)
+  slots = jnp.minimum(jnp.arange(_platform.next_pow2(k), dtype=jnp.int32), k - 1)   # (duplicates: the same value)
+  hit = rank[:, None, :] == slots[None, :, None]                 # [bm, slot, j]: exactly one j per slot
+  out_ref[rows_m[:, None], slots[None, :]] = jnp.sum(jnp.where(hit, j[None, None, :], 0), axis=-1)
 
 
 def _rope_append_epilogue(y, pn, rows_m, pos_ref, inv_ref, q_ref, kc_ref, vc_ref, rope_heads):
@@ -237,12 +258,13 @@ def side_block(n2: int, block_n: int) -> int:
 COUNTERS = 1024
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "glu", "emit_counters", "rope_heads", "rms_eps", "config",
-                                             "interpret"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "glu", "emit_counters", "rope_heads", "rms_eps",
+                                             "side_topk", "config", "interpret"))
 def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, counters_C=None, positions_M=None,
                          inv_freq_F=None, k_cache=None, v_cache=None, norm_scale_N=None, rms_sq_TM=None, *,
                          out_dtype, glu: str | None, emit_counters: bool = False, rope_heads=None,
-                         rms_eps: float | None = None, config: MatmulConfig, interpret: bool):
+                         rms_eps: float | None = None, side_topk: tuple[int, int] | None = None,
+                         config: MatmulConfig, interpret: bool):
   """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype; no splits with a side weight;
   glu "silu" needs N % block_n == 0 and no residual). Grid (M blocks, splits, N blocks + side blocks).
 
@@ -252,7 +274,9 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
   q [M, Hq, D] rotated at positions_M and the caches with k, v written at those slots (`_rope_append_epilogue`;
   the caches are aliased to the outputs).
   norm_scale_N / rms_sq_TM, rms_eps: the deferred RMSNorm (`skinny_matmul_xla.skinny_matmul_xla`); with
-  norm_scale_N the kernel also returns `(y * g, sq [N / block_n, M])` after the side product."""
+  norm_scale_N the kernel also returns `(y * g, sq [N / block_n, M])` after the side product.
+  side_topk=(G, k): the side result is int32 [M, k], `rank_topk(side[:, :G], k)` (needs the side weight in one
+  column tile: P <= side_block(P, block_n))."""
   (m, _), n = x_MK.shape, w_KN.shape[1]
   if glu is not None and (glu != "silu" or n % config.block_n or residual_MN is not None):
     raise ValueError(f"skinny_matmul_triton: glu={glu!r} needs 'silu', N % block_n == 0 and no residual")
@@ -266,6 +290,10 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
     raise ValueError("skinny_matmul_triton: norm_scale_N needs a plain output (no glu, no RoPE epilogue)")
   if (rms_sq_TM is None) != (rms_eps is None):
     raise ValueError("skinny_matmul_triton: rms_sq_TM and rms_eps go together")
+  if side_topk is not None and not (side_w_KP is not None and side_blocks == 1
+                                    and 1 <= side_topk[1] <= side_topk[0] <= side_w_KP.shape[1]):
+    raise ValueError(f"skinny_matmul_triton: side_topk={side_topk} needs a side weight of at least G columns in one "
+                     f"column tile ({side_bn}) and 1 <= k <= G")
   operands = [x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, positions_M, inv_freq_F, norm_scale_N,
               rms_sq_TM]
   if rope_heads is not None:
@@ -279,7 +307,8 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
   out_shape = [jax.ShapeDtypeStruct((m, rope_heads[0], k_cache.shape[-1]) if rope_heads is not None else
                                     (m, n // 2 if glu else n), out_dtype)]
   if side_w_KP is not None:
-    out_shape.append(jax.ShapeDtypeStruct((m, side_w_KP.shape[1]), jnp.float32))
+    out_shape.append(jax.ShapeDtypeStruct((m, side_w_KP.shape[1]), jnp.float32) if side_topk is None else
+                     jax.ShapeDtypeStruct((m, side_topk[1]), jnp.int32))
   if norm_scale_N is not None:
     out_shape += [jax.ShapeDtypeStruct((m, n), out_dtype), jax.ShapeDtypeStruct((n_blocks, m), jnp.float32)]
   aliases = {}
@@ -302,7 +331,7 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
   outs = pl.pallas_call(
       functools.partial(_kernel, cfg=config, side_bn=side_bn, glu=glu is not None,
                         emit=COUNTERS if emit_counters else 0, rope_heads=rope_heads, rms_eps=rms_eps,
-                        interpret=interpret),
+                        side_topk=side_topk, interpret=interpret),
       grid=(m_blocks, ns, n_blocks + side_blocks),
       in_specs=[None if a is None else whole(a.shape) for a in operands],
       out_specs=[whole(s.shape) for s in out_shape],

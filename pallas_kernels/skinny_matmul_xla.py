@@ -4,16 +4,20 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels.topk_select_xla import rank_topk
+
 GLU_ACTIVATIONS = {"silu": jax.nn.silu}
 
 
 def skinny_matmul_xla(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, side_w_KP=None, side_b_P=None,
-                      glu: str | None = None, rms_sq_TM=None, rms_eps: float | None = None, norm_scale_N=None):
+                      glu: str | None = None, rms_sq_TM=None, rms_eps: float | None = None, norm_scale_N=None,
+                      side_topk: tuple[int, int] | None = None):
   """`y = x @ w` in float32 (IEEE float32 products for float32 inputs) (+ bias), cast to `out_dtype` (w's dtype
   by default); with a residual, `residual + y` in `out_dtype` (as the model's `h + o_proj(ctx)`). With
   `side_w_KP`, also returns float32 `x @ side_w + side_b` of the same x: `(y, side)`. With `glu` ("silu"), w's
   columns are neuron-interleaved (gate, up) pairs (`polar_jax.fusion.fuse_gate_up`) and y is `silu(gate) * up`
-  (N / 2 wide), computed in float32.
+  (N / 2 wide), computed in float32. `side_topk=(G, k)`: the side result is instead int32 `[M, k]`, each row's
+  top-k of its first G side scores (`rank_topk`: `lax.top_k`'s indices; a head router's group selection).
 
   Deferred RMSNorm (the decode step's norms without kernels of their own, `polar_jax.layers.deferred_norm`):
   `rms_sq_TM` (float32 `[T, M]`, summed over T: each row's sum of squares of the hidden state h that x was
@@ -35,7 +39,8 @@ def skinny_matmul_xla(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=No
   out = (y,)
   if side_w_KP is not None:
     side = _dot(x_MK, side_w_KP) * (1.0 if rs is None else rs)
-    out += (side if side_b_P is None else side + side_b_P.astype(jnp.float32),)
+    side = side if side_b_P is None else side + side_b_P.astype(jnp.float32)
+    out += (side if side_topk is None else rank_topk(side[:, :side_topk[0]], side_topk[1]),)
   if norm_scale_N is not None:
     out += deferred_norm(y, norm_scale_N)
   return out if len(out) > 1 else y

@@ -23,6 +23,26 @@ import jax.numpy as jnp
 RADIX_BITS = 8                 # digit width of one radix-select pass (32 / RADIX_BITS passes)
 _SIGN = 0x80000000
 
+RANK_MAX_N = 256               # rank_topk's `[R, N, N]` compares up to this many scores per row; sort beyond
+
+
+def rank_topk(scores_rn: jax.Array, k: int) -> jax.Array:
+  """int32 `[R, k]`: each row's k highest scores' indices by descending score, ties lower index first: the same
+  array as `jax.lax.top_k(scores_rn, k)[1]` (same float total order), without a sort for N <= `RANK_MAX_N`."""
+  r, n = scores_rn.shape
+  if not 1 <= k <= n:
+    raise ValueError(f"k={k} must lie in [1, {n}]")
+  if n > RANK_MAX_N:
+    return jax.lax.top_k(scores_rn, k)[1].astype(jnp.int32)
+  keys = sortable_keys(scores_rn)
+  ki, kj = keys[:, :, None], keys[:, None, :]                           # [R, i, j]: does j rank above i?
+  lower = jnp.arange(n)[None, :] < jnp.arange(n)[:, None]              # [i, j]: j < i
+  rank_rn = jnp.sum((kj > ki) | ((kj == ki) & lower[None]), axis=-1, dtype=jnp.int32)   # a permutation of 0..n-1
+  slots = jnp.arange(k, dtype=jnp.int32)
+  cols = jnp.arange(n, dtype=jnp.int32)
+  hit_rkn = rank_rn[:, None, :] == slots[None, :, None]                # exactly one n per (row, slot)
+  return jnp.sum(jnp.where(hit_rkn, cols[None, None, :], 0), axis=-1, dtype=jnp.int32)
+
 
 def sortable_keys(scores: jax.Array) -> jax.Array:
   """uint32 keys in the total order `lax.top_k`'s comparator uses on floats: -NaN < -inf < ... < -0.0 < +0.0

@@ -150,8 +150,9 @@ class Attention(nnx.Module):
       return_context: also return the attention context `[B, Hq, D]` before o_proj.
       residual_bd: when given, the output is `residual_bd + o_proj(ctx)` (added in o_proj's epilogue on one
         device, `layers.DECODE_MATMUL`).
-      router: `(w_dg, b_g, pick)`: the group selection is `pick(x @ w_dg + b_g)`, the scores computed by the
-        q|k|v kernel (`fused_qkv_decode` only; replaces group_idx_bk).
+      router: `(w_dg, b_g, pick[, topk])`: the group selection is `pick(x @ w_dg + b_g)`, the scores computed by
+        the q|k|v kernel (`fused_qkv_decode` only; replaces group_idx_bk); with `topk=(G, k)` (not None), `pick`
+        is each row's top-k of the first G scores (`rank_topk`) and the kernel's epilogue computes it.
       rms, norm_scale: the deferred RMSNorms (`layers.DEFERRED_NORM`; `fused_qkv_decode` with
         `layers.DECODE_MATMUL` only): x_bd is `h * g` and `rms=(sq_TM, eps)` normalises it in the q|k|v kernel
         (the router's scores too); with `norm_scale`, the first result is `(out, out * norm_scale, sq_TM)` from
@@ -177,17 +178,19 @@ class Attention(nnx.Module):
       inv_freq = None if self.inv_freq is None else jnp.asarray(self.inv_freq, jnp.float32)
       mm_impl = implementation if layers.DECODE_MATMUL else "xla"
       side = None if router is None else router[:2]
+      side_topk = router[3] if router is not None and len(router) > 3 else None
       chain = layers.DECODE_MATMUL and layers.CHAINED_COUNTERS
       if layers.DECODE_MATMUL and ROPE_IN_QKV:
         bias = None if self.qkv_proj.bias is None else self.qkv_proj.bias[...]
         q_bhd, k_cache_bhsd, v_cache_bhsd, *rest = pallas_kernels.qkv_rope_append(
             x_bd, self.qkv_proj.kernel[...], bias, lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd,
             num_heads=self.num_heads, side_w_KP=None if side is None else side[0],
-            side_b_P=None if side is None else side[1], rms_sq_TM=rms_sq, rms_eps=rms_eps, emit_counters=chain,
-            implementation=implementation)
+            side_b_P=None if side is None else side[1], rms_sq_TM=rms_sq, rms_eps=rms_eps, side_topk=side_topk,
+            emit_counters=chain, implementation=implementation)
       else:
         if layers.DECODE_MATMUL or router is not None:
-          out = self.qkv_proj.decode(x_bd, side=side, emit_counters=chain, rms=rms, implementation=mm_impl)
+          out = self.qkv_proj.decode(x_bd, side=side, emit_counters=chain, rms=rms, side_topk=side_topk,
+                                     implementation=mm_impl)
           qkv_bn, *rest = out if isinstance(out, tuple) else (out,)
         else:
           qkv_bn, rest = self.qkv_proj(x_bd), []
@@ -195,7 +198,7 @@ class Attention(nnx.Module):
             qkv_bn, lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd, num_heads=self.num_heads,
             implementation=implementation)
       if router is not None:
-        group_idx_bk = router[2](rest.pop(0))
+        group_idx_bk = rest.pop(0) if side_topk is not None else router[2](rest.pop(0))
       ctx = pallas_kernels.selective_decode_attention(
           q_bhd, k_cache_bhsd, v_cache_bhsd, new_len, None if oracle_k else group_idx_bk, scale=self.scale,
           kv_start=kv_start, implementation=implementation)

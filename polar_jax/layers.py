@@ -56,7 +56,7 @@ class Linear(nnx.Module):
 
   def decode(self, x_md: jax.Array, out_dtype=None, *, residual: jax.Array | None = None, side=None,
              glu: str | None = None, counters=None, emit_counters: bool = False, rms=None, norm_scale=None,
-             implementation: str | None = None):
+             side_topk=None, implementation: str | None = None):
     """The decode step's projection of a few rows `[M, in]`: `pallas_kernels.skinny_matmul` (one kernel that
     streams the weight once and adds the bias and the residual in its epilogue; the XLA reference off GPU).
     Same values as `__call__` up to float32 summation order. `side=(w [in, P], b [P])`: also returns float32
@@ -65,7 +65,8 @@ class Linear(nnx.Module):
     `emit_counters` / `counters`: see `pallas_kernels.skinny_matmul` (a zeroed buffer appended to the results /
     taken for this call's split-K counters). `rms=(sq_TM, eps)` / `norm_scale=g`: the deferred RMSNorm
     (`DEFERRED_NORM`): the rows of x are `h * g` and are normalised by h's squares `sq_TM` in the epilogue /
-    also return `(y * g, sq_TM)` for the next such call (after the side product)."""
+    also return `(y * g, sq_TM)` for the next such call (after the side product). `side_topk=(G, k)`: the side
+    result is each row's top-k of its first G scores (int32 `[M, k]`, `lax.top_k`'s indices)."""
     bias = None if self.bias is None else self.bias[...]
     kernel = self.kernel[...]
     out_dtype = out_dtype or kernel.dtype
@@ -75,7 +76,8 @@ class Linear(nnx.Module):
     rms_sq, rms_eps = rms if rms is not None else (None, None)
     return pallas_kernels.skinny_matmul(x_md, kernel, bias, residual, out_dtype=out_dtype, side_w_KP=side_w,
                                         side_b_P=side_b, glu=glu, rms_sq_TM=rms_sq, rms_eps=rms_eps,
-                                        norm_scale_N=norm_scale, counters_C=counters, emit_counters=emit_counters,
+                                        norm_scale_N=norm_scale, side_topk=side_topk, counters_C=counters,
+                                        emit_counters=emit_counters,
                                         implementation=implementation)
 
 

@@ -32,6 +32,9 @@ PREFILL_MAX_TOKENS = 16384
 # With layers.DECODE_MATMUL on one device: a linear head router's scores as extra programs of the q|k|v kernel
 # (`skinny_matmul`'s side weight) instead of an XLA dot and its split-K sum (A/B runs; set at process start).
 ROUTER_IN_QKV = True
+# With ROUTER_IN_QKV: the router's per-row top-k of its group scores in the side program's epilogue (off: an XLA
+# fusion after the kernel; A/B runs).
+ROUTER_TOPK_IN_QKV = True
 
 
 def prefill_group_rows(batch: int, length: int, max_tokens: int) -> int:
@@ -111,7 +114,7 @@ class DecoderLayer(nnx.Module):
     router = None
     if (one_device and ROUTER_IN_QKV and plan[0] == "linear" and self.attn.fused_qkv_decode
         and plan[1].dtype == self.attn.qkv_proj.kernel.dtype):
-      router = plan[1:]
+      router = plan[1:4] + ((plan[4] if ROUTER_TOPK_IN_QKV and len(plan) > 4 else None),)
     if self.defers_norms(mlp_fn):
       return self._decode_deferred(h_bd, lengths_b, k_cache, v_cache, selector_fn, router, implementation, normed,
                                    next_norm)

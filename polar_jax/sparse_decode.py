@@ -108,12 +108,16 @@ class SparseDecode:
 
     def plan(layer):
       """How the layer selects, for the decode step's fusions (`DecoderLayer.decode`): ("dense",) (no selection),
-      ("linear", w_dg, b_g, pick) (the selector's own scores = normed x @ w + b, then `pick(scores)`: the q|k|v
-      kernel can compute the scores itself), or ("x",) (the selector needs the normed input: call it)."""
+      ("linear", w_dg, b_g, pick, topk) (the selector's own scores = normed x @ w + b, then `pick(scores)`: the
+      q|k|v kernel can compute the scores itself; `topk=(G, k)` when pick is the plain per-row top-k of the first
+      G scores, which the kernel can also take; None under balanced tensor-parallel selection), or ("x",) (the
+      selector needs the normed input: call it)."""
       if self.groups[layer] is None:
         return ("dense",)
       if self.selector == "router":   # the zero-padded copy where there is one: the side programs read whole tiles
-        return ("linear", *(head_side or head)[layer], lambda scores_bp: top_groups(scores_bp[:, :num_groups], layer))
+        topk = (num_groups, self.groups[layer]) if self.shards == 1 else None
+        return ("linear", *(head_side or head)[layer], lambda scores_bp: top_groups(scores_bp[:, :num_groups], layer),
+                topk)
       return ("x",)
 
     selector.plan = plan

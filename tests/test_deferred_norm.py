@@ -123,7 +123,8 @@ def test_chain_matches_rmsnorm_then_matmul():
 
 
 def test_qkv_rope_append_rms():
-  """qkv_rope_append with the deferred norm (pallas) vs its XLA path: q and the written cache slots."""
+  """qkv_rope_append with the deferred norm and a router's top-k (pallas) vs its XLA path: q, the written cache
+  slots and the selected group."""
   rng = np.random.default_rng(3)
   m, d_model, hq, hkv, hd, s = 3, 64, 4, 2, 16, 8
   h = jnp.asarray(rng.standard_normal((m, d_model)), jnp.float32)
@@ -134,9 +135,11 @@ def test_qkv_rope_append_rms():
   pos = jnp.asarray([0, 5, 7], jnp.int32)
   inv = 1.0 / (10000 ** (np.arange(0, hd, 2) / hd))
   kc = jnp.asarray(rng.standard_normal((m, hkv, s, hd)), jnp.float32)
+  side = dict(side_w_KP=jnp.asarray(rng.standard_normal((d_model, 16)), jnp.float32), side_topk=(hkv, 1))
   outs = [pallas_kernels.qkv_rope_append(x, w, None, pos, inv, kc, kc, num_heads=hq, rms_sq_TM=sq, rms_eps=1e-5,
-                                         implementation=impl) for impl in ("pallas", "xla")]
-  plain = pallas_kernels.qkv_rope_append(x, w, None, pos, inv, kc, kc, num_heads=hq, implementation="xla")
+                                         implementation=impl, **side) for impl in ("pallas", "xla")]
+  plain = pallas_kernels.qkv_rope_append(x, w, None, pos, inv, kc, kc, num_heads=hq, implementation="xla", **side)
+  assert outs[0][3].dtype == jnp.int32 and outs[0][3].shape == (m, 1)   # the router's top-1 group
   with jax.default_matmul_precision("highest"):
     for a, b, c in zip(outs[0], outs[1], plain):
       np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)

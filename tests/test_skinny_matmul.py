@@ -389,3 +389,72 @@ def test_decode_step_rope_in_qkv(monkeypatch):
     out[on] = (np.asarray(logits), np.asarray(new.k_bhsd[1]), np.asarray(new.v_bhsd[0]))
   for a, b in zip(out[True], out[False]):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("m, p, g, k, cfg", [
+    (5, 16, 8, 5, MatmulConfig(16, 64, 64, 1)),      # Llama-3.1's 8 groups at density 0.625, padded to 16
+    (70, 32, 32, 16, MatmulConfig(64, 32, 32, 1)),   # LLaMA-2's 32 at 0.5; two M blocks
+    (3, 20, 20, 1, MatmulConfig(16, 64, 64, 1)),     # one group kept, side width not a power of two
+    (3, 32, 32, 3, MatmulConfig(16, 16, 64, 1)),     # side wider than the column tile: top-k after the kernel
+])
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_side_topk(m, p, g, k, cfg, impl):
+  """side_topk=(G, k): int32 [M, k] equal to lax.top_k of the first G side scores (order and ties included), with
+  tied, negative-zero and padded (zero) columns; the main product unchanged."""
+  rng = np.random.default_rng(8)
+  kdim, n = 128, 64
+  x = jnp.asarray(rng.standard_normal((m, kdim)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((kdim, n)) / np.sqrt(kdim), jnp.float32)
+  sw = rng.standard_normal((kdim, p)) / np.sqrt(kdim)
+  sw[:, g:] = 0                                   # zero-padded columns past G (their score 0 can beat negatives)
+  sw[:, min(1, g - 1)] = sw[:, 0]                 # two groups with equal scores: lower index first
+  sb = np.zeros(p, np.float32)
+  kw = dict(side_w_KP=jnp.asarray(sw, jnp.float32), side_b_P=jnp.asarray(sb))
+  y, idx = skinny_matmul(x, w, side_topk=(g, k), implementation=impl, config=cfg, **kw)
+  y_ref, scores = skinny_matmul(x, w, implementation=impl, config=cfg, **kw)
+  assert idx.dtype == jnp.int32 and idx.shape == (m, k)
+  np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
+  np.testing.assert_array_equal(np.asarray(idx), np.asarray(jax.lax.top_k(scores[:, :g], k)[1]))
+
+
+def test_side_topk_bad_input():
+  x, w, sw = jnp.ones((4, 8)), jnp.ones((8, 16)), jnp.ones((8, 16))
+  with pytest.raises(ValueError, match="side_topk=\\(G, k\\)=\\(8, 9\\) needs"):
+    skinny_matmul(x, w, side_w_KP=sw, side_topk=(8, 9))
+  with pytest.raises(ValueError, match="needs a side weight"):
+    skinny_matmul(x, w, side_topk=(8, 2))
+
+
+def test_sparse_decode_router_topk_in_the_kernel(monkeypatch):
+  """The decode step with the router's top-k in the q|k|v kernel's side program gives the same logits as the top-k
+  after the kernel (the same groups), and the kernel is asked for it (side_topk=(G, k)) in every routed layer."""
+  from polar_jax import model as model_mod
+  from polar_jax.routers import Routers
+  from polar_jax.sparse_decode import make_decoder
+  from polar_jax.sparsity import SparsityConfig
+  import pallas_kernels
+  routers = Routers.init(LLAMA_GQA)
+  w = routers.head.w_ldg
+  w.set_value(jax.random.normal(jax.random.key(1), w.shape, jnp.float32))
+  model = fusion.fuse_projections(init_model(LLAMA_GQA, seed=4))
+  tokens = jnp.asarray([[5, 9, 13, 2, 7, 1, 4], [3, 1, 0, 0, 0, 0, 0], [8, 8, 4, 60, 2, 11, 7]], jnp.int32)
+  lengths = jnp.asarray([7, 2, 7], jnp.int32)
+  _, cache = model.prefill(tokens, lengths, KVCache.init(LLAMA_GQA, 3, 16, jnp.float32))
+  decode, state = make_decoder(model, SparsityConfig(attn_density=0.5), routers, batch=3, implementation="pallas")
+  asked = []
+  real = pallas_kernels.skinny_matmul
+
+  def spy(*args, **kwargs):
+    if kwargs.get("side_w_KP") is not None:
+      asked.append(kwargs.get("side_topk"))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(pallas_kernels, "skinny_matmul", spy)
+  logits = {}
+  for on in (True, False):
+    monkeypatch.setattr(model_mod, "ROUTER_TOPK_IN_QKV", on)
+    asked.clear()
+    with jax.default_matmul_precision("highest"):
+      logits[on], _ = decode(model, jnp.asarray([1, 2, 3], jnp.int32), cache, state)
+    assert asked == [(LLAMA_GQA.num_kv_heads, 1) if on else None] * (LLAMA_GQA.num_layers - 1)
+  np.testing.assert_array_equal(np.asarray(logits[True]), np.asarray(logits[False]))
