@@ -1,7 +1,8 @@
 """Sort-free exact top-k for the decode step's selections.
 
-* `rank_topk(scores_rg, k)`, a few scores per row (KV groups): equal to `jax.lax.top_k(scores_rg, k)[1]` exactly
-  (order and ties included) for rows of up to `RANK_MAX_N` scores: each score's rank is its count of larger
+* `rank_topk(scores_rg, k)` (defined in `pallas_kernels.topk_select_xla`; the q|k|v kernel's side programs rank a
+  router's scores the same way), a few scores per row (KV groups): equal to `jax.lax.top_k(scores_rg, k)[1]`
+  exactly (order and ties included) for rows of up to `RANK_MAX_N` scores: each score's rank is its count of larger
   scores (ties: lower index first), and slot r takes the index of rank r, in one compare-and-reduce fusion of
   `[R, N, N]`. On GPU `lax.top_k` of 32 group scores is a sort kernel plus a slice (0.07 + 0.03 ms per LLaMA-2-7B
   B32 step, benchmarks/NOTES.md).

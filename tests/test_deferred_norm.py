@@ -159,7 +159,6 @@ def test_decode_step_with_and_without_deferred_norms(sparse, monkeypatch):
   """The decode step (fused tiny LLaMA, random norm weights; dense, or a head router in the q|k|v kernel) gives the
   same logits and caches with the norms deferred as with RMSNorm fusions, and calls no RMSNorm but the final
   one (layer 0's input is made from h directly)."""
-  from polar_jax import layers as layers_mod
   from polar_jax.routers import Routers
   from polar_jax.sparse_decode import make_decoder
   from polar_jax.sparsity import SparsityConfig
@@ -176,8 +175,8 @@ def test_decode_step_with_and_without_deferred_norms(sparse, monkeypatch):
   else:
     step = lambda: model.decode_step(jnp.asarray([1, 2, 3], jnp.int32), cache, implementation="pallas")  # noqa: E731
   calls = []
-  real_call = layers_mod.RMSNorm.__call__
-  monkeypatch.setattr(layers_mod.RMSNorm, "__call__", lambda self, x: calls.append(1) or real_call(self, x))
+  real_call = layers.RMSNorm.__call__
+  monkeypatch.setattr(layers.RMSNorm, "__call__", lambda self, x: calls.append(1) or real_call(self, x))
   outs, counts = {}, {}
   for on in (True, False):
     monkeypatch.setattr(layers, "DEFERRED_NORM", on)

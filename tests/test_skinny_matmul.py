@@ -254,13 +254,11 @@ def test_decode_step_with_and_without_the_kernel(config, monkeypatch):
   np.testing.assert_allclose(np.asarray(outs[True][1]), np.asarray(outs[False][1]), rtol=1e-5, atol=1e-5)
 
 
-def test_sparse_decode_router_in_the_qkv_kernel(monkeypatch):
-  """Sparse decode with a head router: on the kernel path the router scores come out of the q|k|v kernel (a side
-  weight) and the logits equal those of XLA's dots and router (same groups chosen)."""
+def _routed_decoder():
+  """A fused tiny GQA model with a random head router, prefilled for 3 rows, and its density-0.5 decode step."""
   from polar_jax.routers import Routers
   from polar_jax.sparse_decode import make_decoder
   from polar_jax.sparsity import SparsityConfig
-  import pallas_kernels
   routers = Routers.init(LLAMA_GQA)
   w = routers.head.w_ldg
   w.set_value(jax.random.normal(jax.random.key(1), w.shape, jnp.float32))
@@ -269,6 +267,14 @@ def test_sparse_decode_router_in_the_qkv_kernel(monkeypatch):
   lengths = jnp.asarray([7, 2, 7], jnp.int32)
   _, cache = model.prefill(tokens, lengths, KVCache.init(LLAMA_GQA, 3, 16, jnp.float32))
   decode, state = make_decoder(model, SparsityConfig(attn_density=0.5), routers, batch=3, implementation="pallas")
+  return model, cache, decode, state
+
+
+def test_sparse_decode_router_in_the_qkv_kernel(monkeypatch):
+  """Sparse decode with a head router: on the kernel path the router scores come out of the q|k|v kernel (a side
+  weight) and the logits equal those of XLA's dots and router (same groups chosen)."""
+  import pallas_kernels
+  model, cache, decode, state = _routed_decoder()
   calls = []
   real = pallas_kernels.skinny_matmul
 
@@ -429,18 +435,8 @@ def test_sparse_decode_router_topk_in_the_kernel(monkeypatch):
   """The decode step with the router's top-k in the q|k|v kernel's side program gives the same logits as the top-k
   after the kernel (the same groups), and the kernel is asked for it (side_topk=(G, k)) in every routed layer."""
   from polar_jax import model as model_mod
-  from polar_jax.routers import Routers
-  from polar_jax.sparse_decode import make_decoder
-  from polar_jax.sparsity import SparsityConfig
   import pallas_kernels
-  routers = Routers.init(LLAMA_GQA)
-  w = routers.head.w_ldg
-  w.set_value(jax.random.normal(jax.random.key(1), w.shape, jnp.float32))
-  model = fusion.fuse_projections(init_model(LLAMA_GQA, seed=4))
-  tokens = jnp.asarray([[5, 9, 13, 2, 7, 1, 4], [3, 1, 0, 0, 0, 0, 0], [8, 8, 4, 60, 2, 11, 7]], jnp.int32)
-  lengths = jnp.asarray([7, 2, 7], jnp.int32)
-  _, cache = model.prefill(tokens, lengths, KVCache.init(LLAMA_GQA, 3, 16, jnp.float32))
-  decode, state = make_decoder(model, SparsityConfig(attn_density=0.5), routers, batch=3, implementation="pallas")
+  model, cache, decode, state = _routed_decoder()
   asked = []
   real = pallas_kernels.skinny_matmul
 
