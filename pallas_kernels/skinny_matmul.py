@@ -47,8 +47,8 @@ def side_width(p: int) -> int:
 
 def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, side_w_KP=None, side_b_P=None,
                   glu: str | None = None, rms_sq_TM=None, rms_eps: float | None = None, norm_scale_N=None,
-                  side_topk: tuple[int, int] | None = None, counters_C=None, emit_counters: bool = False, implementation: str | None = None,
-                  config: MatmulConfig | None = None):
+                  side_topk: tuple[int, int] | None = None, counters_C=None, emit_counters: bool = False,
+                  implementation: str | None = None, config: MatmulConfig | None = None):
   """See the module docstring. Raises ValueError on inconsistent shapes or dtypes.
 
   `emit_counters=True` appends a zeroed int32 `[COUNTERS]` buffer to the results, written by this kernel; pass
@@ -89,7 +89,7 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
                                          emit_counters=emit_counters, config=config,
                                          side_topk=side_topk if in_kernel else None,
                                          interpret=_platform.interpret_mode(), **norm_kw)
-      return out if side_topk is None or in_kernel else _side_topk_xla(out, side_topk)
+      return out if side_topk is None or in_kernel else _side_topk_after(out, side_topk, at=1)
   out = _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype, side_w_KP=side_w_KP, side_b_P=side_b_P,
                  glu=glu, side_topk=side_topk, **norm_kw)
   if not emit_counters:
@@ -114,10 +114,11 @@ def _side_in_one_tile(side_w_KP, config) -> bool:
   return _triton.side_block(side_w_KP.shape[1], config.block_n) >= side_w_KP.shape[1]
 
 
-def _side_topk_xla(out, side_topk):
-  """The kernel's results with the float32 side scores (second) replaced by their top-k indices."""
+def _side_topk_after(out, side_topk, *, at: int):
+  """The kernel's results with the float32 side scores (`out[at]`) replaced by their top-k indices (a side weight
+  wider than one column tile: the top-k as an XLA fusion after the kernel)."""
   g, k = side_topk
-  return (out[0], _rank_topk(out[1][:, :g], k), *out[2:])
+  return (*out[:at], _rank_topk(out[at][:, :g], k), *out[at + 1:])
 
 
 _rank_topk = jax.jit(rank_topk, static_argnames=("k",))
@@ -136,8 +137,8 @@ def _check_norm_args(m, n, rms_sq_TM, rms_eps, norm_scale_N):
 
 def qkv_rope_append(x_MK, w_KN, bias_N, positions_M, inv_freq_F, k_cache, v_cache, *, num_heads: int,
                     side_w_KP=None, side_b_P=None, rms_sq_TM=None, rms_eps: float | None = None,
-                    side_topk: tuple[int, int] | None = None, emit_counters: bool = False, implementation: str | None = None,
-                    config: MatmulConfig | None = None):
+                    side_topk: tuple[int, int] | None = None, emit_counters: bool = False,
+                    implementation: str | None = None, config: MatmulConfig | None = None):
   """The fused q|k|v projection with `rope_append` in its epilogue: `(q [M, Hq, D], k_cache, v_cache[, side]
   [, counters])` equal to `rope_append(skinny_matmul(x, w, bias), positions, inv_freq, k_cache, v_cache)` (w's
   columns KV-group-major, `polar_jax.fusion.fuse_qkv`; the qkv product rounded to w's dtype first). "pallas": one
@@ -168,9 +169,7 @@ def qkv_rope_append(x_MK, w_KN, bias_N, positions_M, inv_freq_F, k_cache, v_cach
         positions_M.astype(jnp.int32), inv, k_cache, v_cache, out_dtype=jnp.dtype(w_KN.dtype), glu=None,
         emit_counters=emit_counters, rope_heads=(num_heads, hkv), config=config,
         side_topk=side_topk if in_kernel else None, interpret=_platform.interpret_mode(), **norm_kw)
-    if side_topk is None or in_kernel:
-      return out
-    return (*out[:3], _rank_topk(out[3][:, :side_topk[0]], side_topk[1]), *out[4:])
+    return out if side_topk is None or in_kernel else _side_topk_after(out, side_topk, at=3)   # (q, k, v first)
   out = skinny_matmul(x_MK, w_KN, bias_N, side_w_KP=side_w_KP, side_b_P=side_b_P, emit_counters=emit_counters,
                       side_topk=side_topk, implementation="xla", **norm_kw)
   out = list(out) if isinstance(out, tuple) else [out]

@@ -60,8 +60,9 @@ class Linear(nnx.Module):
     """The decode step's projection of a few rows `[M, in]`: `pallas_kernels.skinny_matmul` (one kernel that
     streams the weight once and adds the bias and the residual in its epilogue; the XLA reference off GPU).
     Same values as `__call__` up to float32 summation order. `side=(w [in, P], b [P])`: also returns float32
-    `x @ w + b`, computed by extra programs of the kernel (a head router): `(y, side_y)`. `glu="silu"`: the columns are (gate, up) pairs
-    (a fused gate|up projection) and the result is `silu(gate) * up`, half as wide, from the float32 sums.
+    `x @ w + b`, computed by extra programs of the kernel (a head router): `(y, side_y)`. `glu="silu"`: the
+    columns are (gate, up) pairs (a fused gate|up projection) and the result is `silu(gate) * up`, half as wide,
+    from the float32 sums.
     `emit_counters` / `counters`: see `pallas_kernels.skinny_matmul` (a zeroed buffer appended to the results /
     taken for this call's split-K counters). `rms=(sq_TM, eps)` / `norm_scale=g`: the deferred RMSNorm
     (`DEFERRED_NORM`): the rows of x are `h * g` and are normalised by h's squares `sq_TM` in the epilogue /

@@ -23,7 +23,7 @@ from polar_jax.config import ModelConfig
 from polar_jax.kv_cache import KVCache
 from polar_jax.layers import Embedding, Linear, RMSNorm, make_norm
 from polar_jax.mlp import GatedMLP, make_mlp
-from pallas_kernels.skinny_matmul_xla import deferred_norm, rms_row_scale
+from pallas_kernels.skinny_matmul_xla import deferred_norm
 
 OPT_POSITION_OFFSET = 2
 # Prompt tokens prefilled at once; larger batches are prefilled a group of rows at a time.
@@ -106,7 +106,8 @@ class DecoderLayer(nnx.Module):
     Deferred norms (`defers_norms`): `normed=(h * g, sq_TM)` is this layer's attention-norm input as the previous
     layer's down_proj left it (None: made here from h_bd); `next_norm` (the next layer's attention-norm weight)
     makes the result `(h, k_cache, v_cache, (h * next_norm, sq_TM))`."""
-    if (normed is not None or next_norm is not None) and not self.defers_norms(mlp_fn):
+    defer = self.defers_norms(mlp_fn)
+    if (normed is not None or next_norm is not None) and not defer:
       raise ValueError("DecoderLayer.decode: normed= / next_norm= need a layer that defers its norms "
                        "(defers_norms)")
     plan = selector_plan or (("dense",) if selector_fn is None else ("x",))
@@ -115,8 +116,9 @@ class DecoderLayer(nnx.Module):
     if (one_device and ROUTER_IN_QKV and plan[0] == "linear" and self.attn.fused_qkv_decode
         and plan[1].dtype == self.attn.qkv_proj.kernel.dtype):
       router = plan[1:4] + ((plan[4] if ROUTER_TOPK_IN_QKV and len(plan) > 4 else None),)
-    if self.defers_norms(mlp_fn):
-      return self._decode_deferred(h_bd, lengths_b, k_cache, v_cache, selector_fn, router, implementation, normed,
+    if defer:   # (a selector that reads the normed input: only where the layer selects and the kernel does not)
+      select = selector_fn if plan[0] != "dense" and router is None else None
+      return self._decode_deferred(h_bd, lengths_b, k_cache, v_cache, select, router, implementation, normed,
                                    next_norm)
     x = self.attn_norm(h_bd) if self.pre_norm else h_bd
     group_idx = selector_fn(x) if selector_fn is not None and router is None else None
@@ -132,16 +134,13 @@ class DecoderLayer(nnx.Module):
   def _decode_deferred(self, h_bd, lengths_b, k_cache, v_cache, selector_fn, router, implementation, normed,
                        next_norm):
     """`decode` with both RMSNorms in the kernels: q|k|v (and the router's side programs) normalise `h * g`
-    rows in their epilogue, o_proj writes the MLP norm's `h * g` and squares, gate|up normalises them."""
-    eps = self.attn_norm.eps
+    rows in their epilogue, o_proj writes the MLP norm's `h * g` and squares, gate|up normalises them.
+    `selector_fn` (None: the layer is dense or the kernel selects) gets the attention norm of h_bd itself."""
     x_bd, sq_tb = normed if normed is not None else deferred_norm(h_bd, self.attn_norm.scale[...])
-    group_idx = None
-    if selector_fn is not None and router is None:   # a selector that reads the normed input (XLA drops it if not)
-      xn = (x_bd.astype(jnp.float32) * rms_row_scale(sq_tb, x_bd.shape[-1], eps)).astype(x_bd.dtype)
-      group_idx = selector_fn(xn)
+    group_idx = selector_fn(self.attn_norm(h_bd)) if selector_fn is not None else None
     (h, y_bd, sq2_tb), k_cache, v_cache = self.attn.decode(
         x_bd, lengths_b, k_cache, v_cache, group_idx, implementation=implementation, residual_bd=h_bd,
-        router=router, rms=(sq_tb, eps), norm_scale=self.mlp_norm.scale[...])
+        router=router, rms=(sq_tb, self.attn_norm.eps), norm_scale=self.mlp_norm.scale[...])
     out = self.mlp.decode(y_bd, residual_md=h, rms=(sq2_tb, self.mlp_norm.eps), norm_scale=next_norm,
                           implementation=implementation)
     if next_norm is None:

@@ -154,11 +154,13 @@ def _random_norms(model, seed):
   return model
 
 
-@pytest.mark.parametrize("sparse", [False, True], ids=["dense", "router"])
+@pytest.mark.parametrize("sparse", ["dense", "router", "router_own_dot"])
 def test_decode_step_with_and_without_deferred_norms(sparse, monkeypatch):
-  """The decode step (fused tiny LLaMA, random norm weights; dense, or a head router in the q|k|v kernel) gives the
-  same logits and caches with the norms deferred as with RMSNorm fusions, and calls no RMSNorm but the final
-  one (layer 0's input is made from h directly)."""
+  """The decode step (fused tiny LLaMA, random norm weights; dense, a head router in the q|k|v kernel, or a router
+  as its own dot, which reads the normed input) gives the same logits and caches with the norms deferred as with
+  RMSNorm fusions, and calls no RMSNorm but the final one (layer 0's input is made from h directly) and, for a
+  router as its own dot, the attention norm of each routed layer (its input)."""
+  from polar_jax import model as model_mod
   from polar_jax.routers import Routers
   from polar_jax.sparse_decode import make_decoder
   from polar_jax.sparsity import SparsityConfig
@@ -166,7 +168,8 @@ def test_decode_step_with_and_without_deferred_norms(sparse, monkeypatch):
   tokens = jnp.asarray([[5, 9, 13, 2, 7, 1, 4], [3, 1, 0, 0, 0, 0, 0], [8, 8, 4, 60, 2, 11, 7]], jnp.int32)
   lengths = jnp.asarray([7, 2, 7], jnp.int32)
   _, cache = model.prefill(tokens, lengths, KVCache.init(LLAMA_GQA, 3, 16, jnp.float32))
-  if sparse:
+  monkeypatch.setattr(model_mod, "ROUTER_IN_QKV", sparse != "router_own_dot")
+  if sparse != "dense":
     routers = Routers.init(LLAMA_GQA)
     w = routers.head.w_ldg
     w.set_value(jax.random.normal(jax.random.key(1), w.shape, jnp.float32))
@@ -184,7 +187,8 @@ def test_decode_step_with_and_without_deferred_norms(sparse, monkeypatch):
     with jax.default_matmul_precision("highest"):         # (XLA's float32 dots are TF32 on GPUs)
       logits, new = step()
     outs[on], counts[on] = (logits, new.k_bhsd[2], new.v_bhsd[1]), len(calls)
-  assert counts == {True: 1, False: 2 * LLAMA_GQA.num_layers + 1}
+  routed_inputs = LLAMA_GQA.num_layers - 1 if sparse == "router_own_dot" else 0
+  assert counts == {True: 1 + routed_inputs, False: 2 * LLAMA_GQA.num_layers + 1}
   for a, b in zip(outs[True], outs[False]):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-4)
 
