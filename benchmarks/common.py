@@ -111,8 +111,6 @@ STEP_SWITCHES = (
      "its rows (off: RMSNorm as an XLA fusion)"),
     ("union_kernel", "polar_jax.sparse_decode", "UNION_KERNEL", True,
      "the batch-union neuron set as one kernel: row sum, radix select, compaction (off: ~10 XLA kernels)"),
-    ("neuron_router_matmul", "polar_jax.sparse_decode", "NEURON_ROUTER_MATMUL", True,
-     "the neuron router's two products as skinny_matmul calls (off: XLA's dots)"),
     ("loop_graph", "polar_jax.compile_options", "LOOP_GRAPH", True,
      "the decode loop as one command buffer: XLA's default kinds + WHILE, CONDITIONAL (off: XLA's default kinds)"),
 )

@@ -6,12 +6,12 @@ OPT's neuron routers give float32 logits `[R, N]` (R decode rows, N = 16384 neur
 gathers the MLP rows of the k highest union scores `sum_r active_r * relu(logits[r])`. In XLA that is a reduce,
 4 radix passes, cumsums, a select and a scatter: ~10 kernels and ~36 us per layer in the OPT-6.7B B32 step
 (benchmarks/NOTES.md, session 12), while one program per row (`topk_select_triton`) is slow on 16384 scores
-(one SM's serial reductions). Here P programs (one per SM, ~512 columns each) share the work and meet at grid
+(one SM's serial reductions). Here P programs (at most one per SM, ~128 columns each) share the work and meet at grid
 barriers (an atomic counter in a zeroed int32 buffer; P is at most the SM count, so all programs are resident):
 
   1. each program sums its columns' relu(logits) over the active rows, in registers;
-  2. radix select of the k-th largest key (the float bits in `lax.top_k`'s total order, 8 bits per pass, 4 passes):
-     a program counts its keys >= each of the 256 thresholds of the next digit, adds the counts to the pass's
+  2. radix select of the k-th largest key (the float bits in `lax.top_k`'s total order, 4 bits per pass, 8 passes):
+     a program counts its keys >= each of the 16 thresholds of the next digit, adds the counts to the pass's
      global histogram (atomics), waits at the barrier, then reads the histogram and keeps the largest digit whose
      count is still >= k (every program computes the same digit);
   3. each program publishes its counts of keys > T and == T, waits, and takes every key > T plus the keys == T in
@@ -34,10 +34,15 @@ from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _platform
 
-PROGRAM_COLS = 512         # columns per program (a power of two), more where N needs more than the SMs
-DIGIT_BITS = 8             # radix digit of one pass (32 / DIGIT_BITS passes, 2**DIGIT_BITS thresholds each)
-DIGIT_CHUNK = 32           # thresholds counted per step (bounds the [thresholds, columns] compare in registers)
+# Measured on an H100 (`results/kernels_sweep.jsonl`, op union_topk; N 16384, 32 rows, k 4480; XLA's reference
+# 28.9 us): 8-bit digits cost ~6.5 us per pass and 128 columns (the [256, 128] compare and its reduction), 2-bit
+# digits ~2.5 us per pass in fixed costs (barrier, histogram read); 4-bit digits over 128 columns per program were
+# the fastest, 26.5 us (512 columns 28.9).
+PROGRAM_COLS = 128         # columns per program (a power of two), more where N needs more than the SMs
+DIGIT_BITS = 4             # radix digit of one pass (32 / DIGIT_BITS passes, 2**DIGIT_BITS thresholds each)
+DIGIT_CHUNK = 16           # thresholds counted per step (bounds the [thresholds, columns] compare in registers)
 ROW_BLOCK = 16             # logit rows loaded per step
+NUM_WARPS = 8
 _PASSES = 32 // DIGIT_BITS
 _DIGITS = 1 << DIGIT_BITS
 _INT_MIN = -(1 << 31)
@@ -156,7 +161,7 @@ def union_topk_triton(logits_RN: jax.Array, active_R: jax.Array, k: int, *, prog
       out_specs=[whole((k,)), whole(sync.shape)],
       out_shape=[jax.ShapeDtypeStruct((k,), jnp.int32), jax.ShapeDtypeStruct(sync.shape, jnp.int32)],
       input_output_aliases={2: 1},
-      compiler_params=plgpu.CompilerParams(num_warps=8, num_stages=1),
+      compiler_params=plgpu.CompilerParams(num_warps=NUM_WARPS, num_stages=1),
       interpret=interpret,
       name="union_topk",
   )(logits_RN.astype(jnp.float32), active_R.astype(jnp.int32), sync)

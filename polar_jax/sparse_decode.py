@@ -12,8 +12,8 @@ Per decode step and layer (prefill stays dense; K/V of every head is written to 
      one block of groups off tensor parallel) -> `selective_decode_attention` over
      those groups -> dense o_proj;
      the oracle runs dense attention and keeps each row's top-k groups by output norm instead;
-  2. ReLU MLPs with `mlp="router"`: neuron logits (router weights in the model's dtype, float32 accumulation;
-     two `skinny_matmul` calls) -> `sum_b active_b * relu(logits)` -> top-k set with the layer's static budget
+  2. ReLU MLPs with `mlp="router"`: neuron logits (router weights in the model's dtype, float32 accumulation)
+     -> `sum_b active_b * relu(logits)` -> top-k set with the layer's static budget
      (sort-free, indices ascending: `pallas_kernels.union_topk`, one kernel for the sum and the selection) ->
      gathered fc1/fc2 matmuls (biases included); layers over budget run the dense MLP.
 Tensor parallel (`polar_jax.sharding`, `shards > 1`): both selections are balanced per shard: each of the tp
@@ -28,7 +28,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels.skinny_matmul import side_width, skinny_matmul
+from pallas_kernels.skinny_matmul import side_width
 from pallas_kernels.union_topk import union_topk as union_topk_op
 from polar_jax.routers.modules import decode_head_layers, decode_head_scores, decode_neuron_layers, neuron_logits
 from polar_jax.sharding import balanced_topk, balanced_union_topk, model_mesh, model_tp, sharded_sparse_mlp
@@ -50,8 +50,6 @@ def random_scores(seed: int, layer: int, positions_b: jax.Array, tokens_b: jax.A
 # The batch-union neuron set of method "radix" as one multi-program kernel (`pallas_kernels.union_topk`: row sum,
 # radix select and compaction; off: the union sum and `topk_rows`' XLA radix select, ~10 kernels per layer).
 UNION_KERNEL = True
-# The neuron router's two products as `pallas_kernels.skinny_matmul` calls (off: XLA's dots).
-NEURON_ROUTER_MATMUL = True
 
 
 def union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k: int, method: str = "radix",
@@ -64,15 +62,6 @@ def union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k: int, method:
   if method == "radix" and UNION_KERNEL:
     return union_topk_op(logits_bn, k, active_b, implementation=implementation)
   return topk_rows(union_scores(logits_bn, active_b)[None], k, method, implementation)[0]
-
-
-def decode_neuron_logits(w_down_dr, w_up_rn, b_n, x_bd, implementation: str | None = None) -> jax.Array:
-  """`routers.modules.neuron_logits` in the decode step: with `NEURON_ROUTER_MATMUL` the two products are
-  `skinny_matmul` calls (the rank-r intermediate rounded to the weights' dtype, as there), else XLA's dots."""
-  if not NEURON_ROUTER_MATMUL:
-    return neuron_logits(w_down_dr, w_up_rn, b_n, x_bd)
-  low_br = skinny_matmul(x_bd, w_down_dr, implementation=implementation)
-  return skinny_matmul(low_br, w_up_rn, b_n, out_dtype=jnp.float32, implementation=implementation)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,10 +133,9 @@ class SparseDecode:
 
     def select_neurons(layer, x_bd):
       k = self.neuron_k[layer]
-      if self.shards > 1:   # tensor parallel: XLA's dots, a per-shard neuron union (polar_jax.sharding)
-        logits_bn = neuron_logits(*neuron[layer], x_bd)
+      logits_bn = neuron_logits(*neuron[layer], x_bd)
+      if self.shards > 1:                          # tensor parallel: a per-shard neuron union (polar_jax.sharding)
         return balanced_union_topk(logits_bn, active_b, k, self.shards, self.union_method, self.implementation)
-      logits_bn = decode_neuron_logits(*neuron[layer], x_bd, self.implementation)
       return union_topk(logits_bn, active_b, k, self.union_method, self.implementation)
 
     def mlp_override(layer):

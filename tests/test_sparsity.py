@@ -184,11 +184,10 @@ def _opt_routers(model_config, k=128):
 @pytest.mark.parametrize("kernels", [True, False], ids=["union_kernel", "xla_union"])
 def test_pallas_path_equals_xla_path(kernels, monkeypatch):
   """Same selections (KV groups and batch-union neurons) through the Pallas kernels (interpret mode on CPU)
-  and the XLA references; the kernels' own tests cover GQA group layouts. `kernels`: the union selection and the
-  neuron router's products as kernels (`sparse_decode.UNION_KERNEL`, `NEURON_ROUTER_MATMUL`) or XLA's."""
+  and the XLA references; the kernels' own tests cover GQA group layouts. `kernels`: the union selection as one
+  kernel (`sparse_decode.UNION_KERNEL`) or the union sum and `topk_select`."""
   import polar_jax.sparse_decode as sd
   monkeypatch.setattr(sd, "UNION_KERNEL", kernels)
-  monkeypatch.setattr(sd, "NEURON_ROUTER_MATMUL", kernels)
   model = _opt_with_sparse_firing()
   cfg, routers = SparsityConfig(0.5, mlp="router"), _opt_routers(OPT)
   prompts = np.asarray(_prompts(6, (7, 7)), np.int32)
@@ -341,27 +340,6 @@ def test_union_topk_radix_and_sort_select_the_same_neurons():
       np.testing.assert_array_equal(np.asarray(bk).reshape(4, -1), br)
   with pytest.raises(ValueError, match="unknown union method"):
     union_topk(logits, None, 8, method="approx")
-
-
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_decode_neuron_logits_equal_the_router_module(dtype):
-  """The decode step's neuron logits (two skinny_matmul kernels, interpreted) vs `neuron_logits` (XLA's dots), in
-  the weights' dtype: float32 to float32 rounding of the K-long sums, bf16 to one bf16 rounding of the rank-r
-  intermediate (it may round the other way where the float32 sums differ in their last bit)."""
-  from polar_jax.routers.modules import neuron_logits
-  from polar_jax.sparse_decode import decode_neuron_logits
-  rng = np.random.default_rng(1)
-  d, rank, n, b = 96, 48, 1000, 5
-  w_down, w_up = (jnp.asarray(rng.standard_normal(s).astype(np.float32) / np.sqrt(s[0])).astype(dtype)
-                  for s in ((d, rank), (rank, n)))
-  bias = jnp.asarray(rng.standard_normal(n).astype(np.float32))
-  x = jnp.asarray(rng.standard_normal((b, d)).astype(np.float32)).astype(dtype)
-  got = decode_neuron_logits(w_down, w_up, bias, x, implementation="pallas")
-  want = neuron_logits(w_down, w_up, bias, x)
-  assert got.dtype == jnp.float32 and got.shape == (b, n)
-  eps = float(jnp.finfo(dtype).eps)
-  tol = 8 * np.sqrt(rank) * eps if dtype == jnp.bfloat16 else 4 * (d + rank) * eps
-  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=tol, atol=tol)
 
 
 def test_union_methods_decode_the_same_tokens_and_router_weights_follow_model_dtype(monkeypatch):
