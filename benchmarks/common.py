@@ -109,8 +109,6 @@ STEP_SWITCHES = (
     ("deferred_norm", "polar_jax.layers", "DEFERRED_NORM", True,
      "RMSNorms in the projection kernels: o_proj / down_proj write h * g and h's squares, the next kernel scales "
      "its rows (off: RMSNorm as an XLA fusion)"),
-    ("union_kernel", "polar_jax.sparse_decode", "UNION_KERNEL", True,
-     "the batch-union neuron set as one kernel: row sum, radix select, compaction (off: ~10 XLA kernels)"),
     ("loop_graph", "polar_jax.compile_options", "LOOP_GRAPH", True,
      "the decode loop as one command buffer: XLA's default kinds + WHILE, CONDITIONAL (off: XLA's default kinds)"),
 )

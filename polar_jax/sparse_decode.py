@@ -13,9 +13,9 @@ Per decode step and layer (prefill stays dense; K/V of every head is written to 
      those groups -> dense o_proj;
      the oracle runs dense attention and keeps each row's top-k groups by output norm instead;
   2. ReLU MLPs with `mlp="router"`: neuron logits (router weights in the model's dtype, float32 accumulation)
-     -> `sum_b active_b * relu(logits)` -> top-k set with the layer's static budget
-     (sort-free, indices ascending: `pallas_kernels.union_topk`, one kernel for the sum and the selection) ->
-     gathered fc1/fc2 matmuls (biases included); layers over budget run the dense MLP.
+     -> `sum_b active_b * relu(logits)` -> top-k set with the layer's static budget (sort-free:
+     `pallas_kernels.topk_select`; indices ascending) -> gathered fc1/fc2 matmuls (biases included); layers over
+     budget run the dense MLP.
 Tensor parallel (`polar_jax.sharding`, `shards > 1`): both selections are balanced per shard: each of the tp
 shards keeps k / tp of its own KV groups (resp. ceil(k / tp) of its own neurons), not a global top-k.
 """
@@ -29,7 +29,6 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.skinny_matmul import side_width
-from pallas_kernels.union_topk import union_topk as union_topk_op
 from polar_jax.routers.modules import decode_head_layers, decode_head_scores, decode_neuron_layers, neuron_logits
 from polar_jax.sharding import balanced_topk, balanced_union_topk, model_mesh, model_tp, sharded_sparse_mlp
 from polar_jax.sparsity import SparsityConfig, neuron_budgets
@@ -47,20 +46,12 @@ def random_scores(seed: int, layer: int, positions_b: jax.Array, tokens_b: jax.A
   return jax.vmap(row)(positions_b, tokens_b)
 
 
-# The batch-union neuron set of method "radix" as one multi-program kernel (`pallas_kernels.union_topk`: row sum,
-# radix select and compaction; off: the union sum and `topk_rows`' XLA radix select, ~10 kernels per layer).
-UNION_KERNEL = True
-
-
 def union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k: int, method: str = "radix",
                implementation: str | None = None) -> jax.Array:
   """int32 `[k]`: the batch-union neuron set, top-k of `sum_b relu(logits)` over active rows (ties: lower
-  index first). `method`: "radix" (default, sort-free, ascending indices: `pallas_kernels.union_topk` with
-  `implementation`, or with `UNION_KERNEL` off the union sum and `pallas_kernels.topk_select`) or "sort"
-  (`lax.top_k`, a full sort of the N scores on GPU for large k); the same set exactly (`polar_jax.topk.topk_rows`;
-  the kernel sums the rows in its own order: scores within float32 rounding at the threshold may swap)."""
-  if method == "radix" and UNION_KERNEL:
-    return union_topk_op(logits_bn, k, active_b, implementation=implementation)
+  index first). `method`: "radix" (default, sort-free, ascending indices: `pallas_kernels.topk_select` with
+  `implementation`) or "sort" (`lax.top_k`, a full sort of the N scores on GPU for large k); the same set exactly
+  (`polar_jax.topk.topk_rows`)."""
   return topk_rows(union_scores(logits_bn, active_b)[None], k, method, implementation)[0]
 
 

@@ -181,13 +181,9 @@ def _opt_routers(model_config, k=128):
   return r
 
 
-@pytest.mark.parametrize("kernels", [True, False], ids=["union_kernel", "xla_union"])
-def test_pallas_path_equals_xla_path(kernels, monkeypatch):
+def test_pallas_path_equals_xla_path():
   """Same selections (KV groups and batch-union neurons) through the Pallas kernels (interpret mode on CPU)
-  and the XLA references; the kernels' own tests cover GQA group layouts. `kernels`: the union selection as one
-  kernel (`sparse_decode.UNION_KERNEL`) or the union sum and `topk_select`."""
-  import polar_jax.sparse_decode as sd
-  monkeypatch.setattr(sd, "UNION_KERNEL", kernels)
+  and the XLA references; the kernels' own tests cover GQA group layouts."""
   model = _opt_with_sparse_firing()
   cfg, routers = SparsityConfig(0.5, mlp="router"), _opt_routers(OPT)
   prompts = np.asarray(_prompts(6, (7, 7)), np.int32)
