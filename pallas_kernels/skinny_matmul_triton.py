@@ -22,6 +22,7 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import _platform
 from pallas_kernels import _split_k
 from pallas_kernels._online_softmax import precision
+from pallas_kernels.topk_select_triton import signed_keys
 
 
 @dataclasses.dataclass(frozen=True)
@@ -200,8 +201,7 @@ def _rank_topk_store(s, rows_m, out_ref, g: int, k: int):
   out_ref[rows, :k]: the indices by descending score, ties lower index first, in `lax.top_k`'s float total order
   (`topk_select_xla.rank_topk`: each score's rank is its count of scores above it; slot r takes rank r)."""
   p = s.shape[1]
-  bits = lax.bitcast_convert_type(s, jnp.int32)
-  key = bits ^ ((bits >> 31) & 0x7FFFFFFF)                       # signed keys in the float total order
+  key = signed_keys(s)                                           # signed keys in the float total order
   j = jnp.arange(p, dtype=jnp.int32)
   ki, kj = key[:, :, None], key[:, None, :]                      # [bm, i, j]: does j rank above i?
   above = (kj > ki) | ((kj == ki) & (j[None, :] < j[:, None])[None])

@@ -40,11 +40,17 @@ def num_warps_for(n_padded: int) -> int:
   return max(4, min(16, n_padded // (64 * 32)))
 
 
+def signed_keys(s: jax.Array) -> jax.Array:
+  """int32 keys of float scores that compare, as signed integers, in `lax.top_k`'s float total order
+  (-NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN); for use inside kernels (also `skinny_matmul_triton`)."""
+  bits = jax.lax.bitcast_convert_type(s.astype(jnp.float32), jnp.int32)
+  return bits ^ ((bits >> 31) & 0x7FFFFFFF)
+
+
 def _select_kernel(scores_ref, out_ref, *, n: int, k: int):
   n_pad = scores_ref.shape[-1]
   cols = jax.lax.broadcasted_iota(jnp.int32, (n_pad,), 0)
-  bits = jax.lax.bitcast_convert_type(scores_ref[...].astype(jnp.float32), jnp.int32)
-  skey = bits ^ ((bits >> 31) & 0x7FFFFFFF)
+  skey = signed_keys(scores_ref[...])
   skey = jnp.where(cols < n, skey, _INT_MIN)
   # the largest t with count(skey >= t) >= k, built in the offset (unsigned) order u = t ^ INT_MIN
   prefix_u = jnp.int32(0)

@@ -115,7 +115,7 @@ class DecoderLayer(nnx.Module):
     router = None
     if (one_device and ROUTER_IN_QKV and plan[0] == "linear" and self.attn.fused_qkv_decode
         and plan[1].dtype == self.attn.qkv_proj.kernel.dtype):
-      router = plan[1:4] + ((plan[4] if ROUTER_TOPK_IN_QKV and len(plan) > 4 else None),)
+      router = plan[1:4] + (plan[4] if ROUTER_TOPK_IN_QKV else None,)
     if defer:   # (a selector that reads the normed input: only where the layer selects and the kernel does not)
       select = selector_fn if plan[0] != "dense" and router is None else None
       return self._decode_deferred(h_bd, lengths_b, k_cache, v_cache, select, router, implementation, normed,
