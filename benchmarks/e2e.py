@@ -39,6 +39,7 @@ from polar_jax.compile_options import jit_loop  # noqa: E402
 from polar_jax.config import ModelConfig, RopeScaling  # noqa: E402
 from polar_jax.generation import generate  # noqa: E402
 from polar_jax.model import init_model  # noqa: E402
+from polar_jax.sparsity import DENSE_FALLBACK_FRACTION  # noqa: E402
 
 MODELS: dict[str, ModelConfig] = {
     "llama2-7b": ModelConfig(model_type="llama", vocab_size=32000, hidden_size=4096, intermediate_size=11008,
@@ -110,6 +111,25 @@ def weight_bytes_per_step(config: ModelConfig, model) -> int:
   return total
 
 
+def sparse_weight_bytes(config: ModelConfig, model, step, state) -> int:
+  """The change to `weight_bytes_per_step` under a sparse step (`polar_jax.sparse_decode.SparseDecode` and its
+  router state): minus the fc1/fc2 rows (and fc1 biases) of the neurons a layer with a budget k does not read,
+  plus the routers' decode copies the step reads (the head routers' zero-padded side copy where the q|k|v kernel
+  takes it, else the plain one; the neuron routers with their scales). 0 for a dense step."""
+  from polar_jax.sparse_decode import SparseDecode
+  if not isinstance(step, SparseDecode) or state is None:
+    return 0
+  delta = 0
+  for layer, k in enumerate(step.neuron_k or ()):
+    if k is not None:
+      mlp = model.layers[layer].mlp
+      row = sum(a.nbytes // a.shape[0] for a in (mlp.w_in_nd[...], mlp.w_out_nd[...]))
+      row += 0 if mlp.b_in_n is None else mlp.b_in_n[...].dtype.itemsize
+      delta -= row * (config.intermediate_size - k)
+  routers = [state.get("head_side") or state.get("head"), state.get("neuron")]
+  return delta + sum(leaf.nbytes for part in routers if part for leaf in jax.tree_util.tree_leaves(part))
+
+
 def kv_bytes_per_step(config: ModelConfig, batch: int, mean_len: float, itemsize: int,
                       density_of_layer=lambda layer: 1.0) -> float:
   """K+V bytes attention reads per step, given the mean cache length and each layer's kept fraction."""
@@ -144,6 +164,8 @@ class Setting:
   prompt: int
   density: float = 1.0
   mlp: str = "dense"
+  mlp_dense_above: float | None = None     # SparsityConfig's (None: its default)
+  router_dtype: str | None = None          # SparsityConfig's (None: the model's dtype)
 
 
 def random_routers(config: ModelConfig, seed: int = 0, mlp_topk: dict[int, tuple[int, ...]] | None = None):
@@ -169,8 +191,10 @@ def read_mlp_topk(directory: pathlib.Path) -> dict[int, tuple[int, ...]]:
 def sparsity_for(setting: Setting):
   if setting.density >= 1.0 and setting.mlp == "dense":
     return None
-  from polar_jax.sparsity import SparsityConfig
-  return SparsityConfig(attn_density=setting.density, mlp=setting.mlp)
+  from polar_jax.sparsity import DENSE_FALLBACK_FRACTION, SparsityConfig
+  above = DENSE_FALLBACK_FRACTION if setting.mlp_dense_above is None else setting.mlp_dense_above
+  return SparsityConfig(attn_density=setting.density, mlp=setting.mlp, mlp_dense_above=above,
+                        router_dtype=setting.router_dtype)
 
 
 def kept_fraction(config: ModelConfig, sparsity) -> Any:
@@ -229,8 +253,8 @@ class DecodeLoop:
                                 decode=self.step).compile().as_text()
 
 
-def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: int) -> tuple[float, float, float]:
-  """(t(n1), t(n2), prefill seconds): the fastest of `iters` timed calls of one compiled decode loop running n
+def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: int):
+  """(t(n1), t(n2), prefill seconds, the `DecodeLoop`): the fastest of `iters` timed calls of one compiled decode loop running n
   steps from a freshly prefilled cache (the prefill runs before the clock starts and is timed on its own).
 
   `generate` compiles one program per `max_new_tokens`, prefill included, so `t(N2) - t(N1)` of two generate
@@ -250,7 +274,7 @@ def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: 
       if i:
         best["prefill"] = min(best["prefill"], t_prefill)
         best[n] = min(best[n], t_decode)
-  return best[n1], best[n2], best["prefill"]
+  return best[n1], best[n2], best["prefill"], loop
 
 
 def run_polar(setting: Setting, model, config: ModelConfig, *, n1: int, n2: int, iters: int,
@@ -259,9 +283,10 @@ def run_polar(setting: Setting, model, config: ModelConfig, *, n1: int, n2: int,
   ids = rng.integers(0, config.vocab_size, (setting.batch, setting.prompt)).astype(np.int32)
   sparsity = sparsity_for(setting)
   if timing == "decode_loop":
-    t1, t2, prefill_s = time_decode_loop(model, ids, sparsity, routers, n1=n1, n2=n2, iters=iters)
+    t1, t2, prefill_s, loop = time_decode_loop(model, ids, sparsity, routers, n1=n1, n2=n2, iters=iters)
     tok_s, ms = decode_rate(setting.batch, n1, n2, t1, t2)
     prefill_ms = prefill_s * 1e3
+    step, state = loop.step, loop.state
   else:
     # `generate` end to end, the fastest of `iters` runs each: the prefill (seconds at B32) varies by ~0.1 s run
     # to run, which the median of 3 let through into (t2 - t1) / (n2 - n1) (one B32 record read 15% fast on
@@ -272,9 +297,11 @@ def run_polar(setting: Setting, model, config: ModelConfig, *, n1: int, n2: int,
     t2 = common.time_fn(lambda: run(n2), warmup=1, iters=iters, stat="min")
     tok_s, ms = decode_rate(setting.batch, n1, n2, t1, t2)
     prefill_ms = max(t1 - n1 * ms * 1e-3, 0.0) * 1e3
+    from polar_jax import generation
+    step, state = generation._decoder(model, sparsity, routers if sparsity is not None else None, setting.batch)
   itemsize = jnp.dtype(model.dtype).itemsize
   mean_len = setting.prompt + (n1 + n2) / 2
-  step_bytes = weight_bytes_per_step(config, model) + kv_bytes_per_step(
+  step_bytes = weight_bytes_per_step(config, model) + sparse_weight_bytes(config, model, step, state) + kv_bytes_per_step(
       config, setting.batch, mean_len, itemsize, kept_fraction(config, sparsity))
   return dict(system="polar_jax", decode_tok_s=tok_s, ms_per_step=ms, prefill_ms=prefill_ms,
               peak_mem_gb=peak_memory_gb(), roofline_frac=roofline_fraction(step_bytes, ms, copy_tbps),
@@ -395,6 +422,13 @@ def main(argv=None) -> int:
   p.add_argument("--densities", nargs="+", type=float, default=[1.0], help="attention densities (1 = dense)")
   p.add_argument("--mlp", nargs="+", default=["dense"], choices=["dense", "router"],
                  help="MLP modes (router: batch-union neurons, ReLU models)")
+  p.add_argument("--mlp-dense-above", nargs="+", type=float, default=[None],
+                 help="mlp=router: budgets above this fraction of N run the dense MLP (SparsityConfig; default "
+                      "its 0.8); several values: one run each")
+  p.add_argument("--router-dtype", nargs="+", default=[None], choices=[None, "float32", "bfloat16", "int8"],
+                 type=lambda v: None if v == "model" else v,
+                 help="routers' decode weights (SparsityConfig.router_dtype; 'model': the model's dtype); several: "
+                      "one run each")
   p.add_argument("--mlp-topk-dir", type=pathlib.Path,
                  default=pathlib.Path(__file__).resolve().parents[2] / "shared/reference-data/mlp_topk/opt-6.7b",
                  help="per-layer neuron budgets (bsize_B.csv) for mlp=router with random routers")
@@ -451,18 +485,25 @@ def main(argv=None) -> int:
           for mlp in args.mlp:
             if mlp == "router" and config.mlp != "relu_mlp":
               continue
-            s = Setting(name, b, prompt, density, mlp)
-            r = _guarded(lambda: run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters,
-                                           copy_tbps=copy_tbps * devices, routers=routers, timing=args.timing),
-                         "polar_jax")
-            rows.append((s, r))
+            sparse = density < 1 or mlp == "router"
+            for above in args.mlp_dense_above if mlp == "router" else [None]:
+              for rdt in args.router_dtype if sparse else [None]:
+                s = Setting(name, b, prompt, density, mlp, above, rdt)
+                r = _guarded(lambda: run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters,
+                                               copy_tbps=copy_tbps * devices, routers=routers,
+                                               timing=args.timing), "polar_jax")
+                rows.append((s, r))
         s = Setting(name, b, prompt)
         if "hf_static" in args.systems:
           hf = _guarded(lambda: run_hf_static(s, config, n1=args.n1, n2=args.n2, iters=args.iters), "hf_static")
           if hf:
             rows.append((s, hf))
         for s, r in rows:
+          ours = r["system"] == "polar_jax"
           rec = dict(prov, model=name, B=b, prompt=prompt, density=s.density, mlp=s.mlp, copy_tbps=copy_tbps,
+                     mlp_dense_above=(s.mlp_dense_above or DENSE_FALLBACK_FRACTION) if ours and s.mlp == "router"
+                     else None, router_dtype=(s.router_dtype or args.dtype) if ours and
+                     (s.density < 1 or s.mlp == "router") else None,
                      tp=args.tp if r["system"] == "polar_jax" else 1,
                      dp=args.dp if r["system"] == "polar_jax" else 1,
                      devices=devices if r["system"] == "polar_jax" else 1,
@@ -477,7 +518,9 @@ def main(argv=None) -> int:
                   f"FAILED ({rec['error']})", flush=True)
             continue
           frac = "-" if rec["roofline_frac"] is None else f"{rec['roofline_frac']:.2f}"
-          print(f"{name:12s} {rec['system']:9s} B{b:<4d} prompt {prompt:5d} density {s.density:.3f}: "
+          tag = (f" mlp router >{rec['mlp_dense_above']:g} dense" if rec.get("mlp_dense_above") else "") + (
+              f" routers {rec['router_dtype']}" if rec.get("router_dtype") else "")
+          print(f"{name:12s} {rec['system']:9s} B{b:<4d} prompt {prompt:5d} density {s.density:.3f}{tag}: "
                 f"{rec['decode_tok_s']:9.1f} tok/s {rec['ms_per_step']:7.2f} ms/step roofline {frac}", flush=True)
     del model
   if args.plot:

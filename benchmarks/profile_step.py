@@ -110,6 +110,10 @@ def main(argv=None) -> int:
                  help="router: batch-union neurons (ReLU models; budgets from --mlp-topk-dir)")
   p.add_argument("--mlp-topk-dir", type=pathlib.Path,
                  default=pathlib.Path(__file__).resolve().parents[2] / "shared/reference-data/mlp_topk/opt-6.7b")
+  p.add_argument("--mlp-dense-above", type=float, default=None,
+                 help="mlp=router: budgets above this fraction of N run dense (SparsityConfig; default 0.8)")
+  p.add_argument("--router-dtype", default=None, choices=["float32", "bfloat16", "int8"],
+                 help="routers' decode weights (SparsityConfig.router_dtype; default: the model's dtype)")
   common.add_step_switches(p)
   p.add_argument("--timing", default="decode_loop", choices=["decode_loop", "generate"],
                  help="decode_loop: one traced N2-step decode loop after an untraced prefill; generate: the "
@@ -143,8 +147,10 @@ def _profile(p, args, switches) -> int:
   ids = np.random.default_rng(0).integers(0, config.vocab_size, (args.batch, args.prompt)).astype(np.int32)
   prov = common.provenance()
   for density in args.densities:
-    setting = e2e.Setting(args.model, args.batch, args.prompt, density, args.mlp)
+    setting = e2e.Setting(args.model, args.batch, args.prompt, density, args.mlp, args.mlp_dense_above,
+                          args.router_dtype)
     sparsity = e2e.sparsity_for(setting)
+    sparse = sparsity is not None
     group = (lambda name: name) if args.instances else kernel_group
     counts: dict[str, int] = {}
     if args.timing == "decode_loop":
@@ -170,6 +176,9 @@ def _profile(p, args, switches) -> int:
       print(f"  {ms:8.4f} ms {100 * ms / total:5.1f}%{per}  {name[:110]}")
     common.append_jsonl(args.out, [dict(prov, kind="step_profile", model=args.model, B=args.batch,
                                         prompt=args.prompt, density=density, mlp=args.mlp, tp=args.tp,
+                                        mlp_dense_above=sparsity.mlp_dense_above if sparse and args.mlp == "router"
+                                        else None, router_dtype=(args.router_dtype or args.dtype) if sparse
+                                        else None,
                                         fused=not args.no_fuse, **switches,
                                         kernel=name, ms_per_step=ms, launches_per_step=launches.get(name),
                                         timing=args.timing, instances=args.instances,

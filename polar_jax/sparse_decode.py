@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.skinny_matmul import side_width
-from polar_jax.routers.modules import decode_head_layers, decode_head_scores, decode_neuron_layers, neuron_logits
+from polar_jax.routers.modules import decode_head_layers, decode_head_scores, decode_neuron_layers, decode_neuron_logits
 from polar_jax.sharding import balanced_topk, balanced_union_topk, model_mesh, model_tp, sharded_sparse_mlp
 from polar_jax.sparsity import SparsityConfig, neuron_budgets
 from polar_jax.topk import METHODS as UNION_METHODS, topk_rows, union_scores
@@ -64,8 +64,8 @@ class SparseDecode:
     selector: "router", "oracle" or "random".
     seed: seed of the random selector.
     neuron_k: per layer, the neuron budget (None: dense MLP), or None for dense MLPs everywhere. With
-      budgets, `router_state["neuron"]` holds per layer `(w_down_dr, w_up_rn, b_n)` (None for a dense MLP):
-      `routers.modules.decode_neuron_layers`, the weights cast once to the model's dtype.
+      budgets, `router_state["neuron"]` holds per layer a `DecodeNeuronRouter` (None for a dense MLP):
+      `routers.modules.decode_neuron_layers`, the weights cast once to the decode dtype (or int8).
     head_router: whether the step runs head routers; then `router_state["head"]` holds per layer `(w_dg, b_g)`
       (None for a dense layer): `routers.modules.decode_head_layers`, the weight cast once to the model's dtype.
     implementation: kernel implementation ("pallas", "xla" or None = best for the platform).
@@ -124,7 +124,7 @@ class SparseDecode:
 
     def select_neurons(layer, x_bd):
       k = self.neuron_k[layer]
-      logits_bn = neuron_logits(*neuron[layer], x_bd)
+      logits_bn = decode_neuron_logits(neuron[layer], x_bd)
       if self.shards > 1:                          # tensor parallel: a per-shard neuron union (polar_jax.sharding)
         return balanced_union_topk(logits_bn, active_b, k, self.shards, self.union_method, self.implementation)
       return union_topk(logits_bn, active_b, k, self.union_method, self.implementation)
@@ -180,10 +180,11 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
     implementation: kernel implementation for the sparse step.
     dense_factory: builds the dense step (default: `generation.DenseDecode`), used when nothing is sparse.
     union_method: the batch-union neuron selection, "radix" (default) or "sort" (`union_topk`; the same set).
-    router_dtype: dtype of the head- and neuron-router weights in the decode step (default: the model's
-      dtype, e.g. bf16: half the bytes of the float32 checkpoint, and the head router runs as one small GEMM;
-      float32 accumulation either way). The copy is made here, once per decoder, for the layers
-      with a budget only; float32 keeps the routers' exact float32 scores.
+    router_dtype: dtype of the head- and neuron-router weights in the decode step, overriding
+      `sparsity.router_dtype` (default: the model's dtype, e.g. bf16: half the bytes of the float32 checkpoint,
+      and the head router runs as one small GEMM; float32 accumulation either way). int8: the neuron routers
+      quantized per output column (the head routers then take the model's dtype). The copy is made here, once
+      per decoder, for the layers with a budget only; float32 keeps the routers' exact float32 scores.
 
   Returns:
     `(decode, decode_state)`. When the settings compute exactly the dense step (e.g. density 1.0 and
@@ -217,7 +218,7 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
     if routers.neuron is None or not routers.mlp_topk:
       raise ValueError("mlp='router' needs neuron routers with a calibrated top-k table; these routers have "
                        "none (train them on a ReLU model with polar-train-routers)")
-    neuron_k = neuron_budgets(routers.mlp_topk, batch, config.intermediate_size)
+    neuron_k = neuron_budgets(routers.mlp_topk, batch, config.intermediate_size, sparsity.mlp_dense_above)
     if shards > 1:   # per-shard union: ceil(k / shards) neurons from each shard's N / shards
       neuron_k = tuple(None if k is None else min(-(-k // shards), config.intermediate_size // shards) * shards
                        for k in neuron_k)
@@ -228,9 +229,12 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
   if union_method not in UNION_METHODS:
     raise ValueError(f"unknown union_method {union_method!r}; expected one of {UNION_METHODS}")
   state = {}
-  dtype = router_dtype if router_dtype is not None else getattr(model, "dtype", jnp.float32)
-  if needs_head:
-    state["head"] = decode_head_layers(routers.head, [k is not None for k in groups], dtype)
+  model_dtype = jnp.dtype(getattr(model, "dtype", jnp.float32))
+  router_dtype = router_dtype if router_dtype is not None else sparsity.router_dtype
+  dtype = jnp.dtype(router_dtype) if router_dtype is not None else model_dtype
+  if needs_head:   # int8 is for the neuron routers; the head routers (a few columns) keep the model's dtype
+    state["head"] = decode_head_layers(routers.head, [k is not None for k in groups],
+                                       model_dtype if dtype == jnp.int8 else dtype)
     if shards == 1:   # for the fused q|k|v kernel's side programs (`selector.plan`)
       state["head_side"] = tuple(None if wb is None else _side_copy(*wb) for wb in state["head"])
   if neuron_k is not None:

@@ -14,8 +14,12 @@ Semantics (decode only; prefill is always dense; K/V of every head is always wri
     each row keeps its top-k groups by true output norm; an evaluation upper bound) or "random" (a seeded
     uniform choice per row, layer and step; a baseline). Only "router" needs routers;
   * `mlp="router"` (ReLU MLPs only, i.e. OPT): the batch-union neuron set from the neuron routers, with the
-    per-layer top-k of the routers' calibration table for the batch size; layers whose k exceeds 0.8 N run
-    dense. The MLP setting does not depend on `selector`.
+    per-layer top-k of the routers' calibration table for the batch size; layers whose k exceeds
+    `mlp_dense_above` x N (default 0.8, the paper's) run the dense MLP with no router. The MLP setting does not
+    depend on `selector`;
+  * `router_dtype`: the routers' weights in the decode step: None (the model's dtype), "float32", "bfloat16",
+    "float16" or "int8" (neuron routers as int8 with a scale per output column, half the bytes of bf16; head
+    routers, a few columns wide, then stay in the model's dtype).
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ from polar_jax.config import ModelConfig
 
 SELECTORS = ("router", "oracle", "random")
 MLP_MODES = ("dense", "router")
-DENSE_FALLBACK_FRACTION = 0.8   # a neuron budget above this fraction of N runs the dense MLP
+DENSE_FALLBACK_FRACTION = 0.8   # default `mlp_dense_above`: a budget above this fraction of N runs the dense MLP
+ROUTER_DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 
 def round_half_up(x: float) -> int:
@@ -61,6 +66,9 @@ class SparsityConfig:
     mlp: "dense" or "router" (batch-union neuron sparsity, ReLU MLPs only).
     selector: "router", "oracle" or "random" (see the module docstring).
     seed: seed of the "random" selector.
+    mlp_dense_above: with `mlp="router"`, a layer whose neuron budget exceeds this fraction of N runs the dense
+      MLP (no router, no selection), in (0, 1].
+    router_dtype: the routers' weights in the decode step (see the module docstring), or None.
   """
 
   attn_density: float = 1.0
@@ -70,6 +78,8 @@ class SparsityConfig:
   mlp: str = "dense"
   selector: str = "router"
   seed: int = 0
+  mlp_dense_above: float = DENSE_FALLBACK_FRACTION
+  router_dtype: str | None = None
   # Balanced per-shard selection (polar_jax.sharding): split the KV groups into `shards` equal blocks and keep
   # round(density x groups per block) in each. None: the model's tensor-parallel degree (1 on one device).
   shards: int | None = None
@@ -96,6 +106,13 @@ class SparsityConfig:
         raise ValueError(f"per_layer names a layer twice: {pairs}")
       object.__setattr__(self, "per_layer", pairs or None)
     object.__setattr__(self, "seed", int(self.seed))
+    d = self.mlp_dense_above
+    if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 < float(d) <= 1.0:
+      raise ValueError(f"mlp_dense_above must be a number in (0, 1] (the fraction of the MLP's neurons above which "
+                       f"a layer runs dense), got {d!r}")
+    object.__setattr__(self, "mlp_dense_above", float(d))
+    if self.router_dtype is not None and self.router_dtype not in ROUTER_DTYPES:
+      raise ValueError(f"unknown router_dtype {self.router_dtype!r}; expected None or one of {ROUTER_DTYPES}")
 
   # ---- resolution against a model -------------------------------------------------------------
   def layer_groups(self, config: ModelConfig, shards: int | None = None) -> tuple[int | None, ...]:
@@ -138,19 +155,21 @@ class SparsityConfig:
           f"{config.mlp} {config.activation} MLP, whose activations are not sparse. Use mlp='dense'.")
 
 
-def neuron_budgets(table: Mapping[int, tuple[int, ...]], batch: int, num_neurons: int) -> tuple[int | None, ...]:
+def neuron_budgets(table: Mapping[int, tuple[int, ...]], batch: int, num_neurons: int,
+                   dense_above: float = DENSE_FALLBACK_FRACTION) -> tuple[int | None, ...]:
   """Per-layer neuron top-k for a decode batch of `batch` rows from a calibration table.
 
   Args:
     table: `{batch_size: (k_layer0, k_layer1, ...)}` (calibrated batch sizes, e.g. 1, 2, 4, ..., 256).
     batch: rows decoded together.
     num_neurons: N, the MLP width.
+    dense_above: budgets above `dense_above * N` run the dense MLP.
 
   Returns:
-    Per layer: k, or None where the MLP runs dense (k > 0.8 N). The smallest calibrated batch size >= `batch`
+    Per layer: k, or None where the MLP runs dense (k > dense_above * N). The smallest calibrated batch size >= `batch`
     is used; beyond the largest calibrated size every layer runs dense.
   """
   sizes = sorted(b for b in table if b >= batch)
   if not sizes:
     return tuple(None for _ in table[max(table)])
-  return tuple(None if k > DENSE_FALLBACK_FRACTION * num_neurons else int(k) for k in table[sizes[0]])
+  return tuple(None if k > dense_above * num_neurons else int(k) for k in table[sizes[0]])

@@ -116,3 +116,31 @@ def test_profile_step_arithmetic_and_smoke(tmp_path):
   out3 = tmp_path / "p3.jsonl"
   assert profile_step.main(["--smoke", "--densities", "1", "--timing", "generate", "--out", str(out3)]) == 0
   assert all(json.loads(line)["timing"] == "generate" for line in out3.read_text().splitlines())
+
+
+def test_sparse_step_bytes_count_read_neurons_and_router_copies():
+  """mlp=router: the step reads k of N fc1/fc2 rows (and fc1 biases) per routed layer, plus the routers' decode
+  copies (head: the zero-padded side copy; neuron: weights in the router dtype, scales, float32 bias)."""
+  import numpy as np
+  from polar_jax import generation
+  from polar_jax.config import ModelConfig
+  from polar_jax.routers.modules import default_neuron_rank
+  from polar_jax.sparsity import SparsityConfig
+  cfg = ModelConfig(model_type="opt", vocab_size=64, hidden_size=32, intermediate_size=256, num_layers=3,
+                    num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=64, norm="layer",
+                    mlp="relu_mlp", activation="relu", attn_bias=True, o_bias=True, mlp_bias=True,
+                    positions="learned", tie_word_embeddings=True)
+  model = e2e.prepared_model(cfg, np.float32)
+  routers = e2e.random_routers(cfg, mlp_topk={2: (64, 128, 250)})
+  d, n, r = cfg.hidden_size, cfg.intermediate_size, default_neuron_rank(cfg.hidden_size)
+  row = (2 * d + 1) * 4                                       # fc1 row, fc2 row, fc1 bias (float32)
+  head = 2 * (d * 16 + 16) * 4                                # layers 1, 2: 4 groups padded to 16 columns
+  for dtype, itemsize, scales in (("float32", 4, 0), ("int8", 1, (r + n) * 4)):
+    sp = SparsityConfig(0.5, mlp="router", router_dtype=dtype)   # layer 2 (250 > 0.8 * 256) dense
+    step, state = generation._decoder(model, sp, routers, 2)
+    assert step.neuron_k == (64, 128, None)
+    neuron = 2 * ((d * r + r * n) * itemsize + scales + n * 4)
+    want = -row * ((n - 64) + (n - 128)) + head + neuron
+    assert e2e.sparse_weight_bytes(cfg, model, step, state) == want
+  dense_step, dense_state = generation._decoder(model, None, None, 2)
+  assert e2e.sparse_weight_bytes(cfg, model, dense_step, dense_state) == 0

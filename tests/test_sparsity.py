@@ -237,6 +237,79 @@ def test_neuron_budgets_and_dense_fallback():
   assert neuron_budgets(table, 3, 512) == (256, 384)           # next calibrated size up (4)
   assert neuron_budgets(table, 16, 512) == (None, 128)         # 410 > 409.6: dense
   assert neuron_budgets(table, 17, 512) == (None, None)        # beyond the table: dense
+  assert neuron_budgets(table, 3, 512, dense_above=0.5) == (256, None)    # 384 > 256: dense
+  assert neuron_budgets(table, 1, 512, dense_above=1.0) == (128, 512)     # never dense within N
+  for bad in (0, 0.0, 1.5, -0.2, True, "0.5"):
+    with pytest.raises(ValueError, match="mlp_dense_above"):
+      SparsityConfig(mlp="router", mlp_dense_above=bad)
+  with pytest.raises(ValueError, match="unknown router_dtype"):
+    SparsityConfig(router_dtype="int4")
+
+
+def test_mlp_dense_above_sets_which_layers_route():
+  model = _opt_with_sparse_firing()
+  routers = _opt_routers(OPT, k=128)
+  routers.mlp_topk = {bs: (128, 320) for bs in (1, 2, 4, 8)}        # 128 / 512 and 320 / 512 neurons
+  decode, state = make_decoder(model, SparsityConfig(0.5, mlp="router"), routers, batch=3)
+  assert decode.neuron_k == (128, 320)
+  decode, state = make_decoder(model, SparsityConfig(0.5, mlp="router", mlp_dense_above=0.5), routers, batch=3)
+  assert decode.neuron_k == (128, None) and state["neuron"][1] is None     # layer 1: dense MLP, no router copy
+  prompts = _prompts(4, (6, 9, 3))
+  cfg = SparsityConfig(0.5, mlp="router", mlp_dense_above=0.5)
+  mixed = gen.generate(model, prompts, max_new_tokens=5, sparsity=cfg, routers=routers).tokens
+  assert mixed.shape == (3, 5)
+
+
+def test_int8_neuron_routers_quantize_within_half_a_step():
+  from polar_jax.routers.modules import decode_neuron_logits, quantize_int8_columns
+  rng = np.random.default_rng(3)
+  w = rng.normal(size=(48, 40)).astype(np.float32) * np.linspace(0.01, 3, 40, dtype=np.float32)
+  w[:, 7] = 0.0                                                      # an all-zero column
+  q, s = quantize_int8_columns(jnp.asarray(w))
+  q, s = np.asarray(q), np.asarray(s)
+  assert q.dtype == np.int8 and np.abs(q).max() <= 127 and s[7] == 0 and (q[:, 7] == 0).all()
+  assert (np.abs(q.astype(np.float32) * s - w) <= s / 2 * (1 + 1e-6) + 1e-12).all()
+  assert (np.abs(q).max(axis=0)[s > 0] == 127).all()                 # each column uses the full range
+  # the int8 decode copy gives the logits of its dequantized weights (float32 input: exact products)
+  routers = _opt_routers(OPT)
+  from polar_jax.routers.modules import decode_neuron_layers
+  (r8,) = decode_neuron_layers(routers.neuron, [True], jnp.int8)
+  assert r8.w_down_dr.dtype == r8.w_up_rn.dtype == jnp.int8 and r8.s_up_n.shape == (OPT.intermediate_size,)
+  x = jnp.asarray(rng.normal(size=(5, OPT.hidden_size)), jnp.float32)
+  got = np.asarray(decode_neuron_logits(r8, x))
+  wd = np.asarray(r8.w_down_dr, np.float64) * np.asarray(r8.s_down_r, np.float64)
+  wu = np.asarray(r8.w_up_rn, np.float64) * np.asarray(r8.s_up_n, np.float64)
+  want = (np.asarray(x, np.float64) @ wd) @ wu + np.asarray(r8.b_n, np.float64)
+  eps = np.finfo(np.float32).eps
+  bound = 8 * eps * ((np.abs(np.asarray(x, np.float64)) @ np.abs(wd)) @ np.abs(wu) + np.abs(want))
+  assert (np.abs(got - want) <= bound).all()
+  # and those logits are within the quantization error of the float32 routers'
+  wd32, wu32 = np.asarray(routers.neuron.w_down_ldr[0], np.float64), np.asarray(routers.neuron.w_up_lrn[0], np.float64)
+  exact = (np.asarray(x, np.float64) @ wd32) @ wu32 + np.asarray(routers.neuron.b_ln[0], np.float64)
+  ax = np.abs(np.asarray(x, np.float64))
+  err_low = ax @ np.broadcast_to(np.asarray(r8.s_down_r) / 2, wd.shape)          # |x| . max |w - q s|
+  q_bound = (ax @ np.abs(wd32) + err_low) @ np.broadcast_to(np.asarray(r8.s_up_n) / 2, wu.shape) + err_low @ np.abs(wu32)
+  assert (np.abs(got - exact) <= q_bound + bound).all()
+  assert np.abs(got - exact).max() > 0                               # it is quantized
+
+
+def test_int8_router_dtype_decodes_like_its_dequantized_float_routers():
+  from polar_jax.routers.modules import quantize_int8_columns
+  model = _opt_with_sparse_firing()
+  routers = _opt_routers(OPT, k=8)                    # 8 of ~50 firing neurons: the selection shows in the tokens
+  prompts = _prompts(4, (6, 9, 3))
+  cfg8 = SparsityConfig(0.5, mlp="router", router_dtype="int8")
+  decode, state = make_decoder(model, cfg8, routers, batch=3)
+  assert state["neuron"][1].w_up_rn.dtype == jnp.int8 and state["head"][1][0].dtype == jnp.float32   # model's
+  got = gen.generate(model, prompts, max_new_tokens=6, sparsity=cfg8, routers=routers).tokens
+  deq = _opt_routers(OPT, k=8)                        # the same routers with the int8 values in float32
+  for name in ("w_down_ldr", "w_up_lrn"):
+    w = np.asarray(getattr(deq.neuron, name)[...])
+    getattr(deq.neuron, name)[...] = np.stack([np.asarray(q, np.float32) * np.asarray(s)
+                                               for q, s in map(quantize_int8_columns, w)])
+  want = gen.generate(model, prompts, max_new_tokens=6, sparsity=SparsityConfig(0.5, mlp="router"),
+                      routers=deq).tokens
+  np.testing.assert_array_equal(got, want)
 
 
 def test_sparse_mlp_union_covering_all_firing_neurons_equals_dense():
@@ -346,8 +419,8 @@ def test_union_methods_decode_the_same_tokens_and_router_weights_follow_model_dt
   prompts = _prompts(4, (6, 9, 3))
   decode, state = make_decoder(model, cfg, routers, batch=3)
   assert decode.union_method == "radix"
-  w_down, w_up, b = state["neuron"][0]                    # float32 model: the float32 weights themselves
-  assert w_down.dtype == w_up.dtype == b.dtype == jnp.float32
+  w_down, w_up, b, s_down, s_up = state["neuron"][0]      # float32 model: the float32 weights themselves
+  assert w_down.dtype == w_up.dtype == b.dtype == jnp.float32 and s_down is None and s_up is None
   np.testing.assert_array_equal(np.asarray(w_up), np.asarray(routers.neuron.w_up_lrn[0]))
   radix = gen.generate(model, prompts, max_new_tokens=6, sparsity=cfg, routers=routers).tokens
   make = sd.make_decoder                                  # the old top_k order: the same set each step
@@ -355,9 +428,21 @@ def test_union_methods_decode_the_same_tokens_and_router_weights_follow_model_dt
   sort = gen.generate(model, prompts, max_new_tokens=6, sparsity=cfg, routers=routers).tokens
   np.testing.assert_array_equal(radix, sort)
   _, state = make(model, cfg, routers, batch=3, router_dtype=jnp.bfloat16)
-  w_down, w_up, b = state["neuron"][1]
+  w_down, w_up, b, _, _ = state["neuron"][1]
   assert w_down.dtype == w_up.dtype == jnp.bfloat16 and b.dtype == jnp.float32
   w_dg, b_g = state["head"][1]
   assert w_dg.dtype == jnp.bfloat16 and b_g.dtype == jnp.float32
   with pytest.raises(ValueError, match="unknown union_method"):
     make(model, cfg, routers, batch=3, union_method="approx")
+
+
+def test_generate_cli_builds_the_mlp_and_router_settings():
+  from polar_jax.cli import generate as cli
+  args = cli.parser().parse_args(["some/model", "--prompt", "hi", "--attn-density", "0.5", "--mlp", "router",
+                                  "--mlp-dense-above", "0.6", "--router-dtype", "int8"])
+  cfg, routers = cli.build_sparsity(args)
+  assert (cfg.attn_density, cfg.mlp, cfg.mlp_dense_above, cfg.router_dtype) == (0.5, "router", 0.6, "int8")
+  assert routers is None
+  args = cli.parser().parse_args(["some/model", "--prompt", "hi", "--attn-density", "0.5"])
+  cfg, _ = cli.build_sparsity(args)
+  assert (cfg.mlp_dense_above, cfg.router_dtype) == (0.8, None)

@@ -14,7 +14,7 @@ q/k/v projections), in float32.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -130,16 +130,64 @@ def decode_head_scores(w_dg, b_g, x_bd):
                  precision=precision) + b_g.astype(jnp.float32)
 
 
+class DecodeNeuronRouter(NamedTuple):
+  """One layer's neuron router as the decode step reads it (`decode_neuron_layers`).
+
+  Attributes:
+    w_down_dr, w_up_rn: the weights in the decode dtype, or int8 with a float32 scale per output column
+      (`s_down_r`, `s_up_n`; None otherwise): `w ~= q * s`.
+    b_n: float32 bias.
+  """
+
+  w_down_dr: jax.Array
+  w_up_rn: jax.Array
+  b_n: jax.Array
+  s_down_r: jax.Array | None = None
+  s_up_n: jax.Array | None = None
+
+
+def quantize_int8_columns(w_kn: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Symmetric per-column int8: `(q_kn, s_n)` with `s = max|w[:, n]| / 127` and `q = round(w / s)` in
+  [-127, 127], so every weight is within `s / 2` of `q * s` (an all-zero column gets s = 0, q = 0)."""
+  w = jnp.asarray(w_kn, jnp.float32)
+  s_n = jnp.max(jnp.abs(w), axis=0) / 127.0
+  q = jnp.where(s_n > 0, jnp.round(w / jnp.where(s_n > 0, s_n, 1.0)), 0.0)
+  return jnp.clip(q, -127, 127).astype(jnp.int8), s_n
+
+
 def decode_neuron_layers(neuron: NeuronRouters, layers, dtype) -> tuple:
-  """The neuron routers as the decode step reads them: per layer `(w_down_dr, w_up_rn, b_n)` with the weights
-  cast to `dtype` (the bias stays float32), or None where `layers[i]` is false (a dense MLP: no router).
+  """The neuron routers as the decode step reads them: per layer a `DecodeNeuronRouter` with the weights cast
+  to `dtype` (the bias stays float32), or None where `layers[i]` is false (a dense MLP: no router).
+  `dtype=int8`: each weight quantized per output column (`quantize_int8_columns`), half the bytes of bf16; the
+  products then run in the dtype of the normed input (the model's) on the weights converted in the GEMM, the
+  column scales applied to the float32 sums (`decode_neuron_logits`).
 
   One array per layer, cast once here (outside the decode loop): the step neither slices the stacked `[L, ...]`
   float32 parameters nor re-reads them to cast."""
   dtype = jnp.dtype(dtype)
   w_down, w_up, b = neuron.w_down_ldr[...], neuron.w_up_lrn[...], neuron.b_ln[...]
-  return tuple((w_down[i].astype(dtype), w_up[i].astype(dtype), b[i].astype(jnp.float32)) if use else None
-               for i, use in enumerate(layers))
+  out = []
+  for i, use in enumerate(layers):
+    if not use:
+      out.append(None)
+    elif dtype == jnp.int8:
+      (qd, sd), (qu, su) = quantize_int8_columns(w_down[i]), quantize_int8_columns(w_up[i])
+      out.append(DecodeNeuronRouter(qd, qu, b[i].astype(jnp.float32), sd, su))
+    else:
+      out.append(DecodeNeuronRouter(w_down[i].astype(dtype), w_up[i].astype(dtype), b[i].astype(jnp.float32)))
+  return tuple(out)
+
+
+def decode_neuron_logits(router: DecodeNeuronRouter, x_bd: jax.Array) -> jax.Array:
+  """float32 `[B, N]` logits from one layer's `decode_neuron_layers` copy: `neuron_logits` for float weights;
+  for int8 weights `((x @ q_down) * s_down) @ q_up * s_up + b`, the products in x's dtype (int8 values are exact
+  in bf16) with float32 sums, the rank-r intermediate rounded to x's dtype."""
+  if router.s_down_r is None:
+    return neuron_logits(router.w_down_dr, router.w_up_rn, router.b_n, x_bd)
+  cd = x_bd.dtype
+  low_br = jnp.dot(x_bd, router.w_down_dr.astype(cd), preferred_element_type=jnp.float32) * router.s_down_r
+  up_bn = jnp.dot(low_br.astype(cd), router.w_up_rn.astype(cd), preferred_element_type=jnp.float32)
+  return up_bn * router.s_up_n + router.b_n
 
 
 @dataclasses.dataclass
