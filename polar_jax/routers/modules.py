@@ -185,8 +185,11 @@ def decode_neuron_logits(router: DecodeNeuronRouter, x_bd: jax.Array) -> jax.Arr
   if router.s_down_r is None:
     return neuron_logits(router.w_down_dr, router.w_up_rn, router.b_n, x_bd)
   cd = x_bd.dtype
-  low_br = jnp.dot(x_bd, router.w_down_dr.astype(cd), preferred_element_type=jnp.float32) * router.s_down_r
-  up_bn = jnp.dot(low_br.astype(cd), router.w_up_rn.astype(cd), preferred_element_type=jnp.float32)
+  precision = jax.lax.Precision.HIGHEST if cd == jnp.float32 else None     # not TF32 for float32 inputs
+  low_br = jnp.dot(x_bd, router.w_down_dr.astype(cd), preferred_element_type=jnp.float32,
+                   precision=precision) * router.s_down_r
+  up_bn = jnp.dot(low_br.astype(cd), router.w_up_rn.astype(cd), preferred_element_type=jnp.float32,
+                  precision=precision)
   return up_bn * router.s_up_n + router.b_n
 
 
