@@ -109,6 +109,8 @@ STEP_SWITCHES = (
     ("deferred_norm", "polar_jax.layers", "DEFERRED_NORM", True,
      "RMSNorms in the projection kernels: o_proj / down_proj write h * g and h's squares, the next kernel scales "
      "its rows (off: RMSNorm as an XLA fusion)"),
+    ("union_bf16", "polar_jax.topk", "UNION_BF16", True,
+     "rank the batch-union neuron scores rounded to bf16: two radix passes instead of four (off: float32)"),
     ("loop_graph", "polar_jax.compile_options", "LOOP_GRAPH", True,
      "the decode loop as one command buffer: XLA's default kinds + WHILE, CONDITIONAL (off: XLA's default kinds)"),
 )

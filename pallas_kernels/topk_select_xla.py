@@ -5,7 +5,7 @@ kernel only covers small k): a long chain of small bitonic-merge kernels, ~0.1 m
 same *set* of indices from a few data-parallel reductions:
 
   1. radix select of the k-th largest value: the scores as order-preserving uint32 keys, 8 bits per pass
-     (4 passes); a pass counts, for each of the 256 values of the next digit, the keys >= that threshold
+     (4 passes; 2 for 16-bit floats, whose keys have 16 bits); a pass counts, for each of the 256 values of the next digit, the keys >= that threshold
      (a `[R, 256, N]` compare-and-count reduction) and keeps the largest digit whose count is still >= k;
   2. selection: every key > T plus the lowest-index keys == T until k are taken (lax.top_k's tie rule:
      lower index first), so the set equals `lax.top_k(scores, k)[1]`'s exactly, ties included;
@@ -44,20 +44,29 @@ def rank_topk(scores_rn: jax.Array, k: int) -> jax.Array:
   return jnp.sum(jnp.where(hit_rkn, cols[None, None, :], 0), axis=-1, dtype=jnp.int32)
 
 
+def key_bits(dtype) -> int:
+  """Significant bits of `sortable_keys` for scores of `dtype`: 16 for 16-bit floats, else 32."""
+  return 16 if jnp.dtype(dtype).itemsize == 2 else 32
+
+
 def sortable_keys(scores: jax.Array) -> jax.Array:
   """uint32 keys in the total order `lax.top_k`'s comparator uses on floats: -NaN < -inf < ... < -0.0 < +0.0
-  < ... < +inf < +NaN."""
+  < ... < +inf < +NaN. 16-bit floats (bf16, fp16) get keys below 2^16 (`key_bits`), others the float32 bits."""
+  if key_bits(scores.dtype) == 16:
+    i = jax.lax.bitcast_convert_type(scores, jnp.uint16).astype(jnp.uint32)
+    return jnp.where(i >= 0x8000, ~i & 0xFFFF, i | 0x8000)
   i = jax.lax.bitcast_convert_type(scores.astype(jnp.float32), jnp.uint32)
   sign = jnp.uint32(_SIGN)
   return jnp.where(i >= sign, ~i, i | sign)
 
 
-def kth_largest_key(keys_rn: jax.Array, k: int) -> jax.Array:
-  """uint32 `[R]`: each row's k-th largest key (radix select, `32 / RADIX_BITS` compare-and-count passes)."""
+def kth_largest_key(keys_rn: jax.Array, k: int, bits: int = 32) -> jax.Array:
+  """uint32 `[R]`: each row's k-th largest key of `bits` significant bits (radix select, `bits / RADIX_BITS`
+  compare-and-count passes)."""
   r = keys_rn.shape[0]
   digits = jnp.arange(1 << RADIX_BITS, dtype=jnp.uint32)
   prefix = jnp.zeros((r,), jnp.uint32)
-  for shift in range(32 - RADIX_BITS, -1, -RADIX_BITS):
+  for shift in range(bits - RADIX_BITS, -1, -RADIX_BITS):
     cand_rj = prefix[:, None] + (digits << shift)[None, :]             # the next digit's thresholds
     cnt_rj = jnp.sum(keys_rn[:, None, :] >= cand_rj[:, :, None], axis=-1, dtype=jnp.int32)
     # cnt is non-increasing in the digit and cnt[0] >= k (invariant): the largest digit with cnt >= k
@@ -75,7 +84,7 @@ def topk_set(scores_rn: jax.Array, k: int) -> jax.Array:
   if k == n:
     return jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), (r, n))
   keys = sortable_keys(scores_rn)
-  t_r1 = kth_largest_key(keys, k)[:, None]
+  t_r1 = kth_largest_key(keys, k, key_bits(scores_rn.dtype))[:, None]
   gt = (keys > t_r1).astype(jnp.int32)
   eq = (keys == t_r1).astype(jnp.int32)
   if n < (1 << 15):           # one cumsum of both counts, packed in the two halves of an int32

@@ -36,9 +36,16 @@ def topk_rows(scores_rn: jax.Array, k: int, method: str = "radix", implementatio
   raise ValueError(f"unknown union method {method!r}; expected one of {METHODS}")
 
 
+# The batch-union scores are ranked rounded to bf16 (the float32 sum, rounded once): their 16-bit keys take two
+# radix passes instead of four (`topk_select_xla.key_bits`). The paper's routers rank fp16 sums. Off: float32.
+UNION_BF16 = True
+
+
 def union_scores(logits_bn: jax.Array, active_b: jax.Array | None) -> jax.Array:
-  """float32 `[N]`: the batch-union score `sum_b relu(logits)` over active rows."""
+  """`[N]`: the batch-union score `sum_b relu(logits)` over active rows, summed in float32 and returned in bf16
+  (`UNION_BF16`; float32 otherwise): neurons whose sums round to one bf16 value tie (lower index first)."""
   act = jax.nn.relu(logits_bn.astype(jnp.float32))
   if active_b is not None:
     act = jnp.where(active_b[:, None], act, 0.0)
-  return act.sum(axis=0)
+  s = act.sum(axis=0)
+  return s.astype(jnp.bfloat16) if UNION_BF16 else s

@@ -446,3 +446,21 @@ def test_generate_cli_builds_the_mlp_and_router_settings():
   args = cli.parser().parse_args(["some/model", "--prompt", "hi", "--attn-density", "0.5"])
   cfg, _ = cli.build_sparsity(args)
   assert (cfg.mlp_dense_above, cfg.router_dtype) == (0.8, None)
+
+
+@pytest.mark.parametrize("bf16", [True, False])
+def test_union_scores_rounding_switch_keeps_methods_equal(monkeypatch, bf16):
+  from polar_jax import topk
+  from polar_jax.sparse_decode import union_topk
+  monkeypatch.setattr(topk, "UNION_BF16", bf16)
+  rng = np.random.default_rng(11)
+  logits = jnp.asarray(rng.normal(size=(6, 3000)) * 3, jnp.float32)
+  active = jnp.asarray([True, True, False, True, True, False])
+  s = topk.union_scores(logits, active)
+  want = np.maximum(np.asarray(logits), 0)[np.asarray(active)].sum(0)
+  assert s.dtype == (jnp.bfloat16 if bf16 else jnp.float32)
+  np.testing.assert_allclose(np.asarray(s, np.float32), want, rtol=2.0 ** -8 if bf16 else 1e-6)
+  for k in (5, 1000, 2999):
+    radix = np.asarray(union_topk(logits, active, k, "radix", "xla"))
+    sort = np.sort(np.asarray(union_topk(logits, active, k, "sort")))
+    np.testing.assert_array_equal(radix, sort)

@@ -78,3 +78,26 @@ def test_topk_select_long_rows_take_the_reference(monkeypatch):
   assert calls == []                                       # beyond FAST_N: the XLA radix select
   topk_select(scores[:, :topk_select_triton.FAST_N], 700, implementation="pallas")
   assert calls == [(2, topk_select_triton.FAST_N)]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
+def test_16bit_scores_take_16bit_keys_and_keep_lax_top_k_sets(dtype):
+  """16-bit floats rank on 16-bit keys (two radix passes): the same sets as lax.top_k on those values, with
+  the heavy ties of bf16 sums, signed zeros, infinities and NaNs."""
+  from pallas_kernels import topk_select_xla
+  assert topk_select_xla.key_bits(dtype) == 16 and topk_select_xla.key_bits(jnp.float32) == 32
+  rng = np.random.default_rng(7)
+  rows = _rows(rng, 5000)[1:]                              # (row 0's all-ones NaN has no 16-bit twin)
+  scores = jnp.asarray(rows, dtype)
+  keys = np.asarray(topk_select_xla.sortable_keys(scores))
+  assert keys.max() < (1 << 16)
+  f = np.asarray(scores.astype(jnp.float32))
+  finite = np.isfinite(f[0])
+  for row_f, row_k in zip(f, keys):                         # in key order, the values never decrease
+    fin = np.isfinite(row_f)
+    assert (np.diff(row_f[fin][np.argsort(row_k[fin], kind="stable")]) >= 0).all()
+  for k in (1, 700, 2500, 4999):
+    got = np.asarray(topk_select(scores, k, implementation="xla"))
+    ref = np.asarray(jax.lax.top_k(scores, k)[1])
+    for g, r in zip(got, ref):
+      np.testing.assert_array_equal(g, np.sort(r))

@@ -1,12 +1,16 @@
 """Neuron budget calibration: per layer and decode batch size, the neuron top-k the engine uses.
 
 For batch size B, held-out tokens are split at random into batches of B rows. For each batch the engine
-selects `top_k(sum_b relu(router logits))`; the batch's true union is every neuron that fires in any row.
+selects `top_k(sum_b relu(router logits))` (the sums rounded as the decode step ranks them,
+`polar_jax.topk.union_scores`); the batch's true union is every neuron that fires in any row.
 The budget is the smallest multiple of 128 whose mean recall of the union over batches reaches the target
-(0.99), capped at N. At inference a budget above 0.8 N runs the dense MLP (`polar_jax.sparsity`).
+(0.99), capped at N. At inference a budget above `SparsityConfig.mlp_dense_above` x N runs the dense MLP
+(`polar_jax.sparsity`).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -38,9 +42,17 @@ def smallest_budget(curve_n: np.ndarray, target: float = TARGET_RECALL, step: in
   return n
 
 
-@jax.jit
 def _batch_scores(wd_dr, wu_rn, b_n, x_mbd):
-  return jax.vmap(lambda x_bd: jnp.sum(jax.nn.relu(neuron_logits(wd_dr, wu_rn, b_n, x_bd)), axis=0))(x_mbd)
+  """float32 `[M, N]`: each batch's union scores as the decode step ranks them (`polar_jax.topk.union_scores`)."""
+  from polar_jax import topk
+  return _batch_scores_jit(wd_dr, wu_rn, b_n, x_mbd, topk.UNION_BF16)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _batch_scores_jit(wd_dr, wu_rn, b_n, x_mbd, _union_bf16):
+  from polar_jax.topk import union_scores
+  return jax.vmap(lambda x_bd: union_scores(neuron_logits(wd_dr, wu_rn, b_n, x_bd), None))(x_mbd).astype(
+      jnp.float32)
 
 
 def calibrate_budgets(neuron: NeuronRouters, x_tld: np.ndarray, fired_tln: np.ndarray, *,
