@@ -254,8 +254,9 @@ class DecodeLoop:
 
 
 def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: int):
-  """(t(n1), t(n2), prefill seconds, the `DecodeLoop`): the fastest of `iters` timed calls of one compiled decode loop running n
-  steps from a freshly prefilled cache (the prefill runs before the clock starts and is timed on its own).
+  """(t(n1), t(n2), prefill seconds, the `DecodeLoop`): the fastest of `iters` timed calls of one compiled decode
+  loop running n steps from a freshly prefilled cache (the prefill runs before the clock starts and is timed on
+  its own).
 
   `generate` compiles one program per `max_new_tokens`, prefill included, so `t(N2) - t(N1)` of two generate
   calls also carries the difference of two prefills and of two autotuning outcomes (session 6: B32 readings of
@@ -301,8 +302,8 @@ def run_polar(setting: Setting, model, config: ModelConfig, *, n1: int, n2: int,
     step, state = generation._decoder(model, sparsity, routers if sparsity is not None else None, setting.batch)
   itemsize = jnp.dtype(model.dtype).itemsize
   mean_len = setting.prompt + (n1 + n2) / 2
-  step_bytes = weight_bytes_per_step(config, model) + sparse_weight_bytes(config, model, step, state) + kv_bytes_per_step(
-      config, setting.batch, mean_len, itemsize, kept_fraction(config, sparsity))
+  step_bytes = weight_bytes_per_step(config, model) + sparse_weight_bytes(config, model, step, state)
+  step_bytes += kv_bytes_per_step(config, setting.batch, mean_len, itemsize, kept_fraction(config, sparsity))
   return dict(system="polar_jax", decode_tok_s=tok_s, ms_per_step=ms, prefill_ms=prefill_ms,
               peak_mem_gb=peak_memory_gb(), roofline_frac=roofline_fraction(step_bytes, ms, copy_tbps),
               step_bytes=step_bytes)
@@ -424,7 +425,7 @@ def main(argv=None) -> int:
                  help="MLP modes (router: batch-union neurons, ReLU models)")
   p.add_argument("--mlp-dense-above", nargs="+", type=float, default=[None],
                  help="mlp=router: budgets above this fraction of N run the dense MLP (SparsityConfig; default "
-                      "its 0.8); several values: one run each")
+                      "its DENSE_FALLBACK_FRACTION); several values: one run each")
   p.add_argument("--router-dtype", nargs="+", default=[None], choices=[None, "float32", "bfloat16", "int8"],
                  type=lambda v: None if v == "model" else v,
                  help="routers' decode weights (SparsityConfig.router_dtype; 'model': the model's dtype); several: "

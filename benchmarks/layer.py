@@ -180,7 +180,7 @@ def kept_groups(config: ModelConfig, decode) -> int:
 
 
 def neuron_k_of(decode) -> int | None:
-  """Layer 0's neuron budget in `decode`, None for a dense MLP (also when the budget exceeds 0.8 N)."""
+  """Layer 0's neuron budget in `decode`, None for a dense MLP (also when the budget exceeds `mlp_dense_above` x N)."""
   return decode.neuron_k[0] if isinstance(decode, SparseDecode) and decode.neuron_k is not None else None
 
 

@@ -111,7 +111,8 @@ def main(argv=None) -> int:
   p.add_argument("--mlp-topk-dir", type=pathlib.Path,
                  default=pathlib.Path(__file__).resolve().parents[2] / "shared/reference-data/mlp_topk/opt-6.7b")
   p.add_argument("--mlp-dense-above", type=float, default=None,
-                 help="mlp=router: budgets above this fraction of N run dense (SparsityConfig; default 0.8)")
+                 help="mlp=router: budgets above this fraction of N run dense (SparsityConfig; default its "
+                      "DENSE_FALLBACK_FRACTION)")
   p.add_argument("--router-dtype", default=None, choices=["float32", "bfloat16", "int8"],
                  help="routers' decode weights (SparsityConfig.router_dtype; default: the model's dtype)")
   common.add_step_switches(p)

@@ -5,7 +5,8 @@ kernel only covers small k): a long chain of small bitonic-merge kernels, ~0.1 m
 same *set* of indices from a few data-parallel reductions:
 
   1. radix select of the k-th largest value: the scores as order-preserving uint32 keys, 8 bits per pass
-     (4 passes; 2 for 16-bit floats, whose keys have 16 bits); a pass counts, for each of the 256 values of the next digit, the keys >= that threshold
+     (4 passes; 2 for 16-bit floats, whose keys have 16 bits); a pass counts, for each of the 256 values of the
+     next digit, the keys >= that threshold
      (a `[R, 256, N]` compare-and-count reduction) and keeps the largest digit whose count is still >= k;
   2. selection: every key > T plus the lowest-index keys == T until k are taken (lax.top_k's tie rule:
      lower index first), so the set equals `lax.top_k(scores, k)[1]`'s exactly, ties included;

@@ -15,8 +15,8 @@ Semantics (decode only; prefill is always dense; K/V of every head is always wri
     uniform choice per row, layer and step; a baseline). Only "router" needs routers;
   * `mlp="router"` (ReLU MLPs only, i.e. OPT): the batch-union neuron set from the neuron routers, with the
     per-layer top-k of the routers' calibration table for the batch size; layers whose k exceeds
-    `mlp_dense_above` x N (default 0.8, the paper's) run the dense MLP with no router. The MLP setting does not
-    depend on `selector`;
+    `mlp_dense_above` x N (default 0.6; the paper's 0.8 measured 1.7% slower, see `DENSE_FALLBACK_FRACTION`) run
+    the dense MLP with no router. The MLP setting does not depend on `selector`;
   * `router_dtype`: the routers' weights in the decode step: None (the model's dtype), "float32", "bfloat16",
     "float16" or "int8" (neuron routers as int8 with a scale per output column, half the bytes of bf16; head
     routers, a few columns wide, then stay in the model's dtype).
@@ -34,7 +34,11 @@ from polar_jax.config import ModelConfig
 
 SELECTORS = ("router", "oracle", "random")
 MLP_MODES = ("dense", "router")
-DENSE_FALLBACK_FRACTION = 0.8   # default `mlp_dense_above`: a budget above this fraction of N runs the dense MLP
+# Default `mlp_dense_above`: a neuron budget above this fraction of N runs the dense MLP. A routed layer pays for its
+# router (OPT-6.7B, rank 1024: 42 MB of bf16 weights, ~2.6k neurons' rows) and the union selection (~20 us on an
+# H100) to skip N - k neurons, so it only gains while k stays well below N: OPT-6.7B B32 heads 0.5 + MLP union
+# measured 2958.2 tok/s at 0.6 vs 2908.4 at the paper's 0.8 (0.5: 2948.9; benchmarks/NOTES.md, session 13).
+DENSE_FALLBACK_FRACTION = 0.6
 ROUTER_DTYPES = ("float32", "bfloat16", "float16", "int8")
 
 

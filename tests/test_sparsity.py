@@ -233,10 +233,11 @@ def test_stream_equals_generate_and_router_weights_do_not_recompile(gqa):
 # ---- neuron budgets and the dense fallback ----------------------------------------------------------
 def test_neuron_budgets_and_dense_fallback():
   table = {1: (128, 512), 4: (256, 384), 16: (410, 128)}
-  assert neuron_budgets(table, 1, 512) == (128, None)          # 512 > 0.8 * 512: dense
-  assert neuron_budgets(table, 3, 512) == (256, 384)           # next calibrated size up (4)
-  assert neuron_budgets(table, 16, 512) == (None, 128)         # 410 > 409.6: dense
-  assert neuron_budgets(table, 17, 512) == (None, None)        # beyond the table: dense
+  assert neuron_budgets(table, 1, 512, 0.8) == (128, None)     # 512 > 0.8 * 512: dense
+  assert neuron_budgets(table, 3, 512, 0.8) == (256, 384)      # next calibrated size up (4)
+  assert neuron_budgets(table, 16, 512, 0.8) == (None, 128)    # 410 > 409.6: dense
+  assert neuron_budgets(table, 17, 512, 0.8) == (None, None)   # beyond the table: dense
+  assert neuron_budgets(table, 3, 512) == (256, None)          # the default 0.6: 384 > 307.2
   assert neuron_budgets(table, 3, 512, dense_above=0.5) == (256, None)    # 384 > 256: dense
   assert neuron_budgets(table, 1, 512, dense_above=1.0) == (128, 512)     # never dense within N
   for bad in (0, 0.0, 1.5, -0.2, True, "0.5"):
@@ -250,8 +251,10 @@ def test_mlp_dense_above_sets_which_layers_route():
   model = _opt_with_sparse_firing()
   routers = _opt_routers(OPT, k=128)
   routers.mlp_topk = {bs: (128, 320) for bs in (1, 2, 4, 8)}        # 128 / 512 and 320 / 512 neurons
-  decode, state = make_decoder(model, SparsityConfig(0.5, mlp="router"), routers, batch=3)
+  decode, state = make_decoder(model, SparsityConfig(0.5, mlp="router", mlp_dense_above=0.8), routers, batch=3)
   assert decode.neuron_k == (128, 320)
+  decode, state = make_decoder(model, SparsityConfig(0.5, mlp="router"), routers, batch=3)   # default 0.6
+  assert decode.neuron_k == (128, None)
   decode, state = make_decoder(model, SparsityConfig(0.5, mlp="router", mlp_dense_above=0.5), routers, batch=3)
   assert decode.neuron_k == (128, None) and state["neuron"][1] is None     # layer 1: dense MLP, no router copy
   prompts = _prompts(4, (6, 9, 3))
@@ -288,7 +291,8 @@ def test_int8_neuron_routers_quantize_within_half_a_step():
   exact = (np.asarray(x, np.float64) @ wd32) @ wu32 + np.asarray(routers.neuron.b_ln[0], np.float64)
   ax = np.abs(np.asarray(x, np.float64))
   err_low = ax @ np.broadcast_to(np.asarray(r8.s_down_r) / 2, wd.shape)          # |x| . max |w - q s|
-  q_bound = (ax @ np.abs(wd32) + err_low) @ np.broadcast_to(np.asarray(r8.s_up_n) / 2, wu.shape) + err_low @ np.abs(wu32)
+  q_bound = ((ax @ np.abs(wd32) + err_low) @ np.broadcast_to(np.asarray(r8.s_up_n) / 2, wu.shape)
+             + err_low @ np.abs(wu32))
   assert (np.abs(got - exact) <= q_bound + bound).all()
   assert np.abs(got - exact).max() > 0                               # it is quantized
 
@@ -318,7 +322,7 @@ def test_sparse_mlp_union_covering_all_firing_neurons_equals_dense():
   dense = gen.generate(model, prompts, max_new_tokens=6)
   routers = _opt_routers(OPT, k=128)
   routers.mlp_topk = {bs: (384, 384) for bs in (1, 2, 4)}      # 384 <= 0.8 N: sparse; holds every live neuron
-  cfg = SparsityConfig(1.0, mlp="router")
+  cfg = SparsityConfig(1.0, mlp="router", mlp_dense_above=0.8)
   decode, _ = make_decoder(model, cfg, routers, batch=3)
   assert decode.neuron_k == (384, 384)
   out = gen.generate(model, prompts, max_new_tokens=6, sparsity=cfg, routers=routers)
@@ -445,7 +449,7 @@ def test_generate_cli_builds_the_mlp_and_router_settings():
   assert routers is None
   args = cli.parser().parse_args(["some/model", "--prompt", "hi", "--attn-density", "0.5"])
   cfg, _ = cli.build_sparsity(args)
-  assert (cfg.mlp_dense_above, cfg.router_dtype) == (0.8, None)
+  assert (cfg.mlp_dense_above, cfg.router_dtype) == (0.6, None)
 
 
 @pytest.mark.parametrize("bf16", [True, False])

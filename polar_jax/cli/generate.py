@@ -51,8 +51,9 @@ def parser() -> argparse.ArgumentParser:
   sp.add_argument("--dense-layers", type=int, nargs="*", default=[0], help="layers with dense attention (default 0)")
   sp.add_argument("--selector", choices=("router", "oracle", "random"), default="router")
   sp.add_argument("--mlp", choices=("dense", "router"), default="dense", help="neuron sparsity (ReLU/OPT only)")
-  sp.add_argument("--mlp-dense-above", type=float, default=0.8,
-                  help="--mlp router: layers whose neuron budget exceeds this fraction of the MLP run it dense")
+  sp.add_argument("--mlp-dense-above", type=float, default=None,
+                  help="--mlp router: layers whose neuron budget exceeds this fraction of the MLP run it dense "
+                       "(default: SparsityConfig's, 0.6)")
   sp.add_argument("--router-dtype", choices=("float32", "bfloat16", "float16", "int8"), default=None,
                   help="routers' weights in the decode step (default: the model's dtype; int8: the neuron routers "
                        "quantized per column)")
@@ -75,8 +76,8 @@ def build_sparsity(args):
   if density is None:
     density = read_metadata(routers).get("train_density", 1.0) if routers is not None else 1.0
   cfg = SparsityConfig(attn_density=density, attn_groups=args.attn_groups, dense_layers=tuple(args.dense_layers),
-                       selector=args.selector, mlp=args.mlp, mlp_dense_above=args.mlp_dense_above,
-                       router_dtype=args.router_dtype)
+                       selector=args.selector, mlp=args.mlp, router_dtype=args.router_dtype,
+                       **({} if args.mlp_dense_above is None else {"mlp_dense_above": args.mlp_dense_above}))
   return cfg, routers
 
 
