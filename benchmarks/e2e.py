@@ -164,7 +164,7 @@ class Setting:
   prompt: int
   density: float = 1.0
   mlp: str = "dense"
-  mlp_dense_above: float | None = None     # SparsityConfig's (None: its default)
+  mlp_dense_above: float = DENSE_FALLBACK_FRACTION   # SparsityConfig's
   router_dtype: str | None = None          # SparsityConfig's (None: the model's dtype)
 
 
@@ -191,9 +191,8 @@ def read_mlp_topk(directory: pathlib.Path) -> dict[int, tuple[int, ...]]:
 def sparsity_for(setting: Setting):
   if setting.density >= 1.0 and setting.mlp == "dense":
     return None
-  from polar_jax.sparsity import DENSE_FALLBACK_FRACTION, SparsityConfig
-  above = DENSE_FALLBACK_FRACTION if setting.mlp_dense_above is None else setting.mlp_dense_above
-  return SparsityConfig(attn_density=setting.density, mlp=setting.mlp, mlp_dense_above=above,
+  from polar_jax.sparsity import SparsityConfig
+  return SparsityConfig(attn_density=setting.density, mlp=setting.mlp, mlp_dense_above=setting.mlp_dense_above,
                         router_dtype=setting.router_dtype)
 
 
@@ -423,11 +422,11 @@ def main(argv=None) -> int:
   p.add_argument("--densities", nargs="+", type=float, default=[1.0], help="attention densities (1 = dense)")
   p.add_argument("--mlp", nargs="+", default=["dense"], choices=["dense", "router"],
                  help="MLP modes (router: batch-union neurons, ReLU models)")
-  p.add_argument("--mlp-dense-above", nargs="+", type=float, default=[None],
+  p.add_argument("--mlp-dense-above", nargs="+", type=float, default=[DENSE_FALLBACK_FRACTION],
                  help="mlp=router: budgets above this fraction of N run the dense MLP (SparsityConfig; default "
-                      "its DENSE_FALLBACK_FRACTION); several values: one run each")
+                      "%(default)s); several values: one run each")
   p.add_argument("--router-dtype", nargs="+", default=[None], choices=[None, "float32", "bfloat16", "int8"],
-                 type=lambda v: None if v == "model" else v,
+                 type=lambda v: None if v == "model" else v, metavar="{model,float32,bfloat16,int8}",
                  help="routers' decode weights (SparsityConfig.router_dtype; 'model': the model's dtype); several: "
                       "one run each")
   p.add_argument("--mlp-topk-dir", type=pathlib.Path,
@@ -487,7 +486,7 @@ def main(argv=None) -> int:
             if mlp == "router" and config.mlp != "relu_mlp":
               continue
             sparse = density < 1 or mlp == "router"
-            for above in args.mlp_dense_above if mlp == "router" else [None]:
+            for above in args.mlp_dense_above if mlp == "router" else [DENSE_FALLBACK_FRACTION]:
               for rdt in args.router_dtype if sparse else [None]:
                 s = Setting(name, b, prompt, density, mlp, above, rdt)
                 r = _guarded(lambda: run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters,
@@ -502,8 +501,7 @@ def main(argv=None) -> int:
         for s, r in rows:
           ours = r["system"] == "polar_jax"
           rec = dict(prov, model=name, B=b, prompt=prompt, density=s.density, mlp=s.mlp, copy_tbps=copy_tbps,
-                     mlp_dense_above=(s.mlp_dense_above or DENSE_FALLBACK_FRACTION) if ours and s.mlp == "router"
-                     else None, router_dtype=(s.router_dtype or args.dtype) if ours and
+                     mlp_dense_above=s.mlp_dense_above if ours and s.mlp == "router" else None, router_dtype=(s.router_dtype or args.dtype) if ours and
                      (s.density < 1 or s.mlp == "router") else None,
                      tp=args.tp if r["system"] == "polar_jax" else 1,
                      dp=args.dp if r["system"] == "polar_jax" else 1,

@@ -110,9 +110,8 @@ def main(argv=None) -> int:
                  help="router: batch-union neurons (ReLU models; budgets from --mlp-topk-dir)")
   p.add_argument("--mlp-topk-dir", type=pathlib.Path,
                  default=pathlib.Path(__file__).resolve().parents[2] / "shared/reference-data/mlp_topk/opt-6.7b")
-  p.add_argument("--mlp-dense-above", type=float, default=None,
-                 help="mlp=router: budgets above this fraction of N run dense (SparsityConfig; default its "
-                      "DENSE_FALLBACK_FRACTION)")
+  p.add_argument("--mlp-dense-above", type=float, default=e2e.DENSE_FALLBACK_FRACTION,
+                 help="mlp=router: budgets above this fraction of N run dense (SparsityConfig; default %(default)s)")
   p.add_argument("--router-dtype", default=None, choices=["float32", "bfloat16", "int8"],
                  help="routers' decode weights (SparsityConfig.router_dtype; default: the model's dtype)")
   common.add_step_switches(p)
@@ -177,7 +176,7 @@ def _profile(p, args, switches) -> int:
       print(f"  {ms:8.4f} ms {100 * ms / total:5.1f}%{per}  {name[:110]}")
     common.append_jsonl(args.out, [dict(prov, kind="step_profile", model=args.model, B=args.batch,
                                         prompt=args.prompt, density=density, mlp=args.mlp, tp=args.tp,
-                                        mlp_dense_above=sparsity.mlp_dense_above if sparse and args.mlp == "router"
+                                        mlp_dense_above=args.mlp_dense_above if sparse and args.mlp == "router"
                                         else None, router_dtype=(args.router_dtype or args.dtype) if sparse
                                         else None,
                                         fused=not args.no_fuse, **switches,

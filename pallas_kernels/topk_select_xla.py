@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-RADIX_BITS = 8                 # digit width of one radix-select pass (32 / RADIX_BITS passes)
+RADIX_BITS = 8                 # digit width of one radix-select pass (key_bits / RADIX_BITS passes)
 _SIGN = 0x80000000
 
 RANK_MAX_N = 256               # rank_topk's `[R, N, N]` compares up to this many scores per row; sort beyond

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from polar_jax import topk
 from polar_jax.routers.modules import NeuronRouters, neuron_logits
 
 BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
@@ -44,15 +45,13 @@ def smallest_budget(curve_n: np.ndarray, target: float = TARGET_RECALL, step: in
 
 def _batch_scores(wd_dr, wu_rn, b_n, x_mbd):
   """float32 `[M, N]`: each batch's union scores as the decode step ranks them (`polar_jax.topk.union_scores`)."""
-  from polar_jax import topk
   return _batch_scores_jit(wd_dr, wu_rn, b_n, x_mbd, topk.UNION_BF16)
 
 
 @functools.partial(jax.jit, static_argnums=4)
-def _batch_scores_jit(wd_dr, wu_rn, b_n, x_mbd, _union_bf16):
-  from polar_jax.topk import union_scores
-  return jax.vmap(lambda x_bd: union_scores(neuron_logits(wd_dr, wu_rn, b_n, x_bd), None))(x_mbd).astype(
-      jnp.float32)
+def _batch_scores_jit(wd_dr, wu_rn, b_n, x_mbd, _union_bf16):   # (the switch keys the compile cache)
+  scores = jax.vmap(lambda x_bd: topk.union_scores(neuron_logits(wd_dr, wu_rn, b_n, x_bd), None))(x_mbd)
+  return scores.astype(jnp.float32)
 
 
 def calibrate_budgets(neuron: NeuronRouters, x_tld: np.ndarray, fired_tln: np.ndarray, *,
