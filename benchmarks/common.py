@@ -109,6 +109,9 @@ STEP_SWITCHES = (
     ("deferred_norm", "polar_jax.layers", "DEFERRED_NORM", True,
      "RMSNorms in the projection kernels: o_proj / down_proj write h * g and h's squares, the next kernel scales "
      "its rows (off: RMSNorm as an XLA fusion)"),
+    ("neuron_decode", "polar_jax.mlp", "NEURON_DECODE", True,
+     "a dense ReLU MLP (OPT) on skinny_matmul: fc1 from its [N, d] rows with bias + ReLU, fc2 with bias + residual "
+     "(off: XLA's split-K dots and fusions)"),
     ("union_bf16", "polar_jax.topk", "UNION_BF16", True,
      "rank the batch-union neuron scores rounded to bf16: two radix passes instead of four (off: float32)"),
     ("loop_graph", "polar_jax.compile_options", "LOOP_GRAPH", True,

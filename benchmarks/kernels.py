@@ -263,12 +263,30 @@ MATMUL_WIDE_VARIANTS = ((256, 64, 1, 3, 4), (256, 64, 1, 5, 4), (256, 32, 1, 6, 
                         (128, 64, 1, 4, 4), (128, 64, 1, 6, 4), (128, 128, 1, 3, 4))
 
 
+# `--families opt`: OPT-6.7B's dense ReLU MLP (`NeuronMLP.decode`): fc1 from its [N, d] rows (w_layout "nk") with
+# bias + ReLU, fc2 with bias + residual. (name, K, N, residual, out dtype, w_layout, relu); both have a bias.
+OPT_MLP_SHAPES = (("opt.fc1", 4096, 16384, False, "bfloat16", "nk", True),
+                  ("opt.fc2", 16384, 4096, True, "bfloat16", "kn", False))
+OPT_MLP_VARIANTS = ((128, 64, 1, 6, 4), (128, 128, 1, 3, 4), (256, 64, 1, 4, 4), (64, 128, 1, 4, 4),
+                    (128, 128, 2, 4, 4), (64, 128, 2, 4, 4), (64, 64, 4, 4, 4), (32, 128, 4, 4, 4))
+
+
 def matmul_cases(smoke, families=None):
-  """(shape name, M, K, N, residual, out dtype, overrides or None (the heuristic), "pallas" or "xla")."""
+  """(shape name, M, K, N, residual, out dtype, overrides or None (the heuristic), "pallas" or "xla"), then
+  optionally w_layout and relu (bias too): the `--families opt` cases."""
   if smoke:
     return [("smoke", 3, 200, 96, True, "bfloat16", None, "xla"), ("smoke", 3, 200, 96, True, "bfloat16", None,
                                                                        "pallas"),
-            ("smoke", 3, 200, 96, True, "bfloat16", (32, 64, 2, 2, 4), "pallas")]
+            ("smoke", 3, 200, 96, True, "bfloat16", (32, 64, 2, 2, 4), "pallas"),
+            ("smoke.nk", 3, 200, 96, False, "bfloat16", None, "pallas", "nk", True),
+            ("smoke.nk", 3, 200, 96, False, "bfloat16", None, "xla", "nk", True)]
+  if families and "opt" in families:
+    cases = []
+    for name, k, n, res, out, layout, relu in OPT_MLP_SHAPES:
+      for m in (32, 64):
+        cases += [(name, m, k, n, res, out, v, impl, layout, relu)
+                  for v, impl in ((None, "xla"), (None, "pallas"), *((v, "pallas") for v in OPT_MLP_VARIANTS))]
+    return cases
   if families and "narrow" in families:
     cases = []
     for name, k, n, res, out in MATMUL_SHAPES:
@@ -294,7 +312,8 @@ def bench_matmul(timer, base, smoke, sink, dtype=jnp.bfloat16, families=None):
   Records: op "skinny_matmul", `shape`, `M`, `d` (= K), `N`, `config`, `heuristic`, `max_rel_err` vs XLA."""
   records = []
   itemsize = jnp.dtype(dtype).itemsize
-  for name, m, k, n, res, out, variant, impl in matmul_cases(smoke, families):
+  for name, m, k, n, res, out, variant, impl, *extra in matmul_cases(smoke, families):
+    layout, relu = extra or ("kn", False)
     out_dtype = jnp.dtype(out)
     heur = skinny_matmul_triton.choose_config(m, k, n, itemsize)
     cfg = heur if variant is None else dataclasses.replace(
@@ -304,18 +323,22 @@ def bench_matmul(timer, base, smoke, sink, dtype=jnp.bfloat16, families=None):
     sets = []
     for r in range(_copies(k * n * itemsize)):
       kx, kw, kr = jax.random.split(jax.random.key(r), 3)
-      sets.append((jax.random.normal(kx, (m, k), dtype), jax.random.normal(kw, (k, n), dtype) * k ** -0.5,
+      w_shape = (n, k) if layout == "nk" else (k, n)
+      sets.append((jax.random.normal(kx, (m, k), dtype), jax.random.normal(kw, w_shape, dtype) * k ** -0.5,
                    jax.random.normal(kr, (m, n), out_dtype) if res else None))
-    fn = lambda x, w, r, cfg=cfg, impl=impl, out_dtype=out_dtype: skinny_matmul(  # noqa: E731
-        x, w, None, r, out_dtype=out_dtype, implementation=impl, config=cfg if impl == "pallas" else None)
+    bias = jax.random.normal(jax.random.key(99), (n,), dtype) * 0.1 if extra else None   # (OPT: fc1 / fc2 biases)
+    kw = dict(w_layout=layout, activation="relu" if relu else None)
+    fn = lambda x, w, r, cfg=cfg, impl=impl, out_dtype=out_dtype, kw=kw: skinny_matmul(  # noqa: E731
+        x, w, bias, r, out_dtype=out_dtype, implementation=impl, config=cfg if impl == "pallas" else None, **kw)
     try:
       ms, wall, how, y = timer(fn, sets)
     except Exception as e:  # pylint: disable=broad-except  (e.g. a variant's pipeline exceeds shared memory)
       print(f"{name:15} M{m:3} {impl:6} {variant}: failed ({type(e).__name__}: {str(e)[:120]})", flush=True)
       continue
-    ref = skinny_matmul(*sets[0][:2], None, sets[0][2], out_dtype=out_dtype, implementation="xla")
+    ref = skinny_matmul(*sets[0][:2], bias, sets[0][2], out_dtype=out_dtype, implementation="xla", **kw)
     rec = _finish(dict(base, op="skinny_matmul", impl=impl, shape=name, M=m, d=k, N=n, density=1.0,
-                       dtype=jnp.dtype(dtype).name, out_dtype=out, residual=res, ms=ms, ms_wall=wall, timer=how,
+                       dtype=jnp.dtype(dtype).name, out_dtype=out, residual=res, w_layout=layout, relu=relu,
+                       bias=bias is not None, ms=ms, ms_wall=wall, timer=how,
                        bytes=nbytes, config=dataclasses.asdict(cfg) if impl == "pallas" else None,
                        heuristic=impl == "pallas" and cfg == heur, max_rel_err=_rel_err(y, ref)))
     sink(rec)
@@ -549,7 +572,8 @@ def main(argv=None):
                            "matmul: the decode projections (skinny_matmul vs XLA); neither is part of all")
   parser.add_argument("--families", default=None,
                       help="probe: comma-separated families (selection, length, config, splits, persistent); "
-                           "default all. matmul: narrow (the o / down / gate|up grid sweep)")
+                           "default all. matmul: narrow (the o / down / gate|up grid sweep), opt (OPT-6.7B's fc1 "
+                           "from [N, d] rows + ReLU, fc2)")
   parser.add_argument("--iters", type=int, default=30)
   parser.add_argument("--check", action="store_true",
                       help="also record each pallas result's error vs XLA")

@@ -9,7 +9,9 @@ is streamed by extra programs of the same kernel and its float32 product `x @ si
 (give it `side_width(P)` columns, zero-padded: narrower side weights are read by unpipelined gathers, measured
 +12 us per call for an [4096, 8] router next to Llama-3.1-8B's q|k|v, benchmarks/NOTES.md session 10).
 With `glu="silu"`, w's columns are neuron-interleaved (gate, up) pairs (a fused gate|up projection) and the output
-is `silu(gate) * up` (N / 2 wide), computed in the kernel's epilogue from the float32 sums.
+is `silu(gate) * up` (N / 2 wide), computed in the kernel's epilogue from the float32 sums. `activation="relu"`:
+`relu(x @ w + bias)` before the cast (OPT's fc1). `w_layout="nk"`: w is given as `[N, K]` (per-neuron rows, as
+OPT's fc1 weight is stored for the neuron gathers), y = x @ w.T, its tiles loaded `[block_n, block_k]`.
 Deferred RMSNorm (the decode step's norms without kernels of their own): `rms_sq_TM` + `rms_eps` scale the rows
 of both products by the norm factor of the hidden state x was made from (x = h * g, the squares of h given as
 float32 partial sums [T, M]) before the biases: `rmsnorm(h) @ w`; `norm_scale_N=g` appends `(y * g, sq [T, M])`,
@@ -46,17 +48,24 @@ def side_width(p: int) -> int:
 
 
 def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, side_w_KP=None, side_b_P=None,
-                  glu: str | None = None, rms_sq_TM=None, rms_eps: float | None = None, norm_scale_N=None,
-                  side_topk: tuple[int, int] | None = None, counters_C=None, emit_counters: bool = False,
-                  implementation: str | None = None, config: MatmulConfig | None = None):
+                  glu: str | None = None, activation: str | None = None, w_layout: str = "kn", rms_sq_TM=None,
+                  rms_eps: float | None = None, norm_scale_N=None, side_topk: tuple[int, int] | None = None,
+                  counters_C=None, emit_counters: bool = False, implementation: str | None = None,
+                  config: MatmulConfig | None = None):
   """See the module docstring. Raises ValueError on inconsistent shapes or dtypes.
 
   `emit_counters=True` appends a zeroed int32 `[COUNTERS]` buffer to the results, written by this kernel; pass
   it as `counters_C` to the next call, whose split-K counters then need no zero-fill kernel (XLA materialises a
   constant zeros operand with a copy before each kernel that updates it in place)."""
-  if x_MK.ndim != 2 or w_KN.ndim != 2 or x_MK.shape[1] != w_KN.shape[0]:
-    raise ValueError(f"skinny_matmul needs x [M, K] and w [K, N], got {x_MK.shape} and {w_KN.shape}")
-  (m, k), n = x_MK.shape, w_KN.shape[1]
+  if w_layout not in _xla.W_LAYOUTS:
+    raise ValueError(f"skinny_matmul: w_layout must be one of {_xla.W_LAYOUTS}, got {w_layout!r}")
+  nk = w_layout == "nk"
+  if x_MK.ndim != 2 or w_KN.ndim != 2 or x_MK.shape[1] != w_KN.shape[1 if nk else 0]:
+    want = "[N, K] (w_layout='nk')" if nk else "[K, N]"
+    raise ValueError(f"skinny_matmul needs x [M, K] and w {want}, got {x_MK.shape} and {w_KN.shape}")
+  (m, k), n = x_MK.shape, w_KN.shape[0 if nk else 1]
+  if activation is not None and (activation not in _xla.ACTIVATIONS or glu is not None):
+    raise ValueError(f"activation must be one of {sorted(_xla.ACTIVATIONS)} (and not with glu), got {activation!r}")
   if bias_N is not None and bias_N.shape != (n,):
     raise ValueError(f"bias must have shape ({n},), got {bias_N.shape}")
   out_dtype = jnp.dtype(out_dtype or w_KN.dtype)
@@ -85,19 +94,20 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
     if glu is None or n % config.block_n == 0:      # (the gated epilogue takes whole (gate, up) tiles)
       in_kernel = side_topk is not None and _side_in_one_tile(side_w_KP, config)
       out = _triton.skinny_matmul_triton(x_MK.astype(w_KN.dtype), w_KN, bias_N, residual_MN, side_w_KP,
-                                         side_b_P, counters_C, out_dtype=out_dtype, glu=glu,
-                                         emit_counters=emit_counters, config=config,
+                                         side_b_P, counters_C, out_dtype=out_dtype, glu=glu, activation=activation,
+                                         w_layout=w_layout, emit_counters=emit_counters, config=config,
                                          side_topk=side_topk if in_kernel else None,
                                          interpret=_platform.interpret_mode(), **norm_kw)
       return out if side_topk is None or in_kernel else _side_topk_after(out, side_topk, at=1)
   out = _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype, side_w_KP=side_w_KP, side_b_P=side_b_P,
-                 glu=glu, side_topk=side_topk, **norm_kw)
+                 glu=glu, activation=activation, w_layout=w_layout, side_topk=side_topk, **norm_kw)
   if not emit_counters:
     return out
   return (*(out if isinstance(out, tuple) else (out,)), jnp.zeros((_triton.COUNTERS,), jnp.int32))
 
 
-_xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "glu", "rms_eps", "side_topk"))
+_xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "glu", "activation", "w_layout", "rms_eps",
+                                                             "side_topk"))
 
 
 def _check_side_topk(side_w_KP, side_topk):

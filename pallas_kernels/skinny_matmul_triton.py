@@ -74,14 +74,15 @@ def _silu(y):
 
 
 def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, g_ref, rsq_ref, *refs, cfg: MatmulConfig,
-            side_bn: int, glu: bool, emit: int, rope_heads, rms_eps, side_topk, interpret: bool):
-  """x_ref [M, K], w_ref [K, N], b_ref [N], r_ref [M, N], w2_ref [K, N2], b2_ref [N2], pos_ref [M], inv_ref [D/2],
-  g_ref [N] (a norm weight), rsq_ref [T, M] (each but x and w may be None; then the caches with rope_heads, the
-  counters with splits); outputs o_ref [M, N] (or q [M, Hq, D]) (+ o2_ref [M, N2] float32 with w2; + o * g and
-  the row sums of squares of o per column tile [N / block_n, M] with g; + workspace and counters with splits;
-  with side_topk=(G, k) o2_ref is int32 [M, k], the top-k of the first G side columns;
-  + the caches with rope_heads; + zeroed counters with emit). Program (m, split, n): n < N / block_n streams a
-  column tile of w, later ones of w2."""
+            side_bn: int, glu: bool, relu: bool, w_nk: bool, emit: int, rope_heads, rms_eps, side_topk,
+            interpret: bool):
+  """x_ref [M, K], w_ref [K, N] (w_nk: [N, K], tiles loaded [block_n, block_k]), b_ref [N], r_ref [M, N],
+  w2_ref [K, N2], b2_ref [N2], pos_ref [M], inv_ref [D/2], g_ref [N] (a norm weight), rsq_ref [T, M] (each but x
+  and w may be None; then the caches with rope_heads, the counters with splits); relu: after the bias; outputs
+  o_ref [M, N] (or q [M, Hq, D]) (+ o2_ref [M, N2] float32 with w2; + o * g and the row sums of squares of o per
+  column tile [N / block_n, M] with g; + workspace and counters with splits; with side_topk=(G, k) o2_ref is int32
+  [M, k], the top-k of the first G side columns; + the caches with rope_heads; + zeroed counters with emit).
+  Program (m, split, n): n < N / block_n streams a column tile of w, later ones of w2."""
   refs = list(refs)
   z_ref = refs.pop() if emit else None
   kc_ref = vc_ref = ws_ref = cnt_ref = None
@@ -102,16 +103,18 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, g_ref,
     def _():
       z_ref[...] = jnp.zeros((emit,), jnp.int32)
 
-  (m, kdim), n = x_ref.shape, w_ref.shape[1]
+  (m, kdim), n = x_ref.shape, w_ref.shape[0 if w_nk else 1]
   bm, bn, bk = cfg.block_m, cfg.block_n, cfg.block_k
   ws_m, rows_m = _split_k.tile_lanes(pm, bm, m)
   k_blocks = _platform.cdiv(kdim, bk)
 
-  def stream(wr, width, tile, lo, hi):
-    """float32 [bm, width] of x @ wr[:, tile's columns] over K blocks [lo, hi), and the columns."""
-    n_w = wr.shape[1]
+  def stream(wr, width, tile, lo, hi, nk=False):
+    """float32 [bm, width] of x @ wr[:, tile's columns] (nk: x @ wr[tile's rows, :].T) over K blocks [lo, hi),
+    and the columns."""
+    n_w = wr.shape[0] if nk else wr.shape[1]
     ws_n, cols_n = _split_k.tile_lanes(tile, width, n_w)
     full_hi = jnp.minimum(hi, kdim // bk)        # blocks wholly inside K: unmasked loads
+    contract = (((1,), (1,)), ((), ())) if nk else (((1,), (0,)), ((), ()))
 
     def body(i, acc, masked):
       ks = i * bk + jnp.arange(bk, dtype=jnp.int32)
@@ -120,13 +123,21 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, g_ref,
         ks = jnp.minimum(ks, kdim - 1)
         x = plgpu.load(x_ref.at[rows_m[:, None], ks[None, :]], mask=jnp.broadcast_to(live[None, :], (bm, bk)),
                        other=0)
-        w = plgpu.load(wr.at[ks[:, None], cols_n[None, :]], mask=jnp.broadcast_to(live[:, None], (bk, width)),
-                       other=0)
+        if nk:
+          w = plgpu.load(wr.at[cols_n[:, None], ks[None, :]], mask=jnp.broadcast_to(live[None, :], (width, bk)),
+                         other=0)
+        else:
+          w = plgpu.load(wr.at[ks[:, None], cols_n[None, :]], mask=jnp.broadcast_to(live[:, None], (bk, width)),
+                         other=0)
       else:
         x = x_ref[rows_m[:, None], ks[None, :]]
-        w = wr[pl.ds(i * bk, bk), pl.ds(tile * width, width)] if n_w % width == 0 else wr[ks[:, None],
-                                                                                            cols_n[None, :]]
-      return acc + lax.dot_general(x, w.astype(x.dtype), (((1,), (0,)), ((), ())), precision=precision(w),
+        if nk:
+          w = wr[pl.ds(tile * width, width), pl.ds(i * bk, bk)] if n_w % width == 0 else wr[cols_n[:, None],
+                                                                                              ks[None, :]]
+        else:
+          w = wr[pl.ds(i * bk, bk), pl.ds(tile * width, width)] if n_w % width == 0 else wr[ks[:, None],
+                                                                                              cols_n[None, :]]
+      return acc + lax.dot_general(x, w.astype(x.dtype), contract, precision=precision(w),
                                    preferred_element_type=jnp.float32)
 
     acc = jnp.zeros((bm, width), jnp.float32)
@@ -146,13 +157,15 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, g_ref,
 
   def main():
     lo, hi = _split_k.split_range(k_blocks, split, cfg.num_splits)
-    acc, ws_n, cols_n = stream(w_ref, bn, pn, lo, hi)
+    acc, ws_n, cols_n = stream(w_ref, bn, pn, lo, hi, nk=w_nk)
 
     def epilogue(y):
       if rsq_ref is not None:
         y = y * row_scale()
       if b_ref is not None:
         y = y + b_ref[cols_n].astype(jnp.float32)[None, :]
+      if relu:
+        y = jnp.maximum(y, 0.0)
       if rope_heads is not None:
         _rope_append_epilogue(y.astype(o_ref.dtype).astype(jnp.float32), pn, rows_m, pos_ref, inv_ref, o_ref,
                               kc_ref, vc_ref, rope_heads)
@@ -258,15 +271,18 @@ def side_block(n2: int, block_n: int) -> int:
 COUNTERS = 1024
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "glu", "emit_counters", "rope_heads", "rms_eps",
-                                             "side_topk", "config", "interpret"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "glu", "activation", "w_layout", "emit_counters",
+                                             "rope_heads", "rms_eps", "side_topk", "config", "interpret"))
 def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, counters_C=None, positions_M=None,
                          inv_freq_F=None, k_cache=None, v_cache=None, norm_scale_N=None, rms_sq_TM=None, *,
-                         out_dtype, glu: str | None, emit_counters: bool = False, rope_heads=None,
+                         out_dtype, glu: str | None, activation: str | None = None, w_layout: str = "kn",
+                         emit_counters: bool = False, rope_heads=None,
                          rms_eps: float | None = None, side_topk: tuple[int, int] | None = None,
                          config: MatmulConfig, interpret: bool):
   """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype; no splits with a side weight;
-  glu "silu" needs N % block_n == 0 and no residual). Grid (M blocks, splits, N blocks + side blocks).
+  glu "silu" needs N % block_n == 0 and no residual; activation "relu" only, not with glu or the RoPE epilogue;
+  w_layout "nk": w_KN is given as [N, K], the side weight stays [K, P]). Grid (M blocks, splits, N blocks + side
+  blocks).
 
   counters_C: a zeroed int32 [COUNTERS] buffer for the split-K counters (consumed), else they are zero-filled
   here. emit_counters: also return such a buffer, zeroed by this kernel, for the next call.
@@ -277,9 +293,14 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
   norm_scale_N the kernel also returns `(y * g, sq [N / block_n, M])` after the side product.
   side_topk=(G, k): the side result is int32 [M, k], `rank_topk(side[:, :G], k)` (needs the side weight in one
   column tile: P <= side_block(P, block_n))."""
-  (m, _), n = x_MK.shape, w_KN.shape[1]
+  if w_layout not in ("kn", "nk"):
+    raise ValueError(f"skinny_matmul_triton: w_layout must be 'kn' or 'nk', got {w_layout!r}")
+  (m, _), n = x_MK.shape, w_KN.shape[1 if w_layout == "kn" else 0]
   if glu is not None and (glu != "silu" or n % config.block_n or residual_MN is not None):
     raise ValueError(f"skinny_matmul_triton: glu={glu!r} needs 'silu', N % block_n == 0 and no residual")
+  if activation not in (None, "relu") or (activation is not None and (glu is not None or rope_heads is not None)):
+    raise ValueError(f"skinny_matmul_triton: activation={activation!r} must be None or 'relu', without glu or the "
+                     f"RoPE epilogue")
   bm, bn, ns = config.block_m, config.block_n, config.num_splits
   m_blocks, n_blocks = pl.cdiv(m, bm), pl.cdiv(n, bn)
   side_bn = side_block(side_w_KP.shape[1], bn) if side_w_KP is not None else bn
@@ -329,7 +350,8 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
     out_shape.append(jax.ShapeDtypeStruct((COUNTERS,), jnp.int32))
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
   outs = pl.pallas_call(
-      functools.partial(_kernel, cfg=config, side_bn=side_bn, glu=glu is not None,
+      functools.partial(_kernel, cfg=config, side_bn=side_bn, glu=glu is not None, relu=activation == "relu",
+                        w_nk=w_layout == "nk",
                         emit=COUNTERS if emit_counters else 0, rope_heads=rope_heads, rms_eps=rms_eps,
                         side_topk=side_topk, interpret=interpret),
       grid=(m_blocks, ns, n_blocks + side_blocks),

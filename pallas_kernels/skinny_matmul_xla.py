@@ -7,13 +7,17 @@ import jax.numpy as jnp
 from pallas_kernels.topk_select_xla import rank_topk
 
 GLU_ACTIVATIONS = {"silu": jax.nn.silu}
+ACTIVATIONS = {"relu": jax.nn.relu}        # `activation=`: elementwise on y after the bias (OPT's fc1)
+W_LAYOUTS = ("kn", "nk")
 
 
 def skinny_matmul_xla(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, side_w_KP=None, side_b_P=None,
-                      glu: str | None = None, rms_sq_TM=None, rms_eps: float | None = None, norm_scale_N=None,
-                      side_topk: tuple[int, int] | None = None):
-  """`y = x @ w` in float32 (IEEE float32 products for float32 inputs) (+ bias), cast to `out_dtype` (w's dtype
-  by default); with a residual, `residual + y` in `out_dtype` (as the model's `h + o_proj(ctx)`). With
+                      glu: str | None = None, activation: str | None = None, w_layout: str = "kn", rms_sq_TM=None,
+                      rms_eps: float | None = None, norm_scale_N=None, side_topk: tuple[int, int] | None = None):
+  """`y = x @ w` in float32 (IEEE float32 products for float32 inputs) (+ bias) (then `activation`, "relu"),
+  cast to `out_dtype` (w's dtype by default); with a residual, `residual + y` in `out_dtype` (as the model's
+  `h + o_proj(ctx)`). `w_layout="nk"`: w is given as `[N, K]` (a per-neuron / `nn.Linear` weight, OPT's fc1
+  rows), y = x @ w.T; the side weight stays `[K, P]`. With
   `side_w_KP`, also returns float32 `x @ side_w + side_b` of the same x: `(y, side)`. With `glu` ("silu"), w's
   columns are neuron-interleaved (gate, up) pairs (`polar_jax.fusion.fuse_gate_up`) and y is `silu(gate) * up`
   (N / 2 wide), computed in float32. `side_topk=(G, k)`: the side result is instead int32 `[M, k]`, each row's
@@ -26,11 +30,13 @@ def skinny_matmul_xla(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=No
   rows prepared for the next such call (here T = 1; the kernel writes one row per column tile)."""
   out_dtype = jnp.dtype(out_dtype or w_KN.dtype)
   rs = None if rms_sq_TM is None else rms_row_scale(rms_sq_TM, x_MK.shape[1], rms_eps)
-  y = _dot(x_MK, w_KN)
+  y = _dot(x_MK, w_KN.T if w_layout == "nk" else w_KN)
   if rs is not None:
     y = y * rs
   if bias_N is not None:
     y = y + bias_N.astype(jnp.float32)
+  if activation is not None:
+    y = ACTIVATIONS[activation](y)
   if glu is not None:     # neuron-interleaved (gate, up) columns -> act(gate) * up
     pairs = y.reshape(*y.shape[:-1], -1, 2)
     y = GLU_ACTIVATIONS[glu](pairs[..., 0]) * pairs[..., 1]

@@ -15,6 +15,10 @@ from polar_jax.layers import Linear, _normal
 # GatedMLP.decode with a fused gate|up: act(gate) * up in the skinny_matmul kernel's epilogue (off: the float32
 # product written and the activation as an XLA fusion; A/B runs, set at process start).
 GLU_EPILOGUE = True
+# The dense decode step of a ReLU MLP (OPT) on skinny_matmul: fc1 from its [N, d] rows with bias and ReLU in the
+# epilogue, fc2 with its bias and the residual (`NeuronMLP.decode`; off: XLA's split-K dots, whose float32
+# partials a separate fusion sums with the bias / activation / residual).
+NEURON_DECODE = True
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -106,6 +110,27 @@ class NeuronMLP(nnx.Module):
     if self.b_out_d is not None:
       y = y + self.b_out_d[...].astype(jnp.float32)
     return y.astype(w_in.dtype)
+
+  @property
+  def decodes_in_kernels(self) -> bool:
+    """Whether `decode` runs the skinny_matmul kernels (`NEURON_DECODE`, a ReLU MLP)."""
+    return NEURON_DECODE and self.activation == "relu"
+
+  def decode(self, x_md, *, residual_md=None, implementation=None):
+    """The decode step's dense MLP of a few rows `[M, d]` (`decodes_in_kernels`): fc1 from its `[N, d]` rows
+    (`skinny_matmul(w_layout="nk")`) with its bias and ReLU in the epilogue, rounded to the weights' dtype as
+    `__call__` does; fc2 with its bias and, given `residual_md`, `residual_md + mlp(x)` in its epilogue. Same values
+    as `__call__` up to float32 summation order."""
+    if not self.decodes_in_kernels:
+      y = self(x_md)
+      return y if residual_md is None else residual_md + y
+    w_in = self.w_in_nd[...]
+    b_in = None if self.b_in_n is None else self.b_in_n[...]
+    b_out = None if self.b_out_d is None else self.b_out_d[...]
+    h_mn = pallas_kernels.skinny_matmul(x_md.astype(w_in.dtype), w_in, b_in, activation="relu", w_layout="nk",
+                                        implementation=implementation)
+    residual = None if residual_md is None else residual_md.astype(w_in.dtype)
+    return pallas_kernels.skinny_matmul(h_mn, self.w_out_nd[...], b_out, residual, implementation=implementation)
 
   def sparse(self, x_md, idx_k, *, implementation=None):
     """The MLP over neurons `idx_k` only (`[k]` int32, a batch-union set): gathered fc1 (bias, activation)

@@ -2,6 +2,8 @@
 float64 reference and vs its XLA reference: odd M / K / N (tails of every block), 1-16 K splits, bias and residual,
 16- and 32-bit dtypes; the tiling heuristic's invariants; bad input; `Linear.decode` and the decode step with the
 kernel on and off."""
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -236,10 +238,23 @@ def test_linear_decode_matches_call(bias):
                                rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("config", [LLAMA_GQA, OPT], ids=["llama-gqa", "opt"])
+OPT_PRE_NORM = dataclasses.replace(OPT, pre_norm=True)   # OPT-1.3b and larger
+
+
+@pytest.mark.parametrize("config", [LLAMA_GQA, OPT, OPT_PRE_NORM], ids=["llama-gqa", "opt-post-norm", "opt"])
 def test_decode_step_with_and_without_the_kernel(config, monkeypatch):
   """A fused tiny model's decode logits and caches with the projections (and residual adds) through
-  skinny_matmul in interpret mode equal those of XLA's dots and adds; OPT's post-norm attention residual too."""
+  skinny_matmul in interpret mode equal those of XLA's dots and adds; OPT's post-norm residuals too, and its
+  ReLU MLP's fc1 from [N, d] rows (w_layout "nk") with fc2's residual in the kernel."""
+  import pallas_kernels
+  layouts = []
+  real = pallas_kernels.skinny_matmul
+
+  def spy(*args, **kwargs):
+    layouts.append(kwargs.get("w_layout", "kn"))
+    return real(*args, **kwargs)
+
+  monkeypatch.setattr(pallas_kernels, "skinny_matmul", spy)
   model = fusion.fuse_projections(init_model(config, seed=4))
   tokens = jnp.asarray([[5, 7, 9, 11, 2], [3, 4, 0, 0, 0], [8, 1, 6, 0, 0]], jnp.int32)
   lengths = jnp.asarray([5, 2, 3], jnp.int32)
@@ -252,6 +267,7 @@ def test_decode_step_with_and_without_the_kernel(config, monkeypatch):
     outs[on] = (logits, new.k_bhsd[1])
   np.testing.assert_allclose(np.asarray(outs[True][0]), np.asarray(outs[False][0]), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(np.asarray(outs[True][1]), np.asarray(outs[False][1]), rtol=1e-5, atol=1e-5)
+  assert layouts.count("nk") == (config.num_layers if config.mlp == "relu_mlp" else 0)   # one fc1 per layer
 
 
 def _routed_decoder():
@@ -454,3 +470,70 @@ def test_sparse_decode_router_topk_in_the_kernel(monkeypatch):
       logits[on], _ = decode(model, jnp.asarray([1, 2, 3], jnp.int32), cache, state)
     assert asked == [(LLAMA_GQA.num_kv_heads, 1) if on else None] * (LLAMA_GQA.num_layers - 1)
   np.testing.assert_array_equal(np.asarray(logits[True]), np.asarray(logits[False]))
+
+
+NK_CASES = [  # m, k, n, dtype, bias, residual, relu, config (None: the heuristic)
+    (5, 300, 200, jnp.float32, True, True, True, None),                               # every tail
+    (32, 512, 384, jnp.bfloat16, True, False, True, MatmulConfig(32, 128, 128, 1)),    # OPT fc1's shape class
+    (3, 256, 96, jnp.bfloat16, False, True, False, MatmulConfig(16, 32, 64, 3)),      # 3 K splits
+    (1, 200, 1000, jnp.float16, True, False, True, MatmulConfig(16, 256, 64, 2)),     # K and N tails, split
+]
+
+
+@pytest.mark.parametrize("case", NK_CASES, ids=lambda c: "-".join(str(v) for v in c[:4]))
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_nk_layout_and_relu(case, impl):
+  """w_layout="nk" (w given as [N, K], OPT's fc1 rows) with activation="relu": relu(x @ w.T + b) (+ residual)
+  vs float64; the residual is added after the activation, as fc2's epilogue would."""
+  m, k, n, dtype, bias, residual, relu, cfg = case
+  x, w, b, r = _inputs(8, m, k, n, dtype, dtype, bias, residual)
+  w_nk = jnp.asarray(w.T)                                    # a different memory layout, the same matrix
+  y = skinny_matmul(x, w_nk, b, r, activation="relu" if relu else None, w_layout="nk", implementation=impl,
+                    config=cfg)
+  if not relu:
+    _check(y, x, w, b, r, jnp.dtype(dtype))
+    return
+  pre = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + (0 if b is None else np.asarray(b, np.float64))
+  want = np.maximum(pre, 0) + (0 if r is None else np.asarray(r, np.float64))
+  eps = float(jnp.finfo(dtype).eps)
+  mag = np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64))
+  tol = 4 * eps * (np.abs(want) + np.abs(pre)) + 4 * k * float(jnp.finfo(jnp.float32).eps) * mag
+  assert y.shape == (m, n) and y.dtype == dtype
+  assert np.all(np.abs(np.asarray(y, np.float64) - want) <= tol + 1e-30)
+  if r is None:
+    assert np.all(np.asarray(y, np.float64) >= 0)           # ReLU applied
+
+
+def test_nk_bad_input():
+  x = jnp.ones((4, 8))
+  with pytest.raises(ValueError, match="w_layout must be"):
+    skinny_matmul(x, jnp.ones((8, 16)), w_layout="km")
+  with pytest.raises(ValueError, match=r"w \[N, K\]"):
+    skinny_matmul(x, jnp.ones((8, 16)), w_layout="nk")         # K must be w's second axis
+  with pytest.raises(ValueError, match="activation must be"):
+    skinny_matmul(x, jnp.ones((8, 16)), activation="gelu")
+  with pytest.raises(ValueError, match="activation must be"):
+    skinny_matmul(x, jnp.ones((8, 16)), activation="relu", glu="silu")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_neuron_mlp_decode_matches_call(bias, monkeypatch):
+  """NeuronMLP.decode (fc1 from its [N, d] rows with bias + ReLU in the kernel, fc2 with bias + residual) ==
+  h + mlp(x), on both implementations; with the switch off it is the XLA expression itself."""
+  from polar_jax import mlp as mlp_mod
+  model = init_model(dataclasses.replace(OPT, mlp_bias=bias), seed=5)
+  mlp = model.layers[0].mlp
+  if bias:
+    mlp.b_in_n[...] = jnp.linspace(-0.5, 0.5, OPT.intermediate_size)
+    mlp.b_out_d[...] = jnp.linspace(-1, 1, OPT.hidden_size)
+  x = jax.random.normal(jax.random.key(3), (3, OPT.hidden_size))
+  h = jax.random.normal(jax.random.key(4), (3, OPT.hidden_size))
+  with jax.default_matmul_precision("highest"):
+    ref = np.asarray(h + mlp(x))
+    assert mlp.decodes_in_kernels
+    for impl in ("pallas", "xla"):
+      np.testing.assert_allclose(np.asarray(mlp.decode(x, residual_md=h, implementation=impl)), ref, rtol=1e-5,
+                                 atol=1e-5)
+    monkeypatch.setattr(mlp_mod, "NEURON_DECODE", False)
+    assert not mlp.decodes_in_kernels
+    np.testing.assert_array_equal(np.asarray(mlp.decode(x, residual_md=h)), ref)
