@@ -112,6 +112,8 @@ STEP_SWITCHES = (
     ("neuron_decode", "polar_jax.mlp", "NEURON_DECODE", True,
      "a dense ReLU MLP (OPT) on skinny_matmul: fc1 from its [N, d] rows with bias + ReLU, fc2 with bias + residual "
      "(off: XLA's split-K dots and fusions)"),
+    ("union_in_router", "polar_jax.sparse_decode", "UNION_IN_ROUTER", True,
+     "the batch-union neuron scores in the router up-projection kernel's epilogue (off: XLA's dots and fusions)"),
     ("union_bf16", "polar_jax.topk", "UNION_BF16", True,
      "rank the batch-union neuron scores rounded to bf16: two radix passes instead of four (off: float32)"),
     ("loop_graph", "polar_jax.compile_options", "LOOP_GRAPH", True,

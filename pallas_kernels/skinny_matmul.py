@@ -12,6 +12,9 @@ With `glu="silu"`, w's columns are neuron-interleaved (gate, up) pairs (a fused 
 is `silu(gate) * up` (N / 2 wide), computed in the kernel's epilogue from the float32 sums. `activation="relu"`:
 `relu(x @ w + bias)` before the cast (OPT's fc1). `w_layout="nk"`: w is given as `[N, K]` (per-neuron rows, as
 OPT's fc1 weight is stored for the neuron gathers), y = x @ w.T, its tiles loaded `[block_n, block_k]`.
+`row_weights_M` (float `[M]`): the result is `[N]`, `sum_m row_weights[m] * y[m]` of the float32 y (after bias and
+activation) in `out_dtype` (a batch-union neuron score from the router's up-projection; the kernel needs all rows
+in one block, M <= 64, and a plain output).
 Deferred RMSNorm (the decode step's norms without kernels of their own): `rms_sq_TM` + `rms_eps` scale the rows
 of both products by the norm factor of the hidden state x was made from (x = h * g, the squares of h given as
 float32 partial sums [T, M]) before the biases: `rmsnorm(h) @ w`; `norm_scale_N=g` appends `(y * g, sq [T, M])`,
@@ -50,7 +53,7 @@ def side_width(p: int) -> int:
 def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, side_w_KP=None, side_b_P=None,
                   glu: str | None = None, activation: str | None = None, w_layout: str = "kn", rms_sq_TM=None,
                   rms_eps: float | None = None, norm_scale_N=None, side_topk: tuple[int, int] | None = None,
-                  counters_C=None, emit_counters: bool = False, implementation: str | None = None,
+                  counters_C=None, emit_counters: bool = False, row_weights_M=None, implementation: str | None = None,
                   config: MatmulConfig | None = None):
   """See the module docstring. Raises ValueError on inconsistent shapes or dtypes.
 
@@ -66,6 +69,10 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
   (m, k), n = x_MK.shape, w_KN.shape[0 if nk else 1]
   if activation is not None and (activation not in _xla.ACTIVATIONS or glu is not None):
     raise ValueError(f"activation must be one of {sorted(_xla.ACTIVATIONS)} (and not with glu), got {activation!r}")
+  if row_weights_M is not None and (row_weights_M.shape != (m,) or residual_MN is not None or glu is not None
+                                    or side_w_KP is not None or norm_scale_N is not None or emit_counters):
+    raise ValueError(f"row_weights_M must have shape ({m},) and needs a plain output (no residual, glu, side weight, "
+                     f"norm_scale_N or emitted counters), got {getattr(row_weights_M, 'shape', None)}")
   if bias_N is not None and bias_N.shape != (n,):
     raise ValueError(f"bias must have shape ({n},), got {bias_N.shape}")
   out_dtype = jnp.dtype(out_dtype or w_KN.dtype)
@@ -91,16 +98,19 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
       config = dataclasses.replace(config, num_splits=1) if side_w_KP is not None else config
     elif side_w_KP is not None and config.num_splits > 1:
       raise ValueError("skinny_matmul: a side weight needs config.num_splits == 1")
-    if glu is None or n % config.block_n == 0:      # (the gated epilogue takes whole (gate, up) tiles)
+    one_block = row_weights_M is None or m <= config.block_m   # (row sums need every row in one program)
+    if (glu is None or n % config.block_n == 0) and one_block:   # (the gated epilogue takes whole (gate, up) tiles)
       in_kernel = side_topk is not None and _side_in_one_tile(side_w_KP, config)
       out = _triton.skinny_matmul_triton(x_MK.astype(w_KN.dtype), w_KN, bias_N, residual_MN, side_w_KP,
                                          side_b_P, counters_C, out_dtype=out_dtype, glu=glu, activation=activation,
                                          w_layout=w_layout, emit_counters=emit_counters, config=config,
+                                         row_weights_M=row_weights_M,
                                          side_topk=side_topk if in_kernel else None,
                                          interpret=_platform.interpret_mode(), **norm_kw)
       return out if side_topk is None or in_kernel else _side_topk_after(out, side_topk, at=1)
   out = _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype, side_w_KP=side_w_KP, side_b_P=side_b_P,
-                 glu=glu, activation=activation, w_layout=w_layout, side_topk=side_topk, **norm_kw)
+                 glu=glu, activation=activation, w_layout=w_layout, side_topk=side_topk, row_weights_M=row_weights_M,
+                 **norm_kw)
   if not emit_counters:
     return out
   return (*(out if isinstance(out, tuple) else (out,)), jnp.zeros((_triton.COUNTERS,), jnp.int32))

@@ -73,12 +73,14 @@ def _silu(y):
   return y / (1.0 + jnp.exp(-y))
 
 
-def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, g_ref, rsq_ref, *refs, cfg: MatmulConfig,
+def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, g_ref, rsq_ref, rw_ref, *refs,
+            cfg: MatmulConfig,
             side_bn: int, glu: bool, relu: bool, w_nk: bool, emit: int, rope_heads, rms_eps, side_topk,
             interpret: bool):
   """x_ref [M, K], w_ref [K, N] (w_nk: [N, K], tiles loaded [block_n, block_k]), b_ref [N], r_ref [M, N],
   w2_ref [K, N2], b2_ref [N2], pos_ref [M], inv_ref [D/2], g_ref [N] (a norm weight), rsq_ref [T, M] (each but x
-  and w may be None; then the caches with rope_heads, the counters with splits); relu: after the bias; outputs
+  and w may be None; then the caches with rope_heads, the counters with splits), rw_ref [M] float32 row weights
+  (then o_ref is [N]: sum_m rw[m] * y[m], one M block); relu: after the bias; outputs
   o_ref [M, N] (or q [M, Hq, D]) (+ o2_ref [M, N2] float32 with w2; + o * g and the row sums of squares of o per
   column tile [N / block_n, M] with g; + workspace and counters with splits; with side_topk=(G, k) o2_ref is int32
   [M, k], the top-k of the first G side columns; + the caches with rope_heads; + zeroed counters with emit).
@@ -169,6 +171,10 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, g_ref,
       if rope_heads is not None:
         _rope_append_epilogue(y.astype(o_ref.dtype).astype(jnp.float32), pn, rows_m, pos_ref, inv_ref, o_ref,
                               kc_ref, vc_ref, rope_heads)
+        return
+      if rw_ref is not None:   # the rows' weighted column sums (a batch-union score): o_ref [N]
+        wts = plgpu.load(rw_ref.at[rows_m], mask=ws_m < m, other=0.0)
+        o_ref[cols_n] = jnp.sum(y * wts[:, None], axis=0).astype(o_ref.dtype)
         return
       if glu:   # neuron-interleaved columns (gate, up): out[:, j] = silu(gate_j) * up_j, half as wide
         gate, up = jnp.unstack(y.reshape(bm, bn // 2, 2), axis=-1)
@@ -274,7 +280,8 @@ COUNTERS = 1024
 @functools.partial(jax.jit, static_argnames=("out_dtype", "glu", "activation", "w_layout", "emit_counters",
                                              "rope_heads", "rms_eps", "side_topk", "config", "interpret"))
 def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, counters_C=None, positions_M=None,
-                         inv_freq_F=None, k_cache=None, v_cache=None, norm_scale_N=None, rms_sq_TM=None, *,
+                         inv_freq_F=None, k_cache=None, v_cache=None, norm_scale_N=None, rms_sq_TM=None,
+                         row_weights_M=None, *,
                          out_dtype, glu: str | None, activation: str | None = None, w_layout: str = "kn",
                          emit_counters: bool = False, rope_heads=None,
                          rms_eps: float | None = None, side_topk: tuple[int, int] | None = None,
@@ -315,8 +322,12 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
                                     and 1 <= side_topk[1] <= side_topk[0] <= side_w_KP.shape[1]):
     raise ValueError(f"skinny_matmul_triton: side_topk={side_topk} needs a side weight of at least G columns in one "
                      f"column tile ({side_bn}) and 1 <= k <= G")
+  if row_weights_M is not None and (pl.cdiv(m, bm) != 1 or residual_MN is not None or glu is not None
+                                    or side_w_KP is not None or rope_heads is not None or norm_scale_N is not None):
+    raise ValueError("skinny_matmul_triton: row_weights_M needs all M rows in one block (M <= block_m) and a plain "
+                     "output (no residual, glu, side weight, RoPE epilogue or norm_scale_N)")
   operands = [x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, positions_M, inv_freq_F, norm_scale_N,
-              rms_sq_TM]
+              rms_sq_TM, None if row_weights_M is None else row_weights_M.astype(jnp.float32)]
   if rope_heads is not None:
     hq, hkv = rope_heads
     d = k_cache.shape[-1]
@@ -326,7 +337,7 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
     first_cache = sum(a is not None for a in operands)
     operands += [k_cache, v_cache]
   out_shape = [jax.ShapeDtypeStruct((m, rope_heads[0], k_cache.shape[-1]) if rope_heads is not None else
-                                    (m, n // 2 if glu else n), out_dtype)]
+                                    (n,) if row_weights_M is not None else (m, n // 2 if glu else n), out_dtype)]
   if side_w_KP is not None:
     out_shape.append(jax.ShapeDtypeStruct((m, side_w_KP.shape[1]), jnp.float32) if side_topk is None else
                      jax.ShapeDtypeStruct((m, side_topk[1]), jnp.int32))

@@ -13,7 +13,8 @@ W_LAYOUTS = ("kn", "nk")
 
 def skinny_matmul_xla(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, side_w_KP=None, side_b_P=None,
                       glu: str | None = None, activation: str | None = None, w_layout: str = "kn", rms_sq_TM=None,
-                      rms_eps: float | None = None, norm_scale_N=None, side_topk: tuple[int, int] | None = None):
+                      rms_eps: float | None = None, norm_scale_N=None, side_topk: tuple[int, int] | None = None,
+                      row_weights_M=None):
   """`y = x @ w` in float32 (IEEE float32 products for float32 inputs) (+ bias) (then `activation`, "relu"),
   cast to `out_dtype` (w's dtype by default); with a residual, `residual + y` in `out_dtype` (as the model's
   `h + o_proj(ctx)`). `w_layout="nk"`: w is given as `[N, K]` (a per-neuron / `nn.Linear` weight, OPT's fc1
@@ -27,7 +28,11 @@ def skinny_matmul_xla(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=No
   `rms_sq_TM` (float32 `[T, M]`, summed over T: each row's sum of squares of the hidden state h that x was
   made from, `x = h * g`) scales both products' rows by `rsqrt(sum / K + rms_eps)` before the biases, i.e.
   `rmsnorm(h) @ w`. `norm_scale_N` (a norm's weight g `[N]`) appends `(y * g, sq [T, M])` to the results, y's
-  rows prepared for the next such call (here T = 1; the kernel writes one row per column tile)."""
+  rows prepared for the next such call (here T = 1; the kernel writes one row per column tile).
+
+  `row_weights_M` (float `[M]`): the result is instead `[N]`, `sum_m row_weights[m] * y[m]` over the float32 y
+  (after bias and activation), cast to `out_dtype`: a batch-union score `sum_b active_b * relu(logits)` straight
+  from the neuron router's up-projection (`polar_jax.routers.modules.decode_neuron_union`)."""
   out_dtype = jnp.dtype(out_dtype or w_KN.dtype)
   rs = None if rms_sq_TM is None else rms_row_scale(rms_sq_TM, x_MK.shape[1], rms_eps)
   y = _dot(x_MK, w_KN.T if w_layout == "nk" else w_KN)
@@ -40,6 +45,8 @@ def skinny_matmul_xla(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=No
   if glu is not None:     # neuron-interleaved (gate, up) columns -> act(gate) * up
     pairs = y.reshape(*y.shape[:-1], -1, 2)
     y = GLU_ACTIVATIONS[glu](pairs[..., 0]) * pairs[..., 1]
+  if row_weights_M is not None:   # the rows' weighted column sums in float32: `[N]`
+    return jnp.sum(y * row_weights_M.astype(jnp.float32)[:, None], axis=0).astype(out_dtype)
   y = y.astype(out_dtype)
   y = y if residual_MN is None else residual_MN.astype(out_dtype) + y
   out = (y,)

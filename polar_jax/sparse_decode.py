@@ -13,7 +13,8 @@ Per decode step and layer (prefill stays dense; K/V of every head is written to 
      those groups -> dense o_proj;
      the oracle runs dense attention and keeps each row's top-k groups by output norm instead;
   2. ReLU MLPs with `mlp="router"`: neuron logits (router weights in the model's dtype, float32 accumulation)
-     -> `sum_b active_b * relu(logits)` -> top-k set with the layer's static budget (sort-free:
+     -> `sum_b active_b * relu(logits)` (on one device in the router kernel's epilogue, `UNION_IN_ROUTER`) -> top-k
+     set with the layer's static budget (sort-free:
      `pallas_kernels.topk_select`; indices ascending) -> gathered fc1/fc2 matmuls (biases included); layers over
      budget run the dense MLP.
 Tensor parallel (`polar_jax.sharding`, `shards > 1`): both selections are balanced per shard: each of the tp
@@ -29,10 +30,17 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.skinny_matmul import side_width
-from polar_jax.routers.modules import decode_head_layers, decode_head_scores, decode_neuron_layers, decode_neuron_logits
+from polar_jax import layers
+from polar_jax.routers.modules import (decode_head_layers, decode_head_scores, decode_neuron_layers,
+                                       decode_neuron_logits, decode_neuron_union)
 from polar_jax.sharding import balanced_topk, balanced_union_topk, model_mesh, model_tp, sharded_sparse_mlp
 from polar_jax.sparsity import SparsityConfig, neuron_budgets
-from polar_jax.topk import METHODS as UNION_METHODS, topk_rows, union_scores
+from polar_jax.topk import METHODS as UNION_METHODS, topk_rows, union_dtype, union_scores
+
+# One device, float neuron routers, `layers.DECODE_MATMUL`: the batch-union scores come out of the router's
+# up-projection kernel (bias, ReLU and the active rows' column sums in its epilogue: `decode_neuron_union`), so
+# the [B, N] float32 logits are never written and no reduce kernel follows (off: XLA's dots and union fusion).
+UNION_IN_ROUTER = True
 
 
 def random_scores(seed: int, layer: int, positions_b: jax.Array, tokens_b: jax.Array, num_groups: int):
@@ -123,8 +131,11 @@ class SparseDecode:
     selector.plan = plan
 
     def select_neurons(layer, x_bd):
-      k = self.neuron_k[layer]
-      logits_bn = decode_neuron_logits(neuron[layer], x_bd)
+      k, router = self.neuron_k[layer], neuron[layer]
+      if self.shards == 1 and UNION_IN_ROUTER and layers.DECODE_MATMUL and router.s_down_r is None:
+        scores_n = decode_neuron_union(router, x_bd, active_b, union_dtype(), self.implementation)
+        return topk_rows(scores_n[None], k, self.union_method, self.implementation)[0]
+      logits_bn = decode_neuron_logits(router, x_bd)
       if self.shards > 1:                          # tensor parallel: a per-shard neuron union (polar_jax.sharding)
         return balanced_union_topk(logits_bn, active_b, k, self.shards, self.union_method, self.implementation)
       return union_topk(logits_bn, active_b, k, self.union_method, self.implementation)

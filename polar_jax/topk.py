@@ -41,11 +41,15 @@ def topk_rows(scores_rn: jax.Array, k: int, method: str = "radix", implementatio
 UNION_BF16 = True
 
 
+def union_dtype():
+  """The dtype the batch-union scores are ranked in: bf16 (`UNION_BF16`) or float32."""
+  return jnp.bfloat16 if UNION_BF16 else jnp.float32
+
+
 def union_scores(logits_bn: jax.Array, active_b: jax.Array | None) -> jax.Array:
   """`[N]`: the batch-union score `sum_b relu(logits)` over active rows, summed in float32 and returned in bf16
   (`UNION_BF16`; float32 otherwise): neurons whose sums round to one bf16 value tie (lower index first)."""
   act = jax.nn.relu(logits_bn.astype(jnp.float32))
   if active_b is not None:
     act = jnp.where(active_b[:, None], act, 0.0)
-  s = act.sum(axis=0)
-  return s.astype(jnp.bfloat16) if UNION_BF16 else s
+  return act.sum(axis=0).astype(union_dtype())

@@ -537,3 +537,46 @@ def test_neuron_mlp_decode_matches_call(bias, monkeypatch):
     monkeypatch.setattr(mlp_mod, "NEURON_DECODE", False)
     assert not mlp.decodes_in_kernels
     np.testing.assert_array_equal(np.asarray(mlp.decode(x, residual_md=h)), ref)
+
+
+ROW_SUM_CASES = [  # m, k, n, dtype, out dtype, relu, w_layout, config (None: the heuristic)
+    (5, 300, 200, jnp.float32, jnp.float32, True, "kn", None),                             # every tail
+    (32, 256, 1000, jnp.bfloat16, jnp.bfloat16, True, "kn", MatmulConfig(32, 128, 64, 1)),  # N tail
+    (64, 128, 512, jnp.bfloat16, jnp.float32, False, "kn", MatmulConfig(64, 64, 32, 2)),    # K split, M 64
+    (3, 200, 96, jnp.bfloat16, jnp.bfloat16, True, "nk", MatmulConfig(16, 32, 64, 2)),      # K tail, split, "nk"
+]
+
+
+@pytest.mark.parametrize("case", ROW_SUM_CASES, ids=lambda c: "-".join(str(v) for v in c[:7]))
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_row_weights_give_weighted_column_sums(case, impl):
+  """row_weights_M: `[N]` = sum_m wts[m] * act(x @ w + b)[m] (a batch-union score: 0/1 weights of active rows;
+  general weights too) vs float64; weights of zero drop a row even where its product is huge."""
+  m, k, n, dtype, out_dtype, relu, layout, cfg = case
+  x, w, b, _ = _inputs(9, m, k, n, dtype, dtype, True, False)
+  x = x.at[0].multiply(1e4) if m > 1 else x                  # row 0 dominates unless its weight drops it
+  rng = np.random.default_rng(m)
+  for wts in (jnp.asarray(np.arange(m) % 3 != 0, jnp.float32),          # row 0 inactive
+              jnp.asarray(rng.uniform(0.5, 2.0, m), jnp.float32)):
+    y = skinny_matmul(x, w.T if layout == "nk" else w, b, activation="relu" if relu else None, w_layout=layout,
+                      row_weights_M=wts, out_dtype=out_dtype, implementation=impl, config=cfg)
+    pre = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
+    act = np.maximum(pre, 0) if relu else pre
+    w64 = np.asarray(wts, np.float64)
+    want = w64 @ act
+    mag = np.abs(w64) @ (np.abs(np.asarray(x, np.float64)) @ np.abs(np.asarray(w, np.float64)) + np.abs(pre))
+    tol = 2 * float(jnp.finfo(out_dtype).eps) * np.abs(want) + (4 * k + 2 * m) * 1.2e-7 * mag
+    assert y.shape == (n,) and y.dtype == out_dtype
+    assert np.all(np.abs(np.asarray(y, np.float64) - want) <= tol + 1e-30)
+
+
+def test_row_weights_beyond_one_block_go_to_xla_and_bad_input():
+  x, w, b, _ = _inputs(10, 70, 64, 48, jnp.float32, jnp.float32, True, False)   # 70 rows > block_m 64
+  wts = jnp.ones((70,), jnp.float32)
+  np.testing.assert_array_equal(
+      np.asarray(skinny_matmul(x, w, b, activation="relu", row_weights_M=wts, implementation="pallas")),
+      np.asarray(skinny_matmul(x, w, b, activation="relu", row_weights_M=wts, implementation="xla")))
+  with pytest.raises(ValueError, match="row_weights_M must have shape"):
+    skinny_matmul(x, w, row_weights_M=jnp.ones((69,)))
+  with pytest.raises(ValueError, match="row_weights_M must have shape"):
+    skinny_matmul(x, w, None, jnp.ones((70, 48)), row_weights_M=wts)                  # with a residual

@@ -468,3 +468,57 @@ def test_union_scores_rounding_switch_keeps_methods_equal(monkeypatch, bf16):
     radix = np.asarray(union_topk(logits, active, k, "radix", "xla"))
     sort = np.sort(np.asarray(union_topk(logits, active, k, "sort")))
     np.testing.assert_array_equal(radix, sort)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_router_union_in_the_kernel_equals_logits_then_union(dtype):
+  """decode_neuron_union (the router's up-projection with bias, ReLU and the active rows' column sums in its
+  epilogue) == union_scores(decode_neuron_logits(...)): float32 sums up to order, then one rounding to the union
+  dtype (so within one unit of it); the Pallas kernels (interpreted) and the XLA references."""
+  from polar_jax import topk
+  from polar_jax.routers.modules import decode_neuron_layers, decode_neuron_logits, decode_neuron_union
+  routers = _opt_routers(OPT)
+  (router,) = decode_neuron_layers(routers.neuron, [True], dtype)
+  rng = np.random.default_rng(2)
+  x = jnp.asarray(rng.normal(size=(5, OPT.hidden_size)), dtype)
+  active = jnp.asarray([True, False, True, True, False])
+  want = np.asarray(topk.union_scores(decode_neuron_logits(router, x), active), np.float64)
+  unit = 2.0 ** -7 if topk.union_dtype() == jnp.bfloat16 else 1e-5                   # relative
+  for impl in ("pallas", "xla"):
+    got = decode_neuron_union(router, x, active, topk.union_dtype(), impl)
+    assert got.shape == (OPT.intermediate_size,) and got.dtype == topk.union_dtype()
+    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=unit, atol=1e-6)
+  assert (want[-128:] == 0).all() and (want > 0).sum() > 100                          # real, partly-zero scores
+  with pytest.raises(ValueError, match="float router weights"):
+    decode_neuron_union(decode_neuron_layers(routers.neuron, [True], jnp.int8)[0], x, active, jnp.float32)
+
+
+def test_union_in_router_switch_selects_the_same_neurons(monkeypatch):
+  """The step with the union scores from the router kernel and with XLA's logits + union fusion pick the same
+  neurons on the tiny OPT model: the same sets each layer, the same logits (the Pallas kernels interpreted, as
+  on a GPU, and the XLA references)."""
+  import polar_jax.sparse_decode as sd
+  from polar_jax.routers import modules
+  model = _opt_with_sparse_firing()
+  cfg, routers = SparsityConfig(0.5, mlp="router"), _opt_routers(OPT, k=64)
+  prompts = np.asarray(_prompts(5, (7, 7, 7)), np.int32)
+  cache = KVCache.init(model.config, 3, 16, jnp.float32)
+  _, cache = model.prefill(jnp.asarray(prompts), jnp.full((3,), 7, jnp.int32), cache)
+  tok, active = jnp.asarray([3, 9, 4], jnp.int32), jnp.asarray([True, False, True])
+  calls, picks = [], {}
+  real_union = modules.decode_neuron_union
+  monkeypatch.setattr(sd, "decode_neuron_union", lambda *a, **kw: calls.append(1) or real_union(*a, **kw))
+  for impl in ("pallas", "xla"):
+    for on in (True, False):
+      monkeypatch.setattr(sd, "UNION_IN_ROUTER", on)
+      calls.clear()
+      decode, state = make_decoder(model, cfg, routers, batch=3, implementation=impl)
+      hooks = decode.hooks(model, tok, cache.lengths_b, state, active)
+      x = jax.random.normal(jax.random.key(7), (3, OPT.hidden_size))
+      picks[on] = [np.asarray(hooks.select_neurons(i, x)) for i in range(OPT.num_layers)]
+      assert bool(calls) == on
+      logits = decode(model, tok, cache, state, active)[0]
+      picks[on].append(np.asarray(logits))
+    for a, b in zip(picks[True][:-1], picks[False][:-1]):
+      np.testing.assert_array_equal(a, b)
+    np.testing.assert_allclose(picks[True][-1], picks[False][-1], rtol=1e-5, atol=1e-5)
