@@ -127,10 +127,13 @@ class NeuronMLP(nnx.Module):
     w_in = self.w_in_nd[...]
     b_in = None if self.b_in_n is None else self.b_in_n[...]
     b_out = None if self.b_out_d is None else self.b_out_d[...]
-    h_mn = pallas_kernels.skinny_matmul(x_md.astype(w_in.dtype), w_in, b_in, activation="relu", w_layout="nk",
-                                        implementation=implementation)
+    # fc1 hands fc2 zeroed split-K counters (`layers.CHAINED_COUNTERS`: no zero-fill kernel before fc2)
+    out = pallas_kernels.skinny_matmul(x_md.astype(w_in.dtype), w_in, b_in, activation="relu", w_layout="nk",
+                                       emit_counters=layers.CHAINED_COUNTERS, implementation=implementation)
+    h_mn, counters = out if layers.CHAINED_COUNTERS else (out, None)
     residual = None if residual_md is None else residual_md.astype(w_in.dtype)
-    return pallas_kernels.skinny_matmul(h_mn, self.w_out_nd[...], b_out, residual, implementation=implementation)
+    return pallas_kernels.skinny_matmul(h_mn, self.w_out_nd[...], b_out, residual, counters_C=counters,
+                                        implementation=implementation)
 
   def sparse(self, x_md, idx_k, *, implementation=None):
     """The MLP over neurons `idx_k` only (`[k]` int32, a batch-union set): gathered fc1 (bias, activation)

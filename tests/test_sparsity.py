@@ -482,7 +482,8 @@ def test_router_union_in_the_kernel_equals_logits_then_union(dtype):
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(5, OPT.hidden_size)), dtype)
   active = jnp.asarray([True, False, True, True, False])
-  want = np.asarray(topk.union_scores(decode_neuron_logits(router, x), active), np.float64)
+  with jax.default_matmul_precision("highest"):           # (float32 dots are TF32 on GPUs by default)
+    want = np.asarray(topk.union_scores(decode_neuron_logits(router, x), active), np.float64)
   unit = 2.0 ** -7 if topk.union_dtype() == jnp.bfloat16 else 1e-5                   # relative
   for impl in ("pallas", "xla"):
     got = decode_neuron_union(router, x, active, topk.union_dtype(), impl)

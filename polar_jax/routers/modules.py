@@ -196,15 +196,19 @@ def decode_neuron_logits(router: DecodeNeuronRouter, x_bd: jax.Array) -> jax.Arr
 def decode_neuron_union(router: DecodeNeuronRouter, x_bd: jax.Array, active_b: jax.Array | None, out_dtype,
                         implementation: str | None = None) -> jax.Array:
   """`[N]` batch-union scores `sum_b active_b * relu(logits)` (`polar_jax.topk.union_scores`) of one layer's
-  float decode router, in two `skinny_matmul` calls: the rank-r down-projection (rounded to the weights' dtype, as
-  `neuron_logits`), then the up-projection with the bias, the ReLU and the active rows' float32 column sums in its
-  epilogue, cast to `out_dtype` (the `[B, N]` logits are never written). Equal to
-  `union_scores(decode_neuron_logits(router, x_bd), active_b)` up to float32 summation order."""
+  float decode router: the rank-r down-projection as `neuron_logits` (XLA's dot, rounded to the weights' dtype;
+  measured faster than `skinny_matmul` for its 4096 x 1024 at B32: 8.2 vs 9.9 us with the counters' zero-fill,
+  benchmarks/NOTES.md session 14), then the up-projection by `skinny_matmul` with the bias, the ReLU and the active
+  rows' float32 column sums in its epilogue, cast to `out_dtype` (the `[B, N]` logits are never written, no reduce
+  kernel follows). Equal to `union_scores(decode_neuron_logits(router, x_bd), active_b)` up to float32 summation
+  order."""
   import pallas_kernels  # pylint: disable=import-outside-toplevel  (the kernels package imports no polar_jax)
   if router.s_down_r is not None:
     raise ValueError("decode_neuron_union needs float router weights; int8 routers take decode_neuron_logits")
   w_down = router.w_down_dr
-  low_br = pallas_kernels.skinny_matmul(x_bd.astype(w_down.dtype), w_down, implementation=implementation)
+  precision = jax.lax.Precision.HIGHEST if w_down.dtype == jnp.float32 else None   # not TF32 for float32 routers
+  low_br = jnp.dot(x_bd.astype(w_down.dtype), w_down, preferred_element_type=jnp.float32,
+                   precision=precision).astype(w_down.dtype)
   weights_b = (jnp.ones((x_bd.shape[0],), jnp.float32) if active_b is None
                else active_b.astype(jnp.float32))
   return pallas_kernels.skinny_matmul(low_br, router.w_up_rn, router.b_n, activation="relu", row_weights_M=weights_b,
