@@ -74,9 +74,8 @@ def _silu(y):
 
 
 def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, g_ref, rsq_ref, rw_ref, *refs,
-            cfg: MatmulConfig,
-            side_bn: int, glu: bool, relu: bool, w_nk: bool, emit: int, rope_heads, rms_eps, side_topk,
-            interpret: bool):
+            cfg: MatmulConfig, side_bn: int, glu: bool, relu: bool, w_nk: bool, emit: int, rope_heads, rms_eps,
+            side_topk, interpret: bool):
   """x_ref [M, K], w_ref [K, N] (w_nk: [N, K], tiles loaded [block_n, block_k]), b_ref [N], r_ref [M, N],
   w2_ref [K, N2], b2_ref [N2], pos_ref [M], inv_ref [D/2], g_ref [N] (a norm weight), rsq_ref [T, M] (each but x
   and w may be None; then the caches with rope_heads, the counters with splits), rw_ref [M] float32 row weights
@@ -281,9 +280,8 @@ COUNTERS = 1024
                                              "rope_heads", "rms_eps", "side_topk", "config", "interpret"))
 def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, counters_C=None, positions_M=None,
                          inv_freq_F=None, k_cache=None, v_cache=None, norm_scale_N=None, rms_sq_TM=None,
-                         row_weights_M=None, *,
-                         out_dtype, glu: str | None, activation: str | None = None, w_layout: str = "kn",
-                         emit_counters: bool = False, rope_heads=None,
+                         row_weights_M=None, *, out_dtype, glu: str | None, activation: str | None = None,
+                         w_layout: str = "kn", emit_counters: bool = False, rope_heads=None,
                          rms_eps: float | None = None, side_topk: tuple[int, int] | None = None,
                          config: MatmulConfig, interpret: bool):
   """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype; no splits with a side weight;
@@ -362,8 +360,7 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
   outs = pl.pallas_call(
       functools.partial(_kernel, cfg=config, side_bn=side_bn, glu=glu is not None, relu=activation == "relu",
-                        w_nk=w_layout == "nk",
-                        emit=COUNTERS if emit_counters else 0, rope_heads=rope_heads, rms_eps=rms_eps,
+                        w_nk=w_layout == "nk", emit=COUNTERS if emit_counters else 0, rope_heads=rope_heads, rms_eps=rms_eps,
                         side_topk=side_topk, interpret=interpret),
       grid=(m_blocks, ns, n_blocks + side_blocks),
       in_specs=[None if a is None else whole(a.shape) for a in operands],

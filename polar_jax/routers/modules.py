@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+import pallas_kernels
 from polar_jax.config import ModelConfig
 
 MAX_NEURON_RANK = 1024
@@ -202,7 +203,6 @@ def decode_neuron_union(router: DecodeNeuronRouter, x_bd: jax.Array, active_b: j
   rows' float32 column sums in its epilogue, cast to `out_dtype` (the `[B, N]` logits are never written, no reduce
   kernel follows). Equal to `union_scores(decode_neuron_logits(router, x_bd), active_b)` up to float32 summation
   order."""
-  import pallas_kernels  # pylint: disable=import-outside-toplevel  (the kernels package imports no polar_jax)
   if router.s_down_r is not None:
     raise ValueError("decode_neuron_union needs float router weights; int8 routers take decode_neuron_logits")
   w_down = router.w_down_dr
