@@ -500,9 +500,10 @@ def main(argv=None) -> int:
             rows.append((s, hf))
         for s, r in rows:
           ours = r["system"] == "polar_jax"
+          sparse = ours and (s.density < 1 or s.mlp == "router")
           rec = dict(prov, model=name, B=b, prompt=prompt, density=s.density, mlp=s.mlp, copy_tbps=copy_tbps,
-                     mlp_dense_above=s.mlp_dense_above if ours and s.mlp == "router" else None, router_dtype=(s.router_dtype or args.dtype) if ours and
-                     (s.density < 1 or s.mlp == "router") else None,
+                     mlp_dense_above=s.mlp_dense_above if ours and s.mlp == "router" else None,
+                     router_dtype=(s.router_dtype or args.dtype) if sparse else None,
                      tp=args.tp if r["system"] == "polar_jax" else 1,
                      dp=args.dp if r["system"] == "polar_jax" else 1,
                      devices=devices if r["system"] == "polar_jax" else 1,

@@ -47,6 +47,8 @@ class GatedMLP(nnx.Module):
     h = act(gate) * up
     return self.down_proj(h.astype(x.dtype))
 
+  decodes_in_kernels = True   # `decode` always runs (the layer's residual add in down_proj's epilogue)
+
   @property
   def glu_epilogue(self) -> bool:
     """Whether `decode` runs act(gate) * up in the fused gate|up kernel (then it takes `rms=`)."""

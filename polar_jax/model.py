@@ -125,9 +125,7 @@ class DecoderLayer(nnx.Module):
     h, k_cache, v_cache = self.attn.decode(x, lengths_b, k_cache, v_cache, group_idx, implementation=implementation,
                                            residual_bd=h_bd, router=router)   # h_bd + attention
     h = h if self.pre_norm else self.attn_norm(h)
-    # the residual add in down_proj / fc2 (OPT's ReLU MLP: `NeuronMLP.decodes_in_kernels`)
-    kernel_mlp = isinstance(self.mlp, GatedMLP) or getattr(self.mlp, "decodes_in_kernels", False)
-    if mlp_fn is None and one_device and kernel_mlp:
+    if mlp_fn is None and one_device and self.mlp.decodes_in_kernels:   # the residual add in down_proj / fc2
       out = self.mlp.decode(self.mlp_norm(h) if self.pre_norm else h, residual_md=h, implementation=implementation)
       return (out if self.pre_norm else self.mlp_norm(out)), k_cache, v_cache
     mlp = self.mlp if mlp_fn is None else (lambda y: mlp_fn(y, x))

@@ -482,13 +482,13 @@ def test_router_union_in_the_kernel_equals_logits_then_union(dtype):
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(5, OPT.hidden_size)), dtype)
   active = jnp.asarray([True, False, True, True, False])
+  unit = 2.0 ** -7 if topk.union_dtype() == jnp.bfloat16 else 1e-5                   # relative
   with jax.default_matmul_precision("highest"):           # (float32 dots are TF32 on GPUs by default)
     want = np.asarray(topk.union_scores(decode_neuron_logits(router, x), active), np.float64)
-  unit = 2.0 ** -7 if topk.union_dtype() == jnp.bfloat16 else 1e-5                   # relative
-  for impl in ("pallas", "xla"):
-    got = decode_neuron_union(router, x, active, topk.union_dtype(), impl)
-    assert got.shape == (OPT.intermediate_size,) and got.dtype == topk.union_dtype()
-    np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=unit, atol=1e-6)
+    for impl in ("pallas", "xla"):
+      got = decode_neuron_union(router, x, active, topk.union_dtype(), impl)
+      assert got.shape == (OPT.intermediate_size,) and got.dtype == topk.union_dtype()
+      np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=unit, atol=1e-6)
   assert (want[-128:] == 0).all() and (want > 0).sum() > 100                          # real, partly-zero scores
   with pytest.raises(ValueError, match="float router weights"):
     decode_neuron_union(decode_neuron_layers(routers.neuron, [True], jnp.int8)[0], x, active, jnp.float32)

@@ -102,9 +102,15 @@ def neuron_logits(w_down_dr, w_up_rn, b_n, x_bd):
   accumulation: float32 weights (training, calibration, checkpoints) give exactly the float32 logits; bf16
   weights (the decode copy, `decode_neuron_layers`) read half the bytes, with `x_bd` and the rank-r
   intermediate rounded to bf16 like the input of any bf16 layer."""
-  low_br = jnp.dot(x_bd.astype(w_down_dr.dtype), w_down_dr, preferred_element_type=jnp.float32)
-  return (jnp.dot(low_br.astype(w_up_rn.dtype), w_up_rn, preferred_element_type=jnp.float32)
-          + b_n.astype(jnp.float32))
+  low_br = neuron_low_rank(w_down_dr, x_bd).astype(w_up_rn.dtype)
+  return jnp.dot(low_br, w_up_rn, preferred_element_type=jnp.float32) + b_n.astype(jnp.float32)
+
+
+def neuron_low_rank(w_down_dr, x_bd):
+  """`[B, r]`: the neuron router's rank-r down-projection in the weight's dtype (float32 accumulation, then
+  rounded), the first half of `neuron_logits` and of `decode_neuron_union`."""
+  return jnp.dot(x_bd.astype(w_down_dr.dtype), w_down_dr, preferred_element_type=jnp.float32).astype(
+      w_down_dr.dtype)
 
 
 def decode_head_layers(head: HeadRouters, layers, dtype=jnp.float32) -> tuple:
@@ -197,20 +203,16 @@ def decode_neuron_logits(router: DecodeNeuronRouter, x_bd: jax.Array) -> jax.Arr
 def decode_neuron_union(router: DecodeNeuronRouter, x_bd: jax.Array, active_b: jax.Array | None, out_dtype,
                         implementation: str | None = None) -> jax.Array:
   """`[N]` batch-union scores `sum_b active_b * relu(logits)` (`polar_jax.topk.union_scores`) of one layer's
-  float decode router: the rank-r down-projection as `neuron_logits` (XLA's dot, rounded to the weights' dtype;
-  measured faster than `skinny_matmul` for its 4096 x 1024 at B32: 8.2 vs 9.9 us with the counters' zero-fill,
+  float decode router: the rank-r down-projection of `neuron_logits` (`neuron_low_rank`, XLA's dot: measured
+  faster than `skinny_matmul` for its 4096 x 1024 at B32, 8.2 vs 9.9 us with the counters' zero-fill,
   benchmarks/NOTES.md session 14), then the up-projection by `skinny_matmul` with the bias, the ReLU and the active
   rows' float32 column sums in its epilogue, cast to `out_dtype` (the `[B, N]` logits are never written, no reduce
   kernel follows). Equal to `union_scores(decode_neuron_logits(router, x_bd), active_b)` up to float32 summation
   order."""
   if router.s_down_r is not None:
     raise ValueError("decode_neuron_union needs float router weights; int8 routers take decode_neuron_logits")
-  w_down = router.w_down_dr
-  precision = jax.lax.Precision.HIGHEST if w_down.dtype == jnp.float32 else None   # not TF32 for float32 routers
-  low_br = jnp.dot(x_bd.astype(w_down.dtype), w_down, preferred_element_type=jnp.float32,
-                   precision=precision).astype(w_down.dtype)
-  weights_b = (jnp.ones((x_bd.shape[0],), jnp.float32) if active_b is None
-               else active_b.astype(jnp.float32))
+  low_br = neuron_low_rank(router.w_down_dr, x_bd).astype(router.w_up_rn.dtype)
+  weights_b = jnp.ones((x_bd.shape[0],), jnp.float32) if active_b is None else active_b.astype(jnp.float32)
   return pallas_kernels.skinny_matmul(low_br, router.w_up_rn, router.b_n, activation="relu", row_weights_M=weights_b,
                                       out_dtype=out_dtype, implementation=implementation)
 
