@@ -70,7 +70,8 @@ def test_smoke_generate_timing(tmp_path):
 
 def test_decode_loop_matches_generate_tokens():
   """The timed decode loop (`e2e.DecodeLoop`) runs `generate`'s prefill and step: the same greedy tokens for the
-  same prompts (dense and sparse), step by step and as one n-step call; its HLO text is the loop's."""
+  same prompts (dense and sparse), step by step, as one n-step call and from a rewound cache (the timing reuses
+  one prefill); its HLO text is the loop's."""
   import numpy as np
   from polar_jax import generation
   cfg = e2e.MODELS["tiny"]
@@ -90,8 +91,14 @@ def test_decode_loop_matches_generate_tokens():
     np.testing.assert_array_equal(np.stack(got, 1)[:2], want)
     tok, cache = loop.prefill()
     assert "while" in loop.compiled_text(tok, cache)
-    last, _ = loop.decode(tok, cache, 5)                       # five steps in one call: the same last token
+    lengths_b = np.asarray(cache.lengths_b)
+    last, cache = loop.decode(tok, cache, 5)                   # five steps in one call: the same last token
     np.testing.assert_array_equal(np.asarray(last), want[:, -1])
+    assert (np.asarray(cache.lengths_b) == lengths_b + 5).all()
+    for n in (5, 3):                                           # the timing's reuse: rewound, the same tokens
+      cache = loop.rewind(cache, lengths_b)
+      last, cache = loop.decode(tok, cache, n)
+      np.testing.assert_array_equal(np.asarray(last), want[:, n])
 
 
 def test_profile_step_arithmetic_and_smoke(tmp_path):
