@@ -290,12 +290,13 @@ def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: 
 
 
 def run_polar(setting: Setting, model, config: ModelConfig, *, n1: int, n2: int, iters: int,
-              copy_tbps: float, routers=None, timing: str = "decode_loop") -> dict[str, Any]:
+              copy_tbps: float, routers=None, timing: str = "decode_loop", prefill_iters: int = 2) -> dict[str, Any]:
   rng = np.random.default_rng(0)
   ids = rng.integers(0, config.vocab_size, (setting.batch, setting.prompt)).astype(np.int32)
   sparsity = sparsity_for(setting)
   if timing == "decode_loop":
-    t1, t2, prefill_s, loop = time_decode_loop(model, ids, sparsity, routers, n1=n1, n2=n2, iters=iters)
+    t1, t2, prefill_s, loop = time_decode_loop(model, ids, sparsity, routers, n1=n1, n2=n2, iters=iters,
+                                                  prefill_iters=prefill_iters)
     tok_s, ms = decode_rate(setting.batch, n1, n2, t1, t2)
     prefill_ms = prefill_s * 1e3
     step, state = loop.step, loop.state
@@ -431,6 +432,8 @@ def main(argv=None) -> int:
   p.add_argument("--n2", type=int, default=72, help="new tokens of the long run (decode steps timed: n2 - n1; "
                  "8 and 72 as shared/anchors.md)")
   p.add_argument("--iters", type=int, default=5, help="timed runs per length (the fastest is used)")
+  p.add_argument("--prefill-iters", type=int, default=2,
+                 help="timed prefills per setting, each after one that compiles (the fastest is used)")
   p.add_argument("--densities", nargs="+", type=float, default=[1.0], help="attention densities (1 = dense)")
   p.add_argument("--mlp", nargs="+", default=["dense"], choices=["dense", "router"],
                  help="MLP modes (router: batch-union neurons, ReLU models)")
@@ -503,7 +506,8 @@ def main(argv=None) -> int:
                 s = Setting(name, b, prompt, density, mlp, above, rdt)
                 r = _guarded(lambda: run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters,
                                                copy_tbps=copy_tbps * devices, routers=routers,
-                                               timing=args.timing), "polar_jax")
+                                               timing=args.timing, prefill_iters=args.prefill_iters),
+                                     "polar_jax")
                 rows.append((s, r))
         s = Setting(name, b, prompt)
         if "hf_static" in args.systems:

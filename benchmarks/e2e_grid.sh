@@ -9,6 +9,7 @@
 # length (1000, 2000, 4000; default all), so that a model's grid can be split over calls of 10 minutes. Records
 # go to $OUT/e2e.jsonl as measured (a cut-off call keeps its rows); OPT's neuron budgets are read from
 # $MLP_TOPK_DIR (default .carry/mlp_topk: shared/reference-data/mlp_topk/opt-6.7b's bsize_*.csv copied there).
+# One timed prefill per setting (PREFILL_ITERS, default 1: a B64 x 4000 prefill takes seconds).
 set -o pipefail
 export PYTHONUNBUFFERED=1
 model=${1:?usage: benchmarks/e2e_grid.sh MODEL [PROMPT]}
@@ -31,7 +32,8 @@ for entry in $grid; do
   [ "$part" = all ] || [ "$part" = "$prompt" ] || { [ "$part" = 2000 ] && [ "$prompt" = 1900 ]; } || continue
   batches=${entry#*:}
   python benchmarks/e2e.py --models "$model" --prompts "$prompt" --batch ${batches//,/ } \
-    --densities 1 0.625 0.5 0.25 "${mlp[@]}" --out "$OUT/e2e.jsonl" 2>&1 | grep --line-buffered -v Warning \
+    --densities 1 0.625 0.5 0.25 "${mlp[@]}" --prefill-iters "${PREFILL_ITERS:-1}" \
+    --out "$OUT/e2e.jsonl" 2>&1 | grep --line-buffered -v Warning \
     | while IFS= read -r line; do echo "$(date +%T) $line"; done | tee -a "$OUT/grid_$model.log" || status=1
 done
 exit $status
