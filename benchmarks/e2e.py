@@ -395,37 +395,59 @@ def _hf_config(config: ModelConfig, transformers):
   return cls(**kw, **common_kw)
 
 
+DENSITY_COLORS = {1.0: "tab:blue", 0.625: "tab:green", 0.5: "tab:orange", 0.25: "tab:purple"}
+
+
 def plot(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
-  """Decode tokens/s vs batch size, one panel per model; a series per system/density/prompt (/tp, /device when
-  several); the latest record wins where a setting was measured more than once."""
+  """Decode tokens/s vs batch size on one device: a panel per model (columns) and prompt length (rows: ~1000,
+  ~2000, ~4000), a colour per attention density, dashed with the MLP union, Hugging Face static in black. Only the
+  device of the newest record and one-GPU runs (the table has the rest); the latest record wins where a setting
+  was measured more than once."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
   records = [r for r in records if r.get("decode_tok_s") is not None and r.get("model") in MODELS]
   if not records:
     raise ValueError("no measured records to plot")
+  device = max(records, key=lambda r: r["date"])["device"]
+  records = [r for r in records if r["device"] == device and r.get("devices", r.get("tp", 1)) == 1]
+  bucket = lambda prompt: 1000 if prompt < 1500 else 2000 if prompt < 3000 else 4000  # noqa: E731
   models = sorted({r["model"] for r in records})
-  several_devices = len({r["device"] for r in records}) > 1
-  fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.5), squeeze=False)
-  for ax, m in zip(axes[0], models):
-    series: dict[str, dict[int, float]] = {}
-    for r in sorted((r for r in records if r["model"] == m), key=lambda r: r["date"]):
-      label = "HF static" if r["system"] == "hf_static" else (
-          "polar dense" if r["density"] == 1.0 and r["mlp"] == "dense" else f"polar d={r['density']} mlp={r['mlp']}")
-      label += f" p{r['prompt']}" + (f" tp{r['tp']}" if r.get("tp", 1) > 1 else "")
-      if several_devices:
-        label += f" [{r['device'].replace('NVIDIA ', '')}]"
-      series.setdefault(label, {})[r["B"]] = r["decode_tok_s"]
-    for label, pts in sorted(series.items()):
-      bs = sorted(pts)
-      ax.plot(bs, [pts[b] for b in bs], marker="o", label=label)
-    ax.set_title(m)
-    ax.set_xlabel("batch size")
-    ax.set_ylabel("decode tokens/s")
-    ax.set_xscale("log", base=2)
-    ax.legend(fontsize=6)
+  rows = sorted({bucket(r["prompt"]) for r in records})
+  fig, axes = plt.subplots(len(rows), len(models), figsize=(4.2 * len(models), 3.4 * len(rows)), squeeze=False)
+  for i, row in enumerate(rows):
+    for j, m in enumerate(models):
+      ax = axes[i][j]
+      series: dict[tuple, dict[int, float]] = {}
+      prompts = set()
+      for r in sorted((r for r in records if r["model"] == m and bucket(r["prompt"]) == row),
+                      key=lambda r: r["date"]):
+        prompts.add(r["prompt"])
+        key = ("hf", 1.0, "dense") if r["system"] == "hf_static" else ("polar", r["density"], r["mlp"])
+        series.setdefault(key, {})[r["B"]] = r["decode_tok_s"]
+      for (system, density, mlp), pts in sorted(series.items(), key=lambda kv: (kv[0][0], -kv[0][1], kv[0][2])):
+        bs = sorted(pts)
+        label = "HF static" if system == "hf" else f"d={density:g}" + (" + MLP union" if mlp == "router" else "")
+        ax.plot(bs, [pts[b] for b in bs], marker="x" if system == "hf" else "o", markersize=4, label=label,
+                color="black" if system == "hf" else DENSITY_COLORS.get(density, "tab:gray"),
+                linestyle="--" if mlp == "router" else "-")
+      if not series:
+        ax.set_visible(False)
+        continue
+      ax.set_title(f"{m}, prompt {'/'.join(str(x) for x in sorted(prompts))}", fontsize=9)
+      ax.set_xscale("log", base=2)
+      batches = sorted({b for pts in series.values() for b in pts})
+      ax.set_xticks(batches, [str(b) for b in batches])
+      ax.grid(alpha=0.3)
+      ax.legend(fontsize=6)
+      if i == len(rows) - 1:
+        ax.set_xlabel("batch size")
+      if j == 0:
+        ax.set_ylabel("decode tokens/s")
+  fig.suptitle(f"polar_jax decode throughput, {device.replace('NVIDIA ', '')} (d = attention density)", fontsize=10)
   fig.tight_layout()
-  fig.savefig(path, dpi=120)
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
 
 
 def main(argv=None) -> int:
