@@ -274,14 +274,15 @@ def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: 
   tokens, the same program and bytes), so a setting costs 1 + prefill_iters prefills, not 2 (iters + 1)."""
   loop = DecodeLoop(model, ids, sparsity, routers, max_new_tokens=n2)
   best = {"prefill": float("inf"), n1: float("inf"), n2: float("inf")}
-  compiled = (model.config, model.dtype, ids.shape, n2) in _PREFILLED    # the prefill does not depend on the sparsity
+  shape = (model.config, model.dtype, ids.shape, n2)     # the prefill program does not depend on the sparsity
+  compiled = shape in _PREFILLED
   for i in range(prefill_iters + (0 if compiled else 1)):
     cache = None                                  # (one cache alive at a time)
     t0 = time.perf_counter()
     tok, cache = loop.prefill()
     if i or compiled:
       best["prefill"] = min(best["prefill"], time.perf_counter() - t0)
-  _PREFILLED.add((model.config, model.dtype, ids.shape, n2))
+  _PREFILLED.add(shape)
   lengths_b = np.asarray(cache.lengths_b)
   for i in range(iters + 1):                      # the first round compiles and warms up
     for n in (n1, n2):

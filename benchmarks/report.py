@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import pathlib
 import sys
@@ -145,9 +146,11 @@ def router_cost_table(recs: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-  argv = sys.argv[1:] if argv is None else argv
+  p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--all-e2e", action="store_true", help="only every end-to-end setting's latest record, a line each")
+  args = p.parse_args(argv)
   e2e = load("e2e.jsonl")
-  if "--all-e2e" in argv:          # every end-to-end setting's latest record, one line each
+  if args.all_e2e:
     print(e2e_table(e2e))
     return 0
   kernels = load("kernels.jsonl")

@@ -35,3 +35,17 @@ def test_grid_script_names_an_unknown_model():
   script = pathlib.Path(report.__file__).parent / "e2e_grid.sh"
   out = subprocess.run(["bash", str(script), "gpt-5"], capture_output=True, text=True)
   assert out.returncode == 2 and "unknown model 'gpt-5'" in out.stderr
+
+
+def test_main_prints_the_grid_or_every_record(tmp_path, monkeypatch, capsys):
+  import json
+  recs = [_rec("m", 32, 1.0, 1000.0), _rec("m", 32, 0.5, 1500.0), _rec("m", 32, 0.5, 2000.0, device="NVIDIA H200")]
+  (tmp_path / "e2e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs))
+  monkeypatch.setattr(report, "RESULTS", tmp_path)
+  assert report.main([]) == 0
+  out = capsys.readouterr().out
+  assert "## End to end, one H100 80GB HBM3" in out and "1500.0 (1.50x)" in out
+  assert out.count("| H200 |") == 1                           # the other device, in the full-format table
+  assert report.main(["--all-e2e"]) == 0
+  out = capsys.readouterr().out
+  assert out.count("| m | polar_jax |") == 3 and "## " not in out
