@@ -136,7 +136,7 @@ def save_model(path: str | os.PathLike, model: CausalLM) -> None:
 
 # ---- reading ------------------------------------------------------------------------------------
 def _checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
-  path = pathlib.Path(path)
+  path = pathlib.Path(path).absolute()   # Orbax reads nothing from a relative path
   if not path.is_dir():
     raise CheckpointError(f"checkpoint directory {path} does not exist "
                           "(create one with: polar-convert SRC OUT)")
