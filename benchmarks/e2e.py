@@ -268,8 +268,8 @@ def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: 
   that compiles, for the first setting of a shape).
 
   `generate` compiles one program per `max_new_tokens`, prefill included, so `t(N2) - t(N1)` of two generate
-  calls also carries the difference of two prefills and of two autotuning outcomes (session 6: B32 readings of
-  one commit fell into ~2685 or ~2760 tok/s by process); here both counts run the same program, prefill-free.
+  calls also carries the difference of two prefills and of two autotuning outcomes (B32 readings of one
+  commit fell into ~2685 or ~2760 tok/s by process); here both counts run the same program, prefill-free.
   The decode runs reuse the last prefill's cache, rewound to the prompt lengths (`DecodeLoop.rewind`: the same
   tokens, the same program and bytes), so a setting costs 1 + prefill_iters prefills, not 2 (iters + 1)."""
   loop = DecodeLoop(model, ids, sparsity, routers, max_new_tokens=n2)

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The end-to-end grid of issue 6 on one 80 GB GPU, run from the repository root on a device machine:
+# The end-to-end grid (batch x prompt x density per model) on one 80 GB GPU, run from the repository root on a device machine:
 #
 #   benchmarks/e2e_grid.sh MODEL [PART]      # MODEL: llama2-7b | llama3.1-8b | mistral-7b | opt-6.7b
 #

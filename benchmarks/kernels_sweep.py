@@ -24,7 +24,7 @@ from pallas_kernels import gather_matmul_triton
 A = AttentionConfig
 # (B, S, Hq, Hkv, K): configs as (block_k, num_splits, num_warps, num_stages).
 ATTENTION_SWEEP = {
-    # Session 4: the decode step's shapes (LLaMA-2-7B B32/B16 prompt ~2000 at density 0.5 and dense, Llama-3.1-8B
+    # The decode step's shapes (LLaMA-2-7B B32/B16 prompt ~2000 at density 0.5 and dense, Llama-3.1-8B
     # B32 prompt 4000 at 0.625): num_splits 1 = the direct kernel (no merge/normalise/scatter after it) against
     # the split-K kernel and its XLA epilogue, and the direct kernel's pipeline depth. Earlier sweeps' shapes and
     # results: results/kernels_sweep.jsonl.

@@ -1,4 +1,4 @@
-"""Gathered-MLP implementation variants vs the issue-3 bound, on one GPU.
+"""Gathered-MLP implementation variants vs the target bound (1.25 x bytes / copy bandwidth + 10 us), on one GPU.
 
 For M in {1, 8, 32, 128} and density in {0.1, 0.25, 0.5, 1.0} (d 4096, N 16384,
 ReLU, bf16, cols + rows): each variant is first checked against the XLA
@@ -49,7 +49,7 @@ def mlp_bytes(k: int, d: int, itemsize: int = 2) -> int:
 
 
 def bound_ms(nbytes: int, copy_tbps: float) -> float:
-  """The issue-3 target: 1.25 x bytes / copy bandwidth + 10 us, in ms."""
+  """The target bound: 1.25 x bytes / copy bandwidth + 10 us, in ms."""
   return BOUND_FACTOR * nbytes / (copy_tbps * 1e12) * 1e3 + BOUND_FIXED_MS
 
 

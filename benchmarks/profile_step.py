@@ -1,4 +1,4 @@
-"""Where a decode step's GPU time goes, per kernel (a script, not a test; issue 6 "find where the time goes").
+"""Where a decode step's GPU time goes, per kernel (a script, not a test).
 
 Default (`--timing decode_loop`): prefills, compiles and warms up `generate`'s decode step as one greedy loop
 (`e2e.DecodeLoop`), then traces one call of N2 steps under `jax.profiler.trace`; per-step time of kernel K =
@@ -125,9 +125,9 @@ def main(argv=None) -> int:
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
   switches = common.apply_step_switches(args)
-  # A decode loop recorded as one command buffer (WHILE) hides its kernels from the profiler (session 10: a
-  # Llama-3.1 B32 step read 0.29 ms of kernels): profile the loop with XLA's default kinds, each step's kernels
-  # still in graphs, as the records before session 10.
+  # A decode loop recorded as one command buffer (WHILE) hides its kernels from the profiler (a Llama-3.1 B32
+  # step read 0.29 ms of kernels): profile the loop with XLA's default kinds, each step's kernels still in
+  # graphs.
   switches["loop_graph"] = compile_options.LOOP_GRAPH = False
   try:
     return _profile(p, args, switches)

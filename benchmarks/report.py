@@ -1,18 +1,32 @@
-"""Markdown tables of the benchmark results (`benchmarks/results/*.jsonl`), for the README and notes.
+"""Markdown tables of the benchmark results (`benchmarks/results/*.jsonl`): the README's, `docs/performance.md`.
 
-  python benchmarks/report.py            # prints the kernel and end-to-end tables
-  python benchmarks/report.py --all-e2e  # every end-to-end setting's latest record, one line each
+  python benchmarks/report.py                                   # prints the kernel and end-to-end tables
+  python benchmarks/report.py --all-e2e                         # every end-to-end setting's latest record
+  python benchmarks/report.py --readme                          # prints the README's two tables
+  python benchmarks/report.py --readme README.md                # rewrites them in README.md, between its markers
+  python benchmarks/report.py --performance-md docs/performance.md   # writes every table, with how it was measured
+
+Every number in the README's tables and in `docs/performance.md` comes from here: none is typed by hand.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import sys
+import tempfile
 
 RESULTS = pathlib.Path(__file__).resolve().parent / "results"
-GRID_DEVICE = "NVIDIA H100 80GB HBM3"     # the device of issue 6's one-GPU grid (benchmarks/e2e_grid.sh)
+GRID_DEVICE = "NVIDIA H100 80GB HBM3"     # the device of the one-GPU grid (benchmarks/e2e_grid.sh)
+README_BATCH = 32                        # the README's performance table: batch 32 at each model's grid prompt
+README_PROMPTS = {"opt-6.7b": 1900}      # OPT-6.7B's context is 2048 tokens; the others use 2000
+README_PROMPT = 2000
+ACCURACY_MODEL = "smollm2-135m"          # the README's accuracy table: the shipped routers' model, engine mode
+ACCURACY_FILES = ("accuracy.jsonl", "accuracy_cpu_n200.jsonl")
+README_BEGIN = "<!-- tables: python benchmarks/report.py --readme README.md -->"
+README_END = "<!-- end of tables -->"
 
 
 def load(name: str) -> list[dict]:
@@ -88,11 +102,13 @@ def e2e_table(recs: list[dict], keep=lambda r: True) -> str:
 GRID_DENSITIES = (1.0, 0.625, 0.5, 0.25)
 
 
-def e2e_grid_table(recs: list[dict], device: str) -> str:
+def e2e_grid_table(recs: list[dict], device: str, keep=lambda model, b, prompt: True) -> str:
   """The one-GPU grid on `device` (latest record per setting): a row per model / B / prompt / MLP, decode tok/s at
   each attention density with the ratio to our dense run (attention and MLP dense) of the same shape, Hugging Face
-  static's tok/s where measured, the row's range of roofline fractions and its records' commits."""
-  latest = {k: r for k, r in latest_e2e(recs).items() if k[7] == device and k[6] == 1 and r.get("devices", 1) == 1}
+  static's tok/s where measured, the row's range of roofline fractions and its records' commits. `keep(model, B,
+  prompt)` selects the rows."""
+  latest = {k: r for k, r in latest_e2e(recs).items() if k[7] == device and k[6] == 1 and r.get("devices", 1) == 1
+            and keep(k[0], k[2], k[3])}
   rows: dict[tuple, dict] = {}
   for (model, system, b, prompt, density, mlp, _, _), r in latest.items():
     if system == "hf_static":
@@ -145,18 +161,202 @@ def router_cost_table(recs: list[dict]) -> str:
   return "\n".join(out)
 
 
+def date_range(recs: list[dict]) -> str:
+  days = sorted({r["date"][:10] for r in recs if r.get("date")})
+  return "" if not days else days[0] if len(days) == 1 else f"{days[0]} to {days[-1]}"
+
+
+def _grid_device(e2e: list[dict]) -> str | None:
+  return GRID_DEVICE if any(r["device"] == GRID_DEVICE for r in e2e) else None
+
+
+def readme_performance(e2e: list[dict]) -> str:
+  """The README's performance table: the one-GPU grid at batch 32 and each model's grid prompt, with its caption."""
+  device = _grid_device(e2e)
+  if device is None:
+    return "(no end-to-end records on the grid's device)"
+  keep = lambda model, b, prompt: b == README_BATCH and prompt == README_PROMPTS.get(model, README_PROMPT)
+  used = [r for r in latest_e2e(e2e).values() if r["device"] == device and r.get("tp", 1) == 1
+          and keep(r["model"], r["B"], r["prompt"])]
+  return (f"Decode tokens/s, batch {README_BATCH}, prompt {README_PROMPT} (OPT-6.7B {README_PROMPTS['opt-6.7b']}), "
+          f"one {device.replace('NVIDIA ', '')}, measured {date_range(used)}; in parentheses the ratio to our dense "
+          "run; \"union\" rows add OPT's MLP neuron union:\n\n"
+          + e2e_grid_table(e2e, device, keep))
+
+
+def load_accuracy() -> list[dict]:
+  """Every accuracy record of `ACCURACY_FILES`, file by file (file order = time order within a file)."""
+  return [r for name in ACCURACY_FILES for r in load(name)]
+
+
+def accuracy_groups(recs: list[dict]) -> dict[tuple, dict[tuple, dict]]:
+  """{(model, mode, device): {(selector, density, budget): {task: latest record}}}, critical-density summaries
+  skipped (`budget` as `polar_jax.evaluation.report.budget_key`: "" for uniform budgets, "shards=N" for balanced
+  per-shard selection)."""
+  from polar_jax.evaluation.report import budget_key
+  out: dict[tuple, dict[tuple, dict]] = {}
+  for r in recs:
+    if r.get("kind") == "critical_density":
+      continue
+    setting = (r["selector"], float(r["density"]), budget_key(r))
+    out.setdefault((r["model"], r["mode"], r["device"]), {}).setdefault(setting, {})[r["task"]] = r
+  return out
+
+
+def accuracy_table(settings: dict[tuple, dict], *, budgets: bool = False) -> str:
+  """Accuracy in % (± standard error) per task, their average, and perplexity with its change against dense."""
+  tasks = sorted({t for by_task in settings.values() for t in by_task if t != "ppl"})
+  has_ppl = any("ppl" in by_task for by_task in settings.values())
+  dense = settings.get(("dense", 1.0, ""), {})
+  head = ["selector", "density", "KV groups"] + (["budget", "avg density"] if budgets else []) + tasks
+  head += ["avg"] if tasks else []
+  head += ["ppl", "Δppl"] if has_ppl else []
+  out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  order = {"dense": 0, "router": 1, "oracle": 2, "static": 3, "random": 4}
+  for (sel, dens, budget), by_task in sorted(settings.items(), key=lambda kv: (-kv[0][1], kv[0][2],
+                                                                                 order.get(kv[0][0], 9), kv[0][0])):
+    any_rec = next(iter(by_task.values()))
+    cells = [sel, f"{dens:g}", f"{any_rec['groups']}/{any_rec['num_groups']}"]
+    if budgets:
+      avg = any_rec.get("avg_density")
+      cells += [budget or "uniform", "" if avg is None else f"{avg:.3f}"]
+    vals = [by_task[t]["value"] for t in tasks if t in by_task]
+    cells += [f"{100 * by_task[t]['value']:.1f} ± {100 * by_task[t]['stderr']:.1f}" if t in by_task else "–"
+              for t in tasks]
+    cells += [f"{100 * sum(vals) / len(vals):.1f}" if len(vals) == len(tasks) else "–"] if tasks else []
+    if has_ppl:
+      ppl, base = by_task.get("ppl"), dense.get("ppl")
+      cells.append(f"{ppl['value']:.2f} ± {ppl['stderr']:.2f}" if ppl else "–")
+      cells.append(f"{100 * (ppl['value'] / base['value'] - 1):+.1f}%" if ppl and base else "–")
+    out.append("| " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
+def _group_caption(group: tuple, settings: dict[tuple, dict]) -> str:
+  model, mode, device = group
+  recs = [r for by_task in settings.values() for r in by_task.values()]
+  sizes: dict[str, set] = {}
+  for r in recs:
+    sizes.setdefault(r["task"], set()).add(r["n"])
+  size = ", ".join(f"{t} " + "/".join(f"{n:,}" for n in sorted(ns)) + (" tokens" if t == "ppl" else "")
+                   for t, ns in sorted(sizes.items()))
+  return f"{model}, {mode} mode, {device}, {recs[0]['dtype']}, measured {date_range(recs)}; n = {size}"
+
+
+def readme_accuracy(recs: list[dict]) -> str:
+  """The README's accuracy table: the shipped routers' model, uniform budgets, on the device with the most
+  zero-shot documents evaluated."""
+  groups = {g: s for g, s in accuracy_groups(recs).items() if g[0] == ACCURACY_MODEL and g[1] == "engine"
+            and ("dense", 1.0, "") in s}
+  if not groups:
+    return f"(no accuracy records of {ACCURACY_MODEL})"
+  group = max(groups, key=lambda g: sum(r["n"] for s in groups[g].values() for r in s.values() if r["task"] != "ppl"))
+  settings = {k: v for k, v in groups[group].items() if k[2] == ""}
+  return _group_caption(group, settings) + ":\n\n" + accuracy_table(settings)
+
+
+def readme_tables(e2e: list[dict], accuracy: list[dict]) -> str:
+  return readme_performance(e2e) + "\n\n" + readme_accuracy(accuracy)
+
+
+def replace_readme_tables(text: str, tables: str) -> str:
+  """`text` with the part between `README_BEGIN` and `README_END` replaced by `tables`."""
+  start, end = text.find(README_BEGIN), text.find(README_END)
+  if start < 0 or end < start:
+    raise ValueError(f"the README has no {README_BEGIN!r} ... {README_END!r} block")
+  return text[:start + len(README_BEGIN)] + "\n" + tables + "\n" + text[end:]
+
+
+PERFORMANCE_INTRO = """# Measured performance and accuracy
+
+Generated by `python benchmarks/report.py --performance-md docs/performance.md` from `benchmarks/results/*.jsonl`;
+do not edit by hand. `docs/design.md` says how the decode step works, `benchmarks/NOTES.md` what was tried.
+
+How the end-to-end figures are measured (`benchmarks/e2e.py`): random bf16 weights and random routers of the
+model's shape, layer 0 dense, greedy decoding, prefill excluded. A setting prefills once; each timed run decodes
+from that cache rewound to the prompt lengths, with one compiled decode loop (the step `generate` runs), and
+tokens/s = B x 64 / (t(72 new tokens) - t(8)), the fastest of the runs. `hf_static` is transformers' `generate`
+with `cache_implementation="static"` in its own process on the same GPU. Roofline = (weight bytes + the selected
+KV bytes) per step / step time / (copy bandwidth x devices), the copy bandwidth measured by a read+write copy in
+the same process (it reads below the HBM peak, so a fraction above 1 means "at the roofline"). Rows are the latest
+record of each setting; records of older commits ran older code (see their commit and date). The grid as a plot:
+`benchmarks/results/e2e.png` (`python benchmarks/e2e.py --plot-only --plot benchmarks/results/e2e.png`).
+"""
+
+
+def performance_markdown(e2e: list[dict], kernels: list[dict], layer: list[dict], accuracy: list[dict]) -> str:
+  parts = [PERFORMANCE_INTRO.rstrip()]
+  device = _grid_device(e2e)
+  if device:
+    grid = [r for r in latest_e2e(e2e).values() if r["device"] == device and r.get("tp", 1) == 1]
+    parts.append(f"## End to end, one {device.replace('NVIDIA ', '')} (`benchmarks/e2e_grid.sh`)\n\n"
+                 f"Measured {date_range(grid)}. Decode tokens/s; in parentheses the ratio to our dense run of the "
+                 "same shape; \"union\" rows add OPT's MLP neuron union to the attention density of the column; "
+                 "roofline = the range over the row.\n\n" + e2e_grid_table(e2e, device))
+  parts.append("## End to end, other devices and tensor parallel (`benchmarks/e2e.py --tp N`)\n\n"
+               + e2e_table(e2e, keep=lambda r: r["device"] != device or r.get("devices", r.get("tp", 1)) > 1))
+  parts.append("## One decoder layer (`benchmarks/layer.py`)\n\nLLaMA-2-7B layer, cache of random values, 16 "
+               "layer-steps per jitted loop, wall clock.\n\n" + layer_table(layer))
+  parts.append("## Router cost, all layers of one decode step (`benchmarks/layer.py --router-cost`)\n\n"
+               "\"isolated\": the routers alone on random inputs; \"insitu\": one routed layer minus the same layer "
+               "with a fixed selection, times the routed layers (a difference of two timings: about ±0.1 ms from "
+               "call to call). Records in the order measured.\n\n" + router_cost_table(layer))
+  parts.append("## Selective decode attention (`benchmarks/kernels.py`)\n\nbf16, head size 128; ms is the CUPTI "
+               "time of all kernels of the op.\n\n" + attention_table(kernels))
+  parts.append("## Gathered MLP, columns + rows (`benchmarks/kernels.py`)\n\nd 4096, N 16384, ReLU, bf16.\n\n"
+               + mlp_table(kernels))
+  acc = ["## Accuracy (`polar-eval`)\n\nAccuracy in % ± standard error (acc_norm for HellaSwag, acc otherwise), "
+         "perplexity on held-out LAMBADA + BoolQ windows; density = fraction of KV groups kept per row in every layer "
+         "but layer 0; engine mode: dense prefill, every scored token through the sparse decode step. Models "
+         "`-mha9` / `-mha9i`: SmolLM2-135M as its equivalent MHA model (9 groups), grouped / interleaved over 3 "
+         "shards; budget `shards=3`: balanced per-shard selection. Paired differences: "
+         "`benchmarks/results/accuracy.md`."]
+  for group, settings in sorted(accuracy_groups(accuracy).items()):
+    budgets = any(k[2] for k in settings)
+    acc.append(f"### {_group_caption(group, settings)}\n\n" + accuracy_table(settings, budgets=budgets))
+  parts.append("\n\n".join(acc))
+  return "\n\n".join(parts) + "\n"
+
+
+def write_atomic(path: pathlib.Path, text: str) -> None:
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+  with os.fdopen(fd, "w", encoding="utf-8") as f:
+    f.write(text)
+  os.replace(tmp, path)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--all-e2e", action="store_true", help="only every end-to-end setting's latest record, a line each")
+  p.add_argument("--readme", nargs="?", const="-", metavar="README",
+                 help="the README's performance and accuracy tables: printed, or rewritten in README between "
+                      "its markers")
+  p.add_argument("--performance-md", type=pathlib.Path, metavar="PATH", help="write every table to PATH")
   args = p.parse_args(argv)
   e2e = load("e2e.jsonl")
   if args.all_e2e:
     print(e2e_table(e2e))
     return 0
+  if args.readme or args.performance_md:
+    if args.readme == "-":
+      print(readme_tables(e2e, load_accuracy()))
+    elif args.readme:
+      path = pathlib.Path(args.readme)
+      try:
+        text = replace_readme_tables(path.read_text(encoding="utf-8"), readme_tables(e2e, load_accuracy()))
+      except (OSError, ValueError) as e:
+        print(f"report.py: {path}: {e}", file=sys.stderr)
+        return 2
+      write_atomic(path, text)
+    if args.performance_md:
+      write_atomic(args.performance_md, performance_markdown(e2e, load("kernels.jsonl"), load("layer.jsonl"),
+                                                             load_accuracy()))
+    return 0
   kernels = load("kernels.jsonl")
   print("## Attention (v2 kernel)\n\n" + attention_table(kernels) + "\n")
   print("## Gathered MLP (v4b)\n\n" + mlp_table(kernels) + "\n")
-  grid_device = GRID_DEVICE if any(r["device"] == GRID_DEVICE for r in e2e) else None
+  grid_device = _grid_device(e2e)
   if grid_device:
     print(f"## End to end, one {grid_device.replace('NVIDIA ', '')}\n\n" + e2e_grid_table(e2e, grid_device) + "\n")
   print("## End to end, other devices and tensor parallel\n\n"

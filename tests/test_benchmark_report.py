@@ -1,7 +1,10 @@
-"""benchmarks/report.py's end-to-end tables and benchmarks/e2e_grid.sh's argument check (no GPU, no timing)."""
+"""benchmarks/report.py's tables (end to end, the README's, accuracy, docs/performance.md) and
+benchmarks/e2e_grid.sh's argument check (no GPU, no timing)."""
 
 import pathlib
 import subprocess
+
+import pytest
 
 from benchmarks import report
 
@@ -49,3 +52,61 @@ def test_main_prints_the_grid_or_every_record(tmp_path, monkeypatch, capsys):
   assert report.main(["--all-e2e"]) == 0
   out = capsys.readouterr().out
   assert out.count("| m | polar_jax |") == 3 and "## " not in out
+
+
+def _acc(selector, density, task, value, *, stderr=0.01, groups=3, n=100, per_layer=None, budget="uniform",
+         shards=1, device="cpu (2 cores)", avg=None):
+  return dict(model="smollm2-135m", mode="engine", device=device, task=task, selector=selector, density=density,
+              value=value, stderr=stderr, groups=groups, num_groups=3, n=n, dtype="float32", per_layer=per_layer,
+              budget=budget, shards=shards, date="2026-11-21T10:00:00Z", avg_density=avg)
+
+
+def test_readme_performance_keeps_batch_32_at_each_models_prompt():
+  recs = [_rec("llama2-7b", 32, 1.0, 1000.0), _rec("llama2-7b", 32, 0.5, 1500.0), _rec("llama2-7b", 16, 1.0, 800.0),
+          dict(_rec("opt-6.7b", 32, 1.0, 900.0), prompt=1900), dict(_rec("opt-6.7b", 32, 1.0, 950.0), prompt=2000)]
+  table = report.readme_performance(recs)
+  assert "one H100 80GB HBM3, measured 2026-11-22" in table
+  rows = [line for line in table.splitlines() if line.startswith("| llama2") or line.startswith("| opt")]
+  assert rows == ["| llama2-7b | 32 | 2000 | dense |  | 1000.0 |  | 1500.0 (1.50x) |  | 0.90-0.90 | abcdef1 |",
+                  "| opt-6.7b | 32 | 1900 | dense |  | 900.0 |  |  |  | 0.90-0.90 | abcdef1 |"]
+
+
+def test_accuracy_table_latest_record_average_and_perplexity_change():
+  recs = [_acc("dense", 1.0, "piqa", 0.60), _acc("dense", 1.0, "piqa", 0.64),      # the later record wins
+          _acc("dense", 1.0, "sciq", 0.70), _acc("dense", 1.0, "ppl", 20.0, stderr=1.0),
+          _acc("router", 0.67, "piqa", 0.62, groups=2), _acc("router", 0.67, "ppl", 25.0, stderr=1.5, groups=2),
+          _acc("router", 0.67, "ppl", 21.0, groups=2, per_layer=[[1, 1.0]], budget="b1", avg=0.8),
+          _acc("oracle", 0.67, "ppl", 99.0, groups=2, shards=3),
+          {"kind": "critical_density", "model": "smollm2-135m"}]
+  groups = report.accuracy_groups(recs)
+  assert list(groups) == [("smollm2-135m", "engine", "cpu (2 cores)")]
+  settings = groups[("smollm2-135m", "engine", "cpu (2 cores)")]
+  assert set(settings) == {("dense", 1.0, ""), ("router", 0.67, ""), ("router", 0.67, "b1"), ("oracle", 0.67, "shards=3")}
+  lines = report.accuracy_table(settings, budgets=True).splitlines()
+  assert lines[0] == "| selector | density | KV groups | budget | avg density | piqa | sciq | avg | ppl | Δppl |"
+  assert lines[2] == "| dense | 1 | 3/3 | uniform |  | 64.0 ± 1.0 | 70.0 ± 1.0 | 67.0 | 20.00 ± 1.00 | +0.0% |"
+  assert lines[3] == "| router | 0.67 | 2/3 | uniform |  | 62.0 ± 1.0 | – | – | 25.00 ± 1.50 | +25.0% |"
+  assert "| router | 0.67 | 2/3 | b1 | 0.800 | – | – | – | 21.00 ± 0.01 | +5.0% |" in lines
+  readme = report.readme_accuracy(recs)
+  assert "n = piqa 100, ppl 100 tokens, sciq 100" in readme and "b1" not in readme and "shards" not in readme
+
+
+def test_readme_tables_replace_only_the_marked_block(tmp_path, monkeypatch):
+  import json
+  text = f"# title\n\nbefore\n{report.README_BEGIN}\nold table\n{report.README_END}\nafter\n"
+  new = report.replace_readme_tables(text, "| new |")
+  assert new == f"# title\n\nbefore\n{report.README_BEGIN}\n| new |\n{report.README_END}\nafter\n"
+  assert report.replace_readme_tables(new, "| new |") == new
+  with pytest.raises(ValueError, match="no .* block"):
+    report.replace_readme_tables("# no markers\n", "| new |")
+  (tmp_path / "e2e.jsonl").write_text("".join(json.dumps(r) + "\n" for r in [_rec("m", 32, 1.0, 1000.0)]))
+  monkeypatch.setattr(report, "RESULTS", tmp_path)
+  readme = tmp_path / "README.md"
+  readme.write_text(text)
+  perf = tmp_path / "docs" / "performance.md"
+  assert report.main(["--readme", str(readme), "--performance-md", str(perf)]) == 0
+  assert "old table" not in readme.read_text() and "| m | 32 | 2000 | dense |  | 1000.0 |" in readme.read_text()
+  assert perf.read_text().startswith("# Measured performance") and "| m | 32 | 2000 |" in perf.read_text()
+  assert sorted(p.name for p in perf.parent.iterdir()) == ["performance.md"]          # no temporary file left
+  (tmp_path / "bad.md").write_text("# no markers\n")
+  assert report.main(["--readme", str(tmp_path / "bad.md")]) == 2

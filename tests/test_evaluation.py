@@ -1,4 +1,4 @@
-"""polar_jax.evaluation (issue 5): engine-semantics scoring, selectors, tasks, report, the polar-eval CLI.
+"""polar_jax.evaluation: engine-semantics scoring, selectors, tasks, report, the polar-eval CLI.
 
 Tiny random models with a byte-level tokenizer for the mechanics; the real SmolLM2-135M (`smollm2_dir`) against
 transformers reading the same GGUF for the log-likelihoods.
