@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import json
 import os
@@ -87,60 +88,28 @@ def append_jsonl(path: pathlib.Path, records: list[dict[str, Any]]) -> None:
       f.write(json.dumps(r, sort_keys=True) + "\n")
 
 
-# The decode step's on/off kernel switches: (record field, module, attribute, default, help). A default-on switch
-# is turned off by `--no-<field>`, a default-off one on by `--<field>` (dashes for underscores).
-STEP_SWITCHES = (
-    ("append_in_kernel", "pallas_kernels.decode_attention_triton", "APPEND_IN_KERNEL", False,
-     "the direct attention kernel writes the new K/V slots"),
-    ("rope_append", "polar_jax.attention", "FUSED_ROPE_APPEND", True,
-     "the fused rope_append kernel (off: XLA's RoPE fusion and K/V scatters)"),
-    ("rope_in_qkv", "polar_jax.attention", "ROPE_IN_QKV", False,
-     "RoPE + K/V append in the q|k|v kernel's epilogue (pallas_kernels.qkv_rope_append)"),
-    ("decode_matmul", "polar_jax.layers", "DECODE_MATMUL", True,
-     "pallas_kernels.skinny_matmul for the decode projections (off: XLA's dots and residual adds)"),
-    ("router_in_qkv", "polar_jax.model", "ROUTER_IN_QKV", True,
-     "a linear head router as extra programs of the q|k|v kernel (off: its own XLA dot)"),
-    ("router_topk_in_qkv", "polar_jax.model", "ROUTER_TOPK_IN_QKV", True,
-     "with router_in_qkv, the router's per-row top-k in the side program's epilogue (off: an XLA fusion)"),
-    ("glu_epilogue", "polar_jax.mlp", "GLU_EPILOGUE", True,
-     "the gated MLP's act(gate) * up in the gate|up kernel's epilogue (off: an XLA fusion)"),
-    ("chained_counters", "polar_jax.layers", "CHAINED_COUNTERS", True,
-     "o_proj / down_proj take zeroed split-K counters from the q|k|v / gate|up kernels (off: zero-filled by XLA)"),
-    ("deferred_norm", "polar_jax.layers", "DEFERRED_NORM", True,
-     "RMSNorms in the projection kernels: o_proj / down_proj write h * g and h's squares, the next kernel scales "
-     "its rows (off: RMSNorm as an XLA fusion)"),
-    ("neuron_decode", "polar_jax.mlp", "NEURON_DECODE", True,
-     "a dense ReLU MLP (OPT) on skinny_matmul: fc1 from its [N, d] rows with bias + ReLU, fc2 with bias + residual "
-     "(off: XLA's split-K dots and fusions)"),
-    ("union_in_router", "polar_jax.sparse_decode", "UNION_IN_ROUTER", True,
-     "the batch-union neuron scores in the router up-projection kernel's epilogue (off: XLA's dots and fusions)"),
-    ("union_bf16", "polar_jax.topk", "UNION_BF16", True,
-     "rank the batch-union neuron scores rounded to bf16: two radix passes instead of four (off: float32)"),
-    ("loop_graph", "polar_jax.compile_options", "LOOP_GRAPH", True,
-     "the decode loop as one command buffer: XLA's default kinds + WHILE, CONDITIONAL (off: XLA's default kinds)"),
-)
+def add_decode_options(parser) -> None:
+  """`DecodeOptions` as command-line flags (shared by `e2e.py` and `profile_step.py`, for A/B runs in one call):
+  `--kernels`, `--no-<flag>` for each boolean option that defaults on, `--union-dtype`, `--union-method`."""
+  from polar_jax.options import KERNELS, UNION_DTYPES, UNION_METHODS, DecodeOptions
+  helps = {f.name: f.name.replace("_", " ") for f in dataclasses.fields(DecodeOptions)}
+  parser.add_argument("--kernels", default="auto", choices=KERNELS, help="DecodeOptions.kernels (default: auto)")
+  for name in ("fused_projections", "deferred_norm", "router_in_qkv", "loop_graph"):
+    parser.add_argument("--no-" + name.replace("_", "-"), dest=name, action="store_false", default=True,
+                        help=f"DecodeOptions({name}=False): turn off the {helps[name]}")
+  parser.add_argument("--union-dtype", default="bfloat16", choices=UNION_DTYPES, help="DecodeOptions.union_dtype")
+  parser.add_argument("--union-method", default="radix", choices=UNION_METHODS, help="DecodeOptions.union_method")
 
 
-def _switch_flag(field: str, default: bool) -> str:
-  return ("--no-" if default else "--") + field.replace("_", "-")
+def decode_options(args):
+  """The `DecodeOptions` of `add_decode_options`' flags (fused_projections off turns off what needs it too)."""
+  from polar_jax.options import DecodeOptions
+  fused = args.fused_projections
+  return DecodeOptions(kernels=args.kernels, fused_projections=fused, deferred_norm=args.deferred_norm and fused,
+                       router_in_qkv=args.router_in_qkv and fused, union_dtype=args.union_dtype,
+                       union_method=args.union_method, loop_graph=args.loop_graph)
 
 
-def add_step_switches(parser) -> None:
-  """The decode step's kernel switches shared by `e2e.py` and `profile_step.py` (for A/B runs in one call)."""
-  for field, module, attr, default, help_text in STEP_SWITCHES:
-    parser.add_argument(_switch_flag(field, default), dest=field, action="store_false" if default else "store_true",
-                        default=default, help=f"{'turn off: ' if default else ''}{help_text} ({module}.{attr})")
-  parser.add_argument("--attention-kernel", default="persistent", choices=["persistent", "direct"],
-                      help="unsplit decode attention: the persistent kernel (default) or one direct program per "
-                           "(row, group) (decode_attention_triton.PERSISTENT)")
-
-
-def apply_step_switches(args) -> dict[str, Any]:
-  """Sets the module switches from `add_step_switches`' flags; returns them as record fields."""
-  import importlib  # pylint: disable=import-outside-toplevel
-  fields = {}
-  for field, module, attr, _, _ in STEP_SWITCHES:
-    setattr(importlib.import_module(module), attr, getattr(args, field))
-    fields[field] = getattr(args, field)
-  importlib.import_module("pallas_kernels.decode_attention_triton").PERSISTENT = args.attention_kernel == "persistent"
-  return dict(fields, attention_kernel=args.attention_kernel)
+def options_record(options) -> dict[str, Any]:
+  """A record's fields for its `DecodeOptions`."""
+  return dataclasses.asdict(options)

@@ -225,26 +225,28 @@ class DecodeLoop:
   (and be timed or profiled) apart from the prefill: `tok, cache = loop.prefill()`, then `loop.decode(tok, cache,
   n)` runs n steps in one compiled program whatever n is (n is traced; the cache is donated)."""
 
-  def __init__(self, model, ids, sparsity, routers, *, max_new_tokens: int):
+  def __init__(self, model, ids, sparsity, routers, *, max_new_tokens: int, options=None):
     from flax import nnx
     from polar_jax import generation      # generate's own prefill program and step (no copies of them here)
     cfg = model.config
     self.batch = generation.prepare_batch(ids, None, vocab_size=cfg.vocab_size,
                                           context=cfg.max_position_embeddings, max_new_tokens=max_new_tokens)
-    self.step, self.state = generation._decoder(model, sparsity, routers if sparsity is not None else None,
-                                                self.batch.batch)
+    self.step, self.state = generation.make_decoder(model, sparsity, routers if sparsity is not None else None,
+                                                    batch=self.batch.batch, options=options)
     self.graphdef, self.params = nnx.split(model)
     self.tokens, self.lengths = jnp.asarray(self.batch.tokens_bt), jnp.asarray(self.batch.lengths_b)
     self._prefill = generation._prefill_program
 
   def prefill(self):
     """(first greedy token `[B]`, prefilled cache), computed and waited for."""
-    logits, cache = self._prefill(self.graphdef, self.params, self.tokens, self.lengths, max_len=self.batch.max_len)
+    logits, cache = self._prefill(self.graphdef, self.params, self.tokens, self.lengths, max_len=self.batch.max_len,
+                                  mesh=self.step.mesh)
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)                  # greedy, as Greedy()
     return jax.block_until_ready((tok, cache))
 
   def decode(self, tok, cache, n: int):
-    return _decode_greedy(self.graphdef, self.params, tok, cache, self.state, jnp.int32(n), decode=self.step)
+    return _decode_greedy(self.graphdef, self.params, tok, cache, self.state, jnp.int32(n), decode=self.step,
+                          loop_graph=self.step.options.loop_graph)
 
   @staticmethod
   def rewind(cache, lengths_b):
@@ -256,13 +258,14 @@ class DecodeLoop:
   def compiled_text(self, tok, cache) -> str:
     """The optimised HLO of the decode loop (as compiled for these shapes)."""
     return _decode_greedy.lower(self.graphdef, self.params, tok, cache, self.state, jnp.int32(1),
-                                decode=self.step).compile().as_text()
+                                decode=self.step, loop_graph=self.step.options.loop_graph).compile().as_text()
 
 
 _PREFILLED: set = set()     # (model, ids shape, max new tokens) whose prefill program this process has compiled
 
 
-def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: int, prefill_iters: int = 2):
+def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: int, prefill_iters: int = 2,
+                     options=None):
   """(t(n1), t(n2), prefill seconds, the `DecodeLoop`): the fastest of `iters` timed calls of one compiled decode
   loop running n steps from the prefilled cache, and the fastest of `prefill_iters` timed prefills (after one
   that compiles, for the first setting of a shape).
@@ -272,7 +275,7 @@ def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: 
   commit fell into ~2685 or ~2760 tok/s by process); here both counts run the same program, prefill-free.
   The decode runs reuse the last prefill's cache, rewound to the prompt lengths (`DecodeLoop.rewind`: the same
   tokens, the same program and bytes), so a setting costs 1 + prefill_iters prefills, not 2 (iters + 1)."""
-  loop = DecodeLoop(model, ids, sparsity, routers, max_new_tokens=n2)
+  loop = DecodeLoop(model, ids, sparsity, routers, max_new_tokens=n2, options=options)
   best = {"prefill": float("inf"), n1: float("inf"), n2: float("inf")}
   shape = (model.config, model.dtype, ids.shape, n2)     # the prefill program does not depend on the sparsity
   compiled = shape in _PREFILLED
@@ -296,13 +299,14 @@ def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: 
 
 
 def run_polar(setting: Setting, model, config: ModelConfig, *, n1: int, n2: int, iters: int,
-              copy_tbps: float, routers=None, timing: str = "decode_loop", prefill_iters: int = 2) -> dict[str, Any]:
+              copy_tbps: float, routers=None, timing: str = "decode_loop", prefill_iters: int = 2,
+              options=None) -> dict[str, Any]:
   rng = np.random.default_rng(0)
   ids = rng.integers(0, config.vocab_size, (setting.batch, setting.prompt)).astype(np.int32)
   sparsity = sparsity_for(setting)
   if timing == "decode_loop":
     t1, t2, prefill_s, loop = time_decode_loop(model, ids, sparsity, routers, n1=n1, n2=n2, iters=iters,
-                                                  prefill_iters=prefill_iters)
+                                                  prefill_iters=prefill_iters, options=options)
     tok_s, ms = decode_rate(setting.batch, n1, n2, t1, t2)
     prefill_ms = prefill_s * 1e3
     step, state = loop.step, loop.state
@@ -310,14 +314,17 @@ def run_polar(setting: Setting, model, config: ModelConfig, *, n1: int, n2: int,
     # `generate` end to end, the fastest of `iters` runs each: the prefill (seconds at B32) varies by ~0.1 s run
     # to run, which the median of 3 let through into (t2 - t1) / (n2 - n1) (one B32 record read 15% fast on
     # 2026-11-21).
-    kwargs: dict[str, Any] = {} if sparsity is None else dict(sparsity=sparsity, routers=routers)
+    kwargs: dict[str, Any] = dict(options=options)
+    if sparsity is not None:
+      kwargs.update(sparsity=sparsity, routers=routers)
     run = lambda n: generate(model, ids, max_new_tokens=n, **kwargs).tokens  # noqa: E731
     t1 = common.time_fn(lambda: run(n1), warmup=1, iters=iters, stat="min")
     t2 = common.time_fn(lambda: run(n2), warmup=1, iters=iters, stat="min")
     tok_s, ms = decode_rate(setting.batch, n1, n2, t1, t2)
     prefill_ms = max(t1 - n1 * ms * 1e-3, 0.0) * 1e3
     from polar_jax import generation
-    step, state = generation._decoder(model, sparsity, routers if sparsity is not None else None, setting.batch)
+    step, state = generation.make_decoder(model, sparsity, routers if sparsity is not None else None,
+                                          batch=setting.batch, options=options)
   itemsize = jnp.dtype(model.dtype).itemsize
   mean_len = setting.prompt + (n1 + n2) / 2
   step_bytes = weight_bytes_per_step(config, model) + sparse_weight_bytes(config, model, step, state)
@@ -490,7 +497,7 @@ def main(argv=None) -> int:
                  help="decode_loop (default): one compiled greedy decode loop timed after an untimed prefill, "
                       "t(N2) - t(N1) of the same program; generate: two `generate` calls, prefill included "
                       "(records before 2026-11-22 04:30 UTC)")
-  common.add_step_switches(p)
+  common.add_decode_options(p)
   p.add_argument("--no-fuse", action="store_true",
                  help="keep separate q/k/v and gate/up projections (default: fused, polar_jax.fusion)")
   args = p.parse_args(argv)
@@ -499,7 +506,7 @@ def main(argv=None) -> int:
     args.densities = sorted(set(args.densities) | {1.0, 0.5}, reverse=True)
     args.dtype = "float32"
 
-  switches = common.apply_step_switches(args)
+  options = common.decode_options(args)
   if args.plot_only:
     if not args.plot:
       p.error("--plot-only needs --plot PATH")
@@ -534,7 +541,8 @@ def main(argv=None) -> int:
                 s = Setting(name, b, prompt, density, mlp, above, rdt)
                 r = _guarded(lambda: run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters,
                                                copy_tbps=copy_tbps * devices, routers=routers,
-                                               timing=args.timing, prefill_iters=args.prefill_iters),
+                                               timing=args.timing, prefill_iters=args.prefill_iters,
+                                               options=options),
                                      "polar_jax")
                 rows.append((s, r))
         s = Setting(name, b, prompt)
@@ -552,7 +560,8 @@ def main(argv=None) -> int:
                      dp=args.dp if r["system"] == "polar_jax" else 1,
                      devices=devices if r["system"] == "polar_jax" else 1,
                      fused=(not args.no_fuse) if r["system"] == "polar_jax" else None, n1=args.n1, n2=args.n2,
-                     **{k: v if r["system"] == "polar_jax" else None for k, v in switches.items()},
+                     **{k: v if r["system"] == "polar_jax" else None
+                        for k, v in common.options_record(options).items()},
                      timing="decode_loop_min" if r["system"] == "polar_jax" and args.timing == "decode_loop"
                      else "min", **r)
           records.append(rec)

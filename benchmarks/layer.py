@@ -3,7 +3,7 @@
 Layer mode (default): ONE decoder layer of a model shape (random weights, a random B x S KV cache allocated on
 the device, never copied: the cache is donated to each timed call) runs `--steps` decode steps inside one
 `lax.fori_loop` (each step's output is the next step's input, lengths grow by one), through the library's own
-step code: `DecoderLayer.decode` with the selection hooks of `sparse_decode.SparseDecode.hooks` (the hooks
+step code: `DecoderLayer.decode` with the layer plan of `sparse_decode.SparseDecode.plans` (the plan
 `CausalLM.decode_step` gets), random head routers and, for ReLU MLPs with mlp=router, random neuron routers with
 the per-layer neuron budgets of `--mlp-topk-dir` (bsize_B.csv). Measured: the median wall time of a call divided
 by `--steps` (ms per layer-step; router cost included), and
@@ -47,7 +47,10 @@ from flax import nnx  # noqa: E402
 
 from polar_jax.config import ModelConfig  # noqa: E402
 from polar_jax.model import DecoderLayer, abstract_model  # noqa: E402
+from polar_jax.options import DecodeOptions  # noqa: E402
 from polar_jax.routers.modules import default_neuron_rank, has_neuron_mlp  # noqa: E402
+from polar_jax.selection import (DENSE_PLAN, GroupIndices, LayerPlan, LinearRouter,  # noqa: E402
+                                 NeuronIndices)
 from polar_jax.sparse_decode import SparseDecode, make_decoder  # noqa: E402
 from polar_jax.sparsity import SparsityConfig, neuron_budgets  # noqa: E402
 
@@ -160,17 +163,17 @@ def median_budget_layer(table: dict[int, tuple[int, ...]], batch: int, num_neuro
   return sparse[(len(sparse) - 1) // 2][1] if sparse else 0
 
 
-def layer_decoder(layer_model: OneLayer, setting: LayerSetting, table, implementation=None):
+def layer_decoder(layer_model: OneLayer, setting: LayerSetting, table, options=None):
   """`(decode, router_state)` for the one-layer model: what `make_decoder` builds for the model's step (the layer
   is routed: no dense first layer), with random routers (`e2e.random_routers`)."""
   config = layer_model.config
   sparse = setting.density < 1.0 or setting.mlp == "router"
   if not sparse:
-    return make_decoder(layer_model, None, implementation=implementation)
+    return make_decoder(layer_model, None, options=options)
   topk = layer_topk(table, setting.mlp_layer or 0) if setting.mlp == "router" else None
   routers = e2e.random_routers(config, mlp_topk=topk)
   sparsity = SparsityConfig(attn_density=setting.density, mlp=setting.mlp, dense_layers=())
-  return make_decoder(layer_model, sparsity, routers, batch=setting.batch, implementation=implementation)
+  return make_decoder(layer_model, sparsity, routers, batch=setting.batch, options=options)
 
 
 def kept_groups(config: ModelConfig, decode) -> int:
@@ -195,22 +198,19 @@ def fixed_selection(config: ModelConfig, decode, batch: int, seed: int = 1) -> d
   return {"groups": groups, "neurons": None if neurons is None else neurons.astype(jnp.int32)}
 
 
-def layer_hooks(model: OneLayer, decode, lengths_b, router_state, active_b, fixed, implementation):
-  """`(selector_fn, mlp_fn)` that `CausalLM.decode_step` hands layer 0: the step's own hooks, or (`fixed`) the
-  same computation with a precomputed selection in place of the routers."""
+def layer_plan(model: OneLayer, decode, lengths_b, router_state, active_b, fixed) -> LayerPlan:
+  """The `LayerPlan` that `CausalLM.decode_step` hands layer 0: the step's own, or (`fixed`) the same computation
+  with a precomputed selection in place of the routers."""
   if not isinstance(decode, SparseDecode):
-    return None, None
+    return DENSE_PLAN
   if fixed is not None:
-    groups, neurons, mlp = fixed["groups"], fixed["neurons"], model.layers[0].mlp
-    sel = None if groups is None else (lambda x: groups)
-    mlp_fn = None if neurons is None else (lambda y, x: mlp.sparse(y, neurons, implementation=implementation))
-    return sel, mlp_fn
-  hooks = decode.hooks(model, jnp.zeros_like(lengths_b), lengths_b, router_state, active_b)
-  return (lambda x: hooks.selector(0, x)), hooks.mlp_override(0)
+    groups, neurons = fixed["groups"], fixed["neurons"]
+    return LayerPlan(DENSE_PLAN.heads if groups is None else GroupIndices(groups),
+                     None if neurons is None else NeuronIndices(neurons))
+  return decode.plans(model, jnp.zeros_like(lengths_b), lengths_b, router_state, active_b)[0]
 
 
-def _layer_steps(k_bhsd, v_bhsd, h_bd, state, lengths0_b, router_state, fixed, *, graphdef, decode, steps,
-                 implementation):
+def _layer_steps(k_bhsd, v_bhsd, h_bd, state, lengths0_b, router_state, fixed, *, graphdef, decode, steps):
   """`steps` decode steps of the layer; returns the caches (donated in, updated in place) and the last output."""
   model = nnx.merge(graphdef, state)
   layer = model.layers[0]
@@ -218,9 +218,9 @@ def _layer_steps(k_bhsd, v_bhsd, h_bd, state, lengths0_b, router_state, fixed, *
 
   def body(_, carry):
     h, k, v, lengths = carry
-    sel, mlp_fn = layer_hooks(model, decode, lengths, router_state, active_b, fixed, implementation)
-    out, k, v = layer.decode(h, lengths, k, v, sel, mlp_fn, implementation)
-    return out.astype(h.dtype), k, v, lengths + 1
+    plan = layer_plan(model, decode, lengths, router_state, active_b, fixed)
+    out = layer.decode(h, lengths, k, v, plan, options=decode.options)
+    return out.h.astype(h.dtype), out.k_cache_bhsd, out.v_cache_bhsd, lengths + 1
 
   h, k, v, _ = jax.lax.fori_loop(0, steps, body, (h_bd, k_bhsd, v_bhsd, lengths0_b))
   return k, v, h
@@ -247,11 +247,11 @@ class LayerBench:
   v_bhsd: jax.Array
   h_bd: jax.Array
   lengths0_b: np.ndarray
-  implementation: str | None = None
+  options: DecodeOptions = DecodeOptions()
 
   @classmethod
   def create(cls, config: ModelConfig, batch: int, seq: int, dtype, timing: Timing, ragged=False,
-             implementation=None, fuse=True) -> "LayerBench":
+             options: DecodeOptions = DecodeOptions(), fuse=True) -> "LayerBench":
     model = random_one_layer(config, dtype)
     if fuse:   # one q|k|v and one gate|up matmul, as the end-to-end step (polar_jax.fusion)
       from polar_jax.fusion import fuse_projections
@@ -260,7 +260,7 @@ class LayerBench:
     k = random_cache(jax.random.key(1), shape, jnp.dtype(dtype))
     v = random_cache(jax.random.key(2), shape, jnp.dtype(dtype))
     h = jax.random.normal(jax.random.key(3), (batch, config.hidden_size), jnp.float32).astype(dtype)
-    return cls(config, model, k, v, h, initial_lengths(batch, seq, timing.steps, ragged), implementation)
+    return cls(config, model, k, v, h, initial_lengths(batch, seq, timing.steps, ragged), options)
 
   @property
   def batch(self) -> int:
@@ -270,8 +270,8 @@ class LayerBench:
     """A zero-argument call that runs `timing.steps` layer-steps of `decode` (its routers, or the `fixed`
     selection) from the initial lengths and returns the last output."""
     graphdef, state = nnx.split(self.model)
-    run = jax.jit(functools.partial(_layer_steps, graphdef=graphdef, decode=decode, steps=timing.steps,
-                                    implementation=self.implementation), donate_argnums=(0, 1))
+    run = jax.jit(functools.partial(_layer_steps, graphdef=graphdef, decode=decode, steps=timing.steps),
+                  donate_argnums=(0, 1))
     lengths = jnp.asarray(self.lengths0_b)
 
     def call():
@@ -333,7 +333,7 @@ def layer_settings(name: str, config: ModelConfig, batch: int, seq: int, densiti
 
 def measure_layer(bench: LayerBench, setting: LayerSetting, table, timing: Timing, copy_tbps: float) -> dict:
   """One layer record (without provenance)."""
-  decode, router_state = layer_decoder(bench.model, setting, table, bench.implementation)
+  decode, router_state = layer_decoder(bench.model, setting, table, bench.options)
   ms = bench.time_ms(decode, router_state, timing)
   nbytes = layer_bytes(bench, decode, timing.steps)
   tbps = nbytes["bytes"] / (ms * 1e-3) / 1e12
@@ -349,7 +349,7 @@ def run_layers(args, name: str, config: ModelConfig, timing: Timing, copy_tbps: 
   records = []
   for batch in args.batch:
     for seq in args.seq:
-      bench = LayerBench.create(config, batch, seq, jnp.dtype(args.dtype), timing, args.ragged, args.implementation,
+      bench = LayerBench.create(config, batch, seq, jnp.dtype(args.dtype), timing, args.ragged, DecodeOptions(kernels=args.kernels),
                                 not args.no_fuse)
       dense_ms = None
       for s in layer_settings(name, config, batch, seq, args.densities, args.mlp, args.mlp_layers, table):
@@ -384,16 +384,18 @@ def _router_steps(router_state, x_lbd, *, model, decode, steps):
   """`steps` applications of every layer's routers (each step's inputs depend on the last step's picks)."""
   batch = x_lbd.shape[1]
   zeros_b = jnp.zeros((batch,), jnp.int32)
-  hooks = decode.hooks(model, zeros_b, zeros_b, router_state, jnp.ones((batch,), bool))
+  plans = decode.plans(model, zeros_b, zeros_b, router_state, jnp.ones((batch,), bool))
 
   def body(_, s):
     acc = jnp.zeros((), jnp.float32)
-    for layer in range(x_lbd.shape[0]):
+    for layer, plan in enumerate(plans):
       x = x_lbd[layer] + s.astype(x_lbd.dtype)
-      if decode.groups[layer] is not None:
-        acc = acc + hooks.selector(layer, x).sum().astype(jnp.float32)
-      if decode.neuron_k is not None and decode.neuron_k[layer] is not None:
-        acc = acc + hooks.select_neurons(layer, x).sum().astype(jnp.float32)
+      if isinstance(plan.heads, LinearRouter):
+        acc = acc + plan.heads.select(x).sum().astype(jnp.float32)
+      elif isinstance(plan.heads, GroupIndices):
+        acc = acc + plan.heads.idx_bk.sum().astype(jnp.float32)
+      if plan.neurons is not None:
+        acc = acc + plan.neurons.indices(x, decode.options).sum().astype(jnp.float32)
     return s + 1e-30 * acc
 
   return jax.lax.fori_loop(0, steps, body, jnp.zeros((), jnp.float32))
@@ -415,7 +417,7 @@ def isolated_router_ms(config: ModelConfig, batch: int, density: float, mlp: str
 
 def insitu_router_ms(bench: LayerBench, setting: LayerSetting, table, timing: Timing) -> dict:
   """One layer's step with its routers vs with a fixed selection of the same size (same B, S)."""
-  decode, state = layer_decoder(bench.model, setting, table, bench.implementation)
+  decode, state = layer_decoder(bench.model, setting, table, bench.options)
   calls = [bench.program(decode, state, timing), bench.program(decode, state, timing,
                                                                 fixed_selection(bench.config, decode, bench.batch))]
   routed, fixed = interleaved_ms(calls, dataclasses.replace(timing, iters=INSITU_ITERS_FACTOR * timing.iters))
@@ -441,7 +443,7 @@ def run_router_cost(args, name: str, config: ModelConfig, timing: Timing, sink) 
   mlps = ["dense"] + (["router"] if "router" in args.mlp and has_neuron_mlp(config) else [])
   records = []
   for batch in args.router_batch:
-    bench = LayerBench.create(config, batch, args.router_seq, dtype, timing, args.ragged, args.implementation,
+    bench = LayerBench.create(config, batch, args.router_seq, dtype, timing, args.ragged, DecodeOptions(kernels=args.kernels),
                               not args.no_fuse)
     layer_ms, counts = {}, {}
     for mlp in mlps:
@@ -506,7 +508,8 @@ def parse_args(argv=None):
   p.add_argument("--steps", type=int, default=16, help="decode steps per timed call (one fori_loop)")
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--dtype", default="bfloat16")
-  p.add_argument("--implementation", default=None, choices=["pallas", "xla"], help="kernels (default: platform)")
+  p.add_argument("--kernels", default="auto", choices=["auto", "pallas", "xla"],
+                 help="DecodeOptions.kernels (default: auto, the platform's)")
   p.add_argument("--no-layers", action="store_true", help="skip the layer benchmark")
   p.add_argument("--no-fuse", action="store_true", help="separate q/k/v and gate/up projections (default: fused)")
   p.add_argument("--router-cost", action="store_true", help="time the routers of the whole model")

@@ -30,7 +30,6 @@ from typing import Any
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from benchmarks import e2e  # noqa: E402  (sets the memory fraction before jax starts)
 from benchmarks import common  # noqa: E402
-from polar_jax import compile_options  # noqa: E402
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
@@ -114,7 +113,7 @@ def main(argv=None) -> int:
                  help="mlp=router: budgets above this fraction of N run dense (SparsityConfig; default %(default)s)")
   p.add_argument("--router-dtype", default=None, choices=["float32", "bfloat16", "int8"],
                  help="routers' decode weights (SparsityConfig.router_dtype; default: the model's dtype)")
-  common.add_step_switches(p)
+  common.add_decode_options(p)
   p.add_argument("--timing", default="decode_loop", choices=["decode_loop", "generate"],
                  help="decode_loop: one traced N2-step decode loop after an untraced prefill; generate: the "
                       "difference of two traced generate calls (N1 and N2 new tokens)")
@@ -124,18 +123,14 @@ def main(argv=None) -> int:
                  help="decode_loop: write the compiled decode loop's HLO text here (one file per density)")
   p.add_argument("--smoke", action="store_true")
   args = p.parse_args(argv)
-  switches = common.apply_step_switches(args)
   # A decode loop recorded as one command buffer (WHILE) hides its kernels from the profiler (a Llama-3.1 B32
   # step read 0.29 ms of kernels): profile the loop with XLA's default kinds, each step's kernels still in
   # graphs.
-  switches["loop_graph"] = compile_options.LOOP_GRAPH = False
-  try:
-    return _profile(p, args, switches)
-  finally:
-    compile_options.LOOP_GRAPH = args.loop_graph   # (tests run main in-process)
+  options = common.decode_options(args).replace(loop_graph=False)
+  return _profile(p, args, options)
 
 
-def _profile(p, args, switches) -> int:
+def _profile(p, args, options) -> int:
   if args.smoke:
     args.model, args.batch, args.prompt, args.n1, args.n2, args.dtype = "tiny", 2, 16, 2, 6, "float32"
   config = e2e.MODELS[args.model]
@@ -154,7 +149,7 @@ def _profile(p, args, switches) -> int:
     group = (lambda name: name) if args.instances else kernel_group
     counts: dict[str, int] = {}
     if args.timing == "decode_loop":
-      loop = e2e.DecodeLoop(model, ids, sparsity, routers, max_new_tokens=args.n2)
+      loop = e2e.DecodeLoop(model, ids, sparsity, routers, max_new_tokens=args.n2, options=options)
       if args.hlo is not None:
         args.hlo.mkdir(parents=True, exist_ok=True)
         (args.hlo / f"{args.model}_B{args.batch}_p{args.prompt}_d{density:g}_{args.mlp}.hlo.txt").write_text(
@@ -163,7 +158,9 @@ def _profile(p, args, switches) -> int:
       steps = {k: v / args.n2 / 1e6 for k, v in sorted(totals.items(), key=lambda kv: -kv[1]) if v > 0}
       launches = {k: c / args.n2 for k, c in counts.items()}
     else:
-      kw: dict[str, Any] = {} if sparsity is None else dict(sparsity=sparsity, routers=routers)
+      kw: dict[str, Any] = dict(options=options)
+      if sparsity is not None:
+        kw.update(sparsity=sparsity, routers=routers)
       t1 = traced_totals(lambda: generate(model, ids, max_new_tokens=args.n1, **kw).tokens, group=group)
       t2 = traced_totals(lambda: generate(model, ids, max_new_tokens=args.n2, **kw).tokens, group=group)
       steps = per_step(t1, t2, args.n1, args.n2)
@@ -179,7 +176,7 @@ def _profile(p, args, switches) -> int:
                                         mlp_dense_above=args.mlp_dense_above if sparse and args.mlp == "router"
                                         else None, router_dtype=(args.router_dtype or args.dtype) if sparse
                                         else None,
-                                        fused=not args.no_fuse, **switches,
+                                        fused=not args.no_fuse, **common.options_record(options),
                                         kernel=name, ms_per_step=ms, launches_per_step=launches.get(name),
                                         timing=args.timing, instances=args.instances,
                                         step_kernel_ms=total) for name, ms in steps.items()])

@@ -1,13 +1,14 @@
 """Public skinny (decode) matmul: validation, dispatch.
 
-  y_MN = skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, out_dtype=None)
-  y_MN, side_MP = skinny_matmul(x_MK, w_KN, side_w_KP=w2, side_b_P=b2)
+  out = skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, out_dtype=None)          # out.y: [M, N]
+  out = skinny_matmul(x_MK, w_KN, side=Side(w2_KP, b2_P))                                 # out.side: [M, P]
 
-`y = x @ w` accumulated in float32, plus the bias, cast to `out_dtype` (w's dtype by default), then plus the
-residual in `out_dtype` (the model's `h + o_proj(ctx)`). With `side_w_KP`, a second small weight (a head router)
+The result is always a `MatmulOut`; each epilogue option (`Side`, `RmsInput`, `norm_scale_N`, `emit_counters`)
+fills its own field. `y = x @ w` accumulated in float32, plus the bias, cast to `out_dtype` (w's dtype by default), then plus the
+residual in `out_dtype` (the model's `h + o_proj(ctx)`). With `side=Side(w, b)`, a second small weight (a head router)
 is streamed by extra programs of the same kernel and its float32 product `x @ side_w + side_b` is returned too
 (give it `side_width(P)` columns, zero-padded: narrower side weights are read by unpipelined gathers, measured
-+12 us per call for an [4096, 8] router next to Llama-3.1-8B's q|k|v, benchmarks/NOTES.md session 10).
++12 us per call for an [4096, 8] router next to Llama-3.1-8B's q|k|v on an H100).
 With `glu="silu"`, w's columns are neuron-interleaved (gate, up) pairs (a fused gate|up projection) and the output
 is `silu(gate) * up` (N / 2 wide), computed in the kernel's epilogue from the float32 sums. `activation="relu"`:
 `relu(x @ w + bias)` before the cast (OPT's fc1). `w_layout="nk"`: w is given as `[N, K]` (per-neuron rows, as
@@ -15,10 +16,10 @@ OPT's fc1 weight is stored for the neuron gathers), y = x @ w.T, its tiles loade
 `row_weights_M` (float `[M]`): the result is `[N]`, `sum_m row_weights[m] * y[m]` of the float32 y (after bias and
 activation) in `out_dtype` (a batch-union neuron score from the router's up-projection; the kernel needs all rows
 in one block, M <= 64, and a plain output).
-Deferred RMSNorm (the decode step's norms without kernels of their own): `rms_sq_TM` + `rms_eps` scale the rows
+Deferred RMSNorm (the decode step's norms without kernels of their own): `rms=RmsInput(sq_TM, eps)` scales the rows
 of both products by the norm factor of the hidden state x was made from (x = h * g, the squares of h given as
-float32 partial sums [T, M]) before the biases: `rmsnorm(h) @ w`; `norm_scale_N=g` appends `(y * g, sq [T, M])`,
-y prepared for the next norm's consumer (`skinny_matmul_xla.deferred_norm`). `side_topk=(G, k)`: the side result
+float32 partial sums [T, M]) before the biases: `rmsnorm(h) @ w`; `norm_scale_N=g` also returns `y * g` and `sq [T, M]`,
+y prepared for the next norm's consumer (`skinny_matmul_xla.deferred_norm`). `Side(..., topk=(G, k))`: the side result
 is each row's top-k of its first G side scores, int32 [M, k] (`rank_topk`: `lax.top_k`'s indices), computed in the
 side program's epilogue (a head router's group selection without a kernel of its own). "pallas": one kernel
 that streams the weight once and writes the finished output (`skinny_matmul_triton`: no float32 partials for a
@@ -28,12 +29,12 @@ separate XLA reduce); "xla": the reference (`skinny_matmul_xla`), also used for 
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 from pallas_kernels import _platform
-from pallas_kernels import rope_append_xla as _rope_xla
 from pallas_kernels import skinny_matmul_triton as _triton
 from pallas_kernels import skinny_matmul_xla as _xla
 from pallas_kernels.topk_select_xla import rank_topk
@@ -50,16 +51,53 @@ def side_width(p: int) -> int:
   return max(16, _platform.next_pow2(p))
 
 
-def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, side_w_KP=None, side_b_P=None,
-                  glu: str | None = None, activation: str | None = None, w_layout: str = "kn", rms_sq_TM=None,
-                  rms_eps: float | None = None, norm_scale_N=None, side_topk: tuple[int, int] | None = None,
-                  counters_C=None, emit_counters: bool = False, row_weights_M=None, implementation: str | None = None,
-                  config: MatmulConfig | None = None):
+class Side(NamedTuple):
+  """A second, narrow weight streamed by extra programs of the same kernel (a head router next to q|k|v): the
+  result's `side` is float32 `x @ w_KP + b_P`, or with `topk=(G, k)` int32 `[M, k]`, each row's top-k of its first G
+  scores (`rank_topk`: `lax.top_k`'s indices), picked in the side program's epilogue when it holds a whole row.
+  Give w `side_width(P)` columns, zero-padded, so that the side programs stream whole column tiles."""
+
+  w_KP: jax.Array
+  b_P: jax.Array | None = None
+  topk: tuple[int, int] | None = None
+
+
+class RmsInput(NamedTuple):
+  """The deferred RMSNorm of x: x's rows are `h * g` and `sq_TM` (float32 `[T, M]`, summed over T) holds h's
+  squares; the epilogue scales both products' rows by `rsqrt(sum / K + eps)`, i.e. computes `rmsnorm(h) @ w`."""
+
+  sq_TM: jax.Array
+  eps: float
+
+
+class MatmulOut(NamedTuple):
+  """What `skinny_matmul` returns, always this type; a field is None unless its option was asked for.
+
+  y: `[M, N]` in out_dtype (`[M, N / 2]` with glu; `[N]` with row_weights_M).
+  side: the `Side` product (float32 `[M, P]`, or int32 `[M, k]` with `Side.topk`).
+  normed, sq_TM: with `norm_scale_N=g`, `y * g` and y's squares `[T, M]` (a `RmsInput` for the next call).
+  counters: with `emit_counters`, a zeroed int32 `[COUNTERS]` buffer for the next call's `counters_C`.
+  """
+
+  y: jax.Array
+  side: jax.Array | None = None
+  normed: jax.Array | None = None
+  sq_TM: jax.Array | None = None
+  counters: jax.Array | None = None
+
+
+def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, side: Side | None = None,
+                  glu: str | None = None, activation: str | None = None, w_layout: str = "kn",
+                  rms: RmsInput | None = None, norm_scale_N=None, counters_C=None, emit_counters: bool = False,
+                  row_weights_M=None, implementation: str | None = None,
+                  config: MatmulConfig | None = None) -> MatmulOut:
   """See the module docstring. Raises ValueError on inconsistent shapes or dtypes.
 
-  `emit_counters=True` appends a zeroed int32 `[COUNTERS]` buffer to the results, written by this kernel; pass
-  it as `counters_C` to the next call, whose split-K counters then need no zero-fill kernel (XLA materialises a
-  constant zeros operand with a copy before each kernel that updates it in place)."""
+  `emit_counters=True` returns a zeroed int32 `[COUNTERS]` buffer (`MatmulOut.counters`), written by this kernel;
+  pass it as `counters_C` to the next call, whose split-K counters then need no zero-fill kernel (XLA materialises
+  a constant zeros operand with a copy before each kernel that updates it in place)."""
+  side_w_KP, side_b_P, side_topk = side if side is not None else (None, None, None)
+  rms_sq_TM, rms_eps = rms if rms is not None else (None, None)
   if w_layout not in _xla.W_LAYOUTS:
     raise ValueError(f"skinny_matmul: w_layout must be one of {_xla.W_LAYOUTS}, got {w_layout!r}")
   nk = w_layout == "nk"
@@ -84,14 +122,15 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
                      f"{residual_MN.dtype}")
   if side_w_KP is not None and (side_w_KP.ndim != 2 or side_w_KP.shape[0] != k or side_w_KP.dtype != w_KN.dtype):
     raise ValueError(f"side weight must be [{k}, P] {w_KN.dtype}, got {side_w_KP.shape} {side_w_KP.dtype}")
-  if side_b_P is not None and (side_w_KP is None or side_b_P.shape != (side_w_KP.shape[1],)):
-    raise ValueError(f"side bias needs a side weight and shape [P], got {side_b_P.shape}")
+  if side_b_P is not None and side_b_P.shape != (side_w_KP.shape[1],):
+    raise ValueError(f"side bias must have shape [P] = ({side_w_KP.shape[1]},), got {side_b_P.shape}")
   _check_norm_args(m, n, rms_sq_TM, rms_eps, norm_scale_N)
   _check_side_topk(side_w_KP, side_topk)
   if norm_scale_N is not None and glu is not None:
     raise ValueError("skinny_matmul: norm_scale_N needs a plain output, not glu")
   norm_kw = dict(rms_sq_TM=rms_sq_TM, rms_eps=None if rms_eps is None else float(rms_eps), norm_scale_N=norm_scale_N)
   impl = _platform.resolve_implementation(implementation)
+  out = None
   if impl == "pallas" and m <= MAX_ROWS and any(w_KN.dtype == d for d in _DTYPES) and min(m, k, n) > 0:
     if config is None:
       config = _triton.choose_config(m, k, n, jnp.dtype(w_KN.dtype).itemsize)
@@ -107,13 +146,31 @@ def skinny_matmul(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=None, 
                                          row_weights_M=row_weights_M,
                                          side_topk=side_topk if in_kernel else None,
                                          interpret=_platform.interpret_mode(), **norm_kw)
-      return out if side_topk is None or in_kernel else _side_topk_after(out, side_topk, at=1)
-  out = _xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype, side_w_KP=side_w_KP, side_b_P=side_b_P,
-                 glu=glu, activation=activation, w_layout=w_layout, side_topk=side_topk, row_weights_M=row_weights_M,
-                 **norm_kw)
-  if not emit_counters:
-    return out
-  return (*(out if isinstance(out, tuple) else (out,)), jnp.zeros((_triton.COUNTERS,), jnp.int32))
+      out = _as_tuple(out)
+      if side_topk is not None and not in_kernel:
+        out = _side_topk_after(out, side_topk, at=1)
+  if out is None:
+    out = _as_tuple(_xla_jit(x_MK, w_KN, bias_N, residual_MN, out_dtype=out_dtype, side_w_KP=side_w_KP,
+                             side_b_P=side_b_P, glu=glu, activation=activation, w_layout=w_layout, side_topk=side_topk,
+                             row_weights_M=row_weights_M, **norm_kw))
+    if emit_counters:
+      out += (jnp.zeros((_triton.COUNTERS,), jnp.int32),)
+  return _unpack(out, side=side is not None, norm=norm_scale_N is not None, counters=emit_counters)
+
+
+def _as_tuple(out) -> tuple:
+  return tuple(out) if isinstance(out, (tuple, list)) else (out,)
+
+
+def _unpack(out: tuple, *, side: bool, norm: bool, counters: bool) -> MatmulOut:
+  """The kernels' and the reference's results in their order (y, [side], [normed, sq], [counters]) as a
+  `MatmulOut`."""
+  it = iter(out)
+  y = next(it)
+  side_out = next(it) if side else None
+  normed, sq = (next(it), next(it)) if norm else (None, None)
+  counters_out = next(it) if counters else None
+  return MatmulOut(y, side_out, normed, sq, counters_out)
 
 
 _xla_jit = jax.jit(_xla.skinny_matmul_xla, static_argnames=("out_dtype", "glu", "activation", "w_layout", "rms_eps",
@@ -153,48 +210,3 @@ def _check_norm_args(m, n, rms_sq_TM, rms_eps, norm_scale_N):
                      f"{rms_sq_TM.dtype}, eps {rms_eps}")
   if norm_scale_N is not None and norm_scale_N.shape != (n,):
     raise ValueError(f"norm_scale_N must have shape ({n},), got {norm_scale_N.shape}")
-
-
-def qkv_rope_append(x_MK, w_KN, bias_N, positions_M, inv_freq_F, k_cache, v_cache, *, num_heads: int,
-                    side_w_KP=None, side_b_P=None, rms_sq_TM=None, rms_eps: float | None = None,
-                    side_topk: tuple[int, int] | None = None, emit_counters: bool = False,
-                    implementation: str | None = None, config: MatmulConfig | None = None):
-  """The fused q|k|v projection with `rope_append` in its epilogue: `(q [M, Hq, D], k_cache, v_cache[, side]
-  [, counters])` equal to `rope_append(skinny_matmul(x, w, bias), positions, inv_freq, k_cache, v_cache)` (w's
-  columns KV-group-major, `polar_jax.fusion.fuse_qkv`; the qkv product rounded to w's dtype first). "pallas": one
-  kernel whose column tiles are whole heads (block_n = head_dim), q and k rotated in registers, k and v stored
-  straight into the caches' slots (aliased: in place when the caller donates them); "xla": the two references.
-  `rms_sq_TM`, `rms_eps`, `side_topk`: the deferred RMSNorm and the side top-k, as `skinny_matmul`."""
-  if k_cache.ndim != 4 or k_cache.shape != v_cache.shape:
-    raise ValueError(f"k_cache and v_cache must be [M, Hkv, S, D] of one shape, got {k_cache.shape}, "
-                     f"{v_cache.shape}")
-  m, hkv, _, d = k_cache.shape
-  if x_MK.ndim != 2 or x_MK.shape[0] != m or w_KN.ndim != 2 or w_KN.shape[1] != (num_heads + 2 * hkv) * d:
-    raise ValueError(f"qkv_rope_append needs x [{m}, K] and w [K, (Hq + 2 Hkv) D = {(num_heads + 2 * hkv) * d}], "
-                     f"got {x_MK.shape} and {w_KN.shape}")
-  _check_norm_args(m, w_KN.shape[1], rms_sq_TM, rms_eps, None)
-  _check_side_topk(side_w_KP, side_topk)
-  norm_kw = dict(rms_sq_TM=rms_sq_TM, rms_eps=None if rms_eps is None else float(rms_eps))
-  impl = _platform.resolve_implementation(implementation)
-  pow2 = d == _platform.next_pow2(d) and d >= 16
-  if impl == "pallas" and m <= MAX_ROWS and pow2 and any(w_KN.dtype == t for t in _DTYPES):
-    itemsize = jnp.dtype(w_KN.dtype).itemsize
-    config = config or _triton.choose_config(m, x_MK.shape[1], w_KN.shape[1], itemsize)
-    bk = max(16, min(config.block_k, _triton.TILE_BYTES // (d * itemsize)))
-    config = dataclasses.replace(config, block_n=d, block_k=bk, num_splits=1)
-    inv = None if inv_freq_F is None else jnp.asarray(inv_freq_F, jnp.float32)
-    in_kernel = side_topk is not None and _side_in_one_tile(side_w_KP, config)
-    out = _triton.skinny_matmul_triton(
-        x_MK.astype(w_KN.dtype), w_KN, bias_N, None, side_w_KP, side_b_P, None,
-        positions_M.astype(jnp.int32), inv, k_cache, v_cache, out_dtype=jnp.dtype(w_KN.dtype), glu=None,
-        emit_counters=emit_counters, rope_heads=(num_heads, hkv), config=config,
-        side_topk=side_topk if in_kernel else None, interpret=_platform.interpret_mode(), **norm_kw)
-    return out if side_topk is None or in_kernel else _side_topk_after(out, side_topk, at=3)   # (q, k, v first)
-  out = skinny_matmul(x_MK, w_KN, bias_N, side_w_KP=side_w_KP, side_b_P=side_b_P, emit_counters=emit_counters,
-                      side_topk=side_topk, implementation="xla", **norm_kw)
-  out = list(out) if isinstance(out, tuple) else [out]
-  q, k_cache, v_cache = _rope_append_xla(out[0], positions_M, inv_freq_F, k_cache, v_cache, num_heads=num_heads)
-  return (q, k_cache, v_cache, *out[1:])
-
-
-_rope_append_xla = jax.jit(_rope_xla.rope_append_xla, static_argnames=("num_heads",))

@@ -24,7 +24,7 @@ def skinny_matmul_xla(x_MK, w_KN, bias_N=None, residual_MN=None, *, out_dtype=No
   (N / 2 wide), computed in float32. `side_topk=(G, k)`: the side result is instead int32 `[M, k]`, each row's
   top-k of its first G side scores (`rank_topk`: `lax.top_k`'s indices; a head router's group selection).
 
-  Deferred RMSNorm (the decode step's norms without kernels of their own, `polar_jax.layers.DEFERRED_NORM`):
+  Deferred RMSNorm (the decode step's norms without kernels of their own, `DecodeOptions.deferred_norm`):
   `rms_sq_TM` (float32 `[T, M]`, summed over T: each row's sum of squares of the hidden state h that x was
   made from, `x = h * g`) scales both products' rows by `rsqrt(sum / K + rms_eps)` before the biases, i.e.
   `rmsnorm(h) @ w`. `norm_scale_N` (a norm's weight g `[N]`) appends `(y * g, sq [T, M])` to the results, y's

@@ -19,7 +19,12 @@ from flax import nnx
 from polar_jax.compile_options import jit_loop
 from polar_jax.kv_cache import KVCache
 from polar_jax.model import CausalLM
+from polar_jax.options import DecodeOptions, check_options
 from polar_jax.sampling import Greedy, Sampler
+from polar_jax.sharding import to_host
+from polar_jax.sparse_decode import DenseDecode, make_decoder
+
+__all__ = ["DenseDecode", "GenerationOutput", "generate", "stream"]
 
 # Number of times the generate program has been traced (tests use it to count compilations).
 TRACE_COUNTS = {"generate": 0, "prefill": 0, "step": 0}
@@ -126,7 +131,7 @@ def _generate_program(graphdef, state, tokens_bt, lengths_b, real_b, sampler, ke
   model = nnx.merge(graphdef, state)
   b = tokens_bt.shape[0]
   cache = KVCache.init(model.config, b, max_len, model.dtype)
-  logits, cache = model.prefill(tokens_bt, lengths_b, cache)
+  logits, cache = model.prefill(tokens_bt, lengths_b, cache, mesh=decode.mesh)
   stop = jnp.asarray(stop_tokens or (-1,), jnp.int32)
   key, sub = jax.random.split(key)
   tok = _sample(sampler, logits, sub)
@@ -154,28 +159,6 @@ def _generate_program(graphdef, state, tokens_bt, lengths_b, real_b, sampler, ke
   return out, gen
 
 
-@dataclasses.dataclass(frozen=True)
-class DenseDecode:
-  """The dense decode step (hashable, so it can be a static jit argument).
-
-  Called as `decode(model, tok_b, cache, decode_state, active_b)` like `sparse_decode.SparseDecode`;
-  the dense step ignores the last two.
-  """
-
-  implementation: str | None = None
-
-  def __call__(self, model: CausalLM, tok_b, cache, decode_state=None, active_b=None):
-    return model.decode_step(tok_b, cache, implementation=self.implementation)
-
-
-def _decoder(model, sparsity, routers, batch: int) -> tuple[Any, Any]:
-  """(static decode step, dynamic router state): dense, or Polar Sparsity (`polar_jax.sparse_decode`)."""
-  if sparsity is None and routers is None:
-    return DenseDecode(), None
-  from polar_jax.sparse_decode import make_decoder
-  return make_decoder(model, sparsity, routers, batch=batch, dense_factory=DenseDecode)
-
-
 def _real_rows(batch: PreparedBatch) -> np.ndarray:
   """bool `[Bp]`: True for the prompts' rows, False for batch-bucket padding."""
   return np.arange(batch.tokens_bt.shape[0]) < batch.batch
@@ -189,7 +172,7 @@ def _check_sampler(sampler):
 
 def generate(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens: int,
              sampler: Sampler = Greedy(), stop_tokens: Sequence[int] = (), seed: int = 0,
-             sparsity=None, routers=None) -> GenerationOutput:
+             sparsity=None, routers=None, options: DecodeOptions | None = None) -> GenerationOutput:
   """Generates up to `max_new_tokens` tokens for each prompt.
 
   Args:
@@ -205,6 +188,8 @@ def generate(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens:
     sparsity, routers: Polar Sparsity decoding: a `polar_jax.SparsityConfig` and, for its "router"
       selector or neuron sparsity, `polar_jax.load_routers(DIR, model)`; None = dense. Router weights are
       a dynamic argument of the compiled program (new weights of the same shapes do not recompile).
+    options: `polar_jax.DecodeOptions` (kernels, fusions; None: the defaults). Part of the compiled program's
+      key: other options compile another program.
 
   Returns:
     GenerationOutput(tokens `[B, max_new_tokens]`, lengths `[B]`).
@@ -213,29 +198,29 @@ def generate(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens:
     ValueError: bad prompts, or sparsity settings / routers that do not fit the model.
   """
   _check_sampler(sampler)
+  options = check_options(options)
   cfg = model.config
   batch = prepare_batch(input_ids, attention_mask, vocab_size=cfg.vocab_size,
                         context=cfg.max_position_embeddings, max_new_tokens=max_new_tokens)
   stop = tuple(int(s) for s in stop_tokens)
-  decode, decode_state = _decoder(model, sparsity, routers, batch.batch)
+  decode, decode_state = make_decoder(model, sparsity, routers, batch=batch.batch, options=options)
   graphdef, state = nnx.split(model)
   out, gen = _generate_program(
       graphdef, state, jnp.asarray(batch.tokens_bt), jnp.asarray(batch.lengths_b), jnp.asarray(_real_rows(batch)),
       sampler.per_row(batch.tokens_bt.shape[0]), jax.random.key(seed), decode_state,
       max_new_tokens=int(max_new_tokens), max_len=batch.max_len, stop_tokens=stop,
-      pad_id=_pad_token(model, stop), decode=decode)
-  from polar_jax.sharding import to_host   # device_get, gathering arrays spread over processes (multi-host)
-  out, gen = to_host((out, gen))
+      pad_id=_pad_token(model, stop), decode=decode, loop_graph=options.loop_graph)
+  out, gen = to_host((out, gen))   # device_get, gathering arrays spread over processes (multi-host)
   return GenerationOutput(np.asarray(out[:batch.batch]), np.asarray(gen[:batch.batch]))
 
 
 # ---- streaming: a host loop over the same jitted step ----------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
-def _prefill_program(graphdef, state, tokens_bt, lengths_b, *, max_len):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "mesh"))
+def _prefill_program(graphdef, state, tokens_bt, lengths_b, *, max_len, mesh=None):
   TRACE_COUNTS["prefill"] += 1
   model = nnx.merge(graphdef, state)
   cache = KVCache.init(model.config, tokens_bt.shape[0], max_len, model.dtype)
-  return model.prefill(tokens_bt, lengths_b, cache)
+  return model.prefill(tokens_bt, lengths_b, cache, mesh=mesh)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "decode"), donate_argnames=("cache",))
@@ -250,25 +235,25 @@ _sample_jit = jax.jit(_sample)
 
 def stream(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens: int,
            sampler: Sampler = Greedy(), stop_tokens: Sequence[int] = (), seed: int = 0,
-           sparsity=None, routers=None) -> Iterator[np.ndarray]:
+           sparsity=None, routers=None, options: DecodeOptions | None = None) -> Iterator[np.ndarray]:
   """Same arguments as `generate`; yields each step's tokens `[B]` (pad id once a row stopped).
 
   Stops after `max_new_tokens` steps or when every row has emitted a stop token. Works on a tensor-parallel model
   and under `jax.distributed` (every process runs the loop and gets every row's tokens, as with `generate`).
   """
-  from polar_jax.sharding import to_host   # device_get, gathering arrays spread over processes (dp over hosts)
   _check_sampler(sampler)
+  options = check_options(options)
   cfg = model.config
   batch = prepare_batch(input_ids, attention_mask, vocab_size=cfg.vocab_size,
                         context=cfg.max_position_embeddings, max_new_tokens=max_new_tokens)
   stop = np.asarray(tuple(int(s) for s in stop_tokens), np.int64)
   pad_id = _pad_token(model, tuple(stop.tolist()))
-  decode, decode_state = _decoder(model, sparsity, routers, batch.batch)
+  decode, decode_state = make_decoder(model, sparsity, routers, batch=batch.batch, options=options)
   graphdef, state = nnx.split(model)
   rows = sampler.per_row(batch.tokens_bt.shape[0])
   key = jax.random.key(seed)
   logits, cache = _prefill_program(graphdef, state, jnp.asarray(batch.tokens_bt),
-                                   jnp.asarray(batch.lengths_b), max_len=batch.max_len)
+                                   jnp.asarray(batch.lengths_b), max_len=batch.max_len, mesh=decode.mesh)
   done = ~_real_rows(batch)
   for step in range(max_new_tokens):
     if step:

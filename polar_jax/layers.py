@@ -9,18 +9,6 @@ from flax import nnx
 import pallas_kernels
 
 _INIT_STD = 0.02
-# The decode step's dense projections on one device run `Linear.decode` (`pallas_kernels.skinny_matmul`) with the
-# residual adds in its epilogue; off: XLA's dots and adds (A/B runs; set at process start, not part of jit keys).
-DECODE_MATMUL = True
-# With DECODE_MATMUL: the q|k|v and gate|up kernels hand zeroed split-K counter buffers to o_proj and down_proj
-# (`skinny_matmul(emit_counters=True)`), instead of XLA copying a zeros constant before each of those kernels.
-CHAINED_COUNTERS = True
-# With DECODE_MATMUL, in pre-norm RMSNorm layers with fused projections: each RMSNorm of the decode step runs in
-# the kernels around it instead of as its own kernel. The residual-adding kernel (o_proj, down_proj) also writes
-# `h * g` and its column tiles' partial sums of h's squares; the next projection (gate|up, the next layer's
-# q|k|v and head router) streams `h * g` and scales its rows by `rsqrt(mean(h^2) + eps)` in its epilogue
-# (`pallas_kernels.skinny_matmul`'s `norm_scale_N` / `rms_sq_TM`). Off: RMSNorm as an XLA fusion (A/B runs).
-DEFERRED_NORM = True
 
 
 def _normal(rngs: nnx.Rngs, shape, dtype) -> jax.Array:
@@ -54,32 +42,27 @@ class Linear(nnx.Module):
     y = y.astype(out_dtype or kernel.dtype)
     return y if residual is None else residual + y
 
-  def decode(self, x_md: jax.Array, out_dtype=None, *, residual: jax.Array | None = None, side=None,
-             glu: str | None = None, counters=None, emit_counters: bool = False, rms=None, norm_scale=None,
-             side_topk=None, implementation: str | None = None):
+  def decode(self, x_md: jax.Array, out_dtype=None, *, residual: jax.Array | None = None,
+             side: pallas_kernels.Side | None = None, glu: str | None = None, counters=None,
+             emit_counters: bool = False, rms: pallas_kernels.RmsInput | None = None, norm_scale=None,
+             implementation: str | None = None) -> pallas_kernels.MatmulOut:
     """The decode step's projection of a few rows `[M, in]`: `pallas_kernels.skinny_matmul` (one kernel that
     streams the weight once and adds the bias and the residual in its epilogue; the XLA reference off GPU).
-    Same values as `__call__` up to float32 summation order. `side=(w [in, P], b [P])`: also returns float32
-    `x @ w + b`, computed by extra programs of the kernel (a head router): `(y, side_y)`. `glu="silu"`: the
-    columns are (gate, up) pairs (a fused gate|up projection) and the result is `silu(gate) * up`, half as wide,
-    from the float32 sums.
-    `emit_counters` / `counters`: see `pallas_kernels.skinny_matmul` (a zeroed buffer appended to the results /
-    taken for this call's split-K counters). `rms=(sq_TM, eps)` / `norm_scale=g`: the deferred RMSNorm
-    (`DEFERRED_NORM`): the rows of x are `h * g` and are normalised by h's squares `sq_TM` in the epilogue /
-    also return `(y * g, sq_TM)` for the next such call (after the side product). `side_topk=(G, k)`: the side
-    result is each row's top-k of its first G scores (int32 `[M, k]`, `lax.top_k`'s indices)."""
+    Same values as `__call__` up to float32 summation order; the result's `y` is the projection.
+    `side`: also the float32 product of a second narrow weight (a head router) from extra programs of the kernel,
+    or its per-row top-k (`Side.topk`). `glu="silu"`: the columns are (gate, up) pairs (a fused gate|up
+    projection) and y is `silu(gate) * up`, half as wide, from the float32 sums. `emit_counters` / `counters`:
+    zeroed split-K counters handed from one kernel to the next. `rms` / `norm_scale=g`: the deferred RMSNorm
+    (`DecodeOptions.deferred_norm`): x's rows are `h * g`, normalised in the epilogue by h's squares / the result
+    also holds `y * g` and y's squares for the next such call."""
     bias = None if self.bias is None else self.bias[...]
     kernel = self.kernel[...]
     out_dtype = out_dtype or kernel.dtype
     if residual is not None:
       residual = residual.astype(out_dtype)
-    side_w, side_b = side if side is not None else (None, None)
-    rms_sq, rms_eps = rms if rms is not None else (None, None)
-    return pallas_kernels.skinny_matmul(x_md, kernel, bias, residual, out_dtype=out_dtype, side_w_KP=side_w,
-                                        side_b_P=side_b, glu=glu, rms_sq_TM=rms_sq, rms_eps=rms_eps,
-                                        norm_scale_N=norm_scale, side_topk=side_topk, counters_C=counters,
-                                        emit_counters=emit_counters,
-                                        implementation=implementation)
+    return pallas_kernels.skinny_matmul(x_md, kernel, bias, residual, out_dtype=out_dtype, side=side, glu=glu,
+                                        rms=rms, norm_scale_N=norm_scale, counters_C=counters,
+                                        emit_counters=emit_counters, implementation=implementation)
 
 
 class RMSNorm(nnx.Module):

@@ -7,18 +7,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 import pallas_kernels
-from polar_jax import layers
 from polar_jax.config import ModelConfig
 from polar_jax.fusion import split_gate_up
 from polar_jax.layers import Linear, _normal
-
-# GatedMLP.decode with a fused gate|up: act(gate) * up in the skinny_matmul kernel's epilogue (off: the float32
-# product written and the activation as an XLA fusion; A/B runs, set at process start).
-GLU_EPILOGUE = True
-# The dense decode step of a ReLU MLP (OPT) on skinny_matmul: fc1 from its [N, d] rows with bias and ReLU in the
-# epilogue, fc2 with its bias and the residual (`NeuronMLP.decode`; off: XLA's split-K dots, whose float32
-# partials a separate fusion sums with the bias / activation / residual).
-NEURON_DECODE = True
 
 ACTIVATIONS = {
     "relu": jax.nn.relu,
@@ -51,29 +42,30 @@ class GatedMLP(nnx.Module):
 
   @property
   def glu_epilogue(self) -> bool:
-    """Whether `decode` runs act(gate) * up in the fused gate|up kernel (then it takes `rms=`)."""
-    return self.gate_up_proj is not None and GLU_EPILOGUE and self.activation in pallas_kernels.GLU_ACTIVATIONS
+    """Whether `decode` runs act(gate) * up in the fused gate|up kernel's epilogue (then it takes `rms=`)."""
+    return self.gate_up_proj is not None and self.activation in pallas_kernels.GLU_ACTIVATIONS
 
-  def decode(self, x_md, *, residual_md=None, rms=None, norm_scale=None, implementation=None):
+  def decode(self, x_md, *, residual_md=None, rms: pallas_kernels.RmsInput | None = None, norm_scale=None,
+             implementation=None) -> pallas_kernels.MatmulOut:
     """The decode step's MLP of a few rows `[M, d]` with `Linear.decode` projections (fused or not); with
-    `residual_md`, returns `residual_md + mlp(x)` (added in down_proj's epilogue). `rms` / `norm_scale`: the
-    deferred RMSNorm (`Linear.decode`; `rms` needs `glu_epilogue`): x is `h * g` normalised in the gate|up
-    kernel / the result is `(out, out * norm_scale, sq_TM)`."""
+    `residual_md`, the result's y is `residual_md + mlp(x)` (added in down_proj's epilogue). `rms` / `norm_scale`:
+    the deferred RMSNorm (`Linear.decode`; `rms` needs `glu_epilogue`): x is `h * g` normalised in the gate|up
+    kernel / the result also holds `y * norm_scale` and y's squares."""
     counters = None
     if rms is not None and not self.glu_epilogue:
       raise ValueError("GatedMLP.decode: rms= needs the fused gate|up kernel with the activation in its epilogue")
     if self.glu_epilogue:
       # act(gate) * up in the gate|up kernel's epilogue: the [M, 2F] float32 product is never written; zeroed
       # split-K counters handed on to down_proj
-      out = self.gate_up_proj.decode(x_md, x_md.dtype, glu=self.activation, emit_counters=layers.CHAINED_COUNTERS,
-                                     rms=rms, implementation=implementation)
-      h, counters = out if layers.CHAINED_COUNTERS else (out, None)
+      out = self.gate_up_proj.decode(x_md, x_md.dtype, glu=self.activation, emit_counters=True, rms=rms,
+                                     implementation=implementation)
+      h, counters = out.y, out.counters
     else:
       kw = dict(implementation=implementation)
       if self.gate_up_proj is not None:
-        gate, up = split_gate_up(self.gate_up_proj.decode(x_md, jnp.float32, **kw))
+        gate, up = split_gate_up(self.gate_up_proj.decode(x_md, jnp.float32, **kw).y)
       else:
-        gate, up = self.gate_proj.decode(x_md, jnp.float32, **kw), self.up_proj.decode(x_md, jnp.float32, **kw)
+        gate, up = self.gate_proj.decode(x_md, jnp.float32, **kw).y, self.up_proj.decode(x_md, jnp.float32, **kw).y
       h = (ACTIVATIONS[self.activation](gate) * up).astype(x_md.dtype)
     return self.down_proj.decode(h, residual=residual_md, counters=counters, norm_scale=norm_scale,
                                  implementation=implementation)
@@ -115,26 +107,25 @@ class NeuronMLP(nnx.Module):
 
   @property
   def decodes_in_kernels(self) -> bool:
-    """Whether `decode` runs the skinny_matmul kernels (`NEURON_DECODE`, a ReLU MLP)."""
-    return NEURON_DECODE and self.activation == "relu"
+    """Whether `decode` runs the skinny_matmul kernels (a ReLU MLP: the activation in fc1's epilogue)."""
+    return self.activation == "relu"
 
-  def decode(self, x_md, *, residual_md=None, implementation=None):
+  def decode(self, x_md, *, residual_md=None, implementation=None) -> pallas_kernels.MatmulOut:
     """The decode step's dense MLP of a few rows `[M, d]` (`decodes_in_kernels`): fc1 from its `[N, d]` rows
     (`skinny_matmul(w_layout="nk")`) with its bias and ReLU in the epilogue, rounded to the weights' dtype as
-    `__call__` does; fc2 with its bias and, given `residual_md`, `residual_md + mlp(x)` in its epilogue. Same values
-    as `__call__` up to float32 summation order."""
+    `__call__` does; fc2 with its bias and, given `residual_md`, `residual_md + mlp(x)` in its epilogue (the
+    result's y). Same values as `__call__` up to float32 summation order."""
     if not self.decodes_in_kernels:
       y = self(x_md)
-      return y if residual_md is None else residual_md + y
+      return pallas_kernels.MatmulOut(y if residual_md is None else residual_md + y)
     w_in = self.w_in_nd[...]
     b_in = None if self.b_in_n is None else self.b_in_n[...]
     b_out = None if self.b_out_d is None else self.b_out_d[...]
-    # fc1 hands fc2 zeroed split-K counters (`layers.CHAINED_COUNTERS`: no zero-fill kernel before fc2)
-    out = pallas_kernels.skinny_matmul(x_md.astype(w_in.dtype), w_in, b_in, activation="relu", w_layout="nk",
-                                       emit_counters=layers.CHAINED_COUNTERS, implementation=implementation)
-    h_mn, counters = out if layers.CHAINED_COUNTERS else (out, None)
+    # fc1 hands fc2 zeroed split-K counters (no zero-fill kernel before fc2)
+    fc1 = pallas_kernels.skinny_matmul(x_md.astype(w_in.dtype), w_in, b_in, activation="relu", w_layout="nk",
+                                       emit_counters=True, implementation=implementation)
     residual = None if residual_md is None else residual_md.astype(w_in.dtype)
-    return pallas_kernels.skinny_matmul(h_mn, self.w_out_nd[...], b_out, residual, counters_C=counters,
+    return pallas_kernels.skinny_matmul(fc1.y, self.w_out_nd[...], b_out, residual, counters_C=fc1.counters,
                                         implementation=implementation)
 
   def sparse(self, x_md, idx_k, *, implementation=None):

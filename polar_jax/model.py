@@ -4,38 +4,35 @@ Three entry points, all pure functions of the module state plus explicit inputs:
   * `model(input_ids, attention_mask)`: float32 logits `[B, T, V]` (no cache);
   * `model.prefill(tokens_bt, lengths_b, cache)`: dense prompt pass that fills the KV cache and
     returns the last valid token's logits;
-  * `model.decode_step(tokens_b, cache, selector=...)`: one token per row, the Polar Sparsity hook.
+  * `model.decode_step(tokens_b, cache, plans, options=...)`: one token per row; `plans` (one
+    `polar_jax.selection.LayerPlan` per layer) is the Polar Sparsity hook: which KV groups (and neurons) each
+    layer computes.
 Prompts are handled compacted (each row's valid tokens first), so any padding works.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import Callable, Protocol
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from polar_jax import layers
-from polar_jax.attention import Attention
+from polar_jax import sharding
+from polar_jax.attention import Attention, Normed
 from polar_jax.config import ModelConfig
 from polar_jax.kv_cache import KVCache
 from polar_jax.layers import Embedding, Linear, RMSNorm, make_norm
 from polar_jax.mlp import GatedMLP, make_mlp
+from polar_jax.options import DecodeOptions
+from polar_jax.selection import DENSE_PLAN, GroupIndices, LayerPlan, LinearRouter
+from pallas_kernels import RmsInput
 from pallas_kernels.skinny_matmul_xla import deferred_norm
 
 OPT_POSITION_OFFSET = 2
 # Prompt tokens prefilled at once; larger batches are prefilled a group of rows at a time.
 PREFILL_MAX_TOKENS = 16384
-
-# With layers.DECODE_MATMUL on one device: a linear head router's scores as extra programs of the q|k|v kernel
-# (`skinny_matmul`'s side weight) instead of an XLA dot and its split-K sum (A/B runs; set at process start).
-ROUTER_IN_QKV = True
-# With ROUTER_IN_QKV: the router's per-row top-k of its group scores in the side program's epilogue (off: an XLA
-# fusion after the kernel; A/B runs).
-ROUTER_TOPK_IN_QKV = True
-
 
 def prefill_group_rows(batch: int, length: int, max_tokens: int) -> int:
   """Rows per prefill group: the largest divisor of `batch` whose tokens fit `max_tokens` (at least 1)."""
@@ -46,15 +43,14 @@ def prefill_group_rows(batch: int, length: int, max_tokens: int) -> int:
   return best
 
 
-class GroupSelector(Protocol):
-  """Decides, per layer and row, which KV groups a decode step attends to.
+class LayerOut(NamedTuple):
+  """`DecoderLayer.decode`'s result: the layer's output `[B, d]`, its caches with the new token written, and
+  (deferred norms with `next_norm`) the next layer's attention-norm input as down_proj left it, else None."""
 
-  Called with the layer index and that layer's normed attention input `[B, d]`;
-  returns int32 `[B, K]` group indices, None for dense attention in that layer, or a Python int k
-  for the oracle (dense attention, then each row keeps its k groups of largest output norm).
-  """
-
-  def __call__(self, layer: int, x_bd: jax.Array) -> jax.Array | None: ...
+  h: jax.Array
+  k_cache_bhsd: jax.Array
+  v_cache_bhsd: jax.Array
+  next_normed: Normed | None
 
 
 class DecoderLayer(nnx.Module):
@@ -79,73 +75,74 @@ class DecoderLayer(nnx.Module):
     h = h_btd + a if self.pre_norm else self.attn_norm(h_btd + a)
     return self._mlp_block(h, self.mlp)
 
-  def prefill(self, h_btd, lengths_b, k_cache, v_cache, row0=0):
+  def prefill(self, h_btd, lengths_b, k_cache, v_cache, row0=0, *, mesh=None):
     x = self.attn_norm(h_btd) if self.pre_norm else h_btd
-    a, k_cache, v_cache = self.attn.prefill(x, lengths_b, k_cache, v_cache, row0)
+    a, k_cache, v_cache = self.attn.prefill(x, lengths_b, k_cache, v_cache, row0, mesh=mesh)
     h = h_btd + a if self.pre_norm else self.attn_norm(h_btd + a)
     return self._mlp_block(h, self.mlp), k_cache, v_cache
 
-  def defers_norms(self, mlp_fn=None) -> bool:
-    """Whether `decode` runs this layer's RMSNorms inside its projection kernels (`layers.DEFERRED_NORM`: one
-    device, pre-norm RMSNorm, a fused q|k|v and a fused gated MLP with its activation in the kernel)."""
-    return (layers.DEFERRED_NORM and layers.DECODE_MATMUL and getattr(self.attn, "mesh", None) is None
-            and self.pre_norm and isinstance(self.attn_norm, RMSNorm) and isinstance(self.mlp_norm, RMSNorm)
-            and self.attn.fused_qkv_decode and mlp_fn is None and isinstance(self.mlp, GatedMLP)
-            and self.mlp.glu_epilogue)
+  def defers_norms(self, plan: LayerPlan, options: DecodeOptions, mesh=None) -> bool:
+    """Whether `decode` runs this layer's RMSNorms inside its projection kernels (`options.deferred_norm`: one
+    device, pre-norm RMSNorm, a fused q|k|v and a dense fused gated MLP with its activation in the kernel)."""
+    return (options.deferred_norm and mesh is None and self.pre_norm and isinstance(self.attn_norm, RMSNorm)
+            and isinstance(self.mlp_norm, RMSNorm) and self.attn.fuses_qkv(mesh) and plan.neurons is None
+            and isinstance(self.mlp, GatedMLP) and self.mlp.glu_epilogue)
 
-  def decode(self, h_bd, lengths_b, k_cache, v_cache, selector_fn=None, mlp_fn=None, implementation=None, *,
-             selector_plan=None, normed=None, next_norm=None):
-    """One token per row. `selector_fn(x_bd) -> group_idx, None or oracle k` sees the normed attention
-    input (the router input); `mlp_fn(y_bd, x_bd)` replaces the MLP on its input y, given that router input.
-    `selector_plan` (`SparseDecode.hooks`' `selector.plan(layer)`) says whether the selection is a linear
-    router the q|k|v kernel can evaluate itself.
+  def decode(self, h_bd, lengths_b, k_cache, v_cache, plan: LayerPlan = DENSE_PLAN, *,
+             options: DecodeOptions = DecodeOptions(), mesh=None, normed: Normed | None = None,
+             next_norm=None) -> LayerOut:
+    """One token per row through the layer, computing what `plan` selects (`polar_jax.selection`).
 
-    On one device with `layers.DECODE_MATMUL` (`pallas_kernels.skinny_matmul`): o_proj and down_proj add the
-    residual in their epilogues, and a linear router's scores come from extra programs of the q|k|v kernel.
-
-    Deferred norms (`defers_norms`): `normed=(h * g, sq_TM)` is this layer's attention-norm input as the previous
-    layer's down_proj left it (None: made here from h_bd); `next_norm` (the next layer's attention-norm weight)
-    makes the result `(h, k_cache, v_cache, (h * next_norm, sq_TM))`."""
-    defer = self.defers_norms(mlp_fn)
+    With `options.fused_projections` on one device (`pallas_kernels.skinny_matmul`), o_proj and down_proj add the
+    residual in their epilogues, and a linear head router's scores come from extra programs of the q|k|v kernel
+    (`options.router_in_qkv`). Deferred norms (`defers_norms`): `normed` is this layer's attention-norm input as
+    the previous layer's down_proj left it (None: made here from h_bd); `next_norm` (the next layer's
+    attention-norm weight) makes down_proj prepare the next layer's (`LayerOut.next_normed`)."""
+    defer = self.defers_norms(plan, options, mesh)
     if (normed is not None or next_norm is not None) and not defer:
       raise ValueError("DecoderLayer.decode: normed= / next_norm= need a layer that defers its norms "
                        "(defers_norms)")
-    plan = selector_plan or (("dense",) if selector_fn is None else ("x",))
-    one_device = layers.DECODE_MATMUL and getattr(self.attn, "mesh", None) is None
-    router = None
-    if (one_device and ROUTER_IN_QKV and plan[0] == "linear" and self.attn.fused_qkv_decode
-        and plan[1].dtype == self.attn.qkv_proj.kernel.dtype):
-      router = plan[1:4] + (plan[4] if ROUTER_TOPK_IN_QKV else None,)
-    if defer:   # (a selector that reads the normed input: only where the layer selects and the kernel does not)
-      select = selector_fn if plan[0] != "dense" and router is None else None
-      return self._decode_deferred(h_bd, lengths_b, k_cache, v_cache, select, router, implementation, normed,
-                                   next_norm)
+    if defer:
+      return self._decode_deferred(h_bd, lengths_b, k_cache, v_cache, plan, options, normed, next_norm)
     x = self.attn_norm(h_bd) if self.pre_norm else h_bd
-    group_idx = selector_fn(x) if selector_fn is not None and router is None else None
-    h, k_cache, v_cache = self.attn.decode(x, lengths_b, k_cache, v_cache, group_idx, implementation=implementation,
-                                           residual_bd=h_bd, router=router)   # h_bd + attention
-    h = h if self.pre_norm else self.attn_norm(h)
-    if mlp_fn is None and one_device and self.mlp.decodes_in_kernels:   # the residual add in down_proj / fc2
-      out = self.mlp.decode(self.mlp_norm(h) if self.pre_norm else h, residual_md=h, implementation=implementation)
-      return (out if self.pre_norm else self.mlp_norm(out)), k_cache, v_cache
-    mlp = self.mlp if mlp_fn is None else (lambda y: mlp_fn(y, x))
-    return self._mlp_block(h, mlp), k_cache, v_cache
+    heads = self._resolve_router(plan, x, options, mesh)
+    a = self.attn.decode(x, lengths_b, k_cache, v_cache, heads, options=options, mesh=mesh, residual_bd=h_bd)
+    h = a.h if self.pre_norm else self.attn_norm(a.h)                          # h_bd + attention
+    y = self.mlp_norm(h) if self.pre_norm else h
+    if plan.neurons is not None:                                                # the batch-union neuron set
+      idx_k = plan.neurons.indices(x, options)
+      if mesh is not None and plan.neurons.shards > 1:
+        out = h + sharding.sharded_sparse_mlp(self.mlp, y, idx_k, mesh=mesh, implementation=options.implementation)
+      else:
+        out = h + self.mlp.sparse(y, idx_k, implementation=options.implementation)
+    elif options.fused_projections and mesh is None and self.mlp.decodes_in_kernels:   # residual in down_proj / fc2
+      out = self.mlp.decode(y, residual_md=h, implementation=options.implementation).y
+    else:
+      out = h + self.mlp(y)
+    return LayerOut(out if self.pre_norm else self.mlp_norm(out), a.k_cache_bhsd, a.v_cache_bhsd, None)
 
-  def _decode_deferred(self, h_bd, lengths_b, k_cache, v_cache, selector_fn, router, implementation, normed,
-                       next_norm):
+  def _resolve_router(self, plan: LayerPlan, x_bd, options: DecodeOptions, mesh):
+    """`plan.heads`, with a linear router the attention kernel cannot evaluate itself turned into its groups
+    (the router's own dot on the normed input x_bd)."""
+    heads = plan.heads
+    if isinstance(heads, LinearRouter) and not self.attn.fuses_router(heads, options, mesh):
+      return GroupIndices(heads.select(x_bd))
+    return heads
+
+  def _decode_deferred(self, h_bd, lengths_b, k_cache, v_cache, plan, options, normed, next_norm) -> LayerOut:
     """`decode` with both RMSNorms in the kernels: q|k|v (and the router's side programs) normalise `h * g`
     rows in their epilogue, o_proj writes the MLP norm's `h * g` and squares, gate|up normalises them.
-    `selector_fn` (None: the layer is dense or the kernel selects) gets the attention norm of h_bd itself."""
+    A selection the kernel does not make gets the attention norm of h_bd itself."""
     x_bd, sq_tb = normed if normed is not None else deferred_norm(h_bd, self.attn_norm.scale[...])
-    group_idx = selector_fn(self.attn_norm(h_bd)) if selector_fn is not None else None
-    (h, y_bd, sq2_tb), k_cache, v_cache = self.attn.decode(
-        x_bd, lengths_b, k_cache, v_cache, group_idx, implementation=implementation, residual_bd=h_bd,
-        router=router, rms=(sq_tb, self.attn_norm.eps), norm_scale=self.mlp_norm.scale[...])
-    out = self.mlp.decode(y_bd, residual_md=h, rms=(sq2_tb, self.mlp_norm.eps), norm_scale=next_norm,
-                          implementation=implementation)
-    if next_norm is None:
-      return out, k_cache, v_cache
-    return out[0], k_cache, v_cache, tuple(out[1:])
+    heads = plan.heads
+    if isinstance(heads, LinearRouter) and not self.attn.fuses_router(heads, options):
+      heads = GroupIndices(heads.select(self.attn_norm(h_bd)))
+    a = self.attn.decode(x_bd, lengths_b, k_cache, v_cache, heads, options=options, residual_bd=h_bd,
+                         rms=RmsInput(sq_tb, self.attn_norm.eps), norm_scale=self.mlp_norm.scale[...])
+    out = self.mlp.decode(a.next_normed.x_bd, residual_md=a.h, rms=RmsInput(a.next_normed.sq_TB, self.mlp_norm.eps),
+                          norm_scale=next_norm, implementation=options.implementation)
+    next_normed = None if next_norm is None else Normed(out.normed, out.sq_TM)
+    return LayerOut(out.y, a.k_cache_bhsd, a.v_cache_bhsd, next_normed)
 
 
 class CausalLM(nnx.Module):
@@ -211,17 +208,18 @@ class CausalLM(nnx.Module):
     inverse = jnp.argsort(order, axis=1)
     return jnp.take_along_axis(logits_c, inverse[:, :, None], axis=1)
 
-  def prefill(self, tokens_bt, lengths_b, cache: KVCache, *, max_tokens: int = PREFILL_MAX_TOKENS):
+  def prefill(self, tokens_bt, lengths_b, cache: KVCache, *, max_tokens: int = PREFILL_MAX_TOKENS, mesh=None):
     """Dense pass over compacted prompts; returns (last-token logits `[B, V]`, filled cache).
 
     Batches of more than `max_tokens` prompt tokens are processed a group of rows at a time (a
-    `fori_loop`), so prefill intermediates scale with `max_tokens`, not with the batch.
+    `fori_loop`), so prefill intermediates scale with `max_tokens`, not with the batch. `mesh`: the
+    tensor-parallel mesh (`polar_jax.sharding.model_mesh`) the cache is sharded on, or None.
     """
     b, t = tokens_bt.shape
     rows = prefill_group_rows(b, t, max_tokens)
     lengths_b = lengths_b.astype(jnp.int32)
     if rows == b:
-      logits, ks, vs = self._prefill_rows(tokens_bt, lengths_b, cache.k_bhsd, cache.v_bhsd, 0)
+      logits, ks, vs = self._prefill_rows(tokens_bt, lengths_b, cache.k_bhsd, cache.v_bhsd, 0, mesh)
       return logits, KVCache(ks, vs, lengths_b)
 
     def body(i, carry):
@@ -229,46 +227,46 @@ class CausalLM(nnx.Module):
       r0 = i * rows
       tok = jax.lax.dynamic_slice_in_dim(tokens_bt, r0, rows, axis=0)
       lens = jax.lax.dynamic_slice_in_dim(lengths_b, r0, rows, axis=0)
-      logits, ks, vs = self._prefill_rows(tok, lens, ks, vs, r0)
+      logits, ks, vs = self._prefill_rows(tok, lens, ks, vs, r0, mesh)
       return jax.lax.dynamic_update_slice_in_dim(logits_bv, logits, r0, axis=0), ks, vs
 
     init = (jnp.zeros((b, self.config.vocab_size), jnp.float32), cache.k_bhsd, cache.v_bhsd)
     logits, ks, vs = jax.lax.fori_loop(0, b // rows, body, init)
     return logits, KVCache(ks, vs, lengths_b)
 
-  def _prefill_rows(self, tokens_rt, lengths_r, k_caches, v_caches, row0):
+  def _prefill_rows(self, tokens_rt, lengths_r, k_caches, v_caches, row0, mesh):
     r, t = tokens_rt.shape
     h = self.embed_tokens(tokens_rt, jnp.broadcast_to(jnp.arange(t), (r, t)))
     ks, vs = [], []
     for i, layer in enumerate(self.layers):
-      h, k, v = layer.prefill(h, lengths_r, k_caches[i], v_caches[i], row0)
+      h, k, v = layer.prefill(h, lengths_r, k_caches[i], v_caches[i], row0, mesh=mesh)
       ks.append(k)
       vs.append(v)
     last = jnp.take_along_axis(h, (lengths_r - 1)[:, None, None], axis=1)[:, 0]
     return self.logits(last), tuple(ks), tuple(vs)
 
-  def decode_step(self, tokens_b, cache: KVCache, *, selector: GroupSelector | None = None,
-                  mlp_override: Callable[[int], Callable | None] | None = None, implementation=None):
+  def decode_step(self, tokens_b, cache: KVCache, plans: Sequence[LayerPlan] | None = None, *,
+                  options: DecodeOptions = DecodeOptions(), mesh=None):
     """Appends one token per row; returns (logits `[B, V]`, cache with lengths + 1).
 
-    `mlp_override(layer)` returns None (dense MLP) or `mlp_fn(y_bd, x_bd)` computing the layer's MLP
-    output from its input y and the layer's router input x (see `polar_jax.sparse_decode`).
+    `plans`: one `polar_jax.selection.LayerPlan` per layer (None: dense everywhere), built by the decode-step
+    objects (`polar_jax.sparse_decode.SparseDecode`). `mesh`: the tensor-parallel mesh, or None.
     """
+    plans = tuple(plans) if plans is not None else (DENSE_PLAN,) * len(self.layers)
+    if len(plans) != len(self.layers):
+      raise ValueError(f"decode_step: {len(plans)} layer plans for {len(self.layers)} layers")
     lengths = cache.lengths_b
     h = self.embed_tokens(tokens_b, lengths)
     ks, vs = [], []
-    mlp_fns = [mlp_override(i) if mlp_override is not None else None for i in range(len(self.layers))]
-    defers = [layer.defers_norms(fn) for layer, fn in zip(self.layers, mlp_fns)] + [False]
+    defers = [layer.defers_norms(plan, options, mesh) for layer, plan in zip(self.layers, plans)] + [False]
     normed = None   # the next layer's attention-norm input left by a deferring layer's down_proj
     for i, layer in enumerate(self.layers):
-      sel = (lambda x, i=i: selector(i, x)) if selector is not None else None
-      plan = selector.plan(i) if hasattr(selector, "plan") else None
       next_norm = self.layers[i + 1].attn_norm.scale[...] if defers[i] and defers[i + 1] else None
-      h, k, v, *rest = layer.decode(h, lengths, cache.k_bhsd[i], cache.v_bhsd[i], sel, mlp_fns[i], implementation,
-                                    selector_plan=plan, normed=normed, next_norm=next_norm)
-      normed = rest[0] if rest else None
-      ks.append(k)
-      vs.append(v)
+      out = layer.decode(h, lengths, cache.k_bhsd[i], cache.v_bhsd[i], plans[i], options=options, mesh=mesh,
+                         normed=normed, next_norm=next_norm)
+      h, normed = out.h, out.next_normed
+      ks.append(out.k_cache_bhsd)
+      vs.append(out.v_cache_bhsd)
     return self.logits(h), KVCache(tuple(ks), tuple(vs), lengths + 1)
 
 

@@ -34,6 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+import pallas_kernels
 from polar_jax.config import ModelConfig
 from polar_jax.topk import rank_topk, topk_rows, union_scores
 
@@ -87,35 +88,53 @@ def param_spec(name: str) -> P:
   return P()
 
 
-def param_specs(config: ModelConfig) -> dict[str, P]:
-  """`{flat parameter name: PartitionSpec}` for every parameter of `config`'s model."""
-  from polar_jax.model import param_shapes
-  return {name: param_spec(name) for name in param_shapes(config)}
-
-
 def mesh_tp(mesh) -> int:
   return 1 if mesh is None else int(dict(mesh.shape).get("tp", 1))
 
 
+def mesh_dp(mesh) -> int:
+  return 1 if mesh is None else int(dict(mesh.shape).get("dp", 1))
+
+
+def as_decode_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
+  """`mesh` as the decode step uses it: axes named from ("dp", "tp") (a "tp"-only mesh, e.g. a plain
+  `jax.make_mesh((2,), ("tp",))`, is fine), all of type `Auto` so that GSPMD propagates the parameters' shardings.
+  A mesh whose axes are `Explicit` (`jax.make_mesh`'s default) is converted: same devices, same names.
+  Raises ValueError for other axis names."""
+  if not isinstance(mesh, jax.sharding.Mesh):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh (polar_jax.make_mesh(tp=...) or jax.make_mesh), "
+                    f"got {type(mesh).__name__}")
+  unknown = [name for name in mesh.axis_names if name not in AXES]
+  if unknown:
+    raise ValueError(f"mesh axes {mesh.axis_names} include {unknown}: polar_jax shards over axes named 'tp' "
+                     "(tensor parallel) and optionally 'dp' (data parallel); make one with "
+                     "polar_jax.make_mesh(tp=N) or jax.make_mesh((N,), ('tp',))")
+  auto = jax.sharding.AxisType.Auto
+  if all(t == auto for t in mesh.axis_types):
+    return mesh
+  return jax.sharding.Mesh(mesh.devices, mesh.axis_names, axis_types=(auto,) * len(mesh.axis_names))
+
+
 def model_mesh(model) -> jax.sharding.Mesh | None:
-  """The mesh a model was sharded onto (`shard_model` / `load_model(mesh=)`), or None."""
-  return getattr(model.layers[0].attn, "mesh", None)
+  """The mesh a model's parameters are sharded on (`shard_model` / `load_model(mesh=)`), read from the sharding
+  of its embedding; None on one device (or a one-device mesh). Call it outside jit (the decode-step objects
+  carry the result as a static field)."""
+  value = model.embed.embedding[...]
+  sharding = getattr(value, "sharding", None)
+  mesh = getattr(sharding, "mesh", None)
+  if not isinstance(sharding, NamedSharding) or mesh is None or mesh.size <= 1:
+    return None
+  return mesh
 
 
 def model_tp(model) -> int:
   return mesh_tp(model_mesh(model))
 
 
-def attach_mesh(model, mesh) -> None:
-  """Marks the attention modules so decode runs the kernel inside `shard_map` (static graph attribute)."""
-  for layer in model.layers:   # a one-device mesh keeps the plain single-device path
-    layer.attn.mesh = mesh if mesh is not None and mesh.size > 1 else None
-    layer.attn.dp = int(dict(mesh.shape).get("dp", 1)) if mesh is not None else 1
-
-
 def shard_model(model, mesh: jax.sharding.Mesh):
   """Places a model's parameters on `mesh` (in place; also returns the model). Works under `jax.distributed`:
   every process must hold the same parameter values (e.g. the same `init_model` seed)."""
+  mesh = as_decode_mesh(mesh)
   check_config(model.config, mesh_tp(mesh))
   state = nnx.state(model, nnx.Param)
   flat = nnx.to_flat_state(state)
@@ -129,7 +148,6 @@ def shard_model(model, mesh: jax.sharding.Mesh):
       host = np.asarray(jax.device_get(value))
       var.set_value(jax.make_array_from_callback(host.shape, sh, lambda idx, h=host: h[idx]))
   nnx.update(model, state)
-  attach_mesh(model, mesh)
   return model
 
 
@@ -137,9 +155,10 @@ def cache_spec(batch: int, dp: int) -> P:
   return P("dp" if dp > 1 and batch % dp == 0 else None, "tp", None, None)
 
 
-def constrain_cache(cache_bhsd, mesh, dp: int):
+def constrain_cache(cache_bhsd, mesh):
   """KV cache layer `[B, Hkv, S, D]` constrained to P("dp", "tp", None, None)."""
-  return jax.lax.with_sharding_constraint(cache_bhsd, NamedSharding(mesh, cache_spec(cache_bhsd.shape[0], dp)))
+  spec = cache_spec(cache_bhsd.shape[0], mesh_dp(mesh))
+  return jax.lax.with_sharding_constraint(cache_bhsd, NamedSharding(mesh, spec))
 
 
 # ---- balanced per-shard selection -------------------------------------------------------------
@@ -163,14 +182,14 @@ def local_group_idx(group_idx_bk: jax.Array, num_groups: int, tp: int) -> jax.Ar
   return group_idx_bk.reshape(b, tp, k // tp) - (jnp.arange(tp) * (num_groups // tp))[None, :, None]
 
 
-def sharded_decode_attention(q_bhd, k_cache, v_cache, new_len, group_idx_bk, kv_start, *, mesh, dp: int,
-                             num_groups: int, scale: float, implementation=None):
+def sharded_decode_attention(q_bhd, k_cache, v_cache, new_len, group_idx_bk, kv_start, *, mesh, num_groups: int,
+                             scale: float, implementation=None):
   """`selective_decode_attention` inside `jax.shard_map` over "tp": each shard its local heads and groups.
 
   `group_idx_bk` must come from `balanced_topk(..., shards=tp)` (or be None for dense)."""
-  import pallas_kernels
+
   TRACE_COUNTS["shard_map"] += 1
-  tp = mesh_tp(mesh)
+  tp, dp = mesh_tp(mesh), mesh_dp(mesh)
   b = q_bhd.shape[0]
   bax = "dp" if dp > 1 and b % dp == 0 else None
   args = [q_bhd, k_cache, v_cache, new_len]
@@ -209,11 +228,11 @@ def to_host(tree: Any) -> Any:
 
 # ---- neuron sparsity (ReLU MLPs) under tp: a per-shard union ------------------------------------
 def balanced_union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k_total: int, shards: int,
-                        method: str = "radix", implementation: str | None = None) -> jax.Array:
+                        method: str = "radix", implementation: str | None = None, dtype=jnp.bfloat16) -> jax.Array:
   """int32 `[k_total]` global neuron indices: the batch-union score `sum_b relu(logits)` split into `shards`
   equal blocks of neurons, each keeping its `k_total // shards` best (block s's picks come s-th; within a
-  block ascending for method "radix", by descending score for "sort": the same sets, see `union_topk`)."""
-  score_n = union_scores(logits_bn, active_b)
+  block ascending for method "radix", by descending score for "sort": the same sets, see `polar_jax.topk.union_topk`)."""
+  score_n = union_scores(logits_bn, active_b, dtype)
   n = score_n.shape[0]
   nl, kl = n // shards, k_total // shards
   idx = topk_rows(score_n.reshape(shards, nl), kl, method, implementation) + (jnp.arange(shards) * nl)[:, None]
@@ -223,7 +242,7 @@ def balanced_union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k_tota
 def sharded_sparse_mlp(mlp, x_md, idx_k, *, mesh, implementation=None):
   """`NeuronMLP.sparse` under tp: each shard gathers its local neurons (`idx_k` from `balanced_union_topk`)
   from its rows of fc1/fc2, then the partial fc2 outputs are summed over "tp" (psum) and the fc2 bias added."""
-  import pallas_kernels
+
   tp = mesh_tp(mesh)
   w_in, w_out = mlp.w_in_nd[...], mlp.w_out_nd[...]
   n = w_in.shape[0]

@@ -36,20 +36,19 @@ def topk_rows(scores_rn: jax.Array, k: int, method: str = "radix", implementatio
   raise ValueError(f"unknown union method {method!r}; expected one of {METHODS}")
 
 
-# The batch-union scores are ranked rounded to bf16 (the float32 sum, rounded once): their 16-bit keys take two
-# radix passes instead of four (`topk_select_xla.key_bits`). The paper's routers rank fp16 sums. Off: float32.
-UNION_BF16 = True
-
-
-def union_dtype():
-  """The dtype the batch-union scores are ranked in: bf16 (`UNION_BF16`) or float32."""
-  return jnp.bfloat16 if UNION_BF16 else jnp.float32
-
-
-def union_scores(logits_bn: jax.Array, active_b: jax.Array | None) -> jax.Array:
-  """`[N]`: the batch-union score `sum_b relu(logits)` over active rows, summed in float32 and returned in bf16
-  (`UNION_BF16`; float32 otherwise): neurons whose sums round to one bf16 value tie (lower index first)."""
+def union_scores(logits_bn: jax.Array, active_b: jax.Array | None, dtype=jnp.bfloat16) -> jax.Array:
+  """`[N]`: the batch-union score `sum_b relu(logits)` over active rows, summed in float32 and returned in `dtype`
+  (`DecodeOptions.union_dtype`). Rounded to bf16 (the default), the 16-bit keys take two radix passes instead of
+  four (`topk_select_xla.key_bits`); neurons whose sums round to one bf16 value tie (lower index first). The paper's
+  routers rank fp16 sums."""
   act = jax.nn.relu(logits_bn.astype(jnp.float32))
   if active_b is not None:
     act = jnp.where(active_b[:, None], act, 0.0)
-  return act.sum(axis=0).astype(union_dtype())
+  return act.sum(axis=0).astype(dtype)
+
+
+def union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k: int, method: str = "radix",
+               implementation: str | None = None, dtype=jnp.bfloat16) -> jax.Array:
+  """int32 `[k]`: the batch-union neuron set, top-k of `sum_b relu(logits)` over active rows ranked in `dtype`
+  (ties: lower index first) by `method` (`topk_rows`: "radix", ascending indices, or "sort"; the same set)."""
+  return topk_rows(union_scores(logits_bn, active_b, dtype)[None], k, method, implementation)[0]

@@ -21,6 +21,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
+import dataclasses  # noqa: E402
+
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -28,8 +30,8 @@ if MODE == "multi":
   from polar_jax import distributed
   distributed.initialize(f"localhost:{sys.argv[3]}", num_processes=2, process_id=int(sys.argv[2]))
 
+from conftest import LLAMA_GQA_8H as GQA, LLAMA_MHA_8H as MHA, OPT  # noqa: E402  (this file's folder)
 from polar_jax import sharding  # noqa: E402
-from polar_jax.config import ModelConfig  # noqa: E402
 from polar_jax.generation import generate  # noqa: E402
 from polar_jax.kv_cache import KVCache  # noqa: E402
 from polar_jax.model import init_model  # noqa: E402
@@ -37,17 +39,8 @@ from polar_jax.routers import Routers  # noqa: E402
 from polar_jax.sparse_decode import SparseDecode, make_decoder  # noqa: E402
 from polar_jax.sparsity import SparsityConfig  # noqa: E402
 
-GQA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=8, num_kv_heads=4, head_dim=8, max_position_embeddings=128)
-MHA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=8, num_kv_heads=8, head_dim=4, max_position_embeddings=128)
-GQA8 = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                   num_heads=16, num_kv_heads=8, head_dim=4, max_position_embeddings=128)
+GQA8 = dataclasses.replace(MHA, num_heads=16)   # 8 KV groups of 2 query heads
 # (a layer stays dense when density x local groups rounds to all of them: e.g. 4 KV groups at tp 4)
-OPT = ModelConfig(model_type="opt", vocab_size=97, hidden_size=32, intermediate_size=128, num_layers=2,
-                  num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=128, norm="layer",
-                  norm_eps=1e-5, mlp="relu_mlp", activation="relu", attn_bias=True, o_bias=True, mlp_bias=True,
-                  positions="learned", tie_word_embeddings=True)
 PROMPTS = [[5, 9, 13, 2, 7], [3, 1], [8, 8, 4, 60, 2, 11, 7], [40]]
 NEW = 4
 
@@ -67,7 +60,9 @@ def greedy_logits(model, sparsity, routers, steps=NEW - 1):
   for i, p in enumerate(PROMPTS):
     toks[i, :len(p)] = p
   lengths = np.array([len(p) for p in PROMPTS], np.int32)
-  decode, state = make_decoder(model, sparsity, routers, batch=b) if sparsity is not None else (None, None)
+  decode, state = make_decoder(model, sparsity, routers, batch=b)   # dense without sparsity
+  mesh = sharding.model_mesh(model)
+  assert decode.mesh == mesh, (decode.mesh, mesh)
   if sparsity is not None:
     assert isinstance(decode, SparseDecode) and decode.shards == (sparsity.shards or sharding.model_tp(model)), decode
   graphdef, params = nnx.split(model)
@@ -76,14 +71,11 @@ def greedy_logits(model, sparsity, routers, steps=NEW - 1):
   def run(params, toks, lengths, state):
     m = nnx.merge(graphdef, params)
     cache = KVCache.init(m.config, b, t + steps + 1, m.dtype)
-    logits, cache = m.prefill(toks, lengths, cache)
+    logits, cache = m.prefill(toks, lengths, cache, mesh=mesh)
     out, tok_out = [logits], [jnp.argmax(logits, -1)]
     for _ in range(steps):
       tok = tok_out[-1].astype(jnp.int32)
-      if decode is None:
-        logits, cache = m.decode_step(tok, cache)
-      else:
-        logits, cache = decode(m, tok, cache, state, jnp.ones((b,), bool))
+      logits, cache = decode(m, tok, cache, state, jnp.ones((b,), bool))
       out.append(logits)
       tok_out.append(jnp.argmax(logits, -1))
     return jnp.stack(tok_out, 1), jnp.stack(out)
@@ -166,6 +158,27 @@ def check_checkpoint():
   assert np.array_equal(tok_ref, tok_tp) and np.allclose(lg_ref, lg_tp, atol=2e-5, rtol=1e-5)
   assert np.array_equal(tok_ref, tok_f) and np.allclose(lg_ref, lg_f, atol=2e-5, rtol=1e-5)
   print("OK checkpoint load_model(mesh=tp2) and fuse=True", flush=True)
+  # A user's own mesh: jax.make_mesh's default Explicit axes, only a "tp" axis (loaded and sharded in place).
+  plain = jax.make_mesh((2,), ("tp",), devices=jax.devices()[:2])
+  assert plain.axis_types[0] == jax.sharding.AxisType.Explicit, plain.axis_types
+  with tempfile.TemporaryDirectory() as d:
+    save_model(f"{d}/ckpt", ref)
+    loaded = load_model(f"{d}/ckpt", mesh=plain, fuse=True)
+  placed = sharding.shard_model(init_model(GQA, seed=3), plain)
+  for m in (loaded, placed):
+    assert sharding.mesh_tp(sharding.model_mesh(m)) == 2
+    tok_p, lg_p = greedy_logits(m, None, None)
+    assert np.array_equal(tok_ref, tok_p) and np.allclose(lg_ref, lg_p, atol=2e-5, rtol=1e-5)
+    out = generate(m, PROMPTS, max_new_tokens=NEW, sparsity=SparsityConfig(attn_density=0.5),
+                   routers=random_routers(GQA)).tokens
+    assert out.shape == (len(PROMPTS), NEW)
+  try:
+    sharding.shard_model(init_model(GQA), jax.make_mesh((2,), ("model",), devices=jax.devices()[:2]))
+  except ValueError as e:
+    assert "'tp'" in str(e), e
+  else:
+    raise AssertionError("a mesh without a 'tp' axis did not raise")
+  print("OK plain jax.make_mesh (Explicit axes, tp only)", flush=True)
 
 
 def main_single():

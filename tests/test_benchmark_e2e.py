@@ -112,8 +112,7 @@ def test_profile_step_arithmetic_and_smoke(tmp_path):
   recs = [json.loads(line) for line in out.read_text().splitlines()]
   assert recs and all(r["kind"] == "step_profile" and r["ms_per_step"] > 0 for r in recs)
   assert all(r["timing"] == "decode_loop" and r["launches_per_step"] > 0 for r in recs)
-  from polar_jax import compile_options     # profiled without the loop's command buffer, the switch put back
-  assert all(r["loop_graph"] is False for r in recs) and compile_options.LOOP_GRAPH is True
+  assert all(r["loop_graph"] is False for r in recs)    # profiled without the loop's command buffer
   # kernels kept apart by name, the loop's HLO written; and the older two-generate method still runs
   out2, hlo = tmp_path / "p2.jsonl", tmp_path / "hlo"
   assert profile_step.main(["--smoke", "--densities", "0.5", "--instances", "--hlo", str(hlo), "--out", str(out2)]) == 0
@@ -144,10 +143,10 @@ def test_sparse_step_bytes_count_read_neurons_and_router_copies():
   head = 2 * (d * 16 + 16) * 4                                # layers 1, 2: 4 groups padded to 16 columns
   for dtype, itemsize, scales in (("float32", 4, 0), ("int8", 1, (r + n) * 4)):
     sp = SparsityConfig(0.5, mlp="router", router_dtype=dtype)   # layer 2 (250 > 0.8 * 256) dense
-    step, state = generation._decoder(model, sp, routers, 2)
+    step, state = generation.make_decoder(model, sp, routers, batch=2)
     assert step.neuron_k == (64, 128, None)
     neuron = 2 * ((d * r + r * n) * itemsize + scales + n * 4)
     want = -row * ((n - 64) + (n - 128)) + head + neuron
     assert e2e.sparse_weight_bytes(cfg, model, step, state) == want
-  dense_step, dense_state = generation._decoder(model, None, None, 2)
+  dense_step, dense_state = generation.make_decoder(model, None, None, batch=2)
   assert e2e.sparse_weight_bytes(cfg, model, dense_step, dense_state) == 0

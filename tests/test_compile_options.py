@@ -1,5 +1,5 @@
 """The decode loops' XLA options (`polar_jax.compile_options`): what they hold, that they reach the compiler, and
-that the user's XLA_FLAGS and the switch win."""
+that the user's XLA_FLAGS and `DecodeOptions(loop_graph=False)` win."""
 
 import jax
 import jax.numpy as jnp
@@ -9,9 +9,7 @@ from polar_jax import compile_options as co
 
 
 @pytest.fixture(autouse=True)
-def _defaults(monkeypatch):
-  """Each test starts from the shipped defaults, whatever a benchmark run in this process switched."""
-  monkeypatch.setattr(co, "LOOP_GRAPH", True)
+def _no_user_flags(monkeypatch):
   monkeypatch.delenv("XLA_FLAGS", raising=False)
 
 
@@ -24,12 +22,11 @@ def test_default_options_add_while_and_conditional():
   assert {"WHILE", "CONDITIONAL", "FUSION", "CUSTOM_CALL"} <= set(kinds)
 
 
-def test_user_flags_and_switch_win(monkeypatch):
+def test_user_flags_and_the_option_win(monkeypatch):
   monkeypatch.setenv("XLA_FLAGS", "--xla_gpu_enable_command_buffer=FUSION")
   assert co.decode_loop_options() == {}
   monkeypatch.delenv("XLA_FLAGS")
-  monkeypatch.setattr(co, "LOOP_GRAPH", False)
-  assert co.decode_loop_options() == {}
+  assert co.decode_loop_options(loop_graph=False) == {}
 
 
 def test_options_compile_and_reach_the_compiler(monkeypatch):
@@ -43,10 +40,9 @@ def test_options_compile_and_reach_the_compiler(monkeypatch):
     g(x, n=4)
 
 
-def test_switch_flip_recompiles(monkeypatch):
+def test_loop_graph_off_compiles_its_own_program():
   f = co.jit_loop(_loop, static_argnames=("n",))
   x = jnp.ones(2)
   f(x, n=2)
-  monkeypatch.setattr(co, "LOOP_GRAPH", False)
-  f(x, n=2)
+  f(x, n=2, loop_graph=False)
   assert len(f._jitted) == 2  # pylint: disable=protected-access

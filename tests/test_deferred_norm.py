@@ -1,4 +1,4 @@
-"""The deferred RMSNorm (`layers.DEFERRED_NORM`): a residual-adding skinny_matmul also writes `h * g` and its
+"""The deferred RMSNorm (`DecodeOptions.deferred_norm`): a residual-adding skinny_matmul also writes `h * g` and its
 column tiles' partial squares of h (`norm_scale_N`), and the next projection normalises those rows in its
 epilogue (`rms_sq_TM`, `rms_eps`), side weight and gated epilogue included. Kernel (Pallas interpret mode on CPU,
 the real kernel on a GPU) and XLA reference vs float64; the decode step with the switch on equals it off, with
@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-import pallas_kernels
 from pallas_kernels import MatmulConfig
+from pallas_kernels import RmsInput
+from pallas_kernels import Side
 from pallas_kernels import skinny_matmul
 from polar_jax import fusion
 from polar_jax import layers
@@ -40,8 +41,8 @@ def test_norm_scale_output(case, impl):
   w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
   r = jnp.asarray(rng.standard_normal((m, n)), dtype)
   g = jnp.asarray(1 + rng.standard_normal(n), dtype)
-  out, xg, sq = skinny_matmul(x, w, None, r, norm_scale_N=g, implementation=impl, config=cfg)
-  plain = skinny_matmul(x, w, None, r, implementation=impl, config=cfg)
+  out, _, xg, sq, _ = skinny_matmul(x, w, None, r, norm_scale_N=g, implementation=impl, config=cfg)
+  plain = skinny_matmul(x, w, None, r, implementation=impl, config=cfg).y
   np.testing.assert_array_equal(np.asarray(out), np.asarray(plain))
   assert xg.dtype == dtype and xg.shape == (m, n) and sq.dtype == jnp.float32 and sq.shape[1] == m
   o64 = np.asarray(out, np.float64)
@@ -78,16 +79,16 @@ def test_rms_rows(case, impl):
   sq = jnp.asarray(np.stack([np.sum(c * c, axis=1) for c in np.split(h, cuts, axis=1)]), jnp.float32)
   w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
   b = jnp.asarray(rng.standard_normal(n), dtype) if bias else None
-  kw = {}
+  side = None
   if p:
-    kw = dict(side_w_KP=jnp.asarray(rng.standard_normal((k, p)) / np.sqrt(k), dtype),
-              side_b_P=jnp.asarray(rng.standard_normal(p), jnp.float32))
-  got = skinny_matmul(x, w, b, glu=glu, rms_sq_TM=sq, rms_eps=eps_norm, implementation=impl, config=cfg, **kw)
-  got = got if isinstance(got, tuple) else (got,)
+    side = Side(jnp.asarray(rng.standard_normal((k, p)) / np.sqrt(k), dtype),
+                jnp.asarray(rng.standard_normal(p), jnp.float32))
+  out = skinny_matmul(x, w, b, glu=glu, rms=RmsInput(sq, eps_norm), implementation=impl, config=cfg, side=side)
+  got = (out.y,) if side is None else (out.y, out.side)
   rs = 1 / np.sqrt(np.mean(h * h, axis=1, keepdims=True) + eps_norm)
   xn = h * g * rs
   eps = float(jnp.finfo(dtype).eps)
-  for y, wt, bt in zip(got, (w, kw.get("side_w_KP")), (b, kw.get("side_b_P"))):
+  for y, wt, bt in zip(got, (w, side and side.w_KP), (b, side and side.b_P)):
     w64 = np.asarray(wt, np.float64)
     pre = xn @ w64 + (0 if bt is None else np.asarray(bt, np.float64))
     err_pre = (eps * np.abs(xn) @ np.abs(w64)) + 4 * k * F32 * (np.abs(xn) @ np.abs(w64)) + 1e-6
@@ -114,44 +115,12 @@ def test_chain_matches_rmsnorm_then_matmul():
   w = jnp.asarray(rng.standard_normal((d, n)) / np.sqrt(d), jnp.bfloat16)
   norm = RMSNorm(d, eps=1e-6, dtype=jnp.bfloat16, rngs=nnx.Rngs(0))
   norm.scale.set_value(jnp.asarray(1 + 0.3 * rng.standard_normal(d), jnp.bfloat16))
-  h, xg, sq = skinny_matmul(ctx, w_o, None, res, norm_scale_N=norm.scale[...], implementation="pallas")
-  got = skinny_matmul(xg, w, rms_sq_TM=sq, rms_eps=norm.eps, implementation="pallas")
-  ref = skinny_matmul(norm(h), w, implementation="xla")
+  h, _, xg, sq, _ = skinny_matmul(ctx, w_o, None, res, norm_scale_N=norm.scale[...], implementation="pallas")
+  got = skinny_matmul(xg, w, rms=RmsInput(sq, norm.eps), implementation="pallas").y
+  ref = skinny_matmul(norm(h), w, implementation="xla").y
   bf = float(jnp.finfo(jnp.bfloat16).eps)
   mag = np.abs(np.asarray(norm(h), np.float64)) @ np.abs(np.asarray(w, np.float64))
   assert np.all(np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64)) <= 3 * bf * mag)
-
-
-def test_qkv_rope_append_rms():
-  """qkv_rope_append with the deferred norm and a router's top-k (pallas) vs its XLA path: q, the written cache
-  slots and the selected group."""
-  rng = np.random.default_rng(3)
-  m, d_model, hq, hkv, hd, s = 3, 64, 4, 2, 16, 8
-  h = jnp.asarray(rng.standard_normal((m, d_model)), jnp.float32)
-  g = jnp.asarray(1 + 0.5 * rng.standard_normal(d_model), jnp.float32)
-  x = h * g
-  sq = jnp.sum(h * h, axis=1)[None]
-  w = jnp.asarray(rng.standard_normal((d_model, (hq + 2 * hkv) * hd)) / 8, jnp.float32)
-  pos = jnp.asarray([0, 5, 7], jnp.int32)
-  inv = 1.0 / (10000 ** (np.arange(0, hd, 2) / hd))
-  kc = jnp.asarray(rng.standard_normal((m, hkv, s, hd)), jnp.float32)
-  side = dict(side_w_KP=jnp.asarray(rng.standard_normal((d_model, 16)), jnp.float32), side_topk=(hkv, 1))
-  outs = [pallas_kernels.qkv_rope_append(x, w, None, pos, inv, kc, kc, num_heads=hq, rms_sq_TM=sq, rms_eps=1e-5,
-                                         implementation=impl, **side) for impl in ("pallas", "xla")]
-  plain = pallas_kernels.qkv_rope_append(x, w, None, pos, inv, kc, kc, num_heads=hq, implementation="xla", **side)
-  assert outs[0][3].dtype == jnp.int32 and outs[0][3].shape == (m, 1)   # the router's top-1 group
-  with jax.default_matmul_precision("highest"):
-    for a, b, c in zip(outs[0], outs[1], plain):
-      np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)
-    assert not np.allclose(np.asarray(outs[1][0]), np.asarray(plain[0]), atol=1e-3)   # the scale took effect
-
-
-def _random_norms(model, seed):
-  rng = np.random.default_rng(seed)
-  for layer in model.layers:
-    for norm in (layer.attn_norm, layer.mlp_norm):
-      norm.scale.set_value(jnp.asarray(1 + 0.5 * rng.standard_normal(norm.scale.shape), norm.scale[...].dtype))
-  return model
 
 
 @pytest.mark.parametrize("sparse", ["dense", "router", "router_own_dot"])
@@ -160,7 +129,7 @@ def test_decode_step_with_and_without_deferred_norms(sparse, monkeypatch):
   as its own dot, which reads the normed input) gives the same logits and caches with the norms deferred as with
   RMSNorm fusions, and calls no RMSNorm but the final one (layer 0's input is made from h directly) and, for a
   router as its own dot, the attention norm of each routed layer (its input)."""
-  from polar_jax import model as model_mod
+  from polar_jax.options import DecodeOptions
   from polar_jax.routers import Routers
   from polar_jax.sparse_decode import make_decoder
   from polar_jax.sparsity import SparsityConfig
@@ -168,24 +137,24 @@ def test_decode_step_with_and_without_deferred_norms(sparse, monkeypatch):
   tokens = jnp.asarray([[5, 9, 13, 2, 7, 1, 4], [3, 1, 0, 0, 0, 0, 0], [8, 8, 4, 60, 2, 11, 7]], jnp.int32)
   lengths = jnp.asarray([7, 2, 7], jnp.int32)
   _, cache = model.prefill(tokens, lengths, KVCache.init(LLAMA_GQA, 3, 16, jnp.float32))
-  monkeypatch.setattr(model_mod, "ROUTER_IN_QKV", sparse != "router_own_dot")
-  if sparse != "dense":
-    routers = Routers.init(LLAMA_GQA)
-    w = routers.head.w_ldg
-    w.set_value(jax.random.normal(jax.random.key(1), w.shape, jnp.float32))
-    decode, state = make_decoder(model, SparsityConfig(attn_density=0.5), routers, batch=3, implementation="pallas")
-    step = lambda: decode(model, jnp.asarray([1, 2, 3], jnp.int32), cache, state)  # noqa: E731
-  else:
-    step = lambda: model.decode_step(jnp.asarray([1, 2, 3], jnp.int32), cache, implementation="pallas")  # noqa: E731
+  routers = Routers.init(LLAMA_GQA)
+  w = routers.head.w_ldg
+  w.set_value(jax.random.normal(jax.random.key(1), w.shape, jnp.float32))
+  sparsity = None if sparse == "dense" else SparsityConfig(attn_density=0.5)
+
+  def step(deferred):
+    options = DecodeOptions(kernels="pallas", deferred_norm=deferred, router_in_qkv=sparse != "router_own_dot")
+    decode, state = make_decoder(model, sparsity, None if sparse == "dense" else routers, batch=3, options=options)
+    return decode(model, jnp.asarray([1, 2, 3], jnp.int32), cache, state)
+
   calls = []
   real_call = layers.RMSNorm.__call__
   monkeypatch.setattr(layers.RMSNorm, "__call__", lambda self, x: calls.append(1) or real_call(self, x))
   outs, counts = {}, {}
   for on in (True, False):
-    monkeypatch.setattr(layers, "DEFERRED_NORM", on)
     calls.clear()
     with jax.default_matmul_precision("highest"):         # (XLA's float32 dots are TF32 on GPUs)
-      logits, new = step()
+      logits, new = step(on)
     outs[on], counts[on] = (logits, new.k_bhsd[2], new.v_bhsd[1]), len(calls)
   routed_inputs = LLAMA_GQA.num_layers - 1 if sparse == "router_own_dot" else 0
   assert counts == {True: 1 + routed_inputs, False: 2 * LLAMA_GQA.num_layers + 1}
@@ -196,9 +165,9 @@ def test_decode_step_with_and_without_deferred_norms(sparse, monkeypatch):
 def test_bad_input():
   x, w = jnp.ones((4, 8)), jnp.ones((8, 16))
   with pytest.raises(ValueError, match="rms_sq_TM .* and rms_eps go together"):
-    skinny_matmul(x, w, rms_sq_TM=jnp.ones((1, 4)))
+    skinny_matmul(x, w, rms=RmsInput(jnp.ones((1, 4)), None))
   with pytest.raises(ValueError, match="rms_sq_TM must be float32 \\[T, 4\\]"):
-    skinny_matmul(x, w, rms_sq_TM=jnp.ones((1, 5)), rms_eps=1e-5)
+    skinny_matmul(x, w, rms=RmsInput(jnp.ones((1, 5)), 1e-5))
   with pytest.raises(ValueError, match="norm_scale_N must have shape \\(16,\\)"):
     skinny_matmul(x, w, norm_scale_N=jnp.ones(8))
   with pytest.raises(ValueError, match="norm_scale_N needs a plain output"):

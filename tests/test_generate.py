@@ -4,13 +4,10 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import LLAMA_GQA as CFG
 from polar_jax import generation as gen
-from polar_jax.config import ModelConfig
 from polar_jax.model import forward, init_model
 from polar_jax.sampling import Chain, Greedy, Temperature, TopK, TopP
-
-CFG = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=4, num_kv_heads=2, head_dim=8, max_position_embeddings=128)
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +158,7 @@ def test_device_memory_does_not_grow_with_the_number_of_steps(model):
   from flax import nnx
   graphdef, state = nnx.split(model)
   b, max_len = 4, 1024
-  decode, decode_state = gen._decoder(model, None, None, b)
+  decode, decode_state = gen.make_decoder(model, None, None, batch=b)
 
   def temp_bytes(n):
     lowered = gen._generate_program.lower(

@@ -1,6 +1,7 @@
 """Routers: data collection (decode semantics, resume), training on real text, calibration, checkpoints,
 and the SmolLM2-135M routers shipped with the package."""
 
+import dataclasses
 import json
 import math
 
@@ -11,9 +12,9 @@ import pytest
 from flax import nnx
 
 import polar_jax
+from conftest import LLAMA_GQA_8H, OPT as OPT_97
 from polar_jax import data
 from polar_jax.attention import group_norms
-from polar_jax.config import ModelConfig
 from polar_jax.kv_cache import KVCache
 from polar_jax.model import init_model
 from polar_jax.routers import RouterMismatchError, load_routers, save_routers
@@ -23,12 +24,9 @@ from polar_jax.routers.collect import CollectSettings, RouterData, collect
 from polar_jax.routers.pipeline import PipelineSettings, heldout_part, train_routers
 from polar_jax.routers.train import TrainSettings, head_metrics, top_groups_mask
 
-GQA = ModelConfig(model_type="llama", vocab_size=256, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=8, num_kv_heads=4, head_dim=8, max_position_embeddings=512)
-OPT = ModelConfig(model_type="opt", vocab_size=256, hidden_size=32, intermediate_size=512, num_layers=2,
-                  num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=512, norm="layer",
-                  norm_eps=1e-5, mlp="relu_mlp", activation="relu", attn_bias=True, o_bias=True, mlp_bias=True,
-                  positions="learned", tie_word_embeddings=True)
+# Byte-level vocabulary (real text as tokens) and 512 positions for the collection windows.
+GQA = dataclasses.replace(LLAMA_GQA_8H, vocab_size=256, max_position_embeddings=512)
+OPT = dataclasses.replace(OPT_97, vocab_size=256, intermediate_size=512, max_position_embeddings=512)
 
 
 def _bytes(texts):
@@ -60,8 +58,7 @@ def test_collected_records_follow_decode_semantics():
     xs, ns = [], []
     for i, layer in enumerate(model.layers):
       xi = layer.attn_norm(h)
-      a, _, _, ctx = layer.attn.decode(xi, cache.lengths_b, cache.k_bhsd[i], cache.v_bhsd[i], None,
-                                       return_context=True)
+      a, _, _, ctx, _ = layer.attn.decode(xi, cache.lengths_b, cache.k_bhsd[i], cache.v_bhsd[i])
       xs.append(xi[0])
       ns.append(group_norms(ctx, GQA.num_kv_heads)[0])
       h = layer._mlp_block(h + a, layer.mlp)

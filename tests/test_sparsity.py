@@ -12,7 +12,9 @@ from polar_jax.attention import group_norms, keep_top_groups
 from polar_jax.config import ModelConfig
 from polar_jax.kv_cache import KVCache
 from polar_jax.model import init_model
+from polar_jax.options import DecodeOptions
 from polar_jax.routers import RouterMismatchError, Routers
+from polar_jax.selection import DENSE_HEADS, GroupIndices
 from polar_jax.sparse_decode import SparseDecode, make_decoder
 from polar_jax.sparsity import SparsityConfig, groups_for_density, neuron_budgets
 
@@ -150,11 +152,11 @@ def test_oracle_decode_step_matches_numpy_selection(gqa):
     for i, layer in enumerate(gqa.layers):
       x = layer.attn_norm(h)
       kc, vc = cache.k_bhsd[i], cache.v_bhsd[i]
-      groups = None
+      heads = DENSE_HEADS
       if i > 0:
-        _, _, _, ctx = layer.attn.decode(x, cache.lengths_b, kc, vc, None, return_context=True)
-        groups = jax.pure_callback(numpy_groups, jax.ShapeDtypeStruct((3, k), jnp.int32), ctx)
-      a, _, _ = layer.attn.decode(x, cache.lengths_b, kc, vc, groups)
+        ctx = layer.attn.decode(x, cache.lengths_b, kc, vc).context_bhd
+        heads = GroupIndices(jax.pure_callback(numpy_groups, jax.ShapeDtypeStruct((3, k), jnp.int32), ctx))
+      a = layer.attn.decode(x, cache.lengths_b, kc, vc, heads).h
       h = layer._mlp_block(h + a, layer.mlp)
     return gqa.logits(h)
 
@@ -192,8 +194,8 @@ def test_pallas_path_equals_xla_path():
   tok = jnp.asarray([3, 9], jnp.int32)
   outs = {}
   for impl in ("xla", "pallas"):
-    decode, state = make_decoder(model, cfg, routers, batch=2, implementation=impl)
-    assert isinstance(decode, SparseDecode) and decode.implementation == impl
+    decode, state = make_decoder(model, cfg, routers, batch=2, options=DecodeOptions(kernels=impl))
+    assert isinstance(decode, SparseDecode) and decode.options.implementation == impl
     outs[impl] = jax.jit(lambda c, s, d=decode: d(model, tok, c, s, jnp.ones((2,), bool)))(cache, state)
   np.testing.assert_allclose(np.asarray(outs["pallas"][0]), np.asarray(outs["xla"][0]), rtol=2e-4, atol=2e-4)
   for a, b in zip(outs["pallas"][1].k_bhsd, outs["xla"][1].k_bhsd):
@@ -396,7 +398,7 @@ def test_rank_topk_equals_lax_top_k(n):
 
 def test_union_topk_radix_and_sort_select_the_same_neurons():
   from polar_jax.sharding import balanced_union_topk
-  from polar_jax.sparse_decode import union_topk
+  from polar_jax.topk import union_topk
   rng = np.random.default_rng(3)
   logits = jnp.asarray(rng.normal(size=(32, 2048)).astype(np.float32) - 1.5)
   active = jnp.asarray(rng.random(32) < 0.7)
@@ -415,29 +417,27 @@ def test_union_topk_radix_and_sort_select_the_same_neurons():
     union_topk(logits, None, 8, method="approx")
 
 
-def test_union_methods_decode_the_same_tokens_and_router_weights_follow_model_dtype(monkeypatch):
-  import polar_jax.sparse_decode as sd
+def test_union_methods_decode_the_same_tokens_and_router_weights_follow_model_dtype():
   model = _opt_with_sparse_firing()
   routers = _opt_routers(OPT, k=128)
   cfg = SparsityConfig(0.5, mlp="router")
   prompts = _prompts(4, (6, 9, 3))
   decode, state = make_decoder(model, cfg, routers, batch=3)
-  assert decode.union_method == "radix"
+  assert decode.options.union_method == "radix"
   w_down, w_up, b, s_down, s_up = state["neuron"][0]      # float32 model: the float32 weights themselves
   assert w_down.dtype == w_up.dtype == b.dtype == jnp.float32 and s_down is None and s_up is None
   np.testing.assert_array_equal(np.asarray(w_up), np.asarray(routers.neuron.w_up_lrn[0]))
   radix = gen.generate(model, prompts, max_new_tokens=6, sparsity=cfg, routers=routers).tokens
-  make = sd.make_decoder                                  # the old top_k order: the same set each step
-  monkeypatch.setattr(sd, "make_decoder", lambda *a, **kw: make(*a, **dict(kw, union_method="sort")))
-  sort = gen.generate(model, prompts, max_new_tokens=6, sparsity=cfg, routers=routers).tokens
+  sort = gen.generate(model, prompts, max_new_tokens=6, sparsity=cfg, routers=routers,   # top_k order: same set
+                      options=DecodeOptions(union_method="sort")).tokens
   np.testing.assert_array_equal(radix, sort)
-  _, state = make(model, cfg, routers, batch=3, router_dtype=jnp.bfloat16)
+  _, state = make_decoder(model, cfg, routers, batch=3, router_dtype=jnp.bfloat16)
   w_down, w_up, b, _, _ = state["neuron"][1]
   assert w_down.dtype == w_up.dtype == jnp.bfloat16 and b.dtype == jnp.float32
   w_dg, b_g = state["head"][1]
   assert w_dg.dtype == jnp.bfloat16 and b_g.dtype == jnp.float32
-  with pytest.raises(ValueError, match="unknown union_method"):
-    make(model, cfg, routers, batch=3, union_method="approx")
+  with pytest.raises(ValueError, match="union_method must be one of"):
+    make_decoder(model, cfg, routers, batch=3, options=DecodeOptions(union_method="approx"))
 
 
 def test_generate_cli_builds_the_mlp_and_router_settings():
@@ -453,20 +453,20 @@ def test_generate_cli_builds_the_mlp_and_router_settings():
 
 
 @pytest.mark.parametrize("bf16", [True, False])
-def test_union_scores_rounding_switch_keeps_methods_equal(monkeypatch, bf16):
+def test_union_scores_rounding_keeps_methods_equal(bf16):
   from polar_jax import topk
-  from polar_jax.sparse_decode import union_topk
-  monkeypatch.setattr(topk, "UNION_BF16", bf16)
+  from polar_jax.topk import union_topk
+  dtype = DecodeOptions(union_dtype="bfloat16" if bf16 else "float32").union_jnp_dtype
   rng = np.random.default_rng(11)
   logits = jnp.asarray(rng.normal(size=(6, 3000)) * 3, jnp.float32)
   active = jnp.asarray([True, True, False, True, True, False])
-  s = topk.union_scores(logits, active)
+  s = topk.union_scores(logits, active, dtype)
   want = np.maximum(np.asarray(logits), 0)[np.asarray(active)].sum(0)
   assert s.dtype == (jnp.bfloat16 if bf16 else jnp.float32)
   np.testing.assert_allclose(np.asarray(s, np.float32), want, rtol=2.0 ** -8 if bf16 else 1e-6)
   for k in (5, 1000, 2999):
-    radix = np.asarray(union_topk(logits, active, k, "radix", "xla"))
-    sort = np.sort(np.asarray(union_topk(logits, active, k, "sort")))
+    radix = np.asarray(union_topk(logits, active, k, "radix", "xla", dtype))
+    sort = np.sort(np.asarray(union_topk(logits, active, k, "sort", dtype=dtype)))
     np.testing.assert_array_equal(radix, sort)
 
 
@@ -482,23 +482,24 @@ def test_router_union_in_the_kernel_equals_logits_then_union(dtype):
   rng = np.random.default_rng(2)
   x = jnp.asarray(rng.normal(size=(5, OPT.hidden_size)), dtype)
   active = jnp.asarray([True, False, True, True, False])
-  unit = 2.0 ** -7 if topk.union_dtype() == jnp.bfloat16 else 1e-5                   # relative
+  union_dtype = DecodeOptions().union_jnp_dtype                                        # bf16 by default
+  unit = 2.0 ** -7 if union_dtype == jnp.bfloat16 else 1e-5                           # relative
   with jax.default_matmul_precision("highest"):           # (float32 dots are TF32 on GPUs by default)
-    want = np.asarray(topk.union_scores(decode_neuron_logits(router, x), active), np.float64)
+    want = np.asarray(topk.union_scores(decode_neuron_logits(router, x), active, union_dtype), np.float64)
     for impl in ("pallas", "xla"):
-      got = decode_neuron_union(router, x, active, topk.union_dtype(), impl)
-      assert got.shape == (OPT.intermediate_size,) and got.dtype == topk.union_dtype()
+      got = decode_neuron_union(router, x, active, union_dtype, impl)
+      assert got.shape == (OPT.intermediate_size,) and got.dtype == union_dtype
       np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=unit, atol=1e-6)
   assert (want[-128:] == 0).all() and (want > 0).sum() > 100                          # real, partly-zero scores
   with pytest.raises(ValueError, match="float router weights"):
     decode_neuron_union(decode_neuron_layers(routers.neuron, [True], jnp.int8)[0], x, active, jnp.float32)
 
 
-def test_union_in_router_switch_selects_the_same_neurons(monkeypatch):
-  """The step with the union scores from the router kernel and with XLA's logits + union fusion pick the same
-  neurons on the tiny OPT model: the same sets each layer, the same logits (the Pallas kernels interpreted, as
-  on a GPU, and the XLA references)."""
-  import polar_jax.sparse_decode as sd
+def test_union_in_router_selects_the_same_neurons_as_xla_logits(monkeypatch):
+  """The step with the union scores from the router kernel (fused projections) and with XLA's logits + union
+  fusion (`DecodeOptions(fused_projections=False)`) pick the same neurons on the tiny OPT model: the same sets
+  each layer, the same logits (the Pallas kernels interpreted, as on a GPU, and the XLA references)."""
+  from polar_jax import selection
   from polar_jax.routers import modules
   model = _opt_with_sparse_firing()
   cfg, routers = SparsityConfig(0.5, mlp="router"), _opt_routers(OPT, k=64)
@@ -508,15 +509,15 @@ def test_union_in_router_switch_selects_the_same_neurons(monkeypatch):
   tok, active = jnp.asarray([3, 9, 4], jnp.int32), jnp.asarray([True, False, True])
   calls, picks = [], {}
   real_union = modules.decode_neuron_union
-  monkeypatch.setattr(sd, "decode_neuron_union", lambda *a, **kw: calls.append(1) or real_union(*a, **kw))
+  monkeypatch.setattr(selection, "decode_neuron_union", lambda *a, **kw: calls.append(1) or real_union(*a, **kw))
   for impl in ("pallas", "xla"):
     for on in (True, False):
-      monkeypatch.setattr(sd, "UNION_IN_ROUTER", on)
+      options = DecodeOptions(kernels=impl, fused_projections=on, deferred_norm=on, router_in_qkv=on)
       calls.clear()
-      decode, state = make_decoder(model, cfg, routers, batch=3, implementation=impl)
-      hooks = decode.hooks(model, tok, cache.lengths_b, state, active)
+      decode, state = make_decoder(model, cfg, routers, batch=3, options=options)
+      plans = decode.plans(model, tok, cache.lengths_b, state, active)
       x = jax.random.normal(jax.random.key(7), (3, OPT.hidden_size))
-      picks[on] = [np.asarray(hooks.select_neurons(i, x)) for i in range(OPT.num_layers)]
+      picks[on] = [np.asarray(plans[i].neurons.indices(x, options)) for i in range(OPT.num_layers)]
       assert bool(calls) == on
       logits = decode(model, tok, cache, state, active)[0]
       picks[on].append(np.asarray(logits))

@@ -29,6 +29,7 @@ import numpy as np
 from flax import nnx
 
 from polar_jax.model import CausalLM, abstract_model
+from polar_jax.sharding import model_mesh
 
 LAYOUTS = ("grouped", "interleaved")
 
@@ -59,7 +60,7 @@ def expand_kv_groups(model: CausalLM, layout: str = "grouped") -> CausalLM:
   order = head_order(cfg.num_heads, cfg.num_kv_heads, layout)
   if cfg.num_kv_heads == cfg.num_heads and layout == "grouped":
     return model
-  if getattr(model.layers[0].attn, "mesh", None) is not None:
+  if model_mesh(model) is not None:
     raise ValueError("expand_kv_groups needs an unsharded model: expand it, then shard it (shard_model)")
   r, d_head = cfg.num_heads // cfg.num_kv_heads, cfg.head_dim
   new_cfg = dataclasses.replace(cfg, num_kv_heads=cfg.num_heads)

@@ -10,7 +10,6 @@ The budget is the smallest multiple of 128 whose mean recall of the union over b
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -43,13 +42,10 @@ def smallest_budget(curve_n: np.ndarray, target: float = TARGET_RECALL, step: in
   return n
 
 
+@jax.jit
 def _batch_scores(wd_dr, wu_rn, b_n, x_mbd):
-  """float32 `[M, N]`: each batch's union scores as the decode step ranks them (`polar_jax.topk.union_scores`)."""
-  return _batch_scores_jit(wd_dr, wu_rn, b_n, x_mbd, topk.UNION_BF16)
-
-
-@functools.partial(jax.jit, static_argnums=4)
-def _batch_scores_jit(wd_dr, wu_rn, b_n, x_mbd, _union_bf16):   # (the switch keys the compile cache)
+  """float32 `[M, N]`: each batch's union scores as the decode step ranks them with the default options
+  (`polar_jax.topk.union_scores`, rounded to bf16)."""
   scores = jax.vmap(lambda x_bd: topk.union_scores(neuron_logits(wd_dr, wu_rn, b_n, x_bd), None))(x_mbd)
   return scores.astype(jnp.float32)
 

@@ -129,7 +129,7 @@ def decode_head_scores(w_dg, b_g, x_bd):
   float32 weights give exactly `head_scores` (IEEE float32 products: a GPU dot would otherwise use TF32). A
   copy in the model's dtype (bf16) runs as one small GEMM on the normed input the q/k/v projection already
   reads, where the float32 product-and-reduce form made XLA fuse a second copy of the norm into the router
-  kernel (4.7 vs 1.9 + 1.5 us per layer at LLaMA-2-7B B32; benchmarks/NOTES.md, session 7; XLA does not merge
+  kernel (4.7 vs 1.9 + 1.5 us per layer at LLaMA-2-7B B32; on an H100; XLA does not merge
   it into the q/k/v GEMM: outputs 32 vs 12288 columns wide). The scores then carry bf16 rounding of x and w,
   like any bf16 layer's input."""
   precision = jax.lax.Precision.HIGHEST if w_dg.dtype == jnp.float32 else None
@@ -205,7 +205,7 @@ def decode_neuron_union(router: DecodeNeuronRouter, x_bd: jax.Array, active_b: j
   """`[N]` batch-union scores `sum_b active_b * relu(logits)` (`polar_jax.topk.union_scores`) of one layer's
   float decode router: the rank-r down-projection of `neuron_logits` (`neuron_low_rank`, XLA's dot: measured
   faster than `skinny_matmul` for its 4096 x 1024 at B32, 8.2 vs 9.9 us with the counters' zero-fill,
-  benchmarks/NOTES.md session 14), then the up-projection by `skinny_matmul` with the bias, the ReLU and the active
+  on an H100), then the up-projection by `skinny_matmul` with the bias, the ReLU and the active
   rows' float32 column sums in its epilogue, cast to `out_dtype` (the `[B, N]` logits are never written, no reduce
   kernel follows). Equal to `union_scores(decode_neuron_logits(router, x_bd), active_b)` up to float32 summation
   order."""
@@ -214,7 +214,7 @@ def decode_neuron_union(router: DecodeNeuronRouter, x_bd: jax.Array, active_b: j
   low_br = neuron_low_rank(router.w_down_dr, x_bd).astype(router.w_up_rn.dtype)
   weights_b = jnp.ones((x_bd.shape[0],), jnp.float32) if active_b is None else active_b.astype(jnp.float32)
   return pallas_kernels.skinny_matmul(low_br, router.w_up_rn, router.b_n, activation="relu", row_weights_M=weights_b,
-                                      out_dtype=out_dtype, implementation=implementation)
+                                      out_dtype=out_dtype, implementation=implementation).y
 
 
 @dataclasses.dataclass

@@ -1,0 +1,143 @@
+"""What one decode step computes in each layer: typed selections, built by the decode-step objects.
+
+Per layer a `LayerPlan(heads, neurons)`:
+  * `heads` says which KV groups each row attends to:
+      `DenseHeads()`                 every group (the dense path);
+      `GroupIndices(idx_bk)`         int32 `[B, K]` groups per row, already chosen (e.g. the random selector);
+      `LinearRouter(w_dg, b_g, k)`   each row's top-k of `x @ w + b`, x the layer's normed attention input; the
+                                     q|k|v projection kernel can compute these scores itself (`Attention.decode`);
+      `OracleHeads(k)`               dense attention, then each row keeps its k groups of largest output norm
+                                     (an evaluation upper bound);
+  * `neurons` (ReLU MLPs only) is None for the dense MLP, a `NeuronUnion` (the batch-union neuron set of the
+    layer's neuron router) or `NeuronIndices` (a given set): the neurons the sparse MLP gathers.
+`shards > 1` (tensor parallelism): balanced per-shard selection, k / shards groups (ceil(k / shards) neurons) from
+each of `shards` equal blocks (`polar_jax.sharding.balanced_topk`).
+
+These objects live inside one traced step (they hold arrays) and are never jit arguments themselves.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+import jax
+import jax.numpy as jnp
+
+from polar_jax.options import DecodeOptions
+from polar_jax.routers.modules import DecodeNeuronRouter, decode_head_scores, decode_neuron_logits, decode_neuron_union
+from polar_jax.sharding import balanced_topk, balanced_union_topk
+from polar_jax.topk import topk_rows, union_topk
+
+
+@dataclasses.dataclass(frozen=True)
+class DenseHeads:
+  """Every KV group: the dense attention path."""
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupIndices:
+  """int32 `[B, K]`: the KV groups each row attends to (balanced per shard under tensor parallelism)."""
+
+  idx_bk: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearRouter:
+  """A learned head router: each row keeps its `k` groups of largest score `x @ w_dg + b_g`.
+
+  `side` is the same weight zero-padded to whole column tiles (`pallas_kernels.skinny_matmul.side_width`), which
+  the q|k|v kernel's side programs stream; None where the kernel cannot take it (tensor parallelism)."""
+
+  w_dg: jax.Array
+  b_g: jax.Array
+  k: int
+  shards: int = 1
+  side: tuple[jax.Array, jax.Array] | None = None
+
+  @property
+  def num_groups(self) -> int:
+    return self.w_dg.shape[1]
+
+  def pick(self, scores_bp: jax.Array) -> jax.Array:
+    """int32 `[B, k]` from scores of the first G columns (a zero-padded side product may be wider)."""
+    return balanced_topk(scores_bp[:, :self.num_groups], self.k, self.shards)
+
+  def select(self, x_bd: jax.Array) -> jax.Array:
+    """int32 `[B, k]`: the router's own dot on the normed attention input, then the per-row top-k."""
+    return self.pick(decode_head_scores(self.w_dg, self.b_g, x_bd))
+
+
+@dataclasses.dataclass(frozen=True)
+class OracleHeads:
+  """Dense attention, then each row keeps its `k` groups of largest output norm (zeroing the others' heads)."""
+
+  k: int
+  shards: int = 1
+
+
+HeadSelection = Union[DenseHeads, GroupIndices, LinearRouter, OracleHeads]
+DENSE_HEADS = DenseHeads()
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronUnion:
+  """A ReLU MLP over the batch-union neuron set: the `k` neurons of largest `sum_b active_b * relu(logits)`,
+  logits from the layer's neuron router on its normed attention input (per shard under tensor parallelism)."""
+
+  router: DecodeNeuronRouter
+  k: int
+  active_b: jax.Array | None = None
+  shards: int = 1
+
+  def indices(self, x_bd: jax.Array, options: DecodeOptions) -> jax.Array:
+    """int32 `[k]` neuron indices (ascending with the radix method)."""
+    impl, method, dtype = options.implementation, options.union_method, options.union_jnp_dtype
+    if self.shards == 1 and options.fused_projections and self.router.s_down_r is None:
+      # the union scores from the router's up-projection kernel: the [B, N] logits are never written
+      scores_n = decode_neuron_union(self.router, x_bd, self.active_b, dtype, impl)
+      return topk_rows(scores_n[None], self.k, method, impl)[0]
+    logits_bn = decode_neuron_logits(self.router, x_bd)
+    if self.shards > 1:
+      return balanced_union_topk(logits_bn, self.active_b, self.k, self.shards, method, impl, dtype)
+    return union_topk(logits_bn, self.active_b, self.k, method, impl, dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class NeuronIndices:
+  """A ReLU MLP over a given neuron set, int32 `[k]` (e.g. a precomputed selection for timing the MLP alone)."""
+
+  idx_k: jax.Array
+  shards: int = 1
+
+  def indices(self, x_bd: jax.Array, options: DecodeOptions) -> jax.Array:
+    del x_bd, options
+    return self.idx_k
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+  """One layer's selection in a decode step."""
+
+  heads: HeadSelection = DENSE_HEADS
+  neurons: NeuronUnion | NeuronIndices | None = None
+
+
+DENSE_PLAN = LayerPlan()
+
+
+def keep_top_groups(ctx_bhd: jax.Array, num_kv_heads: int, k: int, shards: int = 1) -> jax.Array:
+  """The oracle: zeroes the query heads of all but each row's k groups of largest output norm (`shards > 1`:
+  balanced per-shard selection, k / shards groups from each of `shards` equal blocks of groups)."""
+  b, hq, _ = ctx_bhd.shape
+  top_bk = balanced_topk(group_norms(ctx_bhd, num_kv_heads), k, shards)
+  keep_bg = jnp.zeros((b, num_kv_heads), bool).at[jnp.arange(b)[:, None], top_bk].set(True)
+  keep_bh = jnp.repeat(keep_bg, hq // num_kv_heads, axis=1)
+  return jnp.where(keep_bh[..., None], ctx_bhd, jnp.zeros_like(ctx_bhd))
+
+
+def group_norms(ctx_bhd: jax.Array, num_kv_heads: int) -> jax.Array:
+  """float32 `[B, G]` (leading dims kept): L2 norm of each KV group's query-head contexts before o_proj."""
+  *lead, hq, d = ctx_bhd.shape
+  c = ctx_bhd.astype(jnp.float32).reshape(*lead, num_kv_heads, (hq // num_kv_heads) * d)
+  return jnp.sqrt(jnp.sum(c * c, axis=-1))
