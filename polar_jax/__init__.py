@@ -28,6 +28,8 @@ _EXPORTS = {
     "make_mesh": "polar_jax.sharding",
     "SparsityConfig": "polar_jax.sparsity",
     "init_model": "polar_jax.model",
+    "Engine": "polar_jax.serving",
+    "SamplingParams": "polar_jax.serving",
     "Chain": "polar_jax.sampling",
     "Greedy": "polar_jax.sampling",
     "Sampler": "polar_jax.sampling",

@@ -1,0 +1,418 @@
+"""Continuous batching: `Engine` owns a KV cache of `max_batch` slots and a scheduler thread that fills them.
+
+    engine = Engine(model, max_batch=32, max_len=2560, tokenizer=tok)
+    handle = engine.submit(prompt_ids, SamplingParams(max_tokens=128, temperature=0.7, seed=1))
+    for token in handle: ...                     # or `async for`, or handle.result()
+    outputs = engine.generate(prompts, SamplingParams(max_tokens=64))   # offline: results in prompt order
+    engine.shutdown()
+
+Each scheduler round: requests whose callers cancelled them end (their slots are masked on the device and freed);
+waiting requests are admitted into free slots (a bucketed prefill, then per request its first token and one insert);
+one round of up to `steps_per_round` decode steps runs over every slot (`programs.step_program()`), with the dense
+or the sparse step variant by the number of active rows (`scheduler.choose_variant`). Rounds are pipelined: the next
+round is dispatched before the previous one's tokens are read, so the host's work (handing out tokens, admitting
+requests) overlaps the device's; a request that ended is noticed, and its slot freed, one round later (the device
+already masks it).
+
+Programs are fixed at start-up (`compiled_programs`): a prefill and an insert per (rows, length bucket), a first-token
+sampler per row count, one decode round per step variant; with `EngineOptions.warmup` they are compiled then, and
+serving compiles nothing more.
+
+Batch independence: a request's greedy tokens with the dense step, or with head sparsity (the router, oracle and
+random selectors choose per row), equal `polar_jax.generate`'s for it alone, provided the variant does not change
+under it (`sparse_min_rows=1`, or a dense engine). Neuron sparsity (`mlp="router"`) is not batch independent by
+design: the batch-union neuron set is chosen from all active rows (and sized for `max_batch`).
+"""
+
+from __future__ import annotations
+
+import collections
+import inspect
+import itertools
+import threading
+import time
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+
+from polar_jax.compile_options import decode_loop_options
+from polar_jax.serving import programs
+from polar_jax.serving import scheduler as sched
+from polar_jax.serving.metrics import EngineMetrics
+from polar_jax.serving.params import EngineOptions, SamplingParams
+from polar_jax.serving.request import EngineClosedError, QueueFullError, RequestHandle, RequestOutput
+
+
+def _decoders(model, sparsity, routers, max_batch: int, options) -> tuple[Any, Any, Any]:
+  """(dense step, sparse step or None, its state) from `sparse_decode.make_decoder`, passing `options` (a
+  `polar_jax.DecodeOptions`) as the step takes them."""
+  from polar_jax.sparse_decode import make_decoder
+  params = inspect.signature(make_decoder).parameters
+  kw: dict[str, Any] = {}
+  if options is not None:
+    if "options" in params:
+      kw["options"] = options
+    else:   # a step without DecodeOptions: its kernel implementation only
+      kw["implementation"] = options.implementation
+  dense, _ = make_decoder(model, None, None, batch=max_batch, **kw)
+  if sparsity is None and routers is None:
+    return dense, None, None
+  decode, state = make_decoder(model, sparsity, routers, batch=max_batch, **kw)
+  if decode == dense or type(decode).__name__ == "DenseDecode":   # the settings compute exactly the dense step
+    return dense, None, None
+  return dense, decode, state
+
+
+class Engine:
+  """A continuous-batching decode engine over one model (see the module docstring).
+
+  Args:
+    model: a `CausalLM` on one device.
+    max_batch: KV cache slots (requests decoded together).
+    max_len: tokens per slot: a request's prompt + `max_tokens` must fit.
+    sparsity, routers: Polar Sparsity settings for the sparse step variant (as `polar_jax.generate`).
+    options: a `polar_jax.DecodeOptions` for the decode steps, or None.
+    tokenizer: its `eos_token_id` joins the model's end-of-sequence tokens as default stop tokens.
+    engine_options: `EngineOptions` (rounds, sparse-variant threshold, queue size, prefill batching, warm-up).
+    model_name: the `model_name` label of the metrics.
+  """
+
+  def __init__(self, model, *, max_batch: int, max_len: int, sparsity=None, routers=None, options=None,
+               tokenizer=None, engine_options: EngineOptions | None = None, model_name: str = "polar"):
+    cfg = model.config
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+      raise ValueError(f"max_batch must be an integer >= 1, got {max_batch!r}")
+    if isinstance(max_len, bool) or not isinstance(max_len, int) or not 2 <= max_len <= cfg.max_position_embeddings:
+      raise ValueError(f"max_len must be an integer in [2, {cfg.max_position_embeddings}] (the model's context), "
+                       f"got {max_len!r}")
+    self.opts = engine_options or EngineOptions()
+    if not isinstance(self.opts, EngineOptions):
+      raise TypeError(f"engine_options must be an EngineOptions, got {type(self.opts).__name__}")
+    self.model, self.max_batch, self.max_len, self.tokenizer = model, max_batch, max_len, tokenizer
+    self.config = cfg
+    eos = set(cfg.eos_token_ids)
+    if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
+      eos.add(int(tokenizer.eos_token_id))
+    self.eos_ids = tuple(sorted(eos))
+    if len(self.eos_ids) > self.opts.max_stop_tokens:
+      raise ValueError(f"the model has {len(self.eos_ids)} end-of-sequence tokens, more than "
+                       f"EngineOptions.max_stop_tokens={self.opts.max_stop_tokens}")
+
+    dense, sparse, sparse_state = _decoders(model, sparsity, routers, max_batch, options)
+    self.variants = {"dense": sched.StepVariant("dense", dense, None, 1.0, 0.0)}
+    if sparse is not None:
+      density, fallback = sched.describe_step(sparse, cfg)
+      self.variants["sparse"] = sched.StepVariant("sparse", sparse, sparse_state, density, fallback)
+    self.prefill_shapes = sched.prefill_shapes(max_len, self.opts.prefill_rows, self.opts.prefill_max_tokens)
+    self._graphdef, self._state = nnx.split(model)
+    self._step = programs.step_program(decode_loop_options() if self.opts.loop_graph else None)
+    self._slots = jax.device_put(programs.init_slots(cfg, max_batch, max_len, model.dtype, self.opts.max_stop_tokens))
+    self.metrics = EngineMetrics(model_name, max_batch)
+    self.metrics.mlp_fallback.set(self.variants["sparse"].mlp_dense_fallback if sparse is not None else 0.0)
+    self.variant_rounds = collections.Counter()   # rounds run per step variant
+
+    self._cv = threading.Condition()
+    self._waiting: collections.deque[RequestHandle] = collections.deque()
+    self._owner: list[RequestHandle | None] = [None] * max_batch
+    self._ids = itertools.count()
+    self._seeds = np.random.default_rng()
+    self._closing = False     # no new requests
+    self._stop = False        # the scheduler exits when idle
+    self._failed: str | None = None
+    self.warmup_s = self._warmup() if self.opts.warmup else 0.0
+    self._thread = threading.Thread(target=self._run, name="polar-serve-scheduler", daemon=True)
+    self._thread.start()
+
+  # ---- public API ---------------------------------------------------------------------------
+  @property
+  def compiled_programs(self) -> int:
+    """Programs the engine runs: a prefill and an insert per (rows, length bucket), a first-token sampler per row
+    count, a decode round per variant."""
+    return 2 * len(self.prefill_shapes) + len({r for r, _ in self.prefill_shapes}) + len(self.variants)
+
+  def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> RequestHandle:
+    """Queues a request; returns its handle at once.
+
+    Raises:
+      ValueError: an empty prompt, token ids outside the vocabulary, prompt + max_tokens over `max_len`, too many
+        stop tokens.
+      QueueFullError: `EngineOptions.max_waiting` requests are already waiting.
+      EngineClosedError: the engine is shut down.
+    """
+    return self._submit(prompt_ids, params, block=False)
+
+  def generate(self, prompts: Sequence[Sequence[int]], params: SamplingParams | Sequence[SamplingParams] | None = None,
+               ) -> list[RequestOutput]:
+    """Every prompt through the continuous batch (waiting for queue space as needed); outputs in prompt order."""
+    prompts = list(prompts)
+    if params is None or isinstance(params, SamplingParams):
+      params = [params] * len(prompts)
+    params = list(params)
+    if len(params) != len(prompts):
+      raise ValueError(f"{len(prompts)} prompts but {len(params)} SamplingParams")
+    handles = [self._submit(p, sp, block=True) for p, sp in zip(prompts, params)]
+    return [h.result() for h in handles]
+
+  def shutdown(self, *, drain: bool = False, timeout: float | None = None) -> None:
+    """Stops the engine: with `drain`, running and waiting requests finish first; else they end "cancelled".
+    Idempotent."""
+    with self._cv:
+      self._closing = True
+      if not drain:
+        for h in list(self._waiting) + [h for h in self._owner if h is not None]:
+          h._cancel.set()   # pylint: disable=protected-access
+      self._stop = True
+      self._cv.notify_all()
+    self._thread.join(timeout)
+
+  def __enter__(self) -> "Engine":
+    return self
+
+  def __exit__(self, *exc) -> None:
+    self.shutdown()
+
+  @property
+  def alive(self) -> bool:
+    return self._thread.is_alive() and self._failed is None
+
+  def stats(self) -> dict[str, Any]:
+    """Slots in use, requests waiting, rounds per step variant."""
+    with self._cv:
+      return {"running": sum(h is not None for h in self._owner), "waiting": len(self._waiting),
+              "variant_rounds": dict(self.variant_rounds), "compiled_programs": self.compiled_programs}
+
+  # ---- submission ---------------------------------------------------------------------------
+  def _check(self, prompt_ids, params: SamplingParams) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    if not isinstance(params, SamplingParams):
+      raise TypeError(f"params must be a SamplingParams, got {type(params).__name__}")
+    ids = np.asarray(prompt_ids)
+    if ids.ndim != 1 or ids.size == 0:
+      raise ValueError(f"the prompt must be a non-empty sequence of token ids, got shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+      raise ValueError(f"the prompt must be token ids (integers), got {ids.dtype}")
+    bad = ids[(ids < 0) | (ids >= self.config.vocab_size)]
+    if bad.size:
+      raise ValueError(f"the prompt has token ids outside the vocabulary [0, {self.config.vocab_size}): "
+                       f"{bad[:5].tolist()}")
+    if ids.size + params.max_tokens > self.max_len:
+      raise ValueError(f"the prompt ({ids.size} tokens) + max_tokens ({params.max_tokens}) exceeds the engine's "
+                       f"max_len ({self.max_len})")
+    stop = tuple(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))))
+    if len(stop) > self.opts.max_stop_tokens:
+      raise ValueError(f"{len(stop)} stop tokens (eos included) exceed the engine's max_stop_tokens "
+                       f"({self.opts.max_stop_tokens})")
+    bad = [t for t in stop if t >= self.config.vocab_size]
+    if bad:
+      raise ValueError(f"stop_token_ids outside the vocabulary [0, {self.config.vocab_size}): {bad}")
+    return tuple(int(t) for t in ids), stop
+
+  def _submit(self, prompt_ids, params, *, block: bool) -> RequestHandle:
+    params = params if params is not None else SamplingParams()
+    ids, stop = self._check(prompt_ids, params)
+    seed = params.seed if params.seed is not None else int(self._seeds.integers(0, 2**31 - 1))
+    with self._cv:
+      while True:
+        if self._closing or self._failed is not None:
+          raise EngineClosedError(f"the engine is shut down{': ' + self._failed if self._failed else ''}")
+        if len(self._waiting) < self.opts.max_waiting or (len(self._waiting) == 0 and self._free_slots()):
+          break
+        if not block:
+          raise QueueFullError(f"the waiting queue is full ({self.opts.max_waiting} requests); retry later")
+        self._cv.wait(0.05)
+      h = RequestHandle(next(self._ids), ids, params, seed, stop, on_cancel=self._wake)
+      self._waiting.append(h)
+      self.metrics.slots(sum(o is not None for o in self._owner), len(self._waiting))
+      self._cv.notify_all()
+    return h
+
+  def _free_slots(self) -> int:
+    return sum(o is None for o in self._owner)
+
+  def _wake(self) -> None:
+    with self._cv:
+      self._cv.notify_all()
+
+  # ---- device programs ----------------------------------------------------------------------
+  def _prefill(self, handles: Sequence[RequestHandle], rows: int, bucket: int):
+    tokens = np.zeros((rows, bucket), np.int32)
+    lengths = np.ones((rows,), np.int32)
+    for i, h in enumerate(handles):
+      tokens[i, :len(h.prompt_ids)] = h.prompt_ids
+      lengths[i] = len(h.prompt_ids)
+    with jax.profiler.TraceAnnotation("serve_prefill"):
+      return programs.prefill_program(self._graphdef, self._state, tokens, lengths)
+
+  def _insert(self, prefill, row: int, slot: int, h: RequestHandle | None):
+    p = h.params if h is not None else SamplingParams()
+    stop = np.full((self.opts.max_stop_tokens,), -1, np.int32)
+    if h is not None:
+      stop[:len(h.stop_ids)] = h.stop_ids
+    logits, cache = prefill
+    args = (np.int32(p.max_tokens), stop, np.float32(p.temperature if not p.greedy else 1.0),
+            np.int32(p.top_k if p.top_k is not None else self.config.vocab_size), np.float32(p.top_p),
+            np.bool_(p.greedy), np.int32(h.seed if h is not None else 0))
+    with jax.profiler.TraceAnnotation("serve_insert"):
+      first, active = programs.first_token_program(logits, np.int32(row), *args)
+      self._slots = programs.insert_program(self._slots, cache, np.int32(row), np.int32(slot), first, active, *args)
+    return first, active
+
+  def _round(self, variant: sched.StepVariant, cancel_b: np.ndarray):
+    with jax.profiler.TraceAnnotation(f"serve_step_{variant.name}"):
+      self._slots, out, n, active = self._step(self._graphdef, self._state, self._slots, variant.state, cancel_b,
+                                               decode=variant.decode, steps=self.opts.steps_per_round)
+    return out, active, n
+
+  def _warmup(self) -> float:
+    """Compiles and runs every program (twice: the second pass sees the donated state as serving does)."""
+    t0 = time.perf_counter()
+    cancel_all = np.ones((self.max_batch,), bool)
+    for _ in range(2):
+      for rows, bucket in self.prefill_shapes:
+        prefill = programs.prefill_program(self._graphdef, self._state, np.zeros((rows, bucket), np.int32),
+                                           np.ones((rows,), np.int32))
+        self._insert(prefill, 0, 0, None)
+      for variant in self.variants.values():
+        self._round(variant, cancel_all)
+    jax.block_until_ready(self._slots)
+    return time.perf_counter() - t0
+
+  # ---- the scheduler thread -----------------------------------------------------------------
+  def _run(self) -> None:
+    pending = None
+    try:
+      while True:
+        with self._cv:
+          while (not self._stop and pending is None and not self._waiting
+                 and not any(h is not None for h in self._owner)):
+            self._cv.wait()
+          if self._stop and pending is None and not self._waiting and not any(h is not None for h in self._owner):
+            return
+        now = time.perf_counter()
+        self._drop_cancelled_waiting(now)
+        cancel_b = self._cancel_running(now)
+        firsts = self._admit()
+        snapshot = [(s, h) for s, h in enumerate(self._owner) if h is not None and not h.finished]
+        dispatched = None
+        if snapshot or cancel_b.any():
+          variant = sched.choose_variant(len(snapshot), self.variants, self.opts.sparse_min_rows)
+          dispatched = (self._round(variant, cancel_b), snapshot, variant)
+        with self._cv:   # slots cancelled this round are masked by the dispatched step: reusable now
+          for s in np.flatnonzero(cancel_b):
+            self._owner[s] = None
+        self._take_firsts(firsts)
+        if pending is not None:
+          self._take_round(*pending)
+        pending = dispatched
+    except Exception as e:  # noqa: BLE001  (a failed program must not leave callers waiting forever)
+      self._fail(f"{type(e).__name__}: {e}")
+      raise
+
+  def _fail(self, message: str) -> None:
+    now = time.perf_counter()
+    with self._cv:
+      self._failed = message
+      self._closing = True
+      victims = list(self._waiting) + [h for h in self._owner if h is not None]
+      self._waiting.clear()
+      self._owner = [None] * self.max_batch
+    for h in victims:
+      h.finish("cancelled", now, error=message)
+
+  def _end(self, h: RequestHandle, reason: str, now: float) -> None:
+    h.finish(reason, now)
+    m = self.metrics
+    m.finished(reason)
+    m.e2e.observe(now - h.arrival_s)
+    m.req_prompt.observe(len(h.prompt_ids))
+    m.req_gen.observe(len(h.token_ids))
+
+  def _drop_cancelled_waiting(self, now: float) -> None:
+    with self._cv:
+      gone = [h for h in self._waiting if h.cancel_requested]
+      for h in gone:
+        self._waiting.remove(h)
+      if gone:
+        self._cv.notify_all()
+    for h in gone:
+      self._end(h, "cancelled", now)
+
+  def _cancel_running(self, now: float) -> np.ndarray:
+    cancel_b = np.zeros((self.max_batch,), bool)
+    for s, h in enumerate(self._owner):
+      if h is not None and h.cancel_requested and not h.finished:
+        cancel_b[s] = True
+        self._end(h, "cancelled", now)
+    return cancel_b
+
+  def _admit(self) -> list[tuple[RequestHandle, int, Any, Any]]:
+    """Prefills and inserts waiting requests into free slots (slots being cancelled this round stay reserved)."""
+    firsts = []
+    while True:
+      with self._cv:
+        free = [s for s, h in enumerate(self._owner) if h is None]
+        lengths = [len(h.prompt_ids) for h in self._waiting]
+        picked, bucket = sched.take_prefill_group(lengths, len(free), max_len=self.max_len,
+                                                  prefill_rows=self.opts.prefill_rows,
+                                                  prefill_max_tokens=self.opts.prefill_max_tokens)
+        if not picked:
+          return firsts
+        group = [self._waiting[i] for i in picked]
+        for h in group:
+          self._waiting.remove(h)
+        now = time.perf_counter()
+        for h, s in zip(group, free):
+          self._owner[s] = h
+          h.admitted_s = now
+        self.metrics.slots(sum(o is not None for o in self._owner), len(self._waiting))
+        self._cv.notify_all()
+      prefill = self._prefill(group, sched.row_bucket(len(group), self.opts.prefill_rows), bucket)
+      for row, (h, s) in enumerate(zip(group, free)):
+        first, active = self._insert(prefill, row, s, h)
+        firsts.append((h, s, first, active))
+        self.metrics.queue.observe(h.admitted_s - h.arrival_s)
+        self.metrics.prompt_tokens.inc(len(h.prompt_ids))
+
+  def _take_firsts(self, firsts) -> None:
+    if not firsts:
+      return
+    values = jax.device_get([(f, a) for _, _, f, a in firsts])
+    now = time.perf_counter()
+    for (h, s, _, _), (first, active) in zip(firsts, values):
+      if h.finished:   # cancelled meanwhile
+        continue
+      h.append([int(first)], now)
+      self.metrics.ttft.observe(now - h.arrival_s)
+      self.metrics.generation_tokens.inc()
+      if not bool(active):
+        self._end(h, "stop" if int(first) in h.stop_ids else "length", now)
+        self._release(s, h)
+
+  def _take_round(self, result, snapshot, variant: sched.StepVariant) -> None:
+    out, active, n = jax.device_get(result)
+    now = time.perf_counter()
+    n = int(n)
+    self.variant_rounds[variant.name] += 1
+    self.metrics.round(variant.name, n, len(snapshot), variant.attention_density)
+    for s, h in snapshot:
+      if h.finished:
+        continue
+      toks = [int(t) for t in out[s, :n] if t != programs.NO_TOKEN]
+      if toks:
+        last = h.token_times_s[-1] if h.token_times_s else h.arrival_s
+        for _ in toks:
+          self.metrics.itl.observe((now - last) / len(toks))
+        h.append(toks, now)
+        self.metrics.generation_tokens.inc(len(toks))
+      if not active[s]:
+        last_tok = h.token_ids[-1] if h.token_ids else None
+        self._end(h, "stop" if last_tok in h.stop_ids else "length", now)
+        self._release(s, h)
+
+  def _release(self, slot: int, h: RequestHandle) -> None:
+    with self._cv:
+      if self._owner[slot] is h:
+        self._owner[slot] = None
+      self.metrics.slots(sum(o is not None for o in self._owner), len(self._waiting))
+      self._cv.notify_all()

@@ -1,0 +1,98 @@
+"""The engine's Prometheus metrics (one `CollectorRegistry` per engine), named after vLLM's with a `polar:` prefix.
+
+Gauges: `polar:num_requests_running`, `polar:num_requests_waiting`, `polar:kv_slots_used` (and `..._perc`),
+`polar:attention_density` (fraction of KV groups the decode steps read, over every row-step so far),
+`polar:mlp_dense_fallback_rate` (fraction of MLP layers the sparse step runs dense; 0 without MLP routers).
+Counters: `polar:prompt_tokens`, `polar:generation_tokens`, `polar:request_success{finished_reason}`,
+`polar:step_variant{variant}` (decode rounds per step variant), `polar:decode_steps{variant}`.
+Histograms: `polar:time_to_first_token_seconds`, `polar:inter_token_latency_seconds`,
+`polar:e2e_request_latency_seconds`, `polar:request_queue_time_seconds`, `polar:request_prompt_tokens`,
+`polar:request_generation_tokens`.
+(prometheus_client appends `_total` to counter names in the exposition.)
+"""
+
+from __future__ import annotations
+
+import threading
+
+try:
+  from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+except ImportError as e:   # pragma: no cover - depends on the install
+  raise ImportError("polar_jax.serving needs prometheus_client: pip install 'polar_jax[serve]'") from e
+
+_TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0,
+                 40.0, 80.0, 160.0, 640.0)
+_ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4,
+                0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+_E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
+                960.0, 1920.0)
+_TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
+
+class EngineMetrics:
+  """Metrics of one engine; `model_name` labels every series. `text()` is the Prometheus exposition."""
+
+  def __init__(self, model_name: str, max_batch: int):
+    self.registry = CollectorRegistry()
+    self.max_batch = max_batch
+    labels = ["model_name"]
+    r = self.registry
+
+    def gauge(name, doc):
+      return Gauge(f"polar:{name}", doc, labels, registry=r).labels(model_name)
+
+    def counter(name, doc):
+      return Counter(f"polar:{name}", doc, labels, registry=r).labels(model_name)
+
+    def hist(name, doc, buckets):
+      return Histogram(f"polar:{name}", doc, labels, buckets=buckets, registry=r).labels(model_name)
+
+    self.running = gauge("num_requests_running", "Requests holding a KV slot.")
+    self.waiting = gauge("num_requests_waiting", "Requests waiting for a KV slot.")
+    self.slots_used = gauge("kv_slots_used", "KV cache slots in use.")
+    self.slots_perc = gauge("kv_slots_used_perc", "Fraction of the KV cache slots in use (1 = all).")
+    self.density = gauge("attention_density", "Fraction of KV groups read by the decode steps (row-step average).")
+    self.mlp_fallback = gauge("mlp_dense_fallback_rate",
+                              "Fraction of MLP layers the sparse step runs dense (0 without MLP routers).")
+    self.prompt_tokens = counter("prompt_tokens", "Prompt tokens prefilled.")
+    self.generation_tokens = counter("generation_tokens", "Tokens generated.")
+    self._success = Counter("polar:request_success", "Finished requests by finish reason.",
+                            labels + ["finished_reason"], registry=r)
+    self._variant = Counter("polar:step_variant", "Decode rounds run, by step variant.", labels + ["variant"],
+                            registry=r)
+    self._steps = Counter("polar:decode_steps", "Decode steps run, by step variant.", labels + ["variant"],
+                          registry=r)
+    self.ttft = hist("time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
+    self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens of a request.", _ITL_BUCKETS)
+    self.e2e = hist("e2e_request_latency_seconds", "Request latency, arrival to last token.", _E2E_BUCKETS)
+    self.queue = hist("request_queue_time_seconds", "Time from arrival to a KV slot.", _TTFT_BUCKETS)
+    self.req_prompt = hist("request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS)
+    self.req_gen = hist("request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS)
+    self._model = model_name
+    self._lock = threading.Lock()
+    self._row_steps = 0.0
+    self._groups_read = 0.0
+    self.density.set(1.0)
+
+  def finished(self, reason: str) -> None:
+    self._success.labels(self._model, reason).inc()
+
+  def round(self, variant: str, steps: int, active_rows: int, density: float) -> None:
+    """A decode round of `steps` steps over `active_rows` rows with the variant's attention density."""
+    self._variant.labels(self._model, variant).inc()
+    if steps:
+      self._steps.labels(self._model, variant).inc(steps)
+    with self._lock:
+      self._row_steps += steps * active_rows
+      self._groups_read += steps * active_rows * density
+      if self._row_steps:
+        self.density.set(self._groups_read / self._row_steps)
+
+  def slots(self, used: int, waiting: int) -> None:
+    self.running.set(used)
+    self.slots_used.set(used)
+    self.slots_perc.set(used / self.max_batch)
+    self.waiting.set(waiting)
+
+  def text(self) -> bytes:
+    return generate_latest(self.registry)

@@ -1,0 +1,101 @@
+"""The serving engine's choices: per-request `SamplingParams` and per-engine `EngineOptions` (frozen dataclasses)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+def _is_int(x) -> bool:
+  return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  """How one request is decoded.
+
+  Attributes:
+    max_tokens: tokens to generate at most (the first one, from the prefill, included).
+    temperature: 0 = greedy (argmax); > 0 samples.
+    top_p: nucleus filter in (0, 1]; 1 = off.
+    top_k: keep the k most likely tokens; None = off.
+    seed: the request's sampling seed (its tokens do not depend on the rest of the batch); None = one drawn by
+      the engine.
+    stop_token_ids: extra tokens that end the request (the token is part of the output, as in `generate`).
+    ignore_eos: do not stop at the model's / tokenizer's end-of-sequence tokens.
+  Filters apply in the order temperature, top-k, top-p.
+  """
+
+  max_tokens: int = 16
+  temperature: float = 0.0
+  top_p: float = 1.0
+  top_k: int | None = None
+  seed: int | None = None
+  stop_token_ids: tuple[int, ...] = ()
+  ignore_eos: bool = False
+
+  def __post_init__(self):
+    if not _is_int(self.max_tokens) or self.max_tokens < 1:
+      raise ValueError(f"max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+    t = self.temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+      raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {t!r}")
+    p = self.top_p
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+      raise ValueError(f"top_p must be a number in (0, 1], got {p!r}")
+    if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+      raise ValueError(f"top_k must be an integer >= 1 or None (off), got {self.top_k!r}")
+    if self.seed is not None and (not _is_int(self.seed) or not -2**31 <= self.seed < 2**31):
+      raise ValueError(f"seed must be a 32-bit integer or None, got {self.seed!r}")
+    ids = tuple(self.stop_token_ids)
+    if any(not _is_int(i) or i < 0 for i in ids):
+      raise ValueError(f"stop_token_ids must be non-negative integers, got {self.stop_token_ids!r}")
+    object.__setattr__(self, "stop_token_ids", ids)
+    object.__setattr__(self, "temperature", float(t))
+    object.__setattr__(self, "top_p", float(p))
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+# Head routers and the selection cost more than they save at small batch (the step is weight-bound there), so by
+# default the engine runs the dense step while fewer than this many rows are active.
+DEFAULT_SPARSE_MIN_ROWS = 8
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineOptions:
+  """How the engine schedules (all fixed at start-up: they shape the compiled programs).
+
+  Attributes:
+    steps_per_round: decode steps per host round trip (one `lax.while_loop`); more steps amortise the host's work,
+      fewer admit waiting requests sooner.
+    sparse_min_rows: run the sparse step variant only when at least this many rows are active (the dense one
+      below: head routers cost more than they save at small batch). 1 = always sparse. With a threshold above 1,
+      a request's tokens can depend on how many others ran beside it (the variant changes with the load).
+    max_waiting: requests queued beyond the running ones; `submit` raises `QueueFullError` past it.
+    prefill_rows: most prompts prefilled together (of one length bucket); row counts are powers of two up to it.
+    prefill_max_tokens: at most this many prompt tokens (rows x bucket) per prefill program.
+    max_stop_tokens: stop tokens per request (eos included), the width of the device's stop table.
+    warmup: compile and run every program once at start-up (else the first requests compile them).
+    loop_graph: compile the decode round with `polar_jax.compile_options.decode_loop_options()` (on GPU the whole
+      loop as one CUDA graph).
+  """
+
+  steps_per_round: int = 4
+  sparse_min_rows: int = DEFAULT_SPARSE_MIN_ROWS
+  max_waiting: int = 256
+  prefill_rows: int = 1
+  prefill_max_tokens: int = 8192
+  max_stop_tokens: int = 8
+  warmup: bool = True
+  loop_graph: bool = True
+
+  def __post_init__(self):
+    for name in ("steps_per_round", "sparse_min_rows", "prefill_rows", "prefill_max_tokens", "max_stop_tokens"):
+      v = getattr(self, name)
+      if not _is_int(v) or v < 1:
+        raise ValueError(f"EngineOptions.{name} must be an integer >= 1, got {v!r}")
+    if not _is_int(self.max_waiting) or self.max_waiting < 0:
+      raise ValueError(f"EngineOptions.max_waiting must be an integer >= 0, got {self.max_waiting!r}")
