@@ -39,7 +39,7 @@ from pallas_kernels import gather_matmul_triton  # noqa: E402
 from pallas_kernels import selective_decode_attention  # noqa: E402
 from pallas_kernels import skinny_matmul_triton  # noqa: E402
 from pallas_kernels.skinny_matmul import skinny_matmul  # noqa: E402
-from pallas_kernels import selective_decode_attention_append  # noqa: E402
+from pallas_kernels import AttentionHeuristics  # noqa: E402
 from pallas_kernels.decode_attention_triton import choose_config as attn_config  # noqa: E402
 from pallas_kernels import topk_select  # noqa: E402
 from pallas_kernels.decode_attention_xla import decode_attention_xla_gather  # noqa: E402
@@ -219,7 +219,8 @@ def bench_attention_probe(timer, base, smoke, dtype=jnp.bfloat16, families=None)
       gidx = np.tile(np.arange(0, 2 * K, 2), (B, 1))
     gidx = None if gidx is None else jnp.asarray(gidx, jnp.int32)
     k_sel = Hkv if K is None else K
-    heur = attn_config(B, k_sel, S, D, itemsize, persistent=overrides.get("persistent"))
+    rules = AttentionHeuristics(persistent=overrides.get("persistent", AttentionHeuristics().persistent))
+    heur = attn_config(B, k_sel, S, D, itemsize, heuristics=rules)
     cfg = dataclasses.replace(heur, **overrides)
     if "num_stages" not in overrides and cfg.num_splits != heur.num_splits:
       cfg = dataclasses.replace(cfg, num_stages=3)     # off the heuristic's split count: the 3-stage default
@@ -455,71 +456,6 @@ def bench_topk(timer, base, smoke, check):
   return records
 
 
-def append_cases(smoke):
-  """(B, Hq, Hkv, S, D, K): the LLaMA-2-7B layer at B32 / B16, density 0.5 (K 16) and dense."""
-  if smoke:
-    return [(2, 4, 4, 64, 32, 2)]
-  return [(32, 32, 32, 2048, 128, 16), (16, 32, 32, 2048, 128, 16), (32, 32, 32, 2048, 128, 32)]
-
-
-def bench_append(iters, base, smoke, steps=16):
-  """The decode step's attention with its cache write: `selective_decode_attention_append` with
-  `append_in_kernel` (the direct kernel writes each group's slot itself) vs the default (an XLA scatter, then
-  the same direct kernel: the default step).
-  Each timed call is one jitted fori_loop of `steps` appends with the caches donated and carried (in place, as
-  in the decode loop); wall clock per step (median of `iters` calls). Checked: outputs and caches of the two
-  paths agree (caches exactly; a mismatch raises)."""
-  records = []
-  for B, Hq, Hkv, S, D, K in append_cases(smoke):
-    dtype = jnp.float32 if smoke else jnp.bfloat16
-    rng = np.random.default_rng(B * K)
-    cast = lambda a: jnp.asarray(a, dtype)
-    q = cast(rng.standard_normal((B, Hq, D)))
-    kn, vn = (cast(rng.standard_normal((B, Hkv, D))) for _ in range(2))
-    cached = jnp.asarray(rng.integers(S // 2, S - steps, size=B), jnp.int32)
-    gidx = None if K == Hkv else jnp.asarray(np.stack([rng.permutation(Hkv)[:K] for _ in range(B)]), jnp.int32)
-
-    def make(fused):
-      cfg = dataclasses.replace(attn_config(B, K, S, D, jnp.dtype(dtype).itemsize), num_splits=1,
-                                append_in_kernel=fused)   # the direct kernel, writing the slots or after a scatter
-
-      def body(i, carry):
-        k, v, acc = carry
-        out, k, v = selective_decode_attention_append(q, kn, vn, k, v, cached + i, gidx, config=cfg)
-        return k, v, acc + out.astype(jnp.float32)
-      return jax.jit(lambda k, v: jax.lax.fori_loop(0, steps, body, (k, v, jnp.zeros(q.shape, jnp.float32))),
-                     donate_argnums=(0, 1))
-
-    results = {}
-    k0, v0 = (rng.standard_normal((B, Hkv, S, D), np.float32) for _ in range(2))
-    for impl, fused in (("pallas_append", True), ("xla_scatter+pallas", False)):
-      fn = make(fused)
-      first = fn(cast(k0), cast(v0))
-      results[impl] = [np.asarray(a.astype(jnp.float32)) for a in first]
-      k, v = first[0], first[1]
-      walls = []
-      for _ in range(iters):
-        t0 = time.perf_counter()
-        k, v, acc = fn(k, v)
-        jax.block_until_ready(acc)
-        walls.append((time.perf_counter() - t0) * 1e3 / steps)
-      ms = statistics.median(walls)
-      mean_len = float(np.mean(np.asarray(cached))) + steps / 2
-      rec = _finish(dict(base, op="attention_append", impl=impl, B=B, S=S, Hq=Hq, Hkv=Hkv, D=D, density=K / Hkv,
-                         dtype=jnp.dtype(dtype).name, ms=ms, ms_wall=ms, timer="wall_loop", steps=steps,
-                         mean_len=mean_len,
-                         bytes=int(2 * B * K * mean_len * D * jnp.dtype(dtype).itemsize)))
-      records.append(rec)
-      del k, v
-    (k1, v1, a1), (k2, v2, a2) = results["pallas_append"], results["xla_scatter+pallas"]
-    if not (np.array_equal(k1, k2) and np.array_equal(v1, v2)):
-      raise AssertionError(f"attention_append B{B} K{K}: caches differ between the two paths")
-    err = _rel_err(jnp.asarray(a1), jnp.asarray(a2))
-    for rec in records[-2:]:
-      rec["max_rel_err"] = err
-  return records
-
-
 def _mlp_record(timer, base, check, fn, sets, ref_fn, impl, cfgs, M, d, N,
                 density, dtype, sel_bytes, sink):
   try:
@@ -567,7 +503,7 @@ def main(argv=None):
                                                     "kernels.jsonl"))
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes, runs on CPU in interpret mode")
-  parser.add_argument("--only", choices=("attn", "mlp", "topk", "append", "probe", "matmul", "all"), default="all",
+  parser.add_argument("--only", choices=("attn", "mlp", "topk", "probe", "matmul", "all"), default="all",
                       help="probe: the direct attention kernel's selection / length / config / split probes; "
                            "matmul: the decode projections (skinny_matmul vs XLA); neither is part of all")
   parser.add_argument("--families", default=None,
@@ -619,10 +555,6 @@ def main(argv=None):
                          sink=sink)
   if args.only in ("topk", "all"):
     for rec in bench_topk(timer, base, args.smoke, args.check):
-      sink(rec)
-      records.append(rec)
-  if args.only in ("append", "all"):
-    for rec in bench_append(timer.iters, base, args.smoke):
       sink(rec)
       records.append(rec)
   if args.only == "probe":

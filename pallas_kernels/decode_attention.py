@@ -15,6 +15,23 @@ from pallas_kernels import decode_attention_xla as _xla
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
+def _resolve_config(config, batch: int, num_selected: int, seq_len: int, head_dim: int,
+                    itemsize: int) -> _triton.AttentionConfig:
+  """The `AttentionConfig` to run: `config` itself, or chosen from the shapes by `config`'s rules
+  (an `AttentionHeuristics`; None: the default rules)."""
+  _check_config(config)
+  if isinstance(config, _triton.AttentionConfig):
+    return config
+  return _triton.choose_config(batch, num_selected, seq_len, head_dim, itemsize,
+                               heuristics=config or _triton.AttentionHeuristics())
+
+
+def _check_config(config):
+  if config is not None and not isinstance(config, (_triton.AttentionConfig, _triton.AttentionHeuristics)):
+    raise TypeError(f"config must be an AttentionConfig, an AttentionHeuristics or None, got "
+                    f"{type(config).__name__}")
+
+
 def _check_int(name, x):
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise ValueError(f"{name} must have an integer dtype, got {x.dtype}")
@@ -145,7 +162,9 @@ def selective_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *,
       Unselected heads have o = 0, l = 0 and a finite very negative m.
     implementation: None (pallas on GPU, xla elsewhere), "pallas" (interpret
       mode off GPU) or "xla".
-    config: optional `AttentionConfig` overriding the pallas heuristics.
+    config: "pallas" only: an `AttentionConfig` (the kernel and its tiling, as given), an
+      `AttentionHeuristics` (rules that choose one from the shapes, e.g. `AttentionHeuristics(persistent=False)`
+      for one direct program per (row, group)) or None (the default rules).
 
   Returns:
     [B, Hq, D] in q's dtype; query heads of unselected groups are exactly 0.
@@ -155,6 +174,7 @@ def selective_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *,
   group_idx = None if group_idx is None else jnp.asarray(group_idx)
   kv_start = None if kv_start is None else jnp.asarray(kv_start)
   _validate(q, k_cache, v_cache, lengths, group_idx, kv_start)
+  _check_config(config)
   B, Hq, D = q.shape
   Hkv, S = k_cache.shape[1], k_cache.shape[2]
   scale = float(D ** -0.5 if scale is None else scale)
@@ -163,9 +183,8 @@ def selective_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *,
                     scale=scale, return_residuals=return_residuals)
   if kv_start is None:
     kv_start = jnp.zeros((B,), jnp.int32)
-  if config is None:
-    K = Hkv if group_idx is None else group_idx.shape[1]
-    config = _triton.choose_config(B, K, S, D, jnp.dtype(q.dtype).itemsize)
+  K = Hkv if group_idx is None else group_idx.shape[1]
+  config = _resolve_config(config, B, K, S, D, jnp.dtype(q.dtype).itemsize)
   return _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start,
                       scale=scale, return_residuals=return_residuals,
                       config=config, interpret=_platform.interpret_mode())
@@ -181,10 +200,8 @@ def selective_decode_attention_append(q, k_new, v_new, k_cache, v_cache, lengths
 
   The decode step's attention: equal to writing `k_new`/`v_new` at slot `lengths[b]` of each row (every
   group, selected or not, so that a group skipped now can be selected later) and then calling
-  `selective_decode_attention(q, k_cache, v_cache, lengths + 1, group_idx, ...)`. By default one XLA scatter
-  per cache runs first. With `config.append_in_kernel` (default `decode_attention_triton.APPEND_IN_KERNEL`,
-  off: see there for the measurement) and the direct Pallas kernel (B x K >= the SM count), each (row, group)
-  program attends the new key from registers and writes its group's slot itself: no scatter kernel.
+  `selective_decode_attention(q, k_cache, v_cache, lengths + 1, group_idx, ...)`: one XLA scatter per cache,
+  then the same attention kernels.
 
   Args:
     q: [B, Hq, D] query of the new token.
@@ -203,6 +220,7 @@ def selective_decode_attention_append(q, k_new, v_new, k_cache, v_cache, lengths
   group_idx = None if group_idx is None else jnp.asarray(group_idx)
   kv_start = None if kv_start is None else jnp.asarray(kv_start)
   _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=True)
+  _check_config(config)
   B, _, D = q.shape
   Hkv, S = k_cache.shape[1], k_cache.shape[2]
   if k_new.shape != (B, Hkv, D) or v_new.shape != (B, Hkv, D):
@@ -212,13 +230,8 @@ def selective_decode_attention_append(q, k_new, v_new, k_cache, v_cache, lengths
     return _append_xla_jit(q, k_new, v_new, k_cache, v_cache, lengths, group_idx, kv_start, scale=scale)
   if kv_start is None:
     kv_start = jnp.zeros((B,), jnp.int32)
-  if config is None:
-    K = Hkv if group_idx is None else group_idx.shape[1]
-    config = _triton.choose_config(B, K, S, D, jnp.dtype(q.dtype).itemsize)
-  if config.num_splits == 1 and config.append_in_kernel:
-    return _triton.decode_attention_triton_direct(
-        q, k_cache, v_cache, lengths.astype(jnp.int32) + 1, group_idx, kv_start, k_new, v_new, scale=scale,
-        config=config, interpret=_platform.interpret_mode())
+  K = Hkv if group_idx is None else group_idx.shape[1]
+  config = _resolve_config(config, B, K, S, D, jnp.dtype(q.dtype).itemsize)
   k_cache, v_cache = _xla.append_kv_xla(k_cache, v_cache, k_new, v_new, lengths)
   out = _pallas_path(q, k_cache, v_cache, lengths.astype(jnp.int32) + 1, group_idx, kv_start, scale=scale,
                      return_residuals=False, config=config, interpret=_platform.interpret_mode())

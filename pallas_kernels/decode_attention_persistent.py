@@ -2,8 +2,8 @@
 
 The direct kernel (`decode_attention_triton_direct`) launches one program per (row, group): at B32 x 16 selected
 groups that is ~4 waves of one 4-stage program per SM, and every program pays a pipeline fill (its first key
-blocks' latency), a drain and a relaunch with nothing else streaming on its SM. Measured on one H100 (session 7,
-`kernels.py --only probe`, family "length"): ~11.5 us of fixed cost per call at 512 programs.
+blocks' latency), a drain and a relaunch with nothing else streaming on its SM. Measured on one H100
+(`kernels.py --only probe`, family "length"): ~11.5 us of fixed cost per call at 512 programs.
 
 Here `programs_per_sm` x SMs programs (2 x 132 on an H100) each own a contiguous run of the selected (row, group)
 items and loop over them: per item, its whole key blocks as contiguous unmasked loads (software-pipelined), then the
@@ -11,7 +11,7 @@ row's partial block masked, then the normalised output stored. Two 3-stage progr
 while the other refills its pipeline between items; items never wait for a new wave. Query heads of unselected
 groups are written as zeros by the program that owns the row (`b % programs`), after its items.
 
-Measured on one H100 (session 8, `kernels.py --only probe --families persistent`, results/kernels.jsonl, MHA D128
+Measured on one H100 (`kernels.py --only probe --families persistent`, results/kernels.jsonl, MHA D128
 unless noted, direct kernel vs this one): B32 K16 S2048 186.3 vs 181.0 us, S1024 98.6 vs 93.8, S4096 360.2 vs
 353.8, dense B32 356.3 vs 352.0, B16 K16 98.6 vs 93.0, B64 K16 359.6 vs 354.0, GQA (Hkv 8) B32 K5 S4096 118.0 vs
 118.8, dense 181.7 vs 179.4. A flat variant (one loop over (item, key block), prefetching across items) was slower:

@@ -8,6 +8,8 @@ Two kernels share one streaming loop (`_stream`):
   program whose group row b did not select writes zeros and streams nothing; a selected one streams its
   group and writes the normalised output in q's dtype straight into `[B, Hq, D]`. So the decode step needs no
   merge, no normalise and no scatter into zeros after the kernel (four small XLA kernels per layer fewer).
+Unsplit shapes run the persistent kernel (`decode_attention_persistent`) instead of the direct one by default
+(`AttentionHeuristics.persistent`).
 Each program reads its group id inside the kernel (from `group_idx`, no gathered copy) and streams that
 group's K/V blocks straight from the full head-major cache, computing all query heads of the group at once
 (rows padded to >= 16 for the tensor-core dot; padded rows duplicate the last real row and are never stored
@@ -31,65 +33,68 @@ from pallas_kernels._online_softmax import online_softmax_step
 from pallas_kernels.decode_attention_xla import M_EMPTY
 
 
-# Selected (row, group) programs per SM from which keys are not split (the direct kernel). Measured on one H100
-# (`kernels.py --sweep`, all kernels of the op): direct vs split-K + merge/scatter at B32 K16 S2048 0.190 vs
-# 0.189 ms, B16 K16 0.099 vs 0.100, dense B32 0.354 vs 0.361, GQA B32 K5 S4096 (160 programs) 0.116 vs 0.125.
-DIRECT_PROGRAMS_PER_SM = 1
-# ... and from which the direct kernel pipelines 4 key blocks instead of 3. Measured on H100s: B32 K16 S2048
-# 0.179 vs 0.183 ms isolated, in the LLaMA-2-7B B32 density 0.5 step 5.60 vs 5.94 ms of attention (two machines);
-# at 160 programs (GQA B32 K5) 4 stages were slower (0.125 vs 0.112 ms: one program per SM leaves a tail wave).
-DEEP_PIPELINE_PROGRAMS_PER_SM = 3
-# Below `DIRECT_PROGRAMS_PER_SM`, keys are split into about this many programs per SM in all (capped so that every
-# split keeps >= 4 key blocks). Measured on one H100 (session 7, `kernels.py --only probe`, family "splits" in
-# results/kernels.jsonl, all kernels of the op, MHA D128 S2048): at 128 selected programs 3 splits 54.6-55.0 us vs
-# 58.3-58.4 with the 8 that a target of 8 per SM gave; at 64, 4-6 splits 32.1-32.8 vs 35.3-35.8; at 16-32 the cap
-# decides (8 splits) either way.
-SPLIT_TARGET_PROGRAMS_PER_SM = 2
-# Below that, 4 stages still win when the last wave of one-program-per-SM is (nearly) full. Measured end to end
-# (session 6, decode-loop timing, one H100, one call each): LLaMA-2-7B B16 density 0.5 (B x K = 256 programs on 132
-# SMs, last wave 124/132) 1885.5 tok/s with 4 stages vs 1864.5 / 1865.4 with 3; Llama-3.1-8B B64 prompt 2000
-# density 0.625 (320 programs, last wave 56/132) 5951.8 with 4 vs 6130.1 with 3.
-DEEP_PIPELINE_LAST_WAVE = 0.9
-# Whether `selective_decode_attention_append` lets the direct kernel write the new token's cache slots (else one
-# XLA scatter per cache runs before the kernel). Off: measured on one H100 (session 6, LLaMA-2-7B B32 density 0.5,
-# the same machine) the step's kernels took 11.995 ms with the in-kernel write vs 11.930 ms with the scatter: the
-# scatter (0.216 ms) went, but materialising k/v for the kernel (+0.12 ms) and a slower attention kernel
-# (5.79 -> 5.97 ms; every program, selected or not, now loads and stores its slot) cost more. Isolated (kernels.py
-# --only append) the in-kernel write was faster: 0.178 vs 0.187 ms per B32 layer.
-APPEND_IN_KERNEL = False
-# Unsplit shapes run the persistent kernel (`decode_attention_persistent`: 2 x SMs programs, each looping over a run
-# of (row, group) items) instead of one direct program per (row, group); 3 stages, so that two programs share an
-# SM. Measured on one H100 (session 8, `kernels.py --only probe --families persistent`): 1-6% faster than the
-# direct kernel at every MHA shape probed (B16-B64, S1024-4096, K 12-32); GQA B32 K5 S4096 within 1% (slower).
-PERSISTENT = True
-PERSISTENT_STAGES = 3
-PERSISTENT_PROGRAMS_PER_SM = 2
+@dataclasses.dataclass(frozen=True)
+class AttentionConfig:
+  """What the Pallas attention kernels run with (static: a different config compiles a different program)."""
+  block_k: int  # keys per loop iteration (power of two >= 16)
+  num_splits: int  # split-K programs per (row, group); 1: an unsplit kernel (direct or persistent), no merge
+  num_warps: int
+  num_stages: int
+  persistent: bool = False  # unsplit: the persistent kernel (`decode_attention_persistent`) instead of the direct
+  programs_per_sm: int = 2  # persistent kernel: programs per SM
 
 
 @dataclasses.dataclass(frozen=True)
-class AttentionConfig:
-  block_k: int  # keys per loop iteration (power of two >= 16)
-  num_splits: int  # split-K programs per (row, group)
-  num_warps: int
-  num_stages: int
-  append_in_kernel: bool = False  # `selective_decode_attention_append` on the direct kernel: write slots in it
-  persistent: bool = False  # unsplit: the persistent kernel (`decode_attention_persistent`) instead of the direct
-  programs_per_sm: int = PERSISTENT_PROGRAMS_PER_SM  # persistent kernel: programs per SM
+class AttentionHeuristics:
+  """How `choose_config` picks an `AttentionConfig` from the static shapes. The defaults are the measured winners
+  on one H100 (`kernels.py`, records in benchmarks/results/kernels.jsonl); other values exist for A/B runs, e.g.
+  `AttentionHeuristics(persistent=False)` for the direct kernel. Pass one as `selective_decode_attention`'s
+  `config` to choose with other rules.
 
-
-def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
-                  itemsize: int, num_sms: int | None = None, persistent: bool | None = None) -> AttentionConfig:
-  """Heuristic block/split/warp choice from the static shapes.
-
-  The split count is sized from the selected work (B * K programs), so that small
-  batches or low densities still put several programs on every SM, while keeping
-  at least `min_blocks_per_split` key blocks in every split. With at least
-  `DIRECT_PROGRAMS_PER_SM` selected (row, group) programs per SM, no split (1 split selects the direct
-  kernel in `selective_decode_attention`). Tuned on one H100
-  (bf16, D=128): block_k 32/64/128 and 2/4 warps were within 3% of each other
-  at B64 S4096; 8 warps and (block_k 128, 4 warps, masked loads) were slower. Unsplit shapes take the
-  persistent kernel where `persistent` (default `PERSISTENT`) and its shape limits allow.
+  Attributes:
+    direct_programs_per_sm: selected (row, group) programs per SM from which keys are not split. Direct vs split-K
+      + merge/scatter (all kernels of the op): B32 K16 S2048 0.190 vs 0.189 ms, B16 K16 0.099 vs 0.100, dense B32
+      0.354 vs 0.361, GQA B32 K5 S4096 (160 programs) 0.116 vs 0.125.
+    split_target_programs_per_sm: below that, keys are split into about this many programs per SM in all (capped
+      so that every split keeps >= 4 key blocks): at 128 selected programs 3 splits 54.6-55.0 us vs 58.3-58.4 with
+      the 8 of a target of 8 per SM; at 64, 4-6 splits 32.1-32.8 vs 35.3-35.8 (`kernels.py --only probe`, family
+      "splits", MHA D128 S2048).
+    deep_pipeline_programs_per_sm: from this many programs per SM the direct kernel pipelines 4 key blocks instead
+      of 3 (one program per SM): B32 K16 S2048 0.179 vs 0.183 ms; at 160 programs (GQA B32 K5) 4 stages were
+      slower (0.125 vs 0.112 ms: one program per SM leaves a tail wave).
+    deep_pipeline_last_wave: below that, 4 stages still where the last wave of one program per SM is at least this
+      full: LLaMA-2-7B B16 density 0.5 (256 programs on 132 SMs, last wave 124/132) 1885.5 tok/s with 4 stages vs
+      1864.5 with 3; Llama-3.1-8B B64 density 0.625 (320 programs, last wave 56/132) 5951.8 with 4 vs 6130.1 with 3.
+    persistent: unsplit shapes run the persistent kernel (`persistent_programs_per_sm` x SMs programs, each
+      looping over a run of (row, group) items) where its shape limits allow, instead of one direct program per
+      (row, group): 1-6% faster at every MHA shape probed (B16-B64, S1024-4096, K 12-32), GQA B32 K5 S4096 within
+      1% (`kernels.py --only probe --families persistent`).
+    persistent_stages: the persistent kernel's pipeline depth (3: two programs share an SM).
+    persistent_programs_per_sm: the persistent kernel's programs per SM.
   """
+  direct_programs_per_sm: int = 1
+  split_target_programs_per_sm: int = 2
+  deep_pipeline_programs_per_sm: int = 3
+  deep_pipeline_last_wave: float = 0.9
+  persistent: bool = True
+  persistent_stages: int = 3
+  persistent_programs_per_sm: int = 2
+
+
+def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int, itemsize: int,
+                  num_sms: int | None = None, heuristics: AttentionHeuristics = AttentionHeuristics()
+                  ) -> AttentionConfig:
+  """Block/split/warp choice from the static shapes, by `heuristics`' rules.
+
+  The split count is sized from the selected work (B * K programs), so that small batches or low densities still
+  put several programs on every SM, while keeping at least `min_blocks_per_split` key blocks in every split. With
+  at least `heuristics.direct_programs_per_sm` selected (row, group) programs per SM, no split (1 split: the
+  direct or the persistent kernel in `selective_decode_attention`). Tuned on one H100 (bf16, D=128): block_k
+  32/64/128 and 2/4 warps were within 3% of each other at B64 S4096; 8 warps and (block_k 128, 4 warps, masked
+  loads) were slower. Unsplit shapes take the persistent kernel where `heuristics.persistent` and its shape
+  limits allow.
+  """
+  h = heuristics
   num_sms = num_sms or _platform.num_sms()
   block_d = max(16, _platform.next_pow2(head_dim))
   tile_bytes = block_d * itemsize
@@ -98,22 +103,20 @@ def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int,
   work = batch * num_selected
   n_blocks = _platform.cdiv(seq_len, block_k)
   min_blocks_per_split = 4
-  target_programs = SPLIT_TARGET_PROGRAMS_PER_SM * num_sms
-  splits = _platform.cdiv(target_programs, work)
+  splits = _platform.cdiv(h.split_target_programs_per_sm * num_sms, work)
   splits = max(1, min(splits, n_blocks // min_blocks_per_split))
-  if work >= DIRECT_PROGRAMS_PER_SM * num_sms:
-    splits = 1   # enough (row, group) programs without splitting keys: the direct kernel, no merge after it
+  if work >= h.direct_programs_per_sm * num_sms:
+    splits = 1   # enough (row, group) programs without splitting keys: no merge after the kernel
   # A 4-deep pipeline (128 KB of shared memory: one program per SM) where the direct kernel has >= 3 waves of
   # programs anyway, or fewer whole waves whose last one is >= 90% full; 3 stages (two programs per SM) elsewhere,
   # where a second program per SM fills the tail.
   last_wave = (work % num_sms or num_sms) / num_sms
-  deep = splits == 1 and (work >= DEEP_PIPELINE_PROGRAMS_PER_SM * num_sms or last_wave >= DEEP_PIPELINE_LAST_WAVE)
-  persistent = PERSISTENT if persistent is None else persistent
-  persistent = persistent and splits == 1 and _persistent.supports(seq_len, head_dim, block_k)
-  stages = PERSISTENT_STAGES if persistent else 4 if deep else 3
-  return AttentionConfig(block_k=block_k, num_splits=splits, num_warps=4, num_stages=stages,
-                         append_in_kernel=APPEND_IN_KERNEL, persistent=persistent,
-                         programs_per_sm=PERSISTENT_PROGRAMS_PER_SM)
+  deep = splits == 1 and (work >= h.deep_pipeline_programs_per_sm * num_sms
+                          or last_wave >= h.deep_pipeline_last_wave)
+  persistent = h.persistent and splits == 1 and _persistent.supports(seq_len, head_dim, block_k)
+  stages = h.persistent_stages if persistent else 4 if deep else 3
+  return AttentionConfig(block_k=block_k, num_splits=splits, num_warps=4, num_stages=stages, persistent=persistent,
+                         programs_per_sm=h.persistent_programs_per_sm)
 
 
 def _stream(q_ref, k_ref, v_ref, group, length, start, *, selected, scale: float, group_size: int,
@@ -209,20 +212,11 @@ def _attention_kernel(gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref, o_ref, 
   _store(l_ref, l_g, rows_g, cols_d, whole)
 
 
-def _direct_kernel(*refs, num_selected: int | None, append: bool, **kw):
-  """Direct program (b, g): refs = ([gidx_ref,] len_ref, start_ref, q_ref, k_ref, v_ref, [kn_ref, vn_ref,] o_ref
-  [, kc_ref, vc_ref]), o_ref [G, D] of group g of row b. num_selected None: every group (dense); else group g is
-  computed when one of row b's `num_selected` (clamped) entries of gidx names it, and written as zeros otherwise.
-
-  append: kn_ref/vn_ref [Hkv, D] hold row b's new token, whose slot is len - 1. The program streams the cached
-  keys before that slot, adds the new key/value from registers, and only then writes them into its group's slot
-  of the output caches kc_ref/vc_ref (aliased to k_ref/v_ref): no read-after-write, so no barrier delays the
-  first key loads. Every program writes its slot, selected or not."""
-  kn_ref = vn_ref = kc_ref = vc_ref = None
-  if append:
-    *refs, kn_ref, vn_ref, o_ref, kc_ref, vc_ref = refs
-  else:
-    *refs, o_ref = refs
+def _direct_kernel(*refs, num_selected: int | None, **kw):
+  """Direct program (b, g): refs = ([gidx_ref,] len_ref, start_ref, q_ref, k_ref, v_ref, o_ref), o_ref [G, D] of
+  group g of row b. num_selected None: every group (dense); else group g is computed when one of row b's
+  `num_selected` (clamped) entries of gidx names it, and written as zeros otherwise."""
+  *refs, o_ref = refs
   if num_selected is None:
     gidx_ref, (len_ref, start_ref, q_ref, k_ref, v_ref) = None, refs
   else:
@@ -235,43 +229,11 @@ def _direct_kernel(*refs, num_selected: int | None, append: bool, **kw):
     selected = False
     for j in range(num_selected):   # K scalar reads; K <= Hkv is small
       selected = selected | (jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1) == group)
-  if append:
-    slot = len_ref[b] - 1                          # unclipped: a slot at S (a full row) is not written
-    in_cache = (slot >= 0) & (slot < seq_len)
-    length = jnp.where(in_cache, jnp.maximum(slot, start), length)   # cached keys before the new one
-  o_gd, m_g, l_g, rows_g, cols_d = _stream(q_ref, k_ref, v_ref, group, length, start, selected=selected,
-                                           split=0, num_splits=1, **kw)
-  if append:
-    k_d, v_d = kn_ref[group, cols_d], vn_ref[group, cols_d]   # padded lanes repeat the last column
-    new_key = selected & in_cache & (slot >= start)
-    o_gd, l_g = _attend_new_key(q_ref, group, k_d, v_d, o_gd, m_g, l_g, rows_g, cols_d, new_key, **kw)
-
-    @pl.when(in_cache)
-    def _():
-      slot_c = jnp.clip(slot, 0, seq_len - 1)
-      kc_ref[group, slot_c, cols_d] = k_d
-      vc_ref[group, slot_c, cols_d] = v_d
-
+  o_gd, _, l_g, rows_g, cols_d = _stream(q_ref, k_ref, v_ref, group, length, start, selected=selected,
+                                         split=0, num_splits=1, **kw)
   # o / l, and 0 where nothing was attended (l == 0: unselected group or empty key range; o is 0 there too).
   out_gd = o_gd / jnp.where(l_g > 0, l_g, 1.0)[:, None]
   _store(o_ref, out_gd.astype(o_ref.dtype), rows_g, cols_d, _unpadded(kw))
-
-
-def _attend_new_key(q_ref, group, k_d, v_d, o_gd, m_g, l_g, rows_g, cols_d, attend, *, scale: float,
-                    group_size: int, head_dim: int, block_g: int, block_d: int, **_):
-  """One online-softmax step over a single key/value `[D]` held in registers (the new token), as `_stream`'s
-  update: float32 scores, p cast to v's dtype for the p.v product. Returns (o_gd, l_g) at the new maximum (the
-  caller normalises o / l, so m is not needed after it); unchanged where `attend` is False."""
-  q_gd = q_ref[(group * group_size + rows_g)[:, None], cols_d[None, :]].astype(jnp.float32)
-  col_ok_d = jnp.arange(block_d, dtype=jnp.int32) < head_dim       # padded lanes repeat a column: mask them
-  k_f = jnp.where(col_ok_d, k_d.astype(jnp.float32), 0.0)
-  s_g = jnp.sum(q_gd * k_f[None, :], axis=1) * scale
-  m_new_g = jnp.maximum(m_g, s_g)
-  alpha_g = jnp.exp(m_g - m_new_g)
-  p_g = jnp.exp(s_g - m_new_g).astype(v_d.dtype).astype(jnp.float32)
-  o_new = o_gd * alpha_g[:, None] + p_g[:, None] * v_d.astype(jnp.float32)[None, :]
-  l_new = l_g * alpha_g + p_g
-  return jnp.where(attend, o_new, o_gd), jnp.where(attend, l_new, l_g)
 
 
 def _unpadded(kw) -> bool:
@@ -338,24 +300,19 @@ def decode_attention_triton(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
-def decode_attention_triton_direct(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
-                                   kv_start_B, k_new_BHD=None, v_new_BHD=None, *, scale: float,
+def decode_attention_triton_direct(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK, kv_start_B, *, scale: float,
                                    config: AttentionConfig, interpret: bool):
   """Normalised output `[B, Hq, D]` in q's dtype, query heads of unselected groups exactly 0.
 
   One program per (row, group) over all Hkv groups, no key split (`config.num_splits` is ignored);
-  `group_idx_BK` None computes every group. With `k_new_BHD`/`v_new_BHD` (`[B, Hkv, D]`) the new token sits at
-  slot `lengths_B[b] - 1` (attended from registers, then written by each program; dropped outside `[0, S)`): returns
-  `(out, k_BHSD, v_BHSD)`, the caches updated in place (output aliased to input: no copy when the caller's
-  buffers are donated or dead after the call).
+  `group_idx_BK` None computes every group.
   """
   B, Hq, D = q_BHD.shape
   _, Hkv, S, _ = k_BHSD.shape
   G = Hq // Hkv
   K = None if group_idx_BK is None else group_idx_BK.shape[1]
-  append = k_new_BHD is not None
-  kernel = functools.partial(_direct_kernel, num_selected=K, append=append, **_kernel_kw(scale, G, D, config))
-  row = lambda b, g: (0,)
+  kernel = functools.partial(_direct_kernel, num_selected=K, **_kernel_kw(scale, G, D, config))
+  row = lambda b, g: (0,)  # noqa: E731
   cache_spec = pl.BlockSpec((None, Hkv, S, D), lambda b, g: (b, 0, 0, 0))
   in_specs = [
       pl.BlockSpec((B,), row),
@@ -368,28 +325,15 @@ def decode_attention_triton_direct(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_B
   if K is not None:
     in_specs.insert(0, pl.BlockSpec((B, K), lambda b, g: (0, 0)))
     args.insert(0, group_idx_BK.astype(jnp.int32))
-  out_specs = [pl.BlockSpec((None, None, G, D), lambda b, g: (b, g, 0, 0))]
-  out_shape = [jax.ShapeDtypeStruct((B, Hkv, G, D), q_BHD.dtype)]
-  aliases = {}
-  if append:
-    new_spec = pl.BlockSpec((None, Hkv, D), lambda b, g: (b, 0, 0))
-    in_specs += [new_spec, new_spec]
-    args += [k_new_BHD.astype(k_BHSD.dtype), v_new_BHD.astype(v_BHSD.dtype)]
-    out_specs += [cache_spec, cache_spec]
-    out_shape += [jax.ShapeDtypeStruct(k_BHSD.shape, k_BHSD.dtype), jax.ShapeDtypeStruct(v_BHSD.shape, v_BHSD.dtype)]
-    first_cache = len(args) - 4          # k_BHSD's position among the operands
-    aliases = {first_cache: 1, first_cache + 1: 2}
-  outs = pl.pallas_call(
+  out = pl.pallas_call(
       kernel,
       grid=(B, Hkv),
       in_specs=in_specs,
-      out_specs=out_specs,
-      out_shape=out_shape,
-      input_output_aliases=aliases,
+      out_specs=pl.BlockSpec((None, None, G, D), lambda b, g: (b, g, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((B, Hkv, G, D), q_BHD.dtype),
       compiler_params=plgpu.CompilerParams(num_warps=config.num_warps,
                                            num_stages=config.num_stages),
       interpret=interpret,
       name="selective_decode_attention_direct",
   )(*args)
-  out = outs[0].reshape(B, Hq, D)
-  return (out, outs[1], outs[2]) if append else out
+  return out.reshape(B, Hq, D)

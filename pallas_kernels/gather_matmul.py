@@ -12,7 +12,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import _platform
-from pallas_kernels import gather_matmul_mosaic as _mosaic
 from pallas_kernels import gather_matmul_triton as _triton
 from pallas_kernels import gather_matmul_xla as _xla
 
@@ -66,14 +65,17 @@ def _count_1(count, k):
   return jnp.reshape(count, (1,)).astype(jnp.int32)
 
 
-def _resolve(implementation):
-  """Like _platform.resolve_implementation, plus the GPU-only "mosaic"."""
-  if implementation == "mosaic":
-    ok, why = _mosaic.available()
-    if not ok:
-      raise NotImplementedError(why)
-    return "mosaic"
-  return _platform.resolve_implementation(implementation)
+def _check_config(config):
+  if config is not None and not isinstance(config, (_triton.GatherConfig, _triton.GatherHeuristics)):
+    raise TypeError(f"config must be a GatherConfig, a GatherHeuristics or None, got {type(config).__name__}")
+
+
+def _config(config, choose, *shape):
+  """`config` itself (a GatherConfig), or chosen by `choose(*shape)` with `config`'s rules (a GatherHeuristics;
+  None: the default rules)."""
+  if isinstance(config, _triton.GatherConfig):
+    return config
+  return choose(*shape, heuristics=config or _triton.GatherHeuristics())
 
 
 _cols_xla = jax.jit(_xla.gather_matmul_cols_xla, static_argnames=("activation",))
@@ -93,16 +95,17 @@ def gather_matmul_cols(x, w_in, idx, bias=None, activation=None, *, count=None,
     bias: optional [N] bias.
     activation: None, "relu", "gelu" (exact erf form) or "silu".
     count: optional int scalar array, the number of real entries of idx.
-    implementation: None (pallas on GPU, xla elsewhere), "pallas", "xla", or
-      "mosaic" (experimental Mosaic GPU kernel: GPU only, M <= 128, bf16/fp16,
-      d % 64 == 0; raises NotImplementedError off GPU).
-    config: optional `GatherConfig` overriding the pallas heuristics (a
-      `MosaicGatherConfig` for "mosaic").
+    implementation: None (pallas on GPU, xla elsewhere), "pallas" (interpret
+      mode off GPU) or "xla".
+    config: "pallas" only: a `GatherConfig` (the tiling, as given), a
+      `GatherHeuristics` (rules that choose one from the shapes) or None (the
+      default rules).
 
   Returns:
     [M, k] in x's dtype (float32 accumulation); columns >= count are exactly 0.
   """
-  impl = _resolve(implementation)
+  impl = _platform.resolve_implementation(implementation)
+  _check_config(config)
   idx = jnp.asarray(idx)
   count = None if count is None else jnp.asarray(count)
   if activation not in _xla.ACTIVATIONS:
@@ -116,14 +119,8 @@ def gather_matmul_cols(x, w_in, idx, bias=None, activation=None, *, count=None,
     return _cols_xla(x, w_in, idx, bias, activation, count=count)
   m, d = x.shape
   k = idx.shape[0]
-  if impl == "mosaic":
-    _mosaic.check_inputs(x, w_in)
-    config = config or _mosaic.choose_cols_config(m, d, k)
-    return _mosaic.gather_matmul_cols_mosaic(
-        x, w_in, idx.astype(jnp.int32), bias, _count_1(count, k),
-        activation=activation, config=config)
-  config = config or _triton.choose_cols_config(m, d, k,
-                                                jnp.dtype(x.dtype).itemsize)
+  config = _config(config, _triton.choose_cols_config, m, d, k,
+                   jnp.dtype(x.dtype).itemsize)
   return _triton.gather_matmul_cols_triton(
       x, w_in, idx.astype(jnp.int32), bias, _count_1(count, k),
       activation=activation, config=config,
@@ -140,15 +137,13 @@ def gather_matmul_rows(h, w_out, idx, bias=None, *, count=None,
     idx: [k] int neuron indices, as for `gather_matmul_cols`.
     bias: optional [d] bias.
     count: optional int scalar array; positions >= count are not added.
-    implementation: None (pallas on GPU, xla elsewhere), "pallas", "xla", or
-      "mosaic" (as for `gather_matmul_cols`; also d % 128 == 0).
-    config: optional `GatherConfig` overriding the pallas heuristics (a
-      `MosaicGatherConfig` for "mosaic").
+    implementation, config: as for `gather_matmul_cols`.
 
   Returns:
     [M, d] in h's dtype (float32 accumulation).
   """
-  impl = _resolve(implementation)
+  impl = _platform.resolve_implementation(implementation)
+  _check_config(config)
   idx = jnp.asarray(idx)
   count = None if count is None else jnp.asarray(count)
   _check_common("h", h, "w_out", w_out, idx, bias,
@@ -160,14 +155,8 @@ def gather_matmul_rows(h, w_out, idx, bias=None, *, count=None,
     return _rows_xla(h, w_out, idx, bias, count=count)
   m, k = h.shape
   d = w_out.shape[1]
-  if impl == "mosaic":
-    _mosaic.check_inputs(h, w_out)
-    config = config or _mosaic.choose_rows_config(m, d, k)
-    return _mosaic.gather_matmul_rows_mosaic(
-        h, w_out, idx.astype(jnp.int32), bias, _count_1(count, k),
-        config=config)
-  config = config or _triton.choose_rows_config(m, d, k,
-                                                jnp.dtype(h.dtype).itemsize)
+  config = _config(config, _triton.choose_rows_config, m, d, k,
+                   jnp.dtype(h.dtype).itemsize)
   return _triton.gather_matmul_rows_triton(
       h, w_out, idx.astype(jnp.int32), bias, _count_1(count, k),
       config=config, interpret=_platform.interpret_mode())

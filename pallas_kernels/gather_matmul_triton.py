@@ -41,16 +41,21 @@ class GatherConfig:
   num_stages: int
 
 
-# Tiling heuristics, from H100 per-kernel timings (NOTES.md, v4): a split costs
-# ~1-1.5 us (partial store, barrier, atomic, the last program reading the other
-# partials) whatever its size, so when each program streams little weight data
-# the fastest grid is the one with the FEWEST splits that still puts about one
-# program on every SM. Once a program streams >= _LONG_PROGRAM_KB that cost is
-# a few %, and the widest tile wins (fewer L2 re-reads of x / h, longer
-# contiguous weight segments: rows at density 1.0 bn 128 x 4 splits beat
-# bn 64 x 2 splits by 3 %).
-_WAVE_FILL = 0.75  # programs >= this share of the SMs fill the GPU well enough
-_LONG_PROGRAM_KB = 512
+@dataclasses.dataclass(frozen=True)
+class GatherHeuristics:
+  """How `choose_cols_config` / `choose_rows_config` pick a `GatherConfig` from the static shapes (defaults from
+  H100 per-kernel timings, pallas_kernels/NOTES.md). A split costs ~1-1.5 us (partial store, barrier, atomic, the
+  last program reading the other partials) whatever its size, so when each program streams little weight data
+  the fastest grid is the one with the FEWEST splits that still puts about one program on every SM. Once a
+  program streams >= `long_program_kb` that cost is a few %, and the widest tile wins (fewer L2 re-reads of
+  x / h, longer contiguous weight segments: rows at density 1.0 bn 128 x 4 splits beat bn 64 x 2 splits by 3 %).
+
+  Attributes:
+    wave_fill: programs >= this share of the SMs fill the GPU well enough.
+    long_program_kb: weight KB per program from which the widest candidate tile is taken.
+  """
+  wave_fill: float = 0.75
+  long_program_kb: int = 512
 
 
 def _block_m(m: int) -> int:
@@ -60,28 +65,29 @@ def _block_m(m: int) -> int:
   return max(16, min(64, _platform.next_pow2(m)))
 
 
-def min_splits(tiles: int, red_blocks: int, num_sms: int) -> int:
-  """Fewest splits giving >= _WAVE_FILL * num_sms programs, >= 2 blocks each."""
-  ns = min(_platform.cdiv(int(_WAVE_FILL * num_sms), tiles),
+def min_splits(tiles: int, red_blocks: int, num_sms: int,
+               heuristics: GatherHeuristics = GatherHeuristics()) -> int:
+  """Fewest splits giving >= heuristics.wave_fill * num_sms programs, >= 2 blocks each."""
+  ns = min(_platform.cdiv(int(heuristics.wave_fill * num_sms), tiles),
            max(1, red_blocks // 2))
   ns = max(1, ns)
   return _platform.cdiv(red_blocks, _platform.cdiv(red_blocks, ns))  # non-empty
 
 
-def _pick(m, n_out, red, candidates, num_sms, itemsize, op):
+def _pick(m, n_out, red, candidates, num_sms, itemsize, op, heuristics):
   """The first (widest) candidate (bm, bn, bk) whose programs stream
-  >= _LONG_PROGRAM_KB of weights, else the one needing the fewest splits
+  >= heuristics.long_program_kb of weights, else the one needing the fewest splits
   (earlier wins ties). A 128-row M-block is only taken when it needs no split
   (its partial tiles are 4x larger and its grid 2x smaller)."""
   best = None
   for bm, bn, bk in candidates:
     tiles = _platform.cdiv(m, bm) * _platform.cdiv(n_out, bn)
     red_blocks = _platform.cdiv(red, bk)
-    ns = min_splits(tiles, red_blocks, num_sms)
+    ns = min_splits(tiles, red_blocks, num_sms, heuristics)
     if bm >= 128 and ns > 1:
       continue
     program_kb = _platform.cdiv(red_blocks, ns) * bn * bk * itemsize / 1024
-    if program_kb >= _LONG_PROGRAM_KB:
+    if program_kb >= heuristics.long_program_kb:
       best = (bm, bn, bk, ns)
       break
     if best is None or ns < best[3]:
@@ -103,8 +109,9 @@ def _stages(op: str, bm: int, itemsize: int) -> int:
   return 5 if bm <= 32 else 4  # cols: 3-4 weight tiles in flight
 
 
-def choose_cols_config(m: int, d: int, k: int, itemsize: int,
-                       num_sms: int | None = None) -> GatherConfig:
+def choose_cols_config(m: int, d: int, k: int, itemsize: int, num_sms: int | None = None,
+                       heuristics: GatherHeuristics = GatherHeuristics()) -> GatherConfig:
+  """Tiling of the cols op `[m, d] x w_in[idx: k].T` by `heuristics`' rules."""
   num_sms = num_sms or _platform.num_sms()
   bm = _block_m(m)
   if itemsize > 2:
@@ -115,11 +122,12 @@ def choose_cols_config(m: int, d: int, k: int, itemsize: int,
     candidates = [(bm, 64, 128), (bm, 32, 128)]
   else:
     candidates = [(bm, 64, 128)]
-  return _pick(m, k, d, candidates, num_sms, itemsize, "cols")
+  return _pick(m, k, d, candidates, num_sms, itemsize, "cols", heuristics)
 
 
-def choose_rows_config(m: int, d: int, k: int, itemsize: int,
-                       num_sms: int | None = None) -> GatherConfig:
+def choose_rows_config(m: int, d: int, k: int, itemsize: int, num_sms: int | None = None,
+                       heuristics: GatherHeuristics = GatherHeuristics()) -> GatherConfig:
+  """Tiling of the rows op `[m, k] x w_out[idx: k]` by `heuristics`' rules."""
   num_sms = num_sms or _platform.num_sms()
   bm = _block_m(m)
   if itemsize > 2:
@@ -128,7 +136,7 @@ def choose_rows_config(m: int, d: int, k: int, itemsize: int,
     candidates = [(bm, 128, 128), (bm, 64, 128)]
   else:  # bn = 128 keeps the L2 re-reads of h at most 2x the weights
     candidates = [(bm, 128, 128)]
-  return _pick(m, d, k, candidates, num_sms, itemsize, "rows")
+  return _pick(m, d, k, candidates, num_sms, itemsize, "rows", heuristics)
 
 
 def _precision(a):

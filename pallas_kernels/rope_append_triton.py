@@ -1,7 +1,7 @@
 """The decode step's q/k rotation and K/V cache write as one Pallas kernel on the Triton backend.
 
 After the fused q|k|v projection, XLA ran three small kernels per layer: q's RoPE (a concatenate fusion), and one
-scatter per cache (k's RoPE inside the first). Measured on one H100 (session 7, `profile_step.py --instances`,
+scatter per cache (k's RoPE inside the first). Measured on one H100 (`profile_step.py --instances`,
 LLaMA-2-7B B32): 2.3 + 3.1 + 3.1 us per layer, each mostly launch and latency. Here one program per (row, KV
 group) reads the group's G query heads, key and value from the fused row, rotates q and k (cos/sin of the row's
 position computed in registers), stores q, and writes k and v into the group's slot of the caches, which are

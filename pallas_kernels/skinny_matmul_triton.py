@@ -2,7 +2,7 @@
 
 At decode batch sizes (M = B <= 64 rows) a projection streams its weight once and is bound by HBM bandwidth.
 XLA splits such GEMMs over K (2-8 ways), writes float32 partials and sums them in the next fusion (the residual
-add, the q/k/v consumers), at 2.4-2.8 TB/s on an H100 (benchmarks/NOTES.md, session 8). Here program
+add, the q/k/v consumers), at 2.4-2.8 TB/s on an H100 (benchmarks/NOTES.md). Here program
 (m-block, split, n-block) streams the weight tile column `w[:, n-block]` over its share of K in `block_k` steps
 (contiguous `pl.ds` slices, pipelined `num_stages` deep) against the L2-resident rows of x; split programs meet
 through `_split_k.finish` (in-kernel, no XLA reduce), and the epilogue adds the bias and the residual and casts,
@@ -35,36 +35,49 @@ class MatmulConfig:
   num_stages: int = 4
 
 
-# Tiling, from `kernels.py --only matmul` on an H100 (benchmarks/NOTES.md, session 9): the fastest grids put every
-# program on an SM at once, one program per SM streaming a long run of ~32 KB weight tiles 4 deep. The widest column
-# tile that still gives >= FILL x SMs programs wins (fewer, longer streams; fewer L2 re-reads of x); narrower
-# grids split K until about one program per SM (split programs pay a float32 partial store and read).
-FILL = 0.6
-TILE_BYTES = 32 << 10
-SMEM_BYTES = 200 << 10   # of the H100's 227 KB per block, with room for the epilogue's scratch
+@dataclasses.dataclass(frozen=True)
+class MatmulHeuristics:
+  """How `choose_config` picks a `MatmulConfig` from the static shapes. From `kernels.py --only matmul` on an H100
+  (records "skinny_matmul" in benchmarks/results/kernels.jsonl): the fastest grids put every program on an SM at
+  once, one program per SM streaming a long run of ~32 KB weight tiles 4 deep. The widest column tile that still
+  gives >= `fill` x SMs programs wins (fewer, longer streams; fewer L2 re-reads of x); narrower grids split K
+  until about one program per SM (split programs pay a float32 partial store and read).
+
+  Attributes:
+    fill: share of the SMs that the column tiles must occupy for a wide tile / no K split.
+    tile_bytes: bytes of one weight tile (one pipeline stage).
+    smem_bytes: shared memory the pipeline may take (of the H100's 227 KB per block, with room for the
+      epilogue's scratch).
+  """
+  fill: float = 0.6
+  tile_bytes: int = 32 << 10
+  smem_bytes: int = 200 << 10
 
 
-def choose_config(m: int, k: int, n: int, itemsize: int, num_sms: int | None = None) -> MatmulConfig:
-  """Tiling for `[m, k] @ [k, n]` (see above): block_m up to 64 rows, block_n 256 / 128 / 64 (smaller for a
-  narrower n), block_k for ~TILE_BYTES weight tiles, 4 stages within SMEM_BYTES, splits for ~1 program per SM."""
+def choose_config(m: int, k: int, n: int, itemsize: int, num_sms: int | None = None,
+                  heuristics: MatmulHeuristics = MatmulHeuristics()) -> MatmulConfig:
+  """Tiling for `[m, k] @ [k, n]` by `heuristics`' rules: block_m up to 64 rows, block_n 256 / 128 / 64 (smaller
+  for a narrower n), block_k for ~`tile_bytes` weight tiles, 4 stages within `smem_bytes`, splits for ~1
+  program per SM."""
+  h = heuristics
   num_sms = num_sms or _platform.num_sms()
   bm = max(16, min(64, _platform.next_pow2(m)))
   m_blocks = _platform.cdiv(m, bm)
   bn = min(64, max(16, _platform.next_pow2(n)))
   for wide in (256, 128):
-    if wide <= n and m_blocks * _platform.cdiv(n, wide) >= FILL * num_sms:
+    if wide <= n and m_blocks * _platform.cdiv(n, wide) >= h.fill * num_sms:
       bn = wide
       break
   tiles = m_blocks * _platform.cdiv(n, bn)
-  bk = max(16, min(128, TILE_BYTES // (bn * itemsize), _platform.next_pow2(k + 1) // 2))   # <= K when K >= 16
+  bk = max(16, min(128, h.tile_bytes // (bn * itemsize), _platform.next_pow2(k + 1) // 2))   # <= K when K >= 16
   stages = 4
-  while stages * (bm + bn) * bk * itemsize > SMEM_BYTES:
+  while stages * (bm + bn) * bk * itemsize > h.smem_bytes:
     if stages > 2:
       stages -= 1
     else:
       bk //= 2
   k_blocks = _platform.cdiv(k, bk)
-  ns = 1 if tiles >= FILL * num_sms else max(1, min(round(num_sms / tiles), k_blocks // 2))
+  ns = 1 if tiles >= h.fill * num_sms else max(1, min(round(num_sms / tiles), k_blocks // 2))
   ns = _platform.cdiv(k_blocks, _platform.cdiv(k_blocks, ns))   # no empty split
   return MatmulConfig(bm, bn, bk, ns, num_warps=4, num_stages=stages)
 
@@ -73,24 +86,18 @@ def _silu(y):
   return y / (1.0 + jnp.exp(-y))
 
 
-def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, g_ref, rsq_ref, rw_ref, *refs,
-            cfg: MatmulConfig, side_bn: int, glu: bool, relu: bool, w_nk: bool, emit: int, rope_heads, rms_eps,
-            side_topk, interpret: bool):
+def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, g_ref, rsq_ref, rw_ref, *refs, cfg: MatmulConfig,
+            side_bn: int, glu: bool, relu: bool, w_nk: bool, emit: int, rms_eps, side_topk, interpret: bool):
   """x_ref [M, K], w_ref [K, N] (w_nk: [N, K], tiles loaded [block_n, block_k]), b_ref [N], r_ref [M, N],
-  w2_ref [K, N2], b2_ref [N2], pos_ref [M], inv_ref [D/2], g_ref [N] (a norm weight), rsq_ref [T, M] (each but x
-  and w may be None; then the caches with rope_heads, the counters with splits), rw_ref [M] float32 row weights
-  (then o_ref is [N]: sum_m rw[m] * y[m], one M block); relu: after the bias; outputs
-  o_ref [M, N] (or q [M, Hq, D]) (+ o2_ref [M, N2] float32 with w2; + o * g and the row sums of squares of o per
-  column tile [N / block_n, M] with g; + workspace and counters with splits; with side_topk=(G, k) o2_ref is int32
-  [M, k], the top-k of the first G side columns; + the caches with rope_heads; + zeroed counters with emit).
+  w2_ref [K, N2], b2_ref [N2], g_ref [N] (a norm weight), rsq_ref [T, M] (each but x and w may be None; then the
+  counters with splits), rw_ref [M] float32 row weights (then o_ref is [N]: sum_m rw[m] * y[m], one M block);
+  relu: after the bias; outputs o_ref [M, N] (+ o2_ref [M, N2] float32 with w2; + o * g and the row sums of
+  squares of o per column tile [N / block_n, M] with g; + workspace and counters with splits; with
+  side_topk=(G, k) o2_ref is int32 [M, k], the top-k of the first G side columns; + zeroed counters with emit).
   Program (m, split, n): n < N / block_n streams a column tile of w, later ones of w2."""
   refs = list(refs)
   z_ref = refs.pop() if emit else None
-  kc_ref = vc_ref = ws_ref = cnt_ref = None
-  if rope_heads is not None:   # inputs k, v caches first; outputs q, (o2), k, v caches last (aliased)
-    refs = refs[2:]
-    kc_ref, vc_ref = refs[-2:]
-    refs = refs[:-2]
+  ws_ref = cnt_ref = None
   if cfg.num_splits > 1:       # input counters first; outputs workspace, counters last
     refs = refs[1:]
     ws_ref, cnt_ref = refs[-2:]
@@ -167,10 +174,6 @@ def _kernel(x_ref, w_ref, b_ref, r_ref, w2_ref, b2_ref, pos_ref, inv_ref, g_ref,
         y = y + b_ref[cols_n].astype(jnp.float32)[None, :]
       if relu:
         y = jnp.maximum(y, 0.0)
-      if rope_heads is not None:
-        _rope_append_epilogue(y.astype(o_ref.dtype).astype(jnp.float32), pn, rows_m, pos_ref, inv_ref, o_ref,
-                              kc_ref, vc_ref, rope_heads)
-        return
       if rw_ref is not None:   # the rows' weighted column sums (a batch-union score): o_ref [N]
         wts = plgpu.load(rw_ref.at[rows_m], mask=ws_m < m, other=0.0)
         o_ref[cols_n] = jnp.sum(y * wts[:, None], axis=0).astype(o_ref.dtype)
@@ -230,43 +233,6 @@ def _rank_topk_store(s, rows_m, out_ref, g: int, k: int):
   out_ref[rows_m[:, None], slots[None, :]] = jnp.sum(jnp.where(hit, j[None, None, :], 0), axis=-1)
 
 
-def _rope_append_epilogue(y, pn, rows_m, pos_ref, inv_ref, q_ref, kc_ref, vc_ref, rope_heads):
-  """Tile pn of a KV-group-major fused q|k|v projection is one head (block_n == head_dim): group g = pn // (r + 2),
-  then its r query heads, its key, its value (`polar_jax.fusion.fuse_qkv`). Rotates q and k at the rows' positions
-  (rotate-half RoPE, as `rope_append`; inv_ref None: no rotation) and stores q into q_ref [M, Hq, D], k and v into
-  the caches' slot positions[row] (dropped outside [0, S))."""
-  num_heads, num_kv_heads = rope_heads
-  r = num_heads // num_kv_heads
-  bm, d = y.shape
-  half = d // 2
-  g, j = pn // (r + 2), pn % (r + 2)
-  d_h = jnp.arange(half, dtype=jnp.int32)
-  x1, x2 = jnp.unstack(jnp.transpose(y.reshape(bm, 2, half), (0, 2, 1)), axis=-1)   # columns [0, D/2), [D/2, D)
-  pos = pos_ref[rows_m]
-  if inv_ref is not None:
-    ang = pos.astype(jnp.float32)[:, None] * inv_ref[d_h].astype(jnp.float32)[None, :]
-    cos, sin = jnp.cos(ang), jnp.sin(ang)
-    r1, r2 = x1 * cos - x2 * sin, x2 * cos + x1 * sin
-  else:
-    r1, r2 = x1, x2
-  seq_len = kc_ref.shape[2]
-  ok = jnp.broadcast_to(((pos >= 0) & (pos < seq_len))[:, None], (bm, half))
-  slot = jnp.clip(pos, 0, seq_len - 1)[:, None]
-  rows = rows_m[:, None]
-
-  @pl.when(j < r)
-  def _():
-    head = g * r + j
-    q_ref[rows, head, d_h[None, :]] = r1.astype(q_ref.dtype)
-    q_ref[rows, head, half + d_h[None, :]] = r2.astype(q_ref.dtype)
-
-  for which, ref, lo, hi in ((r, kc_ref, r1, r2), (r + 1, vc_ref, x1, x2)):
-    @pl.when(j == which)
-    def _(ref=ref, lo=lo, hi=hi):
-      plgpu.store(ref.at[rows, g, slot, d_h[None, :]], lo.astype(ref.dtype), mask=ok)
-      plgpu.store(ref.at[rows, g, slot, half + d_h[None, :]], hi.astype(ref.dtype), mask=ok)
-
-
 def side_block(n2: int, block_n: int) -> int:
   """Column tile of the side weight: the main tile, or the side's own width rounded up to a power of two."""
   return min(block_n, max(16, _platform.next_pow2(n2)))
@@ -277,23 +243,19 @@ COUNTERS = 1024
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "glu", "activation", "w_layout", "emit_counters",
-                                             "rope_heads", "rms_eps", "side_topk", "config", "interpret"))
-def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, counters_C=None, positions_M=None,
-                         inv_freq_F=None, k_cache=None, v_cache=None, norm_scale_N=None, rms_sq_TM=None,
-                         row_weights_M=None, *, out_dtype, glu: str | None, activation: str | None = None,
-                         w_layout: str = "kn", emit_counters: bool = False, rope_heads=None,
+                                             "rms_eps", "side_topk", "config", "interpret"))
+def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, counters_C=None, norm_scale_N=None,
+                         rms_sq_TM=None, row_weights_M=None, *, out_dtype, glu: str | None,
+                         activation: str | None = None, w_layout: str = "kn", emit_counters: bool = False,
                          rms_eps: float | None = None, side_topk: tuple[int, int] | None = None,
                          config: MatmulConfig, interpret: bool):
   """As `skinny_matmul_xla.skinny_matmul_xla` (x already in w's dtype; no splits with a side weight;
-  glu "silu" needs N % block_n == 0 and no residual; activation "relu" only, not with glu or the RoPE epilogue;
+  glu "silu" needs N % block_n == 0 and no residual; activation "relu" only, not with glu;
   w_layout "nk": w_KN is given as [N, K], the side weight stays [K, P]). Grid (M blocks, splits, N blocks + side
   blocks).
 
   counters_C: a zeroed int32 [COUNTERS] buffer for the split-K counters (consumed), else they are zero-filled
   here. emit_counters: also return such a buffer, zeroed by this kernel, for the next call.
-  rope_heads=(Hq, Hkv): w is a fused q|k|v projection with block_n == head_dim; instead of y the kernel returns
-  q [M, Hq, D] rotated at positions_M and the caches with k, v written at those slots (`_rope_append_epilogue`;
-  the caches are aliased to the outputs).
   norm_scale_N / rms_sq_TM, rms_eps: the deferred RMSNorm (`skinny_matmul_xla.skinny_matmul_xla`); with
   norm_scale_N the kernel also returns `(y * g, sq [N / block_n, M])` after the side product.
   side_topk=(G, k): the side result is int32 [M, k], `rank_topk(side[:, :G], k)` (needs the side weight in one
@@ -303,17 +265,16 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
   (m, _), n = x_MK.shape, w_KN.shape[1 if w_layout == "kn" else 0]
   if glu is not None and (glu != "silu" or n % config.block_n or residual_MN is not None):
     raise ValueError(f"skinny_matmul_triton: glu={glu!r} needs 'silu', N % block_n == 0 and no residual")
-  if activation not in (None, "relu") or (activation is not None and (glu is not None or rope_heads is not None)):
-    raise ValueError(f"skinny_matmul_triton: activation={activation!r} must be None or 'relu', without glu or the "
-                     f"RoPE epilogue")
+  if activation not in (None, "relu") or (activation is not None and glu is not None):
+    raise ValueError(f"skinny_matmul_triton: activation={activation!r} must be None or 'relu', without glu")
   bm, bn, ns = config.block_m, config.block_n, config.num_splits
   m_blocks, n_blocks = pl.cdiv(m, bm), pl.cdiv(n, bn)
   side_bn = side_block(side_w_KP.shape[1], bn) if side_w_KP is not None else bn
   side_blocks = 0 if side_w_KP is None else pl.cdiv(side_w_KP.shape[1], side_bn)
-  if ns > 1 and (side_w_KP is not None or rope_heads is not None):
-    raise ValueError("skinny_matmul: a side weight or the RoPE epilogue needs num_splits == 1")
-  if norm_scale_N is not None and (glu is not None or rope_heads is not None):
-    raise ValueError("skinny_matmul_triton: norm_scale_N needs a plain output (no glu, no RoPE epilogue)")
+  if ns > 1 and side_w_KP is not None:
+    raise ValueError("skinny_matmul: a side weight needs num_splits == 1")
+  if norm_scale_N is not None and glu is not None:
+    raise ValueError("skinny_matmul_triton: norm_scale_N needs a plain output (no glu)")
   if (rms_sq_TM is None) != (rms_eps is None):
     raise ValueError("skinny_matmul_triton: rms_sq_TM and rms_eps go together")
   if side_topk is not None and not (side_w_KP is not None and side_blocks == 1
@@ -321,21 +282,12 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
     raise ValueError(f"skinny_matmul_triton: side_topk={side_topk} needs a side weight of at least G columns in one "
                      f"column tile ({side_bn}) and 1 <= k <= G")
   if row_weights_M is not None and (pl.cdiv(m, bm) != 1 or residual_MN is not None or glu is not None
-                                    or side_w_KP is not None or rope_heads is not None or norm_scale_N is not None):
+                                    or side_w_KP is not None or norm_scale_N is not None):
     raise ValueError("skinny_matmul_triton: row_weights_M needs all M rows in one block (M <= block_m) and a plain "
-                     "output (no residual, glu, side weight, RoPE epilogue or norm_scale_N)")
-  operands = [x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, positions_M, inv_freq_F, norm_scale_N,
-              rms_sq_TM, None if row_weights_M is None else row_weights_M.astype(jnp.float32)]
-  if rope_heads is not None:
-    hq, hkv = rope_heads
-    d = k_cache.shape[-1]
-    if bn != d or n != (hq + 2 * hkv) * d or glu or residual_MN is not None:
-      raise ValueError(f"skinny_matmul_triton: rope_heads={rope_heads} needs N = (Hq + 2 Hkv) D, block_n = D = {d}, "
-                       f"no glu and no residual")
-    first_cache = sum(a is not None for a in operands)
-    operands += [k_cache, v_cache]
-  out_shape = [jax.ShapeDtypeStruct((m, rope_heads[0], k_cache.shape[-1]) if rope_heads is not None else
-                                    (n,) if row_weights_M is not None else (m, n // 2 if glu else n), out_dtype)]
+                     "output (no residual, glu, side weight or norm_scale_N)")
+  operands = [x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, norm_scale_N, rms_sq_TM,
+              None if row_weights_M is None else row_weights_M.astype(jnp.float32)]
+  out_shape = [jax.ShapeDtypeStruct((n,) if row_weights_M is not None else (m, n // 2 if glu else n), out_dtype)]
   if side_w_KP is not None:
     out_shape.append(jax.ShapeDtypeStruct((m, side_w_KP.shape[1]), jnp.float32) if side_topk is None else
                      jax.ShapeDtypeStruct((m, side_topk[1]), jnp.int32))
@@ -351,17 +303,12 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
     operands.append(counters)
     out_shape += [jax.ShapeDtypeStruct((ns, m_blocks * bm, n_blocks * bn), jnp.float32),
                   jax.ShapeDtypeStruct(counters.shape, counters.dtype)]
-  if rope_heads is not None:
-    aliases = {first_cache: len(out_shape), first_cache + 1: len(out_shape) + 1}
-    out_shape += [jax.ShapeDtypeStruct(k_cache.shape, k_cache.dtype), jax.ShapeDtypeStruct(v_cache.shape,
-                                                                                           v_cache.dtype)]
   if emit_counters:
     out_shape.append(jax.ShapeDtypeStruct((COUNTERS,), jnp.int32))
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
   outs = pl.pallas_call(
       functools.partial(_kernel, cfg=config, side_bn=side_bn, glu=glu is not None, relu=activation == "relu",
-                        w_nk=w_layout == "nk", emit=COUNTERS if emit_counters else 0, rope_heads=rope_heads,
-                        rms_eps=rms_eps, side_topk=side_topk, interpret=interpret),
+                        w_nk=w_layout == "nk", emit=COUNTERS if emit_counters else 0, rms_eps=rms_eps, side_topk=side_topk, interpret=interpret),
       grid=(m_blocks, ns, n_blocks + side_blocks),
       in_specs=[None if a is None else whole(a.shape) for a in operands],
       out_specs=[whole(s.shape) for s in out_shape],
@@ -372,9 +319,6 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
       name="skinny_matmul",
   )(*operands)
   results = tuple(outs[:1 + (side_w_KP is not None) + 2 * (norm_scale_N is not None)])
-  if rope_heads is not None:
-    k_out, v_out = outs[len(results):len(results) + 2]
-    results = (results[0], k_out, v_out) + results[1:]
   if emit_counters:
     results += (outs[-1],)
   return results if len(results) > 1 else results[0]

@@ -1,10 +1,10 @@
-"""Top-k index sets of score rows (up to `FAST_N` scores in use) as one Pallas kernel on the Triton backend.
+"""Top-k index sets of score rows (up to a few thousand scores in use) as one Pallas kernel on the Triton backend.
 
 The batch-union neuron selection (`polar_jax.topk`) needs, per layer, the k largest of N scores as an index list
 in ascending order. The XLA formulation (`topk_select_xla.topk_set`: 4 radix passes, cumsums, a scatter) is exact
 but runs ~10 small kernels per layer, ~20 us at decode. Here one program per row does all of it on chip, which
-wins for rows of up to `FAST_N` scores (one SM's serial reductions lose to XLA's parallel passes beyond; see
-`FAST_N`):
+wins for rows of up to `TopkHeuristics.kernel_max_n` scores (one SM's serial reductions lose to XLA's parallel
+passes beyond; see there):
 
   1. keys: the float bits as int32 in the total order of `lax.top_k`'s comparator
      (`skey = bits ^ ((bits >> 31) & 0x7fffffff)`: -NaN < -inf < ... < -0.0 < +0.0 < ... < +inf < +NaN);
@@ -17,6 +17,7 @@ wins for rows of up to `FAST_N` scores (one SM's serial reductions lose to XLA's
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -27,12 +28,25 @@ from jax.experimental.pallas import triton as plgpu
 from pallas_kernels import _platform
 
 MAX_N = 1 << 16           # longest row (padded) the kernel holds on chip
-# Longest row (padded) `topk_select` sends here; longer rows take the XLA reference. Measured on an H100
-# (`kernels.py --only topk`, results/kernels.jsonl): the kernel's 32 serial count-reductions on one SM take ~28 us
-# per row of 16384 (XLA's 4-pass radix: ~28 us isolated, ~22 us in the OPT-6.7B step, where the kernel took
-# ~43 us), but 9.9 us for 4 rows of 4096 (XLA 22.7 us: the tensor-parallel per-shard union).
-FAST_N = 1 << 12
 _INT_MIN = -(1 << 31)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopkHeuristics:
+  """Which rows `topk_select` sends to this kernel.
+
+  Attributes:
+    kernel_max_n: the longest row (padded to a power of two) that takes the kernel; longer rows take the XLA
+      reference. Measured on an H100 (`kernels.py --only topk`, records "topk_select" in
+      benchmarks/results/kernels.jsonl): the kernel's 32 serial count-reductions on one SM take ~28 us per row of
+      16384 (XLA's 4-pass radix: ~28 us isolated, ~22 us in the OPT-6.7B step, where the kernel took ~43 us), but
+      9.9 us for 4 rows of 4096 (XLA 22.7 us: the tensor-parallel per-shard union).
+  """
+  kernel_max_n: int = 1 << 12
+
+  def __post_init__(self):
+    if not 1 <= self.kernel_max_n <= MAX_N:
+      raise ValueError(f"TopkHeuristics.kernel_max_n must lie in [1, {MAX_N}], got {self.kernel_max_n}")
 
 
 def num_warps_for(n_padded: int) -> int:

@@ -1,11 +1,14 @@
 """selective_decode_attention: Pallas kernel (interpret mode on CPU) vs XLA reference,
-XLA reference vs a float64 numpy brute force, residual merging, input validation."""
+XLA reference vs a float64 numpy brute force, residual merging, input validation; `config=` choosing the kernel."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import AttentionConfig
+from pallas_kernels import AttentionHeuristics
 from pallas_kernels import decode_attention_persistent as attn_persistent
 from pallas_kernels import decode_attention_triton as attn_triton
 from pallas_kernels import merge_attention_partials
@@ -211,34 +214,74 @@ def test_persistent_programs_and_limits():
 
 
 def test_choose_config_persistent():
-  """Unsplit shapes take the persistent kernel (4 stages) when the shape allows; split shapes never do."""
-  cfg = attn_triton.choose_config(32, 16, 2048, 128, 2, num_sms=132, persistent=True)
-  assert cfg.persistent and cfg.num_splits == 1 and cfg.num_stages == attn_triton.PERSISTENT_STAGES
-  assert not attn_triton.choose_config(32, 16, 2048, 80, 2, num_sms=132, persistent=True).persistent
-  assert not attn_triton.choose_config(4, 16, 2048, 128, 2, num_sms=132, persistent=True).persistent  # split
-  assert not attn_triton.choose_config(32, 16, 2048, 128, 2, num_sms=132, persistent=False).persistent
-  assert attn_triton.choose_config(32, 16, 2048, 128, 2, num_sms=132).persistent == attn_triton.PERSISTENT
+  """Unsplit shapes take the persistent kernel when the heuristics and the shape allow; split shapes never do."""
+  rules = AttentionHeuristics()
+  cfg = attn_triton.choose_config(32, 16, 2048, 128, 2, num_sms=132)
+  assert cfg.persistent and cfg.num_splits == 1 and cfg.num_stages == rules.persistent_stages
+  assert cfg.programs_per_sm == rules.persistent_programs_per_sm
+  assert not attn_triton.choose_config(32, 16, 2048, 80, 2, num_sms=132).persistent
+  assert not attn_triton.choose_config(4, 16, 2048, 128, 2, num_sms=132).persistent  # split
+  direct = attn_triton.choose_config(32, 16, 2048, 128, 2, num_sms=132, heuristics=AttentionHeuristics(persistent=False))
+  assert not direct.persistent and direct.num_splits == 1 and direct.num_stages == 4
+  other = AttentionHeuristics(persistent_stages=5, persistent_programs_per_sm=1)
+  cfg = attn_triton.choose_config(32, 16, 2048, 128, 2, num_sms=132, heuristics=other)
+  assert (cfg.persistent, cfg.num_stages, cfg.programs_per_sm) == (True, 5, 1)
 
 
-def test_choose_config_direct_threshold(monkeypatch):
+def test_choose_config_direct_threshold():
   """Enough selected (row, group) programs per SM: no key split (the direct kernel); fewer: split keys."""
-  monkeypatch.setattr(attn_triton, "PERSISTENT", False)   # the direct kernel's pipeline-depth rule below
-  per_sm = attn_triton.DIRECT_PROGRAMS_PER_SM
-  big = attn_triton.choose_config(per_sm * 132, 1, 4096, 128, 2, num_sms=132)
-  small = attn_triton.choose_config(per_sm * 132 - 1, 1, 4096, 128, 2, num_sms=132)
-  assert big.num_splits == 1 and small.num_splits > 1
-  splits = lambda work, s=2048: attn_triton.choose_config(work, 1, s, 128, 2, num_sms=132).num_splits  # noqa: E731
+  rules = AttentionHeuristics(persistent=False)     # the direct kernel's pipeline-depth rule below
+  choose = lambda work, s=4096, h=rules: attn_triton.choose_config(work, 1, s, 128, 2, num_sms=132,  # noqa: E731
+                                                                   heuristics=h)
+  per_sm = rules.direct_programs_per_sm
+  assert choose(per_sm * 132).num_splits == 1 and choose(per_sm * 132 - 1).num_splits > 1
+  splits = lambda work, s=2048: choose(work, s).num_splits  # noqa: E731
   assert splits(128) == 3 and splits(64) == 5     # ~2 programs per SM in all (measured: 8 splits were slower)
   assert splits(16) == 8 and splits(1) == 8        # capped: every split keeps >= 4 blocks of 64 keys
   assert splits(16, 512) == 2
-  deep = attn_triton.DEEP_PIPELINE_PROGRAMS_PER_SM * 132
-  stages = lambda work: attn_triton.choose_config(work, 1, 4096, 128, 2, num_sms=132).num_stages  # noqa: E731
+  deep = rules.deep_pipeline_programs_per_sm * 132
+  stages = lambda work: choose(work).num_stages  # noqa: E731
   assert stages(deep) == 4 and stages(deep + 5) == 4
   assert stages(deep - 5) == 4                 # 391 programs: last wave 127/132
   assert stages(300) == 3                      # 300: last wave 36/132
   assert stages(2 * 132 - 8) == 4              # 256 programs (LLaMA-2 B16 K16): last wave 124/132
   assert stages(320) == 3 and stages(160) == 3  # Llama-3.1 B64 K5, B32 K5: short last waves, 3 stages
   assert stages(132) == 4 and stages(264) == 4  # whole waves
+  # Other rules move the thresholds: direct from 2 programs per SM, 4 stages only from a full last wave.
+  other = AttentionHeuristics(persistent=False, direct_programs_per_sm=2, deep_pipeline_last_wave=1.0)
+  assert choose(2 * 132, h=other).num_splits == 1 and choose(2 * 132 - 1, h=other).num_splits > 1
+  assert choose(2 * 132 + 124, h=other).num_stages == 3 and choose(2 * 132 + 124).num_stages == 4
+  assert choose(64, 2048, AttentionHeuristics(split_target_programs_per_sm=8)).num_splits == 8
+
+
+def _kernel_names(fn, *args):
+  """The Pallas kernels (their `name`s) in fn's jaxpr."""
+  return set(re.findall(r"name=(selective_decode_attention\w*)", str(jax.make_jaxpr(fn)(*args))))
+
+
+@pytest.mark.parametrize("config, kernel", [
+    (None, "selective_decode_attention_persistent"),
+    (AttentionHeuristics(), "selective_decode_attention_persistent"),
+    (AttentionHeuristics(persistent=False), "selective_decode_attention_direct"),
+    (AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2), "selective_decode_attention_direct"),
+    (AttentionConfig(block_k=16, num_splits=2, num_warps=4, num_stages=2), "selective_decode_attention"),
+])
+def test_config_picks_the_kernel(config, kernel):
+  """`config=`: the default rules, other rules (`AttentionHeuristics`) or a fixed `AttentionConfig` choose the
+  kernel that runs (one whole key block per row here: no split by the rules), and each gives the reference."""
+  q, k, v, lengths, gidx, _ = _inputs(10, 2, 4, 4, 64, 64, 2, jnp.float32)
+  fn = lambda q, k, v: selective_decode_attention(q, k, v, lengths, gidx, implementation="pallas",  # noqa: E731
+                                                  config=config)
+  assert _kernel_names(fn, q, k, v) == {kernel}
+  ref = selective_decode_attention(q, k, v, lengths, gidx, implementation="xla")
+  _assert_close(fn(q, k, v), ref, jnp.float32)
+
+
+def test_bad_config_raises():
+  q, k, v, lengths, gidx, _ = _inputs(11, 2, 4, 4, 64, 64, 2, jnp.float32)
+  for impl in ("pallas", "xla"):
+    with pytest.raises(TypeError, match="config must be an AttentionConfig, an AttentionHeuristics or None"):
+      selective_decode_attention(q, k, v, lengths, gidx, implementation=impl, config=dict(persistent=False))
 
 
 def test_raw_kernel_writes_every_partial():

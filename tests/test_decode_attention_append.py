@@ -1,8 +1,7 @@
 """selective_decode_attention_append: the new token's K/V written into every group's cache slot, then attention.
 
-The direct Pallas kernel (interpret mode on CPU) writes the slots itself when `append_in_kernel`; otherwise (the
-default) and on the split-K path an XLA scatter runs first.
-Each is checked against the XLA reference (output and both caches) with NaN in every cache value the kernel
+An XLA scatter writes the slots, then the Pallas kernels (interpret mode on CPU: direct, persistent, split-K)
+attend. Each is checked against the XLA reference (output and both caches) with NaN in every cache value the kernel
 must not read, including the slot being written."""
 import jax
 import jax.numpy as jnp
@@ -14,8 +13,8 @@ from pallas_kernels import selective_decode_attention
 from pallas_kernels import selective_decode_attention_append
 
 TOL = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2e-2, 1e-2), jnp.float16: (5e-3, 2e-3)}
-DIRECT = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2, append_in_kernel=True)
-SCATTER = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2)   # XLA scatter + direct kernel
+DIRECT = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2)
+PERSISTENT = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2, persistent=True)
 SPLIT = AttentionConfig(block_k=16, num_splits=3, num_warps=4, num_stages=2)
 
 
@@ -37,7 +36,7 @@ def _inputs(seed, B, Hq, Hkv, S, D, K, dtype, *, with_start=False, full_row=Fals
 
 
 def _poisoned(k, v, cached, start):
-  """NaN at every slot the appending kernel must not read: at and beyond the new token's slot (which it
+  """NaN at every slot the op must not read: at and beyond the new token's slot (which it
   overwrites first) and before kv_start. Unselected groups keep their values: the test checks they are
   written back unchanged (and their new slot filled)."""
   S = k.shape[2]
@@ -74,14 +73,15 @@ CASES = [
     (3, 8, 2, 100, 64, 1, jnp.bfloat16, True, False, DIRECT),     # GQA G=4, sliding start
     (2, 4, 2, 50, 80, 2, jnp.float32, True, True, DIRECT),        # head_dim 80 (padded lanes), K = Hkv
     (4, 6, 6, 129, 64, 5, jnp.float16, False, False, DIRECT),     # fp16, odd S
-    (3, 8, 2, 100, 64, 1, jnp.bfloat16, True, True, SCATTER),     # XLA scatter, then the direct kernel
-    (3, 8, 2, 100, 64, 1, jnp.bfloat16, True, True, SPLIT),       # split-K: XLA scatter, then the kernel
+    (3, 8, 2, 100, 64, 1, jnp.bfloat16, True, True, PERSISTENT),  # the persistent kernel
+    (3, 4, 4, 77, 64, None, jnp.bfloat16, False, True, PERSISTENT),
+    (3, 8, 2, 100, 64, 1, jnp.bfloat16, True, True, SPLIT),       # split-K
     (2, 4, 4, 77, 64, None, jnp.float32, False, False, SPLIT),
 ]
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:9])) + f"-ns{c[9].num_splits}"
-                         + ("-inkernel" if c[9].append_in_kernel else ""))
+                         + ("-persistent" if c[9].persistent else ""))
 def test_pallas_append_matches_xla(case):
   B, Hq, Hkv, S, D, K, dtype, with_start, full_row, config = case
   q, k_new, v_new, k, v, cached, gidx, start = _inputs(3, B, Hq, Hkv, S, D, K, dtype, with_start=with_start,

@@ -1,11 +1,14 @@
 """gather_matmul_cols / gather_matmul_rows: Pallas kernels (interpret mode on CPU)
-vs the XLA references, XLA references vs numpy float64, and input validation."""
+vs the XLA references, XLA references vs numpy float64, the tiling rules
+(`GatherHeuristics`), and input validation."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from pallas_kernels import GatherConfig
+from pallas_kernels import GatherHeuristics
+from pallas_kernels import gather_matmul_triton
 from pallas_kernels import gather_matmul_cols
 from pallas_kernels import gather_matmul_rows
 
@@ -140,6 +143,44 @@ def test_count_zero_and_traced_count():
   _assert_close(h, ref_h, jnp.float32)
 
 
+def test_heuristics_choose_the_tiling():
+  """The rules' fields move the choice (OPT-6.7B's M32 d0.1 cols and dense rows
+  on 132 SMs), and `config=GatherHeuristics(...)` runs the tiling they choose."""
+  cols = gather_matmul_triton.choose_cols_config
+  rows = gather_matmul_triton.choose_rows_config
+  default = cols(32, 4096, 1638, 2, num_sms=132)
+  assert default == cols(32, 4096, 1638, 2, num_sms=132,
+                         heuristics=GatherHeuristics())
+  assert (default.block_n, default.num_splits) == (32, 2)
+  # A quarter of the SMs is enough: no split.
+  assert cols(32, 4096, 1638, 2, num_sms=132,
+              heuristics=GatherHeuristics(wave_fill=0.25)).num_splits == 1
+  # Every program "long": the first (widest) candidate tile.
+  assert cols(32, 4096, 1638, 2, num_sms=132,
+              heuristics=GatherHeuristics(long_program_kb=1)).block_n == 64
+  assert rows(32, 4096, 16384, 2, num_sms=132).block_n == 128
+  assert rows(32, 4096, 16384, 2, num_sms=132,
+              heuristics=GatherHeuristics(long_program_kb=1 << 20)).block_n == 64
+  (w_in, w_out, b_in), _, b_out, idx = _weights(9, jnp.float32, 40, None)
+  x = jnp.asarray(np.random.default_rng(9).standard_normal((3, D)), jnp.float32)
+  rules = GatherHeuristics(wave_fill=0.25)
+  h = gather_matmul_cols(x, w_in, idx, b_in, "relu", implementation="pallas",
+                         config=rules)
+  _assert_close(h, gather_matmul_cols(x, w_in, idx, b_in, "relu",
+                                      implementation="xla"), jnp.float32)
+  y = gather_matmul_rows(h, w_out, idx, b_out, implementation="pallas",
+                         config=rules)
+  _assert_close(y, gather_matmul_rows(h, w_out, idx, b_out,
+                                      implementation="xla"), jnp.float32)
+  for impl in ("pallas", "xla"):
+    with pytest.raises(TypeError, match="config must be a GatherConfig"):
+      gather_matmul_cols(x, w_in, idx, config={"num_splits": 1},
+                         implementation=impl)
+    with pytest.raises(TypeError, match="config must be a GatherConfig"):
+      gather_matmul_rows(h, w_out, idx, config=rules.wave_fill,
+                         implementation=impl)
+
+
 def _bad_calls():
   x = jnp.ones((2, 8), jnp.float32)
   w = jnp.ones((10, 8), jnp.float32)
@@ -168,6 +209,8 @@ def _bad_calls():
       "cols count float": (lambda: gc(x, w, idx, count=jnp.float32(1)),
                            "integer dtype"),
       "cols impl": (lambda: gc(x, w, idx, implementation="triton"),
+                    "unknown implementation"),
+      "rows impl": (lambda: gr(h, w, idx, implementation="mosaic"),
                     "unknown implementation"),
       "rows h rank": (lambda: gr(h[0], w, idx), "h must be 2-D"),
       "rows k": (lambda: gr(h[:, :2], w, idx), "columns but idx"),

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from pallas_kernels import MatmulConfig
+from pallas_kernels import MatmulHeuristics
 from pallas_kernels import skinny_matmul
 from pallas_kernels import skinny_matmul_triton
 from pallas_kernels.skinny_matmul import side_width
@@ -112,7 +113,7 @@ def test_heuristic_invariants(m, k, n, itemsize):
   assert 1 <= cfg.num_splits <= k_blocks
   assert (cfg.num_splits - 1) * -(-k_blocks // cfg.num_splits) < k_blocks      # no empty split
   smem = cfg.num_stages * (cfg.block_m + cfg.block_n) * cfg.block_k * itemsize
-  assert smem <= skinny_matmul_triton.SMEM_BYTES and cfg.num_stages >= 2
+  assert smem <= MatmulHeuristics().smem_bytes and cfg.num_stages >= 2
 
 
 def test_heuristic_fills_the_gpu():
@@ -121,6 +122,20 @@ def test_heuristic_fills_the_gpu():
   assert (choose(4096, 12288).block_n, choose(4096, 12288).num_splits) == (128, 1)   # q|k|v: 96 tiles
   assert (choose(4096, 22016).block_n, choose(4096, 22016).num_splits) == (256, 1)   # gate|up: 86 tiles
   assert (choose(4096, 4096).block_n, choose(4096, 4096).num_splits) == (64, 2)      # o: 64 tiles x 2
+
+
+def test_heuristic_rules_move_the_tiling():
+  """`MatmulHeuristics`' fields steer `choose_config`: a lower fill takes wider tiles without splits, smaller
+  weight tiles a shorter block_k, less shared memory fewer stages."""
+  choose = lambda rules, k=4096, n=4096: skinny_matmul_triton.choose_config(  # noqa: E731
+      32, k, n, 2, num_sms=132, heuristics=rules)
+  assert choose(MatmulHeuristics()) == skinny_matmul_triton.choose_config(32, 4096, 4096, 2, num_sms=132)
+  wide = choose(MatmulHeuristics(fill=0.2))
+  assert (wide.block_n, wide.num_splits) == (128, 1)                  # o: 32 tiles are 0.24 of the SMs
+  assert choose(MatmulHeuristics(tile_bytes=8 << 10)).block_k == 64   # 64-wide tiles of 8 KB
+  small = choose(MatmulHeuristics(smem_bytes=32 << 10))
+  assert small.num_stages * (small.block_m + small.block_n) * small.block_k * 2 <= 32 << 10
+  assert (small.num_stages, small.block_k) == (2, 64)                  # 2 stages first, then half the K step
 
 
 FUSED_CASES = [  # m, k, n, p (side width), dtype, config
@@ -346,71 +361,6 @@ def test_attention_decode_router_argument(monkeypatch):
   unfused = init_model(LLAMA_GQA, seed=5).layers[1]
   with pytest.raises(ValueError, match="needs a fused q"):
     unfused.attn.decode(h, lengths, *caches, router=(w, jnp.zeros(2), pick))
-
-
-ROPE_CASES = [  # B, K, Hq, Hkv, S, D, dtype, rope
-    (3, 96, 8, 2, 10, 32, jnp.float32, True),      # GQA G=4
-    (5, 64, 4, 4, 7, 16, jnp.bfloat16, True),      # MHA, bf16
-    (2, 64, 4, 2, 9, 32, jnp.float32, False),      # no rotation (OPT)
-    (17, 80, 6, 2, 5, 16, jnp.float32, True),      # G=3, rows beyond one 16-row block, K tail
-]
-
-
-@pytest.mark.parametrize("case", ROPE_CASES, ids=lambda c: "-".join(str(v) for v in c))
-def test_qkv_rope_append_matches_its_references(case):
-  """The q|k|v kernel with rope_append in its epilogue (one head per column tile) vs skinny_matmul then
-  rope_append (XLA): rotated q, caches with k / v at each row's slot (a row at S writes nothing, the other slots
-  keep their NaN poison), the router side output and the emitted counters."""
-  from pallas_kernels import qkv_rope_append
-  B, K, Hq, Hkv, S, D, dtype, rope = case
-  rng = np.random.default_rng(11)
-  n = (Hq + 2 * Hkv) * D
-  x = jnp.asarray(rng.standard_normal((B, K)), dtype)
-  w = jnp.asarray(rng.standard_normal((K, n)) / np.sqrt(K), dtype)
-  b = jnp.asarray(rng.standard_normal(n), dtype)
-  pos = rng.integers(0, S, B)
-  pos[-1] = S
-  pos = jnp.asarray(pos, jnp.int32)
-  inv = jnp.asarray(1 / 10000 ** (np.arange(0, D, 2) / D), jnp.float32) if rope else None
-  caches = [jnp.full((B, Hkv, S, D), jnp.nan, dtype) for _ in range(2)]
-  side = jnp.asarray(rng.standard_normal((K, Hkv)), dtype)
-  got = qkv_rope_append(x, w, b, pos, inv, *caches, num_heads=Hq, side_w_KP=side, emit_counters=True,
-                        implementation="pallas")
-  ref = qkv_rope_append(x, w, b, pos, inv, *caches, num_heads=Hq, side_w_KP=side, emit_counters=True,
-                        implementation="xla")
-  assert [a.shape for a in got] == [(B, Hq, D), (B, Hkv, S, D), (B, Hkv, S, D), (B, Hkv),
-                                    (skinny_matmul_triton.COUNTERS,)]
-  tol = 1e-5 if dtype == jnp.float32 else 2 ** -7   # the qkv rounding to dtype may land on neighbouring values
-  for a, r in zip(got[:3], ref[:3]):
-    a, r = np.asarray(a, np.float64), np.asarray(r, np.float64)
-    np.testing.assert_array_equal(np.isnan(a), np.isnan(r))        # same slots written, poison elsewhere
-    np.testing.assert_allclose(np.nan_to_num(a), np.nan_to_num(r), rtol=tol, atol=tol * 4)
-  assert np.isnan(np.asarray(got[1], np.float32)[-1]).all()        # the row at S: nothing written
-  np.testing.assert_allclose(np.asarray(got[3]), np.asarray(ref[3]), rtol=1e-4, atol=1e-3)
-  np.testing.assert_array_equal(np.asarray(got[4]), 0)
-
-
-def test_decode_step_rope_in_qkv(monkeypatch):
-  """attention.ROPE_IN_QKV: the decode step through qkv_rope_append (interpret mode) gives the logits and caches
-  of skinny_matmul + rope_append, with a head router in the same kernel."""
-  from polar_jax import attention
-  from polar_jax.routers import Routers
-  from polar_jax.sparse_decode import make_decoder
-  from polar_jax.sparsity import SparsityConfig
-  routers = Routers.init(LLAMA_GQA)
-  routers.head.w_ldg.set_value(jax.random.normal(jax.random.key(1), routers.head.w_ldg.shape, jnp.float32))
-  model = fusion.fuse_projections(init_model(LLAMA_GQA, seed=4))
-  tokens = jnp.asarray([[5, 9, 13, 2, 7, 1, 4], [3, 1, 0, 0, 0, 0, 0], [8, 8, 4, 60, 2, 11, 7]], jnp.int32)
-  _, cache = model.prefill(tokens, jnp.asarray([7, 2, 7], jnp.int32), KVCache.init(LLAMA_GQA, 3, 16, jnp.float32))
-  decode, state = make_decoder(model, SparsityConfig(attn_density=0.5), routers, batch=3, implementation="pallas")
-  out = {}
-  for on in (True, False):
-    monkeypatch.setattr(attention, "ROPE_IN_QKV", on)
-    with jax.default_matmul_precision("highest"):
-      logits, new = decode(model, jnp.asarray([1, 2, 3], jnp.int32), cache, state)
-    out[on] = (np.asarray(logits), np.asarray(new.k_bhsd[1]), np.asarray(new.v_bhsd[0]))
-  for a, b in zip(out[True], out[False]):
-    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("m, p, g, k, cfg", [

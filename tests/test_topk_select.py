@@ -1,10 +1,13 @@
 """topk_select: the Pallas kernel (interpret mode on CPU) and the XLA reference against lax.top_k's sets, on
 random and tie-heavy rows of odd lengths, plus input validation."""
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from pallas_kernels import TopkHeuristics
 from pallas_kernels import topk_select
 from pallas_kernels import topk_select_triton
 
@@ -67,17 +70,33 @@ def test_topk_select_bad_inputs_raise(bad, k, match):
     topk_select(jnp.zeros((2, 4)), 1, implementation="cuda")
 
 
-def test_topk_select_long_rows_take_the_reference(monkeypatch):
-  calls = []
-  real = topk_select_triton.topk_select_triton
-  monkeypatch.setattr(topk_select_triton, "topk_select_triton",
-                      lambda *a, **kw: calls.append(a[0].shape) or real(*a, **kw))
-  scores = jnp.asarray(np.random.default_rng(3).normal(size=(2, topk_select_triton.FAST_N + 1)), jnp.float32)
-  got = np.asarray(topk_select(scores, 700, implementation="pallas"))
-  np.testing.assert_array_equal(got, np.sort(np.asarray(jax.lax.top_k(scores, 700)[1]), axis=1))
-  assert calls == []                                       # beyond FAST_N: the XLA radix select
-  topk_select(scores[:, :topk_select_triton.FAST_N], 700, implementation="pallas")
-  assert calls == [(2, topk_select_triton.FAST_N)]
+def _runs_kernel(scores, k, **kw) -> bool:
+  """Whether `topk_select(..., implementation="pallas")` runs the Pallas kernel (its pallas_call in the jaxpr)."""
+  fn = lambda s: topk_select(s, k, implementation="pallas", **kw)  # noqa: E731
+  return re.search(r"name=topk_select\b", str(jax.make_jaxpr(fn)(scores))) is not None
+
+
+def test_topk_select_long_rows_take_the_reference():
+  """Rows longer than `TopkHeuristics.kernel_max_n` (padded) take the XLA radix select, shorter ones the kernel;
+  both give lax.top_k's sets."""
+  limit = TopkHeuristics().kernel_max_n
+  assert limit == 4096
+  assert not _runs_kernel(jnp.zeros((2, limit + 1)), 700) and _runs_kernel(jnp.zeros((2, limit)), 700)
+  rules = TopkHeuristics(kernel_max_n=256)
+  scores = jnp.asarray(np.random.default_rng(3).normal(size=(2, 257)), jnp.float32)
+  for n, kernel in ((257, False), (256, True), (200, True)):
+    assert _runs_kernel(scores[:, :n], 70, heuristics=rules) == kernel
+    got = np.asarray(topk_select(scores[:, :n], 70, implementation="pallas", heuristics=rules))
+    np.testing.assert_array_equal(got, np.sort(np.asarray(jax.lax.top_k(scores[:, :n], 70)[1]), axis=1))
+
+
+def test_topk_heuristics_bad_values_raise():
+  with pytest.raises(ValueError, match="kernel_max_n must lie in"):
+    TopkHeuristics(kernel_max_n=0)
+  with pytest.raises(ValueError, match="kernel_max_n must lie in"):
+    TopkHeuristics(kernel_max_n=topk_select_triton.MAX_N + 1)
+  with pytest.raises(TypeError, match="heuristics must be a TopkHeuristics"):
+    topk_select(jnp.zeros((2, 4)), 1, heuristics={"kernel_max_n": 4})
 
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
