@@ -12,6 +12,7 @@ from flax import nnx
 
 from pallas_kernels import MatmulConfig
 from pallas_kernels import MatmulHeuristics
+from pallas_kernels import Side
 from pallas_kernels import skinny_matmul
 from pallas_kernels import skinny_matmul_triton
 from pallas_kernels.skinny_matmul import side_width
@@ -73,8 +74,9 @@ CASES = [  # m, k, n, dtype, out dtype, bias, residual, config (None: the heuris
 def test_matches_exact(case, impl):
   m, k, n, dtype, out_dtype, bias, residual, cfg = case
   x, w, b, r = _inputs(0, m, k, n, dtype, out_dtype, bias, residual)
-  y = skinny_matmul(x, w, b, r, out_dtype=out_dtype, implementation=impl, config=cfg)
-  _check(y, x, w, b, r, jnp.dtype(out_dtype))
+  out = skinny_matmul(x, w, b, r, out_dtype=out_dtype, implementation=impl, config=cfg)
+  assert out.side is None and out.normed is None and out.sq_TM is None and out.counters is None
+  _check(out.y, x, w, b, r, jnp.dtype(out_dtype))
 
 
 @pytest.mark.parametrize("case", CASES[:4], ids=lambda c: "-".join(str(v) for v in c[:5]))
@@ -83,9 +85,9 @@ def test_pallas_matches_xla_reference(case):
   (one unit of its magnitude), and then the residual sum (one unit of the result's)."""
   m, k, n, dtype, out_dtype, bias, residual, cfg = case
   args = _inputs(1, m, k, n, dtype, out_dtype, bias, residual)
-  y = np.asarray(skinny_matmul(*args, out_dtype=out_dtype, implementation="pallas", config=cfg), np.float64)
-  ref = np.asarray(skinny_matmul(*args, out_dtype=out_dtype, implementation="xla"), np.float64)
-  no_res = np.asarray(skinny_matmul(*args[:3], out_dtype=out_dtype, implementation="xla"), np.float64)
+  y = np.asarray(skinny_matmul(*args, out_dtype=out_dtype, implementation="pallas", config=cfg).y, np.float64)
+  ref = np.asarray(skinny_matmul(*args, out_dtype=out_dtype, implementation="xla").y, np.float64)
+  no_res = np.asarray(skinny_matmul(*args[:3], out_dtype=out_dtype, implementation="xla").y, np.float64)
   eps = float(jnp.finfo(out_dtype).eps)
   x64, w64 = np.asarray(args[0], np.float64), np.asarray(args[1], np.float64)
   accumulation = 4 * k * float(jnp.finfo(jnp.float32).eps) * (np.abs(x64) @ np.abs(w64))
@@ -95,9 +97,9 @@ def test_pallas_matches_xla_reference(case):
 def test_splits_agree():
   """Every split count of one shape gives the one-split result up to float32 summation order."""
   x, w, _, r = _inputs(2, 4, 1024, 128, jnp.float32, jnp.float32, False, True)
-  base = skinny_matmul(x, w, None, r, implementation="pallas", config=MatmulConfig(16, 64, 64, 1))
+  base = skinny_matmul(x, w, None, r, implementation="pallas", config=MatmulConfig(16, 64, 64, 1)).y
   for ns in (2, 3, 5, 16):
-    y = skinny_matmul(x, w, None, r, implementation="pallas", config=MatmulConfig(16, 64, 64, ns))
+    y = skinny_matmul(x, w, None, r, implementation="pallas", config=MatmulConfig(16, 64, 64, ns)).y
     np.testing.assert_allclose(np.asarray(y), np.asarray(base), rtol=1e-5, atol=1e-5)
 
 
@@ -152,14 +154,14 @@ def test_side_weight(case):
   rng = np.random.default_rng(5)
   x = jnp.asarray(3 * rng.standard_normal((m, k)), dtype)
   w = jnp.asarray(rng.standard_normal((k, n)) / np.sqrt(k), dtype)
-  kw = dict(side_w_KP=jnp.asarray(rng.standard_normal((k, p)) / np.sqrt(k), dtype),
-            side_b_P=jnp.asarray(rng.standard_normal(p), jnp.float32))
-  got = skinny_matmul(x, w, implementation="pallas", config=cfg, **kw)
-  ref = skinny_matmul(x, w, implementation="xla", **kw)
-  assert got[0].dtype == dtype and got[1].dtype == jnp.float32 and got[1].shape == (m, p)
+  side = Side(jnp.asarray(rng.standard_normal((k, p)) / np.sqrt(k), dtype), jnp.asarray(rng.standard_normal(p),
+                                                                                      jnp.float32))
+  got = skinny_matmul(x, w, side=side, implementation="pallas", config=cfg)
+  ref = skinny_matmul(x, w, side=side, implementation="xla")
+  assert got.y.dtype == dtype and got.side.dtype == jnp.float32 and got.side.shape == (m, p)
   eps = float(jnp.finfo(dtype).eps)
   xn = np.abs(np.asarray(x, np.float64))
-  for g, r, wt in zip(got, ref, (w, kw["side_w_KP"])):
+  for g, r, wt in ((got.y, ref.y, w), (got.side, ref.side, side.w_KP)):
     bound = (np.abs(xn) @ np.abs(np.asarray(wt, np.float64))) * (8 * k * 1.2e-7)
     bound = bound + eps * np.abs(np.asarray(r, np.float64)) * (g.dtype != jnp.float32)   # output rounding
     assert np.all(np.abs(np.asarray(g, np.float64) - np.asarray(r, np.float64)) <= bound + 1e-6)
@@ -172,7 +174,7 @@ def test_side_weight(case):
 def test_silu_glu_epilogue(m, k, n, dtype, cfg):
   """glu="silu": neuron-interleaved (gate, up) columns -> silu(gate) * up, half as wide, vs float64."""
   x, w, _, _ = _inputs(6, m, k, n, dtype, dtype, False, False)
-  y = skinny_matmul(x, w, glu="silu", implementation="pallas", config=cfg)
+  y = skinny_matmul(x, w, glu="silu", implementation="pallas", config=cfg).y
   assert y.shape == (m, n // 2) and y.dtype == dtype
   pre = np.asarray(x, np.float64) @ np.asarray(w, np.float64)
   gate, up = pre[:, 0::2], pre[:, 1::2]
@@ -202,12 +204,12 @@ def test_emitted_counters_feed_the_next_split_call(impl):
   """emit_counters: a zeroed int32 buffer comes back with the product; a split call given it as counters_C
   gives the same result as one that zero-fills its own."""
   x, w, _, r = _inputs(7, 4, 512, 128, jnp.float32, jnp.float32, False, True)
-  y, zeros = skinny_matmul(x, w, emit_counters=True, implementation=impl, config=MatmulConfig(16, 64, 64, 1))
+  y, _, _, _, zeros = skinny_matmul(x, w, emit_counters=True, implementation=impl, config=MatmulConfig(16, 64, 64, 1))
   assert zeros.dtype == jnp.int32 and zeros.shape == (skinny_matmul_triton.COUNTERS,)
   np.testing.assert_array_equal(np.asarray(zeros), 0)
   cfg = MatmulConfig(16, 64, 64, 4)
-  a = skinny_matmul(y, w[:128], None, r, counters_C=zeros, implementation=impl, config=cfg)
-  b = skinny_matmul(y, w[:128], None, r, implementation=impl, config=cfg)
+  a = skinny_matmul(y, w[:128], None, r, counters_C=zeros, implementation=impl, config=cfg).y
+  b = skinny_matmul(y, w[:128], None, r, implementation=impl, config=cfg).y
   np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
@@ -222,20 +224,20 @@ def test_bad_input():
   with pytest.raises(ValueError, match="unknown implementation"):
     skinny_matmul(x, w, implementation="cuda")
   with pytest.raises(ValueError, match="side weight"):
-    skinny_matmul(x, w, side_w_KP=jnp.ones((8, 4), jnp.bfloat16))
+    skinny_matmul(x, w, side=Side(jnp.ones((8, 4), jnp.bfloat16)))
   with pytest.raises(ValueError, match="glu must be"):
     skinny_matmul(x, w, glu="relu")
   with pytest.raises(ValueError, match="glu must be"):
     skinny_matmul(x, jnp.ones((8, 15)), glu="silu")                 # odd N
   with pytest.raises(ValueError, match="num_splits == 1"):
-    skinny_matmul(x, w, side_w_KP=jnp.ones((8, 4)), implementation="pallas", config=MatmulConfig(16, 16, 16, 2))
+    skinny_matmul(x, w, side=Side(jnp.ones((8, 4))), implementation="pallas", config=MatmulConfig(16, 16, 16, 2))
 
 
 def test_large_m_goes_to_xla():
   """Prefill-sized inputs take XLA's dot (same values as the reference)."""
   x, w, _, _ = _inputs(3, 200, 64, 32, jnp.float32, jnp.float32, False, False)
-  np.testing.assert_array_equal(np.asarray(skinny_matmul(x, w, implementation="pallas")),
-                                np.asarray(skinny_matmul(x, w, implementation="xla")))
+  np.testing.assert_array_equal(np.asarray(skinny_matmul(x, w, implementation="pallas").y),
+                                np.asarray(skinny_matmul(x, w, implementation="xla").y))
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -381,9 +383,9 @@ def test_side_topk(m, p, g, k, cfg, impl):
   sw[:, g:] = 0                                   # zero-padded columns past G (their score 0 can beat negatives)
   sw[:, min(1, g - 1)] = sw[:, 0]                 # two groups with equal scores: lower index first
   sb = np.zeros(p, np.float32)
-  kw = dict(side_w_KP=jnp.asarray(sw, jnp.float32), side_b_P=jnp.asarray(sb))
-  y, idx = skinny_matmul(x, w, side_topk=(g, k), implementation=impl, config=cfg, **kw)
-  y_ref, scores = skinny_matmul(x, w, implementation=impl, config=cfg, **kw)
+  side = Side(jnp.asarray(sw, jnp.float32), jnp.asarray(sb))
+  y, idx, *_ = skinny_matmul(x, w, side=side._replace(topk=(g, k)), implementation=impl, config=cfg)
+  y_ref, scores, *_ = skinny_matmul(x, w, side=side, implementation=impl, config=cfg)
   assert idx.dtype == jnp.int32 and idx.shape == (m, k)
   np.testing.assert_array_equal(np.asarray(y), np.asarray(y_ref))
   np.testing.assert_array_equal(np.asarray(idx), np.asarray(jax.lax.top_k(scores[:, :g], k)[1]))
@@ -392,9 +394,9 @@ def test_side_topk(m, p, g, k, cfg, impl):
 def test_side_topk_bad_input():
   x, w, sw = jnp.ones((4, 8)), jnp.ones((8, 16)), jnp.ones((8, 16))
   with pytest.raises(ValueError, match="side_topk=\\(G, k\\)=\\(8, 9\\) needs"):
-    skinny_matmul(x, w, side_w_KP=sw, side_topk=(8, 9))
-  with pytest.raises(ValueError, match="needs a side weight"):
-    skinny_matmul(x, w, side_topk=(8, 2))
+    skinny_matmul(x, w, side=Side(sw, topk=(8, 9)))
+  with pytest.raises(ValueError, match="side_topk=\\(G, k\\)=\\(20, 2\\) needs"):
+    skinny_matmul(x, w, side=Side(sw, topk=(20, 2)))               # G beyond the side weight's columns
 
 
 def test_sparse_decode_router_topk_in_the_kernel(monkeypatch):
@@ -439,7 +441,7 @@ def test_nk_layout_and_relu(case, impl):
   x, w, b, r = _inputs(8, m, k, n, dtype, dtype, bias, residual)
   w_nk = jnp.asarray(w.T)                                    # a different memory layout, the same matrix
   y = skinny_matmul(x, w_nk, b, r, activation="relu" if relu else None, w_layout="nk", implementation=impl,
-                    config=cfg)
+                    config=cfg).y
   if not relu:
     _check(y, x, w, b, r, jnp.dtype(dtype))
     return
@@ -509,7 +511,7 @@ def test_row_weights_give_weighted_column_sums(case, impl):
   for wts in (jnp.asarray(np.arange(m) % 3 != 0, jnp.float32),          # row 0 inactive
               jnp.asarray(rng.uniform(0.5, 2.0, m), jnp.float32)):
     y = skinny_matmul(x, w.T if layout == "nk" else w, b, activation="relu" if relu else None, w_layout=layout,
-                      row_weights_M=wts, out_dtype=out_dtype, implementation=impl, config=cfg)
+                      row_weights_M=wts, out_dtype=out_dtype, implementation=impl, config=cfg).y
     pre = np.asarray(x, np.float64) @ np.asarray(w, np.float64) + np.asarray(b, np.float64)
     act = np.maximum(pre, 0) if relu else pre
     w64 = np.asarray(wts, np.float64)
@@ -524,8 +526,8 @@ def test_row_weights_beyond_one_block_go_to_xla_and_bad_input():
   x, w, b, _ = _inputs(10, 70, 64, 48, jnp.float32, jnp.float32, True, False)   # 70 rows > block_m 64
   wts = jnp.ones((70,), jnp.float32)
   np.testing.assert_array_equal(
-      np.asarray(skinny_matmul(x, w, b, activation="relu", row_weights_M=wts, implementation="pallas")),
-      np.asarray(skinny_matmul(x, w, b, activation="relu", row_weights_M=wts, implementation="xla")))
+      np.asarray(skinny_matmul(x, w, b, activation="relu", row_weights_M=wts, implementation="pallas").y),
+      np.asarray(skinny_matmul(x, w, b, activation="relu", row_weights_M=wts, implementation="xla").y))
   with pytest.raises(ValueError, match="row_weights_M must have shape"):
     skinny_matmul(x, w, row_weights_M=jnp.ones((69,)))
   with pytest.raises(ValueError, match="row_weights_M must have shape"):
