@@ -216,10 +216,11 @@ class Engine:
       while True:
         if self._closing or self._failed is not None:
           raise EngineClosedError(f"the engine is shut down{': ' + self._failed if self._failed else ''}")
-        if len(self._waiting) < self.opts.max_waiting or (len(self._waiting) == 0 and self._free_slots()):
+        if len(self._waiting) < self.opts.max_waiting + self._free_slots():   # those with a free slot do not queue
           break
         if not block:
-          raise QueueFullError(f"the waiting queue is full ({self.opts.max_waiting} requests); retry later")
+          raise QueueFullError(f"the waiting queue is full (max_waiting={self.opts.max_waiting}, every slot busy); "
+                               "retry later")
         self._cv.wait(0.05)
       h = RequestHandle(next(self._ids), ids, params, seed, stop, on_cancel=self._wake)
       self._waiting.append(h)
@@ -301,6 +302,9 @@ class Engine:
         with self._cv:   # slots cancelled this round are masked by the dispatched step: reusable now
           for s in np.flatnonzero(cancel_b):
             self._owner[s] = None
+          if cancel_b.any():
+            self.metrics.slots(sum(o is not None for o in self._owner), len(self._waiting))
+            self._cv.notify_all()
         self._take_firsts(firsts)
         if pending is not None:
           self._take_round(*pending)
@@ -334,6 +338,7 @@ class Engine:
       for h in gone:
         self._waiting.remove(h)
       if gone:
+        self.metrics.slots(sum(o is not None for o in self._owner), len(self._waiting))
         self._cv.notify_all()
     for h in gone:
       self._end(h, "cancelled", now)

@@ -1,0 +1,94 @@
+"""`polar-serve CKPT`: an OpenAI-compatible server (completions, chat, streaming, /metrics) over the serving engine.
+
+    polar-serve CKPT --port 8000 --max-batch 32 --max-len 4096
+    polar-serve CKPT --routers default --attn-density 0.5          # Polar Sparsity (dense below --sparse-min-rows)
+
+Then any OpenAI client: `openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import pathlib
+import sys
+
+
+def parser() -> argparse.ArgumentParser:
+  from polar_jax.serving.params import DEFAULT_SPARSE_MIN_ROWS, EngineOptions
+  defaults = EngineOptions()
+  p = argparse.ArgumentParser(prog="polar-serve", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("ckpt", help="a directory written by polar-convert (with its tokenizer)")
+  p.add_argument("--host", default="127.0.0.1")
+  p.add_argument("--port", type=int, default=8000)
+  p.add_argument("--model-name", default=None, help="the model id clients send (default: the directory's name)")
+  p.add_argument("--max-batch", type=int, default=16, help="KV cache slots: requests decoded together")
+  p.add_argument("--max-len", type=int, default=None,
+                 help="tokens per slot, prompt + max_tokens (default: min(4096, the model's context))")
+  p.add_argument("--max-waiting", type=int, default=defaults.max_waiting,
+                 help="queued requests beyond the running ones; more get 503")
+  p.add_argument("--steps-per-round", type=int, default=defaults.steps_per_round,
+                 help="decode steps per host round trip")
+  p.add_argument("--prefill-rows", type=int, default=defaults.prefill_rows,
+                 help="most prompts of one length bucket prefilled together")
+  p.add_argument("--sparse-min-rows", type=int, default=DEFAULT_SPARSE_MIN_ROWS,
+                 help="run the sparse step only with at least this many active rows (head routers cost more than "
+                      "they save at small batch)")
+  p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, f32 on CPU)")
+  p.add_argument("--no-fuse", action="store_true", help="keep separate q/k/v and gate/up projections")
+  p.add_argument("--no-warmup", action="store_true", help="compile programs on first use instead of at start-up")
+  p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+  sp = p.add_argument_group("Polar Sparsity (decode only; prefill stays dense)")
+  sp.add_argument("--routers", help="router directory from polar-train-routers, or 'default' (shipped SmolLM2)")
+  sp.add_argument("--attn-density", type=float, default=None, help="fraction of KV groups kept per row, (0, 1]")
+  sp.add_argument("--attn-groups", type=int, default=None, help="KV groups kept per row (overrides density)")
+  sp.add_argument("--dense-layers", type=int, nargs="*", default=[0], help="layers with dense attention (default 0)")
+  sp.add_argument("--selector", choices=("router", "oracle", "random"), default="router")
+  sp.add_argument("--mlp", choices=("dense", "router"), default="dense", help="neuron sparsity (ReLU/OPT only)")
+  sp.add_argument("--mlp-dense-above", type=float, default=None)
+  sp.add_argument("--router-dtype", choices=("float32", "bfloat16", "float16", "int8"), default=None)
+  return p
+
+
+def build_engine(args):
+  """(engine, tokenizer, model name) from the command line."""
+  import polar_jax
+  from polar_jax.cli.generate import build_sparsity
+  from polar_jax.serving import Engine, EngineOptions
+  sparsity, routers_dir = build_sparsity(args)
+  model = polar_jax.load_model(args.ckpt, dtype=args.dtype, fuse=not args.no_fuse)
+  tokenizer = polar_jax.load_tokenizer(args.ckpt)
+  routers = polar_jax.load_routers(routers_dir, model) if routers_dir is not None else None
+  max_len = args.max_len or min(4096, model.config.max_position_embeddings)
+  name = args.model_name or pathlib.Path(args.ckpt).resolve().name
+  opts = EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
+                       max_waiting=args.max_waiting, prefill_rows=args.prefill_rows, warmup=not args.no_warmup)
+  engine = Engine(model, max_batch=args.max_batch, max_len=max_len, sparsity=sparsity, routers=routers,
+                  tokenizer=tokenizer, engine_options=opts, model_name=name)
+  return engine, tokenizer, name
+
+
+def main(argv=None) -> int:
+  args = parser().parse_args(argv)
+  try:
+    import uvicorn
+
+    from polar_jax.serving.server import build_app
+  except ImportError as e:
+    print(f"polar-serve: {e}; install the server's dependencies: pip install 'polar_jax[serve]'", file=sys.stderr)
+    return 2
+  try:
+    engine, tokenizer, name = build_engine(args)
+  except (ValueError, FileNotFoundError) as e:
+    print(f"polar-serve: {e}", file=sys.stderr)
+    return 2
+  print(f"polar-serve: {name}: {engine.compiled_programs} programs compiled in {engine.warmup_s:.1f} s; "
+        f"max_batch {engine.max_batch}, max_len {engine.max_len}, step variants {sorted(engine.variants)}",
+        file=sys.stderr)
+  app = build_app(engine, tokenizer, model_name=name)
+  uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
