@@ -330,13 +330,13 @@ def bench_matmul(timer, base, smoke, sink, dtype=jnp.bfloat16, families=None):
     bias = jax.random.normal(jax.random.key(99), (n,), dtype) * 0.1 if extra else None   # (OPT: fc1 / fc2 biases)
     kw = dict(w_layout=layout, activation="relu" if relu else None)
     fn = lambda x, w, r, cfg=cfg, impl=impl, out_dtype=out_dtype, kw=kw: skinny_matmul(  # noqa: E731
-        x, w, bias, r, out_dtype=out_dtype, implementation=impl, config=cfg if impl == "pallas" else None, **kw)
+        x, w, bias, r, out_dtype=out_dtype, implementation=impl, config=cfg if impl == "pallas" else None, **kw).y
     try:
       ms, wall, how, y = timer(fn, sets)
     except Exception as e:  # pylint: disable=broad-except  (e.g. a variant's pipeline exceeds shared memory)
       print(f"{name:15} M{m:3} {impl:6} {variant}: failed ({type(e).__name__}: {str(e)[:120]})", flush=True)
       continue
-    ref = skinny_matmul(*sets[0][:2], bias, sets[0][2], out_dtype=out_dtype, implementation="xla", **kw)
+    ref = skinny_matmul(*sets[0][:2], bias, sets[0][2], out_dtype=out_dtype, implementation="xla", **kw).y
     rec = _finish(dict(base, op="skinny_matmul", impl=impl, shape=name, M=m, d=k, N=n, density=1.0,
                        dtype=jnp.dtype(dtype).name, out_dtype=out, residual=res, w_layout=layout, relu=relu,
                        bias=bias is not None, ms=ms, ms_wall=wall, timer=how,
