@@ -1,0 +1,35 @@
+"""The serving load test runs end to end on a tiny model (so it cannot rot); its arithmetic is checked."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from benchmarks import serve
+
+
+def test_workload_lengths_and_arrivals():
+  prompts, outputs, arrivals = serve.workload(200, (5, 9), (2, 4), vocab=50, rate=math.inf, seed=0)
+  assert {len(p) for p in prompts} == set(range(5, 10)) and set(outputs) == {2, 3, 4}
+  assert (arrivals == 0).all() and max(max(p) for p in prompts) < 50
+  _, _, poisson = serve.workload(2000, (5, 9), (2, 4), vocab=50, rate=10.0, seed=0)
+  assert (np.diff(poisson) >= 0).all() and poisson[-1] / 2000 == pytest.approx(0.1, rel=0.1)   # mean gap 1 / rate
+
+
+def test_inter_token_gaps_share_a_round_between_its_tokens():
+  assert serve.inter_token_gaps([1.0, 1.0, 1.4, 1.4, 1.4, 1.4, 2.0]) == pytest.approx([0.0, 0.1, 0.1, 0.1, 0.1, 0.6])
+  assert serve.inter_token_gaps([3.0]) == [] and serve.inter_token_gaps([]) == []
+
+
+@pytest.mark.slow
+def test_smoke_run_writes_records(tmp_path):
+  out = tmp_path / "serve.jsonl"
+  assert serve.main(["--model", "tiny", "--requests", "8", "--max-batch", "4", "--out", str(out)]) == 0
+  engine, static = [json.loads(line) for line in out.read_text().splitlines()]
+  assert (engine["system"], static["system"]) == ("polar_engine", "polar_static")
+  assert engine["programs_compiled_during_run"] == 0 and static["programs_compiled_during_run"] == 0
+  assert engine["output_tokens"] == static["output_tokens"] > 0
+  for r in (engine, static):
+    assert r["output_tok_s"] > 0 and r["copy_tbps"] > 0 and r["device"] and r["commit"]
+  assert 0 < engine["ttft_s"]["p50"] <= engine["ttft_s"]["p99"] <= engine["e2e_s"]["p99"]
