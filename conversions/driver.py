@@ -8,7 +8,7 @@ Example:
 Tensors are validated (names and shapes) before any is read, then read one at a time,
 transformed and cast to the output dtype at once, so host memory peaks near the output size.
 Everything is written into a temporary directory next to OUT, which is renamed to OUT only when
-complete: a failure leaves neither OUT nor the temporary directory behind.
+complete: a failure or an interrupt (Ctrl-C) leaves neither OUT nor the temporary directory behind.
 """
 
 from __future__ import annotations
@@ -186,7 +186,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None
       files, or an existing `out` without `force`.
   """
   t0 = time.perf_counter()
-  out = pathlib.Path(out).absolute()
+  out = checkpoint.absolute_path(out)   # relative paths and ~ work; Orbax writes only absolute paths
+  src = pathlib.Path(src).expanduser()
   if dtype is not None and dtype not in DTYPES:
     raise ConversionError(f"unknown dtype {dtype!r}; supported: {', '.join(DTYPES)}")
   if out.exists() and not force:
@@ -212,7 +213,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None
       else:
         tok_files = copy_hf_tokenizer(source.path, tmp)
       info = {
-          "source": str(pathlib.Path(src).absolute()),
+          "source": str(src.absolute()),
           "source_format": source.format,
           "dtype": dtype,
           "tensor_count": len(items),
@@ -223,7 +224,7 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None
       }
       (tmp / checkpoint.CONVERSION_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
       _replace(tmp, out, force)
-    except BaseException as e:
+    except BaseException as e:   # Ctrl-C included: save_params has waited for Orbax's writes, nothing writes now
       shutil.rmtree(tmp, ignore_errors=True)
       if isinstance(e, OSError):   # disk full, permissions, ...
         raise ConversionError(f"cannot write {out}: {type(e).__name__}: {e}") from e

@@ -15,6 +15,7 @@ import shutil
 import warnings
 
 from conversions.errors import ConversionWarning
+from polar_jax import checkpoint
 
 # Files a tokenizer may consist of (any subset), plus generation_config.json (stop tokens).
 TOKENIZER_FILES = (
@@ -71,6 +72,7 @@ def write_gguf_tokenizer(gguf_path: pathlib.Path, metadata: dict, out: pathlib.P
     warnings.warn(f"{gguf_path} has no tokenizer metadata (tokenizer.ggml.*); "
                   "the converted checkpoint has no tokenizer", ConversionWarning, stacklevel=3)
     return []
+  checkpoint.import_transformers()   # without its "PyTorch was not found" notice (no torch needed here)
   try:
     try:
       tok = _build_from_metadata(metadata)

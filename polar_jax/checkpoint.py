@@ -18,7 +18,9 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-from collections.abc import Mapping
+import sys
+import threading
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -91,7 +93,7 @@ def save_params(directory: str | os.PathLike, params_flat: Mapping[str, np.ndarr
   """
   import orbax.checkpoint as ocp
   from orbax.checkpoint import type_handlers
-  directory = pathlib.Path(directory).absolute()
+  directory = absolute_path(directory)
   if directory.exists():
     raise CheckpointError(f"{directory} already exists")
   tree = _nest({k: np.asarray(v) for k, v in params_flat.items()})
@@ -105,14 +107,50 @@ def save_params(directory: str | os.PathLike, params_flat: Mapping[str, np.ndarr
       (np.ndarray, numpy_handler),
       (jax.Array, type_handlers.ArrayHandler()))
   handler = ocp.PyTreeCheckpointHandler(type_handler_registry=registry, use_compression=False)
-  with ocp.Checkpointer(handler) as ckpt:
-    ckpt.save(directory, args=ocp.args.PyTreeSave(tree))
+
+  def write() -> None:
+    with ocp.Checkpointer(handler) as ckpt:
+      ckpt.save(directory, args=ocp.args.PyTreeSave(tree))
+
+  run_to_completion(write)
+
+
+def run_to_completion(fn: Callable[[], None]) -> None:
+  """Runs `fn` in a worker thread and returns only once it has ended, even if Ctrl-C arrives meanwhile.
+
+  Orbax writes from background threads; an interrupt that stopped the main thread mid-save used to leave them
+  writing into a directory the caller was already removing (a half-written folder reappeared after the cleanup).
+  Here the interrupt (and any further one) waits for `fn` to finish, then is raised, so a caller's cleanup runs
+  after the last write. An exception of `fn` is raised in the caller.
+  """
+  error: list[BaseException] = []
+  done = threading.Event()   # not Thread.join: an interrupted join marks a running thread as ended (Python < 3.13)
+
+  def target() -> None:
+    try:
+      fn()
+    except BaseException as e:  # noqa: BLE001 - handed to the caller
+      error.append(e)
+    finally:
+      done.set()
+
+  threading.Thread(target=target, name="polar_jax-save").start()
+  interrupt = None
+  while not done.is_set():
+    try:
+      done.wait()
+    except KeyboardInterrupt as e:   # keep waiting: nothing may be written after the caller cleans up
+      interrupt = interrupt or e
+  if interrupt is not None:
+    raise interrupt
+  if error:
+    raise error[0]
 
 
 def save_config(path: str | os.PathLike, config: ModelConfig) -> None:
   """Writes `polar_config.json` (config + format version) into the checkpoint directory `path`."""
   d = {"format_version": FORMAT_VERSION, **config.to_dict()}
-  pathlib.Path(path, CONFIG_FILE).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+  absolute_path(path).joinpath(CONFIG_FILE).write_text(json.dumps(d, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def model_params(model: CausalLM) -> dict[str, jax.Array]:
@@ -126,7 +164,7 @@ def model_params(model: CausalLM) -> dict[str, jax.Array]:
 
 def save_model(path: str | os.PathLike, model: CausalLM) -> None:
   """Writes `polar_config.json` and `params/` of a live model into a new directory `path` (no tokenizer)."""
-  path = pathlib.Path(path)
+  path = absolute_path(path)
   path.mkdir(parents=True, exist_ok=True)
   if (path / PARAMS_DIR).exists():
     raise CheckpointError(f"{path / PARAMS_DIR} already exists")
@@ -135,8 +173,14 @@ def save_model(path: str | os.PathLike, model: CausalLM) -> None:
 
 
 # ---- reading ------------------------------------------------------------------------------------
+def absolute_path(path: str | os.PathLike) -> pathlib.Path:
+  """`path` with `~` expanded, made absolute against the current directory. Orbax reads and writes only absolute
+  paths (a relative one fails deep inside it with an unrelated error), so every path given to it goes through here."""
+  return pathlib.Path(path).expanduser().absolute()
+
+
 def _checkpoint_dir(path: str | os.PathLike) -> pathlib.Path:
-  path = pathlib.Path(path).absolute()   # Orbax reads nothing from a relative path
+  path = absolute_path(path)
   if not path.is_dir():
     raise CheckpointError(f"checkpoint directory {path} does not exist "
                           "(create one with: polar-convert SRC OUT)")
@@ -176,6 +220,8 @@ def _saved_shapes(params_dir: pathlib.Path) -> dict[str, tuple[int, ...]]:
     raise CheckpointError(f"cannot read {params_dir}: {type(e).__name__}: {e}") from e
   tree = getattr(md, "item_metadata", md)
   tree = getattr(tree, "tree", tree)
+  if not isinstance(tree, Mapping):
+    raise CheckpointError(f"cannot read the parameter metadata in {params_dir} (Orbax returned {type(tree).__name__})")
   return {k: tuple(v.shape) for k, v in _flatten(tree).items()}
 
 
@@ -258,8 +304,26 @@ def load_tokenizer(path: str | os.PathLike):
   if not any((path / n).is_file() for n in TOKENIZER_MARKERS):
     raise CheckpointError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_MARKERS)}); the source "
                           "checkpoint had none - copy a tokenizer into it or pass one explicitly")
-  from transformers import AutoTokenizer
+  AutoTokenizer = import_transformers().AutoTokenizer
   try:
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from e
+
+
+def import_transformers():
+  """The `transformers` module, imported without its advisory notice that PyTorch was not found (tokenizers need
+  no PyTorch; the notice printed on every command). Only the advisory notices of the import itself are muted, by
+  the switch transformers reads for them; its warnings and errors still show, and so do later notices."""
+  if "transformers" not in sys.modules:
+    key = "TRANSFORMERS_NO_ADVISORY_WARNINGS"
+    before = os.environ.get(key)
+    os.environ[key] = "1"
+    try:
+      import transformers  # noqa: F401
+    finally:
+      if before is None:
+        os.environ.pop(key, None)
+      else:
+        os.environ[key] = before
+  return sys.modules["transformers"]

@@ -393,6 +393,7 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch,
   assert cli.main(argv) == 0
   printed = capsys.readouterr().out
   assert "critical density (tiny-ckpt, engine, random)" in printed
+  assert "NOT DECIDED" in printed and "sciq n=2" in printed                   # 2 questions cannot decide it
   lines = [json.loads(x) for x in (out / "accuracy.jsonl").read_text().splitlines()]
   assert sum(1 for r in lines if r.get("kind") == "critical_density") == 1
   assert [(r["task"], r["selector"]) for r in lines if "task" in r] == [("sciq", "dense"), ("sciq", "random")]

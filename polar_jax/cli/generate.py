@@ -1,4 +1,8 @@
-"""`polar-generate CKPT --prompt TEXT ...`: batched completions and decode tokens/s.
+"""`polar-generate CKPT --prompt TEXT ...`: batched completions, generated once.
+
+Prints each prompt's completion (after a short prefix of the prompt); generation stops at the end-of-sequence and
+end-of-turn tokens (e.g. `<|im_end|>` with `--chat`), which are not printed. `--timing` adds the wall time of the
+one generation call, the part of it spent compiling, and tokens/s over the rest.
 
 Polar Sparsity: `--routers DIR` (or `--routers default`, the shipped SmolLM2-135M routers) with
 `--attn-density X` or `--attn-groups K`; `--selector oracle|random` needs no routers.
@@ -7,13 +11,19 @@ Polar Sparsity: `--routers DIR` (or `--routers default`, the shipped SmolLM2-135
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import sys
 
-from polar_jax import sampling
+from polar_jax.cli import interruptible
+
+PROMPT_PREVIEW_CHARS = 60
 
 
-def build_sampler(temperature: float | None, top_k: int | None, top_p: float | None) -> sampling.Sampler:
-  """Greedy unless a sampling option is given; filters apply in the order top-k, top-p, temperature."""
+def build_sampler(temperature: float | None, top_k: int | None, top_p: float | None):
+  """A `polar_jax.sampling.Sampler`: greedy unless a sampling option is given; filters apply in the order top-k,
+  top-p, temperature."""
+  from polar_jax import sampling
   parts = []
   if top_k is not None:
     parts.append(sampling.TopK(top_k))
@@ -37,8 +47,11 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--top-p", type=float, default=None)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, f32 on CPU)")
-  p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template")
-  p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence token")
+  p.add_argument("--chat", action="store_true", help="wrap each prompt in the tokenizer's chat template (for "
+                 "instruction-tuned models such as SmolLM2-135M-Instruct)")
+  p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence / end-of-turn tokens")
+  p.add_argument("--timing", action="store_true", help="print the wall time of the generation (it runs once: the "
+                 "time includes compiling, reported separately) and tokens/s over the time outside compiling")
   p.add_argument("--tp", type=int, default=1, help="tensor parallel degree: split heads/KV groups and MLP neurons "
                  "over N devices (polar_jax.sharding)")
   p.add_argument("--dp", type=int, default=1, help="data parallel degree: split the batch over N device groups")
@@ -65,13 +78,13 @@ def build_sparsity(args):
 
   `--routers` without `--attn-density`/`--attn-groups` decodes at the density the routers were trained for.
   """
-  from polar_jax.routers import default_routers_dir, read_metadata
+  from polar_jax.routers import read_metadata, routers_dir
   from polar_jax.sparsity import SparsityConfig
   wanted = (args.attn_density is not None or args.attn_groups is not None or args.selector != "router"
             or args.mlp != "dense" or args.routers is not None)
   if not wanted:
     return None, None
-  routers = default_routers_dir() if args.routers == "default" else args.routers
+  routers = routers_dir(args.routers) if args.routers is not None else None   # "default": the shipped routers
   density = args.attn_density
   if density is None:
     density = read_metadata(routers).get("train_density", 1.0) if routers is not None else 1.0
@@ -81,6 +94,7 @@ def build_sparsity(args):
   return cfg, routers
 
 
+@interruptible("polar-generate")
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   prompts = list(args.prompt)
@@ -91,7 +105,7 @@ def main(argv=None) -> int:
     print("polar-generate: give at least one --prompt or a --prompts-file", file=sys.stderr)
     return 2
   import polar_jax
-  from polar_jax import timing
+  from polar_jax.cli.call_timing import timed_call
   try:
     sampler = build_sampler(args.temperature, args.top_k, args.top_p)
     sampler.validate()
@@ -107,20 +121,46 @@ def main(argv=None) -> int:
     tok = polar_jax.load_tokenizer(args.ckpt)
     routers = polar_jax.load_routers(routers_dir, model) if routers_dir is not None else None
     ids = encode_prompts(tok, prompts, chat=args.chat)
-    stop = () if args.no_stop else stop_tokens(tok, model.config)
-    out, tp = timing.generate_timed(model, ids, max_new_tokens=args.max_new_tokens, sampler=sampler,
-                                    stop_tokens=stop, seed=args.seed, sparsity=sparsity, routers=routers)
+    stop = () if args.no_stop else stop_tokens(tok, model.config, args.ckpt)
+    kwargs = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop, seed=args.seed,
+                  sparsity=sparsity, routers=routers)
+    # Decode-step choices (kernels, ...) go here as `kwargs["options"] = polar_jax.DecodeOptions(...)`.
+    out, timing = timed_call(lambda: polar_jax.generate(model, ids, **kwargs))
   except (ValueError, FileNotFoundError) as e:
     print(f"polar-generate: {e}", file=sys.stderr)
     return 2
   for i, p in enumerate(prompts):
-    text = tok.decode(out.tokens[i, :out.lengths[i]], skip_special_tokens=True)
-    print(f"--- [{i}] {p!r}\n{text}\n")
+    print(f"--- [{i}] {preview(p)}\n{completion_text(tok, out.tokens[i, :out.lengths[i]], stop)}\n")
   if sparsity is not None:
     print(f"sparsity: {describe_sparsity(sparsity, model.config)}")
-  print(f"decode: {tp.decode_tokens} tokens in {tp.decode_s * 1e3:.1f} ms = {tp.decode_tok_s:.1f} tok/s "
-        f"(batch {len(prompts)}, prefill {tp.prefill_s * 1e3:.1f} ms excluded)")
+  if args.timing:
+    print(describe_timing(timing, int(out.lengths.sum()), len(prompts)))
   return 0
+
+
+def preview(prompt: str, chars: int = PROMPT_PREVIEW_CHARS) -> str:
+  """The prompt's first `chars` characters on one line, quoted; "..." when cut."""
+  flat = " ".join(prompt.split())
+  return repr(flat if len(flat) <= chars else flat[:chars].rstrip() + "...")
+
+
+def completion_text(tokenizer, row, stop: tuple[int, ...] = ()) -> str:
+  """A row's generated tokens as text, without the stop token that ended it and without special tokens."""
+  row = [int(t) for t in row]
+  if row and row[-1] in stop:
+    row = row[:-1]
+  return tokenizer.decode(row, skip_special_tokens=True).strip()
+
+
+def describe_timing(timing, tokens: int, batch: int) -> str:
+  """One line: the call's wall time, its compile part, and generated tokens/s over the rest (prefill + decode)."""
+  line = f"generated {tokens} tokens (batch {batch}) in {timing.wall_s:.2f} s wall"
+  if timing.compile_s is None:
+    return line + " (one call, compilation included; this JAX does not report compile time)"
+  line += f", {timing.compile_s:.2f} s of it tracing and compiling"
+  if timing.run_s > 0:
+    line += f"; {tokens / timing.run_s:.1f} tok/s over the other {timing.run_s:.2f} s (prefill + decode)"
+  return line
 
 
 def describe_sparsity(sparsity, config) -> str:
@@ -139,10 +179,28 @@ def encode_prompts(tokenizer, prompts, *, chat: bool) -> list[list[int]]:
   return [tokenizer.encode(p) for p in prompts]
 
 
-def stop_tokens(tokenizer, config) -> tuple[int, ...]:
+def stop_tokens(tokenizer, config, ckpt=None) -> tuple[int, ...]:
+  """Token ids that end a row: the model config's and the tokenizer's end-of-sequence tokens, the end-of-turn
+  tokens of the chat template (special tokens in it named like `<|im_end|>`, `<|eot_id|>`, `<end_of_turn>`) and the
+  `eos_token_id` of the checkpoint's `generation_config.json` (Llama 3 lists several there)."""
   ids = set(config.eos_token_ids)
   if tokenizer.eos_token_id is not None:
     ids.add(int(tokenizer.eos_token_id))
+  template = getattr(tokenizer, "chat_template", None) or ""
+  template = " ".join(template.values()) if isinstance(template, dict) else str(template)
+  added = tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {}
+  for text, token_id in added.items():
+    name = text.lower()
+    if text in template and ("end" in name or "eot" in name):
+      ids.add(int(token_id))
+  if ckpt is not None:
+    gen_config = pathlib.Path(ckpt).expanduser() / "generation_config.json"
+    if gen_config.is_file():
+      try:
+        eos = json.loads(gen_config.read_text(encoding="utf-8")).get("eos_token_id")
+      except json.JSONDecodeError:
+        eos = None
+      ids.update(int(e) for e in (eos if isinstance(eos, list) else [eos] if eos is not None else []))
   return tuple(sorted(ids))
 
 

@@ -14,6 +14,8 @@ import argparse
 import pathlib
 import sys
 
+from polar_jax.cli import interruptible
+
 
 def parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(prog="polar-train-routers", description=__doc__,
@@ -55,6 +57,7 @@ def load_texts(sources, split: str) -> list[str]:
   return texts
 
 
+@interruptible("polar-train-routers")
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   import polar_jax

@@ -1,6 +1,6 @@
 """Results of `polar-eval`: JSON lines, per-item details, the markdown table, the plot and the critical density.
 
-Files in the output directory (default `benchmarks/results/`):
+Files in the output directory (`polar-eval --out DIR`):
 
 * `accuracy.jsonl`: one JSON object per (model, task, selector, density, mode, budget), appended. Keys: `model`,
   `task` ("ppl" or the MC task), `selector` ("dense" when every layer keeps every group, else router / oracle /
@@ -20,7 +20,10 @@ Files in the output directory (default `benchmarks/results/`):
 
 Critical density (per selector): the lowest evaluated density < 1 whose average zero-shot accuracy (mean over the
 MC tasks evaluated at both that density and dense) is at least dense - 1 point and whose perplexity is at most
-dense x 1.03 (when ppl was evaluated). None when no density qualifies.
+dense x 1.03 (when ppl was evaluated). None when no density qualifies. It is *decided* only when every verdict it
+rests on (the chosen density passes, each lower one fails) holds beyond 2 standard errors of the difference to dense
+(paired over the same documents / windows when the details are there), and one document of a task moves the average
+accuracy by at most the 1-point tolerance (SciQ alone: at least 100 documents); else the summary says why not.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ import numpy as np
 ACC_TOLERANCE = 0.01       # within 1 point of dense
 PPL_TOLERANCE = 0.03       # within +3% of dense
 SELECTOR_ORDER = ("dense", "router", "oracle", "static", "random")
-DEFAULT_OUT = pathlib.Path("benchmarks") / "results"
+DECISION_Z = 2.0           # a verdict holds when the difference to dense is this many standard errors from the line
 RESULTS_FILE = "accuracy.jsonl"
 TABLE_FILE = "accuracy.md"
 
@@ -158,8 +161,12 @@ def average_accuracy(by_task: dict[str, dict], tasks: Sequence[str]) -> float | 
   return float(np.mean(vals)) if tasks and len(vals) == len(tasks) else None
 
 
-def critical_density(settings: dict[tuple, dict], selector: str, budget: str = "") -> dict:
-  """The critical density of `selector` (see the module docstring), with the numbers it was decided on."""
+def critical_density(settings: dict[tuple, dict], selector: str, budget: str = "", out_dir=None) -> dict:
+  """The critical density of `selector` (see the module docstring), with the numbers it was decided on.
+
+  `decided` is False (and `undecided` says why) when too few documents were evaluated to tell the verdicts from
+  noise; with `out_dir` the standard errors are paired (per-document details), else from the records' stderr.
+  """
   dense = settings.get(("dense", 1.0, ""), {})
   mc = sorted(t for t in dense if t != "ppl")
   dense_acc = average_accuracy(dense, mc)
@@ -174,11 +181,68 @@ def critical_density(settings: dict[tuple, dict], selector: str, budget: str = "
     ok_ppl = dense_ppl is None or (ppl is not None and ppl <= dense_ppl * (1 + PPL_TOLERANCE) + 1e-12)
     if dense_acc is None and dense_ppl is not None:   # ppl only
       ok_acc = True
-    rows.append({"density": dens, "avg_acc": acc, "ppl": ppl, "passes": bool(ok_acc and ok_ppl)})
+    row = {"density": dens, "avg_acc": acc, "ppl": ppl, "passes": bool(ok_acc and ok_ppl)}
+    row.update(_verdict_margin(out_dir, by_task, dense, mc, ok_acc, ok_ppl))
+    rows.append(row)
     if ok_acc and ok_ppl and best is None:
       best = dens
+  relied = [r for r in rows if best is None or r["density"] <= best]   # the chosen density and every lower one
+  why = [f"density {r['density']:g}: {r['undecided']}" for r in relied if r["undecided"]]
   return {"selector": selector, "budget": budget, "critical_density": best, "dense_avg_acc": dense_acc,
-          "dense_ppl": dense_ppl, "tasks": mc, "checked": rows}
+          "dense_ppl": dense_ppl, "tasks": mc, "checked": rows, "decided": not why, "undecided": "; ".join(why)}
+
+
+def _difference(out_dir, rec: dict, dense: dict) -> tuple[float, float]:
+  """(difference rec - dense, its standard error): accuracy, or log perplexity ratio for ppl. Paired over the same
+  documents / windows from the details in `out_dir` when they are there, else from the records' standard errors."""
+  if out_dir is not None:
+    d = paired_difference(out_dir, rec, dense)
+    if d is not None:
+      return d[0], d[1]
+  if rec["task"] == "ppl":   # delta method: se(log ppl) = se(ppl) / ppl
+    return (math.log(rec["value"] / dense["value"]),
+            math.hypot(rec["stderr"] / rec["value"], dense["stderr"] / dense["value"]))
+  return rec["value"] - dense["value"], math.hypot(rec["stderr"], dense["stderr"])
+
+
+def _verdict_margin(out_dir, by_task: dict, dense: dict, mc: Sequence[str], ok_acc: bool, ok_ppl: bool) -> dict:
+  """The differences to dense behind one density's pass / fail, and why that verdict is not decided ("" if it is)."""
+  out: dict[str, Any] = {"acc_diff": None, "acc_diff_se": None, "ppl_log_ratio": None, "ppl_log_ratio_se": None}
+  reasons = []
+  if mc and all(t in by_task and t in dense for t in mc):
+    diffs = [_difference(out_dir, by_task[t], dense[t]) for t in mc]
+    diff = sum(d for d, _ in diffs) / len(mc)
+    se = math.sqrt(sum(e * e for _, e in diffs)) / len(mc)
+    out.update(acc_diff=diff, acc_diff_se=se)
+    coarse = [f"{t} n={by_task[t]['n']}" for t in mc if 1.0 / (len(mc) * by_task[t]["n"]) > ACC_TOLERANCE + 1e-12]
+    if coarse:
+      reasons.append(f"too few documents ({', '.join(coarse)}): one document moves the average accuracy by more "
+                     f"than the {100 * ACC_TOLERANCE:g}-point tolerance")
+    elif abs(diff + ACC_TOLERANCE) < DECISION_Z * se:
+      reasons.append(f"average accuracy {100 * diff:+.1f} ± {100 * se:.1f} points vs dense, within {DECISION_Z:g} "
+                     f"standard errors of the -{100 * ACC_TOLERANCE:g}-point line it "
+                     f"{'passes' if ok_acc else 'fails'}")
+  if "ppl" in by_task and "ppl" in dense:
+    d, se = _difference(out_dir, by_task["ppl"], dense["ppl"])
+    out.update(ppl_log_ratio=d, ppl_log_ratio_se=se)
+    line = math.log1p(PPL_TOLERANCE)
+    if abs(line - d) < DECISION_Z * se:
+      reasons.append(f"perplexity {100 * math.expm1(d):+.1f}% vs dense (standard error {100 * se:.1f}%), within "
+                     f"{DECISION_Z:g} standard errors of the +{100 * PPL_TOLERANCE:g}% line it "
+                     f"{'passes' if ok_ppl else 'fails'}")
+  out["undecided"] = "; ".join(reasons)
+  return out
+
+
+def describe_critical(summary: dict) -> str:
+  """A critical-density summary (`critical_density` / `critical_records`) as one line of text: the density, and
+  when it is not decided, why and what to do."""
+  value = summary["critical_density"]
+  text = "none of those evaluated" if value is None else f"{value:g}"
+  if summary.get("decided", True):
+    return text
+  return (f"{text}, NOT DECIDED (too few documents to tell it from noise: {summary['undecided']}; evaluate more, "
+          "e.g. a larger --limit)")
 
 
 def _load_details(out_dir, rec) -> dict | None:
@@ -267,11 +331,9 @@ def markdown(out_dir, records: Sequence[dict] | None = None) -> str:
               f"and perplexity within +{100 * PPL_TOLERANCE:.0f}% of dense.", ""]
     for sel in [s for s in SELECTOR_ORDER if s != "dense"]:
       for budget in sorted({k[2] for k in settings if k[0] == sel}):
-        cd = critical_density(settings, sel, budget)
+        cd = critical_density(settings, sel, budget, out_dir)
         label = sel + (f" (budget {budget})" if budget else "")
-        lines.append(f"- **{label}**: critical density "
-                     f"{'none of those evaluated' if cd['critical_density'] is None else cd['critical_density']}"
-                     f" ({_checked(cd)})")
+        lines.append(f"- **{label}**: critical density {describe_critical(cd)} ({_checked(cd)})")
     lines.append("")
   return "\n".join(lines) + "\n"
 
@@ -431,6 +493,6 @@ def critical_records(out_dir, model: str, mode: str, selectors: Sequence[str], b
   for sel in selectors:
     if sel == "dense":
       continue
-    cd = critical_density(settings, sel, budget)
+    cd = critical_density(settings, sel, budget, out_dir)
     out.append({"kind": "critical_density", "model": model, "mode": mode, **cd, **provenance()})
   return out

@@ -25,11 +25,21 @@ FORMAT_VERSION = 1
 METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
 DEFAULT_MODEL_ROUTERS = "smollm2-135m"
+DEFAULT_NAME = "default"   # what `load_routers("default", model)` and `--routers default` call the shipped routers
 
 
 def default_routers_dir(name: str = DEFAULT_MODEL_ROUTERS) -> pathlib.Path:
   """Routers shipped inside the package (`polar_jax/assets/routers/<name>`)."""
   return pathlib.Path(__file__).resolve().parent.parent / "assets" / "routers" / name
+
+
+def routers_dir(directory: str | os.PathLike | None) -> pathlib.Path:
+  """The absolute router directory `directory` names: None or the string "default" -> the shipped SmolLM2-135M
+  routers (`default_routers_dir()`); anything else is a path (`~` expanded; a local folder called "default" is
+  "./default" or a `pathlib.Path`). Absolute because Orbax reads and writes only absolute paths."""
+  if directory is None or (isinstance(directory, str) and directory == DEFAULT_NAME):
+    return default_routers_dir()
+  return pathlib.Path(directory).expanduser().absolute()
 
 
 def _tree(routers: Routers) -> dict[str, Any]:
@@ -45,7 +55,7 @@ def save_routers(routers: Routers, directory: str | os.PathLike, metadata: dict[
                  *, overwrite: bool = True) -> pathlib.Path:
   """Writes `routers` (and `metadata`, merged over `routers.metadata`) to `directory`."""
   import orbax.checkpoint as ocp
-  directory = pathlib.Path(directory).absolute()
+  directory = pathlib.Path(directory).expanduser().absolute()
   if directory.exists():
     if not overwrite:
       raise FileExistsError(f"{directory} exists")
@@ -65,9 +75,11 @@ def save_routers(routers: Routers, directory: str | os.PathLike, metadata: dict[
   return directory
 
 
-def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-  """`metadata.json` of a router directory (RouterMismatchError when missing or unreadable)."""
-  path = pathlib.Path(directory) / METADATA_FILE
+def read_metadata(directory: str | os.PathLike | None) -> dict[str, Any]:
+  """`metadata.json` of a router directory, "default" / None for the shipped routers (RouterMismatchError when
+  missing or unreadable)."""
+  directory = routers_dir(directory)
+  path = directory / METADATA_FILE
   if not path.is_file():
     raise RouterMismatchError(f"{directory} is not a router directory: {METADATA_FILE} is missing "
                               "(write one with polar-train-routers)")
@@ -83,8 +95,13 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
 def load_routers(directory: str | os.PathLike | None = None, model_or_config=None) -> Routers:
   """Loads routers written by `polar-train-routers` (default: the shipped SmolLM2-135M routers).
 
+  Example:
+    routers = polar_jax.load_routers("default", model)    # the shipped SmolLM2-135M routers
+    routers = polar_jax.load_routers("routers/mine", model)  # written by polar-train-routers --out routers/mine
+
   Args:
-    directory: a router directory, or None for `default_routers_dir()`.
+    directory: a router directory (relative paths and `~` work), or "default" / None for the shipped SmolLM2-135M
+      routers (`default_routers_dir()`).
     model_or_config: a `CausalLM` or `ModelConfig`; when given, the routers must have been trained for
       the same architecture (`ModelConfig.fingerprint()`), else RouterMismatchError says which is which.
 
@@ -92,7 +109,7 @@ def load_routers(directory: str | os.PathLike | None = None, model_or_config=Non
     `Routers` with float32 weights, the neuron budget table and the metadata.
   """
   import orbax.checkpoint as ocp
-  directory = pathlib.Path(directory) if directory is not None else default_routers_dir()
+  directory = routers_dir(directory)
   md = read_metadata(directory)
   shapes = {k: tuple(v) for k, v in md["shapes"].items()}
   target = {"head": {k: jax.ShapeDtypeStruct(shapes[k], np.float32) for k in ("w_ldg", "b_lg")}}
@@ -100,7 +117,7 @@ def load_routers(directory: str | os.PathLike | None = None, model_or_config=Non
     target["neuron"] = {k: jax.ShapeDtypeStruct(shapes[k], np.float32) for k in ("w_down_ldr", "w_up_lrn", "b_ln")}
   try:
     with ocp.StandardCheckpointer() as ckpt:
-      tree = ckpt.restore((directory / PARAMS_DIR).absolute(), target)
+      tree = ckpt.restore(directory / PARAMS_DIR, target)
   except Exception as e:  # noqa: BLE001
     raise RouterMismatchError(f"cannot restore router weights from {directory / PARAMS_DIR}: "
                               f"{type(e).__name__}: {e}") from e
