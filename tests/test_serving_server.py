@@ -72,11 +72,15 @@ def client(server):
   return openai.OpenAI(base_url=server["url"] + "/v1", api_key="none", max_retries=0, timeout=120)
 
 
+REF_TOKENS = 20   # one `generate` program for every reference of a length bucket
+
+
 def _greedy_text(server, ids, n):
-  """Reference: `polar_jax.generate` on the server's model, decoded as the server does."""
+  """Reference: the first n tokens `polar_jax.generate` makes on the server's model, decoded as the server does."""
+  assert n <= REF_TOKENS
   engine = server["engine"]
-  out = polar_jax.generate(engine.model, [ids], max_new_tokens=n, stop_tokens=engine.eos_ids)
-  toks = out.tokens[0, :out.lengths[0]].tolist()
+  out = polar_jax.generate(engine.model, [ids], max_new_tokens=REF_TOKENS, stop_tokens=engine.eos_ids)
+  toks = out.tokens[0, :min(n, out.lengths[0])].tolist()
   return server["tokenizer"].decode(toks, skip_special_tokens=True), toks
 
 
@@ -245,6 +249,31 @@ def test_client_disconnect_mid_stream_frees_the_slot(server):
       break
     time.sleep(0.05)
   assert after == before + 1
+
+
+def test_client_gone_before_a_plain_response_frees_the_slot(server):
+  before = _sample(_metrics(server), "polar:request_success_total", finished_reason="cancelled")
+  body = {"prompt": PROMPT, "max_tokens": MAX_LEN - 8, "temperature": 0, "ignore_eos": True}
+  try:
+    httpx.post(server["url"] + "/v1/completions", json=body, timeout=0.05)   # gives up before the answer
+  except httpx.TimeoutException:
+    pass
+  deadline = time.time() + 20
+  while time.time() < deadline:
+    after = _sample(_metrics(server), "polar:request_success_total", finished_reason="cancelled")
+    if after > before:
+      break
+    time.sleep(0.05)
+  assert after == before + 1 and _wait_idle(server)
+
+
+def test_cli_sparsity_settings(ckpt):
+  from polar_jax.cli.generate import build_sparsity
+  args = serve_cli.parser().parse_args([str(ckpt), "--attn-density", "0.5", "--selector", "random",
+                                        "--sparse-min-rows", "2"])
+  sparsity, routers = build_sparsity(args)
+  assert (sparsity.attn_density, sparsity.selector, routers, args.sparse_min_rows) == (0.5, "random", None, 2)
+  assert build_sparsity(serve_cli.parser().parse_args([str(ckpt)])) == (None, None)
 
 
 def test_metrics(server, client):
