@@ -72,7 +72,18 @@ def prefill_attention(q_bthd, k_bshd, v_bshd, lengths_b, *, scale: float, window
 
 
 class Attention(nnx.Module):
-  """Self-attention of one layer: dense q/k/v/o projections, RoPE or none (OPT)."""
+  """Self-attention of one layer: q/k/v/o projections (q|k|v one matmul after `polar_jax.fusion`), grouped-query
+  heads, RoPE or none (OPT), an optional sliding window.
+
+  Args:
+    config: the model's `ModelConfig` (heads, KV groups, head_dim, biases, positions, sliding window).
+    dtype: parameter dtype.
+    rngs: `nnx.Rngs` for the random initial weights.
+
+  `forward` / `prefill` attend over a compacted batch of prompts (`prefill` also writes the KV cache); `decode`
+  attends one new token per row to the cached keys and values, only over the KV groups a `HeadSelection` keeps
+  when Polar Sparsity is on.
+  """
 
   def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
     d, hq, hkv, hd = config.hidden_size, config.num_heads, config.num_kv_heads, config.head_dim

@@ -32,6 +32,18 @@ class KVCache:
 
   @classmethod
   def init(cls, config: ModelConfig, batch: int, max_len: int, dtype) -> "KVCache":
+    """An empty cache: zeros `[batch, num_kv_heads, max_len, head_dim]` of `dtype` per layer, every row's length 0.
+
+    Args:
+      config: the model's `ModelConfig` (layers, KV heads, head_dim).
+      batch: rows (sequences decoded together).
+      max_len: slots per row: the longest prompt plus the tokens to generate (`polar_jax.generate` sizes it).
+      dtype: the cache dtype, normally the model's (`model.dtype`).
+
+    Example:
+      cache = KVCache.init(model.config, batch=4, max_len=256, dtype=model.dtype)
+      logits_bv, cache = model.prefill(tokens_bt, lengths_b, cache)
+    """
     shape = (batch, config.num_kv_heads, max_len, config.head_dim)
     zeros = tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers))
     return cls(k_bhsd=zeros, v_bhsd=tuple(jnp.zeros(shape, dtype) for _ in range(config.num_layers)),

@@ -19,7 +19,16 @@ ACTIVATIONS = {
 
 
 class GatedMLP(nnx.Module):
-  """`down(act(gate(x)) * up(x))`."""
+  """`down(act(gate(x)) * up(x))`, the Llama / Mistral / Qwen2 MLP (gate and up one matmul after
+  `polar_jax.fusion`).
+
+  Args:
+    config: the model's `ModelConfig` (hidden_size, intermediate_size, activation).
+    dtype: parameter dtype.
+    rngs: `nnx.Rngs` for the random initial weights.
+
+  Call it on `[..., d]`; `decode` is the decode step's path through the Pallas projection kernels.
+  """
 
   def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
     d, f = config.hidden_size, config.intermediate_size
@@ -72,7 +81,13 @@ class GatedMLP(nnx.Module):
 
 
 class NeuronMLP(nnx.Module):
-  """`fc2(act(fc1(x)))` with one row per neuron in both weights, so neurons can be gathered.
+  """`fc2(act(fc1(x)))` with one row per neuron in both weights, so neurons can be gathered: the OPT (ReLU) MLP that
+  Polar Sparsity's neuron routers sparsify (`sparse` runs only a selected set of neurons).
+
+  Args:
+    config: the model's `ModelConfig` (hidden_size, intermediate_size, activation, mlp_bias).
+    dtype: parameter dtype.
+    rngs: `nnx.Rngs` for the random initial weights.
 
   Attributes:
     w_in_nd: `[N, d]` fc1 weight (HF `fc1.weight`).

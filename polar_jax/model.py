@@ -54,7 +54,17 @@ class LayerOut(NamedTuple):
 
 
 class DecoderLayer(nnx.Module):
-  """Attention + MLP with pre-norm (most models) or post-norm (OPT-350m) residuals."""
+  """One transformer block: `attn` (`Attention`) and `mlp` (`GatedMLP`, or `NeuronMLP` for ReLU/OPT models), each
+  with its norm, as pre-norm (most models) or post-norm (OPT-350m) residuals.
+
+  Args:
+    config: the model's `ModelConfig`.
+    dtype: parameter dtype.
+    rngs: `nnx.Rngs` for the random initial weights (`polar_jax.load_model` replaces them).
+
+  `CausalLM` calls `forward` (full sequences), `prefill` (compacted prompts, filling the KV cache) and `decode`
+  (one token per row; a `LayerPlan` carries the Polar Sparsity selections, `DecodeOptions` the kernel choices).
+  """
 
   def __init__(self, config: ModelConfig, *, dtype, rngs: nnx.Rngs):
     kw = dict(eps=config.norm_eps, dtype=dtype, rngs=rngs)
@@ -146,7 +156,23 @@ class DecoderLayer(nnx.Module):
 
 
 class CausalLM(nnx.Module):
-  """A decoder-only language model.
+  """A decoder-only language model (Llama, Mistral, Qwen2 and OPT families) as a Flax NNX module.
+
+  Usually made by `polar_jax.load_model(CKPT)` (converted weights) or `polar_jax.init_model(config)` (random
+  weights) rather than by the constructor. Entry points: `model(input_ids, attention_mask)` for float32 logits of
+  every position; `prefill(tokens_bt, lengths_b, cache)` then `decode_step(tokens_b, cache)` for incremental
+  decoding with a `KVCache`, which `polar_jax.generate` runs jitted.
+
+  Args:
+    config: the architecture (`ModelConfig`; a checkpoint's: `polar_jax.checkpoint.load_config(CKPT)`).
+    dtype: parameter and activation dtype (logits are float32).
+    rngs: `nnx.Rngs` for the random initial weights.
+
+  Attributes:
+    config, dtype: as given.
+    layers: one `DecoderLayer` per layer.
+    embed, pos_embed (learned positions, OPT; else None), project_in / project_out (OPT-350m; else None),
+    final_norm, lm_head (None with tied embeddings): the remaining parameters.
 
   Example:
     model = CausalLM(config, dtype=jnp.float32, rngs=nnx.Rngs(0))

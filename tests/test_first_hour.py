@@ -356,6 +356,9 @@ def test_public_names():
               "NeuronMLP": mlp.NeuronMLP, "CausalLM": model.CausalLM}
   for name, obj in expected.items():
     assert name in polar_jax.__all__ and getattr(polar_jax, name) is obj, name
+  for cls in (model.CausalLM, model.DecoderLayer, attention.Attention, mlp.GatedMLP, mlp.NeuronMLP):
+    assert "config:" in cls.__doc__ and "rngs:" in cls.__doc__, cls.__name__   # what the constructor takes
+  assert all(f"{arg}:" in kv_cache.KVCache.init.__doc__ for arg in ("config", "batch", "max_len", "dtype"))
 
 
 def test_demo_explains_its_density_and_shows_both_texts(tiny_dir, monkeypatch, capsys):
