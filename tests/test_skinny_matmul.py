@@ -21,6 +21,8 @@ from polar_jax import layers
 from polar_jax.config import ModelConfig
 from polar_jax.kv_cache import KVCache
 from polar_jax.model import init_model
+from polar_jax.options import DecodeOptions
+from polar_jax.selection import GroupIndices, LinearRouter
 
 LLAMA_GQA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=64, intermediate_size=96, num_layers=2,
                         num_heads=4, num_kv_heads=2, head_dim=16, max_position_embeddings=64)
@@ -195,7 +197,7 @@ def test_gated_mlp_decode_matches_call():
   with jax.default_matmul_precision("highest"):
     ref = np.asarray(h + mlp(x))
     for impl in ("pallas", "xla"):
-      np.testing.assert_allclose(np.asarray(mlp.decode(x, residual_md=h, implementation=impl)), ref, rtol=1e-5,
+      np.testing.assert_allclose(np.asarray(mlp.decode(x, residual_md=h, implementation=impl).y), ref, rtol=1e-5,
                                  atol=1e-5)
 
 
@@ -251,7 +253,7 @@ def test_linear_decode_matches_call(bias):
          + (np.asarray(lin.bias[...], np.float64) if bias else 0))   # not lin(x): XLA's float32 dot is TF32 on GPUs
   np.testing.assert_allclose(np.asarray(lin(x, residual=res)), ref, rtol=2e-3, atol=2e-3)
   for impl in ("pallas", "xla"):
-    np.testing.assert_allclose(np.asarray(lin.decode(x, residual=res, implementation=impl)), ref,
+    np.testing.assert_allclose(np.asarray(lin.decode(x, residual=res, implementation=impl).y), ref,
                                rtol=1e-5, atol=1e-5)
 
 
@@ -278,16 +280,22 @@ def test_decode_step_with_and_without_the_kernel(config, monkeypatch):
   _, cache = model.prefill(tokens, lengths, KVCache.init(config, 3, 16, jnp.float32))
   outs = {}
   for on in (True, False):
-    monkeypatch.setattr(layers, "DECODE_MATMUL", on)
     with jax.default_matmul_precision("highest"):         # (XLA's float32 dots are TF32 on GPUs)
-      logits, new = model.decode_step(jnp.asarray([1, 2, 3], jnp.int32), cache, implementation="pallas")
+      logits, new = model.decode_step(jnp.asarray([1, 2, 3], jnp.int32), cache, options=_projections(on))
     outs[on] = (logits, new.k_bhsd[1])
   np.testing.assert_allclose(np.asarray(outs[True][0]), np.asarray(outs[False][0]), rtol=1e-4, atol=1e-4)
   np.testing.assert_allclose(np.asarray(outs[True][1]), np.asarray(outs[False][1]), rtol=1e-5, atol=1e-5)
   assert layouts.count("nk") == (config.num_layers if config.mlp == "relu_mlp" else 0)   # one fc1 per layer
 
 
-def _routed_decoder():
+def _projections(fused: bool, **kw) -> DecodeOptions:
+  """The Pallas kernels (interpreted on CPU) with the projections on skinny_matmul, or on XLA's dots."""
+  if fused:
+    return DecodeOptions(kernels="pallas", **kw)
+  return DecodeOptions(kernels="pallas", fused_projections=False, deferred_norm=False, router_in_qkv=False)
+
+
+def _routed_decoder(options=None):
   """A fused tiny GQA model with a random head router, prefilled for 3 rows, and its density-0.5 decode step."""
   from polar_jax.routers import Routers
   from polar_jax.sparse_decode import make_decoder
@@ -299,7 +307,8 @@ def _routed_decoder():
   tokens = jnp.asarray([[5, 9, 13, 2, 7, 1, 4], [3, 1, 0, 0, 0, 0, 0], [8, 8, 4, 60, 2, 11, 7]], jnp.int32)
   lengths = jnp.asarray([7, 2, 7], jnp.int32)
   _, cache = model.prefill(tokens, lengths, KVCache.init(LLAMA_GQA, 3, 16, jnp.float32))
-  decode, state = make_decoder(model, SparsityConfig(attn_density=0.5), routers, batch=3, implementation="pallas")
+  decode, state = make_decoder(model, SparsityConfig(attn_density=0.5), routers, batch=3,
+                               options=options or _projections(True))
   return model, cache, decode, state
 
 
@@ -307,22 +316,21 @@ def test_sparse_decode_router_in_the_qkv_kernel(monkeypatch):
   """Sparse decode with a head router: on the kernel path the router scores come out of the q|k|v kernel (a side
   weight) and the logits equal those of XLA's dots and router (same groups chosen)."""
   import pallas_kernels
-  model, cache, decode, state = _routed_decoder()
   calls = []
   real = pallas_kernels.skinny_matmul
 
   widths = []
 
   def spy(*args, **kwargs):
-    calls.append(kwargs.get("side_w_KP") is not None)
+    calls.append(kwargs.get("side") is not None)
     if calls[-1]:
-      widths.append(kwargs["side_w_KP"].shape[1])
+      widths.append(kwargs["side"].w_KP.shape[1])
     return real(*args, **kwargs)
 
   monkeypatch.setattr(pallas_kernels, "skinny_matmul", spy)
   logits = {}
   for on in (True, False):
-    monkeypatch.setattr(layers, "DECODE_MATMUL", on)
+    model, cache, decode, state = _routed_decoder(_projections(on))
     with jax.default_matmul_precision("highest"):         # (XLA's float32 dots are TF32 on GPUs)
       logits[on], _ = decode(model, jnp.asarray([1, 2, 3], jnp.int32), cache, state)
   assert True in calls and False in calls    # the routed layer's q|k|v; layer 0 and the other projections
@@ -335,34 +343,33 @@ def test_side_width():
   assert [side_width(p) for p in (1, 3, 8, 16, 17, 32, 33)] == [16, 16, 16, 16, 32, 32, 64]
 
 
-def test_attention_decode_router_argument(monkeypatch):
-  """Attention.decode(router=) selects from the scores it computes, also with the kernels switched off (XLA), and
-  refuses it without a fused q|k|v projection."""
+def test_attention_decode_linear_router():
+  """Attention.decode(LinearRouter) takes each row's top groups of the scores the q|k|v kernel computes (the same
+  output as attending to the float64 top groups given as indices), with the Pallas kernel and the XLA reference;
+  without a fused q|k|v projection (or with fused_projections off) it refuses the router."""
   model = fusion.fuse_projections(init_model(LLAMA_GQA, seed=5))
   layer = model.layers[1]
   h = jax.random.normal(jax.random.key(8), (2, 64))
-  caches = [jnp.zeros((2, 2, 8, 16)) for _ in range(2)]
+  caches = [jax.random.normal(jax.random.key(i), (2, 2, 8, 16)) for i in (10, 11)]
   lengths = jnp.asarray([3, 5], jnp.int32)
   w = jax.random.normal(jax.random.key(9), (64, 2))
-  picked = []
-
-  def pick(scores):
-    picked.append(scores)
-    return jnp.argmax(scores, axis=1)[:, None].astype(jnp.int32)
-
-  outs = []
-  for on in (True, False):
-    monkeypatch.setattr(layers, "DECODE_MATMUL", on)
+  router = LinearRouter(w, jnp.zeros(2), k=1, side=(jnp.pad(w, ((0, 0), (0, 14))), jnp.zeros(16)))
+  x = layer.attn_norm(h)
+  want_groups = np.argmax(np.asarray(x, np.float64) @ np.asarray(w, np.float64), axis=1)[:, None].astype(np.int32)
+  for kernels in ("pallas", "xla"):
+    options = DecodeOptions(kernels=kernels)
+    assert layer.attn.fuses_router(router, options)
     with jax.default_matmul_precision("highest"):
-      outs.append(layer.attn.decode(layer.attn_norm(h), lengths, *caches, router=(w, jnp.zeros(2), pick),
-                                    residual_bd=h)[0])
-  want = np.asarray(layer.attn_norm(h), np.float64) @ np.asarray(w, np.float64)
-  for scores in picked:
-    np.testing.assert_allclose(np.asarray(scores), want, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(np.asarray(outs[0]), np.asarray(outs[1]), rtol=1e-4, atol=1e-4)
+      got = layer.attn.decode(x, lengths, *caches, router, options=options, residual_bd=h)
+      want = layer.attn.decode(x, lengths, *caches, GroupIndices(jnp.asarray(want_groups)), options=options,
+                               residual_bd=h)
+    np.testing.assert_allclose(np.asarray(got.h), np.asarray(want.h), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got.k_cache_bhsd), np.asarray(want.k_cache_bhsd))
   unfused = init_model(LLAMA_GQA, seed=5).layers[1]
-  with pytest.raises(ValueError, match="needs a fused q"):
-    unfused.attn.decode(h, lengths, *caches, router=(w, jnp.zeros(2), pick))
+  with pytest.raises(ValueError, match="needs the fused q\\|k\\|v kernel"):
+    unfused.attn.decode(x, lengths, *caches, router)
+  with pytest.raises(ValueError, match="needs the fused q\\|k\\|v kernel"):
+    layer.attn.decode(x, lengths, *caches, router, options=_projections(False))
 
 
 @pytest.mark.parametrize("m, p, g, k, cfg", [
@@ -400,28 +407,26 @@ def test_side_topk_bad_input():
 
 
 def test_sparse_decode_router_topk_in_the_kernel(monkeypatch):
-  """The decode step with the router's top-k in the q|k|v kernel's side program gives the same logits as the top-k
-  after the kernel (the same groups), and the kernel is asked for it (side_topk=(G, k)) in every routed layer."""
-  from polar_jax import model as model_mod
+  """The decode step with the router's scores and top-k in the q|k|v kernel's side program (side topk=(G, k) in every
+  routed layer) gives the same logits as the router's own dot and top-k (`router_in_qkv=False`: no side weight)."""
   import pallas_kernels
-  model, cache, decode, state = _routed_decoder()
   asked = []
   real = pallas_kernels.skinny_matmul
 
   def spy(*args, **kwargs):
-    if kwargs.get("side_w_KP") is not None:
-      asked.append(kwargs.get("side_topk"))
+    if kwargs.get("side") is not None:
+      asked.append(kwargs["side"].topk)
     return real(*args, **kwargs)
 
   monkeypatch.setattr(pallas_kernels, "skinny_matmul", spy)
   logits = {}
   for on in (True, False):
-    monkeypatch.setattr(model_mod, "ROUTER_TOPK_IN_QKV", on)
+    model, cache, decode, state = _routed_decoder(_projections(True, router_in_qkv=on))
     asked.clear()
     with jax.default_matmul_precision("highest"):
       logits[on], _ = decode(model, jnp.asarray([1, 2, 3], jnp.int32), cache, state)
-    assert asked == [(LLAMA_GQA.num_kv_heads, 1) if on else None] * (LLAMA_GQA.num_layers - 1)
-  np.testing.assert_array_equal(np.asarray(logits[True]), np.asarray(logits[False]))
+    assert asked == ([(LLAMA_GQA.num_kv_heads, 1)] * (LLAMA_GQA.num_layers - 1) if on else [])
+  np.testing.assert_allclose(np.asarray(logits[True]), np.asarray(logits[False]), rtol=1e-5, atol=1e-5)
 
 
 NK_CASES = [  # m, k, n, dtype, bias, residual, relu, config (None: the heuristic)
@@ -469,10 +474,9 @@ def test_nk_bad_input():
 
 
 @pytest.mark.parametrize("bias", [False, True])
-def test_neuron_mlp_decode_matches_call(bias, monkeypatch):
+def test_neuron_mlp_decode_matches_call(bias):
   """NeuronMLP.decode (fc1 from its [N, d] rows with bias + ReLU in the kernel, fc2 with bias + residual) ==
-  h + mlp(x), on both implementations; with the switch off it is the XLA expression itself."""
-  from polar_jax import mlp as mlp_mod
+  h + mlp(x), on both implementations; for an activation the kernel does not take it is the XLA expression."""
   model = init_model(dataclasses.replace(OPT, mlp_bias=bias), seed=5)
   mlp = model.layers[0].mlp
   if bias:
@@ -484,11 +488,11 @@ def test_neuron_mlp_decode_matches_call(bias, monkeypatch):
     ref = np.asarray(h + mlp(x))
     assert mlp.decodes_in_kernels
     for impl in ("pallas", "xla"):
-      np.testing.assert_allclose(np.asarray(mlp.decode(x, residual_md=h, implementation=impl)), ref, rtol=1e-5,
+      np.testing.assert_allclose(np.asarray(mlp.decode(x, residual_md=h, implementation=impl).y), ref, rtol=1e-5,
                                  atol=1e-5)
-    monkeypatch.setattr(mlp_mod, "NEURON_DECODE", False)
-    assert not mlp.decodes_in_kernels
-    np.testing.assert_array_equal(np.asarray(mlp.decode(x, residual_md=h)), ref)
+    gelu = init_model(dataclasses.replace(OPT, mlp_bias=bias, activation="gelu"), seed=5).layers[0].mlp
+    assert not gelu.decodes_in_kernels
+    np.testing.assert_array_equal(np.asarray(gelu.decode(x, residual_md=h).y), np.asarray(h + gelu(x)))
 
 
 ROW_SUM_CASES = [  # m, k, n, dtype, out dtype, relu, w_layout, config (None: the heuristic)
