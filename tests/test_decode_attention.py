@@ -7,16 +7,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_cases import assert_attention_close as _assert_close
 from pallas_kernels import AttentionConfig
 from pallas_kernels import AttentionHeuristics
 from pallas_kernels import decode_attention_persistent as attn_persistent
 from pallas_kernels import decode_attention_triton as attn_triton
 from pallas_kernels import merge_attention_partials
 from pallas_kernels import selective_decode_attention
-
-# (rtol, atol as a fraction of max|ref|) per dtype.
-TOL = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2e-2, 1e-2),
-       jnp.float16: (5e-3, 2e-3)}
 
 
 def _inputs(seed, B, Hq, Hkv, S, D, K, dtype, *, with_start=False):
@@ -52,15 +49,6 @@ def _poison(q, k, v, lengths, group_idx, kv_start):
   nan = jnp.asarray(np.nan, q.dtype)
   return (jnp.where(q_dead, nan, q), jnp.where(kv_dead, nan, k),
           jnp.where(kv_dead, nan, v))
-
-
-def _assert_close(out, ref, dtype):
-  rtol, atol = TOL[dtype]
-  out = np.asarray(out.astype(jnp.float32))
-  ref = np.asarray(ref.astype(jnp.float32))
-  assert np.all(np.isfinite(out))
-  np.testing.assert_allclose(out, ref, rtol=rtol,
-                             atol=atol * max(1.0, np.abs(ref).max()))
 
 
 def _numpy_attention(q, k, v, lengths, group_idx, kv_start, scale):

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_cases import assert_attention_close as _assert_close
 from pallas_kernels import AttentionConfig
 from pallas_kernels import selective_decode_attention
 from pallas_kernels import selective_decode_attention_append
 
-TOL = {jnp.float32: (1e-5, 1e-5), jnp.bfloat16: (2e-2, 1e-2), jnp.float16: (5e-3, 2e-3)}
 DIRECT = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2)
 PERSISTENT = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2, persistent=True)
 SPLIT = AttentionConfig(block_k=16, num_splits=3, num_warps=4, num_stages=2)
@@ -57,13 +57,6 @@ def _expected_caches(k, v, k_new, v_new, cached):
       k[b, :, slot] = np.asarray(k_new[b].astype(jnp.float32))
       v[b, :, slot] = np.asarray(v_new[b].astype(jnp.float32))
   return k, v
-
-
-def _assert_close(out, ref, dtype):
-  rtol, atol = TOL[dtype]
-  out, ref = np.asarray(out.astype(jnp.float32)), np.asarray(ref.astype(jnp.float32))
-  assert np.all(np.isfinite(out))
-  np.testing.assert_allclose(out, ref, rtol=rtol, atol=atol * max(1.0, np.abs(ref).max()))
 
 
 CASES = [
