@@ -308,7 +308,8 @@ def skinny_matmul_triton(x_MK, w_KN, bias_N, residual_MN, side_w_KP, side_b_P, c
   whole = lambda shape: pl.BlockSpec(shape, lambda *_: (0,) * len(shape))  # noqa: E731
   outs = pl.pallas_call(
       functools.partial(_kernel, cfg=config, side_bn=side_bn, glu=glu is not None, relu=activation == "relu",
-                        w_nk=w_layout == "nk", emit=COUNTERS if emit_counters else 0, rms_eps=rms_eps, side_topk=side_topk, interpret=interpret),
+                        w_nk=w_layout == "nk", emit=COUNTERS if emit_counters else 0, rms_eps=rms_eps,
+                        side_topk=side_topk, interpret=interpret),
       grid=(m_blocks, ns, n_blocks + side_blocks),
       in_specs=[None if a is None else whole(a.shape) for a in operands],
       out_specs=[whole(s.shape) for s in out_shape],

@@ -209,7 +209,8 @@ def test_choose_config_persistent():
   assert cfg.programs_per_sm == rules.persistent_programs_per_sm
   assert not attn_triton.choose_config(32, 16, 2048, 80, 2, num_sms=132).persistent
   assert not attn_triton.choose_config(4, 16, 2048, 128, 2, num_sms=132).persistent  # split
-  direct = attn_triton.choose_config(32, 16, 2048, 128, 2, num_sms=132, heuristics=AttentionHeuristics(persistent=False))
+  direct = attn_triton.choose_config(32, 16, 2048, 128, 2, num_sms=132,
+                                     heuristics=AttentionHeuristics(persistent=False))
   assert not direct.persistent and direct.num_splits == 1 and direct.num_stages == 4
   other = AttentionHeuristics(persistent_stages=5, persistent_programs_per_sm=1)
   cfg = attn_triton.choose_config(32, 16, 2048, 128, 2, num_sms=132, heuristics=other)
