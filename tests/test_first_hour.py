@@ -310,9 +310,11 @@ def test_ctrl_c_during_convert_is_clean(tmp_path, phase, pattern):
   assert sorted(x.name for x in tmp_path.iterdir()) == ["hf"]   # neither OUT nor a hidden .out.tmp-* directory
 
 
-@pytest.mark.parametrize("module", ["generate", "eval", "train_routers"])
+@pytest.mark.parametrize("module", ["generate", "eval", "train_routers", "serve"])
 def test_ctrl_c_in_every_cli(module, tiny_dir, tmp_path, monkeypatch, capsys):
   import importlib
+  if module == "serve":
+    pytest.importorskip("uvicorn")   # polar-serve's extra; without it the tool exits before loading anything
   cli = importlib.import_module(f"polar_jax.cli.{module}")
 
   def interrupted(*args, **kwargs):
@@ -321,7 +323,7 @@ def test_ctrl_c_in_every_cli(module, tiny_dir, tmp_path, monkeypatch, capsys):
   monkeypatch.setattr(polar_jax, "load_model", interrupted)
   argv = {"generate": ["ckpt/m", "--prompt", "hi"],
           "eval": ["ckpt/m", "--out", str(tmp_path / "res"), "--tasks", "sciq", "--selector", "random"],
-          "train_routers": ["ckpt/m", "--out", str(tmp_path / "routers")]}[module]
+          "train_routers": ["ckpt/m", "--out", str(tmp_path / "routers")], "serve": ["ckpt/m"]}[module]
   monkeypatch.chdir(tiny_dir)
   try:
     status = cli.main(argv)
@@ -330,6 +332,22 @@ def test_ctrl_c_in_every_cli(module, tiny_dir, tmp_path, monkeypatch, capsys):
   assert status == 130
   prog = {"train_routers": "polar-train-routers"}.get(module, f"polar-{module}")
   assert capsys.readouterr().err == f"{prog}: interrupted\n"
+
+
+def test_every_cli_main_is_interruptible():
+  """A tool added later gets the same Ctrl-C handling: each `polar_jax.cli` module's `main` is wrapped."""
+  import importlib
+  import pkgutil
+
+  import polar_jax.cli
+  mains = {}
+  for info in pkgutil.iter_modules(polar_jax.cli.__path__):
+    module = importlib.import_module(f"polar_jax.cli.{info.name}")
+    if hasattr(module, "main"):
+      mains[info.name] = module.main
+  assert {"convert", "generate", "eval", "train_routers"} <= set(mains)
+  for name, main in mains.items():
+    assert getattr(main, "__wrapped__", None) is not None, f"polar_jax.cli.{name}.main is not @interruptible"
 
 
 # ---- 6. the transformers notice, public names, the demo ------------------------------------------------------

@@ -12,6 +12,8 @@ import argparse
 import pathlib
 import sys
 
+from polar_jax.cli import interruptible
+
 
 def parser() -> argparse.ArgumentParser:
   from polar_jax.serving.params import DEFAULT_SPARSE_MIN_ROWS, EngineOptions
@@ -68,6 +70,7 @@ def build_engine(args):
   return engine, tokenizer, name
 
 
+@interruptible("polar-serve")
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
   try:
