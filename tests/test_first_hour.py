@@ -248,6 +248,10 @@ def test_load_routers_default(smollm2_dir, tmp_path, monkeypatch):
   by_none = polar_jax.load_routers(None, config)
   np.testing.assert_array_equal(np.asarray(by_name.head.w_ldg[...]), np.asarray(by_none.head.w_ldg[...]))
   assert routers_dir("default") == default_routers_dir() and read_metadata("default")["train_groups"] == 2
+  from polar_jax.cli import eval as eval_cli                 # polar-eval --routers default
+  for arg in ("default", None):
+    routers, label = eval_cli.resolve_routers(arg, config, ["router"])
+    assert routers.fingerprint == by_name.fingerprint and label.startswith("smollm2-135m@"), label
   monkeypatch.chdir(tmp_path)                       # a folder called "default" is "./default" or a Path
   assert routers_dir("./default") == routers_dir(pathlib.Path("default")) == tmp_path / "default"
   with pytest.raises(RouterMismatchError, match="trained for another model"):
