@@ -270,6 +270,7 @@ def load_model(path: str | os.PathLike, dtype: Any = None, *,
     from polar_jax import sharding as tp_sharding
     if sharding is not None:
       raise ValueError("pass either sharding= or mesh=, not both")
+    mesh = tp_sharding.as_decode_mesh(mesh)   # a plain jax.make_mesh (Explicit axes, "tp" only) works too
     tp_sharding.check_config(config, tp_sharding.mesh_tp(mesh))
     place = {k: jax.sharding.NamedSharding(mesh, tp_sharding.param_spec(k)) for k in leaves}
   else:
@@ -290,8 +291,6 @@ def load_model(path: str | os.PathLike, dtype: Any = None, *,
     node[p[-1]] = restored[name]
   nnx.replace_by_pure_dict(state, pure)
   model = nnx.merge(graphdef, state)
-  if mesh is not None:
-    tp_sharding.attach_mesh(model, mesh)
   if fuse:
     from polar_jax.fusion import fuse_projections
     fuse_projections(model)

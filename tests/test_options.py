@@ -90,3 +90,11 @@ def test_option_types_are_checked():
     gen.generate(init_model(LLAMA_GQA), PROMPTS, max_new_tokens=2, options="xla")
   assert check_options(None) == DecodeOptions()
   assert DecodeOptions(kernels="auto").implementation is None and DecodeOptions(kernels="xla").implementation == "xla"
+
+
+def test_polar_generate_takes_the_kernels_option():
+  from polar_jax.cli import generate as cli
+  assert cli.parser().parse_args(["m", "--prompt", "hi", "--kernels", "xla"]).kernels == "xla"
+  assert cli.parser().parse_args(["m", "--prompt", "hi"]).kernels == "auto"
+  with pytest.raises(SystemExit):
+    cli.parser().parse_args(["m", "--prompt", "hi", "--kernels", "cuda"])

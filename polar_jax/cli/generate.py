@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--no-stop", action="store_true", help="do not stop at the end-of-sequence / end-of-turn tokens")
   p.add_argument("--timing", action="store_true", help="print the wall time of the generation (it runs once: the "
                  "time includes compiling, reported separately) and tokens/s over the time outside compiling")
+  p.add_argument("--kernels", choices=("auto", "pallas", "xla"), default="auto",
+                 help="decode kernels (polar_jax.DecodeOptions.kernels): auto = Pallas on GPU, XLA elsewhere")
   p.add_argument("--tp", type=int, default=1, help="tensor parallel degree: split heads/KV groups and MLP neurons "
                  "over N devices (polar_jax.sharding)")
   p.add_argument("--dp", type=int, default=1, help="data parallel degree: split the batch over N device groups")
@@ -124,7 +126,7 @@ def main(argv=None) -> int:
     stop = () if args.no_stop else stop_tokens(tok, model.config, args.ckpt)
     kwargs = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop, seed=args.seed,
                   sparsity=sparsity, routers=routers)
-    # Decode-step choices (kernels, ...) go here as `kwargs["options"] = polar_jax.DecodeOptions(...)`.
+    kwargs["options"] = polar_jax.DecodeOptions(kernels=args.kernels)
     out, timing = timed_call(lambda: polar_jax.generate(model, ids, **kwargs))
   except (ValueError, FileNotFoundError) as e:
     print(f"polar-generate: {e}", file=sys.stderr)
