@@ -37,7 +37,7 @@ MLP_MODES = ("dense", "router")
 # Default `mlp_dense_above`: a neuron budget above this fraction of N runs the dense MLP. A routed layer pays for its
 # router (OPT-6.7B, rank 1024: 42 MB of bf16 weights, ~2.6k neurons' rows) and the union selection (~20 us on an
 # H100) to skip N - k neurons, so it only gains while k stays well below N: OPT-6.7B B32 heads 0.5 + MLP union
-# measured 2958.2 tok/s at 0.6 vs 2908.4 at the paper's 0.8 (0.5: 2948.9; benchmarks/NOTES.md, session 13).
+# measured 2958.2 tok/s at 0.6 vs 2908.4 at the paper's 0.8 (0.5: 2948.9; benchmarks/NOTES.md).
 DENSE_FALLBACK_FRACTION = 0.6
 ROUTER_DTYPES = ("float32", "bfloat16", "float16", "int8")
 

@@ -1,1 +1,1 @@
-"""Accuracy of Polar Sparsity decoding with the engine's semantics (issue 5): see `scorer`, `tasks`, `selectors`."""
+"""Accuracy of Polar Sparsity decoding, scored with the decode step itself: see `scorer`, `tasks`, `selectors`."""
