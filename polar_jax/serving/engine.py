@@ -69,7 +69,7 @@ class Engine:
   """A continuous-batching decode engine over one model (see the module docstring).
 
   Args:
-    model: a `CausalLM` on one device.
+    model: a `CausalLM` on one device (ValueError for a model sharded over a mesh).
     max_batch: KV cache slots (requests decoded together).
     max_len: tokens per slot: a request's prompt + `max_tokens` must fit.
     sparsity, routers: Polar Sparsity settings for the sparse step variant (as `polar_jax.generate`).
@@ -87,6 +87,10 @@ class Engine:
     if isinstance(max_len, bool) or not isinstance(max_len, int) or not 2 <= max_len <= cfg.max_position_embeddings:
       raise ValueError(f"max_len must be an integer in [2, {cfg.max_position_embeddings}] (the model's context), "
                        f"got {max_len!r}")
+    from polar_jax.sharding import model_mesh
+    if model_mesh(model) is not None:
+      raise ValueError("the serving engine runs a model on one device; this one is sharded over a mesh "
+                       "(tensor-parallel serving is not supported yet)")
     self.opts = engine_options or EngineOptions()
     if not isinstance(self.opts, EngineOptions):
       raise TypeError(f"engine_options must be an EngineOptions, got {type(self.opts).__name__}")
