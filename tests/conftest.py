@@ -1,4 +1,15 @@
-"""Shared test setup: offline Hugging Face, repo root importable, and the converted real model.
+"""Shared test setup: offline Hugging Face, repo root importable, tiny model configs, and the converted real model.
+
+Tiny configs (import them: `from conftest import LLAMA_GQA`; a test that needs another shape writes
+`dataclasses.replace(LLAMA_GQA, ...)`, so the difference shows where it is used):
+  LLAMA_MHA: RoPE + RMSNorm + gated MLP, 4 query heads = 4 KV heads of 8.
+  LLAMA_GQA: the same with 2 KV heads (2 query heads per group).
+  LLAMA_MHA_8H: 8 heads of 4 (8 KV groups: enough to shard 2 or 4 ways and still select).
+  LLAMA_GQA_8H: 8 query heads of 8 over 4 KV heads.
+  OPT: LayerNorm, ReLU fc1/fc2 MLP, biases everywhere, learned positions, tied embeddings.
+All have 2 layers, vocabulary 97, hidden size 32 and 128 positions: small enough for Pallas interpret mode on CPU.
+
+Markers: `slow` (multi-process, sharding, benchmark smoke and the longest tests); `make test-fast` skips them.
 
 Fixtures:
   smollm2_dir: path of a polar_jax checkpoint (float32, with tokenizer) converted from the real
@@ -9,6 +20,7 @@ Fixtures:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import sys
@@ -22,6 +34,18 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))
+
+from polar_jax.config import ModelConfig  # noqa: E402  (after the repo root is importable)
+
+LLAMA_MHA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
+                        num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=128)
+LLAMA_GQA = dataclasses.replace(LLAMA_MHA, num_kv_heads=2)
+LLAMA_MHA_8H = dataclasses.replace(LLAMA_MHA, num_heads=8, num_kv_heads=8, head_dim=4)
+LLAMA_GQA_8H = dataclasses.replace(LLAMA_MHA, num_heads=8, num_kv_heads=4, head_dim=8)
+OPT = ModelConfig(model_type="opt", vocab_size=97, hidden_size=32, intermediate_size=128, num_layers=2,
+                  num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=128, norm="layer",
+                  norm_eps=1e-5, mlp="relu_mlp", activation="relu", attn_bias=True, o_bias=True, mlp_bias=True,
+                  positions="learned", tie_word_embeddings=True)
 
 
 @pytest.fixture(scope="session")

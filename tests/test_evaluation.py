@@ -430,17 +430,15 @@ def test_cli_expand_kv_and_shards(smollm2_dir, tmp_path, monkeypatch, capsys):
 
 
 # ---- the real model against transformers -----------------------------------------------------------------
-def test_scorer_log_likelihoods_match_transformers_on_smollm2(smollm2_dir):
+def test_scorer_log_likelihoods_match_transformers_on_smollm2(smollm2_dir, hf_smollm2):
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
   import polar_jax
   from polar_jax import data
   model, tok = polar_jax.load_model(smollm2_dir, dtype="float32"), polar_jax.load_tokenizer(smollm2_dir)
   items = data.load_mc_task("arc_easy", 2) + data.load_mc_task("hellaswag", 1)
   reqs = [tasks.mc_task("arc_easy", tok, 2).requests[i] for i in range(2)] + tasks.mc_task("hellaswag", tok, 1).requests
   got = score_requests(model, reqs, max_rows=16)["dense"]
-  path = data.smollm2_gguf_path()
-  hf = transformers.AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=torch.float32).eval()
+  hf = hf_smollm2                                # transformers' float32 model from the same GGUF (shared, eval mode)
   want = []
   for req in reqs:
     vals = []

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import LLAMA_MHA as MHA, OPT
 from polar_jax import fusion
 from polar_jax.checkpoint import load_model, model_params, save_model
 from polar_jax.config import ModelConfig
@@ -15,12 +16,6 @@ from polar_jax.sparsity import SparsityConfig
 
 GQA_BIAS = ModelConfig(model_type="qwen2", vocab_size=97, hidden_size=32, intermediate_size=48, num_layers=2,
                        num_heads=6, num_kv_heads=2, head_dim=8, max_position_embeddings=128, attn_bias=True)
-MHA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                  num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=128)
-OPT = ModelConfig(model_type="opt", vocab_size=97, hidden_size=32, intermediate_size=128, num_layers=2,
-                  num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=128, norm="layer",
-                  norm_eps=1e-5, mlp="relu_mlp", activation="relu", attn_bias=True, o_bias=True, mlp_bias=True,
-                  positions="learned", tie_word_embeddings=True)
 PROMPTS = [[5, 9, 13, 2, 7], [3, 1], [8, 8, 4, 60, 2, 11, 7], [40, 41, 42]]
 F32_TOL = dict(atol=2e-5, rtol=1e-5)   # float32: the fused matmul may sum in another order
 

@@ -8,6 +8,7 @@ sparse, MHA / GQA / OPT, load_model(mesh=), stream), and two processes x 2 CPU d
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pathlib
 import socket
@@ -73,14 +74,13 @@ def test_mesh_errors_on_one_device():
 
 def test_balanced_selection_single_device():
   import jax.numpy as jnp
+  from conftest import LLAMA_MHA_8H
   from polar_jax import sharding
-  from polar_jax.config import ModelConfig
   from polar_jax.sparsity import SparsityConfig
   scores = jnp.array([[0.9, 0.8, 0.1, 0.2], [0.1, 0.2, 0.9, 0.8]])
   assert sharding.balanced_topk(scores, 2, 2).tolist() == [[0, 3], [1, 2]]    # one group from each half
   assert sharding.balanced_topk(scores, 2, 1).tolist() == [[0, 1], [2, 3]]    # global top-k
-  cfg = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
-                    num_heads=8, num_kv_heads=8, head_dim=4, max_position_embeddings=64)
+  cfg = dataclasses.replace(LLAMA_MHA_8H, max_position_embeddings=64)
   # 0.3 x 8 = 2.4 -> 2 globally; balanced over 4 shards: round(0.3 x 2) = 1 per shard -> 4.
   assert SparsityConfig(attn_density=0.3).layer_groups(cfg) == (None, 2)
   assert SparsityConfig(attn_density=0.3, shards=4).layer_groups(cfg) == (None, 4)
