@@ -349,7 +349,8 @@ def run_layers(args, name: str, config: ModelConfig, timing: Timing, copy_tbps: 
   records = []
   for batch in args.batch:
     for seq in args.seq:
-      bench = LayerBench.create(config, batch, seq, jnp.dtype(args.dtype), timing, args.ragged, DecodeOptions(kernels=args.kernels),
+      bench = LayerBench.create(config, batch, seq, jnp.dtype(args.dtype), timing, args.ragged,
+                                DecodeOptions(kernels=args.kernels),
                                 not args.no_fuse)
       dense_ms = None
       for s in layer_settings(name, config, batch, seq, args.densities, args.mlp, args.mlp_layers, table):
@@ -443,7 +444,8 @@ def run_router_cost(args, name: str, config: ModelConfig, timing: Timing, sink) 
   mlps = ["dense"] + (["router"] if "router" in args.mlp and has_neuron_mlp(config) else [])
   records = []
   for batch in args.router_batch:
-    bench = LayerBench.create(config, batch, args.router_seq, dtype, timing, args.ragged, DecodeOptions(kernels=args.kernels),
+    bench = LayerBench.create(config, batch, args.router_seq, dtype, timing, args.ragged,
+                              DecodeOptions(kernels=args.kernels),
                               not args.no_fuse)
     layer_ms, counts = {}, {}
     for mlp in mlps:

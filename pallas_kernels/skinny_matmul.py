@@ -4,8 +4,8 @@
   out = skinny_matmul(x_MK, w_KN, side=Side(w2_KP, b2_P))                                 # out.side: [M, P]
 
 The result is always a `MatmulOut`; each epilogue option (`Side`, `RmsInput`, `norm_scale_N`, `emit_counters`)
-fills its own field. `y = x @ w` accumulated in float32, plus the bias, cast to `out_dtype` (w's dtype by default), then plus the
-residual in `out_dtype` (the model's `h + o_proj(ctx)`). With `side=Side(w, b)`, a second small weight (a head router)
+fills its own field. `y = x @ w` accumulated in float32, plus the bias, cast to `out_dtype` (w's dtype by
+default), then plus the residual in `out_dtype` (the model's `h + o_proj(ctx)`). With `side=Side(w, b)`, a second small weight (a head router)
 is streamed by extra programs of the same kernel and its float32 product `x @ side_w + side_b` is returned too
 (give it `side_width(P)` columns, zero-padded: narrower side weights are read by unpipelined gathers, measured
 +12 us per call for an [4096, 8] router next to Llama-3.1-8B's q|k|v on an H100).

@@ -180,24 +180,24 @@ class Attention(nnx.Module):
     kv_start = None if self.window is None else jnp.maximum(new_len - self.window, 0).astype(jnp.int32)
     impl = options.implementation
     counters = None
-    idx = lambda sel: sel.idx_bk if isinstance(sel, GroupIndices) else None  # noqa: E731  (None: every group)
     if self.fuses_qkv(mesh):
       q_bhd, k_cache_bhsd, v_cache_bhsd, heads, counters = self._fused_qkv_append(
           x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, heads, options, rms)
-      ctx = pallas_kernels.selective_decode_attention(q_bhd, k_cache_bhsd, v_cache_bhsd, new_len, idx(heads),
-                                                      scale=self.scale, kv_start=kv_start, implementation=impl)
+      ctx = pallas_kernels.selective_decode_attention(q_bhd, k_cache_bhsd, v_cache_bhsd, new_len,
+                                                      _group_indices(heads), scale=self.scale, kv_start=kv_start,
+                                                      implementation=impl)
     elif mesh is None:   # separate q, k, v projections: an XLA scatter of every group's K/V, then attention
       q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
       ctx, k_cache_bhsd, v_cache_bhsd = pallas_kernels.selective_decode_attention_append(
-          q[:, 0], k[:, 0], v[:, 0], k_cache_bhsd, v_cache_bhsd, lengths_b, idx(heads), scale=self.scale,
-          kv_start=kv_start, implementation=impl)
+          q[:, 0], k[:, 0], v[:, 0], k_cache_bhsd, v_cache_bhsd, lengths_b, _group_indices(heads),
+          scale=self.scale, kv_start=kv_start, implementation=impl)
     else:
       q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
       k_cache_bhsd, v_cache_bhsd = append_kv_xla(k_cache_bhsd, v_cache_bhsd, k[:, 0], v[:, 0], lengths_b)
       k_cache_bhsd = sharding.constrain_cache(k_cache_bhsd, mesh)
       v_cache_bhsd = sharding.constrain_cache(v_cache_bhsd, mesh)
-      ctx = sharding.sharded_decode_attention(q[:, 0], k_cache_bhsd, v_cache_bhsd, new_len, idx(heads), kv_start,
-                                              mesh=mesh, num_groups=self.num_kv_heads, scale=self.scale,
+      ctx = sharding.sharded_decode_attention(q[:, 0], k_cache_bhsd, v_cache_bhsd, new_len, _group_indices(heads),
+                                              kv_start, mesh=mesh, num_groups=self.num_kv_heads, scale=self.scale,
                                               implementation=impl)
     if isinstance(heads, OracleHeads):
       ctx = keep_top_groups(ctx, self.num_kv_heads, heads.k, heads.shards)
@@ -232,6 +232,11 @@ class Attention(nnx.Module):
         qkv_bn, lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd, num_heads=self.num_heads,
         implementation=options.implementation)
     return q_bhd, k_cache_bhsd, v_cache_bhsd, heads, counters
+
+
+def _group_indices(heads: HeadSelection):
+  """The attention kernels' `group_idx`: int32 `[B, K]`, or None for every group (dense and the oracle)."""
+  return heads.idx_bk if isinstance(heads, GroupIndices) else None
 
 
 class Normed(NamedTuple):

@@ -16,7 +16,6 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal
 
-import jax
 import jax.numpy as jnp
 
 KERNELS = ("auto", "pallas", "xla")
@@ -92,7 +91,3 @@ def check_options(options) -> DecodeOptions:
 def _check_choice(name: str, value, choices) -> None:
   if value not in choices:
     raise ValueError(f"DecodeOptions.{name} must be one of {choices}, got {value!r}")
-
-
-def on_gpu() -> bool:
-  return jax.default_backend() == "gpu"

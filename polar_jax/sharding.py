@@ -231,7 +231,8 @@ def balanced_union_topk(logits_bn: jax.Array, active_b: jax.Array | None, k_tota
                         method: str = "radix", implementation: str | None = None, dtype=jnp.bfloat16) -> jax.Array:
   """int32 `[k_total]` global neuron indices: the batch-union score `sum_b relu(logits)` split into `shards`
   equal blocks of neurons, each keeping its `k_total // shards` best (block s's picks come s-th; within a
-  block ascending for method "radix", by descending score for "sort": the same sets, see `polar_jax.topk.union_topk`)."""
+  block ascending for method "radix", by descending score for "sort": the same sets, see
+  `polar_jax.topk.union_topk`)."""
   score_n = union_scores(logits_bn, active_b, dtype)
   n = score_n.shape[0]
   nl, kl = n // shards, k_total // shards

@@ -327,7 +327,8 @@ def main(argv=None) -> int:
                 f"{r['metric']} {v} ± {r['stderr'] * (1 if r['task'] == 'ppl' else 100):.2f} (n={r['n']})", flush=True)
       evaluate(model, tokenizer, tasks=mode_tasks, densities=densities, selectors=selectors, mode=mode, limit=limit,
                routers=routers, routers_label=routers_label, dense_layers=dense_layers, per_layer=per_layer,
-               seed=args.seed, budget_name=args.budget_name, shards=shards, max_rows=args.max_rows, fixed_shapes=fixed, ppl_tokens=args.ppl_tokens,
+               seed=args.seed, budget_name=args.budget_name, shards=shards, max_rows=args.max_rows,
+               fixed_shapes=fixed, ppl_tokens=args.ppl_tokens,
                ppl_sources=tuple(_csv(args.ppl_sources)), model_name=name, progress=not args.no_progress,
                on_task=on_task, **kw)
       if "static" in selectors:   # document the static selection next to the results (cached: no recompute)

@@ -70,7 +70,9 @@ def check_shards(shards: Sequence[int], num_groups: int) -> tuple[int, ...]:
 def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[float], selectors: Sequence[str],
              mode: str = "engine", limit: int | None = None, routers=None, routers_label: str | None = None,
              dense_layers: Sequence[int] = (0,), per_layer: Mapping[int, float] | None = None, seed: int = 0,
-             budget_name: str | None = None, shards: Sequence[int] = (1,), max_rows: int = 32, fixed_shapes: tuple[int, int] | None = None, ppl_tokens: int | None = None, ppl_sources: Sequence[str] = task_mod.PPL_SOURCES,
+             budget_name: str | None = None, shards: Sequence[int] = (1,), max_rows: int = 32,
+             fixed_shapes: tuple[int, int] | None = None, ppl_tokens: int | None = None,
+             ppl_sources: Sequence[str] = task_mod.PPL_SOURCES,
              static_tokens: int = sel_mod.STATIC_TOKENS, model_name: str = "model", progress: bool = True,
              on_task: Callable[[list[dict], list[dict]], None] | None = None) -> list[dict]:
   """Evaluates every task under every setting; returns the records (`report` describes their keys).
