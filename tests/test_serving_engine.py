@@ -58,6 +58,7 @@ def _staggered(engine, prompts, max_tokens):
   return [h.result(timeout=120) for h in handles]
 
 
+@pytest.mark.slow
 def test_staggered_requests_equal_generate_alone(model, engine):
   prompts = _prompts(0, 9)
   max_tokens = [int(m) for m in np.random.default_rng(1).integers(1, REF_TOKENS + 1, len(prompts))]
@@ -75,7 +76,8 @@ def random_routers(config, seed=0, scale=3.0):
   return r
 
 
-@pytest.mark.parametrize("selector", ["random", "router"])
+@pytest.mark.slow
+@pytest.mark.parametrize("selector", ["random", "oracle", "router"])
 def test_head_sparse_requests_equal_generate_alone(model, selector):
   sparsity = SparsityConfig(attn_density=0.5, dense_layers=(), selector=selector, seed=3)
   routers = random_routers(CFG) if selector == "router" else None
@@ -93,6 +95,21 @@ def test_head_sparse_requests_equal_generate_alone(model, selector):
     assert list(out.token_ids) == ref[:m]
   dense_ref = _reference(model, prompts)
   assert any(list(o.token_ids) != d[:m] for o, d, m in zip(outs, dense_ref, max_tokens))   # sparsity did something
+
+
+def test_sparse_variant_runs_only_from_the_row_threshold(model):
+  sparsity = SparsityConfig(attn_density=0.5, dense_layers=(), selector="random", seed=3)   # compiled above
+  prompts = _prompts(11, 4, 3, 10)
+  with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, sparsity=sparsity,
+              engine_options=EngineOptions(steps_per_round=3, prefill_rows=2, sparse_min_rows=3)) as eng:
+    alone = eng.generate(prompts[:1], SamplingParams(max_tokens=REF_TOKENS))[0]
+    assert eng.stats()["variant_rounds"].get("sparse", 0) == 0
+    assert list(alone.token_ids) == _reference(model, prompts[:1])[0]    # dense below the threshold
+    eng.generate(prompts, SamplingParams(max_tokens=REF_TOKENS))
+    rounds = eng.stats()["variant_rounds"]
+    density = eng.metrics.registry.get_sample_value("polar:attention_density", {"model_name": "polar"})
+  assert rounds["sparse"] > 0 and rounds["dense"] > 0
+  assert 0.5 < density < 1.0   # row-steps at density 0.5 (sparse rounds) and 1 (dense ones)
 
 
 def test_step_variant_table():
