@@ -45,6 +45,7 @@ def test_weight_bytes_exclude_the_untied_input_embedding():
   assert e2e.weight_bytes_per_step(cfg, model) == n * 4
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_records(tmp_path):
   out = tmp_path / "e2e.jsonl"
   assert e2e.main(["--smoke", "--out", str(out), "--plot", str(tmp_path / "e2e.png")]) == 0
@@ -60,6 +61,7 @@ def test_smoke_run_writes_records(tmp_path):
   assert (tmp_path / "e2e.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_smoke_generate_timing(tmp_path):
   """`--timing generate` (two generate calls, prefill included) still runs and says so."""
   out = tmp_path / "e2e.jsonl"
@@ -68,6 +70,7 @@ def test_smoke_generate_timing(tmp_path):
   assert recs and all(r["timing"] == "min" and r["decode_tok_s"] > 0 and r["prefill_ms"] >= 0 for r in recs)
 
 
+@pytest.mark.slow
 def test_decode_loop_matches_generate_tokens():
   """The timed decode loop (`e2e.DecodeLoop`) runs `generate`'s prefill and step: the same greedy tokens for the
   same prompts (dense and sparse), step by step, as one n-step call and from a rewound cache (the timing reuses
@@ -101,6 +104,7 @@ def test_decode_loop_matches_generate_tokens():
       np.testing.assert_array_equal(np.asarray(last), want[:, n])
 
 
+@pytest.mark.slow
 def test_profile_step_arithmetic_and_smoke(tmp_path):
   from benchmarks import profile_step
   assert profile_step.kernel_group("fusion.123") == "fusion"
@@ -124,6 +128,7 @@ def test_profile_step_arithmetic_and_smoke(tmp_path):
   assert all(json.loads(line)["timing"] == "generate" for line in out3.read_text().splitlines())
 
 
+@pytest.mark.slow
 def test_sparse_step_bytes_count_read_neurons_and_router_copies():
   """mlp=router: the step reads k of N fc1/fc2 rows (and fc1 biases) per routed layer, plus the routers' decode
   copies (head: the zero-padded side copy; neuron: weights in the router dtype, scales, float32 bias)."""

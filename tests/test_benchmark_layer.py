@@ -54,6 +54,7 @@ def test_budget_choice_and_insitu_estimate():
   assert est["router"] == pytest.approx(0.31 + 0.04 * 28)
 
 
+@pytest.mark.slow
 def test_smoke_run_writes_records(tmp_path):
   out = tmp_path / "layer.jsonl"
   assert layer.main(["--smoke", "--out", str(out), "--step-ms", "2.0"]) == 0

@@ -20,6 +20,7 @@ def _load():
   return module
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_smoke_records(tmp_path):
   bench = _load()

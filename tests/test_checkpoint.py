@@ -186,6 +186,7 @@ def test_no_tokenizer(saved):
 
 
 # ---- the real converted model ----------------------------------------------------------------------
+@pytest.mark.slow
 def test_smollm2_loads(smollm2_dir):
   model = checkpoint.load_model(smollm2_dir, "bfloat16")
   assert model.config.num_layers == 30 and model.config.tie_word_embeddings

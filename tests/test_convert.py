@@ -390,6 +390,7 @@ def _smollm2_gguf():
     pytest.fail(f"the embedded model is missing: {e}")
 
 
+@pytest.mark.slow
 def test_smollm2_matches_transformers(smollm2_dir, hf_smollm2):
   """Every converted tensor is bit-identical to transformers' GGUF load (after un-permutation)."""
   hf = hf_smollm2
@@ -407,6 +408,7 @@ def test_smollm2_matches_transformers(smollm2_dir, hf_smollm2):
   assert_params_equal(got, want)
 
 
+@pytest.mark.slow
 def test_smollm2_tokenizer_round_trip(smollm2_dir):
   path = _smollm2_gguf()
   ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)

@@ -157,6 +157,7 @@ def test_raw_direct_kernel_writes_every_head():
   assert np.all(np.asarray(out)[0, [0, 1, 4, 5, 6, 7]] == 0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("num_sms,programs_per_sm", [(1, 1), (1, 2), (2, 2), (1, 3), (64, 2)])
 def test_raw_persistent_kernel_writes_every_head(num_sms, programs_per_sm):
   """Interpret mode fills outputs with NaN. With 1-3 programs, each streams several (row, group) items, some

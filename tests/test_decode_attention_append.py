@@ -73,6 +73,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:9])) + f"-ns{c[9].num_splits}"
                          + ("-persistent" if c[9].persistent else ""))
 def test_pallas_append_matches_xla(case):

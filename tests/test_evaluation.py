@@ -65,7 +65,7 @@ REQS = _requests()
 ROWS = 8
 
 
-@pytest.mark.parametrize("mode", ["engine", "all_tokens"])
+@pytest.mark.parametrize("mode", [pytest.param("engine", marks=pytest.mark.slow), "all_tokens"])
 def test_dense_scores_equal_a_full_forward(tiny, mode):
   got = score_requests(tiny, REQS, mode=mode, max_rows=ROWS)["dense"]
   _close(got.logprob, dense_reference_logprobs(tiny, REQS, pad_to=64), 2e-4)
@@ -212,6 +212,7 @@ def test_unknown_tasks_are_rejected():
     tasks.mc_task("winogrande", ByteTokenizer(), 2)
 
 
+@pytest.mark.slow
 def test_every_task_runs(tiny, tmp_path):
   out = tmp_path / "results"
   recs = evaluate(tiny, ByteTokenizer(), tasks=tasks.TASKS, densities=(1,), selectors=("random",), limit=2,
@@ -229,6 +230,7 @@ def test_every_task_runs(tiny, tmp_path):
   assert len(report.read_records(out)) == 5 and len(list((out / "details").glob("*.json"))) == 5
 
 
+@pytest.mark.slow
 def test_every_selector_runs_and_the_report(tiny, tmp_path, monkeypatch):
   monkeypatch.setenv("POLAR_JAX_HOME", str(tmp_path / "home"))
   out = tmp_path / "results"
@@ -266,6 +268,7 @@ def test_critical_density():
 
 
 # ---- MHA expansion and balanced per-shard selection (tensor parallel) -----------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("layout", ["grouped", "interleaved"])
 def test_expand_kv_groups_is_the_same_model(layout):
   """GQA -> MHA (every query head its own copy of its KV head): the same logits, tokens and per-head contexts."""
@@ -296,6 +299,7 @@ def test_expand_kv_groups_is_the_same_model(layout):
     expand_kv_groups(model, "random")
 
 
+@pytest.mark.slow
 def test_expanded_smollm2_has_the_same_logits(smollm2_dir):
   """SmolLM2-135M (9 query heads, 3 KV groups) and its 9-group MHA expansions: equal float32 logits."""
   import polar_jax
@@ -312,6 +316,7 @@ def test_expanded_smollm2_has_the_same_logits(smollm2_dir):
     assert np.array_equal(got.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.slow
 def test_balanced_shards_are_settings_of_their_own(tiny, tmp_path):
   """`shards=(1, 2)`: every sparse setting with the global top-k and balanced over 2 shards, kept apart in the
   records (`shards`, budget "shards=2"), the details, the table and its paired differences."""
@@ -383,6 +388,7 @@ def _tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch):
   return ckpt
 
 
+@pytest.mark.slow
 def test_cli_end_to_end_on_a_tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch, capsys):
   """A tiny random model with the SmolLM2 tokenizer, through the console-script entry point."""
   from polar_jax.cli import eval as cli
@@ -404,6 +410,7 @@ def test_cli_end_to_end_on_a_tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch,
   assert len((out / "accuracy.jsonl").read_text().splitlines()) == len(lines)
 
 
+@pytest.mark.slow
 def test_cli_expand_kv_and_shards(smollm2_dir, tmp_path, monkeypatch, capsys):
   """`--expand-kv --shards 1,3`: the MHA expansion's global and balanced selections, then --resume finds both."""
   from polar_jax.cli import eval as cli
@@ -430,6 +437,7 @@ def test_cli_expand_kv_and_shards(smollm2_dir, tmp_path, monkeypatch, capsys):
 
 
 # ---- the real model against transformers -----------------------------------------------------------------
+@pytest.mark.slow
 def test_scorer_log_likelihoods_match_transformers_on_smollm2(smollm2_dir, hf_smollm2):
   torch = pytest.importorskip("torch")
   import polar_jax
@@ -459,6 +467,7 @@ def test_scorer_log_likelihoods_match_transformers_on_smollm2(smollm2_dir, hf_sm
 
 
 # ---- per-layer sensitivity -------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("selector", ["router", "oracle"])
 def test_layer_sensitivity_equals_all_tokens_scoring_with_one_sparse_layer(tiny, selector):
   from polar_jax.evaluation.sensitivity import layer_sensitivity

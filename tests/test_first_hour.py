@@ -132,6 +132,7 @@ def test_python_api_reads_and_writes_relative_paths(tiny_dir, tmp_path, monkeypa
   np.testing.assert_array_equal(np.asarray(loaded.head.w_ldg[...]), np.asarray(routers.head.w_ldg[...]))
 
 
+@pytest.mark.slow
 def test_eval_and_train_routers_take_relative_paths(tiny_dir, tmp_path):
   """The tools that load a checkpoint, given `ckpt/m` from the directory holding it (polar-generate: below). Both
   stop with a usage error that comes only after the model and the tokenizer loaded."""
@@ -188,6 +189,7 @@ def test_critical_density_says_when_n_is_too_small(tmp_path):
 
 
 # ---- 3. polar-generate: one generation, completions only, honest timing on request ----------------------------
+@pytest.mark.slow
 def test_generate_prints_completions_and_stops_at_the_chat_end_token(tiny_dir):
   long_prompt = "Tell me a story about " + "a long road and " * 6 + "the end."
   r = run_tool("generate", "ckpt/m", "--chat", "--prompt", long_prompt, "--prompt", "hi", "--max-new-tokens", "8",
@@ -241,6 +243,7 @@ def test_stop_tokens_include_the_chat_end_token(tiny_dir):
 
 
 # ---- 4. the shipped routers by name, from Python as on the command line -------------------------------------
+@pytest.mark.slow
 def test_load_routers_default(smollm2_dir, tmp_path, monkeypatch):
   from polar_jax.routers import RouterMismatchError, default_routers_dir, read_metadata, routers_dir
   config = checkpoint.load_config(smollm2_dir)

@@ -34,7 +34,8 @@ def _params_np(model):
   return {k: np.asarray(v) for k, v in model_params(model).items()}
 
 
-@pytest.mark.parametrize("config", [GQA_BIAS, MHA, OPT], ids=["gqa-bias", "mha", "opt"])
+@pytest.mark.parametrize("config", [pytest.param(GQA_BIAS, marks=pytest.mark.slow), MHA,
+                                    pytest.param(OPT, marks=pytest.mark.slow)], ids=["gqa-bias", "mha", "opt"])
 def test_fused_model_computes_like_the_unfused(config):
   ref = _random_biases(init_model(config, seed=3))
   fused = fusion.fuse_projections(_random_biases(init_model(config, seed=3)))
@@ -51,6 +52,7 @@ def test_fused_model_computes_like_the_unfused(config):
   np.testing.assert_array_equal(out_fused.tokens, out_ref.tokens)
 
 
+@pytest.mark.slow
 def test_fused_sparse_decode_equals_unfused():
   routers = Routers.init(GQA_BIAS)
   w = routers.head.w_ldg

@@ -41,6 +41,7 @@ def fused_model():
   return fusion.fuse_projections(init_model(LLAMA_GQA, seed=2))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(CHANGES))
 def test_changing_an_option_compiles_a_new_program(name, fused_model):
   """`generate` with an option changed traces its program again; the same options again do not (the options are

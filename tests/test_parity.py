@@ -89,6 +89,7 @@ def test_left_padded_batch_logits(pair):
   assert_logits_close(forward(model, ids, mask), ref, mask)
 
 
+@pytest.mark.slow
 def test_greedy_generation_equals_transformers(pair):
   hf, model = pair
   ids, mask = _left_padded(3)

@@ -126,6 +126,7 @@ def tiny_trained(tmp_path_factory):
   return model, load_routers(out, model), out
 
 
+@pytest.mark.slow
 def test_training_reaches_recall_on_real_text(tiny_trained):
   model, routers, _ = tiny_trained
   md = routers.metadata
@@ -211,6 +212,7 @@ def test_head_metrics_count_top_k_overlap():
 
 
 # ---- the shipped SmolLM2-135M routers ----------------------------------------------------------------
+@pytest.mark.slow
 def test_shipped_smollm2_routers_reach_recorded_recall(smollm2_dir):
   """Held-out text the routers never saw (the "test" half of the held-out split) vs the recorded validation."""
   model = polar_jax.load_model(smollm2_dir, dtype="float32")

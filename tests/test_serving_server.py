@@ -107,6 +107,7 @@ def _wait_idle(server, timeout=30):
 PROMPT = "The capital of France is"
 
 
+@pytest.mark.slow
 def test_models_and_health(server, client):
   assert [m.id for m in client.models.list().data] == [server["name"]]
   r = httpx.get(server["url"] + "/health")

@@ -38,6 +38,7 @@ def _start_multi():
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
 
 
+@pytest.mark.slow
 def test_tensor_parallel_equals_one_device():
   r = subprocess.run([sys.executable, str(SCRIPT), "single"], env=_env(), capture_output=True, text=True,
                      timeout=900)
@@ -46,6 +47,7 @@ def test_tensor_parallel_equals_one_device():
   assert "OK stream gqa dp2 tp2 router" in r.stdout, r.stdout
 
 
+@pytest.mark.slow
 def test_two_processes_tp4_equals_one_device():
   """2 processes x 2 CPU devices, jax.distributed + gloo collectives: tp 4 (dense and router-sparse) with generate
   and stream, and stream with dp 2 x tp 2 (rows split over the processes): every process gets every token."""

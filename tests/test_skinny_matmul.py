@@ -260,6 +260,7 @@ def test_linear_decode_matches_call(bias):
 OPT_PRE_NORM = dataclasses.replace(OPT, pre_norm=True)   # OPT-1.3b and larger
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [LLAMA_GQA, OPT, OPT_PRE_NORM], ids=["llama-gqa", "opt-post-norm", "opt"])
 def test_decode_step_with_and_without_the_kernel(config, monkeypatch):
   """A fused tiny model's decode logits and caches with the projections (and residual adds) through
@@ -312,6 +313,7 @@ def _routed_decoder(options=None):
   return model, cache, decode, state
 
 
+@pytest.mark.slow
 def test_sparse_decode_router_in_the_qkv_kernel(monkeypatch):
   """Sparse decode with a head router: on the kernel path the router scores come out of the q|k|v kernel (a side
   weight) and the logits equal those of XLA's dots and router (same groups chosen)."""
@@ -343,6 +345,7 @@ def test_side_width():
   assert [side_width(p) for p in (1, 3, 8, 16, 17, 32, 33)] == [16, 16, 16, 16, 32, 32, 64]
 
 
+@pytest.mark.slow
 def test_attention_decode_linear_router():
   """Attention.decode(LinearRouter) takes each row's top groups of the scores the q|k|v kernel computes (the same
   output as attending to the float64 top groups given as indices), with the Pallas kernel and the XLA reference;

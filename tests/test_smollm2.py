@@ -14,6 +14,8 @@ import polar_jax  # noqa: E402
 from polar_jax import data  # noqa: E402
 from polar_jax.model import forward  # noqa: E402
 
+pytestmark = pytest.mark.slow   # the real 135M model in float32 against transformers
+
 PROMPT = "Once upon a time, there was a little girl who"
 
 

@@ -96,6 +96,7 @@ def test_routers_of_another_model_raise(gqa):
 
 
 # ---- density 1.0 is the dense path --------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("config", [OPT, MHA, GQA], ids=["opt", "llama-mha", "gqa"])
 def test_density_one_equals_dense(config):
   model = init_model(config, seed=2)
@@ -183,6 +184,7 @@ def _opt_routers(model_config, k=128):
   return r
 
 
+@pytest.mark.slow
 def test_pallas_path_equals_xla_path():
   """Same selections (KV groups and batch-union neurons) through the Pallas kernels (interpret mode on CPU)
   and the XLA references; the kernels' own tests cover GQA group layouts."""
@@ -203,6 +205,7 @@ def test_pallas_path_equals_xla_path():
 
 
 # ---- batching ----------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("selector", ["router", "random", "oracle"])
 def test_left_padded_ragged_batch_equals_each_prompt_alone(gqa, selector):
   prompts = _prompts(7, (4, 13, 2, 9))
@@ -299,6 +302,7 @@ def test_int8_neuron_routers_quantize_within_half_a_step():
   assert np.abs(got - exact).max() > 0                               # it is quantized
 
 
+@pytest.mark.slow
 def test_int8_router_dtype_decodes_like_its_dequantized_float_routers():
   from polar_jax.routers.modules import quantize_int8_columns
   model = _opt_with_sparse_firing()
@@ -318,6 +322,7 @@ def test_int8_router_dtype_decodes_like_its_dequantized_float_routers():
   np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_sparse_mlp_union_covering_all_firing_neurons_equals_dense():
   model = _opt_with_sparse_firing()
   prompts = _prompts(9, (5, 8, 3))
@@ -396,6 +401,7 @@ def test_rank_topk_equals_lax_top_k(n):
     rank_topk(jnp.asarray(scores), n + 1)
 
 
+@pytest.mark.slow
 def test_union_topk_radix_and_sort_select_the_same_neurons():
   from polar_jax.sharding import balanced_union_topk
   from polar_jax.topk import union_topk
@@ -417,6 +423,7 @@ def test_union_topk_radix_and_sort_select_the_same_neurons():
     union_topk(logits, None, 8, method="approx")
 
 
+@pytest.mark.slow
 def test_union_methods_decode_the_same_tokens_and_router_weights_follow_model_dtype():
   model = _opt_with_sparse_firing()
   routers = _opt_routers(OPT, k=128)
@@ -495,6 +502,7 @@ def test_router_union_in_the_kernel_equals_logits_then_union(dtype):
     decode_neuron_union(decode_neuron_layers(routers.neuron, [True], jnp.int8)[0], x, active, jnp.float32)
 
 
+@pytest.mark.slow
 def test_union_in_router_selects_the_same_neurons_as_xla_logits(monkeypatch):
   """The step with the union scores from the router kernel (fused projections) and with XLA's logits + union
   fusion (`DecodeOptions(fused_projections=False)`) pick the same neurons on the tiny OPT model: the same sets

@@ -24,6 +24,7 @@ def _rows(rng, n):
   return s
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("n", [3, 9, 300, 1000, 4096])
 @pytest.mark.parametrize("implementation", ["pallas", "xla"])
 def test_topk_select_equals_lax_top_k_set(n, implementation):
