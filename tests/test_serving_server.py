@@ -3,6 +3,7 @@ official `openai` client and raw HTTP: completions, chat, streaming, stop string
 /metrics."""
 
 import concurrent.futures
+import contextlib
 import json
 import socket
 import threading
@@ -255,10 +256,18 @@ def test_client_disconnect_mid_stream_frees_the_slot(server):
 def test_client_gone_before_a_plain_response_frees_the_slot(server):
   before = _sample(_metrics(server), "polar:request_success_total", finished_reason="cancelled")
   body = {"prompt": PROMPT, "max_tokens": MAX_LEN - 8, "temperature": 0, "ignore_eos": True}
-  try:
-    httpx.post(server["url"] + "/v1/completions", json=body, timeout=0.05)   # gives up before the answer
-  except httpx.TimeoutException:
-    pass
+  with contextlib.ExitStack() as busy:   # every slot taken: the plain request waits, then runs, well past the poll
+    streams = []
+    for _ in range(MAX_BATCH):
+      streams.append(busy.enter_context(httpx.stream("POST", server["url"] + "/v1/completions", timeout=60,
+                                                     json=dict(body, stream=True))).iter_lines())
+      assert next(streams[-1]).startswith("data: ")
+    try:
+      httpx.post(server["url"] + "/v1/completions", json=body, timeout=0.05)   # gives up before the answer
+    except httpx.TimeoutException:
+      pass
+    for lines in streams:   # read to the end: these finish by length, not cancelled
+      assert [line for line in lines if line][-1] == "data: [DONE]"
   deadline = time.time() + 20
   while time.time() < deadline:
     after = _sample(_metrics(server), "polar:request_success_total", finished_reason="cancelled")

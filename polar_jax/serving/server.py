@@ -28,7 +28,7 @@ from polar_jax.serving.engine import Engine
 from polar_jax.serving.request import EngineClosedError, QueueFullError, RequestHandle
 from polar_jax.serving.text import TextStream
 
-_DISCONNECT_POLL_S = 0.2
+_DISCONNECT_POLL_S = 0.05   # how often a plain (non-streaming) request checks that its client is still there
 
 
 class _Disconnected(Exception):
@@ -170,6 +170,7 @@ def build_app(engine: Engine, tokenizer, *, model_name: str, shutdown_engine: bo
     finally:
       if not task.done():
         task.cancel()
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())   # retrieved: no "never retrieved" log
       for c in choices:
         c.handle.cancel()
 
