@@ -114,6 +114,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:7])))
 def test_pallas_matches_xla(case):
   B, Hq, Hkv, S, D, K, dtype, with_start, config = case

@@ -103,7 +103,7 @@ def _decoder(tiny, selector, density=0.34):
   return make_decoder(tiny, SparsityConfig(attn_density=density, selector=selector, seed=5), routers, batch=ROWS)
 
 
-@pytest.mark.parametrize("mode", ["engine", "all_tokens"])
+@pytest.mark.parametrize("mode", [pytest.param("engine", marks=pytest.mark.slow), "all_tokens"])
 @pytest.mark.parametrize("selector", ["router", "random", "oracle"])
 def test_scores_are_the_generate_step_teacher_forced(tiny, mode, selector):
   decode, state = _decoder(tiny, selector)
@@ -485,6 +485,7 @@ def test_layer_sensitivity_equals_all_tokens_scoring_with_one_sparse_layer(tiny,
   np.testing.assert_allclose(-np.concatenate(sparse.logprob).sum() / 69 - sens["base"], sens["delta"][2], atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selector", ["router", "oracle"])
 def test_budget_nll_with_a_dense_prefix_equals_engine_scoring(tiny, selector):
   from polar_jax.evaluation.sensitivity import budget_nll

@@ -94,6 +94,7 @@ CASES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:6])))
 def test_pallas_matches_xla(case):
   M, k, count, activation, use_bias, dtype, config = case

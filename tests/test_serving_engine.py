@@ -97,6 +97,7 @@ def test_head_sparse_requests_equal_generate_alone(model, selector):
   assert any(list(o.token_ids) != d[:m] for o, d, m in zip(outs, dense_ref, max_tokens))   # sparsity did something
 
 
+@pytest.mark.slow
 def test_sparse_variant_runs_only_from_the_row_threshold(model):
   sparsity = SparsityConfig(attn_density=0.5, dense_layers=(), selector="random", seed=3)   # compiled above
   prompts = _prompts(11, 4, 3, 10)

@@ -188,6 +188,7 @@ def test_silu_glu_epilogue(m, k, n, dtype, cfg):
   assert np.all(np.abs(np.asarray(y, np.float64) - want) <= bound + 1e-6)
 
 
+@pytest.mark.slow
 def test_gated_mlp_decode_matches_call():
   """GatedMLP.decode (fused gate|up with the silu epilogue, down_proj with the residual) == h + mlp(x)."""
   model = fusion.fuse_projections(init_model(LLAMA_GQA, seed=2))
@@ -242,6 +243,7 @@ def test_large_m_goes_to_xla():
                                 np.asarray(skinny_matmul(x, w, implementation="xla").y))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias", [False, True])
 def test_linear_decode_matches_call(bias):
   lin = layers.Linear(96, 80, bias=bias, dtype=jnp.float32, rngs=nnx.Rngs(0))
@@ -409,6 +411,7 @@ def test_side_topk_bad_input():
     skinny_matmul(x, w, side=Side(sw, topk=(20, 2)))               # G beyond the side weight's columns
 
 
+@pytest.mark.slow
 def test_sparse_decode_router_topk_in_the_kernel(monkeypatch):
   """The decode step with the router's scores and top-k in the q|k|v kernel's side program (side topk=(G, k) in every
   routed layer) gives the same logits as the router's own dot and top-k (`router_in_qkv=False`: no side weight)."""
@@ -476,6 +479,7 @@ def test_nk_bad_input():
     skinny_matmul(x, jnp.ones((8, 16)), activation="relu", glu="silu")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias", [False, True])
 def test_neuron_mlp_decode_matches_call(bias):
   """NeuronMLP.decode (fc1 from its [N, d] rows with bias + ReLU in the kernel, fc2 with bias + residual) ==
