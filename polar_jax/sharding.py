@@ -117,10 +117,10 @@ def as_decode_mesh(mesh: jax.sharding.Mesh) -> jax.sharding.Mesh:
 
 def model_mesh(model) -> jax.sharding.Mesh | None:
   """The mesh a model's parameters are sharded on (`shard_model` / `load_model(mesh=)`), read from the sharding
-  of its embedding; None on one device (or a one-device mesh). Call it outside jit (the decode-step objects
+  of its first parameter; None on one device (or a one-device mesh). Call it outside jit (the decode-step objects
   carry the result as a static field)."""
-  value = model.embed.embedding[...]
-  sharding = getattr(value, "sharding", None)
+  leaves = jax.tree_util.tree_leaves(nnx.state(model, nnx.Param))
+  sharding = getattr(leaves[0], "sharding", None) if leaves else None
   mesh = getattr(sharding, "mesh", None)
   if not isinstance(sharding, NamedSharding) or mesh is None or mesh.size <= 1:
     return None

@@ -124,6 +124,14 @@ def test_chain_matches_rmsnorm_then_matmul():
 
 
 @pytest.mark.slow
+def _random_norms(model, seed):
+  rng = np.random.default_rng(seed)
+  for layer in model.layers:
+    for norm in (layer.attn_norm, layer.mlp_norm):
+      norm.scale.set_value(jnp.asarray(1 + 0.5 * rng.standard_normal(norm.scale.shape), norm.scale[...].dtype))
+  return model
+
+
 @pytest.mark.parametrize("sparse", ["dense", "router", "router_own_dot"])
 def test_decode_step_with_and_without_deferred_norms(sparse, monkeypatch):
   """The decode step (fused tiny LLaMA, random norm weights; dense, a head router in the q|k|v kernel, or a router

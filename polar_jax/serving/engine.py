@@ -27,7 +27,6 @@ design: the batch-union neuron set is chosen from all active rows (and sized for
 from __future__ import annotations
 
 import collections
-import inspect
 import itertools
 import threading
 import time
@@ -38,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from polar_jax.compile_options import decode_loop_options
+from polar_jax.sparse_decode import make_decoder
 from polar_jax.serving import programs
 from polar_jax.serving import scheduler as sched
 from polar_jax.serving.metrics import EngineMetrics
@@ -46,21 +46,13 @@ from polar_jax.serving.request import EngineClosedError, QueueFullError, Request
 
 
 def _decoders(model, sparsity, routers, max_batch: int, options) -> tuple[Any, Any, Any]:
-  """(dense step, sparse step or None, its state) from `sparse_decode.make_decoder`, passing `options` (a
-  `polar_jax.DecodeOptions`) as the step takes them."""
-  from polar_jax.sparse_decode import make_decoder
-  params = inspect.signature(make_decoder).parameters
-  kw: dict[str, Any] = {}
-  if options is not None:
-    if "options" in params:
-      kw["options"] = options
-    else:   # a step without DecodeOptions: its kernel implementation only
-      kw["implementation"] = options.implementation
-  dense, _ = make_decoder(model, None, None, batch=max_batch, **kw)
+  """(dense step, sparse step or None, its state) from `sparse_decode.make_decoder` with `options` (a
+  `polar_jax.DecodeOptions`, None for the defaults)."""
+  dense, _ = make_decoder(model, None, None, batch=max_batch, options=options)
   if sparsity is None and routers is None:
     return dense, None, None
-  decode, state = make_decoder(model, sparsity, routers, batch=max_batch, **kw)
-  if decode == dense or type(decode).__name__ == "DenseDecode":   # the settings compute exactly the dense step
+  decode, state = make_decoder(model, sparsity, routers, batch=max_batch, options=options)
+  if decode == dense:   # the settings compute exactly the dense step
     return dense, None, None
   return dense, decode, state
 
