@@ -21,6 +21,7 @@ import pathlib
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 
 import numpy as np
 
@@ -169,7 +170,8 @@ def _version() -> str:
 
 
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
-            force: bool = False, progress: bool = True) -> ConversionResult:
+            force: bool = False, progress: bool = True,
+            cancelled: Callable[[], bool] | None = None) -> ConversionResult:
   """Converts a Hugging Face model directory or a llama GGUF file into a polar_jax checkpoint.
 
   Args:
@@ -180,6 +182,10 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None
       (config `dtype`/`torch_dtype`, else float32), float32 for GGUF.
     force: replace an existing `out` (only after the new checkpoint is complete).
     progress: show a tqdm progress bar.
+    cancelled: asked just before the finished checkpoint is renamed to `out`; True ends the conversion as a
+      Ctrl-C would (KeyboardInterrupt, nothing left behind). The CLI passes whether SIGINT arrived: Python drops a
+      KeyboardInterrupt raised while it runs a finalizer or a gc callback ("Exception ignored in ..."), so the
+      signal alone can be lost.
 
   Raises:
     ConversionError: unknown architecture, missing/unexpected/mis-shaped tensors, unreadable
@@ -223,6 +229,8 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None
           "format_version": checkpoint.FORMAT_VERSION,
       }
       (tmp / checkpoint.CONVERSION_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+      if cancelled is not None and cancelled():
+        raise KeyboardInterrupt
       _replace(tmp, out, force)
     except BaseException as e:   # Ctrl-C included: save_params has waited for Orbax's writes, nothing writes now
       shutil.rmtree(tmp, ignore_errors=True)

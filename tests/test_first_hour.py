@@ -405,3 +405,29 @@ def test_demo_explains_its_density_and_shows_both_texts(tiny_dir, monkeypatch, c
     assert re.match(r"\[ *dense\] hi\n\[sparse 2/3\] hi\n", block), block
   cost = demo.measured_cost(2, 3)
   assert cost is not None and "accuracy" in cost and "perplexity" in cost
+
+
+def test_an_interrupt_python_dropped_still_ends_the_tool(tmp_path, capsys):
+  """Python drops a KeyboardInterrupt raised inside a finalizer or gc callback ("Exception ignored in ..."): the
+  tools remember SIGINT themselves, so the tool still ends with status 130, and a conversion asked to stop just
+  before its rename leaves nothing behind."""
+  import os
+  from conversions import convert
+  from polar_jax.cli import interruptible
+
+  @interruptible("polar-test")
+  def main():
+    try:
+      os.kill(os.getpid(), signal.SIGINT)
+      time.sleep(0.5)   # (the handler runs here)
+    except KeyboardInterrupt:
+      pass             # what a finalizer's "Exception ignored" amounts to
+    return 0
+
+  assert main() == 130
+  assert capsys.readouterr().err == "polar-test: interrupted\n"
+  assert signal.getsignal(signal.SIGINT) is signal.default_int_handler   # the handler put back
+  write_hf_llama(tmp_path / "hf", vocab_size=1000)
+  with pytest.raises(KeyboardInterrupt):
+    convert(tmp_path / "hf", tmp_path / "out", progress=False, cancelled=lambda: True)
+  assert sorted(x.name for x in tmp_path.iterdir()) == ["hf"]

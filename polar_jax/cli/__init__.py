@@ -7,10 +7,24 @@ on stderr and status 130 (128 + SIGINT, what shells report for an interrupted co
 from __future__ import annotations
 
 import functools
+import signal
 import sys
+import threading
 from collections.abc import Callable
 
 INTERRUPTED_STATUS = 130
+_SIGINT = threading.Event()   # set by the tools' SIGINT handler: the process was asked to stop
+
+
+def interrupt_requested() -> bool:
+  """Whether Ctrl-C (SIGINT) arrived since the running tool started, even if the KeyboardInterrupt it raised was
+  dropped (Python only prints "Exception ignored" for one raised inside a finalizer or a gc callback)."""
+  return _SIGINT.is_set()
+
+
+def _on_sigint(signum, frame):
+  _SIGINT.set()
+  signal.default_int_handler(signum, frame)   # raises KeyboardInterrupt
 
 
 def interruptible(prog: str) -> Callable[[Callable[..., int]], Callable[..., int]]:
@@ -23,10 +37,19 @@ def interruptible(prog: str) -> Callable[[Callable[..., int]], Callable[..., int
   def wrap(main: Callable[..., int]) -> Callable[..., int]:
     @functools.wraps(main)
     def wrapper(*args, **kwargs) -> int:
+      _SIGINT.clear()
+      main_thread = threading.current_thread() is threading.main_thread()
+      previous = signal.signal(signal.SIGINT, _on_sigint) if main_thread else None
       try:
-        return main(*args, **kwargs)
+        status = main(*args, **kwargs)
+        if not _SIGINT.is_set():
+          return status
       except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr, flush=True)
-        return INTERRUPTED_STATUS
+        pass
+      finally:
+        if main_thread:
+          signal.signal(signal.SIGINT, previous)
+      print(f"{prog}: interrupted", file=sys.stderr, flush=True)
+      return INTERRUPTED_STATUS
     return wrapper
   return wrap

@@ -10,7 +10,7 @@ import argparse
 import sys
 import warnings
 
-from polar_jax.cli import interruptible
+from polar_jax.cli import interrupt_requested, interruptible
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
   try:
     with warnings.catch_warnings(record=True) as caught:
       warnings.simplefilter("always", ConversionWarning)
-      r = convert(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.no_progress)
+      r = convert(args.src, args.out, dtype=args.dtype, force=args.force, progress=not args.no_progress,
+                  cancelled=interrupt_requested)
   except ConversionError as e:
     print(f"polar-convert: error: {e}", file=sys.stderr)
     return 1
