@@ -123,7 +123,6 @@ def test_chain_matches_rmsnorm_then_matmul():
   assert np.all(np.abs(np.asarray(got, np.float64) - np.asarray(ref, np.float64)) <= 3 * bf * mag)
 
 
-@pytest.mark.slow
 def _random_norms(model, seed):
   rng = np.random.default_rng(seed)
   for layer in model.layers:
@@ -132,6 +131,7 @@ def _random_norms(model, seed):
   return model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sparse", ["dense", "router", "router_own_dot"])
 def test_decode_step_with_and_without_deferred_norms(sparse, monkeypatch):
   """The decode step (fused tiny LLaMA, random norm weights; dense, a head router in the q|k|v kernel, or a router

@@ -25,6 +25,8 @@ from polar_jax.model import init_model  # noqa: E402
 from polar_jax.serving import programs  # noqa: E402
 from polar_jax.serving.server import build_app  # noqa: E402
 
+pytestmark = pytest.mark.slow   # a uvicorn server and its model per module: `make test` runs these
+
 MAX_BATCH, MAX_LEN, MAX_WAITING = 4, 64, 1
 
 
