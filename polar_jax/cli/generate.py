@@ -59,6 +59,12 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dp", type=int, default=1, help="data parallel degree: split the batch over N device groups")
   p.add_argument("--no-fuse", action="store_true", help="keep separate q/k/v and gate/up projections (default: "
                  "one fused matmul each, polar_jax.fusion)")
+  add_sparsity_args(p)
+  return p
+
+
+def add_sparsity_args(p: argparse.ArgumentParser) -> None:
+  """The Polar Sparsity options shared by polar-generate and polar-serve (read back by `build_sparsity`)."""
   sp = p.add_argument_group("Polar Sparsity (decode only; prefill stays dense)")
   sp.add_argument("--routers", help="router directory from polar-train-routers, or 'default' (shipped SmolLM2)")
   sp.add_argument("--attn-density", type=float, default=None, help="fraction of KV groups kept per row, (0, 1]")
@@ -72,7 +78,6 @@ def parser() -> argparse.ArgumentParser:
   sp.add_argument("--router-dtype", choices=("float32", "bfloat16", "float16", "int8"), default=None,
                   help="routers' weights in the decode step (default: the model's dtype; int8: the neuron routers "
                        "quantized per column)")
-  return p
 
 
 def build_sparsity(args):

@@ -13,6 +13,7 @@ import pathlib
 import sys
 
 from polar_jax.cli import interruptible
+from polar_jax.cli.generate import add_sparsity_args, build_sparsity
 
 
 def parser() -> argparse.ArgumentParser:
@@ -40,22 +41,13 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--no-fuse", action="store_true", help="keep separate q/k/v and gate/up projections")
   p.add_argument("--no-warmup", action="store_true", help="compile programs on first use instead of at start-up")
   p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
-  sp = p.add_argument_group("Polar Sparsity (decode only; prefill stays dense)")
-  sp.add_argument("--routers", help="router directory from polar-train-routers, or 'default' (shipped SmolLM2)")
-  sp.add_argument("--attn-density", type=float, default=None, help="fraction of KV groups kept per row, (0, 1]")
-  sp.add_argument("--attn-groups", type=int, default=None, help="KV groups kept per row (overrides density)")
-  sp.add_argument("--dense-layers", type=int, nargs="*", default=[0], help="layers with dense attention (default 0)")
-  sp.add_argument("--selector", choices=("router", "oracle", "random"), default="router")
-  sp.add_argument("--mlp", choices=("dense", "router"), default="dense", help="neuron sparsity (ReLU/OPT only)")
-  sp.add_argument("--mlp-dense-above", type=float, default=None)
-  sp.add_argument("--router-dtype", choices=("float32", "bfloat16", "float16", "int8"), default=None)
+  add_sparsity_args(p)
   return p
 
 
 def build_engine(args):
   """(engine, tokenizer, model name) from the command line."""
   import polar_jax
-  from polar_jax.cli.generate import build_sparsity
   from polar_jax.serving import Engine, EngineOptions
   sparsity, routers_dir = build_sparsity(args)
   model = polar_jax.load_model(args.ckpt, dtype=args.dtype, fuse=not args.no_fuse)
