@@ -103,7 +103,8 @@ class Engine:
       self.variants["sparse"] = sched.StepVariant("sparse", sparse, sparse_state, density, fallback)
     self.prefill_shapes = sched.prefill_shapes(max_len, self.opts.prefill_rows, self.opts.prefill_max_tokens)
     self._graphdef, self._state = nnx.split(model)
-    self._step = programs.step_program(decode_loop_options() if self.opts.loop_graph else None)
+    loop_graph = options.loop_graph if options is not None else True
+    self._step = programs.step_program(decode_loop_options(loop_graph) or None)
     self._slots = jax.device_put(programs.init_slots(cfg, max_batch, max_len, model.dtype, self.opts.max_stop_tokens))
     self.metrics = EngineMetrics(model_name, max_batch)
     self.metrics.mlp_fallback.set(self.variants["sparse"].mlp_dense_fallback if sparse is not None else 0.0)

@@ -79,8 +79,7 @@ class EngineOptions:
     prefill_max_tokens: at most this many prompt tokens (rows x bucket) per prefill program.
     max_stop_tokens: stop tokens per request (eos included), the width of the device's stop table.
     warmup: compile and run every program once at start-up (else the first requests compile them).
-    loop_graph: compile the decode round with `polar_jax.compile_options.decode_loop_options()` (on GPU the whole
-      loop as one CUDA graph).
+  The decode round's loop graph follows the engine's `DecodeOptions.loop_graph`.
   """
 
   steps_per_round: int = 4
@@ -90,7 +89,6 @@ class EngineOptions:
   prefill_max_tokens: int = 8192
   max_stop_tokens: int = 8
   warmup: bool = True
-  loop_graph: bool = True
 
   def __post_init__(self):
     for name in ("steps_per_round", "sparse_min_rows", "prefill_rows", "prefill_max_tokens", "max_stop_tokens"):
