@@ -1,4 +1,4 @@
-"""Checkpoint converters: Hugging Face directories and llama GGUF files -> polar_jax checkpoints.
+"""Checkpoint converters: Hugging Face directories and llama / qwen2 GGUF files -> polar_jax checkpoints.
 
 Example:
   from conversions import convert

@@ -1,4 +1,4 @@
-"""The conversion driver: HF directory or llama GGUF -> polar_jax checkpoint directory.
+"""The conversion driver: HF directory or llama / qwen2 GGUF -> polar_jax checkpoint directory.
 
 Example:
   from conversions import convert
@@ -172,11 +172,11 @@ def _version() -> str:
 def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None = None,
             force: bool = False, progress: bool = True,
             cancelled: Callable[[], bool] | None = None) -> ConversionResult:
-  """Converts a Hugging Face model directory or a llama GGUF file into a polar_jax checkpoint.
+  """Converts a Hugging Face model directory or a llama / qwen2 GGUF file into a polar_jax checkpoint.
 
   Args:
     src: HF directory (config.json + model.safetensors / sharded index / pytorch_model.bin)
-      or a `.gguf` file (llama architecture).
+      or a `.gguf` file (`llama` or `qwen2` architecture, any tensor type `gguf.quants.dequantize` reads).
     out: checkpoint directory to create.
     dtype: "float32", "bfloat16" or "float16"; None -> the source's dtype for HF
       (config `dtype`/`torch_dtype`, else float32), float32 for GGUF.

@@ -145,19 +145,20 @@ def _opt_candidates(config: ModelConfig) -> dict[str, Entry]:
   return c
 
 
-# ---- GGUF (llama family) ---------------------------------------------------------------------
-def gguf_mapping(config: ModelConfig, targets) -> dict[str, Entry]:
-  """`{GGUF tensor name: Entry}`; Q/K rows are un-permuted, then linears transposed."""
+# ---- GGUF (llama, qwen2) ----------------------------------------------------------------------
+def gguf_mapping(config: ModelConfig, targets, *, permuted_qk: bool = True) -> dict[str, Entry]:
+  """`{GGUF tensor name: Entry}`; linears are transposed, and with `permuted_qk` (llama.cpp's `llama` files) the
+  Q/K rows are un-permuted first (`qwen2` files keep the Hugging Face row order)."""
   hq, hkv = config.num_heads, config.num_kv_heads
   c = {"token_embd.weight": Entry("embed.embedding"),
        "output.weight": Entry("lm_head.kernel", TRANSPOSE),
        "output_norm.weight": Entry("final_norm.scale")}
   for i in range(config.num_layers):
     s, t = f"blk.{i}", f"layers.{i}"
-    c[f"{s}.attn_q.weight"] = Entry(f"{t}.attn.q_proj.kernel", (("unpermute", hq), "T"))
-    c[f"{s}.attn_q.bias"] = Entry(f"{t}.attn.q_proj.bias", (("unpermute", hq),))
-    c[f"{s}.attn_k.weight"] = Entry(f"{t}.attn.k_proj.kernel", (("unpermute", hkv), "T"))
-    c[f"{s}.attn_k.bias"] = Entry(f"{t}.attn.k_proj.bias", (("unpermute", hkv),))
+    for p, n in (("q", hq), ("k", hkv)):
+      rows = (("unpermute", n),) if permuted_qk else ()
+      c[f"{s}.attn_{p}.weight"] = Entry(f"{t}.attn.{p}_proj.kernel", rows + TRANSPOSE)
+      c[f"{s}.attn_{p}.bias"] = Entry(f"{t}.attn.{p}_proj.bias", rows)
     c.update(_linear(f"{s}.attn_v", f"{t}.attn.v_proj"))
     c.update(_linear(f"{s}.attn_output", f"{t}.attn.o_proj"))
     for g, p in (("gate", "gate"), ("up", "up"), ("down", "down")):

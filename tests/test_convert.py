@@ -381,6 +381,174 @@ def test_gguf_tokenizer_both_builders(tmp_path, monkeypatch):
   assert res.tokenizer_files == () and checkpoint.load_config(tmp_path / "c").num_layers == 2
 
 
+# ---- GGUF qwen2 with K-quants ------------------------------------------------------------------
+# K-quant blocks hold 256 values of a row, so every row length (the input width of each linear) is a multiple of 256.
+QWEN2_GGUF = dict(hidden=256, heads=4, kv_heads=2, intermediate=512, layers=2)
+QWEN2_QUANTS = ("Q4_K", "Q6_K", "Q8_0", "Q5_0")
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+
+
+def _qwen2_tokenizer_metadata(w) -> int:
+  """A tiny byte-level BPE vocabulary with Qwen2's special tokens and pre-tokenizer and a ChatML template, as
+  llama.cpp writes Qwen2's; returns the vocabulary size."""
+  specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+  tokens = specials + ["\u0120", "\u010a"] + [chr(c) for c in range(33, 127)] + ["he", "\u0120t"]
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("qwen2")
+  w.add_token_list(tokens)
+  w.add_token_types([3] * len(specials) + [1] * (len(tokens) - len(specials)))
+  w.add_token_merges(["h e", "\u0120 t"])
+  w.add_bos_token_id(0)
+  w.add_eos_token_id(2)
+  w.add_pad_token_id(0)
+  w.add_add_bos_token(False)
+  w.add_chat_template(CHATML)
+  return len(tokens)
+
+
+def _quantized_tensor(rng: np.random.Generator, shape: tuple[int, int], qtype: str) -> np.ndarray:
+  """A random `(out, in)` weight stored as `qtype`: the packed uint8 blocks GGUFWriter takes with `raw_dtype`.
+
+  Q8_0 / Q5_0 quantize random floats with `gguf.quants.quantize`. The gguf package dequantizes K-quants but does not
+  quantize them, so Q4_K / Q6_K blocks are random bytes with small fp16 scales (every bit pattern of the packed
+  quants and sub-block scales is a valid block): weights of about 0.03, as trained ones.
+  """
+  import gguf
+  q = gguf.GGMLQuantizationType[qtype]
+  if qtype in ("Q8_0", "Q5_0"):
+    return gguf.quants.quantize((rng.standard_normal(shape) * 0.03).astype(np.float32), q)
+  block, size = gguf.GGML_QUANT_SIZES[q]
+  rows, cols = shape
+  blocks = rng.integers(0, 256, (rows, cols // block, size), dtype=np.uint8)
+
+  def f16(x: float) -> np.ndarray:
+    return np.frombuffer(np.float16(x).tobytes(), np.uint8)
+  if qtype == "Q4_K":        # d, dmin (fp16), 12 bytes of 6-bit scales / mins, 128 bytes of 4-bit quants
+    blocks[..., 0:2], blocks[..., 2:4] = f16(1e-4), f16(7.5e-4)   # dmin ~ d x mean quant: weights centred on 0
+  elif qtype == "Q6_K":      # 128 + 64 bytes of 6-bit quants, 16 int8 scales, d (fp16)
+    blocks[..., -2:] = f16(2e-5)
+  else:  # pragma: no cover - the test's own list
+    raise ValueError(qtype)
+  return blocks.reshape(rows, -1)
+
+
+def write_qwen2_gguf(path: pathlib.Path, *, tied: bool = False, seed: int = 0, biases: bool = True,
+                     extra: dict[str, tuple[np.ndarray, str]] | None = None) -> pathlib.Path:
+  """A random `qwen2` GGUF as llama.cpp lays one out (Q/K rows not permuted, q/k/v biases, `output.weight` unless
+  `tied`), its linears and embeddings quantized to a rotation of QWEN2_QUANTS, norms and biases F32. `biases=False`
+  leaves the q/k/v biases out (an invalid file); `extra`: further tensors `{name: (packed data, GGML type name)}`."""
+  import gguf
+  rng = np.random.default_rng(seed)
+  d, hq, hkv, f, n_layers = (QWEN2_GGUF[k] for k in ("hidden", "heads", "kv_heads", "intermediate", "layers"))
+  head_dim = d // hq
+  w = gguf.GGUFWriter(str(path), "qwen2")
+  w.add_block_count(n_layers)
+  w.add_context_length(128)
+  w.add_embedding_length(d)
+  w.add_feed_forward_length(f)
+  w.add_head_count(hq)
+  w.add_head_count_kv(hkv)
+  w.add_rope_freq_base(1e6)
+  w.add_layer_norm_rms_eps(1e-6)
+  vocab = _qwen2_tokenizer_metadata(w)
+  quants = iter(QWEN2_QUANTS * 16)
+
+  def linear(name: str, shape: tuple[int, int]):
+    qtype = next(quants)
+    w.add_tensor(name, _quantized_tensor(rng, shape, qtype), raw_dtype=gguf.GGMLQuantizationType[qtype])
+
+  def vector(name: str, n: int, mean: float):
+    w.add_tensor(name, (mean + 0.1 * rng.standard_normal(n)).astype(np.float32))
+
+  linear("token_embd.weight", (vocab, d))
+  vector("output_norm.weight", d, 1.0)
+  if not tied:
+    linear("output.weight", (vocab, d))
+  for i in range(n_layers):
+    b = f"blk.{i}"
+    for p, rows in (("q", hq * head_dim), ("k", hkv * head_dim), ("v", hkv * head_dim)):
+      linear(f"{b}.attn_{p}.weight", (rows, d))
+      if biases:
+        vector(f"{b}.attn_{p}.bias", rows, 0.0)
+    linear(f"{b}.attn_output.weight", (d, hq * head_dim))
+    linear(f"{b}.ffn_gate.weight", (f, d))
+    linear(f"{b}.ffn_up.weight", (f, d))
+    linear(f"{b}.ffn_down.weight", (d, f))
+    vector(f"{b}.attn_norm.weight", d, 1.0)
+    vector(f"{b}.ffn_norm.weight", d, 1.0)
+  for name, (data, qtype) in (extra or {}).items():
+    w.add_tensor(name, data, raw_dtype=gguf.GGMLQuantizationType[qtype])
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return path
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_gguf_qwen2_kquants_match_transformers(tmp_path, tied):
+  """A qwen2 GGUF with Q4_K / Q6_K / Q8_0 / Q5_0 tensors converts to the weights and logits transformers reads from
+  the same file, with its config (biases, tied or untied head, rope theta, rms eps) and its tokenizer."""
+  import gguf
+  src = write_qwen2_gguf(tmp_path / "qwen2.gguf", tied=tied)
+  types = {t.tensor_type.name for t in gguf.GGUFReader(str(src)).tensors}
+  assert types == {"F32", *QWEN2_QUANTS}
+  res = convert(src, tmp_path / "out", progress=False)
+  assert res.source_format == "gguf" and "tokenizer.json" in res.tokenizer_files
+  c = checkpoint.load_config(tmp_path / "out")
+  assert (c.model_type, c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim,
+          c.intermediate_size) == ("qwen2", 2, 256, 4, 2, 64, 512)
+  assert c.attn_bias and not c.o_bias and c.tie_word_embeddings == tied
+  assert (c.rope_theta, c.vocab_size, c.max_position_embeddings) == (1e6, 101, 128)
+  assert (c.bos_token_id, c.eos_token_id, c.pad_token_id) == (0, 2, 0)
+  assert c.norm_eps == pytest.approx(1e-6)
+
+  hf = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path), gguf_file=src.name, dtype=torch.float32)
+  assert hf.config.model_type == "qwen2" and hf.config.tie_word_embeddings == tied
+  # the same dequantized values in our layout: mapping, row order and transposes are exact
+  assert_params_equal(loaded_params(tmp_path / "out"), expected_params(hf.eval()))
+
+  model = checkpoint.load_model(tmp_path / "out", "float32")
+  ids = np.random.default_rng(1).integers(0, c.vocab_size, (2, 16))
+  with torch.no_grad():
+    want = hf(torch.tensor(ids)).logits.numpy()
+  from flax import nnx
+  got = np.asarray(nnx.jit(lambda m, x: m(x))(model, ids))
+  assert np.abs(want).max() > 0.1                       # logits carry signal, not a degenerate all-zero model
+  # float32 sums of 256-512 terms in another order: a few float32 ulps of the logits' scale
+  np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5 * np.abs(want).max())
+
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file=src.name)
+  tok = checkpoint.load_tokenizer(tmp_path / "out")
+  for text in ("hello the theater!", "<|im_start|>user\nhe said: t t<|im_end|>"):
+    assert tok(text)["input_ids"] == ref(text)["input_ids"], text
+    assert tok.decode(tok(text)["input_ids"]) == text
+  assert tok.convert_tokens_to_ids("<|im_end|>") == 2
+  msgs = [{"role": "user", "content": "hello"}]
+  chat = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+  assert chat == ref.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+  assert chat == "<|im_start|>user\nhello<|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_gguf_qwen2_errors(tmp_path):
+  """A tensor type the gguf package cannot dequantize is named before anything is read; a qwen2 file without its
+  q/k/v biases is missing tensors."""
+  import gguf
+  block, size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_K]
+  q8k = np.zeros((4, 256 // block * size), np.uint8)
+  src = write_qwen2_gguf(tmp_path / "q8k.gguf", extra={"blk.0.extra.weight": (q8k, "Q8_K")})
+  with pytest.raises(ConversionError, match=r"unsupported tensor types.*Q8_K \(1\): blk\.0\.extra\.weight; "
+                     r"supported: .*Q4_K.*Q6_K"):
+    convert(src, tmp_path / "out", progress=False)
+  _no_out_left(tmp_path)
+
+  src = write_qwen2_gguf(tmp_path / "nobias.gguf", biases=False)
+  with pytest.raises(ConversionError, match=r"missing tensors \(6\): blk\.0\.attn_q\.bias"):
+    convert(src, tmp_path / "out", progress=False)
+  _no_out_left(tmp_path)
+
+
 # ---- real SmolLM2 GGUF -------------------------------------------------------------------------
 def _smollm2_gguf():
   from polar_jax import data
@@ -455,7 +623,7 @@ def test_error_unknown_architecture(tmp_path, llama_src):
 
 def test_error_unknown_gguf_architecture(tmp_path):
   src = write_llama_gguf(tmp_path / "x.gguf", build_hf("llama"), arch="gpt2")
-  with pytest.raises(ConversionError, match=r"unknown GGUF architecture 'gpt2'; supported: llama"):
+  with pytest.raises(ConversionError, match=r"unknown GGUF architecture 'gpt2'; supported: llama, qwen2"):
     convert(src, tmp_path / "out", progress=False)
   _no_out_left(tmp_path)
 
@@ -587,7 +755,7 @@ def test_cli(tmp_path, llama_src, capsys):
 
 
 def test_public_names():
-  assert conversions.SUPPORTED_GGUF_ARCHITECTURES == ("llama",)
+  assert conversions.SUPPORTED_GGUF_ARCHITECTURES == ("llama", "qwen2")
   assert set(conversions.DTYPES) == {"float32", "bfloat16", "float16"}
   assert issubclass(ConversionError, ValueError)
   assert os.fspath(pathlib.Path(conversions.__file__).parent.name) == "conversions"

@@ -1,7 +1,7 @@
 """`polar-convert SRC OUT [--dtype float32|bfloat16|float16] [--force]`.
 
-Converts a Hugging Face model directory or a llama-family `.gguf` file into a polar_jax
-checkpoint directory (see `polar_jax.checkpoint`).
+Converts a Hugging Face model directory or a `llama` or `qwen2` `.gguf` file (float or quantized,
+K-quants included) into a polar_jax checkpoint directory (see `polar_jax.checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from polar_jax.cli import interrupt_requested, interruptible
 def _parser() -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
       prog="polar-convert",
-      description="Convert a Hugging Face model directory or a llama .gguf file into a polar_jax checkpoint.")
+      description="Convert a Hugging Face model directory or a llama or qwen2 .gguf file into a polar_jax checkpoint.")
   p.add_argument("src", help="HF model directory (config.json + safetensors/.bin) or a .gguf file")
   p.add_argument("out", help="checkpoint directory to create")
   p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
