@@ -12,6 +12,7 @@ copies when the selected bytes would fit in L2.
   python3 benchmarks/kernels.py --out $OUT/kernels.jsonl          # on the GPU
   python3 benchmarks/kernels.py --sweep $OUT/sweep.jsonl --only attn   # tuning
   python3 benchmarks/kernels.py --only matmul [--families narrow] --out $OUT/k.jsonl   # skinny_matmul vs XLA
+  python3 benchmarks/kernels.py --only paged [--families mha|gqa] --out $OUT/k.jsonl   # paged vs contiguous
   python benchmarks/kernels.py --smoke --out /tmp/k.jsonl          # CPU, interpret
 """
 from __future__ import annotations
@@ -42,7 +43,10 @@ from pallas_kernels.skinny_matmul import skinny_matmul  # noqa: E402
 from pallas_kernels import AttentionHeuristics  # noqa: E402
 from pallas_kernels.decode_attention_triton import choose_config as attn_config  # noqa: E402
 from pallas_kernels import topk_select  # noqa: E402
+from pallas_kernels.decode_attention_xla import decode_attention_xla  # noqa: E402
 from pallas_kernels.decode_attention_xla import decode_attention_xla_gather  # noqa: E402
+from pallas_kernels import paged_decode_attention_triton as paged_triton  # noqa: E402
+from pallas_kernels.paged_decode_attention import selective_paged_decode_attention  # noqa: E402
 
 KEYS = ("device", "jax", "date", "commit", "op", "impl", "B", "S", "Hq", "Hkv",
         "D", "M", "d", "N", "density", "dtype", "ms", "ms_wall", "timer",
@@ -240,6 +244,86 @@ def bench_attention_probe(timer, base, smoke, dtype=jnp.bfloat16, families=None)
         D=D, K=k_sel, density=k_sel / Hkv, dtype=jnp.dtype(dtype).name, ms=ms, ms_wall=wall, timer=how,
         bytes=sel_bytes, config=dataclasses.asdict(cfg), heuristic=cfg == heur, max_rel_err=_rel_err(out, ref))))
     del sets
+  return records
+
+
+def paged_cases(smoke, families=None):
+  """(family, B, S, Hq, Hkv, D, densities, page sizes) for `bench_paged_attention`: LLaMA-2-7B's layer (MHA, 32
+  heads of 128) and a GQA 32/8 layer at B32/B64 and S 2048/4096."""
+  if smoke:
+    return [("smoke", 2, 64, 4, 2, 32, (0.5,), (16,))]
+  cases = []
+  for family, hq, hkv in (("mha", 32, 32), ("gqa", 32, 8)):
+    if families and family not in families:
+      continue
+    cases += [(family, b, s, hq, hkv, 128, (1.0, 0.5, 0.25), (16, 32)) for b in (32, 64) for s in (2048, 4096)]
+  return cases
+
+
+def _paged_pool(cache_bhsd, page_size, perm):
+  """The cache `[B, Hkv, S, D]` as a page pool `[Hkv, B * S / page_size, page_size, D]` whose pages sit in the
+  order `perm` (pool page j holds contiguous page perm[j], contiguous page i = row i // (S / page_size))."""
+  B, Hkv, S, D = cache_bhsd.shape
+  pool = cache_bhsd.transpose(1, 0, 2, 3).reshape(Hkv, B * S // page_size, page_size, D)
+  return pool[:, perm]
+
+
+def bench_paged_attention(timer, base, smoke, sink, dtype=jnp.bfloat16, families=None):
+  """Paged vs contiguous selective decode attention on the same keys (every row S long, its pages shuffled over
+  the pool): the contiguous kernel at its heuristic config, the paged kernel at its heuristic config and with one
+  whole page per block (`block_k = page_size`), for each page size. bytes = the selected K+V. Records: op
+  "paged_attention", impl "contiguous" / "paged", `K`, `page_size` (None: contiguous), `config`, `heuristic`,
+  `max_rel_err` vs the contiguous XLA reference."""
+  records = []
+  itemsize = jnp.dtype(dtype).itemsize
+  for family, B, S, Hq, Hkv, D, densities, page_sizes in paged_cases(smoke, families):
+    lengths = jnp.full((B,), S, jnp.int32)
+    for density in densities:
+      K = max(1, round(density * Hkv))
+      sel_bytes = 2 * B * K * S * D * itemsize
+      rng = np.random.default_rng(B + S + K)
+      gidx = jnp.asarray(np.stack([rng.permutation(Hkv)[:K] for _ in range(B)]), jnp.int32)
+      sets = []
+      for r in range(_copies(sel_bytes)):
+        kq, kk, kv = jax.random.split(jax.random.key(r), 3)
+        sets.append((jax.random.normal(kq, (B, Hq, D), dtype), jax.random.normal(kk, (B, Hkv, S, D), dtype),
+                     jax.random.normal(kv, (B, Hkv, S, D), dtype)))
+      ref = jax.jit(decode_attention_xla, static_argnames=("scale",))(*sets[0], lengths, gidx, None,
+                                                                       scale=D ** -0.5)
+      common_rec = dict(base, op="paged_attention", family=family, B=B, S=S, Hq=Hq, Hkv=Hkv, D=D, K=K,
+                        density=K / Hkv, dtype=jnp.dtype(dtype).name, bytes=sel_bytes)
+      runs = [(None, None, lambda q, k, v: selective_decode_attention(q, k, v, lengths, gidx,
+                                                                      implementation="pallas"), sets)]
+      for page_size in page_sizes:
+        pages_per_row = S // page_size
+        perm = rng.permutation(B * pages_per_row)
+        table = jnp.asarray(np.argsort(perm).reshape(B, pages_per_row), jnp.int32)
+        perm = jnp.asarray(perm)
+        paged_sets = [(q, _paged_pool(k, page_size, perm), _paged_pool(v, page_size, perm)) for q, k, v in sets]
+        heur = paged_triton.choose_config(B, K, page_size, S)
+        for cfg in dict.fromkeys((heur, dataclasses.replace(heur, block_k=page_size))):
+          fn = lambda q, kp, vp, cfg=cfg, table=table: selective_paged_decode_attention(  # noqa: E731
+              q, kp, vp, lengths, table, gidx, implementation="pallas", config=cfg)
+          runs.append((page_size, cfg, fn, paged_sets))
+      for page_size, cfg, fn, arg_sets in runs:
+        impl = "contiguous" if page_size is None else "paged"
+        try:
+          ms, wall, how, out = timer(fn, arg_sets)
+        except Exception as e:  # pylint: disable=broad-except  (e.g. a variant's pipeline exceeds shared memory)
+          print(f"paged_attention {family} B{B} S{S} K{K} {impl} {page_size} {cfg}: failed "
+                f"({type(e).__name__}: {str(e)[:120]})", flush=True)
+          continue
+        rec = _finish(dict(common_rec, impl=impl, page_size=page_size, ms=ms, ms_wall=wall, timer=how,
+                           config=None if cfg is None else dataclasses.asdict(cfg),
+                           heuristic=cfg is None or cfg == paged_triton.choose_config(B, K, page_size, S),
+                           max_rel_err=_rel_err(out, ref)))
+        sink(rec)
+        records.append(rec)
+        print(f"paged_attention {family} B{B:3} S{S:5} K{K:2} {impl:10} page {page_size or '-':>3} "
+              f"block_k {cfg.block_k if cfg else '-':>3} splits {cfg.num_splits if cfg else '-'}: "
+              f"{ms * 1e3:7.1f} us {rec['tbps']:.2f} TB/s ({rec['roofline_frac']:.2f} of copy) "
+              f"err {rec['max_rel_err']:.1e}", flush=True)
+      del sets, runs
   return records
 
 
@@ -503,13 +587,14 @@ def main(argv=None):
                                                     "kernels.jsonl"))
   parser.add_argument("--smoke", action="store_true",
                       help="tiny shapes, runs on CPU in interpret mode")
-  parser.add_argument("--only", choices=("attn", "mlp", "topk", "probe", "matmul", "all"), default="all",
+  parser.add_argument("--only", choices=("attn", "mlp", "topk", "probe", "matmul", "paged", "all"), default="all",
                       help="probe: the direct attention kernel's selection / length / config / split probes; "
-                           "matmul: the decode projections (skinny_matmul vs XLA); neither is part of all")
+                           "matmul: the decode projections (skinny_matmul vs XLA); paged: paged vs contiguous "
+                           "selective decode attention; none of these is part of all")
   parser.add_argument("--families", default=None,
                       help="probe: comma-separated families (selection, length, config, splits, persistent); "
                            "default all. matmul: narrow (the o / down / gate|up grid sweep), opt (OPT-6.7B's fc1 "
-                           "from [N, d] rows + ReLU, fc2)")
+                           "from [N, d] rows + ReLU, fc2). paged: mha, gqa (default both)")
   parser.add_argument("--iters", type=int, default=30)
   parser.add_argument("--check", action="store_true",
                       help="also record each pallas result's error vs XLA")
@@ -565,6 +650,9 @@ def main(argv=None):
   if args.only == "matmul":
     records += bench_matmul(timer, base, args.smoke, sink,
                             families=args.families.split(",") if args.families else None)
+  if args.only == "paged":
+    records += bench_paged_attention(timer, base, args.smoke, sink,
+                                     families=args.families.split(",") if args.families else None)
   print_table(records)
   return records
 
