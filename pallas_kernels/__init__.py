@@ -14,6 +14,9 @@ Public ops:
   selective_decode_attention_append: writes the new token's K/V at every group's slot (one XLA scatter per cache),
     then the same attention.
   merge_attention_partials: merges (o, m, l) residuals of disjoint partials.
+  selective_paged_decode_attention: the same attention over K/V page pools `[Hkv, num_pages, page_size, D]` and a
+    per-row page table; one program per (row, selected group, key split). `config=`: a `PagedAttentionConfig` or a
+    `PagedAttentionHeuristics`.
   gather_matmul_cols: act(x @ w_in[idx].T + bias[idx]) (first MLP matmul); `config=`: a `GatherConfig` or a
     `GatherHeuristics`.
   gather_matmul_rows: h @ w_out[idx] + bias (second MLP matmul); as gather_matmul_cols.
@@ -31,6 +34,9 @@ from pallas_kernels.decode_attention import selective_decode_attention_append
 from pallas_kernels.decode_attention_triton import AttentionConfig
 from pallas_kernels.decode_attention_triton import AttentionHeuristics
 from pallas_kernels.gather_matmul import gather_matmul_cols
+from pallas_kernels.paged_decode_attention import selective_paged_decode_attention
+from pallas_kernels.paged_decode_attention_triton import PagedAttentionConfig
+from pallas_kernels.paged_decode_attention_triton import PagedAttentionHeuristics
 from pallas_kernels.gather_matmul import gather_matmul_rows
 from pallas_kernels.gather_matmul_triton import GatherConfig
 from pallas_kernels.gather_matmul_triton import GatherHeuristics
@@ -54,6 +60,8 @@ __all__ = [
     "MatmulConfig",
     "MatmulHeuristics",
     "MatmulOut",
+    "PagedAttentionConfig",
+    "PagedAttentionHeuristics",
     "RmsInput",
     "Side",
     "TopkHeuristics",
@@ -63,6 +71,7 @@ __all__ = [
     "rope_append",
     "selective_decode_attention",
     "selective_decode_attention_append",
+    "selective_paged_decode_attention",
     "skinny_matmul",
     "topk_select",
 ]

@@ -123,8 +123,9 @@ def _kernel(*refs, num_selected: int | None, num_splits: int, scale: float, grou
   rows_g = jnp.minimum(jnp.arange(block_g, dtype=jnp.int32), group_size - 1)
   cols_d = jnp.arange(block_d, dtype=jnp.int32)
   col_ok_d = cols_d < head_dim
-  cols_d = jnp.minimum(cols_d, head_dim - 1)
   pad_d = block_d != head_dim
+  if pad_d:   # (a clamp hides the columns' contiguity from Triton: 2-byte loads instead of 16-byte ones)
+    cols_d = jnp.minimum(cols_d, head_dim - 1)
   q_index = ((group * group_size + rows_g)[:, None], cols_d[None, :])
   if pad_d:   # zero q columns past head_dim: the duplicated K columns add nothing to q.k
     q_gd = plgpu.load(q_ref.at[q_index], mask=jnp.broadcast_to(col_ok_d[None, :], (block_g, block_d)), other=0)
