@@ -271,7 +271,8 @@ def _paged_pool(cache_bhsd, page_size, perm):
 def bench_paged_attention(timer, base, smoke, sink, dtype=jnp.bfloat16, families=None):
   """Paged vs contiguous selective decode attention on the same keys (every row S long, its pages shuffled over
   the pool): the contiguous kernel at its heuristic config, the paged kernel at its heuristic config and with one
-  whole page per block (`block_k = page_size`), for each page size. bytes = the selected K+V. Records: op
+  whole page per block (`block_k = page_size`), each at its heuristic pipeline depth and at 4 stages, for each page
+  size (the smoke run: both blocks at the heuristic depth). bytes = the selected K+V. Records: op
   "paged_attention", impl "contiguous" / "paged", `K`, `page_size` (None: contiguous), `config`, `heuristic`,
   `max_rel_err` vs the contiguous XLA reference."""
   records = []
@@ -301,7 +302,9 @@ def bench_paged_attention(timer, base, smoke, sink, dtype=jnp.bfloat16, families
         perm = jnp.asarray(perm)
         paged_sets = [(q, _paged_pool(k, page_size, perm), _paged_pool(v, page_size, perm)) for q, k, v in sets]
         heur = paged_triton.choose_config(B, K, page_size, S)
-        for cfg in dict.fromkeys((heur, dataclasses.replace(heur, block_k=page_size))):
+        variants = (heur, dataclasses.replace(heur, num_stages=4), dataclasses.replace(heur, block_k=page_size),
+                    dataclasses.replace(heur, block_k=page_size, num_stages=4))
+        for cfg in dict.fromkeys(variants[::2] if smoke else variants):
           fn = lambda q, kp, vp, cfg=cfg, table=table: selective_paged_decode_attention(  # noqa: E731
               q, kp, vp, lengths, table, gidx, implementation="pallas", config=cfg)
           runs.append((page_size, cfg, fn, paged_sets))

@@ -117,6 +117,24 @@ def test_matches_contiguous_reference(backend, case):
   np.testing.assert_array_equal(np.asarray(clean.astype(jnp.float32)), np.asarray(out.astype(jnp.float32)))
 
 
+@pytest.mark.parametrize("backend", [pytest.param("xla"), pytest.param("pallas", marks=pytest.mark.slow)])
+def test_traced_inputs_are_clamped(backend):
+  """Under jit nothing is validated on the host: a used table entry past the pool and group ids out of range are
+  clamped (pool page P - 1, groups 0 / Hkv - 1), giving the result of the clamped inputs."""
+  inputs, _, _ = _case(8, 2, 8, 4, 32, 16, (40, 20), 2, jnp.float32)
+  q, k_pages, v_pages, lengths, table, _ = inputs
+  P = k_pages.shape[1]
+  bad_table = table.at[0, 1].set(P + 3)
+  bad_gidx = jnp.asarray([[5, 1], [-1, 2]], jnp.int32)
+  run = jax.jit(lambda n, t, g: selective_paged_decode_attention(q, k_pages, v_pages, n, t, g,
+                                                                 implementation=backend))
+  out = run(lengths, bad_table, bad_gidx)
+  want = selective_paged_decode_attention(q, k_pages, v_pages, lengths, bad_table.at[0, 1].set(P - 1),
+                                          jnp.clip(bad_gidx, 0, 3), implementation="xla")
+  assert np.all(np.isfinite(np.asarray(out)))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
 def test_raw_kernel_writes_every_head():
   """Interpret mode fills outputs with NaN: the unsplit kernel writes every head (zeros for unselected groups),
   also where a row names one group twice or names groups out of range (clamped)."""
@@ -209,7 +227,8 @@ def test_benchmark_smoke(tmp_path):
   returned = bench.main(["--smoke", "--only", "paged", "--out", str(out)])
   lines = [json.loads(line) for line in out.read_text().splitlines()]
   assert lines == json.loads(json.dumps(returned)) and lines
-  assert {r["impl"] for r in lines} >= {"paged", "contiguous"}
+  assert {r["impl"] for r in lines} == {"paged", "contiguous"}
+  assert {r["config"]["block_k"] for r in lines if r["impl"] == "paged"} == {64, 16}   # gathered, whole pages
   for r in lines:
     assert r["op"] == "paged_attention" and r["max_rel_err"] < 1e-2
     assert r["bytes"] == 2 * r["B"] * r["K"] * r["S"] * r["D"] * 2 and r["tbps"] > 0
