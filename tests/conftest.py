@@ -37,6 +37,12 @@ if str(ROOT) not in sys.path:
 
 from polar_jax.config import ModelConfig  # noqa: E402  (after the repo root is importable)
 
+
+def pytest_collection_modifyitems(items):
+  """The tests marked slow first (stable order otherwise): with pytest-xdist the longest tests then start at once
+  and the short ones fill the other worker, instead of one long test running alone at the end."""
+  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+
 LLAMA_MHA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
                         num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=128)
 LLAMA_GQA = dataclasses.replace(LLAMA_MHA, num_kv_heads=2)

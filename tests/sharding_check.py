@@ -181,14 +181,20 @@ def check_checkpoint():
   print("OK plain jax.make_mesh (Explicit axes, tp only)", flush=True)
 
 
-def main_single():
+def main_single(part: str):
+  """Part "a": dense, oracle and random selection, checkpoints, errors; part "b": routers and `stream` (two
+  processes, so the two halves run side by side)."""
   assert len(jax.devices()) == 8, jax.devices()
+  if part == "a":
+    check("mha tp2 dense", MHA, 2)
+    check("gqa tp4 dense", GQA, 4)
+    check("opt tp2 dense", OPT, 2)
+    check("mha tp4 oracle", MHA, 4, sparsity_kw=dict(attn_density=0.5, selector="oracle"))
+    check("gqa8 tp4 random", GQA8, 4, sparsity_kw=dict(attn_density=0.5, selector="random", seed=4))
+    check_checkpoint()
+    check_errors()
+    return
   mha_r, gqa_r = random_routers(MHA), random_routers(GQA)
-  check("mha tp2 dense", MHA, 2)
-  check("gqa tp4 dense", GQA, 4)
-  check("opt tp2 dense", OPT, 2)
-  check("mha tp4 oracle", MHA, 4, sparsity_kw=dict(attn_density=0.5, selector="oracle"))
-  check("gqa8 tp4 random", GQA8, 4, sparsity_kw=dict(attn_density=0.5, selector="random", seed=4))
   check("mha tp4 router", MHA, 4, sparsity_kw=dict(attn_density=0.5), routers=mha_r)
   check("gqa tp2 router", GQA, 2, sparsity_kw=dict(attn_density=0.5), routers=gqa_r, via_generate=True)
   check("gqa dp2 tp2 router", GQA, 2, dp=2, sparsity_kw=dict(attn_density=0.5), routers=gqa_r)
@@ -197,9 +203,11 @@ def main_single():
   opt_r = random_routers(OPT)
   opt_r.mlp_topk = {8: (40, 24)}                                  # neuron budgets per layer (N = 128)
   check("opt tp2 router+neurons", OPT, 2, sparsity_kw=dict(attn_density=0.5, mlp="router"), routers=opt_r)
-  check_checkpoint()
   check_stream("stream gqa tp2 dense", GQA, 2)
   check_stream("stream gqa dp2 tp2 router", GQA, 2, dp=2, sparsity_kw=dict(attn_density=0.5), routers=gqa_r)
+
+
+def check_errors():
   # Balanced per-shard selection differs from a global top-k in general.
   scores = jnp.array([[0.9, 0.8, 0.1, 0.2]])
   assert sharding.balanced_topk(scores, 2, 2).tolist() == [[0, 3]]
@@ -226,5 +234,5 @@ def main_multi():
 
 
 if __name__ == "__main__":
-  main_single() if MODE == "single" else main_multi()
+  main_single(sys.argv[2] if len(sys.argv) > 2 else "a") if MODE == "single" else main_multi()
   print("DONE", flush=True)

@@ -1,8 +1,8 @@
 """The README's snippets, run as written.
 
 Every ```bash line is one command, run in a fresh directory (so the README's relative paths are what a user types
-after cloning); every ```python block runs in order in one process in that directory, after the commands (which
-convert the model the Python snippets load). The README's tables must be what `benchmarks/report.py --readme`
+after cloning); every ```python block runs in order in one process in another directory that holds what the
+README's `polar-convert` command writes (the model the Python snippets load). The README's tables must be what `benchmarks/report.py --readme`
 prints from the result files, and `docs/performance.md` what `--performance-md` writes.
 """
 
@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import pathlib
 import re
+import shutil
 import subprocess
 import sys
 
@@ -89,7 +90,7 @@ sys.exit(f"failed blocks: {failed}" if failed else 0)
 
 
 @pytest.mark.slow
-def test_readme_snippets_run_as_written(tmp_path):
+def test_readme_commands_run_as_written(tmp_path):
   text = README.read_text(encoding="utf-8")
   env = _env()
   failures = []
@@ -108,13 +109,20 @@ def test_readme_snippets_run_as_written(tmp_path):
     failures.append("the README's commands did not convert the model into ckpt/smollm2")
   elif not (tmp_path / "eval-smollm2" / "accuracy.jsonl").is_file():
     failures.append("polar-eval wrote no eval-smollm2/accuracy.jsonl")
+  assert not failures, "\n\n".join(failures)
 
+
+@pytest.mark.slow
+def test_readme_python_blocks_run_as_written(tmp_path, smollm2_dir):
+  """The Python blocks, in a directory holding what the README's `polar-convert` command writes (the same float32
+  conversion of the embedded GGUF, made once per test run), so they run beside the commands' test."""
+  text = README.read_text(encoding="utf-8")
+  (tmp_path / "ckpt").mkdir()
+  shutil.copytree(smollm2_dir, tmp_path / "ckpt" / "smollm2")
   script = f"BLOCKS = {blocks(text, 'python')!r}\n" + RUNNER
-  py_env = dict(env, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=3")   # make_mesh(tp=3)
+  py_env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=3")   # make_mesh(tp=3)
   r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=py_env, capture_output=True, text=True,
                      timeout=COMMAND_TIMEOUT_S)
-  if r.returncode != 0:
-    failures.append(f"README Python blocks: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}")
-  elif "Paris" not in r.stdout or "<|im_end|>" in r.stdout:
-    failures.append(f"README Python blocks: the first completion lacks 'Paris' or shows <|im_end|>:\n{r.stdout}")
-  assert not failures, "\n\n".join(failures)
+  assert r.returncode == 0, f"README Python blocks: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
+  assert "Paris" in r.stdout and "<|im_end|>" not in r.stdout, \
+      f"README Python blocks: the first completion lacks 'Paris' or shows <|im_end|>:\n{r.stdout}"
