@@ -37,7 +37,7 @@ def _check_int(name, x):
     raise ValueError(f"{name} must have an integer dtype, got {x.dtype}")
 
 
-def _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=False):
+def _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=False, group_count=None):
   if q.ndim != 3:
     raise ValueError(f"q must be [B, Hq, D], got shape {q.shape}")
   if k_cache.ndim != 4 or v_cache.ndim != 4:
@@ -79,6 +79,17 @@ def _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=False
       if g.size and (g.min() < 0 or g.max() >= Hkv):
         raise ValueError(f"group_idx values must lie in [0, {Hkv}), got range "
                          f"[{g.min()}, {g.max()}]")
+  if group_count is not None:
+    if group_idx is None:
+      raise ValueError("group_count needs group_idx (the [B, K] slots it counts)")
+    if group_count.shape != (B,):
+      raise ValueError(f"group_count must have shape ({B},), got {group_count.shape}")
+    _check_int("group_count", group_count)
+    if _platform.is_concrete(group_count):
+      c = np.asarray(group_count)
+      K = group_idx.shape[1]
+      if c.size and (c.min() < 1 or c.max() > K):
+        raise ValueError(f"group_count values must lie in [1, K={K}], got range [{c.min()}, {c.max()}]")
   if _platform.is_concrete(lengths):
     n = np.asarray(lengths)
     if n.size and (n.min() < 0 or n.max() > S):
@@ -88,22 +99,22 @@ def _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=False
 
 
 def _scatter_groups(o_BKGD, m_BKG, l_BKG, group_idx_BK, num_kv_heads):
-  """Places per-selected-group results at their groups; others o=0, l=0."""
+  """Places per-selected-group results at their groups; others o=0, l=0 (an index of num_kv_heads: dropped)."""
   B, _, G, D = o_BKGD.shape
   rows_B1 = jnp.arange(B)[:, None]
   o = jnp.zeros((B, num_kv_heads, G, D), jnp.float32).at[
-      rows_B1, group_idx_BK].set(o_BKGD)
+      rows_B1, group_idx_BK].set(o_BKGD, mode="drop")
   m = jnp.full((B, num_kv_heads, G), _xla.M_EMPTY, jnp.float32).at[
-      rows_B1, group_idx_BK].set(m_BKG)
+      rows_B1, group_idx_BK].set(m_BKG, mode="drop")
   l = jnp.zeros((B, num_kv_heads, G), jnp.float32).at[
-      rows_B1, group_idx_BK].set(l_BKG)
+      rows_B1, group_idx_BK].set(l_BKG, mode="drop")
   return (o.reshape(B, num_kv_heads * G, D), m.reshape(B, -1),
           l.reshape(B, -1))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "return_residuals",
                                              "config", "interpret"))
-def _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, *, scale,
+def _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, group_count=None, *, scale,
                  return_residuals, config, interpret):
   B, Hq, D = q.shape
   Hkv = k_cache.shape[1]
@@ -113,25 +124,29 @@ def _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, *, scale,
       and _persistent.supports(S, D, config.block_k, k_cache.size)):
     # A few programs per SM, each looping over a run of (row, group) items; normalised output in place.
     return _persistent.decode_attention_persistent(
-        q, k_cache, v_cache, lengths, group_idx, kv_start, scale=scale, config=config, interpret=interpret)
+        q, k_cache, v_cache, lengths, group_idx, kv_start, scale=scale, config=config, interpret=interpret,
+        group_count_B=group_count)
   if config.num_splits == 1 and not return_residuals:
     # One program per (row, group), normalised output in place: no merge, normalise or scatter after it.
     return _triton.decode_attention_triton_direct(
         q, k_cache, v_cache, lengths, None if dense else group_idx, kv_start, scale=scale, config=config,
-        interpret=interpret)
+        interpret=interpret, group_count_B=group_count)
   if dense:
     group_idx = jnp.broadcast_to(jnp.arange(Hkv, dtype=jnp.int32), (B, Hkv))
   group_idx = jnp.clip(group_idx.astype(jnp.int32), 0, Hkv - 1)
   o, m, l = _triton.decode_attention_triton(
       q, k_cache, v_cache, lengths, group_idx, kv_start, scale=scale,
-      config=config, interpret=interpret)
+      config=config, interpret=interpret, group_count_B=group_count)
+  if group_count is not None:   # uncounted slots scatter nowhere (index Hkv, dropped): their groups stay zero
+    group_idx = jnp.where(_xla.count_mask(group_count, group_idx.shape[1]), group_idx, Hkv)
   if dense:  # groups already in order: no scatter
     o, m, l = o.reshape(B, Hq, D), m.reshape(B, Hq), l.reshape(B, Hq)
   elif not return_residuals:
     # The decode step's path: normalise the K selected groups, then one scatter of the result into zeros
     # (instead of three float32 scatters of o, m, l and a normalise over every head).
     o_BKGD = _xla.normalise(o, l).astype(q.dtype)
-    out = jnp.zeros((B, Hkv) + o_BKGD.shape[2:], q.dtype).at[jnp.arange(B)[:, None], group_idx].set(o_BKGD)
+    out = jnp.zeros((B, Hkv) + o_BKGD.shape[2:], q.dtype).at[jnp.arange(B)[:, None], group_idx].set(
+        o_BKGD, mode="drop")
     return out.reshape(B, Hq, D)
   else:
     o, m, l = _scatter_groups(o, m, l, group_idx, Hkv)
@@ -143,7 +158,7 @@ def _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, *, scale,
 def selective_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *,
                                scale=None, kv_start=None,
                                return_residuals=False, implementation=None,
-                               config=None):
+                               config=None, group_count=None):
   """Decode attention (one query token) over the selected KV groups of each row.
 
   Args:
@@ -165,6 +180,13 @@ def selective_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *,
     config: "pallas" only: an `AttentionConfig` (the kernel and its tiling, as given), an
       `AttentionHeuristics` (rules that choose one from the shapes, e.g. `AttentionHeuristics(persistent=False)`
       for one direct program per (row, group)) or None (the default rules).
+    group_count: optional [B] int (adaptive budgets), with `group_idx`: row b
+      attends only to `group_idx[b, :group_count[b]]`, 1 <= group_count <= K;
+      the other slots' groups count as unselected. Values outside [1, K]
+      raise when concrete; under jit they are clamped to [0, K]. The kernel
+      reads only the counted groups' K/V (the persistent kernel's programs
+      share the counted items), so its bytes follow the realised density;
+      the compiled program depends on K only, not on the counts.
 
   Returns:
     [B, Hq, D] in q's dtype; query heads of unselected groups are exactly 0.
@@ -173,19 +195,20 @@ def selective_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *,
   lengths = jnp.asarray(lengths)
   group_idx = None if group_idx is None else jnp.asarray(group_idx)
   kv_start = None if kv_start is None else jnp.asarray(kv_start)
-  _validate(q, k_cache, v_cache, lengths, group_idx, kv_start)
+  group_count = None if group_count is None else jnp.asarray(group_count)
+  _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, group_count=group_count)
   _check_config(config)
   B, Hq, D = q.shape
   Hkv, S = k_cache.shape[1], k_cache.shape[2]
   scale = float(D ** -0.5 if scale is None else scale)
   if impl == "xla":
     return _xla_jit(q, k_cache, v_cache, lengths, group_idx, kv_start,
-                    scale=scale, return_residuals=return_residuals)
+                    scale=scale, return_residuals=return_residuals, group_count_B=group_count)
   if kv_start is None:
     kv_start = jnp.zeros((B,), jnp.int32)
   K = Hkv if group_idx is None else group_idx.shape[1]
   config = _resolve_config(config, B, K, S, D, jnp.dtype(q.dtype).itemsize)
-  return _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start,
+  return _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, group_count,
                       scale=scale, return_residuals=return_residuals,
                       config=config, interpret=_platform.interpret_mode())
 
@@ -195,7 +218,8 @@ _xla_jit = jax.jit(_xla.decode_attention_xla,
 
 
 def selective_decode_attention_append(q, k_new, v_new, k_cache, v_cache, lengths, group_idx=None, *,
-                                      scale=None, kv_start=None, implementation=None, config=None):
+                                      scale=None, kv_start=None, implementation=None, config=None,
+                                      group_count=None):
   """Appends one token's K/V to every group of the cache, then attends over the selected groups.
 
   The decode step's attention: equal to writing `k_new`/`v_new` at slot `lengths[b]` of each row (every
@@ -210,7 +234,7 @@ def selective_decode_attention_append(q, k_new, v_new, k_cache, v_cache, lengths
       when they are dead after the call).
     lengths: [B] int, tokens already in each row's cache = the new token's slot. A slot outside [0, S) is
       not written (as `mode="drop"`), and the row attends over its min(lengths + 1, S) cached keys.
-    group_idx, scale, kv_start, implementation, config: as `selective_decode_attention`.
+    group_idx, scale, kv_start, implementation, config, group_count: as `selective_decode_attention`.
 
   Returns:
     (out [B, Hq, D] in q's dtype (heads of unselected groups exactly 0), k_cache, v_cache).
@@ -219,7 +243,8 @@ def selective_decode_attention_append(q, k_new, v_new, k_cache, v_cache, lengths
   lengths = jnp.asarray(lengths)
   group_idx = None if group_idx is None else jnp.asarray(group_idx)
   kv_start = None if kv_start is None else jnp.asarray(kv_start)
-  _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=True)
+  group_count = None if group_count is None else jnp.asarray(group_count)
+  _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=True, group_count=group_count)
   _check_config(config)
   B, _, D = q.shape
   Hkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -227,14 +252,15 @@ def selective_decode_attention_append(q, k_new, v_new, k_cache, v_cache, lengths
     raise ValueError(f"k_new and v_new must be [B, Hkv, D] = {(B, Hkv, D)}, got {k_new.shape} and {v_new.shape}")
   scale = float(D ** -0.5 if scale is None else scale)
   if impl == "xla":
-    return _append_xla_jit(q, k_new, v_new, k_cache, v_cache, lengths, group_idx, kv_start, scale=scale)
+    return _append_xla_jit(q, k_new, v_new, k_cache, v_cache, lengths, group_idx, kv_start, scale=scale,
+                           group_count_B=group_count)
   if kv_start is None:
     kv_start = jnp.zeros((B,), jnp.int32)
   K = Hkv if group_idx is None else group_idx.shape[1]
   config = _resolve_config(config, B, K, S, D, jnp.dtype(q.dtype).itemsize)
   k_cache, v_cache = _xla.append_kv_xla(k_cache, v_cache, k_new, v_new, lengths)
-  out = _pallas_path(q, k_cache, v_cache, lengths.astype(jnp.int32) + 1, group_idx, kv_start, scale=scale,
-                     return_residuals=False, config=config, interpret=_platform.interpret_mode())
+  out = _pallas_path(q, k_cache, v_cache, lengths.astype(jnp.int32) + 1, group_idx, kv_start, group_count,
+                     scale=scale, return_residuals=False, config=config, interpret=_platform.interpret_mode())
   return out, k_cache, v_cache
 
 

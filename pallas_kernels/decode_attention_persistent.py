@@ -11,6 +11,12 @@ row's partial block masked, then the normalised output stored. Two 3-stage progr
 while the other refills its pipeline between items; items never wait for a new wave. Query heads of unselected
 groups are written as zeros by the program that owns the row (`b % programs`), after its items.
 
+Adaptive budgets (`group_count_B`: row b uses only its first `group_count_B[b]` selected slots): XLA compacts the
+(row, slot) list to the counted items before the kernel (`compact_items`: a cumsum and a scatter over B x K
+int32s) and hands the kernel that list and its dynamic total; each program takes a balanced share
+`ceil(total / programs)` of it, so the bytes read and the work per program follow the realised density while the
+grid stays static (B x K bounds the program count).
+
 Measured on one H100 (`kernels.py --only probe --families persistent`, results/kernels.jsonl, MHA D128
 unless noted, direct kernel vs this one): B32 K16 S2048 186.3 vs 181.0 us, S1024 98.6 vs 93.8, S4096 360.2 vs
 353.8, dense B32 356.3 vs 352.0, B16 K16 98.6 vs 93.0, B64 K16 359.6 vs 354.0, GQA (Hkv 8) B32 K5 S4096 118.0 vs
@@ -47,12 +53,17 @@ def num_programs(num_items: int, programs_per_sm: int, num_sms: int | None = Non
 
 
 def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: int, num_programs: int,
-            scale: float, group_size: int, block_g: int, block_k: int):
+            scale: float, group_size: int, block_g: int, block_k: int, counted: bool = False):
   """Program p: items [p * items_per_program, ...) of the row-major (row b, selected slot j) list.
 
-  refs = ([gidx_ref,] len_ref, start_ref, q_ref [B, Hq, D], k_ref/v_ref [B, Hkv, S, D], o_ref [B, Hkv, G, D]).
-  A loop over the items around each item's key blocks: whole blocks as contiguous unmasked loads, then the
-  row's partial block (at most one) masked."""
+  refs = ([items_ref, total_ref, count_ref,] [gidx_ref,] len_ref, start_ref, q_ref [B, Hq, D], k_ref/v_ref
+  [B, Hkv, S, D], o_ref [B, Hkv, G, D]). `counted`: the items are `items_ref[:total_ref[0]]` (flat b * K + j of
+  the counted slots, `compact_items`), each program a share of ceil(total / num_programs) of them; slots
+  j >= count_ref[b] are unselected. A loop over the items around each item's key blocks: whole blocks as
+  contiguous unmasked loads, then the row's partial block (at most one) masked."""
+  items_ref = total_ref = count_ref = None
+  if counted:
+    items_ref, total_ref, count_ref, *refs = refs
   if num_selected is None:
     gidx_ref, (len_ref, start_ref, q_ref, k_ref, v_ref, o_ref) = None, refs
   else:
@@ -60,14 +71,22 @@ def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: 
   batch, num_kv_heads, seq_len, head_dim = k_ref.shape
   slots = num_kv_heads if num_selected is None else num_selected
   p = pl.program_id(0)
-  first = p * items_per_program
-  mine = jnp.clip(num_items - first, 0, items_per_program)
+  if counted:
+    total = jnp.clip(total_ref[0], 0, num_items)
+    share = (total + num_programs - 1) // num_programs
+    first = p * share
+    mine = jnp.clip(total - first, 0, share)
+  else:
+    first = p * items_per_program
+    mine = jnp.clip(num_items - first, 0, items_per_program)
   rows_g = jnp.minimum(jnp.arange(block_g, dtype=jnp.int32), group_size - 1)  # padded rows repeat the last
   cols_d = jnp.arange(head_dim, dtype=jnp.int32)
   arange_k = jnp.arange(block_k, dtype=jnp.int32)
 
   def item_at(it):
     item = first + it
+    if counted:
+      item = jnp.clip(items_ref[item], 0, num_items - 1)
     b = item // slots
     j = item - b * slots
     group = j if gidx_ref is None else jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1)
@@ -128,17 +147,35 @@ def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: 
         b_c = jnp.minimum(b, batch - 1)
         chosen_h = groups_h >= num_kv_heads
         for j in range(num_selected):
-          chosen_h = chosen_h | (groups_h == jnp.clip(gidx_ref[b_c, j], 0, num_kv_heads - 1))
+          named_h = groups_h == jnp.clip(gidx_ref[b_c, j], 0, num_kv_heads - 1)
+          if counted:
+            named_h = named_h & (j < count_ref[b_c])
+          chosen_h = chosen_h | named_h
         mask = jnp.broadcast_to((~chosen_h)[:, None, None], zeros.shape)
         plgpu.store(o_ref.at[(b_c,) + index], zeros, mask=mask)
 
 
+def compact_items(group_count_B: jax.Array, num_selected: int) -> tuple[jax.Array, jax.Array]:
+  """The counted (row, slot) items, front-packed: (int32 `[B * K]` whose first `total` entries are b * K + j for
+  the slots j < group_count_B[b] in row-major order (the rest 0, never read), int32 `[1]` total)."""
+  B = group_count_B.shape[0]
+  counted_N = (jnp.arange(num_selected, dtype=jnp.int32)[None, :]
+               < jnp.clip(group_count_B.astype(jnp.int32), 0, num_selected)[:, None]).reshape(-1)
+  n = B * num_selected
+  slot_N = jnp.cumsum(counted_N.astype(jnp.int32)) - 1
+  items_N = jnp.zeros((n,), jnp.int32).at[jnp.where(counted_N, slot_N, n)].set(
+      jnp.arange(n, dtype=jnp.int32), mode="drop")
+  return items_N, jnp.sum(counted_N.astype(jnp.int32)).reshape(1)
+
+
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret", "num_sms"))
 def decode_attention_persistent(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK, kv_start_B, *, scale: float,
-                                config, interpret: bool, num_sms: int | None = None):
+                                config, interpret: bool, num_sms: int | None = None, group_count_B=None):
   """Normalised output `[B, Hq, D]` in q's dtype, query heads of unselected groups exactly 0 (as the direct
-  kernel). `group_idx_BK` None computes every group. Needs `supports(S, D, config.block_k, k_BHSD.size)`; uses
-  `config.block_k`, `num_warps`, `num_stages` and `programs_per_sm`."""
+  kernel). `group_idx_BK` None computes every group; `group_count_B` (with `group_idx_BK`): row b uses only its
+  first `group_count_B[b]` slots (clamped to [0, K]), the counted items compacted before the kernel. Needs
+  `supports(S, D, config.block_k, k_BHSD.size)`; uses `config.block_k`, `num_warps`, `num_stages` and
+  `programs_per_sm`."""
   B, Hq, D = q_BHD.shape
   _, Hkv, S, _ = k_BHSD.shape
   if not supports(S, D, config.block_k, k_BHSD.size):
@@ -148,15 +185,22 @@ def decode_attention_persistent(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK, 
   K = None if group_idx_BK is None else group_idx_BK.shape[1]
   num_items = B * (Hkv if K is None else K)
   programs, per_program = num_programs(num_items, config.programs_per_sm, num_sms)
+  counted = group_count_B is not None
+  if counted and K is None:
+    raise ValueError("group_count_B needs group_idx_BK")
   kernel = functools.partial(_kernel, num_selected=K, num_items=num_items, items_per_program=per_program,
                              num_programs=programs, scale=scale, group_size=G,
-                             block_g=max(16, _platform.next_pow2(G)), block_k=config.block_k)
+                             block_g=max(16, _platform.next_pow2(G)), block_k=config.block_k, counted=counted)
   whole = lambda shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))  # noqa: E731
   in_specs = [whole((B,)), whole((B,)), whole((B, Hq, D)), whole((B, Hkv, S, D)), whole((B, Hkv, S, D))]
   args = [lengths_B.astype(jnp.int32), kv_start_B.astype(jnp.int32), q_BHD, k_BHSD, v_BHSD]
   if K is not None:
     in_specs.insert(0, whole((B, K)))
     args.insert(0, group_idx_BK.astype(jnp.int32))
+  if counted:
+    items_N, total_1 = compact_items(group_count_B, K)
+    in_specs[:0] = [whole((num_items,)), whole((1,)), whole((B,))]
+    args[:0] = [items_N, total_1, group_count_B.astype(jnp.int32)]
   out = pl.pallas_call(
       kernel,
       grid=(programs,),

@@ -198,13 +198,19 @@ def _row_bounds(len_ref, start_ref, b, seq_len):
   return length, jnp.clip(start_ref[b], 0, length)
 
 
-def _attention_kernel(gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref, **kw):
-  """Split-K program (b, j, split): q_ref [Hq, D], k_ref/v_ref [Hkv, S, D] of row b; o_ref [G, D], m/l [G]."""
+def _attention_kernel(*refs, counted: bool = False, **kw):
+  """Split-K program (b, j, split): refs = ([count_ref,] gidx_ref, len_ref, start_ref, q_ref [Hq, D], k_ref/v_ref
+  [Hkv, S, D] of row b, o_ref [G, D], m/l [G]). `counted`: slot j >= count_ref[b] streams nothing (o = 0, l = 0)."""
+  count_ref = None
+  if counted:
+    count_ref, *refs = refs
+  gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref = refs
   b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   num_kv_heads, seq_len, _ = k_ref.shape
   group = jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1)
   length, start = _row_bounds(len_ref, start_ref, b, seq_len)
-  o_gd, m_g, l_g, rows_g, cols_d = _stream(q_ref, k_ref, v_ref, group, length, start, selected=True,
+  selected = True if count_ref is None else j < count_ref[b]
+  o_gd, m_g, l_g, rows_g, cols_d = _stream(q_ref, k_ref, v_ref, group, length, start, selected=selected,
                                            split=split, **kw)
   whole = _unpadded(kw)
   _store(o_ref, o_gd, rows_g, cols_d, whole)
@@ -212,11 +218,15 @@ def _attention_kernel(gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref, o_ref, 
   _store(l_ref, l_g, rows_g, cols_d, whole)
 
 
-def _direct_kernel(*refs, num_selected: int | None, **kw):
-  """Direct program (b, g): refs = ([gidx_ref,] len_ref, start_ref, q_ref, k_ref, v_ref, o_ref), o_ref [G, D] of
-  group g of row b. num_selected None: every group (dense); else group g is computed when one of row b's
-  `num_selected` (clamped) entries of gidx names it, and written as zeros otherwise."""
+def _direct_kernel(*refs, num_selected: int | None, counted: bool = False, **kw):
+  """Direct program (b, g): refs = ([count_ref,] [gidx_ref,] len_ref, start_ref, q_ref, k_ref, v_ref, o_ref),
+  o_ref [G, D] of group g of row b. num_selected None: every group (dense); else group g is computed when one of
+  row b's `num_selected` (clamped) entries of gidx names it (`counted`: one of its first count_ref[b]), and
+  written as zeros otherwise (streaming nothing)."""
   *refs, o_ref = refs
+  count_ref = None
+  if counted:
+    count_ref, *refs = refs
   if num_selected is None:
     gidx_ref, (len_ref, start_ref, q_ref, k_ref, v_ref) = None, refs
   else:
@@ -228,7 +238,10 @@ def _direct_kernel(*refs, num_selected: int | None, **kw):
   if num_selected is not None:
     selected = False
     for j in range(num_selected):   # K scalar reads; K <= Hkv is small
-      selected = selected | (jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1) == group)
+      named = jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1) == group
+      if count_ref is not None:
+        named = named & (j < count_ref[b])
+      selected = selected | named
   o_gd, _, l_g, rows_g, cols_d = _stream(q_ref, k_ref, v_ref, group, length, start, selected=selected,
                                          split=0, num_splits=1, **kw)
   # o / l, and 0 where nothing was attended (l == 0: unselected group or empty key range; o is 0 there too).
@@ -249,8 +262,11 @@ def _kernel_kw(scale, G, D, config):
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
 def decode_attention_triton(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
                             kv_start_B, *, scale: float, config: AttentionConfig,
-                            interpret: bool):
+                            interpret: bool, group_count_B=None):
   """Returns split-merged partials for the selected groups only.
+
+  `group_count_B`: optional [B] int; slot j of row b with j >= group_count_B[b] streams nothing (o = 0, l = 0,
+  m = M_EMPTY).
 
   Returns:
     (o_BKGD unnormalised float32, m_BKG, l_BKG), group j of row b at [b, j].
@@ -260,20 +276,27 @@ def decode_attention_triton(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
   K = group_idx_BK.shape[1]
   G = Hq // Hkv
   NS = config.num_splits
-  kernel = functools.partial(_attention_kernel, num_splits=NS, **_kernel_kw(scale, G, D, config))
+  counted = group_count_B is not None
+  kernel = functools.partial(_attention_kernel, num_splits=NS, counted=counted, **_kernel_kw(scale, G, D, config))
   whole2 = lambda b, j, s: (0, 0)
   whole1 = lambda b, j, s: (0,)
+  in_specs = [
+      pl.BlockSpec((B, K), whole2),
+      pl.BlockSpec((B,), whole1),
+      pl.BlockSpec((B,), whole1),
+      pl.BlockSpec((None, Hq, D), lambda b, j, s: (b, 0, 0)),
+      pl.BlockSpec((None, Hkv, S, D), lambda b, j, s: (b, 0, 0, 0)),
+      pl.BlockSpec((None, Hkv, S, D), lambda b, j, s: (b, 0, 0, 0)),
+  ]
+  args = [group_idx_BK.astype(jnp.int32), lengths_B.astype(jnp.int32), kv_start_B.astype(jnp.int32), q_BHD,
+          k_BHSD, v_BHSD]
+  if counted:
+    in_specs.insert(0, pl.BlockSpec((B,), whole1))
+    args.insert(0, group_count_B.astype(jnp.int32))
   o_p, m_p, l_p = pl.pallas_call(
       kernel,
       grid=(B, K, NS),
-      in_specs=[
-          pl.BlockSpec((B, K), whole2),
-          pl.BlockSpec((B,), whole1),
-          pl.BlockSpec((B,), whole1),
-          pl.BlockSpec((None, Hq, D), lambda b, j, s: (b, 0, 0)),
-          pl.BlockSpec((None, Hkv, S, D), lambda b, j, s: (b, 0, 0, 0)),
-          pl.BlockSpec((None, Hkv, S, D), lambda b, j, s: (b, 0, 0, 0)),
-      ],
+      in_specs=in_specs,
       out_specs=[
           pl.BlockSpec((None, None, None, G, D), lambda b, j, s: (b, j, s, 0, 0)),
           pl.BlockSpec((None, None, None, G), lambda b, j, s: (b, j, s, 0)),
@@ -288,8 +311,7 @@ def decode_attention_triton(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
                                            num_stages=config.num_stages),
       interpret=interpret,
       name="selective_decode_attention",
-  )(group_idx_BK.astype(jnp.int32), lengths_B.astype(jnp.int32),
-    kv_start_B.astype(jnp.int32), q_BHD, k_BHSD, v_BHSD)
+  )(*args)
   if NS == 1:
     return o_p[:, :, 0], m_p[:, :, 0], l_p[:, :, 0]
   m_BKG = jnp.max(m_p, axis=2)
@@ -301,17 +323,21 @@ def decode_attention_triton(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
 def decode_attention_triton_direct(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK, kv_start_B, *, scale: float,
-                                   config: AttentionConfig, interpret: bool):
+                                   config: AttentionConfig, interpret: bool, group_count_B=None):
   """Normalised output `[B, Hq, D]` in q's dtype, query heads of unselected groups exactly 0.
 
   One program per (row, group) over all Hkv groups, no key split (`config.num_splits` is ignored);
-  `group_idx_BK` None computes every group.
+  `group_idx_BK` None computes every group; `group_count_B` (with `group_idx_BK`): row b selects only the groups
+  of its first `group_count_B[b]` slots, the other programs stream nothing.
   """
   B, Hq, D = q_BHD.shape
   _, Hkv, S, _ = k_BHSD.shape
   G = Hq // Hkv
   K = None if group_idx_BK is None else group_idx_BK.shape[1]
-  kernel = functools.partial(_direct_kernel, num_selected=K, **_kernel_kw(scale, G, D, config))
+  counted = group_count_B is not None
+  if counted and K is None:
+    raise ValueError("group_count_B needs group_idx_BK")
+  kernel = functools.partial(_direct_kernel, num_selected=K, counted=counted, **_kernel_kw(scale, G, D, config))
   row = lambda b, g: (0,)  # noqa: E731
   cache_spec = pl.BlockSpec((None, Hkv, S, D), lambda b, g: (b, 0, 0, 0))
   in_specs = [
@@ -325,6 +351,9 @@ def decode_attention_triton_direct(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_B
   if K is not None:
     in_specs.insert(0, pl.BlockSpec((B, K), lambda b, g: (0, 0)))
     args.insert(0, group_idx_BK.astype(jnp.int32))
+  if counted:
+    in_specs.insert(0, pl.BlockSpec((B,), row))
+    args.insert(0, group_count_B.astype(jnp.int32))
   out = pl.pallas_call(
       kernel,
       grid=(B, Hkv),

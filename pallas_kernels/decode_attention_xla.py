@@ -16,16 +16,28 @@ M_EMPTY = float(-0.7 * np.finfo(np.float32).max)
 
 
 def selected_heads_mask(group_idx_BK, batch: int, num_kv_heads: int,
-                        group_size: int):
-  """[B, Hq] bool: query head h is computed when its group h // G is selected."""
-  sel_BHkv = jnp.zeros((batch, num_kv_heads), jnp.bool_)
-  sel_BHkv = sel_BHkv.at[jnp.arange(batch)[:, None], group_idx_BK].set(True)
+                        group_size: int, group_count_B=None):
+  """[B, Hq] bool: query head h is computed when its group h // G is selected
+  (with `group_count_B`: named by one of row b's first `group_count_B[b]` slots)."""
+  if group_count_B is None:
+    sel_BHkv = jnp.zeros((batch, num_kv_heads), jnp.bool_)
+    sel_BHkv = sel_BHkv.at[jnp.arange(batch)[:, None], group_idx_BK].set(True)
+  else:
+    counted_BK = count_mask(group_count_B, group_idx_BK.shape[1])
+    named_BKH = group_idx_BK[:, :, None] == jnp.arange(num_kv_heads, dtype=jnp.int32)[None, None, :]
+    sel_BHkv = jnp.any(named_BKH & counted_BK[:, :, None], axis=1)
   return jnp.repeat(sel_BHkv, group_size, axis=1)
+
+
+def count_mask(group_count_B, num_slots: int):
+  """[B, K] bool: slot j of row b is counted (j < group_count_B[b], the count clamped to [0, K])."""
+  count_B = jnp.clip(group_count_B.astype(jnp.int32), 0, num_slots)
+  return jnp.arange(num_slots, dtype=jnp.int32)[None, :] < count_B[:, None]
 
 
 def decode_attention_xla(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
                          kv_start_B, *, scale: float,
-                         return_residuals: bool = False):
+                         return_residuals: bool = False, group_count_B=None):
   """Reference with the same contract as `selective_decode_attention`.
 
   Args:
@@ -36,6 +48,8 @@ def decode_attention_xla(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
     kv_start_B: [B] int32 first attended key, or None for 0.
     scale: softmax scale applied to q.k.
     return_residuals: return (o_unnormalised, m, l) in float32 instead.
+    group_count_B: optional [B] int: row b uses only group_idx_BK[b, :count]
+      (clamped to [0, K]); None: every slot.
   """
   B, Hq, D = q_BHD.shape
   _, Hkv, S, _ = k_BHSD.shape
@@ -65,7 +79,7 @@ def decode_attention_xla(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
   l_BH = l_BKG.reshape(B, Hq)
   if group_idx_BK is not None:
     group_idx_BK = jnp.clip(group_idx_BK.astype(jnp.int32), 0, Hkv - 1)
-    sel_BH = selected_heads_mask(group_idx_BK, B, Hkv, G)
+    sel_BH = selected_heads_mask(group_idx_BK, B, Hkv, G, group_count_B)
     o_BHD = jnp.where(sel_BH[..., None], o_BHD, 0.0)
     m_BH = jnp.where(sel_BH, m_BH, M_EMPTY)
     l_BH = jnp.where(sel_BH, l_BH, 0.0)
@@ -84,12 +98,12 @@ def append_kv_xla(k_BHSD, v_BHSD, k_new_BHD, v_new_BHD, lengths_B):
 
 
 def decode_attention_append_xla(q_BHD, k_new_BHD, v_new_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
-                                kv_start_B, *, scale: float):
+                                kv_start_B, *, scale: float, group_count_B=None):
   """Reference of `selective_decode_attention_append`: `append_kv_xla`, then attention over
   `[kv_start, lengths + 1)`. Returns `(out [B, Hq, D], k_BHSD, v_BHSD)`."""
   k_BHSD, v_BHSD = append_kv_xla(k_BHSD, v_BHSD, k_new_BHD, v_new_BHD, lengths_B)
   out = decode_attention_xla(q_BHD, k_BHSD, v_BHSD, lengths_B.astype(jnp.int32) + 1, group_idx_BK, kv_start_B,
-                             scale=scale)
+                             scale=scale, group_count_B=group_count_B)
   return out, k_BHSD, v_BHSD
 
 

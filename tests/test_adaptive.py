@@ -1,0 +1,202 @@
+"""Adaptive head budgets: a per-row count of selected KV groups (`group_count`) in the decode-attention kernels,
+the mass-threshold selection (`SparsityConfig(budget="adaptive")`), decoding without recompiling as counts change,
+and the calibration of the mass to a target density."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernel_cases import assert_attention_close
+from pallas_kernels import AttentionConfig, selective_decode_attention, selective_decode_attention_append
+from pallas_kernels import decode_attention_persistent as attn_persistent
+from pallas_kernels import decode_attention_triton as attn_triton
+
+
+def _attention_inputs(seed, B, Hq, Hkv, S, D, K, dtype):
+  """Random q/K/V, lengths 1..S (none a multiple of 16 but S itself), distinct groups per row sorted as a router
+  would give them, and counts per row in [1, K] including 1 and K."""
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((B, Hq, D)).astype(np.float32)
+  k = rng.standard_normal((B, Hkv, S, D)).astype(np.float32)
+  v = rng.standard_normal((B, Hkv, S, D)).astype(np.float32)
+  lengths = rng.integers(1, S + 1, size=B)
+  lengths[0], lengths[-1] = 1, S
+  gidx = np.stack([rng.permutation(Hkv)[:K] for _ in range(B)])
+  count = rng.integers(1, K + 1, size=B)
+  count[0], count[-1] = K, 1
+  cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+  return (cast(q), cast(k), cast(v), jnp.asarray(lengths, jnp.int32), jnp.asarray(gidx, jnp.int32),
+          jnp.asarray(count, jnp.int32))
+
+
+def _counted(gidx, count, Hkv):
+  """[B, Hkv] bool: the groups of each row's counted slots."""
+  gidx, count = np.asarray(gidx), np.asarray(count)
+  sel = np.zeros((gidx.shape[0], Hkv), bool)
+  for b in range(gidx.shape[0]):
+    sel[b, gidx[b, :count[b]]] = True
+  return sel
+
+
+def _poison(q, k, v, lengths, gidx, count):
+  """NaN in every value the kernels must not read: uncounted groups' queries and K/V, keys past each length."""
+  B, Hq, _ = q.shape
+  Hkv, S = k.shape[1], k.shape[2]
+  sel = _counted(gidx, count, Hkv)
+  dead = np.arange(S)[None, :] >= np.asarray(lengths)[:, None]
+  kv_dead = dead[:, None, :, None] | ~sel[:, :, None, None]
+  q_dead = ~np.repeat(sel, Hq // Hkv, axis=1)[:, :, None]
+  nan = jnp.asarray(np.nan, q.dtype)
+  return jnp.where(q_dead, nan, q), jnp.where(kv_dead, nan, k), jnp.where(kv_dead, nan, v)
+
+
+def _check_zero_unselected(out, gidx, count, Hq, Hkv):
+  unselected = ~np.repeat(_counted(gidx, count, Hkv), Hq // Hkv, axis=1)
+  assert np.all(np.asarray(out.astype(jnp.float32))[unselected] == 0.0)
+
+
+def _fixed_k_reference(q, k, v, lengths, gidx, count, **kw):
+  """Row by row count: the fixed-K path with K = the row's count (group_idx[:, :c], no counts)."""
+  out = np.zeros(q.shape, np.float32)
+  for c in np.unique(np.asarray(count)):
+    rows = np.asarray(count) == c
+    o = selective_decode_attention(q, k, v, lengths, gidx[:, :int(c)], implementation="xla", **kw)
+    out[rows] = np.asarray(o.astype(jnp.float32))[rows]
+  return out
+
+
+PERSISTENT = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2, persistent=True)
+DIRECT = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2)
+SPLIT = AttentionConfig(block_k=16, num_splits=3, num_warps=4, num_stages=2)
+
+KERNEL_CASES = [
+    # B, Hq, Hkv, S, D, K, dtype, config
+    (5, 4, 4, 77, 16, 4, jnp.float32, PERSISTENT),     # MHA, K = Hkv
+    (4, 8, 4, 100, 32, 3, jnp.bfloat16, PERSISTENT),   # GQA G=2
+    (4, 8, 2, 61, 16, 2, jnp.float16, DIRECT),         # GQA G=4
+    (5, 6, 6, 77, 16, 5, jnp.float32, DIRECT),         # MHA
+    (4, 8, 4, 100, 16, 3, jnp.float32, SPLIT),         # split-K + scatter
+]
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=lambda c: "-".join(map(str, c[:7])) + f"-{c[7].num_splits}"
+                         + ("p" if c[7].persistent else ""))
+def test_counted_kernels_match_xla_and_fixed_k(case):
+  B, Hq, Hkv, S, D, K, dtype, config = case
+  q, k, v, lengths, gidx, count = _attention_inputs(3, B, Hq, Hkv, S, D, K, dtype)
+  ref = selective_decode_attention(q, k, v, lengths, gidx, implementation="xla", group_count=count)
+  assert_attention_close(ref, _fixed_k_reference(q, k, v, lengths, gidx, count), dtype)
+  _check_zero_unselected(ref, gidx, count, Hq, Hkv)
+  pq, pk, pv = _poison(q, k, v, lengths, gidx, count)
+  out = selective_decode_attention(pq, pk, pv, lengths, gidx, implementation="pallas", config=config,
+                                   group_count=count)
+  assert out.shape == q.shape and out.dtype == q.dtype
+  assert_attention_close(out, ref, dtype)
+  _check_zero_unselected(out, gidx, count, Hq, Hkv)
+
+
+def test_counted_residuals_merge_to_the_output():
+  """return_residuals with counts (split-K scatter): uncounted heads have l = 0, o = 0, and the merge of the
+  residuals is the output."""
+  q, k, v, lengths, gidx, count = _attention_inputs(4, 4, 8, 4, 100, 16, 3, jnp.float32)
+  ref = selective_decode_attention(q, k, v, lengths, gidx, implementation="xla", group_count=count)
+  for impl, cfg in (("xla", None), ("pallas", SPLIT)):
+    o, m, l = selective_decode_attention(q, k, v, lengths, gidx, implementation=impl, config=cfg,
+                                         group_count=count, return_residuals=True)
+    unselected = ~np.repeat(_counted(gidx, count, 4), 2, axis=1)
+    assert np.all(np.asarray(l)[unselected] == 0) and np.all(np.asarray(o)[unselected] == 0)
+    np.testing.assert_allclose(np.asarray(attn_merge([(o, m, l)])), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def attn_merge(parts):
+  from pallas_kernels import merge_attention_partials
+  return merge_attention_partials(parts)
+
+
+@pytest.mark.parametrize("num_sms,programs_per_sm", [(1, 1), (1, 3), (2, 2)])
+def test_persistent_compacted_items_share_the_dynamic_total(num_sms, programs_per_sm):
+  """1-6 programs over 5 rows x 3 slots: each takes ceil(total / programs) of the compacted counted items (some
+  programs none, some spanning rows); poisoned uncounted groups are never read; their heads are exactly 0."""
+  B, Hq, Hkv, S, D, K = 5, 8, 4, 100, 16, 3
+  q, k, v, lengths, gidx, _ = _attention_inputs(5, B, Hq, Hkv, S, D, K, jnp.float32)
+  count = jnp.asarray([3, 1, 2, 1, 3], jnp.int32)
+  start = jnp.asarray([0, 0, 3, 0, 50], jnp.int32)
+  lengths = jnp.asarray([1, 37, 100, 64, 65], jnp.int32)
+  cfg = AttentionConfig(block_k=16, num_splits=1, num_warps=4, num_stages=2, persistent=True,
+                        programs_per_sm=programs_per_sm)
+  pq, pk, pv = _poison(q, k, v, lengths, gidx, count)
+  out = attn_persistent.decode_attention_persistent(pq, pk, pv, lengths, gidx, start, scale=0.25, config=cfg,
+                                                    interpret=True, num_sms=num_sms, group_count_B=count)
+  ref = selective_decode_attention(q, k, v, lengths, gidx, kv_start=start, scale=0.25, implementation="xla",
+                                   group_count=count)
+  assert np.all(np.isfinite(np.asarray(out)))
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  _check_zero_unselected(out, gidx, count, Hq, Hkv)
+
+
+def test_compact_items_front_packs_the_counted_slots():
+  items, total = attn_persistent.compact_items(jnp.asarray([2, 0, 3, 1]), 3)
+  assert int(total[0]) == 6
+  np.testing.assert_array_equal(np.asarray(items)[:6], [0, 1, 6, 7, 8, 9])
+
+
+def test_direct_kernel_counts_raw():
+  """The raw direct kernel (interpret mode fills outputs with NaN): every head written, uncounted ones 0."""
+  q, k, v, lengths, gidx, count = _attention_inputs(6, 3, 8, 4, 50, 16, 3, jnp.float32)
+  out = attn_triton.decode_attention_triton_direct(q, k, v, lengths, gidx, jnp.zeros((3,), jnp.int32), scale=0.25,
+                                                   config=DIRECT, interpret=True, group_count_B=count)
+  ref = selective_decode_attention(q, k, v, lengths, gidx, scale=0.25, implementation="xla", group_count=count)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  _check_zero_unselected(out, gidx, count, 8, 4)
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas"])
+def test_append_takes_counts(impl):
+  B, Hq, Hkv, S, D, K = 3, 8, 4, 40, 16, 3
+  q, k, v, lengths, gidx, count = _attention_inputs(7, B, Hq, Hkv, S, D, K, jnp.float32)
+  lengths = jnp.asarray([0, 17, 39], jnp.int32)
+  rng = np.random.default_rng(8)
+  k_new = jnp.asarray(rng.standard_normal((B, Hkv, D)), jnp.float32)
+  v_new = jnp.asarray(rng.standard_normal((B, Hkv, D)), jnp.float32)
+  out, kc, vc = selective_decode_attention_append(q, k_new, v_new, k, v, lengths, gidx, implementation=impl,
+                                                  config=PERSISTENT if impl == "pallas" else None, group_count=count)
+  ref = selective_decode_attention(q, kc, vc, lengths + 1, gidx, implementation="xla", group_count=count)
+  np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
+  _check_zero_unselected(out, gidx, count, Hq, Hkv)
+
+
+def test_counts_are_traced_not_static():
+  """New counts reuse the compiled program (the counts are a traced argument)."""
+  q, k, v, lengths, gidx, count = _attention_inputs(9, 4, 8, 4, 50, 16, 3, jnp.float32)
+  traces = []
+
+  @jax.jit
+  def f(count):
+    traces.append(1)
+    return selective_decode_attention(q, k, v, lengths, gidx, implementation="xla", group_count=count)
+
+  a = f(count)
+  b = f(jnp.asarray([1, 1, 1, 1], jnp.int32))
+  assert len(traces) == 1
+  assert not np.array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(group_count=jnp.asarray([1, 2], jnp.int32), group_idx=None), "needs group_idx"),
+    (dict(group_count=jnp.asarray([1], jnp.int32)), "group_count must have shape"),
+    (dict(group_count=jnp.asarray([1.0, 2.0])), "integer dtype"),
+    (dict(group_count=jnp.asarray([0, 2], jnp.int32)), "must lie in \\[1, K=2\\]"),
+    (dict(group_count=jnp.asarray([1, 3], jnp.int32)), "must lie in \\[1, K=2\\]"),
+])
+def test_bad_counts_raise(bad, match):
+  q = jnp.ones((2, 4, 16), jnp.float32)
+  kv = jnp.ones((2, 4, 32, 16), jnp.float32)
+  kwargs = dict(group_idx=jnp.asarray([[0, 1], [2, 3]], jnp.int32))
+  kwargs.update(bad)
+  lengths = jnp.asarray([3, 32], jnp.int32)
+  gidx = kwargs.pop("group_idx")
+  with pytest.raises(ValueError, match=match):
+    selective_decode_attention(q, kv, kv, lengths, gidx, **kwargs)
+  with pytest.raises(ValueError, match=match):
+    selective_decode_attention_append(q, q[:, :4], q[:, :4], kv, kv, lengths, gidx, **kwargs)
