@@ -4,16 +4,19 @@ Shape suffixes as in `paged_decode_attention.py` (b rows, h heads, p pages, s sl
 groups, g query heads per group, n key splits).
 
 One program per (row b, selected slot j, key split n). It reads its group from `group_idx` inside the kernel and
-streams that group's plane of the page pool: a loop over key blocks of `block_k` keys of the row, each key lane
-finding its page through the row's page table, with all query heads of the group computed at once (rows padded to
->= 16 for the tensor-core dot; padded rows repeat the last real row). Every selected group's pages are read once.
+streams that group's plane of the page pool, `block_k` keys of the row per loop iteration, with all query heads of
+the group computed at once (rows padded to >= 16 for the tensor-core dot; padded rows repeat the last real row).
+Every selected group's pages are read once.
 
-- `block_k == page_size` (and an unpadded power-of-two head_dim): a whole block is one page, loaded as one
-  contiguous [page_size, D] tile through its scalar page index.
-- Otherwise a block gathers its keys by (page, slot) integer indices: any page size that is a multiple of 16 works
-  with any power-of-two block, and a block may span several pages or part of one.
-Whole blocks of a row load unmasked; only the row's last, partial block is masked by the row's length (lanes past
-it read nothing, so unused pages and the stale tail of the last page never enter the result).
+Power-of-two pages: an outer loop reads the row's page table `table_chunk` slots at a time into registers, and each
+block picks its pages from them, so no K/V address depends on a load of the same loop and Triton pipelines the K/V
+tiles `num_stages` deep.
+- `block_k <= page_size`: a block is one page or part of one, a contiguous [block_k, D] tile.
+- `block_k > page_size`: a block is `block_k / page_size` whole pages, gathered by (page, slot) indices.
+Other page sizes (multiples of 16): every key lane loads its page index in the loop and the block is gathered, so
+blocks and pages need not align. Whole blocks of a row load unmasked; only the row's last, partial block is masked by
+the row's length (lanes past it read nothing, so unused pages and the stale tail of the last page never enter the
+result).
 
 Unsplit (`num_splits == 1`): the program writes the normalised output in q's dtype straight into `[B, Hkv, G, D]`,
 and program (b, 0) writes zeros for the query heads of the groups row b did not select. Split: float32 partials
@@ -43,10 +46,13 @@ class PagedAttentionConfig:
   num_splits: int = 1  # key splits per (row, group); 1: normalised output in place, no merge after the kernel
   num_warps: int = 4
   num_stages: int = 3
+  table_chunk: int = 256  # page-table slots read into registers at a time (power-of-two pages; a power of two)
 
   def __post_init__(self):
     if self.block_k < 16 or self.block_k != _platform.next_pow2(self.block_k):
       raise ValueError(f"PagedAttentionConfig.block_k must be a power of two >= 16, got {self.block_k}")
+    if self.table_chunk < 1 or self.table_chunk != _platform.next_pow2(self.table_chunk):
+      raise ValueError(f"PagedAttentionConfig.table_chunk must be a power of two, got {self.table_chunk}")
     for name in ("num_splits", "num_warps", "num_stages"):
       if getattr(self, name) < 1:
         raise ValueError(f"PagedAttentionConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -104,7 +110,7 @@ def choose_config(batch: int, num_selected: int, page_size: int, max_keys: int, 
 
 
 def _kernel(*refs, num_selected: int | None, num_splits: int, scale: float, group_size: int, head_dim: int,
-            block_g: int, block_d: int, block_k: int):
+            block_g: int, block_d: int, block_k: int, table_chunk: int):
   """Program (b, j, n): refs = ([gidx_ref [B, K],] len_ref [B], pt_ref [P_row] (row b's page table),
   q_ref [Hq, D] (row b), k_ref/v_ref [Hkv, P, S_page, D] (the pool), outputs): unsplit, o_ref [Hkv, G, D] of row
   b; split, o_ref [G, D], m_ref [G], l_ref [G] of (b, j, n)."""
@@ -151,20 +157,52 @@ def _kernel(*refs, num_selected: int | None, num_splits: int, scale: float, grou
     mask = jnp.broadcast_to(ok_k[:, None], (block_k, block_d))
     return plgpu.load(k_ref.at[index], mask=mask, other=0), plgpu.load(v_ref.at[index], mask=mask, other=0), ok_k
 
-  if block_k == page_size and not pad_d:
-    def full_body(i, carry):   # block i is page slot i of the row: one contiguous tile per cache
-      page = jnp.clip(pt_ref[i], 0, num_pages - 1)
-      return step(carry, k_ref[group, page, :, :], v_ref[group, page, :, :], None)
-  else:
-    def full_body(i, carry):
-      return step(carry, *gathered(i, masked=False))
+  def chunked_full_blocks(carry):
+    """The whole blocks [lo, full_hi) with the row's page table read `table_chunk` slots at a time into registers
+    (power-of-two pages): a block's pages are picked from those registers, so its K/V addresses depend on no load
+    of the same loop and Triton pipelines them `num_stages` deep (a page index loaded in the loop leaves one
+    buffer)."""
+    chunk = max(min(table_chunk, _platform.next_pow2(max_slots)), block_k // page_size)
+    blocks_per_chunk = chunk * page_size // block_k
+    arange_c = jnp.arange(chunk, dtype=jnp.int32)
+
+    def chunk_body(c, carry):
+      slots_c = c * chunk + arange_c
+      pages_c = plgpu.load(pt_ref.at[jnp.minimum(slots_c, max_slots - 1)], mask=slots_c < max_slots, other=0)
+      pages_c = jnp.clip(pages_c, 0, num_pages - 1)   # clamped: a stale table entry never reads outside the pool
+
+      def block_body(i, carry):
+        first = i * block_k // page_size - c * chunk   # the block's first page, in the chunk
+        if block_k <= page_size:   # one page (or part of one): a contiguous tile
+          page = jnp.sum(jnp.where(arange_c == first, pages_c, 0))
+          start = (i * block_k) % page_size
+          if not pad_d:
+            keys = pl.ds(start, block_k)
+            return step(carry, k_ref[group, page, keys, :], v_ref[group, page, keys, :], None)
+          index = (group, page, (start + arange_k)[:, None], cols_d[None, :])
+        else:   # block_k / page_size whole pages, each key lane's page picked from them
+          arange_q = jnp.arange(block_k // page_size, dtype=jnp.int32)
+          pages_q = jnp.sum(jnp.where(arange_c[None, :] == (first + arange_q)[:, None], pages_c[None, :], 0), axis=1)
+          page_k = jnp.sum(jnp.where((arange_k // page_size)[:, None] == arange_q[None, :], pages_q[None, :], 0),
+                           axis=1)
+          index = (group, page_k[:, None], (arange_k % page_size)[:, None], cols_d[None, :])
+        return step(carry, k_ref[index], v_ref[index], None)
+
+      return lax.fori_loop(jnp.maximum(lo, c * blocks_per_chunk), jnp.minimum(full_hi, (c + 1) * blocks_per_chunk),
+                           block_body, carry)
+
+    return lax.fori_loop(lo // blocks_per_chunk, (full_hi + blocks_per_chunk - 1) // blocks_per_chunk, chunk_body,
+                         carry)
 
   def tail_body(i, carry):
     return step(carry, *gathered(i, masked=True))
 
   init = (jnp.zeros((block_g, block_d), jnp.float32), jnp.full((block_g,), _xla.M_EMPTY, jnp.float32),
           jnp.zeros((block_g,), jnp.float32))
-  carry = lax.fori_loop(lo, full_hi, full_body, init)
+  if page_size == _platform.next_pow2(page_size):
+    carry = chunked_full_blocks(init)
+  else:   # blocks and pages need not align: each key lane reads its page index in the loop
+    carry = lax.fori_loop(lo, full_hi, lambda i, carry: step(carry, *gathered(i, masked=False)), init)
   o_gd, m_g, l_g = lax.fori_loop(full_hi, hi, tail_body, carry)
   unpadded = block_g == group_size and not pad_d
 
@@ -213,7 +251,8 @@ def paged_decode_attention_triton(q_bhd, k_pages_hpsd, v_pages_hpsd, lengths_b, 
   NS = config.num_splits
   kernel = functools.partial(
       _kernel, num_selected=K, num_splits=NS, scale=scale, group_size=G, head_dim=D,
-      block_g=max(16, _platform.next_pow2(G)), block_d=max(16, _platform.next_pow2(D)), block_k=config.block_k)
+      block_g=max(16, _platform.next_pow2(G)), block_d=max(16, _platform.next_pow2(D)), block_k=config.block_k,
+      table_chunk=config.table_chunk)
   pool_spec = pl.BlockSpec((Hkv, P, S_page, D), lambda b, j, n: (0, 0, 0, 0))
   in_specs = [pl.BlockSpec((B,), lambda b, j, n: (0,)),
               pl.BlockSpec((None, P_row), lambda b, j, n: (b, 0)),

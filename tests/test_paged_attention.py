@@ -83,13 +83,18 @@ def _assert_matches(out, ref, inputs, dtype):
 
 
 CASES = [
-    # B, Hq, Hkv, D, page_size, lengths, K (None: dense), dtype, config
+    # B, Hq, Hkv, D, page_size, lengths, K (None: dense), dtype, config. `table_chunk` below the row's pages: the
+    # page table is read into registers in several chunks.
     (3, 4, 4, 64, 16, (1, 37, 70), 1, jnp.float32, None),                          # MHA, one group, 1-token row
-    (3, 4, 4, 64, 32, (33, 64, 5), 4, jnp.bfloat16, PagedAttentionConfig(block_k=32)),   # all groups, page loads
-    (3, 8, 2, 64, 16, (50, 17, 16), None, jnp.bfloat16, PagedAttentionConfig(block_k=16)),  # GQA G4 dense
+    (3, 4, 4, 64, 32, (33, 64, 5), 4, jnp.bfloat16,                                # all groups, page per block
+     PagedAttentionConfig(block_k=32, table_chunk=1)),
+    (3, 8, 2, 64, 16, (50, 17, 16), None, jnp.bfloat16,                            # GQA G4 dense
+     PagedAttentionConfig(block_k=16, table_chunk=2)),
+    (2, 8, 4, 64, 32, (70, 45), 2, jnp.float32, PagedAttentionConfig(block_k=16, table_chunk=1)),  # half pages
+    (2, 4, 2, 64, 16, (130, 64), 1, jnp.bfloat16, PagedAttentionConfig(block_k=64, table_chunk=4)),  # 4 pages
     (2, 8, 2, 64, 48, (100, 47), 1, jnp.float16, None),                            # page 48: blocks span pages
     (4, 8, 4, 64, 16, (75, 0, 1, 40), 2, jnp.float32,                              # split keys, an empty row
-     PagedAttentionConfig(block_k=16, num_splits=3)),
+     PagedAttentionConfig(block_k=16, num_splits=3, table_chunk=2)),
     (2, 4, 4, 64, 16, (60, 33), None, jnp.bfloat16, PagedAttentionConfig(block_k=32, num_splits=2)),  # split dense
     (2, 8, 4, 80, 16, (45, 20), 3, jnp.float32, PagedAttentionConfig(block_k=16)),  # head_dim 80 (padded)
     (2, 16, 2, 64, 16, (90, 31), 2, jnp.bfloat16, PagedAttentionHeuristics(keys_per_block=32)),  # G8, other rules
@@ -197,6 +202,7 @@ def _bad_calls():
       "group range": (lambda: f(q, pages, pages, n, table, g + 4), "values must lie"),
       "implementation": (lambda: f(q, pages, pages, n, table, g, implementation="cuda"), "unknown implementation"),
       "block_k": (lambda: PagedAttentionConfig(block_k=48), "power of two >= 16"),
+      "table_chunk": (lambda: PagedAttentionConfig(block_k=16, table_chunk=3), "table_chunk must be a power"),
       "heuristic page size": (lambda: PagedAttentionHeuristics(page_size=24), "multiple of 16"),
   }
 
