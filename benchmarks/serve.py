@@ -83,7 +83,8 @@ async def _drive(engine: Engine, prompts, outputs, arrivals) -> tuple[list[Any],
 
 def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> dict[str, Any]:
   opts = EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
-                       max_waiting=len(prompts), prefill_rows=args.prefill_rows)
+                       max_waiting=len(prompts), prefill_rows=args.prefill_rows,
+                       prefill_chunk=args.prefill_chunk or None)
   before = sum(programs.TRACE_COUNTS.values())
   engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, sparsity=sparsity, routers=routers,
                   engine_options=opts, model_name=args.model)
@@ -106,7 +107,8 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
           "e2e_s": percentiles(e2e_s), "programs": engine.compiled_programs, "programs_traced_at_start": warm_traces,
           "programs_compiled_during_run": during, "warmup_s": engine.warmup_s,
           "variant_rounds": stats["variant_rounds"], "steps_per_round": args.steps_per_round,
-          "sparse_min_rows": args.sparse_min_rows, "prefill_rows": args.prefill_rows}
+          "sparse_min_rows": args.sparse_min_rows, "prefill_rows": args.prefill_rows,
+          "prefill_chunk": args.prefill_chunk, "cost_table": stats["cost_table"]}
 
 
 def run_static(model, args, prompts, outputs, sparsity, routers) -> dict[str, Any]:
@@ -147,7 +149,10 @@ def main(argv=None) -> int:
   p.add_argument("--max-len", type=int, default=None, help="tokens per slot (default: max prompt + max output)")
   p.add_argument("--density", type=float, default=1.0, help="attention density of the sparse step (random head "
                  "routers; 1 = dense only)")
-  p.add_argument("--sparse-min-rows", type=int, default=EngineOptions().sparse_min_rows)
+  p.add_argument("--sparse-min-rows", type=int, default=None,
+                 help="the sparse step from this many active rows on (default: the measured cost table decides)")
+  p.add_argument("--prefill-chunk", type=int, default=EngineOptions().prefill_chunk,
+                 help="prefill prompts longer than this in chunks between decode rounds (0: whole prompts)")
   p.add_argument("--steps-per-round", type=int, default=EngineOptions().steps_per_round)
   p.add_argument("--prefill-rows", type=int, default=EngineOptions().prefill_rows)
   p.add_argument("--no-static", action="store_true", help="skip the static-batching comparison")

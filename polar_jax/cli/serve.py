@@ -1,7 +1,8 @@
 """`polar-serve CKPT`: an OpenAI-compatible server (completions, chat, streaming, /metrics) over the serving engine.
 
     polar-serve CKPT --port 8000 --max-batch 32 --max-len 4096
-    polar-serve CKPT --routers default --attn-density 0.5          # Polar Sparsity (dense below --sparse-min-rows)
+    polar-serve CKPT --routers default --attn-density 0.5          # Polar Sparsity (where measured faster)
+    polar-serve CKPT --tp 2                                         # tensor parallel over 2 devices
 
 Then any OpenAI client: `openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")`.
 """
@@ -17,7 +18,7 @@ from polar_jax.cli.generate import add_sparsity_args, build_sparsity
 
 
 def parser() -> argparse.ArgumentParser:
-  from polar_jax.serving.params import DEFAULT_SPARSE_MIN_ROWS, EngineOptions
+  from polar_jax.serving.params import EngineOptions
   defaults = EngineOptions()
   p = argparse.ArgumentParser(prog="polar-serve", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -34,9 +35,16 @@ def parser() -> argparse.ArgumentParser:
                  help="decode steps per host round trip")
   p.add_argument("--prefill-rows", type=int, default=defaults.prefill_rows,
                  help="most prompts of one length bucket prefilled together")
-  p.add_argument("--sparse-min-rows", type=int, default=DEFAULT_SPARSE_MIN_ROWS,
-                 help="run the sparse step only with at least this many active rows (head routers cost more than "
-                      "they save at small batch)")
+  p.add_argument("--prefill-chunk", type=int, default=defaults.prefill_chunk,
+                 help="prefill prompts longer than this in chunks of this many tokens, between decode rounds "
+                      "(0: whole prompts)")
+  p.add_argument("--cost-table", default="measure",
+                 help="how each round picks the dense or sparse step: 'measure' (timed at start-up) or a JSON "
+                      "file of a CostTable")
+  p.add_argument("--sparse-min-rows", type=int, default=None,
+                 help="instead of the cost table: the sparse step from this many active rows on (1: always)")
+  p.add_argument("--tp", type=int, default=1, help="tensor parallel degree: split KV groups and MLP neurons over N "
+                 "devices of this host (polar_jax.sharding)")
   p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, f32 on CPU)")
   p.add_argument("--no-fuse", action="store_true", help="keep separate q/k/v and gate/up projections")
   p.add_argument("--no-warmup", action="store_true", help="compile programs on first use instead of at start-up")
@@ -45,17 +53,26 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def load_model(args):
+  """The checkpoint's model, sharded over a mesh of `--tp` devices when above 1."""
+  import polar_jax
+  from polar_jax import sharding
+  mesh = sharding.make_mesh(tp=args.tp) if args.tp > 1 else None
+  return polar_jax.load_model(args.ckpt, dtype=args.dtype, mesh=mesh, fuse=not args.no_fuse)
+
+
 def build_engine(args):
   """(engine, tokenizer, model name) from the command line."""
   import polar_jax
   from polar_jax.serving import Engine, EngineOptions
   sparsity, routers_dir = build_sparsity(args)
-  model = polar_jax.load_model(args.ckpt, dtype=args.dtype, fuse=not args.no_fuse)
+  model = load_model(args)
   tokenizer = polar_jax.load_tokenizer(args.ckpt)
   routers = polar_jax.load_routers(routers_dir, model) if routers_dir is not None else None
   max_len = args.max_len or min(4096, model.config.max_position_embeddings)
   name = args.model_name or pathlib.Path(args.ckpt).resolve().name
   opts = EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
+                       cost_table=args.cost_table, prefill_chunk=args.prefill_chunk or None,
                        max_waiting=args.max_waiting, prefill_rows=args.prefill_rows, warmup=not args.no_warmup)
   engine = Engine(model, max_batch=args.max_batch, max_len=max_len, sparsity=sparsity, routers=routers,
                   tokenizer=tokenizer, engine_options=opts, model_name=name)
@@ -78,7 +95,8 @@ def main(argv=None) -> int:
     print(f"polar-serve: {e}", file=sys.stderr)
     return 2
   print(f"polar-serve: {name}: {engine.compiled_programs} programs compiled in {engine.warmup_s:.1f} s; "
-        f"max_batch {engine.max_batch}, max_len {engine.max_len}, step variants {sorted(engine.variants)}",
+        f"max_batch {engine.max_batch}, max_len {engine.max_len}, tp {args.tp}, step variants "
+        f"{sorted(engine.variants)}",
         file=sys.stderr)
   app = build_app(engine, tokenizer, model_name=name)
   uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

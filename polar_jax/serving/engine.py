@@ -7,26 +7,30 @@
     engine.shutdown()
 
 Each scheduler round: requests whose callers cancelled them end (their slots are masked on the device and freed);
-waiting requests are admitted into free slots (a bucketed prefill, then per request its first token and one insert);
-one round of up to `steps_per_round` decode steps runs over every slot (`programs.step_program()`), with the dense
-or the sparse step variant by the number of active rows (`scheduler.choose_variant`). Rounds are pipelined: the next
-round is dispatched before the previous one's tokens are read, so the host's work (handing out tokens, admitting
-requests) overlaps the device's; a request that ended is noticed, and its slot freed, one round later (the device
-already masks it).
+waiting requests are admitted into free slots (prompts up to `EngineOptions.prefill_chunk` tokens: a bucketed
+prefill, then per request its first token and one insert; the oldest longer prompt: a slot, then one chunk of its
+prefill per round, written straight into the slot); one round of up to `steps_per_round` decode steps runs over
+every slot (`programs.step_program()`), with the step variant the cost table finds cheapest for the active rows
+(`scheduler.choose_variant`, `cost.CostTable`). Rounds are pipelined: the next round is dispatched before the
+previous one's tokens are read, so the host's work (handing out tokens, admitting requests) overlaps the device's;
+a request that ended is noticed, and its slot freed, one round later (the device already masks it).
 
 Programs are fixed at start-up (`compiled_programs`): a prefill and an insert per (rows, length bucket), a first-token
-sampler per row count, one decode round per step variant; with `EngineOptions.warmup` they are compiled then, and
-serving compiles nothing more.
+sampler per row count, a prefill chunk, one decode round per step variant, the cost measurement's occupancy setter and
+the KV-group selection probe; with `EngineOptions.warmup` they are compiled then, and serving compiles nothing more.
+A model sharded over a mesh runs with the slots' KV cache sharded by KV group, as `polar_jax.generate` shards its.
 
 Batch independence: a request's greedy tokens with the dense step, or with head sparsity (the router, oracle and
-random selectors choose per row), equal `polar_jax.generate`'s for it alone, provided the variant does not change
-under it (`sparse_min_rows=1`, or a dense engine). Neuron sparsity (`mlp="router"`) is not batch independent by
-design: the batch-union neuron set is chosen from all active rows (and sized for `max_batch`).
+random selectors choose per row), equal `polar_jax.generate`'s for it alone, whether its prompt is prefilled whole
+or in chunks, provided the variant does not change under it (`sparse_min_rows=1`, or a dense engine). Neuron
+sparsity (`mlp="router"`) is not batch independent by design: the batch-union neuron set is chosen from all active
+rows (and sized for `max_batch`).
 """
 
 from __future__ import annotations
 
 import collections
+import dataclasses
 import itertools
 import threading
 import time
@@ -37,10 +41,13 @@ import numpy as np
 from flax import nnx
 
 from polar_jax.compile_options import decode_loop_options
+from polar_jax.sharding import model_mesh
 from polar_jax.sparse_decode import make_decoder
 from polar_jax.serving import programs
 from polar_jax.serving import scheduler as sched
+from polar_jax.serving.cost import CostTable, context_points, measure_table, occupancy_points, timed
 from polar_jax.serving.metrics import EngineMetrics
+from polar_jax.serving.selection_stats import probes
 from polar_jax.serving.params import EngineOptions, SamplingParams
 from polar_jax.serving.request import EngineClosedError, QueueFullError, RequestHandle, RequestOutput
 
@@ -57,17 +64,27 @@ def _decoders(model, sparsity, routers, max_batch: int, options) -> tuple[Any, A
   return dense, decode, state
 
 
+@dataclasses.dataclass
+class _ChunkJob:
+  """A prompt being prefilled in chunks into `slot`; `start`: its next chunk's first position."""
+
+  handle: RequestHandle
+  slot: int
+  start: int = 0
+
+
 class Engine:
   """A continuous-batching decode engine over one model (see the module docstring).
 
   Args:
-    model: a `CausalLM` on one device (ValueError for a model sharded over a mesh).
+    model: a `CausalLM` on one device, or sharded over a mesh (`polar_jax.sharding.shard_model`, `load_model(mesh=)`):
+      then the slots' KV cache is sharded by KV group as `generate`'s (one process).
     max_batch: KV cache slots (requests decoded together).
     max_len: tokens per slot: a request's prompt + `max_tokens` must fit.
     sparsity, routers: Polar Sparsity settings for the sparse step variant (as `polar_jax.generate`).
     options: a `polar_jax.DecodeOptions` for the decode steps, or None.
     tokenizer: its `eos_token_id` joins the model's end-of-sequence tokens as default stop tokens.
-    engine_options: `EngineOptions` (rounds, sparse-variant threshold, queue size, prefill batching, warm-up).
+    engine_options: `EngineOptions` (rounds, step-variant choice, queue size, prefill batching and chunks, warm-up).
     model_name: the `model_name` label of the metrics.
   """
 
@@ -79,10 +96,6 @@ class Engine:
     if isinstance(max_len, bool) or not isinstance(max_len, int) or not 2 <= max_len <= cfg.max_position_embeddings:
       raise ValueError(f"max_len must be an integer in [2, {cfg.max_position_embeddings}] (the model's context), "
                        f"got {max_len!r}")
-    from polar_jax.sharding import model_mesh
-    if model_mesh(model) is not None:
-      raise ValueError("the serving engine runs a model on one device; this one is sharded over a mesh "
-                       "(tensor-parallel serving is not supported yet)")
     self.opts = engine_options or EngineOptions()
     if not isinstance(self.opts, EngineOptions):
       raise TypeError(f"engine_options must be an EngineOptions, got {type(self.opts).__name__}")
@@ -101,24 +114,35 @@ class Engine:
     if sparse is not None:
       density, fallback = sched.describe_step(sparse, cfg)
       self.variants["sparse"] = sched.StepVariant("sparse", sparse, sparse_state, density, fallback)
-    self.prefill_shapes = sched.prefill_shapes(max_len, self.opts.prefill_rows, self.opts.prefill_max_tokens)
+    self.chunk = sched.chunk_size(max_len, self.opts.prefill_chunk)
+    self.prefill_shapes = sched.prefill_shapes(max_len, self.opts.prefill_rows, self.opts.prefill_max_tokens,
+                                               self.chunk)
+    self.mesh = model_mesh(model)
+    if self.mesh is not None and jax.process_count() > 1:
+      raise ValueError("the serving engine runs in one process; this model is sharded over several processes")
     self._graphdef, self._state = nnx.split(model)
     loop_graph = options.loop_graph if options is not None else True
     self._step = programs.step_program(decode_loop_options(loop_graph) or None)
-    self._slots = jax.device_put(programs.init_slots(cfg, max_batch, max_len, model.dtype, self.opts.max_stop_tokens))
+    self._slots = programs.place_slots(
+        programs.init_slots(cfg, max_batch, max_len, model.dtype, self.opts.max_stop_tokens), self.mesh)
     self.metrics = EngineMetrics(model_name, max_batch)
     self.metrics.mlp_fallback.set(self.variants["sparse"].mlp_dense_fallback if sparse is not None else 0.0)
     self.variant_rounds = collections.Counter()   # rounds run per step variant
+    sparse_decode = self.variants["sparse"].decode if sparse is not None else None
+    self._probes = self.opts.selection_probe_every > 0 and sparse is not None and probes(sparse_decode)
 
     self._cv = threading.Condition()
     self._waiting: collections.deque[RequestHandle] = collections.deque()
     self._owner: list[RequestHandle | None] = [None] * max_batch
+    self._chunking: collections.deque[_ChunkJob] = collections.deque()   # prompts being prefilled in chunks
     self._ids = itertools.count()
+    self._sparse_rounds = 0
     self._seeds = np.random.default_rng()
     self._closing = False     # no new requests
     self._stop = False        # the scheduler exits when idle
     self._failed: str | None = None
     self.warmup_s = self._warmup() if self.opts.warmup else 0.0
+    self.cost_table = self._cost_table()
     self._thread = threading.Thread(target=self._run, name="polar-serve-scheduler", daemon=True)
     self._thread.start()
 
@@ -126,8 +150,11 @@ class Engine:
   @property
   def compiled_programs(self) -> int:
     """Programs the engine runs: a prefill and an insert per (rows, length bucket), a first-token sampler per row
-    count, a decode round per variant."""
-    return 2 * len(self.prefill_shapes) + len({r for r, _ in self.prefill_shapes}) + len(self.variants)
+    count, a prefill chunk (when prompts can be longer than a chunk), a decode round per variant, and the warm-up's
+    occupancy setter when it measures the cost table."""
+    measured = "sparse" in self.variants and self.opts.sparse_min_rows is None and self.opts.cost_table == "measure"
+    return (2 * len(self.prefill_shapes) + len({r for r, _ in self.prefill_shapes}) + (self.chunk is not None)
+            + len(self.variants) + measured + self._probes)
 
   def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> RequestHandle:
     """Queues a request; returns its handle at once.
@@ -175,10 +202,13 @@ class Engine:
     return self._thread.is_alive() and self._failed is None
 
   def stats(self) -> dict[str, Any]:
-    """Slots in use, requests waiting, rounds per step variant."""
+    """Slots in use, requests waiting, prompts being prefilled in chunks, rounds per step variant, programs, the
+    cost table (`CostTable.to_mapping`; None when there is no choice or `sparse_min_rows` decides)."""
     with self._cv:
       return {"running": sum(h is not None for h in self._owner), "waiting": len(self._waiting),
-              "variant_rounds": dict(self.variant_rounds), "compiled_programs": self.compiled_programs}
+              "prefilling": len(self._chunking),
+              "variant_rounds": dict(self.variant_rounds), "compiled_programs": self.compiled_programs,
+              "cost_table": self.cost_table.to_mapping() if self.cost_table is not None else None}
 
   # ---- submission ---------------------------------------------------------------------------
   def _check(self, prompt_ids, params: SamplingParams) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -240,21 +270,67 @@ class Engine:
       tokens[i, :len(h.prompt_ids)] = h.prompt_ids
       lengths[i] = len(h.prompt_ids)
     with jax.profiler.TraceAnnotation("serve_prefill"):
-      return programs.prefill_program(self._graphdef, self._state, tokens, lengths)
+      return programs.prefill_program(self._graphdef, self._state, tokens, lengths, mesh=self.mesh)
 
-  def _insert(self, prefill, row: int, slot: int, h: RequestHandle | None):
+  def _request_args(self, h: RequestHandle | None) -> tuple:
+    """A request's (max_tokens, stop tokens, temperature, top-k, top-p, greedy, seed) as the programs take them."""
     p = h.params if h is not None else SamplingParams()
     stop = np.full((self.opts.max_stop_tokens,), -1, np.int32)
     if h is not None:
       stop[:len(h.stop_ids)] = h.stop_ids
-    logits, cache = prefill
-    args = (np.int32(p.max_tokens), stop, np.float32(p.temperature if not p.greedy else 1.0),
+    return (np.int32(p.max_tokens), stop, np.float32(p.temperature if not p.greedy else 1.0),
             np.int32(p.top_k if p.top_k is not None else self.config.vocab_size), np.float32(p.top_p),
             np.bool_(p.greedy), np.int32(h.seed if h is not None else 0))
+
+  def _insert(self, prefill, row: int, slot: int, h: RequestHandle | None):
+    logits, cache = prefill
+    args = self._request_args(h)
     with jax.profiler.TraceAnnotation("serve_insert"):
       first, active = programs.first_token_program(logits, np.int32(row), *args)
       self._slots = programs.insert_program(self._slots, cache, np.int32(row), np.int32(slot), first, active, *args)
     return first, active
+
+  def _chunk(self, prompt: Sequence[int], start: int, slot: int, h: RequestHandle | None):
+    """Prefills the chunk of `prompt` at `start` into `slot`: (first token, active), meaningful after the last."""
+    tokens = np.zeros((self.chunk,), np.int32)
+    part = prompt[start:start + self.chunk]
+    tokens[:len(part)] = part
+    with jax.profiler.TraceAnnotation("serve_prefill_chunk"):
+      self._slots, first, active = programs.chunk_program(
+          self._graphdef, self._state, self._slots, tokens, np.int32(start), np.int32(len(prompt)), np.int32(slot),
+          *self._request_args(h), mesh=self.mesh)
+    return first, active
+
+  def _cost_table(self) -> CostTable | None:
+    """The table that picks each round's variant: the given one, one measured now (`EngineOptions.cost_table` =
+    "measure", with a sparse variant and no `sparse_min_rows` rule), or None (nothing to choose)."""
+    if "sparse" not in self.variants or self.opts.sparse_min_rows is not None:
+      return None
+    if isinstance(self.opts.cost_table, CostTable):
+      return self.opts.cost_table
+    t0 = time.perf_counter()
+    steps = self.opts.steps_per_round
+    never = np.zeros((self.max_batch,), bool)
+
+    def run_round(name: str, rows: int, context: int) -> float:
+      self._slots = programs.occupy_program(self._slots, np.int32(rows), np.int32(context))
+      jax.block_until_ready(self._slots)
+      return timed(lambda: self._round(self.variants[name], never)) / steps
+
+    table = measure_table(run_round, tuple(self.variants), occupancy_points(self.max_batch),
+                          context_points(self.max_len, steps))
+    self._slots = programs.occupy_program(self._slots, np.int32(0), np.int32(0))
+    jax.block_until_ready(self._slots)
+    self.warmup_s += time.perf_counter() - t0
+    return table
+
+  def _probe(self):
+    """Dispatches the selection probe on the running rows: (counts `[L, G]`, active rows), on the device."""
+    sparse = self.variants["sparse"]
+    with jax.profiler.TraceAnnotation("serve_selection_probe"):
+      self._slots, counts, rows = programs.probe_program(self._graphdef, self._state, self._slots, sparse.state,
+                                                         decode=sparse.decode)
+    return counts, rows
 
   def _round(self, variant: sched.StepVariant, cancel_b: np.ndarray):
     with jax.profiler.TraceAnnotation(f"serve_step_{variant.name}"):
@@ -269,10 +345,14 @@ class Engine:
     for _ in range(2):
       for rows, bucket in self.prefill_shapes:
         prefill = programs.prefill_program(self._graphdef, self._state, np.zeros((rows, bucket), np.int32),
-                                           np.ones((rows,), np.int32))
+                                           np.ones((rows,), np.int32), mesh=self.mesh)
         self._insert(prefill, 0, 0, None)
+      if self.chunk is not None:   # a chunk that is not a prompt's last: slot 0 held, freed by the rounds below
+        self._chunk([0] * (self.chunk + 1), 0, 0, None)
       for variant in self.variants.values():
         self._round(variant, cancel_all)
+      if self._probes:
+        self._probe()
     jax.block_until_ready(self._slots)
     return time.perf_counter() - t0
 
@@ -290,12 +370,17 @@ class Engine:
         now = time.perf_counter()
         self._drop_cancelled_waiting(now)
         cancel_b = self._cancel_running(now)
-        firsts = self._admit()
-        snapshot = [(s, h) for s, h in enumerate(self._owner) if h is not None and not h.finished]
+        firsts = self._admit() + self._next_chunk()
+        prefilling = {job.slot for job in self._chunking}
+        snapshot = [(s, h) for s, h in enumerate(self._owner)
+                    if h is not None and not h.finished and s not in prefilling]
         dispatched = None
         if snapshot or cancel_b.any():
-          variant = sched.choose_variant(len(snapshot), self.variants, self.opts.sparse_min_rows)
-          dispatched = (self._round(variant, cancel_b), snapshot, variant)
+          context = sum(len(h.prompt_ids) + len(h.token_ids) for _, h in snapshot) / max(1, len(snapshot))
+          variant = sched.choose_variant(len(snapshot), self.variants, table=self.cost_table,
+                                         sparse_min_rows=self.opts.sparse_min_rows, context=context)
+          probe = self._maybe_probe(variant)
+          dispatched = (self._round(variant, cancel_b), snapshot, variant, probe)
         with self._cv:   # slots cancelled this round are masked by the dispatched step: reusable now
           for s in np.flatnonzero(cancel_b):
             self._owner[s] = None
@@ -317,6 +402,7 @@ class Engine:
       self._closing = True
       victims = list(self._waiting) + [h for h in self._owner if h is not None]
       self._waiting.clear()
+      self._chunking.clear()
       self._owner = [None] * self.max_batch
     for h in victims:
       h.finish("cancelled", now, error=message)
@@ -346,10 +432,48 @@ class Engine:
       if h is not None and h.cancel_requested and not h.finished:
         cancel_b[s] = True
         self._end(h, "cancelled", now)
+    self._chunking = collections.deque(job for job in self._chunking if not cancel_b[job.slot])
     return cancel_b
 
+  def _take_slots(self, group: Sequence[RequestHandle], free: Sequence[int]) -> None:
+    """Moves `group` from the queue into slots `free` (called holding the lock)."""
+    now = time.perf_counter()
+    for h, s in zip(group, free):
+      self._waiting.remove(h)
+      self._owner[s] = h
+      h.admitted_s = now
+      self.metrics.queue.observe(now - h.arrival_s)
+    self.metrics.slots(sum(o is not None for o in self._owner), len(self._waiting))
+    self._cv.notify_all()
+
+  def _start_chunked(self) -> None:
+    """Gives the oldest waiting prompt longer than a chunk a slot and starts its chunked prefill, when none runs."""
+    with self._cv:
+      free = [s for s, h in enumerate(self._owner) if h is None]
+      i = sched.take_chunked([len(h.prompt_ids) for h in self._waiting], len(free), self.chunk, bool(self._chunking))
+      if i is not None:
+        h = self._waiting[i]
+        self._take_slots([h], free[:1])
+        self._chunking.append(_ChunkJob(h, free[0]))
+
+  def _next_chunk(self) -> list[tuple[RequestHandle, int, Any, Any]]:
+    """Runs the next chunk of the oldest chunked prefill: the request's first token once its prompt is done."""
+    if not self._chunking:
+      return []
+    job = self._chunking[0]
+    first, active = self._chunk(job.handle.prompt_ids, job.start, job.slot, job.handle)
+    n = min(self.chunk, len(job.handle.prompt_ids) - job.start)
+    job.start += n
+    self.metrics.prompt_tokens.inc(n)
+    if job.start < len(job.handle.prompt_ids):
+      return []
+    self._chunking.popleft()
+    return [(job.handle, job.slot, first, active)]
+
   def _admit(self) -> list[tuple[RequestHandle, int, Any, Any]]:
-    """Prefills and inserts waiting requests into free slots (slots being cancelled this round stay reserved)."""
+    """Prefills and inserts waiting requests into free slots (slots being cancelled this round stay reserved);
+    starts a chunked prefill for the oldest long prompt."""
+    self._start_chunked()
     firsts = []
     while True:
       with self._cv:
@@ -357,23 +481,15 @@ class Engine:
         lengths = [len(h.prompt_ids) for h in self._waiting]
         picked, bucket = sched.take_prefill_group(lengths, len(free), max_len=self.max_len,
                                                   prefill_rows=self.opts.prefill_rows,
-                                                  prefill_max_tokens=self.opts.prefill_max_tokens)
+                                                  prefill_max_tokens=self.opts.prefill_max_tokens, chunk=self.chunk)
         if not picked:
           return firsts
         group = [self._waiting[i] for i in picked]
-        for h in group:
-          self._waiting.remove(h)
-        now = time.perf_counter()
-        for h, s in zip(group, free):
-          self._owner[s] = h
-          h.admitted_s = now
-        self.metrics.slots(sum(o is not None for o in self._owner), len(self._waiting))
-        self._cv.notify_all()
+        self._take_slots(group, free)
       prefill = self._prefill(group, sched.row_bucket(len(group), self.opts.prefill_rows), bucket)
       for row, (h, s) in enumerate(zip(group, free)):
         first, active = self._insert(prefill, row, s, h)
         firsts.append((h, s, first, active))
-        self.metrics.queue.observe(h.admitted_s - h.arrival_s)
         self.metrics.prompt_tokens.inc(len(h.prompt_ids))
 
   def _take_firsts(self, firsts) -> None:
@@ -391,8 +507,18 @@ class Engine:
         self._end(h, "stop" if int(first) in h.stop_ids else "length", now)
         self._release(s, h)
 
-  def _take_round(self, result, snapshot, variant: sched.StepVariant) -> None:
+  def _maybe_probe(self, variant: sched.StepVariant):
+    """The selection probe's result before every `selection_probe_every`-th sparse round (the first included)."""
+    if not self._probes or variant.name != "sparse":
+      return None
+    self._sparse_rounds += 1
+    return self._probe() if (self._sparse_rounds - 1) % self.opts.selection_probe_every == 0 else None
+
+  def _take_round(self, result, snapshot, variant: sched.StepVariant, probe) -> None:
     out, active, n = jax.device_get(result)
+    if probe is not None:
+      counts, rows = jax.device_get(probe)
+      self.metrics.selections(counts, int(rows))
     now = time.perf_counter()
     n = int(n)
     self.variant_rounds[variant.name] += 1

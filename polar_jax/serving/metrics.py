@@ -2,9 +2,12 @@
 
 Gauges: `polar:num_requests_running`, `polar:num_requests_waiting`, `polar:kv_slots_used` (and `..._perc`),
 `polar:attention_density` (fraction of KV groups the decode steps read, over every row-step so far),
-`polar:mlp_dense_fallback_rate` (fraction of MLP layers the sparse step runs dense; 0 without MLP routers).
+`polar:mlp_dense_fallback_rate` (fraction of MLP layers the sparse step runs dense; 0 without MLP routers),
+`polar:kv_group_selection_rate{layer,group}` (fraction of probed rows whose sparse step selects the group; sampled
+every `EngineOptions.selection_probe_every` sparse rounds).
 Counters: `polar:prompt_tokens`, `polar:generation_tokens`, `polar:request_success{finished_reason}`,
-`polar:step_variant{variant}` (decode rounds per step variant), `polar:decode_steps{variant}`.
+`polar:step_variant{variant}` (decode rounds per step variant), `polar:decode_steps{variant}`,
+`polar:kv_group_probed_rows` (rows the selection probe counted).
 Histograms: `polar:time_to_first_token_seconds`, `polar:inter_token_latency_seconds`,
 `polar:e2e_request_latency_seconds`, `polar:request_queue_time_seconds`, `polar:request_prompt_tokens`,
 `polar:request_generation_tokens`.
@@ -14,6 +17,8 @@ Histograms: `polar:time_to_first_token_seconds`, `polar:inter_token_latency_seco
 from __future__ import annotations
 
 import threading
+
+import numpy as np
 
 try:
   from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -68,6 +73,12 @@ class EngineMetrics:
     self.queue = hist("request_queue_time_seconds", "Time from arrival to a KV slot.", _TTFT_BUCKETS)
     self.req_prompt = hist("request_prompt_tokens", "Prompt tokens per request.", _TOKEN_BUCKETS)
     self.req_gen = hist("request_generation_tokens", "Generated tokens per request.", _TOKEN_BUCKETS)
+    self._group_rate = Gauge("polar:kv_group_selection_rate",
+                             "Fraction of probed rows whose sparse decode step selects this KV group of this layer.",
+                             labels + ["layer", "group"], registry=r)
+    self.probed_rows = counter("kv_group_probed_rows", "Active rows counted by the KV-group selection probe.")
+    self._group_hits = None   # int64 [L, G], summed over probes
+    self._probed = 0
     self._model = model_name
     self._lock = threading.Lock()
     self._row_steps = 0.0
@@ -87,6 +98,19 @@ class EngineMetrics:
       self._groups_read += steps * active_rows * density
       if self._row_steps:
         self.density.set(self._groups_read / self._row_steps)
+
+  def selections(self, counts_lg: np.ndarray, rows: int) -> None:
+    """One selection probe: `counts_lg[l, g]` of its `rows` active rows selected group g of layer l."""
+    if rows < 1:
+      return
+    with self._lock:
+      counts = np.asarray(counts_lg, np.int64)
+      self._group_hits = counts if self._group_hits is None else self._group_hits + counts
+      self._probed += rows
+      rates = self._group_hits / self._probed
+    self.probed_rows.inc(rows)
+    for (layer, group), rate in np.ndenumerate(rates):
+      self._group_rate.labels(self._model, str(layer), str(group)).set(float(rate))
 
   def slots(self, used: int, waiting: int) -> None:
     self.running.set(used)

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
+from typing import Any, Mapping
+
+from polar_jax.serving.cost import CostTable
 
 
 def _is_int(x) -> bool:
@@ -59,11 +63,6 @@ class SamplingParams:
     return self.temperature == 0.0
 
 
-# Head routers and the selection cost more than they save at small batch (the step is weight-bound there), so by
-# default the engine runs the dense step while fewer than this many rows are active.
-DEFAULT_SPARSE_MIN_ROWS = 8
-
-
 @dataclasses.dataclass(frozen=True)
 class EngineOptions:
   """How the engine schedules (all fixed at start-up: they shape the compiled programs).
@@ -71,29 +70,64 @@ class EngineOptions:
   Attributes:
     steps_per_round: decode steps per host round trip (one `lax.while_loop`); more steps amortise the host's work,
       fewer admit waiting requests sooner.
-    sparse_min_rows: run the sparse step variant only when at least this many rows are active (the dense one
-      below: head routers cost more than they save at small batch). 1 = always sparse. With a threshold above 1,
-      a request's tokens can depend on how many others ran beside it (the variant changes with the load).
+    cost_table: how each round picks its step variant (with sparsity): "measure" (warm-up times the dense and
+      the sparse round at 1, 2, 4, ..., max_batch active rows and a short and a long context; each round then runs
+      the variant measured cheaper for its active rows and their mean context, dense on a tie), or a given table:
+      a `cost.CostTable`, its JSON mapping, or the path of a JSON file (`CostTable.save`). A request's tokens can
+      depend on how many others ran beside it whenever the variant changes with the load.
+    sparse_min_rows: an explicit rule instead of the cost table: the sparse variant when at least this many rows
+      are active, else the dense one (1 = always sparse). None (default) = the cost table decides.
     max_waiting: requests queued beyond the running ones; `submit` raises `QueueFullError` past it.
     prefill_rows: most prompts prefilled together (of one length bucket); row counts are powers of two up to it.
     prefill_max_tokens: at most this many prompt tokens (rows x bucket) per prefill program.
     max_stop_tokens: stop tokens per request (eos included), the width of the device's stop table.
+    prefill_chunk: prompts longer than this many tokens are prefilled in chunks of this size straight into their
+      slot, one chunk per scheduler round, so running requests keep decoding between chunks (one compiled chunk
+      program; the bucketed prefills then only cover prompts up to this length). None = every prompt is
+      prefilled whole.
+    selection_probe_every: every this many sparse rounds, count which KV groups of each layer the running rows'
+      sparse step selects (`polar:kv_group_selection_rate`; router and random selectors); 0 = never.
     warmup: compile and run every program once at start-up (else the first requests compile them).
   The decode round's loop graph follows the engine's `DecodeOptions.loop_graph`.
   """
 
   steps_per_round: int = 4
-  sparse_min_rows: int = DEFAULT_SPARSE_MIN_ROWS
+  cost_table: Any = "measure"
+  sparse_min_rows: int | None = None
   max_waiting: int = 256
   prefill_rows: int = 1
   prefill_max_tokens: int = 8192
   max_stop_tokens: int = 8
+  prefill_chunk: int | None = 512
+  selection_probe_every: int = 64
   warmup: bool = True
 
   def __post_init__(self):
-    for name in ("steps_per_round", "sparse_min_rows", "prefill_rows", "prefill_max_tokens", "max_stop_tokens"):
+    if self.sparse_min_rows is not None and (not _is_int(self.sparse_min_rows) or self.sparse_min_rows < 1):
+      raise ValueError(f"EngineOptions.sparse_min_rows must be an integer >= 1 or None, got {self.sparse_min_rows!r}")
+    object.__setattr__(self, "cost_table", _cost_table(self.cost_table))
+    for name in ("steps_per_round", "prefill_rows", "prefill_max_tokens", "max_stop_tokens"):
       v = getattr(self, name)
       if not _is_int(v) or v < 1:
         raise ValueError(f"EngineOptions.{name} must be an integer >= 1, got {v!r}")
+    if self.prefill_chunk is not None and (not _is_int(self.prefill_chunk) or self.prefill_chunk < 1):
+      raise ValueError(f"EngineOptions.prefill_chunk must be an integer >= 1 or None, got {self.prefill_chunk!r}")
+    if not _is_int(self.selection_probe_every) or self.selection_probe_every < 0:
+      raise ValueError(f"EngineOptions.selection_probe_every must be an integer >= 0, got "
+                       f"{self.selection_probe_every!r}")
     if not _is_int(self.max_waiting) or self.max_waiting < 0:
       raise ValueError(f"EngineOptions.max_waiting must be an integer >= 0, got {self.max_waiting!r}")
+
+
+def _cost_table(value) -> CostTable | str:
+  """`EngineOptions.cost_table` as "measure" or a `CostTable` (read from a mapping or a JSON file)."""
+  if isinstance(value, CostTable) or value == "measure":
+    return value
+  if isinstance(value, Mapping):
+    return CostTable.from_mapping(value)
+  if isinstance(value, (str, os.PathLike)):
+    if not os.path.isfile(value):
+      raise ValueError(f"EngineOptions.cost_table: {value!r} is neither \"measure\" nor a JSON file")
+    return CostTable.load(value)
+  raise ValueError(f"EngineOptions.cost_table must be \"measure\", a CostTable, a mapping or a JSON path, "
+                   f"got {type(value).__name__}")

@@ -9,8 +9,13 @@ one compiled program of each kind serves every mix of requests:
   * `first_token_program`: samples a request's first token from its prefill row (one program for all buckets);
   * `insert_program`: copies row r of a prefill into slot s (both traced) with `lax.dynamic_update_slice` on each
     cache leaf and writes the first token and the request's parameters; `Slots` is donated;
+  * `chunk_program`: one chunk of a long prompt prefilled straight into its slot (`chunked_prefill`; start, slot
+    and valid tokens traced, one program per chunk size); after the last chunk it samples the first token and
+    writes the request's parameters as `insert_program` does; `Slots` is donated;
+  * `occupy_program`: sets rows active at a context length for the warm-up's cost measurement;
+  * `probe_program`: counts the KV groups the sparse step selects for the running rows (`selection_stats`);
   * `step_program()`: up to `steps` decode steps over all slots in one `lax.while_loop`, inactive rows masked (their
-    cache length held at 0), stop tokens and token budgets checked on the device; `Slots` is donated.
+    cache length held at `hold_b`), stop tokens and token budgets checked on the device; `Slots` is donated.
 
 Sampling is per row: temperature, top-k and top-p are `[B]` arrays (never static), greedy rows take the argmax,
 and a row's key is `fold_in(key(seed), tokens made so far)`, so a request samples the same tokens whatever else
@@ -27,11 +32,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jax.sharding import NamedSharding, PartitionSpec
+
+from polar_jax import sharding
 from polar_jax.kv_cache import KVCache
 from polar_jax.sampling import Temperature, TopK, TopP
+from polar_jax.serving.chunked_prefill import prefill_chunk
+from polar_jax.serving.selection_stats import count_selections
 
 # Times each program has been traced (tests count compilations with it: a traced program is a compiled one).
-TRACE_COUNTS = {"prefill": 0, "first": 0, "insert": 0, "step": 0}
+TRACE_COUNTS = {"prefill": 0, "first": 0, "insert": 0, "chunk": 0, "occupy": 0, "probe": 0, "step": 0}
 
 NO_TOKEN = -1   # `step_program`'s output for a row that made no token in a step
 
@@ -51,6 +61,9 @@ class Slots:
     temp_b, topk_b, topp_b: float32 / int32 / float32 sampling parameters (top-k = V and top-p = 1 are off).
     greedy_b: bool, rows that take the argmax.
     seed_b: int32 per-row seeds.
+    hold_b: int32, the cache length an inactive row keeps during decode steps: 0, except for a slot whose prompt is
+      being prefilled in chunks, where it is the tokens prefilled so far (a decode step writes an inactive row's
+      K/V at its length: there the next chunk overwrites it, and the chunks already written stay intact).
   """
 
   cache: KVCache
@@ -64,6 +77,7 @@ class Slots:
   topp_b: jax.Array
   greedy_b: jax.Array
   seed_b: jax.Array
+  hold_b: jax.Array
 
   def replace(self, **changes) -> "Slots":
     return dataclasses.replace(self, **changes)
@@ -75,7 +89,21 @@ def init_slots(config, batch: int, max_len: int, dtype, stop_width: int) -> Slot
   return Slots(cache=KVCache.init(config, batch, max_len, dtype), tok_b=zeros_i(), active_b=jnp.zeros((batch,), bool),
                gen_b=zeros_i(), max_b=zeros_i(), stop_bs=jnp.full((batch, stop_width), -1, jnp.int32),
                temp_b=jnp.ones((batch,), jnp.float32), topk_b=jnp.full((batch,), config.vocab_size, jnp.int32),
-               topp_b=jnp.ones((batch,), jnp.float32), greedy_b=jnp.ones((batch,), bool), seed_b=zeros_i())
+               topp_b=jnp.ones((batch,), jnp.float32), greedy_b=jnp.ones((batch,), bool), seed_b=zeros_i(),
+               hold_b=zeros_i())
+
+
+def place_slots(slots: Slots, mesh) -> Slots:
+  """`slots` on the device, or on `mesh` (the model's tensor-parallel mesh): the KV cache sharded as
+  `sharding.cache_spec` (KV groups over "tp"), the per-row state replicated."""
+  if mesh is None:
+    return jax.device_put(slots)
+  cache_sh = NamedSharding(mesh, sharding.cache_spec(slots.cache.batch, sharding.mesh_dp(mesh)))
+  replicated = NamedSharding(mesh, PartitionSpec())
+  shardings = jax.tree_util.tree_map(lambda _: replicated, slots)
+  shardings = shardings.replace(cache=KVCache(tuple(cache_sh for _ in slots.cache.k_bhsd),
+                                              tuple(cache_sh for _ in slots.cache.v_bhsd), replicated))
+  return jax.device_put(slots, shardings)
 
 
 def sample_rows(logits_bv: jax.Array, temp_b, topk_b, topp_b, greedy_b, seed_b, index_b) -> jax.Array:
@@ -96,14 +124,24 @@ def sample_rows(logits_bv: jax.Array, temp_b, topk_b, topp_b, greedy_b, seed_b, 
   return jnp.where(greedy_b, greedy_tok, tok)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def prefill_program(graphdef, state, tokens_rt, lengths_r):
-  """Dense prefill of R compacted prompts of bucket length T: (logits `[R, V]`, a KV cache of T slots)."""
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def prefill_program(graphdef, state, tokens_rt, lengths_r, *, mesh=None):
+  """Dense prefill of R compacted prompts of bucket length T: (logits `[R, V]`, a KV cache of T slots). `mesh`: the
+  model's tensor-parallel mesh (the cache is sharded by KV group), or None."""
   TRACE_COUNTS["prefill"] += 1
   with jax.named_scope("serve_prefill"):
     model = nnx.merge(graphdef, state)
     cache = KVCache.init(model.config, tokens_rt.shape[0], tokens_rt.shape[1], model.dtype)
-    return model.prefill(tokens_rt, lengths_r, cache)
+    return model.prefill(tokens_rt, lengths_r, cache, mesh=mesh)
+
+
+def _first_token(logits_1v, max_tokens, stop_s, temp, topk, topp, greedy, seed):
+  """(token, active): a request's first token sampled from its last prompt token's logits (index 0), and whether
+  the request goes on after it."""
+  one = lambda x, dtype: jnp.asarray(x, dtype)[None]   # noqa: E731
+  first = sample_rows(logits_1v, one(temp, jnp.float32), one(topk, jnp.int32), one(topp, jnp.float32),
+                      one(greedy, bool), one(seed, jnp.int32), jnp.zeros((1,), jnp.int32))[0]
+  return first, ~jnp.any(first == stop_s) & (max_tokens > 1)
 
 
 @jax.jit
@@ -112,10 +150,19 @@ def first_token_program(logits_rv, row, max_tokens, stop_s, temp, topk, topp, gr
   active). One program for every prefill bucket (the logits are `[R, V]`)."""
   TRACE_COUNTS["first"] += 1
   logits_1v = jax.lax.dynamic_slice_in_dim(logits_rv, row, 1, axis=0)
-  one = lambda x, dtype: jnp.asarray(x, dtype)[None]   # noqa: E731
-  first = sample_rows(logits_1v, one(temp, jnp.float32), one(topk, jnp.int32), one(topp, jnp.float32),
-                      one(greedy, bool), one(seed, jnp.int32), jnp.zeros((1,), jnp.int32))[0]
-  return first, ~jnp.any(first == stop_s) & (max_tokens > 1)
+  return _first_token(logits_1v, max_tokens, stop_s, temp, topk, topp, greedy, seed)
+
+
+def _start_request(slots: Slots, cache: KVCache, slot, first, active, max_tokens, stop_s, temp, topk, topp, greedy,
+                   seed) -> Slots:
+  """`slots` with `cache` and slot `slot` running a request from its first token (its hold length back to 0)."""
+  return slots.replace(
+      cache=cache, tok_b=slots.tok_b.at[slot].set(first), active_b=slots.active_b.at[slot].set(active),
+      gen_b=slots.gen_b.at[slot].set(1), max_b=slots.max_b.at[slot].set(max_tokens),
+      stop_bs=slots.stop_bs.at[slot].set(stop_s), temp_b=slots.temp_b.at[slot].set(temp),
+      topk_b=slots.topk_b.at[slot].set(topk), topp_b=slots.topp_b.at[slot].set(topp),
+      greedy_b=slots.greedy_b.at[slot].set(greedy), seed_b=slots.seed_b.at[slot].set(seed),
+      hold_b=slots.hold_b.at[slot].set(0))
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
@@ -133,12 +180,52 @@ def insert_program(slots: Slots, prefill: KVCache, row, slot, first, active, max
     cache = KVCache(tuple(put(d, s) for d, s in zip(cache.k_bhsd, prefill.k_bhsd)),
                     tuple(put(d, s) for d, s in zip(cache.v_bhsd, prefill.v_bhsd)),
                     cache.lengths_b.at[slot].set(prefill.lengths_b[row]))
-    return slots.replace(
-        cache=cache, tok_b=slots.tok_b.at[slot].set(first), active_b=slots.active_b.at[slot].set(active),
-        gen_b=slots.gen_b.at[slot].set(1), max_b=slots.max_b.at[slot].set(max_tokens),
-        stop_bs=slots.stop_bs.at[slot].set(stop_s), temp_b=slots.temp_b.at[slot].set(temp),
-        topk_b=slots.topk_b.at[slot].set(topk), topp_b=slots.topp_b.at[slot].set(topp),
-        greedy_b=slots.greedy_b.at[slot].set(greedy), seed_b=slots.seed_b.at[slot].set(seed))
+    return _start_request(slots, cache, slot, first, active, max_tokens, stop_s, temp, topk, topp, greedy, seed)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("slots",))
+def chunk_program(graphdef, state, slots: Slots, tokens_c, start, prompt_len, slot, max_tokens, stop_s, temp, topk,
+                  topp, greedy, seed, *, mesh=None):
+  """Prefills prompt tokens `[start, min(start + C, prompt_len))` (`tokens_c`, padded to C) into slot `slot`
+  (`chunked_prefill.prefill_chunk`). Until the prompt's last chunk the slot stays inactive with its hold length at
+  the tokens prefilled; the last chunk samples the first token and starts the request as `insert_program` does.
+  Returns (slots, first token, active); the token means something only after the last chunk."""
+  TRACE_COUNTS["chunk"] += 1
+  with jax.named_scope("serve_prefill_chunk"):
+    model = nnx.merge(graphdef, state)
+    n_valid = jnp.minimum(prompt_len - start, tokens_c.shape[0])
+    logits_v, cache = prefill_chunk(model, tokens_c, start, n_valid, slots.cache, slot, mesh=mesh)
+    end = start + n_valid
+    last = end >= prompt_len
+    first, active = _first_token(logits_v[None], max_tokens, stop_s, temp, topk, topp, greedy, seed)
+    cache = KVCache(cache.k_bhsd, cache.v_bhsd, cache.lengths_b.at[slot].set(end))
+    started = _start_request(slots, cache, slot, first, active & last, max_tokens, stop_s, temp, topk, topp, greedy,
+                             seed)
+    return started.replace(hold_b=started.hold_b.at[slot].set(jnp.where(last, 0, end))), first, active & last
+
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def occupy_program(slots: Slots, rows, context) -> Slots:
+  """`slots` as a cost measurement sets them: rows `[0, rows)` active with `context` cached tokens (whatever K/V
+  the cache holds), greedy, no stop token and no budget limit; the other rows free. `rows` = 0 frees every row."""
+  TRACE_COUNTS["occupy"] += 1
+  b = slots.active_b.shape[0]
+  on = jnp.arange(b) < rows
+  cache = KVCache(slots.cache.k_bhsd, slots.cache.v_bhsd, jnp.where(on, context, 0).astype(jnp.int32))
+  return slots.replace(cache=cache, tok_b=jnp.zeros_like(slots.tok_b), active_b=on, gen_b=jnp.ones_like(slots.gen_b),
+                       max_b=jnp.full_like(slots.max_b, 2**30), stop_bs=jnp.full_like(slots.stop_bs, -1),
+                       greedy_b=jnp.ones_like(slots.greedy_b), hold_b=jnp.zeros_like(slots.hold_b))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "decode"), donate_argnames=("slots",))
+def probe_program(graphdef, state, slots: Slots, decode_state, *, decode):
+  """(slots, int32 `[L, G]` active rows selecting each KV group in the next sparse step, active rows); the slots
+  mean the same afterwards (`selection_stats.count_selections`)."""
+  TRACE_COUNTS["probe"] += 1
+  with jax.named_scope("serve_selection_probe"):
+    model = nnx.merge(graphdef, state)
+    cache, counts_lg = count_selections(model, decode, decode_state, slots.tok_b, slots.cache, slots.active_b)
+    return slots.replace(cache=cache), counts_lg, jnp.sum(slots.active_b.astype(jnp.int32))
 
 
 def _step(graphdef, state, slots: Slots, decode_state, cancel_b, *, decode, steps: int):
@@ -146,9 +233,10 @@ def _step(graphdef, state, slots: Slots, decode_state, cancel_b, *, decode, step
   with jax.named_scope("serve_step"):
     model = nnx.merge(graphdef, state)
     active = slots.active_b & ~cancel_b
+    hold = jnp.where(cancel_b, 0, slots.hold_b)   # a cancelled chunked prefill frees its slot
     cache = slots.cache
-    cache = KVCache(cache.k_bhsd, cache.v_bhsd, jnp.where(active, cache.lengths_b, 0))
-    slots = slots.replace(active_b=active, cache=cache)
+    cache = KVCache(cache.k_bhsd, cache.v_bhsd, jnp.where(active, cache.lengths_b, hold))
+    slots = slots.replace(active_b=active, cache=cache, hold_b=hold)
     out = jnp.full((active.shape[0], steps), NO_TOKEN, jnp.int32)
 
     def cond(carry):
@@ -165,7 +253,7 @@ def _step(graphdef, state, slots: Slots, decode_state, cancel_b, *, decode, step
       gen = s.gen_b + act.astype(jnp.int32)
       done = act & (jnp.any(new[:, None] == s.stop_bs, axis=1) | (gen >= s.max_b))
       still = act & ~done
-      cache = KVCache(cache.k_bhsd, cache.v_bhsd, jnp.where(still, cache.lengths_b, 0))
+      cache = KVCache(cache.k_bhsd, cache.v_bhsd, jnp.where(still, cache.lengths_b, s.hold_b))
       s = s.replace(cache=cache, tok_b=jnp.where(act, new, s.tok_b), active_b=still, gen_b=gen)
       return i + 1, s, out
 

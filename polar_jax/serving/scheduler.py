@@ -3,7 +3,8 @@
   * which prompt-length and prefill-row buckets exist (fixed at start-up: one compiled prefill per pair);
   * which waiting requests the next prefill takes (first come first served: the oldest request's length bucket,
     then younger ones of the same bucket while slots, rows and the token budget allow);
-  * which decode-step variant a round runs, from the number of active rows (`StepVariant`, `choose_variant`).
+  * which decode-step variant a round runs, from the number of active rows and their context (`StepVariant`,
+    `choose_variant`: the measured `cost.CostTable`, or an explicit row threshold).
 """
 
 from __future__ import annotations
@@ -12,12 +13,14 @@ import dataclasses
 from typing import Any, Sequence
 
 from polar_jax.generation import length_bucket
+from polar_jax.serving.cost import CostTable
 
 
-def length_buckets(max_len: int) -> tuple[int, ...]:
-  """Every prompt-length bucket a prompt shorter than `max_len` can fall in (`generation.length_bucket`, capped
-  at `max_len`)."""
-  return tuple(sorted({min(length_bucket(n), max_len) for n in range(1, max_len)}))
+def length_buckets(max_len: int, longest: int | None = None) -> tuple[int, ...]:
+  """Every prompt-length bucket a prompt shorter than `max_len` (and at most `longest` tokens, when given) can
+  fall in (`generation.length_bucket`, capped at `max_len`)."""
+  top = max_len - 1 if longest is None else min(longest, max_len - 1)
+  return tuple(sorted({min(length_bucket(n), max_len) for n in range(1, top + 1)}))
 
 
 def bucket_of(n: int, max_len: int) -> int:
@@ -42,24 +45,46 @@ def row_bucket(n: int, prefill_rows: int) -> int:
   return next(r for r in row_buckets(prefill_rows) if r >= n)
 
 
-def prefill_shapes(max_len: int, prefill_rows: int, prefill_max_tokens: int) -> tuple[tuple[int, int], ...]:
-  """Every (rows, bucket) prefill program the engine can run."""
+def chunk_size(max_len: int, prefill_chunk: int | None) -> int | None:
+  """The chunk length of chunked prefill, or None when no prompt (at most `max_len` - 1 tokens) exceeds it."""
+  return prefill_chunk if prefill_chunk is not None and prefill_chunk < max_len - 1 else None
+
+
+def prefill_shapes(max_len: int, prefill_rows: int, prefill_max_tokens: int, longest: int | None = None,
+                   ) -> tuple[tuple[int, int], ...]:
+  """Every (rows, bucket) prefill program the engine can run for prompts of at most `longest` tokens (None:
+  every prompt that fits `max_len`)."""
   shapes = []
-  for t in length_buckets(max_len):
+  for t in length_buckets(max_len, longest):
     limit = rows_for(t, prefill_rows, prefill_max_tokens)
     shapes += [(r, t) for r in row_buckets(prefill_rows) if r <= row_bucket(limit, prefill_rows)]
   return tuple(shapes)
 
 
 def take_prefill_group(lengths: Sequence[int], free_slots: int, *, max_len: int, prefill_rows: int,
-                       prefill_max_tokens: int) -> tuple[list[int], int]:
-  """(indices into `lengths` (waiting prompts, oldest first) that the next prefill takes, their bucket)."""
-  if not lengths or free_slots < 1:
+                       prefill_max_tokens: int, chunk: int | None = None) -> tuple[list[int], int]:
+  """(indices into `lengths` (waiting prompts, oldest first) that the next bucketed prefill takes, their bucket).
+  Prompts longer than `chunk` are left to chunked prefill."""
+  short = [i for i, n in enumerate(lengths) if chunk is None or n <= chunk]
+  if not short or free_slots < 1:
     return [], 0
-  bucket = bucket_of(lengths[0], max_len)
+  bucket = bucket_of(lengths[short[0]], max_len)
   limit = min(free_slots, rows_for(bucket, prefill_rows, prefill_max_tokens))
-  picked = [i for i, n in enumerate(lengths) if bucket_of(n, max_len) == bucket][:limit]
+  picked = [i for i in short if bucket_of(lengths[i], max_len) == bucket][:limit]
   return picked, bucket
+
+
+def take_chunked(lengths: Sequence[int], free_slots: int, chunk: int | None, lane_busy: bool) -> int | None:
+  """The index of the waiting prompt (oldest first) that starts chunked prefill now: the oldest one longer than
+  `chunk`, when no chunked prefill is running and a slot is free; else None."""
+  if chunk is None or lane_busy or free_slots < 1:
+    return None
+  return next((i for i, n in enumerate(lengths) if n > chunk), None)
+
+
+def chunk_starts(prompt_len: int, chunk: int) -> tuple[int, ...]:
+  """The start position of each chunk of a prompt."""
+  return tuple(range(0, prompt_len, chunk))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,11 +99,18 @@ class StepVariant:
   mlp_dense_fallback: float
 
 
-def choose_variant(active_rows: int, variants: dict[str, StepVariant], sparse_min_rows: int) -> StepVariant:
-  """The sparse variant when there is one and at least `sparse_min_rows` rows are active, else the dense one."""
-  if "sparse" in variants and active_rows >= sparse_min_rows:
-    return variants["sparse"]
-  return variants["dense"]
+def choose_variant(active_rows: int, variants: dict[str, StepVariant], *, table: CostTable | None = None,
+                   sparse_min_rows: int | None = None, context: float | None = None) -> StepVariant:
+  """The step variant a round with `active_rows` rows of mean `context` tokens runs: with `sparse_min_rows`, the
+  sparse one from that many rows on; else the cheapest by `table` (`CostTable.cheapest`, dense on a tie); dense
+  when there is no sparse variant, no table, or no active row."""
+  if "sparse" not in variants or active_rows < 1:
+    return variants["dense"]
+  if sparse_min_rows is not None:
+    return variants["sparse" if active_rows >= sparse_min_rows else "dense"]
+  if table is None:
+    return variants["dense"]
+  return variants[table.cheapest(active_rows, context, among=tuple(variants))]
 
 
 def describe_step(decode, config) -> tuple[float, float]:

@@ -1,0 +1,80 @@
+"""One chunk of a long prompt's prefill, written straight into one row (slot) of a batch's KV cache.
+
+A chunk is C consecutive prompt tokens at positions `[start, start + C)` (the last chunk of a prompt is padded to
+C). Each layer projects the chunk's q/k/v, writes its K/V into the slot's cache row at those positions, then runs
+causal attention of the chunk's queries over the row's keys `[0, start + C)`: the earlier chunks' keys and the
+chunk's own. This is the computation `CausalLM.prefill` does for the whole prompt, split along the query axis, so
+a prompt prefilled chunk by chunk leaves the same cache and the same last-token logits (up to float rounding).
+
+`start`, the number of valid tokens and the slot are traced: one compiled program per chunk size serves every
+chunk of every prompt.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from polar_jax import sharding
+from polar_jax.kv_cache import KVCache
+
+_MASKED = -1e30   # finite, as in `polar_jax.attention.prefill_attention`
+
+
+def chunk_attention(q_chd: jax.Array, k_hsd: jax.Array, v_hsd: jax.Array, start, *, scale: float,
+                    window: int | None = None) -> jax.Array:
+  """Causal attention of C queries at positions `start + [0, C)` over one row's keys `[Hkv, S, D]`: query c sees
+  keys s <= start + c (and s > start + c - window with a sliding window). Returns `[C, Hq, D]` in q's dtype."""
+  c, hq, d = q_chd.shape
+  hkv, s = k_hsd.shape[:2]
+  q = q_chd.reshape(c, hkv, hq // hkv, d)
+  scores = jnp.einsum("cgrd,gsd->grcs", q, k_hsd, preferred_element_type=jnp.float32) * scale
+  q_pos = start + jnp.arange(c)
+  key_pos = jnp.arange(s)
+  mask = key_pos[None, :] <= q_pos[:, None]
+  if window is not None:
+    mask = mask & (key_pos[None, :] > q_pos[:, None] - window)
+  probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1)
+  out = jnp.einsum("grcs,gsd->cgrd", probs.astype(v_hsd.dtype), v_hsd, preferred_element_type=jnp.float32)
+  return out.astype(q_chd.dtype).reshape(c, hq, d)
+
+
+def write_chunk(cache_bhsd: jax.Array, new_chd: jax.Array, slot, start) -> jax.Array:
+  """Writes a chunk's K or V `[C, Hkv, D]` into row `slot`, positions `[start, start + C)`; positions past the
+  cache's end (a padded last chunk) are dropped."""
+  c, hkv, _ = new_chd.shape
+  index = (slot, jnp.arange(hkv)[:, None], (start + jnp.arange(c))[None, :])
+  return cache_bhsd.at[index].set(new_chd.transpose(1, 0, 2).astype(cache_bhsd.dtype), mode="drop")
+
+
+def _layer_chunk(layer, h_1cd, start, slot, k_cache_bhsd, v_cache_bhsd, mesh):
+  attn = layer.attn
+  c = h_1cd.shape[1]
+  x = layer.attn_norm(h_1cd) if layer.pre_norm else h_1cd
+  q, k, v = attn._qkv(x, (start + jnp.arange(c))[None, :])   # pylint: disable=protected-access
+  k_cache_bhsd = write_chunk(k_cache_bhsd, k[0], slot, start)
+  v_cache_bhsd = write_chunk(v_cache_bhsd, v[0], slot, start)
+  if mesh is not None:
+    k_cache_bhsd = sharding.constrain_cache(k_cache_bhsd, mesh)
+    v_cache_bhsd = sharding.constrain_cache(v_cache_bhsd, mesh)
+  row = lambda cache: jax.lax.dynamic_index_in_dim(cache, slot, 0, keepdims=False)   # noqa: E731
+  ctx = chunk_attention(q[0], row(k_cache_bhsd), row(v_cache_bhsd), start, scale=attn.scale, window=attn.window)
+  a = attn.o_proj(ctx.reshape(1, c, -1))
+  h = h_1cd + a if layer.pre_norm else layer.attn_norm(h_1cd + a)
+  return layer._mlp_block(h, layer.mlp), k_cache_bhsd, v_cache_bhsd   # pylint: disable=protected-access
+
+
+def prefill_chunk(model, tokens_c: jax.Array, start, n_valid, cache: KVCache, slot, *, mesh=None
+                  ) -> tuple[jax.Array, KVCache]:
+  """Prefills `n_valid` (<= C) prompt tokens `tokens_c[:n_valid]` at positions `[start, start + n_valid)` into row
+  `slot` of `cache`. Returns (float32 logits `[V]` of the chunk's last valid token, the cache with the chunk's K/V
+  written; its lengths unchanged: the caller decides the row's length)."""
+  c = tokens_c.shape[0]
+  h = model.embed_tokens(tokens_c[None, :], (start + jnp.arange(c))[None, :])
+  ks, vs = [], []
+  for i, layer in enumerate(model.layers):
+    h, k, v = _layer_chunk(layer, h, start, slot, cache.k_bhsd[i], cache.v_bhsd[i], mesh)
+    ks.append(k)
+    vs.append(v)
+  last_d = jax.lax.dynamic_index_in_dim(h[0], n_valid - 1, 0, keepdims=False)
+  return model.logits(last_d[None])[0], KVCache(tuple(ks), tuple(vs), cache.lengths_b)

@@ -1,0 +1,133 @@
+"""Chunked prefill in the serving engine: prompts longer than `EngineOptions.prefill_chunk` are prefilled chunk by
+chunk into their slot while running requests keep decoding; their greedy tokens equal `generate` for the prompt
+alone (dense and head-sparse), nothing compiles after warm-up, and a cancelled chunked prefill frees its slot."""
+
+import time
+
+import numpy as np
+import pytest
+
+from polar_jax.serving import Engine, EngineOptions, SamplingParams, programs, scheduler
+from polar_jax.sparsity import SparsityConfig
+from test_serving_engine import CFG, MAX_BATCH, MAX_LEN, REF_TOKENS, _prompts, _reference, random_routers
+
+CHUNK = 6   # prompts of 7..20 tokens take 2 to 4 chunks
+
+
+def _opts(**kw):
+  return EngineOptions(steps_per_round=3, prefill_rows=2, prefill_chunk=CHUNK, **kw)
+
+
+@pytest.fixture(scope="module")
+def chunked(model):
+  eng = Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, engine_options=_opts())
+  yield eng
+  eng.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model():
+  from polar_jax.model import init_model
+  return init_model(CFG, seed=1)
+
+
+def _mixed_staggered(engine, prompts, max_tokens):
+  """A short request runs first; the rest (long and short) arrive in small groups while it decodes."""
+  handles = [engine.submit(prompts[0], SamplingParams(max_tokens=max_tokens[0]))]
+  next(iter(handles[0]))
+  for i in range(1, len(prompts), 2):
+    handles += [engine.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(prompts[i:i + 2], max_tokens[i:i + 2])]
+    time.sleep(0.02 * (i % 3))
+  return [h.result(timeout=300) for h in handles]
+
+
+def _mixed_prompts(seed, n):
+  """The first prompt short, the others of mixed lengths, at least half of them longer than a chunk."""
+  short = _prompts(seed, 1, 2, CHUNK)
+  rest = _prompts(seed + 1, n - 1, 1, 20)
+  rest[::2] = _prompts(seed + 2, len(rest[::2]), CHUNK + 1, 20)
+  return short + rest
+
+
+def test_chunked_prompts_equal_generate_alone_with_no_compilation(model, chunked):
+  assert chunked.chunk == CHUNK and chunked.prefill_shapes == ((1, 16), (2, 16))   # bucketed prefill: short only
+  before = dict(programs.TRACE_COUNTS)
+  prompts = _mixed_prompts(20, 9)
+  max_tokens = [min(REF_TOKENS, MAX_LEN - len(p)) for p in prompts]
+  outs = _mixed_staggered(chunked, prompts, max_tokens)
+  assert programs.TRACE_COUNTS == before
+  for ref, m, out in zip(_reference(model, prompts), max_tokens, outs):
+    assert list(out.token_ids) == ref[:m]
+  assert chunked.stats()["running"] == 0 and chunked.stats()["prefilling"] == 0
+  assert chunked.compiled_programs == 2 * 2 + 2 + 1 + 1   # prefill + insert per shape, first per rows, chunk, step
+
+
+def test_running_requests_decode_between_chunks(chunked):
+  runner = chunked.submit([5, 6, 7], SamplingParams(max_tokens=MAX_LEN - 4, ignore_eos=True))
+  next(iter(runner))
+  long = chunked.submit(list(range(1, 21)), SamplingParams(max_tokens=2))   # 4 chunks
+  long.result(timeout=120)
+  runner.result(timeout=120)
+  between = [t for t in runner.token_times_s if long.admitted_s < t < long.first_token_s]
+  assert len(between) >= 2   # tokens arrived while the long prompt was still being prefilled
+
+
+def test_cancelled_chunked_prefill_frees_its_slot(model, chunked):
+  long = chunked.submit(list(range(1, 21)), SamplingParams(max_tokens=4))
+  long.cancel()
+  assert long.result(timeout=60).finish_reason == "cancelled"
+  prompt = _prompts(21, 1, CHUNK + 1, 20)[0]
+  outs = chunked.generate([prompt] * MAX_BATCH, SamplingParams(max_tokens=REF_TOKENS))   # every slot in use
+  assert all(list(o.token_ids) == _reference(model, [prompt])[0] for o in outs)
+  deadline = time.time() + 30
+  while chunked.stats()["running"] and time.time() < deadline:
+    time.sleep(0.01)
+  assert chunked.stats()["running"] == 0 and chunked.stats()["prefilling"] == 0
+
+
+@pytest.mark.slow
+def test_chunked_prompts_with_head_sparsity_equal_generate_alone(model):
+  sparsity = SparsityConfig(attn_density=0.5, dense_layers=(), selector="router", seed=3)
+  routers = random_routers(CFG)
+  prompts = _mixed_prompts(30, 7)
+  max_tokens = [min(REF_TOKENS, MAX_LEN - len(p)) for p in prompts]
+  with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, sparsity=sparsity, routers=routers,
+              engine_options=_opts(sparse_min_rows=1)) as eng:
+    outs = _mixed_staggered(eng, prompts, max_tokens)
+    assert eng.stats()["variant_rounds"].get("dense", 0) == 0
+  for ref, m, out in zip(_reference(model, prompts, sparsity=sparsity, routers=routers), max_tokens, outs):
+    assert list(out.token_ids) == ref[:m]
+
+
+def test_chunk_scheduling():
+  assert scheduler.chunk_size(32, 8) == 8 and scheduler.chunk_size(32, 31) is None
+  assert scheduler.chunk_size(32, None) is None
+  assert scheduler.prefill_shapes(64, 1, 8192, 16) == ((1, 16),)
+  # long prompts are left to the chunk lane; the bucketed prefill takes the oldest short prompt's bucket
+  assert scheduler.take_prefill_group([20, 3, 25, 5], 4, max_len=32, prefill_rows=4, prefill_max_tokens=8192,
+                                      chunk=8) == ([1, 3], 16)
+  assert scheduler.take_chunked([3, 20, 25], 2, 8, lane_busy=False) == 1
+  assert scheduler.take_chunked([3, 20, 25], 2, 8, lane_busy=True) is None
+  assert scheduler.take_chunked([3, 20, 25], 0, 8, lane_busy=False) is None
+  assert scheduler.take_chunked([3, 5], 2, 8, lane_busy=False) is None
+
+
+def test_chunk_attention_matches_whole_prompt_attention():
+  import jax
+  import jax.numpy as jnp
+  from polar_jax.attention import prefill_attention
+  from polar_jax.serving.chunked_prefill import chunk_attention, write_chunk
+  t, hq, hkv, d, s, c = 11, 4, 2, 8, 16, 4
+  q, k, v = (jax.random.normal(jax.random.key(i), (t, h, d), jnp.float32) for i, h in enumerate((hq, hkv, hkv)))
+  whole = prefill_attention(q[None], k[None], v[None], jnp.array([t]), scale=0.3)[0]
+  cache_k = cache_v = jnp.zeros((3, hkv, s, d), jnp.float32)
+  parts = []
+  for start in range(0, t, c):
+    pad = lambda x: jnp.zeros((c,) + x.shape[1:], x.dtype).at[:min(c, t - start)].set(x[start:start + c])  # noqa
+    cache_k = write_chunk(cache_k, pad(k), 1, start)
+    cache_v = write_chunk(cache_v, pad(v), 1, start)
+    parts.append(chunk_attention(pad(q), cache_k[1], cache_v[1], start, scale=0.3)[:min(c, t - start)])
+  assert not np.asarray(cache_k[0]).any() and not np.asarray(cache_k[2]).any()   # other rows untouched
+  np.testing.assert_allclose(np.asarray(cache_k[1, :, :t]), np.asarray(k).transpose(1, 0, 2))
+  eps = float(jnp.finfo(jnp.float32).eps)
+  np.testing.assert_allclose(np.asarray(jnp.concatenate(parts)), np.asarray(whole), rtol=64 * eps, atol=64 * eps)
