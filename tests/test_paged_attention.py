@@ -59,13 +59,14 @@ def _case(seed, B, Hq, Hkv, D, page_size, lengths, K, dtype):
   poisoned = (np.where(q_dead, np.nan, q), np.where(read_hps[..., None], k_pages, np.nan),
               np.where(read_hps[..., None], v_pages, np.nan))
 
-  cast = lambda a: jnp.asarray(a, dtype)  # noqa: E731
+  # Host-side casts and gathers (numpy with ml_dtypes' bfloat16): no eager device op to compile per case.
+  cast = lambda a: jnp.asarray(np.asarray(a).astype(jnp.dtype(dtype)))  # noqa: E731
   extra = (jnp.asarray(lengths), jnp.asarray(table), None if gidx is None else jnp.asarray(gidx))
-  q, k_pages, v_pages = map(cast, (q, k_pages, v_pages))
-  contiguous = lambda pages: (  # noqa: E731  [B, Hkv, P_row * page_size, D], clean values everywhere
+  contiguous = lambda pages: cast(  # noqa: E731  [B, Hkv, P_row * page_size, D], clean values everywhere
       pages[:, np.clip(table, 0, P - 1)].transpose(1, 0, 2, 3, 4).reshape(B, Hkv, P_row * page_size, D))
-  ref = _contiguous_xla(q, contiguous(k_pages), contiguous(v_pages), extra[0], extra[2], None,
-                             scale=D ** -0.5)
+  q, k_dense, v_dense = cast(q), contiguous(k_pages), contiguous(v_pages)
+  ref = _contiguous_xla(q, k_dense, v_dense, extra[0], extra[2], None, scale=D ** -0.5)
+  k_pages, v_pages = cast(k_pages), cast(v_pages)
   return (q, k_pages, v_pages) + extra, tuple(map(cast, poisoned)) + extra, ref
 
 
