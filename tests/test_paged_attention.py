@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from kernel_cases import assert_attention_close
+from pallas_kernels import _platform
 from pallas_kernels import paged_decode_attention_triton as paged_triton
 from pallas_kernels.decode_attention_xla import decode_attention_xla
 from pallas_kernels.paged_decode_attention import selective_paged_decode_attention
@@ -142,14 +143,14 @@ def test_traced_inputs_are_clamped(backend):
 
 
 def test_raw_kernel_writes_every_head():
-  """Interpret mode fills outputs with NaN: the unsplit kernel writes every head (zeros for unselected groups),
-  also where a row names one group twice or names groups out of range (clamped)."""
-  inputs, poisoned, _ = _case(5, 3, 8, 4, 64, 16, (30, 64, 3), 2, jnp.float32)
+  """The unsplit kernel writes every head (zeros for unselected groups; interpret mode fills outputs with NaN, a GPU
+  leaves them uninitialised), also where a row names one group twice or names groups out of range (clamped)."""
+  inputs, _, _ = _case(5, 3, 8, 4, 64, 16, (30, 64, 3), 2, jnp.float32)   # clean: its own group_idx below
   q, k_pages, v_pages, lengths, table, _ = inputs
   gidx = jnp.asarray([[1, 1], [0, 3], [7, -2]], jnp.int32)   # row 2: clamped to groups 3 and 0
   out = paged_triton.paged_decode_attention_triton(
       q, k_pages, v_pages, lengths, table, gidx, scale=0.125, config=PagedAttentionConfig(block_k=16),
-      interpret=True)
+      interpret=_platform.interpret_mode())
   ref = selective_paged_decode_attention(q, k_pages, v_pages, lengths, table, jnp.clip(gidx, 0, 3), scale=0.125,
                                          implementation="xla")
   assert np.all(np.isfinite(np.asarray(out)))
