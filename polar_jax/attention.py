@@ -185,13 +185,16 @@ class Attention(nnx.Module):
           x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, heads, options, rms)
       ctx = pallas_kernels.selective_decode_attention(q_bhd, k_cache_bhsd, v_cache_bhsd, new_len,
                                                       _group_indices(heads), scale=self.scale, kv_start=kv_start,
-                                                      implementation=impl)
+                                                      implementation=impl, group_count=_group_count(heads))
     elif mesh is None:   # separate q, k, v projections: an XLA scatter of every group's K/V, then attention
       q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
       ctx, k_cache_bhsd, v_cache_bhsd = pallas_kernels.selective_decode_attention_append(
           q[:, 0], k[:, 0], v[:, 0], k_cache_bhsd, v_cache_bhsd, lengths_b, _group_indices(heads),
-          scale=self.scale, kv_start=kv_start, implementation=impl)
+          scale=self.scale, kv_start=kv_start, implementation=impl, group_count=_group_count(heads))
     else:
+      if _group_count(heads) is not None:
+        raise ValueError("Attention.decode: per-row group counts (adaptive budgets) run on one device; the "
+                         "sharded attention takes a uniform selection")
       q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
       k_cache_bhsd, v_cache_bhsd = append_kv_xla(k_cache_bhsd, v_cache_bhsd, k[:, 0], v[:, 0], lengths_b)
       k_cache_bhsd = sharding.constrain_cache(k_cache_bhsd, mesh)
@@ -200,7 +203,7 @@ class Attention(nnx.Module):
                                               kv_start, mesh=mesh, num_groups=self.num_kv_heads, scale=self.scale,
                                               implementation=impl)
     if isinstance(heads, OracleHeads):
-      ctx = keep_top_groups(ctx, self.num_kv_heads, heads.k, heads.shards)
+      ctx = keep_top_groups(ctx, self.num_kv_heads, heads.k, heads.shards, heads.mass, heads.min_groups)
     ctx_bn = ctx.reshape(ctx.shape[0], -1)
     if not fused_mm:
       return AttnOut(self.o_proj(ctx_bn, residual=residual_bd), k_cache_bhsd, v_cache_bhsd, ctx, None)
@@ -218,14 +221,14 @@ class Attention(nnx.Module):
     counters = None
     if options.fused_projections or router is not None:
       side = None
-      if router is not None:
-        topk = (router.num_groups, router.k) if router.shards == 1 else None
+      if router is not None:   # the kernel ranks the scores itself, except for balanced or adaptive selections
+        topk = (router.num_groups, router.k) if router.shards == 1 and router.mass is None else None
         side = pallas_kernels.Side(*router.side, topk=topk)
       out = self.qkv_proj.decode(x_bd, side=side, emit_counters=options.fused_projections, rms=rms,
                                  implementation=options.implementation if options.fused_projections else "xla")
       qkv_bn, counters = out.y, out.counters
       if router is not None:
-        heads = GroupIndices(out.side if side.topk is not None else router.pick(out.side))
+        heads = GroupIndices(out.side) if side.topk is not None else router.choose(out.side)
     else:
       qkv_bn = self.qkv_proj(x_bd)
     q_bhd, k_cache_bhsd, v_cache_bhsd = pallas_kernels.rope_append(
@@ -237,6 +240,11 @@ class Attention(nnx.Module):
 def _group_indices(heads: HeadSelection):
   """The attention kernels' `group_idx`: int32 `[B, K]`, or None for every group (dense and the oracle)."""
   return heads.idx_bk if isinstance(heads, GroupIndices) else None
+
+
+def _group_count(heads: HeadSelection):
+  """The attention kernels' `group_count`: int32 `[B]` (adaptive budgets), or None for all K slots."""
+  return heads.count_b if isinstance(heads, GroupIndices) else None
 
 
 class Normed(NamedTuple):

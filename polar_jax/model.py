@@ -136,7 +136,7 @@ class DecoderLayer(nnx.Module):
     (the router's own dot on the normed input x_bd)."""
     heads = plan.heads
     if isinstance(heads, LinearRouter) and not self.attn.fuses_router(heads, options, mesh):
-      return GroupIndices(heads.select(x_bd))
+      return heads.groups(x_bd)
     return heads
 
   def _decode_deferred(self, h_bd, lengths_b, k_cache, v_cache, plan, options, normed, next_norm) -> LayerOut:
@@ -146,7 +146,7 @@ class DecoderLayer(nnx.Module):
     x_bd, sq_tb = normed if normed is not None else deferred_norm(h_bd, self.attn_norm.scale[...])
     heads = plan.heads
     if isinstance(heads, LinearRouter) and not self.attn.fuses_router(heads, options):
-      heads = GroupIndices(heads.select(self.attn_norm(h_bd)))
+      heads = heads.groups(self.attn_norm(h_bd))
     a = self.attn.decode(x_bd, lengths_b, k_cache, v_cache, heads, options=options, residual_bd=h_bd,
                          rms=RmsInput(sq_tb, self.attn_norm.eps), norm_scale=self.mlp_norm.scale[...])
     out = self.mlp.decode(a.next_normed.x_bd, residual_md=a.h, rms=RmsInput(a.next_normed.sq_TB, self.mlp_norm.eps),

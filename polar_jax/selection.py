@@ -3,11 +3,15 @@
 Per layer a `LayerPlan(heads, neurons)`:
   * `heads` says which KV groups each row attends to:
       `DenseHeads()`                 every group (the dense path);
-      `GroupIndices(idx_bk)`         int32 `[B, K]` groups per row, already chosen (e.g. the random selector);
+      `GroupIndices(idx_bk, count_b)` int32 `[B, K]` groups per row, already chosen (e.g. the random selector);
+                                     with `count_b` (adaptive budgets) row b uses only `idx_bk[b, :count_b[b]]`;
       `LinearRouter(w_dg, b_g, k)`   each row's top-k of `x @ w + b`, x the layer's normed attention input; the
                                      q|k|v projection kernel can compute these scores itself (`Attention.decode`);
+                                     with `mass`, each row keeps the fewest of those (>= `min_groups`) whose
+                                     softmax-of-scores share reaches `mass` (`mass_counts`);
       `OracleHeads(k)`               dense attention, then each row keeps its k groups of largest output norm
-                                     (an evaluation upper bound);
+                                     (an evaluation upper bound; with `mass`, the fewest reaching that share of
+                                     the sum of group norms);
   * `neurons` (ReLU MLPs only) is None for the dense MLP, a `NeuronUnion` (the batch-union neuron set of the
     layer's neuron router) or `NeuronIndices` (a given set): the neurons the sparse MLP gathers.
 `shards > 1` (tensor parallelism): balanced per-shard selection, k / shards groups (ceil(k / shards) neurons) from
@@ -37,9 +41,23 @@ class DenseHeads:
 
 @dataclasses.dataclass(frozen=True)
 class GroupIndices:
-  """int32 `[B, K]`: the KV groups each row attends to (balanced per shard under tensor parallelism)."""
+  """int32 `[B, K]`: the KV groups each row attends to (balanced per shard under tensor parallelism); with
+  `count_b` (int32 `[B]`, adaptive budgets) row b attends only to `idx_bk[b, :count_b[b]]`."""
 
   idx_bk: jax.Array
+  count_b: jax.Array | None = None
+
+
+def mass_counts(weights_bg: jax.Array, idx_bk: jax.Array, mass: float, min_groups: int = 1) -> jax.Array:
+  """int32 `[B]`: per row, the fewest of its slots `idx_bk` (sorted by decreasing weight) whose share of the row's
+  total weight over all G groups reaches `mass`, clamped to [min(min_groups, K), K]. `weights_bg` are
+  non-negative (softmax probabilities, group norms); summed in float32."""
+  w_bg = weights_bg.astype(jnp.float32)
+  share_bg = w_bg / jnp.maximum(jnp.sum(w_bg, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
+  cum_bk = jnp.cumsum(jnp.take_along_axis(share_bg, idx_bk, axis=-1), axis=-1)
+  k = idx_bk.shape[1]
+  needed_b = 1 + jnp.sum(cum_bk[:, :k - 1] < mass, axis=-1)     # the first slot whose cumulative share >= mass
+  return jnp.clip(needed_b, min(min_groups, k), k).astype(jnp.int32)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -47,13 +65,17 @@ class LinearRouter:
   """A learned head router: each row keeps its `k` groups of largest score `x @ w_dg + b_g`.
 
   `side` is the same weight zero-padded to whole column tiles (`pallas_kernels.skinny_matmul.side_width`), which
-  the q|k|v kernel's side programs stream; None where the kernel cannot take it (tensor parallelism)."""
+  the q|k|v kernel's side programs stream; None where the kernel cannot take it (tensor parallelism).
+  `mass` (adaptive budgets): each row keeps only the fewest of its top-k groups whose share of the softmax of its
+  G scores reaches `mass`, at least `min_groups` (`mass_counts`); None keeps all k."""
 
   w_dg: jax.Array
   b_g: jax.Array
   k: int
   shards: int = 1
   side: tuple[jax.Array, jax.Array] | None = None
+  mass: float | None = None
+  min_groups: int = 1
 
   @property
   def num_groups(self) -> int:
@@ -67,13 +89,29 @@ class LinearRouter:
     """int32 `[B, k]`: the router's own dot on the normed attention input, then the per-row top-k."""
     return self.pick(decode_head_scores(self.w_dg, self.b_g, x_bd))
 
+  def choose(self, scores_bp: jax.Array) -> GroupIndices:
+    """The groups of scores `[B, >= G]` (first G columns): the top-k by decreasing score, and with `mass` the
+    count per row."""
+    idx_bk = self.pick(scores_bp)
+    if self.mass is None:
+      return GroupIndices(idx_bk)
+    probs_bg = jax.nn.softmax(scores_bp[:, :self.num_groups].astype(jnp.float32), axis=-1)
+    return GroupIndices(idx_bk, mass_counts(probs_bg, idx_bk, self.mass, self.min_groups))
+
+  def groups(self, x_bd: jax.Array) -> GroupIndices:
+    """`choose` on the router's own dot on the normed attention input."""
+    return self.choose(decode_head_scores(self.w_dg, self.b_g, x_bd))
+
 
 @dataclasses.dataclass(frozen=True)
 class OracleHeads:
-  """Dense attention, then each row keeps its `k` groups of largest output norm (zeroing the others' heads)."""
+  """Dense attention, then each row keeps its `k` groups of largest output norm (zeroing the others' heads); with
+  `mass`, only the fewest of those whose share of the row's summed group norms reaches `mass` (>= `min_groups`)."""
 
   k: int
   shards: int = 1
+  mass: float | None = None
+  min_groups: int = 1
 
 
 HeadSelection = Union[DenseHeads, GroupIndices, LinearRouter, OracleHeads]
@@ -126,12 +164,20 @@ class LayerPlan:
 DENSE_PLAN = LayerPlan()
 
 
-def keep_top_groups(ctx_bhd: jax.Array, num_kv_heads: int, k: int, shards: int = 1) -> jax.Array:
+def keep_top_groups(ctx_bhd: jax.Array, num_kv_heads: int, k: int, shards: int = 1, mass: float | None = None,
+                    min_groups: int = 1) -> jax.Array:
   """The oracle: zeroes the query heads of all but each row's k groups of largest output norm (`shards > 1`:
-  balanced per-shard selection, k / shards groups from each of `shards` equal blocks of groups)."""
+  balanced per-shard selection, k / shards groups from each of `shards` equal blocks of groups; `mass`: only the
+  fewest of those reaching that share of the summed norms, `mass_counts`)."""
   b, hq, _ = ctx_bhd.shape
-  top_bk = balanced_topk(group_norms(ctx_bhd, num_kv_heads), k, shards)
-  keep_bg = jnp.zeros((b, num_kv_heads), bool).at[jnp.arange(b)[:, None], top_bk].set(True)
+  norms_bg = group_norms(ctx_bhd, num_kv_heads)
+  top_bk = balanced_topk(norms_bg, k, shards)
+  if mass is None:
+    keep_bg = jnp.zeros((b, num_kv_heads), bool).at[jnp.arange(b)[:, None], top_bk].set(True)
+  else:
+    counted_bk = jnp.arange(k)[None, :] < mass_counts(norms_bg, top_bk, mass, min_groups)[:, None]
+    keep_bg = jnp.any((top_bk[:, :, None] == jnp.arange(num_kv_heads)[None, None, :]) & counted_bk[:, :, None],
+                      axis=1)
   keep_bh = jnp.repeat(keep_bg, hq // num_kv_heads, axis=1)
   return jnp.where(keep_bh[..., None], ctx_bhd, jnp.zeros_like(ctx_bhd))
 

@@ -19,6 +19,9 @@ builds a `polar_jax.selection.LayerPlan`:
      layers over budget run the dense MLP.
 Tensor parallel (`polar_jax.sharding`, `shards > 1`): both selections are balanced per shard: each of the tp
 shards keeps k / tp of its own KV groups (resp. ceil(k / tp) of its own neurons), not a global top-k.
+Adaptive budgets (`masses`): the layer's k is the most a row keeps; the plan also carries the layer's mass, and
+each row's count of kept groups (`GroupIndices.count_b`) is computed in the step from its scores, so it changes
+per row and step within one compiled program.
 """
 
 from __future__ import annotations
@@ -76,6 +79,9 @@ class SparseDecode:
     head_router: whether the step runs head routers; then `router_state["head"]` holds per layer `(w_dg, b_g)`
       (None for a dense layer): `routers.modules.decode_head_layers`, the weight cast once to the model's dtype.
     shards: balanced per-shard selection over this many blocks of groups (`polar_jax.sharding`).
+    masses: adaptive budgets: per layer the mass threshold of its rows (None for a dense layer), with `groups`
+      the most groups a row keeps; None: every row keeps exactly `groups` (the uniform budget).
+    min_groups: with `masses`, the fewest groups a row keeps.
     options: the step's `DecodeOptions`.
     mesh: the tensor-parallel mesh of the model, or None.
   """
@@ -88,6 +94,8 @@ class SparseDecode:
   shards: int = 1
   options: DecodeOptions = DecodeOptions()
   mesh: jax.sharding.Mesh | None = None
+  masses: tuple[float | None, ...] | None = None
+  min_groups: int = 1
 
   def plans(self, model, tok_b, positions_b, router_state=None, active_b=None) -> tuple[LayerPlan, ...]:
     """What each layer computes in this step (positions_b: the cache lengths before the step). Public so that one
@@ -99,16 +107,18 @@ class SparseDecode:
     plans = []
     for layer in range(len(model.layers)):
       k = self.groups[layer]
+      mass = None if self.masses is None else self.masses[layer]
       if k is None:
         heads = DENSE_PLAN.heads
       elif self.selector == "oracle":              # Attention.decode: dense, then top-k by output norm
-        heads = OracleHeads(k, self.shards)
+        heads = OracleHeads(k, self.shards, mass, self.min_groups)
       elif self.selector == "random":
         scores_bg = random_scores(self.seed, layer, positions_b, tok_b, num_groups)
         heads = GroupIndices(balanced_topk(scores_bg, k, self.shards))
       else:
         side = head_side[layer] if head_side is not None else None
-        heads = LinearRouter(*head[layer], k=k, shards=self.shards, side=side)
+        heads = LinearRouter(*head[layer], k=k, shards=self.shards, side=side, mass=mass,
+                             min_groups=self.min_groups)
       neurons = None
       if self.neuron_k is not None and self.neuron_k[layer] is not None:
         neurons = NeuronUnion(neuron[layer], self.neuron_k[layer], active_b, self.shards)
@@ -188,7 +198,12 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
       state["head_side"] = tuple(None if wb is None else _side_copy(*wb) for wb in state["head"])
   if neuron_k is not None:
     state["neuron"] = decode_neuron_layers(routers.neuron, [k is not None for k in neuron_k], dtype)
-  decode = SparseDecode(groups, sparsity.selector, sparsity.seed, neuron_k, needs_head, shards, options, mesh)
+  masses = sparsity.layer_masses(config)
+  if masses is not None and mesh is not None:
+    raise ValueError("budget='adaptive' decodes on one device; this model is placed on a mesh (use "
+                     "budget='uniform' there)")
+  decode = SparseDecode(groups, sparsity.selector, sparsity.seed, neuron_k, needs_head, shards, options, mesh,
+                        masses, sparsity.min_groups if masses is not None else 1)
   return decode, state
 
 

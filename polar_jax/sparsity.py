@@ -19,7 +19,14 @@ Semantics (decode only; prefill is always dense; K/V of every head is always wri
     the dense MLP with no router. The MLP setting does not depend on `selector`;
   * `router_dtype`: the routers' weights in the decode step: None (the model's dtype), "float32", "bfloat16",
     "float16" or "int8" (neuron routers as int8 with a scale per output column, half the bytes of bf16; head
-    routers, a few columns wide, then stay in the model's dtype).
+    routers, a few columns wide, then stay in the model's dtype);
+  * `budget`: "uniform" (every row keeps the layer's k groups) or "adaptive": the layer's k is the most a row keeps
+    (Kmax; a layer at density 1.0 then still routes, with Kmax = all groups), and each row keeps the smallest
+    number of its top groups whose share of the selector's group weights reaches `mass` (router: the softmax of
+    its group scores; oracle: each group's output norm over the sum of norms), at least `min_groups`. `mass` is
+    one number or one per layer (`polar_jax.routers.adaptive.calibrate_mass` finds it for a target average
+    density). Counts are data, not shapes: they change per row and step without recompiling. Selectors
+    "router" and "oracle"; one device (no balanced per-shard selection).
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ MLP_MODES = ("dense", "router")
 # measured 2958.2 tok/s at 0.6 vs 2908.4 at the paper's 0.8 (0.5: 2948.9; benchmarks/NOTES.md).
 DENSE_FALLBACK_FRACTION = 0.6
 ROUTER_DTYPES = ("float32", "bfloat16", "float16", "int8")
+BUDGETS = ("uniform", "adaptive")
 
 
 def round_half_up(x: float) -> int:
@@ -73,6 +81,10 @@ class SparsityConfig:
     mlp_dense_above: with `mlp="router"`, a layer whose neuron budget exceeds this fraction of N runs the dense
       MLP (no router, no selection), in (0, 1].
     router_dtype: the routers' weights in the decode step (see the module docstring), or None.
+    budget: "uniform" or "adaptive" (see the module docstring).
+    mass: with `budget="adaptive"`, the share of the group weights each row's kept groups reach, in (0, 1]: one
+      number, or a tuple with one per layer (entries of dense layers are ignored).
+    min_groups: with `budget="adaptive"`, the fewest groups a row keeps (capped at the layer's k), >= 1.
   """
 
   attn_density: float = 1.0
@@ -87,8 +99,32 @@ class SparsityConfig:
   # Balanced per-shard selection (polar_jax.sharding): split the KV groups into `shards` equal blocks and keep
   # round(density x groups per block) in each. None: the model's tensor-parallel degree (1 on one device).
   shards: int | None = None
+  budget: str = "uniform"
+  mass: float | tuple[float, ...] = 0.9
+  min_groups: int = 1
 
   def __post_init__(self):
+    if self.budget not in BUDGETS:
+      raise ValueError(f"unknown budget {self.budget!r}; expected one of {BUDGETS}")
+    if isinstance(self.mass, (list, tuple)):
+      masses = tuple(self.mass)
+      if not masses:
+        raise ValueError("mass must be a number in (0, 1] or a non-empty sequence of them (one per layer)")
+      for i, m in enumerate(masses):
+        _check_mass(m, f"mass of layer {i}")
+      object.__setattr__(self, "mass", tuple(float(m) for m in masses))
+    else:
+      _check_mass(self.mass, "mass")
+      object.__setattr__(self, "mass", float(self.mass))
+    if isinstance(self.min_groups, bool) or not isinstance(self.min_groups, int) or self.min_groups < 1:
+      raise ValueError(f"min_groups must be an integer >= 1, got {self.min_groups!r}")
+    if self.budget == "adaptive":
+      if self.selector not in ("router", "oracle"):
+        raise ValueError(f"budget='adaptive' needs selector 'router' or 'oracle' (scores to take a mass of), got "
+                         f"{self.selector!r}")
+      if self.shards is not None and self.shards > 1:
+        raise ValueError("budget='adaptive' runs on one device's selection; it does not combine with balanced "
+                         f"per-shard selection (shards={self.shards})")
     if self.shards is not None and (isinstance(self.shards, bool) or not isinstance(self.shards, int)
                                     or self.shards < 1):
       raise ValueError(f"shards must be an integer >= 1 or None, got {self.shards!r}")
@@ -127,6 +163,9 @@ class SparsityConfig:
     block), at least 1)."""
     shards = shards or self.shards or 1
     if shards > 1:
+      if self.budget == "adaptive":
+        raise ValueError(f"budget='adaptive' does not combine with balanced per-shard selection over {shards} "
+                         "shards (tensor parallelism); use budget='uniform' there")
       if config.num_kv_heads % shards:
         raise ValueError(f"balanced selection over {shards} shards needs the {config.num_kv_heads} KV groups to "
                          "divide evenly")
@@ -145,7 +184,20 @@ class SparsityConfig:
     out = [None if i in self.dense_layers else default for i in range(num_layers)]
     for layer, d in self.per_layer or ():
       out[layer] = groups_for_density(d, g)
+    if self.budget == "adaptive":   # the layer's k is the most a row keeps; all groups still route
+      return tuple(None if k is None else int(min(k, g)) for k in out)
     return tuple(None if k is None or k >= g else int(k) for k in out)
+
+  def layer_masses(self, config: ModelConfig) -> tuple[float | None, ...] | None:
+    """Per layer with `budget="adaptive"`: the mass threshold of its rows, or None where the layer runs dense.
+    None for the uniform budget."""
+    if self.budget != "adaptive":
+      return None
+    groups = self.layer_groups(config)
+    masses = self.mass if isinstance(self.mass, tuple) else (self.mass,) * config.num_layers
+    if len(masses) != config.num_layers:
+      raise ValueError(f"mass has {len(masses)} per-layer values for a model with {config.num_layers} layers")
+    return tuple(None if k is None else m for k, m in zip(groups, masses))
 
   def is_dense(self, config: ModelConfig) -> bool:
     """True when this config computes exactly the dense decode step for `config`."""
@@ -157,6 +209,11 @@ class SparsityConfig:
       raise ValueError(
           f"mlp='router' needs a ReLU fc1/fc2 MLP (OPT); this {config.model_type} model has a "
           f"{config.mlp} {config.activation} MLP, whose activations are not sparse. Use mlp='dense'.")
+
+
+def _check_mass(m: Any, what: str) -> None:
+  if isinstance(m, bool) or not isinstance(m, (int, float)) or not 0.0 < float(m) <= 1.0:
+    raise ValueError(f"{what} must be a number in (0, 1] (the share of the group weights a row keeps), got {m!r}")
 
 
 def neuron_budgets(table: Mapping[int, tuple[int, ...]], batch: int, num_neurons: int,

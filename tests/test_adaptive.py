@@ -200,3 +200,165 @@ def test_bad_counts_raise(bad, match):
     selective_decode_attention(q, kv, kv, lengths, gidx, **kwargs)
   with pytest.raises(ValueError, match=match):
     selective_decode_attention_append(q, q[:, :4], q[:, :4], kv, kv, lengths, gidx, **kwargs)
+
+
+# ---- selection and decoding ------------------------------------------------------------------------------------
+from conftest import LLAMA_GQA_8H, LLAMA_MHA_8H  # noqa: E402
+from polar_jax import fusion, generation as gen  # noqa: E402
+from polar_jax.model import init_model  # noqa: E402
+from polar_jax.routers.modules import Routers  # noqa: E402
+from polar_jax.selection import GroupIndices, LinearRouter, keep_top_groups, mass_counts  # noqa: E402
+from polar_jax.sparse_decode import make_decoder  # noqa: E402
+from polar_jax.sparsity import SparsityConfig  # noqa: E402
+
+PROMPTS = [[5, 9, 13, 2, 7, 7, 1], [3, 1], [11, 12, 13, 14, 15]]
+
+
+def _routers(config, seed=0, scale=0.2):
+  """Random head routers whose softmax scores spread: some rows need one group, others several."""
+  routers = Routers.init(config)
+  rng = np.random.default_rng(seed)
+  routers.head.w_ldg[...] = rng.standard_normal(routers.head.w_ldg.shape).astype(np.float32) * scale
+  routers.head.b_lg[...] = rng.standard_normal(routers.head.b_lg.shape).astype(np.float32)
+  return routers
+
+
+@pytest.fixture(scope="module")
+def mha_model():
+  return fusion.fuse_projections(init_model(LLAMA_MHA_8H, seed=3))
+
+
+def test_mass_counts_smallest_prefix_reaching_the_mass():
+  w = jnp.asarray([[0.5, 0.3, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.9, 0.05, 0.05, 0.0]])
+  idx = jnp.asarray([[0, 1, 2], [3, 2, 1], [0, 1, 2]], jnp.int32)
+  np.testing.assert_array_equal(mass_counts(w, idx, 0.79), [2, 3, 1])
+  np.testing.assert_array_equal(mass_counts(w, idx, 0.95), [3, 3, 2])
+  np.testing.assert_array_equal(mass_counts(w, idx, 1e-6, min_groups=2), [2, 2, 2])
+  np.testing.assert_array_equal(mass_counts(w, idx, 1.0, min_groups=5), [3, 3, 3])   # capped at K
+
+
+def test_router_choose_sorted_by_score_with_counts():
+  rng = np.random.default_rng(0)
+  x = jnp.asarray(rng.standard_normal((6, 32)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((32, 8)) * 0.2, jnp.float32)
+  b = jnp.zeros((8,), jnp.float32)
+  heads = LinearRouter(w, b, k=5, mass=0.7).groups(x)
+  scores = np.asarray(x @ w)
+  np.testing.assert_array_equal(np.asarray(heads.idx_bk), np.argsort(-scores, axis=1, kind="stable")[:, :5])
+  probs = np.exp(scores - scores.max(1, keepdims=True))
+  probs /= probs.sum(1, keepdims=True)
+  cum = np.cumsum(np.sort(probs, axis=1)[:, ::-1], axis=1)
+  want = np.minimum(5, 1 + np.sum(cum[:, :4] < 0.7, axis=1))
+  np.testing.assert_array_equal(np.asarray(heads.count_b), want)
+  assert len(set(want.tolist())) > 1     # the case spreads over several counts
+  assert LinearRouter(w, b, k=5).groups(x).count_b is None
+
+
+def test_oracle_mass_keeps_the_fewest_groups_reaching_it():
+  rng = np.random.default_rng(1)
+  ctx = jnp.asarray(rng.standard_normal((5, 8, 4)) * rng.uniform(0.1, 3, (5, 8, 1)), jnp.float32)
+  kept = np.asarray(keep_top_groups(ctx, 4, 3, mass=0.6))
+  norms = np.linalg.norm(np.asarray(ctx).reshape(5, 4, 8), axis=-1)
+  for b in range(5):
+    order = np.argsort(-norms[b], kind="stable")
+    cum = np.cumsum(norms[b][order]) / norms[b].sum()
+    n = min(3, 1 + int(np.sum(cum[:2] < 0.6)))
+    keep = np.zeros(4, bool)
+    keep[order[:n]] = True
+    np.testing.assert_array_equal(np.any(kept[b].reshape(4, 8) != 0, axis=-1), keep)
+  np.testing.assert_array_equal(np.asarray(keep_top_groups(ctx, 4, 3, mass=1.0)),
+                                np.asarray(keep_top_groups(ctx, 4, 3)))
+
+
+@pytest.mark.parametrize("selector", ["router", "oracle"])
+def test_adaptive_full_mass_equals_uniform_top_k(mha_model, selector):
+  """mass 1.0 (or min_groups = K) keeps all K groups: the uniform top-K's tokens."""
+  routers = _routers(mha_model.config) if selector == "router" else None
+  uniform = gen.generate(mha_model, PROMPTS, max_new_tokens=6, routers=routers,
+                         sparsity=SparsityConfig(attn_groups=5, selector=selector)).tokens
+  for kw in (dict(mass=1.0), dict(mass=0.2, min_groups=5)):
+    adaptive = gen.generate(mha_model, PROMPTS, max_new_tokens=6, routers=routers,
+                            sparsity=SparsityConfig(attn_groups=5, selector=selector, budget="adaptive", **kw)).tokens
+    np.testing.assert_array_equal(adaptive, uniform)
+
+
+@pytest.mark.parametrize("selector", ["router", "oracle"])
+def test_adaptive_tiny_mass_keeps_one_group(mha_model, selector):
+  """mass tiny, min_groups 1: every row keeps exactly its top group: the tokens of the uniform top-1."""
+  routers = _routers(mha_model.config) if selector == "router" else None
+  top1 = gen.generate(mha_model, PROMPTS, max_new_tokens=6, routers=routers,
+                      sparsity=SparsityConfig(attn_groups=1, selector=selector)).tokens
+  adaptive = gen.generate(mha_model, PROMPTS, max_new_tokens=6, routers=routers,
+                          sparsity=SparsityConfig(attn_groups=6, selector=selector, budget="adaptive",
+                                                  mass=1e-6)).tokens
+  np.testing.assert_array_equal(adaptive, top1)
+  dense = gen.generate(mha_model, PROMPTS, max_new_tokens=6).tokens
+  assert not np.array_equal(adaptive, dense)     # the selection mattered
+
+
+def test_adaptive_plans_carry_counts(mha_model):
+  config = mha_model.config
+  decode, state = make_decoder(mha_model, SparsityConfig(attn_density=0.75, budget="adaptive", mass=1e-6),
+                               _routers(config))
+  assert decode.groups == (None, 6) and decode.masses == (None, 1e-6)
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((3, config.hidden_size)), jnp.float32)
+  plans = decode.plans(mha_model, jnp.asarray([1, 2, 3]), jnp.asarray([4, 5, 6]), state)
+  heads = plans[1].heads.groups(x)
+  assert isinstance(heads, GroupIndices) and heads.idx_bk.shape == (3, 6)
+  np.testing.assert_array_equal(np.asarray(heads.count_b), [1, 1, 1])
+
+
+def test_counts_change_without_new_traces():
+  """Counts are data: new router weights (other counts) and new steps reuse the compiled programs."""
+  model = fusion.fuse_projections(init_model(LLAMA_GQA_8H, seed=4))
+  sparsity = SparsityConfig(attn_groups=4, budget="adaptive", mass=0.6)
+  runs = [gen.generate(model, PROMPTS, max_new_tokens=5, sparsity=sparsity, routers=_routers(model.config, s)).tokens
+          for s in (0, 1)]
+  before = gen.TRACE_COUNTS["generate"]
+  for s in (2, 3):
+    gen.generate(model, PROMPTS, max_new_tokens=5, sparsity=sparsity, routers=_routers(model.config, s))
+  assert gen.TRACE_COUNTS["generate"] == before
+  steps = gen.TRACE_COUNTS["step"]
+  list(gen.stream(model, PROMPTS, max_new_tokens=5, sparsity=sparsity, routers=_routers(model.config, 5)))
+  list(gen.stream(model, PROMPTS, max_new_tokens=5, sparsity=sparsity, routers=_routers(model.config, 6)))
+  assert gen.TRACE_COUNTS["step"] - steps <= 1
+  assert runs[0].shape == runs[1].shape
+  # the counts of one router differ between rows and inputs under one trace
+  router = LinearRouter(*[jnp.asarray(a) for a in (_routers(model.config).head.w_ldg[...][1],
+                                                  _routers(model.config).head.b_lg[...][1])], k=4, mass=0.6)
+  traces = []
+
+  @jax.jit
+  def counts(x):
+    traces.append(1)
+    return router.groups(x).count_b
+
+  rng = np.random.default_rng(7)
+  seen = {tuple(np.asarray(counts(jnp.asarray(rng.standard_normal((8, 32)), jnp.float32))).tolist())
+          for _ in range(3)}
+  assert len(traces) == 1 and len({c for cs in seen for c in cs}) > 1
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(budget="flexible"), "unknown budget"),
+    (dict(budget="adaptive", mass=0.0), "mass must be"),
+    (dict(budget="adaptive", mass=1.5), "mass must be"),
+    (dict(budget="adaptive", mass=(0.5, True)), "mass of layer 1"),
+    (dict(budget="adaptive", min_groups=0), "min_groups must be"),
+    (dict(budget="adaptive", selector="random"), "needs selector 'router' or 'oracle'"),
+    (dict(budget="adaptive", shards=2), "per-shard"),
+])
+def test_bad_adaptive_settings_raise(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    SparsityConfig(**kwargs)
+
+
+def test_per_layer_mass_and_layer_groups():
+  cfg = SparsityConfig(attn_density=1.0, budget="adaptive", mass=(0.5, 0.7))
+  assert cfg.layer_groups(LLAMA_MHA_8H) == (None, 8)       # density 1.0 still routes (Kmax = all groups)
+  assert cfg.layer_masses(LLAMA_MHA_8H) == (None, 0.7)
+  assert SparsityConfig(attn_density=1.0).layer_groups(LLAMA_MHA_8H) == (None, None)
+  with pytest.raises(ValueError, match="3 per-layer values"):
+    SparsityConfig(budget="adaptive", mass=(0.5, 0.7, 0.9)).layer_masses(LLAMA_MHA_8H)
+  with pytest.raises(ValueError, match="per-shard"):
+    SparsityConfig(budget="adaptive").layer_groups(LLAMA_MHA_8H, shards=2)
