@@ -2,6 +2,8 @@
 the mass-threshold selection (`SparsityConfig(budget="adaptive")`), decoding without recompiling as counts change,
 and the calibration of the mass to a target density."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -362,3 +364,72 @@ def test_per_layer_mass_and_layer_groups():
     SparsityConfig(budget="adaptive", mass=(0.5, 0.7, 0.9)).layer_masses(LLAMA_MHA_8H)
   with pytest.raises(ValueError, match="per-shard"):
     SparsityConfig(budget="adaptive").layer_groups(LLAMA_MHA_8H, shards=2)
+
+
+# ---- calibration -----------------------------------------------------------------------------------------------
+from polar_jax.routers import adaptive  # noqa: E402
+
+
+def _random_scores(seed, t=3000, layers=3, groups=8):
+  """Router scores whose softmax ranges from peaked to flat across tokens and layers."""
+  rng = np.random.default_rng(seed)
+  temp = rng.uniform(0.2, 3.0, size=(t, layers, 1)) * np.asarray([1.0, 0.5, 2.0])[:layers, None]
+  return (rng.standard_normal((t, layers, groups)) * temp).astype(np.float32)
+
+
+@pytest.mark.parametrize("target", [0.3, 0.5, 0.7])
+@pytest.mark.parametrize("per_layer", [False, True])
+def test_calibration_hits_the_target_density(target, per_layer):
+  scores = _random_scores(0)
+  budget = adaptive.calibrate_mass(scores, target, (None, 8, 6), per_layer=per_layer)
+  assert budget.mass[0] == 1.0 and budget.layer_density[0] is None
+  assert abs(budget.realised_density - target) < 0.01
+  if per_layer:
+    assert all(abs(d - target) < 0.01 for d in budget.layer_density[1:])
+    assert budget.mass[1] != budget.mass[2]
+  # the same density from the SparsityConfig the budget makes, and on other tokens of the same distribution
+  cfg = budget.sparsity(SparsityConfig(dense_layers=(0,)))
+  model_cfg = dataclasses.replace(LLAMA_MHA_8H, num_layers=3)
+  assert cfg.budget == "adaptive" and cfg.layer_groups(model_cfg) == (None, 8, 8)
+  fresh = adaptive.calibrate_mass(_random_scores(1), target, (None, 8, 6), per_layer=per_layer)
+  assert abs(fresh.realised_density - target) < 0.01
+
+
+def test_calibration_counts_match_the_decode_selection():
+  """The numpy counts of the calibration are the decode step's `mass_counts` on the same scores."""
+  scores = _random_scores(2, t=64)[:, 1]
+  idx = jnp.asarray(np.argsort(-scores, axis=1, kind="stable")[:, :6], jnp.int32)
+  for mass in (0.3, 0.6, 0.9):
+    want = mass_counts(jax.nn.softmax(jnp.asarray(scores), axis=-1), idx, mass)
+    got = adaptive.counts_for_mass(adaptive.sorted_cumulative_shares(scores), mass, 6)
+    np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def test_calibration_out_of_reach_and_bad_input():
+  scores = _random_scores(3, t=500)
+  high = adaptive.calibrate_mass(scores, 1.0, (None, 4, 4))     # at most 4 of 8 groups: density 0.5
+  assert high.mass[1] == 1.0 and abs(high.realised_density - 0.5) < 1e-6
+  low = adaptive.calibrate_mass(scores, 0.01, (None, 4, 4), min_groups=2)
+  assert abs(low.realised_density - 0.25) < 1e-6
+  with pytest.raises(ValueError, match="target_density"):
+    adaptive.calibrate_mass(scores, 0.0, (None, 4, 4))
+  with pytest.raises(ValueError, match="max_groups has 2"):
+    adaptive.calibrate_mass(scores, 0.5, (None, 4))
+  with pytest.raises(ValueError, match="no routed layer"):
+    adaptive.calibrate_mass(scores, 0.5, (None, None, None))
+
+
+def test_heldout_scores_and_stored_budget(tmp_path):
+  model = init_model(LLAMA_MHA_8H, seed=5)
+  routers = _routers(model.config, 1)
+  rng = np.random.default_rng(4)
+  seqs = [rng.integers(1, 97, size=n).tolist() for n in (20, 33, 7)]
+  scores = adaptive.heldout_router_scores(model, routers, seqs, max_tokens=50)
+  assert scores.shape == (50, 2, 8) and np.all(np.isfinite(scores))
+  budget = adaptive.calibrate_mass(scores, 0.5, SparsityConfig(budget="adaptive").layer_groups(model.config))
+  path = adaptive.save_adaptive_budget(tmp_path, budget)
+  assert path.name == adaptive.BUDGET_FILE
+  assert adaptive.load_adaptive_budget(tmp_path) == budget
+  assert adaptive.load_adaptive_budget(tmp_path / "none") is None
+  cfg = budget.sparsity()
+  assert abs(adaptive.realised_density(scores, cfg, model.config) - budget.realised_density) < 1e-6
