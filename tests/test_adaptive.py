@@ -430,6 +430,38 @@ def test_heldout_scores_and_stored_budget(tmp_path):
   path = adaptive.save_adaptive_budget(tmp_path, budget)
   assert path.name == adaptive.BUDGET_FILE
   assert adaptive.load_adaptive_budget(tmp_path) == budget
+  other = adaptive.calibrate_mass(scores, 0.3, budget.max_groups, per_layer=True)
+  adaptive.save_adaptive_budget(tmp_path, other)
+  adaptive.save_adaptive_budget(tmp_path, budget)                   # replaces the first, keeps the other
+  assert adaptive.load_adaptive_budget(tmp_path, 0.3) == other
+  assert adaptive.load_adaptive_budget(tmp_path, 0.5, per_layer=False) == budget
+  assert adaptive.load_adaptive_budget(tmp_path, 0.5, per_layer=True) is None
   assert adaptive.load_adaptive_budget(tmp_path / "none") is None
   cfg = budget.sparsity()
   assert abs(adaptive.realised_density(scores, cfg, model.config) - budget.realised_density) < 1e-6
+
+
+def test_evaluate_records_an_adaptive_setting(tmp_path):
+  """polar-eval's evaluate: a calibrated budget is one more router setting, its record carrying the budget, the
+  target and the density realised on held-out tokens."""
+  from polar_jax.evaluation import report
+  from polar_jax.evaluation.run import evaluate
+
+  class ByteTokenizer:
+    def encode(self, text, add_special_tokens=False):
+      return list(text.encode("utf-8"))
+
+  config = dataclasses.replace(LLAMA_MHA_8H, vocab_size=260, max_position_embeddings=1024)
+  model = init_model(config, seed=3)
+  routers = _routers(config, 2)
+  budget = adaptive.calibrate_adaptive(model, ByteTokenizer(), routers, 0.5, max_tokens=512)
+  assert budget.tokens == 512 and abs(budget.realised_density - 0.5) < 0.05
+  recs = evaluate(model, ByteTokenizer(), tasks=("arc_easy",), densities=(0.5,), selectors=("router",),
+                  mode="all_tokens", limit=2, routers=routers, adaptive=[budget], progress=False, model_name="tiny",
+                  max_rows=8)
+  by_budget = {r["budget"]: r for r in recs}
+  assert set(by_budget) == {"uniform", "adaptive"}
+  a = by_budget["adaptive"]
+  assert a["avg_density"] == round(budget.realised_density, 4) and a["target_density"] == 0.5
+  assert a["mass"] == list(budget.mass) and report.budget_key(a) == "adaptive"
+  assert np.isfinite(a["value"])

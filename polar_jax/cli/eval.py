@@ -136,6 +136,15 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--static-tokens", type=int, default=None, help="router-training tokens counted for 'static'")
   p.add_argument("--compile-cache", default=None,
                  help="JAX persistent compilation cache directory (default $POLAR_JAX_HOME/jax_cache; 'none' to disable)")
+  p.add_argument("--budget", default="uniform", choices=("uniform", "adaptive"),
+                 help="adaptive: also evaluate the router selector with per-row group counts (the mass threshold "
+                      "calibrated to each --target-density on held-out text, stored as adaptive_budget.json beside "
+                      "the routers, or in OUT for the shipped ones)")
+  p.add_argument("--target-density", default=None,
+                 help="--budget adaptive: average densities to calibrate the mass for (comma-separated)")
+  p.add_argument("--per-layer-mass", action="store_true", help="--budget adaptive: one mass per layer")
+  p.add_argument("--calibration-tokens", type=int, default=8192,
+                 help="--budget adaptive: held-out tokens the mass is calibrated on")
   p.add_argument("--sensitivity", action="store_true",
                  help="instead of the tasks: per-layer sensitivity (NLL increase with one layer sparse, engine "
                       "semantics) of the router/oracle selectors on router training text, and per-layer budgets "
@@ -253,6 +262,34 @@ def run_sensitivity(args, model, tokenizer, name, routers, routers_label, select
   return 0
 
 
+def adaptive_budgets(args, model, tokenizer, routers, selectors, dense_layers, out) -> list:
+  """--budget adaptive: the calibrated `AdaptiveBudget` of each --target-density (stored beside the routers, or in
+  OUT for the shipped routers); [] for the uniform budget."""
+  if args.budget != "adaptive":
+    if args.target_density is not None:
+      raise ValueError("--target-density needs --budget adaptive")
+    return []
+  if routers is None or "router" not in selectors:
+    raise ValueError("--budget adaptive needs the router selector and routers (--selector router --routers DIR)")
+  from polar_jax.evaluation import selectors as sel_mod
+  from polar_jax.routers import adaptive, default_routers_dir, routers_dir
+  from polar_jax.sparsity import SparsityConfig
+  targets = sel_mod.check_densities(_csv(args.target_density or ""))
+  directory = routers_dir(args.routers)
+  store = out if directory == default_routers_dir() else directory
+  budgets = []
+  for target in targets:
+    b = adaptive.calibrate_adaptive(model, tokenizer, routers, target,
+                                    sparsity=SparsityConfig(dense_layers=tuple(dense_layers)),
+                                    per_layer=args.per_layer_mass, max_tokens=args.calibration_tokens)
+    path = adaptive.save_adaptive_budget(store, b)
+    masses = sorted({m for m, k in zip(b.mass, b.max_groups) if k is not None})
+    print(f"adaptive budget: target density {target:g} -> realised {b.realised_density:.4f} on {b.tokens} held-out "
+          f"tokens, mass {', '.join(f'{m:.4f}' for m in masses)} ({path})", flush=True)
+    budgets.append(b)
+  return budgets
+
+
 @interruptible("polar-eval")
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
@@ -309,9 +346,10 @@ def main(argv=None) -> int:
     if args.sensitivity:
       return run_sensitivity(args, model, tokenizer, name, routers, routers_label, selectors, densities, dense_layers,
                              out)
+    budgets = adaptive_budgets(args, model, tokenizer, routers, selectors, dense_layers, out)
     for mode in modes:
       mode_tasks = tasks
-      if args.resume:
+      if args.resume and not budgets:   # adaptive settings are not among the checked ones: they always run
         mode_tasks = pending_tasks(out, model, name, mode, tasks, selectors, densities, limit, args, per_layer,
                                    dense_layers, routers_label, shards)
         if not mode_tasks:
@@ -323,11 +361,13 @@ def main(argv=None) -> int:
         for r in records:
           v = f"{r['value']:.3f}" if r["task"] == "ppl" else f"{100 * r['value']:.1f}%"
           key = report.budget_key(r)
+          if r.get("budget") == "adaptive":
+            key += f" (realised density {r['avg_density']:.3f})"
           print(f"{name} {mode} {r['task']:9s} {r['selector']:6s} density {r['density']:<4g}{' ' + key if key else ''} "
                 f"{r['metric']} {v} ± {r['stderr'] * (1 if r['task'] == 'ppl' else 100):.2f} (n={r['n']})", flush=True)
       evaluate(model, tokenizer, tasks=mode_tasks, densities=densities, selectors=selectors, mode=mode, limit=limit,
                routers=routers, routers_label=routers_label, dense_layers=dense_layers, per_layer=per_layer,
-               seed=args.seed, budget_name=args.budget_name, shards=shards, max_rows=args.max_rows,
+               seed=args.seed, budget_name=args.budget_name, shards=shards, max_rows=args.max_rows, adaptive=budgets,
                fixed_shapes=fixed, ppl_tokens=args.ppl_tokens,
                ppl_sources=tuple(_csv(args.ppl_sources)), model_name=name, progress=not args.no_progress,
                on_task=on_task, **kw)

@@ -92,9 +92,12 @@ def shards_label(budget: str, shards: int | None) -> str:
 
 
 def budget_key(rec: dict, *, with_shards: bool = True) -> str:
-  """"" for the uniform budget, else the record's budget name (or its "L:d,..." text); balanced per-shard
+  """"" for the uniform budget, "adaptive" for an adaptive one, else the record's budget name (or its "L:d,..."
+  text); balanced per-shard
   selection appends " shards=N" (so "shards=3" for a uniform budget), unless `with_shards` is False."""
-  if not rec.get("per_layer"):
+  if rec.get("budget") == "adaptive":   # a calibrated mass threshold per row (`SparsityConfig(budget="adaptive")`)
+    base = "adaptive"
+  elif not rec.get("per_layer"):
     base = ""
   else:
     name = rec.get("budget")

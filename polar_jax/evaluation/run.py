@@ -23,6 +23,10 @@ class Setting:
   per_layer: tuple[tuple[int, float], ...] | None
   avg_density: float = 1.0  # KV groups kept over all layers / (layers x groups)
   shards: int = 1           # > 1: balanced per-shard selection over this many blocks of groups (tensor parallel)
+  # adaptive budgets (`polar_jax.routers.adaptive`): per-layer mass thresholds; `density` is then the calibration's
+  # target and `avg_density` the density it realised on held-out router scores (over the routed layers)
+  mass: tuple[float, ...] | None = None
+  min_groups: int = 1
 
 
 def settings_for(model, selectors: Sequence[str], densities: Sequence[float], *, dense_layers=(0,),
@@ -71,7 +75,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
              mode: str = "engine", limit: int | None = None, routers=None, routers_label: str | None = None,
              dense_layers: Sequence[int] = (0,), per_layer: Mapping[int, float] | None = None, seed: int = 0,
              budget_name: str | None = None, shards: Sequence[int] = (1,), max_rows: int = 32,
-             fixed_shapes: tuple[int, int] | None = None, ppl_tokens: int | None = None,
+             fixed_shapes: tuple[int, int] | None = None, ppl_tokens: int | None = None, adaptive: Sequence = (),
              ppl_sources: Sequence[str] = task_mod.PPL_SOURCES,
              static_tokens: int = sel_mod.STATIC_TOKENS, model_name: str = "model", progress: bool = True,
              on_task: Callable[[list[dict], list[dict]], None] | None = None) -> list[dict]:
@@ -90,6 +94,9 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
     shards: selections to evaluate: 1 = global per-row top-k, N > 1 = balanced over N shards (`settings_for`);
       records carry `shards`, and `report.budget_key` keeps the balanced ones apart ("shards=N").
     ppl_tokens: scored perplexity tokens (None: all windows).
+    adaptive: calibrated `polar_jax.routers.adaptive.AdaptiveBudget`s, each evaluated as one more "router" setting
+      with `SparsityConfig(budget="adaptive")` (records: "budget" "adaptive", "density" the target, "avg_density"
+      the density realised on held-out tokens, "mass").
     on_task: called after each task with (its records, their details), e.g. to append them to a file.
   """
   task_names = task_mod.check_tasks(tasks)
@@ -102,11 +109,23 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
       raise ValueError(f"limit must be an integer >= 1 or None, got {n!r} for {t}")
   settings = settings_for(model, selectors, densities, dense_layers=dense_layers, per_layer=per_layer, shards=shards)
+  for b in adaptive:
+    kmax = max((k for k in b.max_groups if k is not None), default=model.config.num_kv_heads)
+    settings.append(Setting("router", float(b.target_density), kmax, None, round(b.realised_density, 4), 1,
+                            tuple(b.mass), b.min_groups))
   static = None
   if any(s.selector == "static" for s in settings):
     static = sel_mod.static_groups_file(model, tokenizer, max_tokens=static_tokens, progress=progress)
   decoders = {}
   for s in settings:
+    if s.mass is not None:
+      from polar_jax.sparse_decode import make_decoder
+      from polar_jax.sparsity import SparsityConfig
+      if routers is None:
+        raise ValueError("an adaptive budget needs routers (--routers DIR)")
+      cfg = SparsityConfig(dense_layers=tuple(dense_layers), budget="adaptive", mass=s.mass, min_groups=s.min_groups)
+      decoders[s] = make_decoder(model, cfg, routers, batch=max_rows)
+      continue
     decoders[s] = sel_mod.build_decoder(
         model, "random" if s.selector == "dense" else s.selector, s.density, routers=routers,
         static_counts=None if static is None else np.asarray(static["counts"]), dense_layers=dense_layers,
@@ -133,7 +152,10 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
       m = task_mod.ppl_metrics(t, sc) if task == "ppl" else task_mod.mc_metrics(t, sc)
       rec = {**common, "task": task, "selector": s.selector, "density": s.density, "groups": s.groups,
              "per_layer": [list(p) for p in s.per_layer] if s.per_layer else None,
-             "budget": (budget_name or report.budget_label(s.per_layer)) if s.per_layer else "uniform",
+             "budget": ("adaptive" if s.mass is not None else
+                        (budget_name or report.budget_label(s.per_layer)) if s.per_layer else "uniform"),
+             **({"mass": list(s.mass), "min_groups": s.min_groups, "target_density": s.density}
+                if s.mass is not None else {}),
              "avg_density": s.avg_density, "shards": s.shards,
              "routers": routers_label if s.selector == "router" else None,
              "value": m["value"], "stderr": m["stderr"], "n": m["n"], "metric": m["metric"],

@@ -227,18 +227,29 @@ def calibrate_adaptive(model, tokenizer, routers, target_density: float, *, spar
 
 
 def save_adaptive_budget(directory: str | os.PathLike, budget: AdaptiveBudget) -> pathlib.Path:
-  """Writes `budget` as `directory/adaptive_budget.json` (beside the routers' `metadata.json`)."""
+  """Adds `budget` to `directory/adaptive_budget.json` (beside the routers' `metadata.json`), replacing one of
+  the same target density and per-layer choice."""
   path = pathlib.Path(directory).expanduser() / BUDGET_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
+  kept = [b for b in _read_budgets(path)
+          if (b.target_density, b.per_layer) != (budget.target_density, budget.per_layer)]
   tmp = path.with_suffix(".tmp")
-  tmp.write_text(json.dumps(budget.to_json(), indent=1) + "\n")
+  tmp.write_text(json.dumps({"budgets": [b.to_json() for b in kept + [budget]]}, indent=1) + "\n")
   tmp.replace(path)
   return path
 
 
-def load_adaptive_budget(directory: str | os.PathLike) -> AdaptiveBudget | None:
-  """The `AdaptiveBudget` stored in `directory` (a router directory), or None when there is none."""
-  path = pathlib.Path(directory).expanduser() / BUDGET_FILE
+def _read_budgets(path: pathlib.Path) -> list[AdaptiveBudget]:
   if not path.is_file():
-    return None
-  return AdaptiveBudget.from_json(json.loads(path.read_text()))
+    return []
+  return [AdaptiveBudget.from_json(d) for d in json.loads(path.read_text())["budgets"]]
+
+
+def load_adaptive_budget(directory: str | os.PathLike, target_density: float | None = None,
+                         per_layer: bool | None = None) -> AdaptiveBudget | None:
+  """The `AdaptiveBudget` stored in `directory` (a router directory) for `target_density` (None: the last one
+  stored) and `per_layer` (None: either), or None when there is none."""
+  budgets = [b for b in _read_budgets(pathlib.Path(directory).expanduser() / BUDGET_FILE)
+             if (target_density is None or abs(b.target_density - float(target_density)) < 1e-9)
+             and (per_layer is None or b.per_layer == per_layer)]
+  return budgets[-1] if budgets else None
