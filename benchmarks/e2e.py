@@ -12,6 +12,12 @@ transformers + CUDA, as on the GPU image), in its own process so JAX and torch d
   python benchmarks/e2e.py --models llama2-7b --batch 16 32 --prompts 2000 --densities 1 0.5 --out $OUT/e2e.jsonl
   XLA_PYTHON_CLIENT_PREALLOCATE=false python benchmarks/e2e.py --systems hf_static --models llama2-7b ...
   python benchmarks/e2e.py --smoke            # tiny model on CPU: checks the script end to end
+
+Adaptive head budgets against uniform ones at the same average density (`--budget uniform adaptive`): the
+adaptive step keeps per row the fewest groups whose router-softmax share reaches a mass, calibrated so that the
+prompts' average density is each `--densities` value (records: budget, mass, realised_density):
+
+  python benchmarks/e2e.py --models llama2-7b --batch 32 --prompts 2000 --densities 0.25 0.5 --budget uniform adaptive
 """
 
 from __future__ import annotations
@@ -166,14 +172,23 @@ class Setting:
   mlp: str = "dense"
   mlp_dense_above: float = DENSE_FALLBACK_FRACTION   # SparsityConfig's
   router_dtype: str | None = None          # SparsityConfig's (None: the model's dtype)
+  # "adaptive": per-row group counts (SparsityConfig(budget="adaptive")) whose average is `density`: the mass
+  # calibrated on the prompts' router scores (`adaptive_setting`); at most `max_density` of the groups per row
+  budget: str = "uniform"
+  mass: float | None = None
+  max_density: float = 1.0
+  realised_density: float | None = None    # the calibrated mass's density on the prompt tokens (routed layers)
 
 
-def random_routers(config: ModelConfig, seed: int = 0, mlp_topk: dict[int, tuple[int, ...]] | None = None):
-  """Routers with random weights (speed does not depend on their values) and an optional budget table."""
+def random_routers(config: ModelConfig, seed: int = 0, mlp_topk: dict[int, tuple[int, ...]] | None = None,
+                   scale: float = 1.0):
+  """Routers with random weights (uniform speed does not depend on their values) and an optional budget table.
+  `scale` multiplies the head routers' scores (unit variance at 1): larger spreads the adaptive counts (a peaked
+  softmax for some rows, a flat one for others)."""
   from polar_jax.routers import Routers
   routers = Routers.init(config, seed=seed)
   w = routers.head.w_ldg
-  w.set_value(jax.random.normal(jax.random.key(seed), w.shape, jnp.float32) / config.hidden_size ** 0.5)
+  w.set_value(scale * jax.random.normal(jax.random.key(seed), w.shape, jnp.float32) / config.hidden_size ** 0.5)
   if mlp_topk:
     routers.mlp_topk = dict(mlp_topk)
   return routers
@@ -189,19 +204,37 @@ def read_mlp_topk(directory: pathlib.Path) -> dict[int, tuple[int, ...]]:
 
 
 def sparsity_for(setting: Setting):
+  from polar_jax.sparsity import SparsityConfig
+  if setting.budget == "adaptive":
+    return SparsityConfig(attn_density=setting.max_density, mlp=setting.mlp, mlp_dense_above=setting.mlp_dense_above,
+                          router_dtype=setting.router_dtype, budget="adaptive", mass=setting.mass)
   if setting.density >= 1.0 and setting.mlp == "dense":
     return None
-  from polar_jax.sparsity import SparsityConfig
   return SparsityConfig(attn_density=setting.density, mlp=setting.mlp, mlp_dense_above=setting.mlp_dense_above,
                         router_dtype=setting.router_dtype)
 
 
-def kept_fraction(config: ModelConfig, sparsity) -> Any:
-  """Per layer, the fraction of KV groups a step reads."""
+def kept_fraction(config: ModelConfig, sparsity, realised_density: float | None = None) -> Any:
+  """Per layer, the fraction of KV groups a step reads (adaptive budgets: `realised_density` in routed layers)."""
   if sparsity is None:
     return lambda layer: 1.0
   groups = sparsity.layer_groups(config)
+  if sparsity.budget == "adaptive":
+    return lambda layer: 1.0 if groups[layer] is None else realised_density
   return lambda layer: 1.0 if groups[layer] is None else groups[layer] / config.num_kv_heads
+
+
+def adaptive_setting(setting: Setting, model, config: ModelConfig, routers, ids: np.ndarray,
+                     calibration_tokens: int = 4096) -> Setting:
+  """`setting` with the mass whose average density on the prompts' router scores (the dense model over `ids`,
+  the routers on each layer's normed input) is `setting.density` (`polar_jax.routers.adaptive.calibrate_mass`)."""
+  from polar_jax.routers import adaptive
+  base = dataclasses.replace(setting, mass=1.0)
+  cfg = sparsity_for(base)
+  scores = adaptive.heldout_router_scores(model, routers, [row for row in ids], max_tokens=calibration_tokens)
+  budget = adaptive.calibrate_mass(scores, setting.density, cfg.layer_groups(config), min_groups=cfg.min_groups)
+  mass = max(m for m, k in zip(budget.mass, budget.max_groups) if k is not None)
+  return dataclasses.replace(setting, mass=mass, realised_density=budget.realised_density)
 
 
 @functools.partial(jit_loop, static_argnames=("graphdef", "decode"), donate_argnames=("cache",))
@@ -303,6 +336,8 @@ def run_polar(setting: Setting, model, config: ModelConfig, *, n1: int, n2: int,
               options=None) -> dict[str, Any]:
   rng = np.random.default_rng(0)
   ids = rng.integers(0, config.vocab_size, (setting.batch, setting.prompt)).astype(np.int32)
+  if setting.budget == "adaptive" and setting.mass is None:
+    setting = adaptive_setting(setting, model, config, routers, ids)
   sparsity = sparsity_for(setting)
   if timing == "decode_loop":
     t1, t2, prefill_s, loop = time_decode_loop(model, ids, sparsity, routers, n1=n1, n2=n2, iters=iters,
@@ -328,10 +363,14 @@ def run_polar(setting: Setting, model, config: ModelConfig, *, n1: int, n2: int,
   itemsize = jnp.dtype(model.dtype).itemsize
   mean_len = setting.prompt + (n1 + n2) / 2
   step_bytes = weight_bytes_per_step(config, model) + sparse_weight_bytes(config, model, step, state)
-  step_bytes += kv_bytes_per_step(config, setting.batch, mean_len, itemsize, kept_fraction(config, sparsity))
+  step_bytes += kv_bytes_per_step(config, setting.batch, mean_len, itemsize,
+                                  kept_fraction(config, sparsity, setting.realised_density))
+  extra = {}
+  if setting.budget == "adaptive":
+    extra = dict(mass=setting.mass, realised_density=setting.realised_density, max_density=setting.max_density)
   return dict(system="polar_jax", decode_tok_s=tok_s, ms_per_step=ms, prefill_ms=prefill_ms,
               peak_mem_gb=peak_memory_gb(), roofline_frac=roofline_fraction(step_bytes, ms, copy_tbps),
-              step_bytes=step_bytes)
+              step_bytes=step_bytes, **extra)
 
 
 def run_hf_static(setting: Setting, config: ModelConfig, *, n1: int, n2: int, iters: int) -> dict[str, Any] | None:
@@ -497,6 +536,14 @@ def main(argv=None) -> int:
                  help="decode_loop (default): one compiled greedy decode loop timed after an untimed prefill, "
                       "t(N2) - t(N1) of the same program; generate: two `generate` calls, prefill included "
                       "(records before 2026-11-22 04:30 UTC)")
+  p.add_argument("--budget", nargs="+", default=["uniform"], choices=["uniform", "adaptive"],
+                 help="head budgets per density: uniform (each row keeps round(density x groups)) and/or adaptive "
+                      "(per-row counts from a mass threshold calibrated so that the prompts' average density is "
+                      "the density; random routers scaled by --adaptive-router-scale)")
+  p.add_argument("--adaptive-max-density", type=float, default=1.0,
+                 help="--budget adaptive: the most groups a row keeps, as a density (Kmax)")
+  p.add_argument("--adaptive-router-scale", type=float, default=3.0,
+                 help="--budget adaptive: random routers' score scale (spreads the per-row counts)")
   common.add_decode_options(p)
   p.add_argument("--no-fuse", action="store_true",
                  help="keep separate q/k/v and gate/up projections (default: fused, polar_jax.fusion)")
@@ -524,9 +571,11 @@ def main(argv=None) -> int:
     run_ours = "polar_jax" in args.systems
     model = (prepared_model(config, jnp.dtype(args.dtype), tp=args.tp, dp=args.dp, fuse=not args.no_fuse)
              if run_ours else None)
-    sparse_needed = any(d < 1 for d in args.densities) or "router" in args.mlp
+    sparse_needed = any(d < 1 for d in args.densities) or "router" in args.mlp or "adaptive" in args.budget
     topk = read_mlp_topk(args.mlp_topk_dir) if "router" in args.mlp and config.mlp == "relu_mlp" else None
     routers = random_routers(config, mlp_topk=topk) if sparse_needed and run_ours else None
+    adaptive_routers = (random_routers(config, mlp_topk=topk, scale=args.adaptive_router_scale)
+                        if "adaptive" in args.budget and run_ours else None)
     for prompt in args.prompts:
       prompt = min(prompt, config.max_position_embeddings - args.n2)
       for b in args.batch:
@@ -538,13 +587,18 @@ def main(argv=None) -> int:
             sparse = density < 1 or mlp == "router"
             for above in args.mlp_dense_above if mlp == "router" else [DENSE_FALLBACK_FRACTION]:
               for rdt in args.router_dtype if sparse else [None]:
-                s = Setting(name, b, prompt, density, mlp, above, rdt)
-                r = _guarded(lambda: run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters,
-                                               copy_tbps=copy_tbps * devices, routers=routers,
-                                               timing=args.timing, prefill_iters=args.prefill_iters,
-                                               options=options),
-                                     "polar_jax")
-                rows.append((s, r))
+                for budget in args.budget:
+                  if budget == "adaptive" and density > args.adaptive_max_density:
+                    continue
+                  s = Setting(name, b, prompt, density, mlp, above, rdt, budget=budget,
+                              max_density=args.adaptive_max_density)
+                  r = _guarded(lambda: run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters,
+                                                 copy_tbps=copy_tbps * devices,
+                                                 routers=adaptive_routers if budget == "adaptive" else routers,
+                                                 timing=args.timing, prefill_iters=args.prefill_iters,
+                                                 options=options),
+                                       "polar_jax")
+                  rows.append((s, r))
         s = Setting(name, b, prompt)
         if "hf_static" in args.systems:
           hf = _guarded(lambda: run_hf_static(s, config, n1=args.n1, n2=args.n2, iters=args.iters), "hf_static")
@@ -554,6 +608,7 @@ def main(argv=None) -> int:
           ours = r["system"] == "polar_jax"
           sparse = ours and (s.density < 1 or s.mlp == "router")
           rec = dict(prov, model=name, B=b, prompt=prompt, density=s.density, mlp=s.mlp, copy_tbps=copy_tbps,
+                     budget=s.budget if ours else None,
                      mlp_dense_above=s.mlp_dense_above if ours and s.mlp == "router" else None,
                      router_dtype=(s.router_dtype or args.dtype) if sparse else None,
                      tp=args.tp if r["system"] == "polar_jax" else 1,
@@ -572,7 +627,9 @@ def main(argv=None) -> int:
             continue
           frac = "-" if rec["roofline_frac"] is None else f"{rec['roofline_frac']:.2f}"
           tag = (f" mlp router >{rec['mlp_dense_above']:g} dense" if rec.get("mlp_dense_above") else "") + (
-              f" routers {rec['router_dtype']}" if rec.get("router_dtype") else "")
+              f" routers {rec['router_dtype']}" if rec.get("router_dtype") else "") + (
+              f" adaptive (mass {rec['mass']:.4f}, realised {rec['realised_density']:.3f})"
+              if rec.get("budget") == "adaptive" else "")
           print(f"{name:12s} {rec['system']:9s} B{b:<4d} prompt {prompt:5d} density {s.density:.3f}{tag}: "
                 f"{rec['decode_tok_s']:9.1f} tok/s {rec['ms_per_step']:7.2f} ms/step roofline {frac}", flush=True)
     del model

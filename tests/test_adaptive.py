@@ -465,3 +465,19 @@ def test_evaluate_records_an_adaptive_setting(tmp_path):
   assert a["avg_density"] == round(budget.realised_density, 4) and a["target_density"] == 0.5
   assert a["mass"] == list(budget.mass) and report.budget_key(a) == "adaptive"
   assert np.isfinite(a["value"])
+
+
+@pytest.mark.slow
+def test_e2e_benchmark_times_adaptive_against_uniform(tmp_path):
+  """benchmarks/e2e.py --budget uniform adaptive: one record of each budget per density, the adaptive one with the
+  calibrated mass and a realised density near the requested one."""
+  import json
+
+  from benchmarks import e2e
+  out = tmp_path / "e2e.jsonl"
+  assert e2e.main(["--smoke", "--densities", "0.5", "--budget", "uniform", "adaptive", "--out", str(out)]) == 0
+  recs = [json.loads(line) for line in out.read_text().splitlines()]
+  keys = {(r["density"], r["budget"]) for r in recs}
+  assert {(0.5, "uniform"), (0.5, "adaptive")} <= keys
+  a = next(r for r in recs if r["budget"] == "adaptive" and r["density"] == 0.5)
+  assert 0.0 < a["mass"] <= 1.0 and abs(a["realised_density"] - 0.5) < 0.1 and a["decode_tok_s"] > 0
