@@ -112,12 +112,16 @@ def test_chunk_scheduling():
   assert scheduler.take_chunked([3, 5], 2, 8, lane_busy=False) is None
 
 
-def test_chunk_attention_matches_whole_prompt_attention():
+@pytest.mark.parametrize("block", [None, 3])
+def test_chunk_attention_matches_whole_prompt_attention(monkeypatch, block):
   import jax
   import jax.numpy as jnp
   from polar_jax.attention import prefill_attention
+  from polar_jax.serving import chunked_prefill
   from polar_jax.serving.chunked_prefill import chunk_attention, write_chunk
   t, hq, hkv, d, s, c = 11, 4, 2, 8, 16, 4
+  if block is not None:   # a score budget of `block` query rows: each chunk's queries go in blocks
+    monkeypatch.setattr(chunked_prefill, "_SCORE_BUDGET", block * hq * s)
   q, k, v = (jax.random.normal(jax.random.key(i), (t, h, d), jnp.float32) for i, h in enumerate((hq, hkv, hkv)))
   whole = prefill_attention(q[None], k[None], v[None], jnp.array([t]), scale=0.3)[0]
   cache_k = cache_v = jnp.zeros((3, hkv, s, d), jnp.float32)
@@ -131,3 +135,21 @@ def test_chunk_attention_matches_whole_prompt_attention():
   np.testing.assert_allclose(np.asarray(cache_k[1, :, :t]), np.asarray(k).transpose(1, 0, 2))
   eps = float(jnp.finfo(jnp.float32).eps)
   np.testing.assert_allclose(np.asarray(jnp.concatenate(parts)), np.asarray(whole), rtol=64 * eps, atol=64 * eps)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["opt", "sliding_window"])
+def test_chunked_prompts_of_other_families_equal_generate_alone(family):
+  """OPT (learned positions with their offset, biases, LayerNorm) and a sliding window shorter than the prompts."""
+  import dataclasses
+
+  from conftest import LLAMA_GQA, OPT
+  from polar_jax.model import init_model
+  config = OPT if family == "opt" else dataclasses.replace(LLAMA_GQA, model_type="mistral", sliding_window=5)
+  model = init_model(config, seed=2)
+  prompts = _mixed_prompts(60, 5)
+  max_tokens = [min(REF_TOKENS, MAX_LEN - len(p)) for p in prompts]
+  with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, engine_options=_opts()) as eng:
+    outs = _mixed_staggered(eng, prompts, max_tokens)
+  for ref, m, out in zip(_reference(model, prompts), max_tokens, outs):
+    assert list(out.token_ids) == ref[:m]

@@ -19,23 +19,30 @@ from polar_jax import sharding
 from polar_jax.kv_cache import KVCache
 
 _MASKED = -1e30   # finite, as in `polar_jax.attention.prefill_attention`
+_SCORE_BUDGET = 1 << 28   # float32 score elements per query block, as `prefill_attention` bounds its own
 
 
 def chunk_attention(q_chd: jax.Array, k_hsd: jax.Array, v_hsd: jax.Array, start, *, scale: float,
                     window: int | None = None) -> jax.Array:
   """Causal attention of C queries at positions `start + [0, C)` over one row's keys `[Hkv, S, D]`: query c sees
-  keys s <= start + c (and s > start + c - window with a sliding window). Returns `[C, Hq, D]` in q's dtype."""
+  keys s <= start + c (and s > start + c - window with a sliding window). Returns `[C, Hq, D]` in q's dtype.
+  Queries go a block at a time so that the float32 scores stay within `_SCORE_BUDGET` elements."""
   c, hq, d = q_chd.shape
   hkv, s = k_hsd.shape[:2]
   q = q_chd.reshape(c, hkv, hq // hkv, d)
-  scores = jnp.einsum("cgrd,gsd->grcs", q, k_hsd, preferred_element_type=jnp.float32) * scale
-  q_pos = start + jnp.arange(c)
   key_pos = jnp.arange(s)
-  mask = key_pos[None, :] <= q_pos[:, None]
-  if window is not None:
-    mask = mask & (key_pos[None, :] > q_pos[:, None] - window)
-  probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1)
-  out = jnp.einsum("grcs,gsd->cgrd", probs.astype(v_hsd.dtype), v_hsd, preferred_element_type=jnp.float32)
+  block = max(1, min(c, _SCORE_BUDGET // max(1, hq * s)))
+  outs = []
+  for b0 in range(0, c, block):
+    qb = q[b0:b0 + block]
+    scores = jnp.einsum("cgrd,gsd->grcs", qb, k_hsd, preferred_element_type=jnp.float32) * scale
+    q_pos = start + b0 + jnp.arange(qb.shape[0])
+    mask = key_pos[None, :] <= q_pos[:, None]
+    if window is not None:
+      mask = mask & (key_pos[None, :] > q_pos[:, None] - window)
+    probs = jax.nn.softmax(jnp.where(mask, scores, _MASKED), axis=-1)
+    outs.append(jnp.einsum("grcs,gsd->cgrd", probs.astype(v_hsd.dtype), v_hsd, preferred_element_type=jnp.float32))
+  out = outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=0)
   return out.astype(q_chd.dtype).reshape(c, hq, d)
 
 

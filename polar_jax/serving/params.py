@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
 from polar_jax.serving.cost import CostTable
 
@@ -92,7 +92,7 @@ class EngineOptions:
   """
 
   steps_per_round: int = 4
-  cost_table: Any = "measure"
+  cost_table: CostTable | str = "measure"
   sparse_min_rows: int | None = None
   max_waiting: int = 256
   prefill_rows: int = 1
