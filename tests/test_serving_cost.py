@@ -121,3 +121,18 @@ def test_rounds_follow_a_given_table(model):
     counted = eng.metrics.registry.get_sample_value("polar:step_variant_total",
                                                     {"model_name": "polar", "variant": "sparse"})
   assert rounds["sparse"] > 0 and counted == rounds["sparse"]
+
+
+def test_cli_options(tmp_path):
+  from polar_jax.cli import serve as serve_cli
+  defaults = serve_cli.engine_options(serve_cli.parser().parse_args(["ckpt"]))
+  assert (defaults.cost_table, defaults.sparse_min_rows, defaults.prefill_chunk) == ("measure", None, 512)
+  path = tmp_path / "costs.json"
+  _table().save(path)
+  args = serve_cli.parser().parse_args(["ckpt", "--cost-table", str(path), "--prefill-chunk", "0", "--tp", "2"])
+  opts = serve_cli.engine_options(args)
+  assert (opts.cost_table, opts.prefill_chunk, args.tp) == (_table(), None, 2)
+  rule = serve_cli.engine_options(serve_cli.parser().parse_args(["ckpt", "--sparse-min-rows", "4"]))
+  assert rule.sparse_min_rows == 4
+  with pytest.raises(ValueError, match="neither"):
+    serve_cli.engine_options(serve_cli.parser().parse_args(["ckpt", "--cost-table", str(tmp_path / "none.json")]))

@@ -61,21 +61,26 @@ def load_model(args):
   return polar_jax.load_model(args.ckpt, dtype=args.dtype, mesh=mesh, fuse=not args.no_fuse)
 
 
+def engine_options(args):
+  """The `EngineOptions` of the command line (ValueError for a bad value, e.g. a cost table file that is not one)."""
+  from polar_jax.serving import EngineOptions
+  return EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
+                       cost_table=args.cost_table, prefill_chunk=args.prefill_chunk or None,
+                       max_waiting=args.max_waiting, prefill_rows=args.prefill_rows, warmup=not args.no_warmup)
+
+
 def build_engine(args):
   """(engine, tokenizer, model name) from the command line."""
   import polar_jax
-  from polar_jax.serving import Engine, EngineOptions
+  from polar_jax.serving import Engine
   sparsity, routers_dir = build_sparsity(args)
   model = load_model(args)
   tokenizer = polar_jax.load_tokenizer(args.ckpt)
   routers = polar_jax.load_routers(routers_dir, model) if routers_dir is not None else None
   max_len = args.max_len or min(4096, model.config.max_position_embeddings)
   name = args.model_name or pathlib.Path(args.ckpt).resolve().name
-  opts = EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
-                       cost_table=args.cost_table, prefill_chunk=args.prefill_chunk or None,
-                       max_waiting=args.max_waiting, prefill_rows=args.prefill_rows, warmup=not args.no_warmup)
   engine = Engine(model, max_batch=args.max_batch, max_len=max_len, sparsity=sparsity, routers=routers,
-                  tokenizer=tokenizer, engine_options=opts, model_name=name)
+                  tokenizer=tokenizer, engine_options=engine_options(args), model_name=name)
   return engine, tokenizer, name
 
 
