@@ -4,7 +4,9 @@ The probe runs one sparse decode step's layers from the running batch's state (`
 layer's `decode` with the selection resolved to group indices) and counts, per layer and KV group, the active rows
 that select it. It writes the new token's K/V at each row's length, which the next real step writes with the same
 values, and leaves the lengths and every other field alone, so the batch's state means the same afterwards.
-Selectors "router" and "random" are probed; the oracle (dense attention, then a top-k by output norm) is not.
+Selectors "router" and "random" are probed (with adaptive budgets, each row's counted groups only); the oracle
+(dense attention, then a top-k by output norm) is not. The mean of the rates over a layer's groups is the fraction
+of its KV the probed rows read.
 """
 
 from __future__ import annotations
@@ -21,17 +23,29 @@ def probes(decode) -> bool:
   return getattr(decode, "selector", None) in ("router", "random") and hasattr(decode, "plans")
 
 
-def _selected_bk(layer, plan: LayerPlan, h_bd, num_groups: int) -> jax.Array:
-  """int32 `[B, K]` group indices a layer's plan selects (every group for a dense layer)."""
+def _selected(layer, plan: LayerPlan, h_bd, num_groups: int) -> GroupIndices:
+  """The group indices a layer's plan selects (every group for a dense layer); with adaptive budgets, row b uses
+  only the first `count_b[b]`."""
   heads = plan.heads
   if isinstance(heads, GroupIndices):
-    return heads.idx_bk
+    return heads
   if isinstance(heads, LinearRouter):
     x_bd = layer.attn_norm(h_bd) if layer.pre_norm else h_bd
-    return heads.select(x_bd)
+    return heads.groups(x_bd)
   if isinstance(heads, DenseHeads):
-    return jnp.broadcast_to(jnp.arange(num_groups, dtype=jnp.int32), (h_bd.shape[0], num_groups))
+    return GroupIndices(jnp.broadcast_to(jnp.arange(num_groups, dtype=jnp.int32), (h_bd.shape[0], num_groups)))
   raise TypeError(f"the selection probe cannot count {type(heads).__name__} selections")
+
+
+def _hits_g(sel: GroupIndices, active_b, num_groups: int) -> jax.Array:
+  """int32 `[G]`: active rows selecting each group."""
+  b, k = sel.idx_bk.shape
+  used_bk = jnp.broadcast_to(active_b[:, None], (b, k))
+  if sel.count_b is not None:
+    used_bk = used_bk & (jnp.arange(k)[None, :] < sel.count_b[:, None])
+  hits_bg = jnp.zeros((b, num_groups), jnp.int32).at[jnp.arange(b)[:, None], sel.idx_bk].max(
+      used_bk.astype(jnp.int32))
+  return jnp.sum(hits_bg, axis=0)
 
 
 def count_selections(model, decode, decode_state, tok_b, cache: KVCache, active_b) -> tuple[KVCache, jax.Array]:
@@ -41,12 +55,9 @@ def count_selections(model, decode, decode_state, tok_b, cache: KVCache, active_
   h = model.embed_tokens(tok_b, cache.lengths_b)
   ks, vs, counts = [], [], []
   for i, layer in enumerate(model.layers):
-    idx_bk = _selected_bk(layer, plans[i], h, num_groups)
-    hits_bg = jnp.zeros((idx_bk.shape[0], num_groups), jnp.int32).at[jnp.arange(idx_bk.shape[0])[:, None],
-                                                                       idx_bk].set(1)
-    counts.append(jnp.sum(hits_bg * active_b[:, None].astype(jnp.int32), axis=0))
-    plan = LayerPlan(GroupIndices(idx_bk) if not isinstance(plans[i].heads, DenseHeads) else plans[i].heads,
-                     plans[i].neurons)
+    sel = _selected(layer, plans[i], h, num_groups)
+    counts.append(_hits_g(sel, active_b, num_groups))
+    plan = LayerPlan(plans[i].heads if isinstance(plans[i].heads, DenseHeads) else sel, plans[i].neurons)
     out = layer.decode(h, cache.lengths_b, cache.k_bhsd[i], cache.v_bhsd[i], plan, options=decode.options,
                        mesh=decode.mesh)
     h = out.h
