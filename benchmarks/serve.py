@@ -11,7 +11,7 @@ output's tokens; its shapes compiled before timing). One JSON line per system go
 version, date, git commit and the copy bandwidth measured in the same run.
 
   python benchmarks/serve.py --model llama2-7b --requests 64 --max-batch 32
-  python benchmarks/serve.py --model llama2-7b --requests 64 --max-batch 32 --density 0.5 --rate 4
+  python benchmarks/serve.py --model llama2-7b --requests 64 --max-batch 32 --density 1 0.5 --rate 4
   python benchmarks/serve.py --model tiny --requests 8          # CPU smoke run (lengths scaled to the tiny model)
 """
 
@@ -135,6 +135,14 @@ def run_static(model, args, prompts, outputs, sparsity, routers) -> dict[str, An
           GENERATE_TRACES["generate"] - before, "max_new_tokens": new}
 
 
+def report(r: dict[str, Any]) -> None:
+  lat = "".join(f", {k} p50/p90/p99 " + "/".join(f"{1e3 * r[k][q]:.1f}" for q in ("p50", "p90", "p99")) + " ms"
+                for k in ("ttft_s", "itl_s", "e2e_s") if k in r and r[k]["p50"] is not None)
+  print(f"{r['system']} (density {r['density']}): {r['request_throughput']:.2f} req/s, {r['output_tok_s']:.1f} "
+        f"output tok/s in {r['duration_s']:.1f} s{lat}; compiled during the run: {r['programs_compiled_during_run']}",
+        flush=True)
+
+
 def main(argv=None) -> int:
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--model", default="llama2-7b", choices=sorted(e2e.MODELS))
@@ -147,8 +155,9 @@ def main(argv=None) -> int:
   p.add_argument("--rate", type=float, default=math.inf, help="Poisson arrivals per second (default: all at once)")
   p.add_argument("--max-batch", type=int, default=32)
   p.add_argument("--max-len", type=int, default=None, help="tokens per slot (default: max prompt + max output)")
-  p.add_argument("--density", type=float, default=1.0, help="attention density of the sparse step (random head "
-                 "routers; 1 = dense only)")
+  p.add_argument("--density", type=float, nargs="+", default=[1.0],
+                 help="attention densities of the sparse step, one engine each on the same model and requests "
+                 "(random head routers; 1 = dense only; static batching runs at the first)")
   p.add_argument("--sparse-min-rows", type=int, default=None,
                  help="the sparse step from this many active rows on (default: the measured cost table decides)")
   p.add_argument("--prefill-chunk", type=int, default=EngineOptions().prefill_chunk,
@@ -173,26 +182,27 @@ def main(argv=None) -> int:
   prov = common.provenance()
   print(f"{prov['device']} jax {prov['jax']}: copy bandwidth {copy_tbps:.2f} TB/s", flush=True)
   model = e2e.prepared_model(config, dtype)
-  sparsity = routers = None
-  if args.density < 1.0:
-    from polar_jax.sparsity import SparsityConfig
-    sparsity = SparsityConfig(attn_density=args.density)
-    routers = e2e.random_routers(config)
   prompts, outputs, arrivals = workload(args.requests, args.prompt_len, args.output_len, config.vocab_size,
                                         args.rate, args.seed)
-  common_fields = dict(prov, copy_tbps=copy_tbps, model=args.model, dtype=dtype, requests=args.requests,
-                       prompt_len=list(args.prompt_len), output_len=list(args.output_len),
-                       rate=None if math.isinf(args.rate) else args.rate, max_batch=args.max_batch,
-                       max_len=args.max_len, density=args.density, seed=args.seed)
-  records = [dict(common_fields, **run_engine(model, args, prompts, outputs, arrivals, sparsity, routers))]
-  if not args.no_static:
-    records.append(dict(common_fields, **run_static(model, args, prompts, outputs, sparsity, routers)))
-  for r in records:
-    lat = "".join(f", {k} p50/p90/p99 " + "/".join(f"{1e3 * r[k][q]:.1f}" for q in ("p50", "p90", "p99")) + " ms"
-                  for k in ("ttft_s", "itl_s", "e2e_s") if k in r and r[k]["p50"] is not None)
-    print(f"{r['system']}: {r['request_throughput']:.2f} req/s, {r['output_tok_s']:.1f} output tok/s in "
-          f"{r['duration_s']:.1f} s{lat}; compiled during the run: {r['programs_compiled_during_run']}", flush=True)
-  common.append_jsonl(args.out, records)
+  routers = e2e.random_routers(config) if min(args.density) < 1.0 else None
+  records = []
+  for i, density in enumerate(args.density):
+    sparsity = None
+    if density < 1.0:
+      from polar_jax.sparsity import SparsityConfig
+      sparsity = SparsityConfig(attn_density=density)
+    common_fields = dict(prov, copy_tbps=copy_tbps, model=args.model, dtype=dtype, requests=args.requests,
+                         prompt_len=list(args.prompt_len), output_len=list(args.output_len),
+                         rate=None if math.isinf(args.rate) else args.rate, max_batch=args.max_batch,
+                         max_len=args.max_len, density=density, seed=args.seed)
+    runs = [lambda: run_engine(model, args, prompts, outputs, arrivals, sparsity, routers if sparsity else None)]
+    if i == 0 and not args.no_static:
+      runs.append(lambda: run_static(model, args, prompts, outputs, sparsity, routers if sparsity else None))
+    for run in runs:   # each record is written as soon as it exists
+      r = dict(common_fields, **run())
+      report(r)
+      common.append_jsonl(args.out, [r])
+      records.append(r)
   print(f"appended {len(records)} records to {args.out}")
   return 0
 
