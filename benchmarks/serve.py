@@ -186,23 +186,26 @@ def main(argv=None) -> int:
                                         args.rate, args.seed)
   routers = e2e.random_routers(config) if min(args.density) < 1.0 else None
   records = []
-  for i, density in enumerate(args.density):
-    sparsity = None
-    if density < 1.0:
-      from polar_jax.sparsity import SparsityConfig
-      sparsity = SparsityConfig(attn_density=density)
-    common_fields = dict(prov, copy_tbps=copy_tbps, model=args.model, dtype=dtype, requests=args.requests,
-                         prompt_len=list(args.prompt_len), output_len=list(args.output_len),
-                         rate=None if math.isinf(args.rate) else args.rate, max_batch=args.max_batch,
-                         max_len=args.max_len, density=density, seed=args.seed)
-    runs = [lambda: run_engine(model, args, prompts, outputs, arrivals, sparsity, routers if sparsity else None)]
-    if i == 0 and not args.no_static:
-      runs.append(lambda: run_static(model, args, prompts, outputs, sparsity, routers if sparsity else None))
-    for run in runs:   # each record is written as soon as it exists
-      r = dict(common_fields, **run())
-      report(r)
-      common.append_jsonl(args.out, [r])
-      records.append(r)
+
+  def fields(density: float) -> dict[str, Any]:
+    return dict(prov, copy_tbps=copy_tbps, model=args.model, dtype=dtype, requests=args.requests,
+                prompt_len=list(args.prompt_len), output_len=list(args.output_len),
+                rate=None if math.isinf(args.rate) else args.rate, max_batch=args.max_batch, max_len=args.max_len,
+                density=density, seed=args.seed)
+
+  def sparsity_at(density: float):
+    from polar_jax.sparsity import SparsityConfig
+    return (SparsityConfig(attn_density=density), routers) if density < 1.0 else (None, None)
+
+  runs = [(d, lambda d=d: run_engine(model, args, prompts, outputs, arrivals, *sparsity_at(d))) for d in args.density]
+  if not args.no_static:   # after the engines: the baseline, at the first density
+    d0 = args.density[0]
+    runs.append((d0, lambda: run_static(model, args, prompts, outputs, *sparsity_at(d0))))
+  for density, run in runs:   # each record is written as soon as it exists
+    r = dict(fields(density), **run())
+    report(r)
+    common.append_jsonl(args.out, [r])
+    records.append(r)
   print(f"appended {len(records)} records to {args.out}")
   return 0
 
