@@ -284,6 +284,7 @@ def test_adaptive_full_mass_equals_uniform_top_k(mha_model, selector):
     np.testing.assert_array_equal(adaptive, uniform)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selector", ["router", "oracle"])
 def test_adaptive_tiny_mass_keeps_one_group(mha_model, selector):
   """mass tiny, min_groups 1: every row keeps exactly its top group: the tokens of the uniform top-1."""
@@ -441,6 +442,7 @@ def test_heldout_scores_and_stored_budget(tmp_path):
   assert abs(adaptive.realised_density(scores, cfg, model.config) - budget.realised_density) < 1e-6
 
 
+@pytest.mark.slow
 def test_evaluate_records_an_adaptive_setting(tmp_path):
   """polar-eval's evaluate: a calibrated budget is one more router setting, its record carrying the budget, the
   target and the density realised on held-out tokens."""

@@ -113,15 +113,14 @@ def test_chunk_scheduling():
 
 
 @pytest.mark.parametrize("block", [None, 3])
-def test_chunk_attention_matches_whole_prompt_attention(monkeypatch, block):
+def test_chunk_attention_matches_whole_prompt_attention(block):
   import jax
   import jax.numpy as jnp
   from polar_jax.attention import prefill_attention
-  from polar_jax.serving import chunked_prefill
-  from polar_jax.serving.chunked_prefill import chunk_attention, write_chunk
+  from polar_jax.serving.chunked_prefill import SCORE_BUDGET, chunk_attention, write_chunk
   t, hq, hkv, d, s, c = 11, 4, 2, 8, 16, 4
-  if block is not None:   # a score budget of `block` query rows: each chunk's queries go in blocks
-    monkeypatch.setattr(chunked_prefill, "_SCORE_BUDGET", block * hq * s)
+  # a score budget of `block` query rows: each chunk's queries go in blocks
+  budget = SCORE_BUDGET if block is None else block * hq * s
   q, k, v = (jax.random.normal(jax.random.key(i), (t, h, d), jnp.float32) for i, h in enumerate((hq, hkv, hkv)))
   whole = prefill_attention(q[None], k[None], v[None], jnp.array([t]), scale=0.3)[0]
   cache_k = cache_v = jnp.zeros((3, hkv, s, d), jnp.float32)
@@ -130,7 +129,8 @@ def test_chunk_attention_matches_whole_prompt_attention(monkeypatch, block):
     pad = lambda x: jnp.zeros((c,) + x.shape[1:], x.dtype).at[:min(c, t - start)].set(x[start:start + c])  # noqa
     cache_k = write_chunk(cache_k, pad(k), 1, start)
     cache_v = write_chunk(cache_v, pad(v), 1, start)
-    parts.append(chunk_attention(pad(q), cache_k[1], cache_v[1], start, scale=0.3)[:min(c, t - start)])
+    parts.append(chunk_attention(pad(q), cache_k[1], cache_v[1], start, scale=0.3,
+                                 score_budget=budget)[:min(c, t - start)])
   assert not np.asarray(cache_k[0]).any() and not np.asarray(cache_k[2]).any()   # other rows untouched
   np.testing.assert_allclose(np.asarray(cache_k[1, :, :t]), np.asarray(k).transpose(1, 0, 2))
   eps = float(jnp.finfo(jnp.float32).eps)

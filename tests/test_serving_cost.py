@@ -99,6 +99,7 @@ def model():
 SPARSITY = SparsityConfig(attn_density=0.5, dense_layers=(), selector="random", seed=3)
 
 
+@pytest.mark.slow
 def test_warmup_measures_the_table(model):
   with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, sparsity=SPARSITY,
               engine_options=EngineOptions(steps_per_round=3, prefill_rows=2)) as eng:

@@ -24,6 +24,7 @@ def _rates(eng):
                     for g in range(CFG.num_kv_heads)] for l in range(CFG.num_layers)])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("selector,budget", [("router", "uniform"), ("random", "uniform"), ("router", "adaptive")])
 def test_selection_probe_rates_and_unchanged_outputs(model, selector, budget):
   adaptive = dict(budget="adaptive", mass=0.5) if budget == "adaptive" else {}

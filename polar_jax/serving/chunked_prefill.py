@@ -19,19 +19,19 @@ from polar_jax import sharding
 from polar_jax.kv_cache import KVCache
 
 _MASKED = -1e30   # finite, as in `polar_jax.attention.prefill_attention`
-_SCORE_BUDGET = 1 << 28   # float32 score elements per query block, as `prefill_attention` bounds its own
+SCORE_BUDGET = 1 << 28   # float32 score elements per query block, as `prefill_attention` bounds its own
 
 
 def chunk_attention(q_chd: jax.Array, k_hsd: jax.Array, v_hsd: jax.Array, start, *, scale: float,
-                    window: int | None = None) -> jax.Array:
+                    window: int | None = None, score_budget: int = SCORE_BUDGET) -> jax.Array:
   """Causal attention of C queries at positions `start + [0, C)` over one row's keys `[Hkv, S, D]`: query c sees
   keys s <= start + c (and s > start + c - window with a sliding window). Returns `[C, Hq, D]` in q's dtype.
-  Queries go a block at a time so that the float32 scores stay within `_SCORE_BUDGET` elements."""
+  Queries go a block at a time so that the float32 scores stay within `score_budget` elements."""
   c, hq, d = q_chd.shape
   hkv, s = k_hsd.shape[:2]
   q = q_chd.reshape(c, hkv, hq // hkv, d)
   key_pos = jnp.arange(s)
-  block = max(1, min(c, _SCORE_BUDGET // max(1, hq * s)))
+  block = max(1, min(c, score_budget // max(1, hq * s)))
   outs = []
   for b0 in range(0, c, block):
     qb = q[b0:b0 + block]
