@@ -19,7 +19,7 @@ from flax import nnx
 
 import pallas_kernels
 from pallas_kernels.decode_attention_xla import append_kv_xla
-from polar_jax import kv_cache, rope, sharding
+from polar_jax import kv_cache, paged_kv_cache, rope, sharding
 from polar_jax.config import ModelConfig
 from polar_jax.fusion import split_qkv
 from polar_jax.layers import Linear
@@ -148,13 +148,14 @@ class Attention(nnx.Module):
 
   def decode(self, x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, heads: HeadSelection = DENSE_HEADS, *,
              options: DecodeOptions = DecodeOptions(), mesh=None, residual_bd=None,
-             rms: pallas_kernels.RmsInput | None = None, norm_scale=None) -> "AttnOut":
+             rms: pallas_kernels.RmsInput | None = None, norm_scale=None, page_table_bp=None) -> "AttnOut":
     """One decode step: writes K/V of every head at slot lengths_b, attends over the selected groups.
 
     Args:
       x_bd: `[B, d]` normed hidden state of the new token (`h * g` with `rms`).
       lengths_b: int32 `[B]` tokens already in the cache (= the new token's position).
-      k_cache_bhsd, v_cache_bhsd: this layer's caches.
+      k_cache_bhsd, v_cache_bhsd: this layer's caches; with `page_table_bp`, its page pools `[Hkv, P, S, D]`
+        (`polar_jax.paged_kv_cache.PagedKVCache`).
       heads: the KV groups to attend to (`polar_jax.selection`). A `LinearRouter` only where `fuses_router`
         (its scores from the q|k|v kernel); otherwise resolve it to `GroupIndices` first.
       options: the decode step's `DecodeOptions`.
@@ -165,6 +166,9 @@ class Attention(nnx.Module):
       rms, norm_scale: the deferred RMSNorms (`options.deferred_norm`, a fused q|k|v on one device): x_bd is
         `h * g` normalised in the q|k|v kernel by `rms`; with `norm_scale`, o_proj's epilogue also prepares the
         MLP norm's input (`AttnOut.next_normed`).
+      page_table_bp: int32 `[B, max_pages]`, a paged cache's page table (one device, no sliding window): the
+        new K/V go to slot `lengths_b % S` of page `page_table_bp[b, lengths_b // S]`, and the attention is
+        `selective_paged_decode_attention`. None: the contiguous cache.
 
     Returns:
       `AttnOut(h, k_cache_bhsd, v_cache_bhsd, context_bhd, next_normed)`.
@@ -180,7 +184,14 @@ class Attention(nnx.Module):
     kv_start = None if self.window is None else jnp.maximum(new_len - self.window, 0).astype(jnp.int32)
     impl = options.implementation
     counters = None
-    if self.fuses_qkv(mesh):
+    if page_table_bp is not None:
+      q_bhd, k_cache_bhsd, v_cache_bhsd, heads, counters = self._paged_append(
+          x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, page_table_bp, heads, options, mesh, rms)
+      ctx = pallas_kernels.selective_paged_decode_attention(q_bhd, k_cache_bhsd, v_cache_bhsd, new_len,
+                                                            page_table_bp, _group_indices(heads), scale=self.scale,
+                                                            implementation=impl)
+      ctx = _drop_uncounted_groups(ctx, heads, self.num_kv_heads)
+    elif self.fuses_qkv(mesh):
       q_bhd, k_cache_bhsd, v_cache_bhsd, heads, counters = self._fused_qkv_append(
           x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, heads, options, rms)
       ctx = pallas_kernels.selective_decode_attention(q_bhd, k_cache_bhsd, v_cache_bhsd, new_len,
@@ -212,12 +223,31 @@ class Attention(nnx.Module):
     normed = None if norm_scale is None else Normed(out.normed, out.sq_TM)
     return AttnOut(out.y, k_cache_bhsd, v_cache_bhsd, ctx, normed)
 
-  def _fused_qkv_append(self, x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, heads, options, rms):
-    """The fused q|k|v projection (a linear router's scores and top-k from extra programs of its kernel; zeroed
-    split-K counters handed on to o_proj), then q/k rotation and the K/V cache write at slot lengths_b
-    (`rope_append`). Returns (q_bhd, caches, heads with a fused router resolved to `GroupIndices`, counters)."""
+  def _paged_append(self, x_bd, lengths_b, k_pages_hpsd, v_pages_hpsd, page_table_bp, heads, options, mesh, rms):
+    """q, k, v of the new token (the fused projection where there is one), RoPE at position lengths_b, and every
+    group's K/V written into the row's page. Returns (q_bhd, pools, heads, counters) as `_fused_qkv_append`."""
+    if mesh is not None or self.window is not None:
+      raise ValueError("Attention.decode: the paged KV cache runs on one device without a sliding window; use the "
+                       "contiguous KVCache")
+    counters = None
+    if self.fuses_qkv(mesh):
+      qkv_bn, heads, counters = self._fused_qkv(x_bd, heads, options, rms)
+      q, k, v = (y.reshape(y.shape[0], 1, -1, self.head_dim)
+                 for y in split_qkv(qkv_bn, self.num_heads, self.num_kv_heads, self.head_dim))
+      if self.use_rope:
+        cos, sin = rope.rope_cos_sin(lengths_b[:, None], np.asarray(self.inv_freq, np.float32))
+        q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
+    else:
+      q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
+    k_pages_hpsd = paged_kv_cache.write_token(k_pages_hpsd, k[:, 0], page_table_bp, lengths_b)
+    v_pages_hpsd = paged_kv_cache.write_token(v_pages_hpsd, v[:, 0], page_table_bp, lengths_b)
+    return q[:, 0], k_pages_hpsd, v_pages_hpsd, heads, counters
+
+  def _fused_qkv(self, x_bd, heads, options, rms):
+    """The fused q|k|v projection `[B, G*(r+2)*D]` (a linear router's scores and top-k from extra programs of its
+    kernel; zeroed split-K counters handed on to o_proj). Returns (qkv_bn, heads with a fused router resolved to
+    `GroupIndices`, counters)."""
     router = heads if isinstance(heads, LinearRouter) else None
-    inv_freq = None if self.inv_freq is None else jnp.asarray(self.inv_freq, jnp.float32)
     counters = None
     if options.fused_projections or router is not None:
       side = None
@@ -231,6 +261,13 @@ class Attention(nnx.Module):
         heads = GroupIndices(out.side) if side.topk is not None else router.choose(out.side)
     else:
       qkv_bn = self.qkv_proj(x_bd)
+    return qkv_bn, heads, counters
+
+  def _fused_qkv_append(self, x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, heads, options, rms):
+    """`_fused_qkv`, then q/k rotation and the K/V cache write at slot lengths_b (`rope_append`). Returns (q_bhd,
+    caches, heads with a fused router resolved to `GroupIndices`, counters)."""
+    qkv_bn, heads, counters = self._fused_qkv(x_bd, heads, options, rms)
+    inv_freq = None if self.inv_freq is None else jnp.asarray(self.inv_freq, jnp.float32)
     q_bhd, k_cache_bhsd, v_cache_bhsd = pallas_kernels.rope_append(
         qkv_bn, lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd, num_heads=self.num_heads,
         implementation=options.implementation)
@@ -240,6 +277,20 @@ class Attention(nnx.Module):
 def _group_indices(heads: HeadSelection):
   """The attention kernels' `group_idx`: int32 `[B, K]`, or None for every group (dense and the oracle)."""
   return heads.idx_bk if isinstance(heads, GroupIndices) else None
+
+
+def _drop_uncounted_groups(ctx_bhd, heads: HeadSelection, num_groups: int):
+  """Zeroes the heads of groups a per-row count leaves out (adaptive budgets: a row keeps only its first
+  `count_b[b]` selected groups); the paged kernel attends over all K."""
+  count_b = _group_count(heads)
+  if count_b is None:
+    return ctx_bhd
+  b, hq, d = ctx_bhd.shape
+  idx_bk = heads.idx_bk
+  kept_bk = jnp.arange(idx_bk.shape[1])[None, :] < count_b[:, None]
+  keep_bg = jnp.zeros((b, num_groups), bool).at[jnp.arange(b)[:, None], idx_bk].max(kept_bk)
+  keep_bh = jnp.repeat(keep_bg, hq // num_groups, axis=1)
+  return jnp.where(keep_bh[:, :, None], ctx_bhd, jnp.zeros((), ctx_bhd.dtype))
 
 
 def _group_count(heads: HeadSelection):

@@ -57,6 +57,13 @@ class KVCache:
   def batch(self) -> int:
     return self.k_bhsd[0].shape[0]
 
+  def layer_kv(self, i: int) -> tuple[jax.Array, jax.Array]:
+    return self.k_bhsd[i], self.v_bhsd[i]
+
+  def with_layers(self, ks, vs, lengths_b) -> "KVCache":
+    """The cache with new per-layer K and V and lengths (the same method on `PagedKVCache`)."""
+    return KVCache(tuple(ks), tuple(vs), lengths_b)
+
   def nbytes(self) -> int:
     return sum(x.size * x.dtype.itemsize for x in self.k_bhsd + self.v_bhsd)
 

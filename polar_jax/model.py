@@ -23,6 +23,7 @@ from polar_jax import sharding
 from polar_jax.attention import Attention, Normed
 from polar_jax.config import ModelConfig
 from polar_jax.kv_cache import KVCache
+from polar_jax.paged_kv_cache import PagedKVCache
 from polar_jax.layers import Embedding, Linear, RMSNorm, make_norm
 from polar_jax.mlp import GatedMLP, make_mlp
 from polar_jax.options import DecodeOptions
@@ -100,23 +101,26 @@ class DecoderLayer(nnx.Module):
 
   def decode(self, h_bd, lengths_b, k_cache, v_cache, plan: LayerPlan = DENSE_PLAN, *,
              options: DecodeOptions = DecodeOptions(), mesh=None, normed: Normed | None = None,
-             next_norm=None) -> LayerOut:
+             next_norm=None, page_table_bp=None) -> LayerOut:
     """One token per row through the layer, computing what `plan` selects (`polar_jax.selection`).
 
     With `options.fused_projections` on one device (`pallas_kernels.skinny_matmul`), o_proj and down_proj add the
     residual in their epilogues, and a linear head router's scores come from extra programs of the q|k|v kernel
     (`options.router_in_qkv`). Deferred norms (`defers_norms`): `normed` is this layer's attention-norm input as
     the previous layer's down_proj left it (None: made here from h_bd); `next_norm` (the next layer's
-    attention-norm weight) makes down_proj prepare the next layer's (`LayerOut.next_normed`)."""
+    attention-norm weight) makes down_proj prepare the next layer's (`LayerOut.next_normed`). `page_table_bp`: k_cache
+    and v_cache are page pools of a `PagedKVCache` with this page table (`Attention.decode`)."""
     defer = self.defers_norms(plan, options, mesh)
     if (normed is not None or next_norm is not None) and not defer:
       raise ValueError("DecoderLayer.decode: normed= / next_norm= need a layer that defers its norms "
                        "(defers_norms)")
     if defer:
-      return self._decode_deferred(h_bd, lengths_b, k_cache, v_cache, plan, options, normed, next_norm)
+      return self._decode_deferred(h_bd, lengths_b, k_cache, v_cache, plan, options, normed, next_norm,
+                                   page_table_bp)
     x = self.attn_norm(h_bd) if self.pre_norm else h_bd
     heads = self._resolve_router(plan, x, options, mesh)
-    a = self.attn.decode(x, lengths_b, k_cache, v_cache, heads, options=options, mesh=mesh, residual_bd=h_bd)
+    a = self.attn.decode(x, lengths_b, k_cache, v_cache, heads, options=options, mesh=mesh, residual_bd=h_bd,
+                         page_table_bp=page_table_bp)
     h = a.h if self.pre_norm else self.attn_norm(a.h)                          # h_bd + attention
     y = self.mlp_norm(h) if self.pre_norm else h
     if plan.neurons is not None:                                                # the batch-union neuron set
@@ -139,7 +143,8 @@ class DecoderLayer(nnx.Module):
       return heads.groups(x_bd)
     return heads
 
-  def _decode_deferred(self, h_bd, lengths_b, k_cache, v_cache, plan, options, normed, next_norm) -> LayerOut:
+  def _decode_deferred(self, h_bd, lengths_b, k_cache, v_cache, plan, options, normed, next_norm,
+                       page_table_bp) -> LayerOut:
     """`decode` with both RMSNorms in the kernels: q|k|v (and the router's side programs) normalise `h * g`
     rows in their epilogue, o_proj writes the MLP norm's `h * g` and squares, gate|up normalises them.
     A selection the kernel does not make gets the attention norm of h_bd itself."""
@@ -148,7 +153,8 @@ class DecoderLayer(nnx.Module):
     if isinstance(heads, LinearRouter) and not self.attn.fuses_router(heads, options):
       heads = heads.groups(self.attn_norm(h_bd))
     a = self.attn.decode(x_bd, lengths_b, k_cache, v_cache, heads, options=options, residual_bd=h_bd,
-                         rms=RmsInput(sq_tb, self.attn_norm.eps), norm_scale=self.mlp_norm.scale[...])
+                         rms=RmsInput(sq_tb, self.attn_norm.eps), norm_scale=self.mlp_norm.scale[...],
+                         page_table_bp=page_table_bp)
     out = self.mlp.decode(a.next_normed.x_bd, residual_md=a.h, rms=RmsInput(a.next_normed.sq_TB, self.mlp_norm.eps),
                           norm_scale=next_norm, implementation=options.implementation)
     next_normed = None if next_norm is None else Normed(out.normed, out.sq_TM)
@@ -271,9 +277,12 @@ class CausalLM(nnx.Module):
     last = jnp.take_along_axis(h, (lengths_r - 1)[:, None, None], axis=1)[:, 0]
     return self.logits(last), tuple(ks), tuple(vs)
 
-  def decode_step(self, tokens_b, cache: KVCache, plans: Sequence[LayerPlan] | None = None, *,
+  def decode_step(self, tokens_b, cache: KVCache | PagedKVCache, plans: Sequence[LayerPlan] | None = None, *,
                   options: DecodeOptions = DecodeOptions(), mesh=None):
     """Appends one token per row; returns (logits `[B, V]`, cache with lengths + 1).
+
+    `cache`: a contiguous `KVCache`, or a `PagedKVCache` (one device): each layer then writes the new token's K/V
+    into its page and attends with `selective_paged_decode_attention`.
 
     `plans`: one `polar_jax.selection.LayerPlan` per layer (None: dense everywhere), built by the decode-step
     objects (`polar_jax.sparse_decode.SparseDecode`). `mesh`: the tensor-parallel mesh, or None.
@@ -286,14 +295,15 @@ class CausalLM(nnx.Module):
     ks, vs = [], []
     defers = [layer.defers_norms(plan, options, mesh) for layer, plan in zip(self.layers, plans)] + [False]
     normed = None   # the next layer's attention-norm input left by a deferring layer's down_proj
+    table = cache.page_table_bp if isinstance(cache, PagedKVCache) else None
     for i, layer in enumerate(self.layers):
       next_norm = self.layers[i + 1].attn_norm.scale[...] if defers[i] and defers[i + 1] else None
-      out = layer.decode(h, lengths, cache.k_bhsd[i], cache.v_bhsd[i], plans[i], options=options, mesh=mesh,
-                         normed=normed, next_norm=next_norm)
+      out = layer.decode(h, lengths, *cache.layer_kv(i), plans[i], options=options, mesh=mesh, normed=normed,
+                         next_norm=next_norm, page_table_bp=table)
       h, normed = out.h, out.next_normed
       ks.append(out.k_cache_bhsd)
       vs.append(out.v_cache_bhsd)
-    return self.logits(h), KVCache(tuple(ks), tuple(vs), lengths + 1)
+    return self.logits(h), cache.with_layers(ks, vs, lengths + 1)
 
 
 def init_model(config: ModelConfig, *, dtype=jnp.float32, seed: int = 0) -> CausalLM:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from polar_jax.kv_cache import KVCache
+from polar_jax.paged_kv_cache import PagedKVCache
 from polar_jax.selection import DenseHeads, GroupIndices, LayerPlan, LinearRouter
 
 
@@ -48,8 +49,10 @@ def _hits_g(sel: GroupIndices, active_b, num_groups: int) -> jax.Array:
   return jnp.sum(hits_bg, axis=0)
 
 
-def count_selections(model, decode, decode_state, tok_b, cache: KVCache, active_b) -> tuple[KVCache, jax.Array]:
+def count_selections(model, decode, decode_state, tok_b, cache: KVCache | PagedKVCache, active_b
+                     ) -> tuple[KVCache | PagedKVCache, jax.Array]:
   """(cache with the step's K/V written at each row's length, int32 `[L, G]` active rows selecting each group)."""
+  table = cache.page_table_bp if isinstance(cache, PagedKVCache) else None
   num_groups = model.config.num_kv_heads
   plans = decode.plans(model, tok_b, cache.lengths_b, decode_state, active_b)
   h = model.embed_tokens(tok_b, cache.lengths_b)
@@ -58,9 +61,9 @@ def count_selections(model, decode, decode_state, tok_b, cache: KVCache, active_
     sel = _selected(layer, plans[i], h, num_groups)
     counts.append(_hits_g(sel, active_b, num_groups))
     plan = LayerPlan(plans[i].heads if isinstance(plans[i].heads, DenseHeads) else sel, plans[i].neurons)
-    out = layer.decode(h, cache.lengths_b, cache.k_bhsd[i], cache.v_bhsd[i], plan, options=decode.options,
-                       mesh=decode.mesh)
+    out = layer.decode(h, cache.lengths_b, *cache.layer_kv(i), plan, options=decode.options, mesh=decode.mesh,
+                       page_table_bp=table)
     h = out.h
     ks.append(out.k_cache_bhsd)
     vs.append(out.v_cache_bhsd)
-  return KVCache(tuple(ks), tuple(vs), cache.lengths_b), jnp.stack(counts)
+  return cache.with_layers(ks, vs, cache.lengths_b), jnp.stack(counts)
