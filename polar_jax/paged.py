@@ -143,8 +143,12 @@ class PrefixCache:
   def match(self, tokens: Sequence[int]) -> list[int]:
     """The cached pages of the longest cached prefix of whole pages of `tokens`, in order, each with one more
     reference (the caller's, to free when done). They become the most recently used, the first page most."""
+    return self.match_keys(self.page_keys(tokens))
+
+  def match_keys(self, keys: Sequence[bytes]) -> list[int]:
+    """`match` for the page keys of the tokens (`page_keys`), already computed."""
     pages = []
-    for key in self.page_keys(tokens):
+    for key in keys:
       page = self._page_of_key.get(key)
       if page is None:
         break

@@ -59,7 +59,8 @@ def test_chunked_prompts_equal_generate_alone_with_no_compilation(model, chunked
   for ref, m, out in zip(_reference(model, prompts), max_tokens, outs):
     assert list(out.token_ids) == ref[:m]
   assert chunked.stats()["running"] == 0 and chunked.stats()["prefilling"] == 0
-  assert chunked.compiled_programs == 2 * 2 + 2 + 1 + 1   # prefill + insert per shape, first per rows, chunk, step
+  # prefill + insert per shape, first per rows, chunk, step, page-table setter
+  assert chunked.compiled_programs == 2 * 2 + 2 + 1 + 1 + 1
 
 
 def test_running_requests_decode_between_chunks(chunked):

@@ -6,6 +6,10 @@ causal attention of the chunk's queries over the row's keys `[0, start + C)`: th
 chunk's own. This is the computation `CausalLM.prefill` does for the whole prompt, split along the query axis, so
 a prompt prefilled chunk by chunk leaves the same cache and the same last-token logits (up to float rounding).
 
+With a `PagedKVCache` the chunk's valid tokens are written into the slot's pages (its page-table row) and the
+chunk attends over the row's pages gathered in order; the first chunk may start past a cached prefix (pages
+already holding the prompt's first tokens), so only the rest of the prompt is computed.
+
 `start`, the number of valid tokens and the slot are traced: one compiled program per chunk size serves every
 chunk of every prompt.
 """
@@ -17,6 +21,7 @@ import jax.numpy as jnp
 
 from polar_jax import sharding
 from polar_jax.kv_cache import KVCache
+from polar_jax.paged_kv_cache import PagedKVCache, gather_row, write_tokens
 
 _MASKED = -1e30   # finite, as in `polar_jax.attention.prefill_attention`
 SCORE_BUDGET = 1 << 28   # float32 score elements per query block, as `prefill_attention` bounds its own
@@ -54,34 +59,51 @@ def write_chunk(cache_bhsd: jax.Array, new_chd: jax.Array, slot, start) -> jax.A
   return cache_bhsd.at[index].set(new_chd.transpose(1, 0, 2).astype(cache_bhsd.dtype), mode="drop")
 
 
-def _layer_chunk(layer, h_1cd, start, slot, k_cache_bhsd, v_cache_bhsd, mesh):
-  attn = layer.attn
-  c = h_1cd.shape[1]
-  x = layer.attn_norm(h_1cd) if layer.pre_norm else h_1cd
-  q, k, v = attn._qkv(x, (start + jnp.arange(c))[None, :])   # pylint: disable=protected-access
-  k_cache_bhsd = write_chunk(k_cache_bhsd, k[0], slot, start)
-  v_cache_bhsd = write_chunk(v_cache_bhsd, v[0], slot, start)
+def _write_contiguous(k_cache_bhsd, v_cache_bhsd, k_chd, v_chd, slot, start, mesh):
+  """Writes the chunk into row `slot`; returns (caches, the row's keys and values `[Hkv, S, D]`)."""
+  k_cache_bhsd = write_chunk(k_cache_bhsd, k_chd, slot, start)
+  v_cache_bhsd = write_chunk(v_cache_bhsd, v_chd, slot, start)
   if mesh is not None:
     k_cache_bhsd = sharding.constrain_cache(k_cache_bhsd, mesh)
     v_cache_bhsd = sharding.constrain_cache(v_cache_bhsd, mesh)
   row = lambda cache: jax.lax.dynamic_index_in_dim(cache, slot, 0, keepdims=False)   # noqa: E731
-  ctx = chunk_attention(q[0], row(k_cache_bhsd), row(v_cache_bhsd), start, scale=attn.scale, window=attn.window)
+  return k_cache_bhsd, v_cache_bhsd, row(k_cache_bhsd), row(v_cache_bhsd)
+
+
+def _write_paged(k_pages_hpsd, v_pages_hpsd, k_chd, v_chd, table_p, start, n_valid):
+  """Writes the chunk's valid tokens into the row's pages `table_p`; returns (pools, the row's keys and values)."""
+  k_pages_hpsd = write_tokens(k_pages_hpsd, k_chd.transpose(1, 0, 2), table_p, start, n_valid)
+  v_pages_hpsd = write_tokens(v_pages_hpsd, v_chd.transpose(1, 0, 2), table_p, start, n_valid)
+  return k_pages_hpsd, v_pages_hpsd, gather_row(k_pages_hpsd, table_p), gather_row(v_pages_hpsd, table_p)
+
+
+def _layer_chunk(layer, h_1cd, start, slot, k_cache, v_cache, mesh, table_p, n_valid):
+  attn = layer.attn
+  c = h_1cd.shape[1]
+  x = layer.attn_norm(h_1cd) if layer.pre_norm else h_1cd
+  q, k, v = attn._qkv(x, (start + jnp.arange(c))[None, :])   # pylint: disable=protected-access
+  if table_p is None:
+    k_cache, v_cache, k_row, v_row = _write_contiguous(k_cache, v_cache, k[0], v[0], slot, start, mesh)
+  else:
+    k_cache, v_cache, k_row, v_row = _write_paged(k_cache, v_cache, k[0], v[0], table_p, start, n_valid)
+  ctx = chunk_attention(q[0], k_row, v_row, start, scale=attn.scale, window=attn.window)
   a = attn.o_proj(ctx.reshape(1, c, -1))
   h = h_1cd + a if layer.pre_norm else layer.attn_norm(h_1cd + a)
-  return layer._mlp_block(h, layer.mlp), k_cache_bhsd, v_cache_bhsd   # pylint: disable=protected-access
+  return layer._mlp_block(h, layer.mlp), k_cache, v_cache   # pylint: disable=protected-access
 
 
-def prefill_chunk(model, tokens_c: jax.Array, start, n_valid, cache: KVCache, slot, *, mesh=None
-                  ) -> tuple[jax.Array, KVCache]:
+def prefill_chunk(model, tokens_c: jax.Array, start, n_valid, cache: KVCache | PagedKVCache, slot, *, mesh=None
+                  ) -> tuple[jax.Array, KVCache | PagedKVCache]:
   """Prefills `n_valid` (<= C) prompt tokens `tokens_c[:n_valid]` at positions `[start, start + n_valid)` into row
   `slot` of `cache`. Returns (float32 logits `[V]` of the chunk's last valid token, the cache with the chunk's K/V
   written; its lengths unchanged: the caller decides the row's length)."""
   c = tokens_c.shape[0]
   h = model.embed_tokens(tokens_c[None, :], (start + jnp.arange(c))[None, :])
+  table_p = cache.page_table_bp[slot] if isinstance(cache, PagedKVCache) else None
   ks, vs = [], []
   for i, layer in enumerate(model.layers):
-    h, k, v = _layer_chunk(layer, h, start, slot, cache.k_bhsd[i], cache.v_bhsd[i], mesh)
+    h, k, v = _layer_chunk(layer, h, start, slot, *cache.layer_kv(i), mesh, table_p, n_valid)
     ks.append(k)
     vs.append(v)
   last_d = jax.lax.dynamic_index_in_dim(h[0], n_valid - 1, 0, keepdims=False)
-  return model.logits(last_d[None])[0], KVCache(tuple(ks), tuple(vs), cache.lengths_b)
+  return model.logits(last_d[None])[0], cache.with_layers(ks, vs, cache.lengths_b)

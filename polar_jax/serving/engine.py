@@ -20,6 +20,14 @@ sampler per row count, a prefill chunk, one decode round per step variant, the c
 the KV-group selection probe; with `EngineOptions.warmup` they are compiled then, and serving compiles nothing more.
 A model sharded over a mesh runs with the slots' KV cache sharded by KV group, as `polar_jax.generate` shards its.
 
+KV layouts (`EngineOptions.kv_layout`): "paged" (default, one device) keeps K/V in pages handed out by the host
+(`pages.SlotPages`): a request is admitted when its prompt's pages and its first rounds' pages are available (beyond
+one page per running request), each running request gets the pages its next round may write before that round is
+dispatched, and when pages run out the most recently admitted request is preempted: its pages are freed and it
+goes back to the front of the queue, to be prefilled again later from its prompt and the tokens it had made (they
+are not streamed twice). With prefix caching a prompt whose first pages are cached goes to the chunk lane and
+prefills only the rest. "contiguous": one `max_len` row per slot (`KVCache`), tensor parallelism included.
+
 Batch independence: a request's greedy tokens with the dense step, or with head sparsity (the router, oracle and
 random selectors choose per row), equal `polar_jax.generate`'s for it alone, whether its prompt is prefilled whole
 or in chunks, provided the variant does not change under it (`sparse_min_rows=1`, or a dense engine). Neuron
@@ -46,7 +54,10 @@ from polar_jax.sparse_decode import make_decoder
 from polar_jax.serving import programs
 from polar_jax.serving import scheduler as sched
 from polar_jax.serving.cost import CostTable, context_points, measure_table, occupancy_points, timed
+from polar_jax.paged import pages_needed
+from polar_jax.paged_kv_cache import PagedLayout
 from polar_jax.serving.metrics import EngineMetrics
+from polar_jax.serving.pages import SlotPages, resolve_num_pages
 from polar_jax.serving.selection_stats import probes
 from polar_jax.serving.params import EngineOptions, SamplingParams
 from polar_jax.serving.request import EngineClosedError, QueueFullError, RequestHandle, RequestOutput
@@ -71,6 +82,23 @@ class _ChunkJob:
   handle: RequestHandle
   slot: int
   start: int = 0
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Seq:
+  """A request in a slot: the tokens prefilled for it (its prompt, after a preemption also the tokens it had made),
+  how many tokens it had made before (`done`), its admission order (preemption takes the latest) and its slot."""
+
+  handle: RequestHandle
+  prompt: tuple[int, ...]
+  done: int
+  order: int
+  slot: int
+
+
+def _prompt_of(h: RequestHandle) -> tuple[int, ...]:
+  """What a request prefills when admitted: its prompt and every token it has made so far."""
+  return h.prompt_ids + tuple(h.token_ids)
 
 
 class Engine:
@@ -120,12 +148,18 @@ class Engine:
     self.mesh = model_mesh(model)
     if self.mesh is not None and jax.process_count() > 1:
       raise ValueError("the serving engine runs in one process; this model is sharded over several processes")
+    self.pages = self._slot_pages() if self.opts.kv_layout == "paged" else None
     self._graphdef, self._state = nnx.split(model)
     loop_graph = options.loop_graph if options is not None else True
     self._step = programs.step_program(decode_loop_options(loop_graph) or None)
+    layout = self.pages.layout if self.pages is not None else None
     self._slots = programs.place_slots(
-        programs.init_slots(cfg, max_batch, max_len, model.dtype, self.opts.max_stop_tokens), self.mesh)
+        programs.init_slots(cfg, max_batch, max_len, model.dtype, self.opts.max_stop_tokens, layout), self.mesh)
     self.metrics = EngineMetrics(model_name, max_batch)
+    self.preemptions = 0
+    self._seqs: dict[int, _Seq] = {}   # slot -> the request in it
+    self._order = itertools.count()
+    self._keys: dict[int, tuple[int, list[bytes]]] = {}   # request id -> (tokens, prefix-cache keys) while waiting
     self.metrics.mlp_fallback.set(self.variants["sparse"].mlp_dense_fallback if sparse is not None else 0.0)
     self.variant_rounds = collections.Counter()   # rounds run per step variant
     sparse_decode = self.variants["sparse"].decode if sparse is not None else None
@@ -146,6 +180,22 @@ class Engine:
     self._thread = threading.Thread(target=self._run, name="polar-serve-scheduler", daemon=True)
     self._thread.start()
 
+  def _slot_pages(self) -> SlotPages:
+    """The paged cache's host bookkeeping (`EngineOptions.kv_layout` = "paged")."""
+    if self.mesh is not None:
+      raise ValueError("the paged KV cache runs on one device; serve a sharded model with "
+                       "EngineOptions(kv_layout=\"contiguous\")")
+    window = self.config.sliding_window
+    if window is not None and window < self.max_len:
+      raise ValueError(f"the paged KV cache has no sliding window (the model's is {window} < max_len "
+                       f"{self.max_len}); use EngineOptions(kv_layout=\"contiguous\")")
+    o = self.opts
+    max_pages = pages_needed(self.max_len, o.page_size)
+    page_bytes = PagedLayout(o.page_size, 1, 1).page_bytes(self.config, self.model.dtype)
+    num_pages = resolve_num_pages(o.num_pages, o.kv_memory_fraction, page_bytes, self.max_batch, max_pages)
+    return SlotPages(PagedLayout(o.page_size, num_pages, max_pages), self.max_batch,
+                     o.prefix_caching and self.chunk is not None)
+
   # ---- public API ---------------------------------------------------------------------------
   @property
   def compiled_programs(self) -> int:
@@ -154,7 +204,7 @@ class Engine:
     occupancy setter when it measures the cost table, and the KV-group selection probe when it runs."""
     measured = "sparse" in self.variants and self.opts.sparse_min_rows is None and self.opts.cost_table == "measure"
     return (2 * len(self.prefill_shapes) + len({r for r, _ in self.prefill_shapes}) + (self.chunk is not None)
-            + len(self.variants) + measured + self._probes)
+            + len(self.variants) + measured + self._probes + (self.pages is not None))
 
   def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> RequestHandle:
     """Queues a request; returns its handle at once.
@@ -203,12 +253,17 @@ class Engine:
 
   def stats(self) -> dict[str, Any]:
     """Slots in use, requests waiting, prompts being prefilled in chunks, rounds per step variant, programs, the
-    cost table (`CostTable.to_mapping`; None when there is no choice or `sparse_min_rows` decides)."""
+    cost table (`CostTable.to_mapping`; None when there is no choice or `sparse_min_rows` decides), and with a
+    paged cache the pages in use (held or cached), total and cached, and the preemptions so far."""
     with self._cv:
-      return {"running": sum(h is not None for h in self._owner), "waiting": len(self._waiting),
-              "prefilling": len(self._chunking),
-              "variant_rounds": dict(self.variant_rounds), "compiled_programs": self.compiled_programs,
-              "cost_table": self.cost_table.to_mapping() if self.cost_table is not None else None}
+      out = {"running": sum(h is not None for h in self._owner), "waiting": len(self._waiting),
+             "prefilling": len(self._chunking),
+             "variant_rounds": dict(self.variant_rounds), "compiled_programs": self.compiled_programs,
+             "cost_table": self.cost_table.to_mapping() if self.cost_table is not None else None}
+      if self.pages is not None:
+        out.update(pages_used=self.pages.used, pages_total=self.pages.layout.num_pages,
+                   pages_cached=len(self.pages.cache), preemptions=self.preemptions)
+      return out
 
   # ---- submission ---------------------------------------------------------------------------
   def _check(self, prompt_ids, params: SamplingParams) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -226,6 +281,11 @@ class Engine:
     if ids.size + params.max_tokens > self.max_len:
       raise ValueError(f"the prompt ({ids.size} tokens) + max_tokens ({params.max_tokens}) exceeds the engine's "
                        f"max_len ({self.max_len})")
+    if self.pages is not None:
+      need = pages_needed(ids.size + params.max_tokens - 1, self.pages.layout.page_size)
+      if need > self.pages.layout.num_pages:
+        raise ValueError(f"the prompt ({ids.size} tokens) + max_tokens ({params.max_tokens}) needs {need} KV pages, "
+                         f"more than the engine's {self.pages.layout.num_pages}")
     stop = tuple(sorted(set(params.stop_token_ids) | (set() if params.ignore_eos else set(self.eos_ids))))
     if len(stop) > self.opts.max_stop_tokens:
       raise ValueError(f"{len(stop)} stop tokens (eos included) exceed the engine's max_stop_tokens "
@@ -263,34 +323,35 @@ class Engine:
       self._cv.notify_all()
 
   # ---- device programs ----------------------------------------------------------------------
-  def _prefill(self, handles: Sequence[RequestHandle], rows: int, bucket: int):
+  def _prefill(self, prompts: Sequence[tuple[int, ...]], rows: int, bucket: int):
     tokens = np.zeros((rows, bucket), np.int32)
     lengths = np.ones((rows,), np.int32)
-    for i, h in enumerate(handles):
-      tokens[i, :len(h.prompt_ids)] = h.prompt_ids
-      lengths[i] = len(h.prompt_ids)
+    for i, p in enumerate(prompts):
+      tokens[i, :len(p)] = p
+      lengths[i] = len(p)
     with jax.profiler.TraceAnnotation("serve_prefill"):
       return programs.prefill_program(self._graphdef, self._state, tokens, lengths, mesh=self.mesh)
 
-  def _request_args(self, h: RequestHandle | None) -> tuple:
-    """A request's (max_tokens, stop tokens, temperature, top-k, top-p, greedy, seed) as the programs take them."""
+  def _request_args(self, h: RequestHandle | None, done: int = 0) -> tuple:
+    """A request's (max_tokens, stop tokens, temperature, top-k, top-p, greedy, seed, tokens made before) as the
+    programs take them."""
     p = h.params if h is not None else SamplingParams()
     stop = np.full((self.opts.max_stop_tokens,), -1, np.int32)
     if h is not None:
       stop[:len(h.stop_ids)] = h.stop_ids
     return (np.int32(p.max_tokens), stop, np.float32(p.temperature if not p.greedy else 1.0),
             np.int32(p.top_k if p.top_k is not None else self.config.vocab_size), np.float32(p.top_p),
-            np.bool_(p.greedy), np.int32(h.seed if h is not None else 0))
+            np.bool_(p.greedy), np.int32(h.seed if h is not None else 0), np.int32(done))
 
-  def _insert(self, prefill, row: int, slot: int, h: RequestHandle | None):
+  def _insert(self, prefill, row: int, slot: int, h: RequestHandle | None, done: int = 0):
     logits, cache = prefill
-    args = self._request_args(h)
+    args = self._request_args(h, done)
     with jax.profiler.TraceAnnotation("serve_insert"):
       first, active = programs.first_token_program(logits, np.int32(row), *args)
       self._slots = programs.insert_program(self._slots, cache, np.int32(row), np.int32(slot), first, active, *args)
     return first, active
 
-  def _chunk(self, prompt: Sequence[int], start: int, slot: int, h: RequestHandle | None):
+  def _chunk(self, prompt: Sequence[int], start: int, slot: int, h: RequestHandle | None, done: int = 0):
     """Prefills the chunk of `prompt` at `start` into `slot`: (first token, active), meaningful after the last."""
     tokens = np.zeros((self.chunk,), np.int32)
     part = prompt[start:start + self.chunk]
@@ -298,8 +359,14 @@ class Engine:
     with jax.profiler.TraceAnnotation("serve_prefill_chunk"):
       self._slots, first, active = programs.chunk_program(
           self._graphdef, self._state, self._slots, tokens, np.int32(start), np.int32(len(prompt)), np.int32(slot),
-          *self._request_args(h), mesh=self.mesh)
+          *self._request_args(h, done), mesh=self.mesh)
     return first, active
+
+  def _sync_table(self) -> None:
+    """Sends the host's page table to the device when it changed (a paged cache)."""
+    if self.pages is not None and self.pages.dirty:
+      self._slots = programs.table_program(self._slots, self.pages.table_bp.copy())
+      self.pages.dirty = False
 
   def _cost_table(self) -> CostTable | None:
     """The table that picks each round's variant: the given one, one measured now (`EngineOptions.cost_table` =
@@ -320,6 +387,9 @@ class Engine:
     table = measure_table(run_round, tuple(self.variants), occupancy_points(self.max_batch),
                           context_points(self.max_len, steps))
     self._slots = programs.occupy_program(self._slots, np.int32(0), np.int32(0))
+    if self.pages is not None:   # the measurement spread rows over the pool: the host's table back
+      self.pages.dirty = True
+      self._sync_table()
     jax.block_until_ready(self._slots)
     self.warmup_s += time.perf_counter() - t0
     return table
@@ -343,6 +413,9 @@ class Engine:
     t0 = time.perf_counter()
     cancel_all = np.ones((self.max_batch,), bool)
     for _ in range(2):
+      if self.pages is not None:
+        self.pages.dirty = True
+        self._sync_table()
       for rows, bucket in self.prefill_shapes:
         prefill = programs.prefill_program(self._graphdef, self._state, np.zeros((rows, bucket), np.int32),
                                            np.ones((rows,), np.int32), mesh=self.mesh)
@@ -370,23 +443,25 @@ class Engine:
         now = time.perf_counter()
         self._drop_cancelled_waiting(now)
         cancel_b = self._cancel_running(now)
+        self._grow(cancel_b)
         firsts = self._admit() + self._next_chunk()
+        self._sync_table()
         prefilling = {job.slot for job in self._chunking}
-        snapshot = [(s, h) for s, h in enumerate(self._owner)
-                    if h is not None and not h.finished and s not in prefilling]
+        snapshot = [(s, seq) for s, seq in self._seqs.items() if not seq.handle.finished and s not in prefilling]
         dispatched = None
         if snapshot or cancel_b.any():
-          context = sum(len(h.prompt_ids) + len(h.token_ids) for _, h in snapshot) / max(1, len(snapshot))
+          context = sum(len(q.handle.prompt_ids) + len(q.handle.token_ids) for _, q in snapshot) / max(1, len(snapshot))
           variant = sched.choose_variant(len(snapshot), self.variants, table=self.cost_table,
                                          sparse_min_rows=self.opts.sparse_min_rows, context=context)
           probe = self._maybe_probe(variant)
           dispatched = (self._round(variant, cancel_b), snapshot, variant, probe)
-        with self._cv:   # slots cancelled this round are masked by the dispatched step: reusable now
+        with self._cv:   # slots cancelled or preempted this round are masked by the dispatched step: reusable now
           for s in np.flatnonzero(cancel_b):
             self._owner[s] = None
           if cancel_b.any():
             self.metrics.slots(sum(o is not None for o in self._owner), len(self._waiting))
             self._cv.notify_all()
+        self._page_metrics()
         self._take_firsts(firsts)
         if pending is not None:
           self._take_round(*pending)
@@ -400,9 +475,10 @@ class Engine:
     with self._cv:
       self._failed = message
       self._closing = True
-      victims = list(self._waiting) + [h for h in self._owner if h is not None]
+      victims = list(dict.fromkeys(list(self._waiting) + [h for h in self._owner if h is not None]))
       self._waiting.clear()
       self._chunking.clear()
+      self._seqs.clear()
       self._owner = [None] * self.max_batch
     for h in victims:
       h.finish("cancelled", now, error=message)
@@ -420,6 +496,7 @@ class Engine:
       gone = [h for h in self._waiting if h.cancel_requested]
       for h in gone:
         self._waiting.remove(h)
+        self._keys.pop(h.request_id, None)
       if gone:
         self.metrics.slots(sum(o is not None for o in self._owner), len(self._waiting))
         self._cv.notify_all()
@@ -432,80 +509,185 @@ class Engine:
       if h is not None and h.cancel_requested and not h.finished:
         cancel_b[s] = True
         self._end(h, "cancelled", now)
+        self._drop_seq(s)
     self._chunking = collections.deque(job for job in self._chunking if not cancel_b[job.slot])
     return cancel_b
 
-  def _take_slots(self, group: Sequence[RequestHandle], free: Sequence[int]) -> None:
-    """Moves `group` from the queue into slots `free` (called holding the lock)."""
+  def _drop_seq(self, slot: int) -> None:
+    """Forgets the request in `slot` and frees its pages (the device masks the slot from the next round on)."""
+    self._seqs.pop(slot, None)
+    if self.pages is not None:
+      self.pages.release(slot)
+
+  # ---- pages: growth, preemption, prefix lookups ----------------------------------------------
+  def _need(self, prompt_len: int, h: RequestHandle, done: int) -> int:
+    """Tokens a request may have in its slot after the round about to be dispatched: its prefill, the tokens the
+    host has seen it make since (at least its first), and two rounds (the one still unread and the next), capped
+    at its whole budget."""
+    steps = self.opts.steps_per_round
+    known = max(len(h.token_ids) - done, 1)
+    return min(prompt_len + known + 2 * steps - 1, prompt_len + h.params.max_tokens - done - 1)
+
+  def _grow(self, cancel_b: np.ndarray) -> None:
+    """Gives every running request, oldest first, the pages its next round may write; while pages lack, preempts
+    the most recently admitted request."""
+    if self.pages is None:
+      return
+    for seq in sorted(self._seqs.values(), key=lambda q: q.order):
+      if self._seqs.get(seq.slot) is not seq:   # preempted for an older one
+        continue
+      while not self.pages.grow(seq.slot, self._need(len(seq.prompt), seq.handle, seq.done)):
+        victim = max(self._seqs.values(), key=lambda q: q.order)
+        self._preempt(victim, cancel_b)
+        if victim is seq:
+          break
+
+  def _preempt(self, seq: _Seq, cancel_b: np.ndarray) -> None:
+    """Frees the request's slot and pages and puts it back at the front of the queue; the round about to be
+    dispatched masks its slot, and tokens of the unread round are dropped (it makes them again)."""
+    cancel_b[seq.slot] = True
+    self._drop_seq(seq.slot)
+    self._chunking = collections.deque(job for job in self._chunking if job.slot != seq.slot)
+    with self._cv:
+      self._waiting.appendleft(seq.handle)
+      self.metrics.slots(sum(o is not None for o in self._owner), len(self._waiting))
+    self.preemptions += 1
+    self.metrics.preemptions.inc()
+
+  def _prefix_keys(self, h: RequestHandle) -> list[bytes]:
+    """The prefix-cache keys of what `h` prefills when admitted (kept while it waits)."""
+    n = len(h.prompt_ids) + len(h.token_ids)
+    memo = self._keys.get(h.request_id)
+    if memo is None or memo[0] != n:
+      memo = (n, self.pages.prefix_keys(_prompt_of(h)))
+      self._keys[h.request_id] = memo
+    return memo[1]
+
+  def _cached_flags(self) -> list[bool] | None:
+    """Per waiting request, whether a cached prefix lets it skip part of its prefill (None: no prefix caching)."""
+    if self.pages is None or not self.pages.prefix_caching:
+      return None
+    return [self.pages.cached_tokens(self._prefix_keys(h)) > 0 for h in self._waiting]
+
+  def _claim(self, slot: int, h: RequestHandle, prompt: tuple[int, ...], share: bool, reserve: int) -> int | None:
+    """Pages for `h` entering `slot` (`SlotPages.claim`; sharing cached prefix pages when `share`): the cached
+    tokens, or None when the pages are not there. Counts the prefix-cache lookup."""
+    if self.pages is None:
+      return 0
+    keys = self._prefix_keys(h) if share else []
+    cached = self.pages.claim(slot, keys, self._need(len(prompt), h, len(h.token_ids)), reserve)
+    if cached is not None and self.pages.prefix_caching:
+      self.metrics.prefix_queries.inc(len(prompt))
+      self.metrics.prefix_hits.inc(cached)
+    return cached
+
+  def _page_metrics(self) -> None:
+    if self.pages is not None:
+      self.metrics.pages(self.pages.used, self.pages.layout.num_pages, len(self.pages.cache))
+
+  # ---- admission ----------------------------------------------------------------------------
+  def _take_slots(self, group: Sequence[tuple[RequestHandle, tuple[int, ...]]], free: Sequence[int]) -> None:
+    """Moves `group` (requests and what they prefill) from the queue into slots `free` (called holding the lock)."""
     now = time.perf_counter()
-    for h, s in zip(group, free):
+    for (h, prompt), s in zip(group, free):
       self._waiting.remove(h)
+      self._keys.pop(h.request_id, None)
       self._owner[s] = h
-      h.admitted_s = now
-      self.metrics.queue.observe(now - h.arrival_s)
+      self._seqs[s] = _Seq(h, prompt, len(h.token_ids), next(self._order), s)
+      if h.admitted_s is None:
+        h.admitted_s = now
+        self.metrics.queue.observe(now - h.arrival_s)
     self.metrics.slots(sum(o is not None for o in self._owner), len(self._waiting))
     self._cv.notify_all()
 
   def _start_chunked(self) -> None:
-    """Gives the oldest waiting prompt longer than a chunk a slot and starts its chunked prefill, when none runs."""
+    """Gives the oldest waiting prompt longer than a chunk (or with a cached prefix) a slot and its pages, and
+    starts its chunked prefill (from the end of the cached prefix), when none runs."""
     with self._cv:
       free = [s for s, h in enumerate(self._owner) if h is None]
-      i = sched.take_chunked([len(h.prompt_ids) for h in self._waiting], len(free), self.chunk, bool(self._chunking))
-      if i is not None:
-        h = self._waiting[i]
-        self._take_slots([h], free[:1])
-        self._chunking.append(_ChunkJob(h, free[0]))
+      lengths = [len(h.prompt_ids) + len(h.token_ids) for h in self._waiting]
+      i = sched.take_chunked(lengths, len(free), self.chunk, bool(self._chunking), self._cached_flags())
+      if i is None:
+        return
+      h = self._waiting[i]
+      prompt = _prompt_of(h)
+      cached = self._claim(free[0], h, prompt, share=True, reserve=len(self._seqs))
+      if cached is None:
+        return
+      self._take_slots([(h, prompt)], free[:1])
+      self._chunking.append(_ChunkJob(h, free[0], cached))
 
-  def _next_chunk(self) -> list[tuple[RequestHandle, int, Any, Any]]:
+  def _next_chunk(self) -> list[tuple[_Seq, Any, Any]]:
     """Runs the next chunk of the oldest chunked prefill: the request's first token once its prompt is done."""
     if not self._chunking:
       return []
+    self._sync_table()
     job = self._chunking[0]
-    first, active = self._chunk(job.handle.prompt_ids, job.start, job.slot, job.handle)
-    n = min(self.chunk, len(job.handle.prompt_ids) - job.start)
+    seq = self._seqs[job.slot]
+    first, active = self._chunk(seq.prompt, job.start, job.slot, job.handle, seq.done)
+    n = min(self.chunk, len(seq.prompt) - job.start)
     job.start += n
     self.metrics.prompt_tokens.inc(n)
-    if job.start < len(job.handle.prompt_ids):
+    if job.start < len(seq.prompt):
       return []
     self._chunking.popleft()
-    return [(job.handle, job.slot, first, active)]
+    if self.pages is not None:
+      self.pages.publish(job.slot, seq.prompt)
+    return [(seq, first, active)]
 
-  def _admit(self) -> list[tuple[RequestHandle, int, Any, Any]]:
+  def _claim_group(self, group: list[tuple[RequestHandle, tuple[int, ...]]], free: Sequence[int]):
+    """The leading requests of a prefill group whose pages are there (claimed now, nothing shared: the prefill
+    writes every position), each beyond its own first rounds leaving a page per running request."""
+    out = []
+    for (h, prompt), s in zip(group, free):
+      if self._claim(s, h, prompt, share=False, reserve=len(self._seqs) + len(out)) is None:
+        break
+      out.append((h, prompt))
+    return out
+
+  def _admit(self) -> list[tuple[_Seq, Any, Any]]:
     """Prefills and inserts waiting requests into free slots (slots being cancelled this round stay reserved);
-    starts a chunked prefill for the oldest long prompt."""
+    starts a chunked prefill for the oldest long (or prefix-cached) prompt."""
     self._start_chunked()
     firsts = []
     while True:
       with self._cv:
         free = [s for s, h in enumerate(self._owner) if h is None]
-        lengths = [len(h.prompt_ids) for h in self._waiting]
+        lengths = [len(h.prompt_ids) + len(h.token_ids) for h in self._waiting]
         picked, bucket = sched.take_prefill_group(lengths, len(free), max_len=self.max_len,
                                                   prefill_rows=self.opts.prefill_rows,
-                                                  prefill_max_tokens=self.opts.prefill_max_tokens, chunk=self.chunk)
-        if not picked:
+                                                  prefill_max_tokens=self.opts.prefill_max_tokens, chunk=self.chunk,
+                                                  cached=self._cached_flags())
+        group = self._claim_group([(self._waiting[i], _prompt_of(self._waiting[i])) for i in picked], free)
+        if not group:
           return firsts
-        group = [self._waiting[i] for i in picked]
         self._take_slots(group, free)
-      prefill = self._prefill(group, sched.row_bucket(len(group), self.opts.prefill_rows), bucket)
-      for row, (h, s) in enumerate(zip(group, free)):
-        first, active = self._insert(prefill, row, s, h)
-        firsts.append((h, s, first, active))
-        self.metrics.prompt_tokens.inc(len(h.prompt_ids))
+      self._sync_table()
+      prefill = self._prefill([p for _, p in group], sched.row_bucket(len(group), self.opts.prefill_rows), bucket)
+      for row, s in enumerate(free[:len(group)]):
+        seq = self._seqs[s]
+        first, active = self._insert(prefill, row, s, seq.handle, seq.done)
+        firsts.append((seq, first, active))
+        self.metrics.prompt_tokens.inc(len(seq.prompt))
+        if self.pages is not None:
+          self.pages.publish(s, seq.prompt)
 
   def _take_firsts(self, firsts) -> None:
     if not firsts:
       return
-    values = jax.device_get([(f, a) for _, _, f, a in firsts])
+    values = jax.device_get([(f, a) for _, f, a in firsts])
     now = time.perf_counter()
-    for (h, s, _, _), (first, active) in zip(firsts, values):
-      if h.finished:   # cancelled meanwhile
+    for (seq, _, _), (first, active) in zip(firsts, values):
+      h = seq.handle
+      if h.finished or self._seqs.get(seq.slot) is not seq:   # cancelled or preempted meanwhile
         continue
       h.append([int(first)], now)
-      self.metrics.ttft.observe(now - h.arrival_s)
+      if seq.done == 0:
+        self.metrics.ttft.observe(now - h.arrival_s)
       self.metrics.generation_tokens.inc()
       if not bool(active):
         self._end(h, "stop" if int(first) in h.stop_ids else "length", now)
-        self._release(s, h)
+        self._release(seq.slot, h)
 
   def _maybe_probe(self, variant: sched.StepVariant):
     """The selection probe's result before every `selection_probe_every`-th sparse round (the first included)."""
@@ -523,8 +705,9 @@ class Engine:
     n = int(n)
     self.variant_rounds[variant.name] += 1
     self.metrics.round(variant.name, n, len(snapshot), variant.attention_density)
-    for s, h in snapshot:
-      if h.finished:
+    for s, seq in snapshot:
+      h = seq.handle
+      if h.finished or self._seqs.get(s) is not seq:   # cancelled or preempted: its tokens are made again
         continue
       toks = [int(t) for t in out[s, :n] if t != programs.NO_TOKEN]
       if toks:
@@ -542,5 +725,8 @@ class Engine:
     with self._cv:
       if self._owner[slot] is h:
         self._owner[slot] = None
+      seq = self._seqs.get(slot)
+      if seq is not None and seq.handle is h:
+        self._drop_seq(slot)
       self.metrics.slots(sum(o is not None for o in self._owner), len(self._waiting))
       self._cv.notify_all()

@@ -4,10 +4,13 @@ Gauges: `polar:num_requests_running`, `polar:num_requests_waiting`, `polar:kv_sl
 `polar:attention_density` (fraction of KV groups the decode steps read, over every row-step so far),
 `polar:mlp_dense_fallback_rate` (fraction of MLP layers the sparse step runs dense; 0 without MLP routers),
 `polar:kv_group_selection_rate{layer,group}` (fraction of probed rows whose sparse step selects the group; sampled
-every `EngineOptions.selection_probe_every` sparse rounds).
+every `EngineOptions.selection_probe_every` sparse rounds), and with a paged cache `polar:kv_pages_used` (pages
+held by requests or the prefix cache), `polar:kv_pages_total`, `polar:kv_pages_cached` (pages in the prefix cache).
 Counters: `polar:prompt_tokens`, `polar:generation_tokens`, `polar:request_success{finished_reason}`,
 `polar:step_variant{variant}` (decode rounds per step variant), `polar:decode_steps{variant}`,
-`polar:kv_group_probed_rows` (rows the selection probe counted).
+`polar:kv_group_probed_rows` (rows the selection probe counted), `polar:prefix_cache_queries` and
+`polar:prefix_cache_hits` (prompt tokens looked up in the prefix cache and found there), `polar:num_preemptions`
+(running requests sent back to the queue for lack of pages).
 Histograms: `polar:time_to_first_token_seconds`, `polar:inter_token_latency_seconds`,
 `polar:e2e_request_latency_seconds`, `polar:request_queue_time_seconds`, `polar:request_prompt_tokens`,
 `polar:request_generation_tokens`.
@@ -77,6 +80,12 @@ class EngineMetrics:
                              "Fraction of probed rows whose sparse decode step selects this KV group of this layer.",
                              labels + ["layer", "group"], registry=r)
     self.probed_rows = counter("kv_group_probed_rows", "Active rows counted by the KV-group selection probe.")
+    self.pages_used = gauge("kv_pages_used", "KV cache pages held by requests or the prefix cache.")
+    self.pages_total = gauge("kv_pages_total", "KV cache pages (0: contiguous cache).")
+    self.pages_cached = gauge("kv_pages_cached", "KV cache pages listed in the prefix cache.")
+    self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
+    self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled).")
+    self.preemptions = counter("num_preemptions", "Running requests preempted (requeued) for lack of KV pages.")
     self._group_hits = None   # int64 [L, G], summed over probes
     self._probed = 0
     self._model = model_name
@@ -117,6 +126,11 @@ class EngineMetrics:
     self.slots_used.set(used)
     self.slots_perc.set(used / self.max_batch)
     self.waiting.set(waiting)
+
+  def pages(self, used: int, total: int, cached: int) -> None:
+    self.pages_used.set(used)
+    self.pages_total.set(total)
+    self.pages_cached.set(cached)
 
   def text(self) -> bytes:
     return generate_latest(self.registry)

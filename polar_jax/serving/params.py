@@ -88,6 +88,14 @@ class EngineOptions:
     selection_probe_every: every this many sparse rounds, count which KV groups of each layer the running rows'
       sparse step selects (`polar:kv_group_selection_rate`; router and random selectors); 0 = never.
     warmup: compile and run every program once at start-up (else the first requests compile them).
+    kv_layout: "paged" (default): K/V in pages of `page_size` tokens handed out as requests grow (one device, no
+      sliding window shorter than max_len); "contiguous": one `max_len` row per slot.
+    page_size: tokens per page (a multiple of 16).
+    num_pages: pages of the paged cache; None: `kv_memory_fraction` of the device's free memory, or without it as
+      many pages as a contiguous cache of `max_batch` x `max_len` holds.
+    kv_memory_fraction: the fraction (0, 1] of the device's free memory at start-up the pages take (GPU).
+    prefix_caching: full prompt pages stay cached after their request and a prompt starting with cached pages
+      prefills only the rest (paged layout with chunked prefill on).
   The decode round's loop graph follows the engine's `DecodeOptions.loop_graph`.
   """
 
@@ -101,8 +109,14 @@ class EngineOptions:
   prefill_chunk: int | None = 512
   selection_probe_every: int = 64
   warmup: bool = True
+  kv_layout: str = "paged"
+  page_size: int = 16
+  num_pages: int | None = None
+  kv_memory_fraction: float | None = None
+  prefix_caching: bool = True
 
   def __post_init__(self):
+    self._check_kv()
     if self.sparse_min_rows is not None and (not _is_int(self.sparse_min_rows) or self.sparse_min_rows < 1):
       raise ValueError(f"EngineOptions.sparse_min_rows must be an integer >= 1 or None, got {self.sparse_min_rows!r}")
     object.__setattr__(self, "cost_table", _cost_table(self.cost_table))
@@ -117,6 +131,22 @@ class EngineOptions:
                        f"{self.selection_probe_every!r}")
     if not _is_int(self.max_waiting) or self.max_waiting < 0:
       raise ValueError(f"EngineOptions.max_waiting must be an integer >= 0, got {self.max_waiting!r}")
+
+
+  def _check_kv(self) -> None:
+    if self.kv_layout not in ("paged", "contiguous"):
+      raise ValueError(f"EngineOptions.kv_layout must be \"paged\" or \"contiguous\", got {self.kv_layout!r}")
+    if not _is_int(self.page_size) or self.page_size < 16 or self.page_size % 16:
+      raise ValueError(f"EngineOptions.page_size must be a positive multiple of 16, got {self.page_size!r}")
+    if self.num_pages is not None and (not _is_int(self.num_pages) or self.num_pages < 1):
+      raise ValueError(f"EngineOptions.num_pages must be an integer >= 1 or None, got {self.num_pages!r}")
+    f = self.kv_memory_fraction
+    if f is not None and (isinstance(f, bool) or not isinstance(f, (int, float)) or not 0.0 < f <= 1.0):
+      raise ValueError(f"EngineOptions.kv_memory_fraction must be a number in (0, 1] or None, got {f!r}")
+    if f is not None and self.num_pages is not None:
+      raise ValueError("EngineOptions: give num_pages or kv_memory_fraction, not both")
+    if not isinstance(self.prefix_caching, bool):
+      raise ValueError(f"EngineOptions.prefix_caching must be a bool, got {self.prefix_caching!r}")
 
 
 def _cost_table(value) -> CostTable | str:

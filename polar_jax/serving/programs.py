@@ -8,7 +8,9 @@ one compiled program of each kind serves every mix of requests:
     (one program per (R, T) bucket);
   * `first_token_program`: samples a request's first token from its prefill row (one program for all buckets);
   * `insert_program`: copies row r of a prefill into slot s (both traced) with `lax.dynamic_update_slice` on each
-    cache leaf and writes the first token and the request's parameters; `Slots` is donated;
+    cache leaf (a paged cache: a scatter into the pages of the slot's page-table row) and writes the first token
+    and the request's parameters; `Slots` is donated;
+  * `table_program`: replaces a paged cache's page table with the host's (after pages were allocated or freed);
   * `chunk_program`: one chunk of a long prompt prefilled straight into its slot (`chunked_prefill`; start, slot
     and valid tokens traced, one program per chunk size); after the last chunk it samples the first token and
     writes the request's parameters as `insert_program` does; `Slots` is donated;
@@ -19,7 +21,12 @@ one compiled program of each kind serves every mix of requests:
 
 Sampling is per row: temperature, top-k and top-p are `[B]` arrays (never static), greedy rows take the argmax,
 and a row's key is `fold_in(key(seed), tokens made so far)`, so a request samples the same tokens whatever else
-is in the batch.
+is in the batch. A request restarted after preemption (its prompt and the tokens it had made prefilled again) passes
+`done`, the tokens made before, so its next token is sampled with the index it would have had.
+
+With a paged cache a decode step writes every row's K/V at its length through its page-table row: rows neither
+active nor holding a chunked prefill see their table row as the trash page during the step (their pages may have
+been freed and handed to another request, or be shared prefix pages), so their writes land nowhere.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from polar_jax import sharding
 from polar_jax.kv_cache import KVCache
+from polar_jax.paged_kv_cache import PagedKVCache, PagedLayout, masked_table, write_tokens
 from polar_jax.sampling import Temperature, TopK, TopP
 from polar_jax.serving.chunked_prefill import prefill_chunk
 from polar_jax.serving.selection_stats import count_selections
 
 # Times each program has been traced (tests count compilations with it: a traced program is a compiled one).
-TRACE_COUNTS = {"prefill": 0, "first": 0, "insert": 0, "chunk": 0, "occupy": 0, "probe": 0, "step": 0}
+TRACE_COUNTS = {"prefill": 0, "first": 0, "insert": 0, "chunk": 0, "occupy": 0, "probe": 0, "step": 0, "table": 0}
 
 NO_TOKEN = -1   # `step_program`'s output for a row that made no token in a step
 
@@ -52,7 +60,8 @@ class Slots:
   """The running batch on the device (every field has `max_batch` rows).
 
   Attributes:
-    cache: the KV cache; a slot's length is its request's tokens so far (0 for a free slot).
+    cache: the KV cache (`KVCache` or `PagedKVCache`); a slot's length is its request's tokens so far (0 for a
+      free slot).
     tok_b: int32, the last token of each row (the next step's input).
     active_b: bool, rows still generating.
     gen_b: int32, tokens made so far (the first one included).
@@ -83,10 +92,13 @@ class Slots:
     return dataclasses.replace(self, **changes)
 
 
-def init_slots(config, batch: int, max_len: int, dtype, stop_width: int) -> Slots:
-  """Every slot free: zero cache and lengths, nothing active."""
+def init_slots(config, batch: int, max_len: int, dtype, stop_width: int, layout: PagedLayout | None = None) -> Slots:
+  """Every slot free: zero cache and lengths, nothing active. `layout`: a paged cache of that shape, or None for a
+  contiguous one of `max_len` slots per row."""
   zeros_i = lambda: jnp.zeros((batch,), jnp.int32)   # noqa: E731  (distinct buffers: the state is donated)
-  return Slots(cache=KVCache.init(config, batch, max_len, dtype), tok_b=zeros_i(), active_b=jnp.zeros((batch,), bool),
+  cache = (KVCache.init(config, batch, max_len, dtype) if layout is None
+           else PagedKVCache.init(config, batch, layout, dtype))
+  return Slots(cache=cache, tok_b=zeros_i(), active_b=jnp.zeros((batch,), bool),
                gen_b=zeros_i(), max_b=zeros_i(), stop_bs=jnp.full((batch, stop_width), -1, jnp.int32),
                temp_b=jnp.ones((batch,), jnp.float32), topk_b=jnp.full((batch,), config.vocab_size, jnp.int32),
                topp_b=jnp.ones((batch,), jnp.float32), greedy_b=jnp.ones((batch,), bool), seed_b=zeros_i(),
@@ -135,57 +147,76 @@ def prefill_program(graphdef, state, tokens_rt, lengths_r, *, mesh=None):
     return model.prefill(tokens_rt, lengths_r, cache, mesh=mesh)
 
 
-def _first_token(logits_1v, max_tokens, stop_s, temp, topk, topp, greedy, seed):
-  """(token, active): a request's first token sampled from its last prompt token's logits (index 0), and whether
-  the request goes on after it."""
+def _first_token(logits_1v, max_tokens, stop_s, temp, topk, topp, greedy, seed, done):
+  """(token, active): the token after a request's prompt sampled from its last prompt token's logits (index `done`,
+  the tokens it made before: 0 unless restarted), and whether the request goes on after it."""
   one = lambda x, dtype: jnp.asarray(x, dtype)[None]   # noqa: E731
   first = sample_rows(logits_1v, one(temp, jnp.float32), one(topk, jnp.int32), one(topp, jnp.float32),
-                      one(greedy, bool), one(seed, jnp.int32), jnp.zeros((1,), jnp.int32))[0]
-  return first, ~jnp.any(first == stop_s) & (max_tokens > 1)
+                      one(greedy, bool), one(seed, jnp.int32), one(done, jnp.int32))[0]
+  return first, ~jnp.any(first == stop_s) & (done + 1 < max_tokens)
 
 
 @jax.jit
-def first_token_program(logits_rv, row, max_tokens, stop_s, temp, topk, topp, greedy, seed):
+def first_token_program(logits_rv, row, max_tokens, stop_s, temp, topk, topp, greedy, seed, done):
   """The first token of row `row` of a prefill (sampled with index 0) and whether the request goes on: (token,
   active). One program for every prefill bucket (the logits are `[R, V]`)."""
   TRACE_COUNTS["first"] += 1
   logits_1v = jax.lax.dynamic_slice_in_dim(logits_rv, row, 1, axis=0)
-  return _first_token(logits_1v, max_tokens, stop_s, temp, topk, topp, greedy, seed)
+  return _first_token(logits_1v, max_tokens, stop_s, temp, topk, topp, greedy, seed, done)
 
 
-def _start_request(slots: Slots, cache: KVCache, slot, first, active, max_tokens, stop_s, temp, topk, topp, greedy,
-                   seed) -> Slots:
+def _start_request(slots: Slots, cache, slot, first, active, max_tokens, stop_s, temp, topk, topp, greedy,
+                   seed, done) -> Slots:
   """`slots` with `cache` and slot `slot` running a request from its first token (its hold length back to 0)."""
   return slots.replace(
       cache=cache, tok_b=slots.tok_b.at[slot].set(first), active_b=slots.active_b.at[slot].set(active),
-      gen_b=slots.gen_b.at[slot].set(1), max_b=slots.max_b.at[slot].set(max_tokens),
+      gen_b=slots.gen_b.at[slot].set(done + 1), max_b=slots.max_b.at[slot].set(max_tokens),
       stop_bs=slots.stop_bs.at[slot].set(stop_s), temp_b=slots.temp_b.at[slot].set(temp),
       topk_b=slots.topk_b.at[slot].set(topk), topp_b=slots.topp_b.at[slot].set(topp),
       greedy_b=slots.greedy_b.at[slot].set(greedy), seed_b=slots.seed_b.at[slot].set(seed),
       hold_b=slots.hold_b.at[slot].set(0))
 
 
+def _insert_rows(cache, prefill: KVCache, row, slot):
+  """`cache` with row `row` of a prefill as slot `slot`: copied into the slot's row (contiguous) or scattered into
+  the pages of its page-table row (paged), and the slot's length set."""
+  n = prefill.lengths_b[row]
+  if isinstance(cache, PagedKVCache):
+    table_p = cache.page_table_bp[slot]
+    put = lambda dst, src: write_tokens(dst, jax.lax.dynamic_index_in_dim(src, row, 0, keepdims=False),  # noqa
+                                        table_p, 0, n)
+  else:
+    def put(dst_bhsd, src_rhtd):
+      row_1htd = jax.lax.dynamic_slice_in_dim(src_rhtd, row, 1, axis=0)
+      return jax.lax.dynamic_update_slice(dst_bhsd, row_1htd.astype(dst_bhsd.dtype), (slot, 0, 0, 0))
+  layers = [cache.layer_kv(i) for i in range(len(prefill.k_bhsd))]
+  ks = [put(k, src) for (k, _), src in zip(layers, prefill.k_bhsd)]
+  vs = [put(v, src) for (_, v), src in zip(layers, prefill.v_bhsd)]
+  return cache.with_layers(ks, vs, cache.lengths_b.at[slot].set(n))
+
+
 @functools.partial(jax.jit, donate_argnames=("slots",))
 def insert_program(slots: Slots, prefill: KVCache, row, slot, first, active, max_tokens, stop_s, temp, topk, topp,
-                   greedy, seed) -> Slots:
+                   greedy, seed, done) -> Slots:
   """Row `row` of a prefill into slot `slot` (both traced scalars): its cache rows and length, its first token and
   its parameters."""
   TRACE_COUNTS["insert"] += 1
   with jax.named_scope("serve_insert"):
-    def put(dst_bhsd, src_rhtd):
-      row_1htd = jax.lax.dynamic_slice_in_dim(src_rhtd, row, 1, axis=0)
-      return jax.lax.dynamic_update_slice(dst_bhsd, row_1htd.astype(dst_bhsd.dtype), (slot, 0, 0, 0))
+    cache = _insert_rows(slots.cache, prefill, row, slot)
+    return _start_request(slots, cache, slot, first, active, max_tokens, stop_s, temp, topk, topp, greedy, seed,
+                          done)
 
-    cache = slots.cache
-    cache = KVCache(tuple(put(d, s) for d, s in zip(cache.k_bhsd, prefill.k_bhsd)),
-                    tuple(put(d, s) for d, s in zip(cache.v_bhsd, prefill.v_bhsd)),
-                    cache.lengths_b.at[slot].set(prefill.lengths_b[row]))
-    return _start_request(slots, cache, slot, first, active, max_tokens, stop_s, temp, topk, topp, greedy, seed)
+
+@functools.partial(jax.jit, donate_argnames=("slots",))
+def table_program(slots: Slots, page_table_bp) -> Slots:
+  """`slots` with the paged cache's page table replaced by `page_table_bp` (the host's)."""
+  TRACE_COUNTS["table"] += 1
+  return slots.replace(cache=dataclasses.replace(slots.cache, page_table_bp=page_table_bp))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("slots",))
 def chunk_program(graphdef, state, slots: Slots, tokens_c, start, prompt_len, slot, max_tokens, stop_s, temp, topk,
-                  topp, greedy, seed, *, mesh=None):
+                  topp, greedy, seed, done, *, mesh=None):
   """Prefills prompt tokens `[start, min(start + C, prompt_len))` (`tokens_c`, padded to C) into slot `slot`
   (`chunked_prefill.prefill_chunk`). Until the prompt's last chunk the slot stays inactive with its hold length at
   the tokens prefilled; the last chunk samples the first token and starts the request as `insert_program` does.
@@ -197,21 +228,26 @@ def chunk_program(graphdef, state, slots: Slots, tokens_c, start, prompt_len, sl
     logits_v, cache = prefill_chunk(model, tokens_c, start, n_valid, slots.cache, slot, mesh=mesh)
     end = start + n_valid
     last = end >= prompt_len
-    first, active = _first_token(logits_v[None], max_tokens, stop_s, temp, topk, topp, greedy, seed)
-    cache = KVCache(cache.k_bhsd, cache.v_bhsd, cache.lengths_b.at[slot].set(end))
+    first, active = _first_token(logits_v[None], max_tokens, stop_s, temp, topk, topp, greedy, seed, done)
+    cache = dataclasses.replace(cache, lengths_b=cache.lengths_b.at[slot].set(end))
     started = _start_request(slots, cache, slot, first, active & last, max_tokens, stop_s, temp, topk, topp, greedy,
-                             seed)
+                             seed, done)
     return started.replace(hold_b=started.hold_b.at[slot].set(jnp.where(last, 0, end))), first, active & last
 
 
 @functools.partial(jax.jit, donate_argnames=("slots",))
 def occupy_program(slots: Slots, rows, context) -> Slots:
   """`slots` as a cost measurement sets them: rows `[0, rows)` active with `context` cached tokens (whatever K/V
-  the cache holds), greedy, no stop token and no budget limit; the other rows free. `rows` = 0 frees every row."""
+  the cache holds; a paged cache's rows spread over the pool's pages), greedy, no stop token and no budget limit;
+  the other rows free. `rows` = 0 frees every row (the engine then restores its page table)."""
   TRACE_COUNTS["occupy"] += 1
   b = slots.active_b.shape[0]
   on = jnp.arange(b) < rows
-  cache = KVCache(slots.cache.k_bhsd, slots.cache.v_bhsd, jnp.where(on, context, 0).astype(jnp.int32))
+  cache = dataclasses.replace(slots.cache, lengths_b=jnp.where(on, context, 0).astype(jnp.int32))
+  if isinstance(cache, PagedKVCache):
+    p = cache.page_table_bp.shape[1]
+    spread_bp = (jnp.arange(b)[:, None] * p + jnp.arange(p)[None, :]) % cache.trash_page
+    cache = dataclasses.replace(cache, page_table_bp=spread_bp.astype(jnp.int32))
   return slots.replace(cache=cache, tok_b=jnp.zeros_like(slots.tok_b), active_b=on, gen_b=jnp.ones_like(slots.gen_b),
                        max_b=jnp.full_like(slots.max_b, 2**30), stop_bs=jnp.full_like(slots.stop_bs, -1),
                        greedy_b=jnp.ones_like(slots.greedy_b), hold_b=jnp.zeros_like(slots.hold_b))
@@ -224,8 +260,19 @@ def probe_program(graphdef, state, slots: Slots, decode_state, *, decode):
   TRACE_COUNTS["probe"] += 1
   with jax.named_scope("serve_selection_probe"):
     model = nnx.merge(graphdef, state)
-    cache, counts_lg = count_selections(model, decode, decode_state, slots.tok_b, slots.cache, slots.active_b)
-    return slots.replace(cache=cache), counts_lg, jnp.sum(slots.active_b.astype(jnp.int32))
+    view = _writable_view(slots.cache, slots.active_b | (slots.hold_b > 0))
+    cache, counts_lg = count_selections(model, decode, decode_state, slots.tok_b, view, slots.active_b)
+    return slots.replace(cache=_with_table_of(cache, slots.cache)), counts_lg, jnp.sum(slots.active_b.astype(jnp.int32))
+
+
+def _writable_view(cache, keep_b):
+  """The cache a decode step runs on: a paged cache's rows outside `keep_b` write to the trash page."""
+  return masked_table(cache, keep_b) if isinstance(cache, PagedKVCache) else cache
+
+
+def _with_table_of(cache, like):
+  """`cache` with `like`'s page table back (undoes `_writable_view`)."""
+  return dataclasses.replace(cache, page_table_bp=like.page_table_bp) if isinstance(cache, PagedKVCache) else cache
 
 
 def _step(graphdef, state, slots: Slots, decode_state, cancel_b, *, decode, steps: int):
@@ -235,7 +282,7 @@ def _step(graphdef, state, slots: Slots, decode_state, cancel_b, *, decode, step
     active = slots.active_b & ~cancel_b
     hold = jnp.where(cancel_b, 0, slots.hold_b)   # a cancelled chunked prefill frees its slot
     cache = slots.cache
-    cache = KVCache(cache.k_bhsd, cache.v_bhsd, jnp.where(active, cache.lengths_b, hold))
+    cache = dataclasses.replace(cache, lengths_b=jnp.where(active, cache.lengths_b, hold))
     slots = slots.replace(active_b=active, cache=cache, hold_b=hold)
     out = jnp.full((active.shape[0], steps), NO_TOKEN, jnp.int32)
 
@@ -246,14 +293,16 @@ def _step(graphdef, state, slots: Slots, decode_state, cancel_b, *, decode, step
     def body(carry):
       i, s, out = carry
       act = s.active_b
-      logits, cache = decode(model, s.tok_b, s.cache, decode_state, act)
+      view = _writable_view(s.cache, act | (s.hold_b > 0))
+      logits, cache = decode(model, s.tok_b, view, decode_state, act)
+      cache = _with_table_of(cache, s.cache)
       new = sample_rows(logits, s.temp_b, s.topk_b, s.topp_b, s.greedy_b, s.seed_b, s.gen_b)
       new = jnp.where(act, new, NO_TOKEN)
       out = jax.lax.dynamic_update_slice(out, new[:, None], (0, i))
       gen = s.gen_b + act.astype(jnp.int32)
       done = act & (jnp.any(new[:, None] == s.stop_bs, axis=1) | (gen >= s.max_b))
       still = act & ~done
-      cache = KVCache(cache.k_bhsd, cache.v_bhsd, jnp.where(still, cache.lengths_b, s.hold_b))
+      cache = dataclasses.replace(cache, lengths_b=jnp.where(still, cache.lengths_b, s.hold_b))
       s = s.replace(cache=cache, tok_b=jnp.where(act, new, s.tok_b), active_b=still, gen_b=gen)
       return i + 1, s, out
 

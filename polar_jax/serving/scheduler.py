@@ -62,10 +62,12 @@ def prefill_shapes(max_len: int, prefill_rows: int, prefill_max_tokens: int, lon
 
 
 def take_prefill_group(lengths: Sequence[int], free_slots: int, *, max_len: int, prefill_rows: int,
-                       prefill_max_tokens: int, chunk: int | None = None) -> tuple[list[int], int]:
+                       prefill_max_tokens: int, chunk: int | None = None, cached: Sequence[bool] | None = None,
+                       ) -> tuple[list[int], int]:
   """(indices into `lengths` (waiting prompts, oldest first) that the next bucketed prefill takes, their bucket).
-  Prompts longer than `chunk` are left to chunked prefill."""
-  short = [i for i, n in enumerate(lengths) if chunk is None or n <= chunk]
+  Prompts longer than `chunk`, and those whose `cached` flag says a cached prefix lets them skip part of their
+  prefill, are left to chunked prefill."""
+  short = [i for i, n in enumerate(lengths) if (chunk is None or n <= chunk) and not (cached and cached[i])]
   if not short or free_slots < 1:
     return [], 0
   bucket = bucket_of(lengths[short[0]], max_len)
@@ -74,12 +76,13 @@ def take_prefill_group(lengths: Sequence[int], free_slots: int, *, max_len: int,
   return picked, bucket
 
 
-def take_chunked(lengths: Sequence[int], free_slots: int, chunk: int | None, lane_busy: bool) -> int | None:
+def take_chunked(lengths: Sequence[int], free_slots: int, chunk: int | None, lane_busy: bool,
+                 cached: Sequence[bool] | None = None) -> int | None:
   """The index of the waiting prompt (oldest first) that starts chunked prefill now: the oldest one longer than
-  `chunk`, when no chunked prefill is running and a slot is free; else None."""
+  `chunk` or with a cached prefix (`cached`), when no chunked prefill is running and a slot is free; else None."""
   if chunk is None or lane_busy or free_slots < 1:
     return None
-  return next((i for i, n in enumerate(lengths) if n > chunk), None)
+  return next((i for i, n in enumerate(lengths) if n > chunk or (cached and cached[i])), None)
 
 
 def chunk_starts(prompt_len: int, chunk: int) -> tuple[int, ...]:
