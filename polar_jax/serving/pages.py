@@ -101,6 +101,9 @@ class SlotPages:
     need = pages_needed(total_tokens, self.layout.page_size) - len(self.held[slot])
     if need <= 0:
       return True
+    if len(self.held[slot]) + need > self.layout.max_pages:
+      raise ValueError(f"slot {slot} would hold {total_tokens} tokens, more than max_pages={self.layout.max_pages} "
+                       "pages")
     try:
       fresh = self.cache.allocate(need)
     except OutOfPagesError:

@@ -1,0 +1,173 @@
+"""The serving engine on a paged KV cache (tiny model, CPU): greedy outputs equal `generate` for each prompt alone
+(dense, head-sparse with routers, under preemption, with a shared prefix served from the prefix cache), every page
+comes back when the requests end, and nothing compiles while requests come and go."""
+
+import time
+
+import numpy as np
+import pytest
+
+from polar_jax import generation as gen
+from polar_jax.config import ModelConfig
+from polar_jax.fusion import fuse_projections
+from polar_jax.model import init_model
+from polar_jax.paged_kv_cache import PagedLayout
+from polar_jax.serving import Engine, EngineOptions, SamplingParams, programs
+from polar_jax.serving.pages import SlotPages
+from polar_jax.sparsity import SparsityConfig
+from test_serving_engine import CFG, _prompts, random_routers
+
+MAX_LEN = 64        # 4 pages of 16 per row
+MAX_BATCH = 4
+NUM_PAGES = 8       # half of what 4 rows of max_len need: long requests run out and get preempted
+REF_TOKENS = 40
+LABELS = {"model_name": "polar"}
+
+
+def _opts(**kw):
+  return EngineOptions(steps_per_round=3, prefill_rows=2, prefill_chunk=16, num_pages=NUM_PAGES, **kw)
+
+
+@pytest.fixture(scope="module")
+def model():
+  return init_model(CFG, seed=1)
+
+
+@pytest.fixture(scope="module")
+def engine(model):
+  eng = Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, engine_options=_opts())
+  yield eng
+  eng.shutdown()
+
+
+def _reference(model, prompts, **kw):
+  out = gen.generate(model, prompts, max_new_tokens=REF_TOKENS, **kw)
+  return [out.tokens[i, :out.lengths[i]].tolist() for i in range(len(prompts))]
+
+
+def _sample(engine, name):
+  return engine.metrics.registry.get_sample_value(f"polar:{name}", LABELS) or 0.0
+
+
+def _wait_idle(engine):
+  deadline = time.time() + 30
+  while engine.stats()["running"] and time.time() < deadline:
+    time.sleep(0.01)
+
+
+def _assert_pages_back(engine):
+  """Every page is free or only in the prefix cache (no request holds one)."""
+  _wait_idle(engine)
+  pages = engine.pages
+  assert pages.allocator.num_free + pages.cache.num_evictable() == pages.layout.num_pages
+  assert not any(pages.held) and (pages.table_bp == pages.layout.trash_page).all()
+
+
+def _staggered(engine, prompts, max_tokens):
+  handles = [engine.submit(prompts[0], SamplingParams(max_tokens=max_tokens[0]))]
+  next(iter(handles[0]))
+  for i in range(1, len(prompts), 2):
+    handles += [engine.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(prompts[i:i + 2], max_tokens[i:i + 2])]
+    time.sleep(0.01 * (i % 3))
+  return [h.result(timeout=300) for h in handles]
+
+
+def test_paged_requests_equal_generate_with_preemption_and_no_compilation(model, engine):
+  assert engine.pages.layout == PagedLayout(16, NUM_PAGES, MAX_LEN // 16)
+  before = dict(programs.TRACE_COUNTS)
+  preempted = engine.stats()["preemptions"]
+  prompts = _prompts(40, 9, 2, 30)
+  max_tokens = [min(REF_TOKENS, MAX_LEN - len(p)) for p in prompts]   # up to 4 pages each: 8 pages run out
+  outs = _staggered(engine, prompts, max_tokens)
+  assert programs.TRACE_COUNTS == before
+  for ref, m, out in zip(_reference(model, prompts), max_tokens, outs):
+    assert list(out.token_ids) == ref[:m]   # tokens made before a preemption are not streamed again
+  assert engine.stats()["preemptions"] > preempted
+  assert _sample(engine, "num_preemptions_total") == engine.stats()["preemptions"]
+  _assert_pages_back(engine)
+  assert _sample(engine, "kv_pages_total") == NUM_PAGES
+
+
+def test_shared_prefix_is_prefilled_once(model, engine):
+  rng = np.random.default_rng(41)
+  prefix = rng.integers(0, CFG.vocab_size, 37).tolist()           # 2 full pages of 16, then 5 tokens
+  first, second = (prefix + rng.integers(0, CFG.vocab_size, 4).tolist() for _ in range(2))
+  params = SamplingParams(max_tokens=8)
+  engine.generate([first], params)
+  hits, queries, prefilled = (_sample(engine, n) for n in ("prefix_cache_hits_total", "prefix_cache_queries_total",
+                                                           "prompt_tokens_total"))
+  out = engine.generate([second], params)[0]
+  assert _sample(engine, "prefix_cache_hits_total") - hits == 32
+  assert _sample(engine, "prefix_cache_queries_total") - queries == len(second)
+  assert _sample(engine, "prompt_tokens_total") - prefilled == len(second) - 32   # only the rest is prefilled
+  assert list(out.token_ids) == _reference(model, [second])[0][:8]
+  assert engine.stats()["pages_cached"] >= 2
+  _assert_pages_back(engine)
+
+
+@pytest.mark.slow
+def test_head_sparse_routers_under_paging_equal_generate():
+  model = init_model(CFG, seed=1)
+  fuse_projections(model)   # the fused q|k|v projection, its router programs, RoPE and the page write
+  sparsity = SparsityConfig(attn_density=0.5, dense_layers=(), selector="router", seed=3)
+  routers = random_routers(CFG)
+  prompts = _prompts(42, 7, 2, 30)
+  max_tokens = [min(REF_TOKENS, MAX_LEN - len(p)) for p in prompts]
+  with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, sparsity=sparsity, routers=routers,
+              engine_options=_opts(sparse_min_rows=1)) as eng:
+    outs = _staggered(eng, prompts, max_tokens)
+    assert eng.stats()["variant_rounds"].get("dense", 0) == 0 and eng.stats()["preemptions"] > 0
+    _assert_pages_back(eng)
+  refs = _reference(model, prompts, sparsity=sparsity, routers=routers)
+  for ref, m, out in zip(refs, max_tokens, outs):
+    assert list(out.token_ids) == ref[:m]
+  dense = _reference(model, prompts)
+  assert any(list(o.token_ids) != d[:m] for o, d, m in zip(outs, dense, max_tokens))   # sparsity did something
+
+
+@pytest.mark.slow
+def test_contiguous_layout_still_serves(model):
+  prompts = _prompts(43, 5, 2, 30)
+  max_tokens = [min(12, MAX_LEN - len(p)) for p in prompts]
+  with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN,
+              engine_options=_opts(kv_layout="contiguous")) as eng:
+    assert eng.pages is None and "pages_used" not in eng.stats()
+    outs = _staggered(eng, prompts, max_tokens)
+  for ref, m, out in zip(_reference(model, prompts), max_tokens, outs):
+    assert list(out.token_ids) == ref[:m]
+
+
+def test_paged_options_and_requests_name_the_problem(model, engine):
+  for kw, match in [(dict(kv_layout="rows"), "kv_layout"), (dict(page_size=24), "multiple of 16"),
+                    (dict(num_pages=0), "num_pages"), (dict(kv_memory_fraction=1.5), "kv_memory_fraction"),
+                    (dict(num_pages=4, kv_memory_fraction=0.5), "not both")]:
+    with pytest.raises(ValueError, match=match):
+      EngineOptions(**kw)
+  with pytest.raises(ValueError, match="needs 3 KV pages, more than the engine's 2"):
+    Engine(model, max_batch=1, max_len=MAX_LEN, engine_options=EngineOptions(num_pages=2, warmup=False)
+           ).submit([1] * 20, SamplingParams(max_tokens=20))
+  windowed = init_model(ModelConfig(**{**CFG.__dict__, "sliding_window": 16}), seed=1)
+  with pytest.raises(ValueError, match="sliding window"):
+    Engine(windowed, max_batch=1, max_len=MAX_LEN, engine_options=EngineOptions(warmup=False))
+
+
+def test_slot_pages_share_grow_and_release():
+  pages = SlotPages(PagedLayout(16, num_pages=6, max_pages=4), max_batch=2, prefix_caching=True)
+  prompt = list(range(40))
+  keys = pages.prefix_keys(prompt)
+  assert len(keys) == 2 and pages.cached_tokens(keys) == 0
+  assert pages.claim(0, keys, 40) == 0 and len(pages.held[0]) == 3
+  pages.publish(0, prompt)
+  assert pages.cached_tokens(keys) == 32
+  assert pages.claim(1, keys, 40, reserve=3) is None and not pages.held[1]   # 1 new page of 3 free, 3 kept
+  assert pages.claim(1, keys, 40) == 32 and pages.held[1][:2] == pages.held[0][:2]
+  assert pages.allocator.refcount(pages.held[0][0]) == 3                     # two slots and the cache
+  assert pages.grow(1, 64) and pages.grow(0, 64) and pages.available() == 0
+  assert list(pages.table_bp[1]) == pages.held[1]
+  with pytest.raises(ValueError, match="max_pages"):
+    pages.grow(1, 65)
+  pages.release(1)
+  assert pages.claim(1, [], 48) is None                                      # 2 free, the cached pages held by 0
+  pages.release(0)
+  assert pages.used == 2 and pages.available() == 6 and (pages.table_bp == 6).all()
+  assert pages.grow(0, 64) and pages.claim(1, [], 32) == 0 and len(pages.cache) == 0   # cached pages evicted
