@@ -10,8 +10,16 @@ same requests through `polar_jax.generate` in arrival-order batches of --max-bat
 output's tokens; its shapes compiled before timing). One JSON line per system goes to --out with the device, jax
 version, date, git commit and the copy bandwidth measured in the same run.
 
+The KV cache is paged by default (--kv-layout, --page-size, --num-pages or --kv-memory-fraction): max_batch can then
+exceed what contiguous rows of max_len fit, and the record carries the pages, preemptions and prefix-cache hits.
+--shared-prefix N puts the same N tokens before every prompt (prompt lengths then N + the uniform part) to measure
+what prefix caching does to TTFT (--no-prefix-caching for the baseline).
+
   python benchmarks/serve.py --model llama2-7b --requests 64 --max-batch 32
   python benchmarks/serve.py --model llama2-7b --requests 64 --max-batch 32 --density 1 0.5 --rate 4
+  python benchmarks/serve.py --model llama2-7b --requests 256 --max-batch 96 --max-len 4096 --kv-memory-fraction 0.9
+  python benchmarks/serve.py --model llama2-7b --requests 256 --max-batch 24 --max-len 4096 --kv-layout contiguous
+  python benchmarks/serve.py --model llama2-7b --requests 128 --max-batch 64 --shared-prefix 1024 --rate 8
   python benchmarks/serve.py --model tiny --requests 8          # CPU smoke run (lengths scaled to the tiny model)
 """
 
@@ -38,13 +46,14 @@ TINY_PROMPTS, TINY_OUTPUTS = (8, 64), (4, 32)
 
 
 def workload(n: int, prompt_len: tuple[int, int], output_len: tuple[int, int], vocab: int, rate: float,
-             seed: int) -> tuple[list[list[int]], list[int], np.ndarray]:
-  """(prompts, output lengths, arrival times in s from the start): uniform lengths, Poisson arrivals (all at 0 for
-  an infinite rate)."""
+             seed: int, shared_prefix: int = 0) -> tuple[list[list[int]], list[int], np.ndarray]:
+  """(prompts, output lengths, arrival times in s from the start): uniform lengths after `shared_prefix` tokens
+  common to every prompt, Poisson arrivals (all at 0 for an infinite rate)."""
   rng = np.random.default_rng(seed)
   lengths = rng.integers(prompt_len[0], prompt_len[1] + 1, n)
   outputs = [int(x) for x in rng.integers(output_len[0], output_len[1] + 1, n)]
-  prompts = [rng.integers(0, vocab, int(k)).tolist() for k in lengths]
+  prefix = rng.integers(0, vocab, shared_prefix).tolist()
+  prompts = [prefix + rng.integers(0, vocab, int(k)).tolist() for k in lengths]
   arrivals = np.zeros(n) if math.isinf(rate) else np.cumsum(rng.exponential(1.0 / rate, n))
   return prompts, outputs, arrivals
 
@@ -84,7 +93,9 @@ async def _drive(engine: Engine, prompts, outputs, arrivals) -> tuple[list[Any],
 def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> dict[str, Any]:
   opts = EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
                        max_waiting=len(prompts), prefill_rows=args.prefill_rows,
-                       prefill_chunk=args.prefill_chunk or None)
+                       prefill_chunk=args.prefill_chunk or None, kv_layout=args.kv_layout, page_size=args.page_size,
+                       num_pages=args.num_pages, kv_memory_fraction=args.kv_memory_fraction,
+                       prefix_caching=not args.no_prefix_caching)
   before = sum(programs.TRACE_COUNTS.values())
   engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, sparsity=sparsity, routers=routers,
                   engine_options=opts, model_name=args.model)
@@ -92,6 +103,7 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
   try:
     handles, duration = asyncio.run(_drive(engine, prompts, outputs, arrivals))
     stats = engine.stats()
+    kv = kv_fields(engine, stats, args.model)
   finally:
     engine.shutdown()
   during = sum(programs.TRACE_COUNTS.values()) - before - warm_traces
@@ -108,7 +120,20 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
           "programs_compiled_during_run": during, "warmup_s": engine.warmup_s,
           "variant_rounds": stats["variant_rounds"], "steps_per_round": args.steps_per_round,
           "sparse_min_rows": args.sparse_min_rows, "prefill_rows": args.prefill_rows,
-          "prefill_chunk": args.prefill_chunk, "cost_table": stats["cost_table"]}
+          "prefill_chunk": args.prefill_chunk, "cost_table": stats["cost_table"], **kv}
+
+
+def kv_fields(engine: Engine, stats: dict[str, Any], model_name: str) -> dict[str, Any]:
+  """The KV cache's layout and, paged, its pages, preemptions and prefix-cache tokens (looked up, found)."""
+  if engine.pages is None:
+    return {"kv_layout": "contiguous"}
+  labels = {"model_name": model_name}
+  sample = lambda name: engine.metrics.registry.get_sample_value(f"polar:{name}", labels)  # noqa: E731
+  layout = engine.pages.layout
+  return {"kv_layout": "paged", "page_size": layout.page_size, "num_pages": layout.num_pages,
+          "kv_cache_gb": layout.num_pages * layout.page_bytes(engine.config, engine.model.dtype) / 1e9,
+          "preemptions": stats["preemptions"], "prefix_cache_queries": sample("prefix_cache_queries_total"),
+          "prefix_cache_hits": sample("prefix_cache_hits_total")}
 
 
 def run_static(model, args, prompts, outputs, sparsity, routers) -> dict[str, Any]:
@@ -164,6 +189,14 @@ def main(argv=None) -> int:
                  help="prefill prompts longer than this in chunks between decode rounds (0: whole prompts)")
   p.add_argument("--steps-per-round", type=int, default=EngineOptions().steps_per_round)
   p.add_argument("--prefill-rows", type=int, default=EngineOptions().prefill_rows)
+  p.add_argument("--kv-layout", choices=("paged", "contiguous"), default="paged")
+  p.add_argument("--page-size", type=int, default=EngineOptions().page_size)
+  p.add_argument("--num-pages", type=int, default=None, help="KV pages (paged; default: --kv-memory-fraction, else "
+                 "max-batch x max-len worth)")
+  p.add_argument("--kv-memory-fraction", type=float, default=None,
+                 help="the fraction of the free device memory the KV pages take (paged)")
+  p.add_argument("--shared-prefix", type=int, default=0, help="the same N random tokens before every prompt")
+  p.add_argument("--no-prefix-caching", action="store_true")
   p.add_argument("--no-static", action="store_true", help="skip the static-batching comparison")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR / "serve.jsonl")
@@ -174,7 +207,9 @@ def main(argv=None) -> int:
   if min(args.prompt_len + args.output_len) < 1 or args.prompt_len[0] > args.prompt_len[1] or \
      args.output_len[0] > args.output_len[1]:
     p.error("--prompt-len / --output-len need 1 <= MIN <= MAX")
-  args.max_len = args.max_len or args.prompt_len[1] + args.output_len[1]
+  if args.shared_prefix < 0:
+    p.error("--shared-prefix needs N >= 0")
+  args.max_len = args.max_len or args.shared_prefix + args.prompt_len[1] + args.output_len[1]
   config = e2e.MODELS[args.model]
   dtype = args.dtype or ("float32" if tiny else "bfloat16")
 
@@ -183,7 +218,7 @@ def main(argv=None) -> int:
   print(f"{prov['device']} jax {prov['jax']}: copy bandwidth {copy_tbps:.2f} TB/s", flush=True)
   model = e2e.prepared_model(config, dtype)
   prompts, outputs, arrivals = workload(args.requests, args.prompt_len, args.output_len, config.vocab_size,
-                                        args.rate, args.seed)
+                                        args.rate, args.seed, args.shared_prefix)
   routers = e2e.random_routers(config) if min(args.density) < 1.0 else None
   records = []
 
@@ -191,7 +226,7 @@ def main(argv=None) -> int:
     return dict(prov, copy_tbps=copy_tbps, model=args.model, dtype=dtype, requests=args.requests,
                 prompt_len=list(args.prompt_len), output_len=list(args.output_len),
                 rate=None if math.isinf(args.rate) else args.rate, max_batch=args.max_batch, max_len=args.max_len,
-                density=density, seed=args.seed)
+                density=density, seed=args.seed, shared_prefix=args.shared_prefix)
 
   def sparsity_at(density: float):
     from polar_jax.sparsity import SparsityConfig

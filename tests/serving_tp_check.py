@@ -32,7 +32,7 @@ from polar_jax.sparsity import SparsityConfig  # noqa: E402
 
 CFG = dataclasses.replace(LLAMA_GQA_8H, num_kv_heads=4)   # 4 KV groups: 2 or 1 per shard
 MAX_BATCH, MAX_LEN, NEW = 4, 32, 6
-OPTS = EngineOptions(steps_per_round=3, prefill_rows=2, prefill_chunk=8, sparse_min_rows=1)
+OPTS = EngineOptions(steps_per_round=3, prefill_rows=2, prefill_chunk=8, sparse_min_rows=1, kv_layout="contiguous")
 
 
 def prompts() -> list[list[int]]:

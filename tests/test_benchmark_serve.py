@@ -15,6 +15,9 @@ def test_workload_lengths_and_arrivals():
   assert (arrivals == 0).all() and max(max(p) for p in prompts) < 50
   _, _, poisson = serve.workload(2000, (5, 9), (2, 4), vocab=50, rate=10.0, seed=0)
   assert (np.diff(poisson) >= 0).all() and poisson[-1] / 2000 == pytest.approx(0.1, rel=0.1)   # mean gap 1 / rate
+  shared, _, _ = serve.workload(20, (5, 9), (2, 4), vocab=50, rate=math.inf, seed=0, shared_prefix=7)
+  assert {len(p) for p in shared} <= set(range(12, 17)) and len({tuple(p[:7]) for p in shared}) == 1
+  assert len({tuple(p[7:]) for p in shared}) > 1
 
 
 def test_inter_token_gaps_share_a_round_between_its_tokens():
@@ -33,3 +36,13 @@ def test_smoke_run_writes_records(tmp_path):
   for r in (engine, static):
     assert r["output_tok_s"] > 0 and r["copy_tbps"] > 0 and r["device"] and r["commit"]
   assert 0 < engine["ttft_s"]["p50"] <= engine["ttft_s"]["p99"] <= engine["e2e_s"]["p99"]
+
+
+@pytest.mark.slow
+def test_paged_shared_prefix_run_reports_prefix_hits(tmp_path):
+  out = tmp_path / "serve.jsonl"
+  assert serve.main(["--model", "tiny", "--requests", "6", "--max-batch", "4", "--shared-prefix", "40",
+                     "--prefill-chunk", "16", "--num-pages", "24", "--no-static", "--out", str(out)]) == 0
+  (engine,) = [json.loads(line) for line in out.read_text().splitlines()]
+  assert engine["kv_layout"] == "paged" and engine["num_pages"] == 24 and engine["shared_prefix"] == 40
+  assert engine["prefix_cache_hits"] >= 32 and engine["programs_compiled_during_run"] == 0

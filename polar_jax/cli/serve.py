@@ -43,6 +43,16 @@ def parser() -> argparse.ArgumentParser:
                       "file of a CostTable")
   p.add_argument("--sparse-min-rows", type=int, default=None,
                  help="instead of the cost table: the sparse step from this many active rows on (1: always)")
+  p.add_argument("--kv-layout", choices=("paged", "contiguous"), default=None,
+                 help="KV cache layout: pages handed out as requests grow, with prefix caching and preemption "
+                      "(default on one device), or one max-len row per slot (default with --tp above 1)")
+  p.add_argument("--page-size", type=int, default=defaults.page_size, help="tokens per KV page (a multiple of 16)")
+  p.add_argument("--num-pages", type=int, default=None,
+                 help="KV pages (default: --kv-memory-fraction of the free device memory, else the pages of "
+                      "max-batch x max-len)")
+  p.add_argument("--kv-memory-fraction", type=float, default=None,
+                 help="the fraction of the device's free memory the KV pages take")
+  p.add_argument("--no-prefix-caching", action="store_true", help="do not reuse cached prompt pages")
   p.add_argument("--tp", type=int, default=1, help="tensor parallel degree: split KV groups and MLP neurons over N "
                  "devices of this host (polar_jax.sharding)")
   p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16 (default: bf16 on GPU, f32 on CPU)")
@@ -66,7 +76,10 @@ def engine_options(args):
   from polar_jax.serving import EngineOptions
   return EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
                        cost_table=args.cost_table, prefill_chunk=args.prefill_chunk or None,
-                       max_waiting=args.max_waiting, prefill_rows=args.prefill_rows, warmup=not args.no_warmup)
+                       max_waiting=args.max_waiting, prefill_rows=args.prefill_rows, warmup=not args.no_warmup,
+                       kv_layout=args.kv_layout or ("contiguous" if args.tp > 1 else "paged"),
+                       page_size=args.page_size, num_pages=args.num_pages,
+                       kv_memory_fraction=args.kv_memory_fraction, prefix_caching=not args.no_prefix_caching)
 
 
 def build_engine(args):
@@ -82,6 +95,13 @@ def build_engine(args):
   engine = Engine(model, max_batch=args.max_batch, max_len=max_len, sparsity=sparsity, routers=routers,
                   tokenizer=tokenizer, engine_options=engine_options(args), model_name=name)
   return engine, tokenizer, name
+
+
+def _kv_summary(engine) -> str:
+  if engine.pages is None:
+    return "contiguous"
+  layout = engine.pages.layout
+  return f"paged ({layout.num_pages} pages of {layout.page_size} tokens)"
 
 
 @interruptible("polar-serve")
@@ -101,7 +121,7 @@ def main(argv=None) -> int:
     return 2
   print(f"polar-serve: {name}: {engine.compiled_programs} programs compiled in {engine.warmup_s:.1f} s; "
         f"max_batch {engine.max_batch}, max_len {engine.max_len}, tp {args.tp}, step variants "
-        f"{sorted(engine.variants)}",
+        f"{sorted(engine.variants)}, KV {_kv_summary(engine)}",
         file=sys.stderr)
   app = build_app(engine, tokenizer, model_name=name)
   uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
