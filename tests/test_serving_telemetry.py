@@ -84,7 +84,7 @@ def test_programs_carry_named_scopes(model):
   hlo = programs.prefill_program.lower(graphdef, state, tokens, np.ones((1,), np.int32)).as_text(debug_info=True)
   assert "serve_prefill" in hlo
   args = (np.int32(4), np.full((2,), -1, np.int32), np.float32(1), np.int32(CFG.vocab_size), np.float32(1),
-          np.bool_(True), np.int32(0))
+          np.bool_(True), np.int32(0), np.int32(0))   # ..., seed, tokens made before
   hlo = programs.chunk_program.lower(graphdef, state, slots, np.zeros((4,), np.int32), np.int32(0), np.int32(6),
                                      np.int32(1), *args).as_text(debug_info=True)
   assert "serve_prefill_chunk" in hlo
