@@ -17,9 +17,11 @@ what prefix caching does to TTFT (--no-prefix-caching for the baseline).
 
   python benchmarks/serve.py --model llama2-7b --requests 64 --max-batch 32
   python benchmarks/serve.py --model llama2-7b --requests 64 --max-batch 32 --density 1 0.5 --rate 4
-  python benchmarks/serve.py --model llama2-7b --requests 256 --max-batch 96 --max-len 4096 --kv-memory-fraction 0.9
-  python benchmarks/serve.py --model llama2-7b --requests 256 --max-batch 24 --max-len 4096 --kv-layout contiguous
-  python benchmarks/serve.py --model llama2-7b --requests 128 --max-batch 64 --shared-prefix 1024 --rate 8
+  python benchmarks/serve.py --model llama2-7b --requests 256 --max-batch 96 --max-len 4096 \\
+      --kv-memory-fraction 0.85 --no-static
+  python benchmarks/serve.py --model llama2-7b --requests 256 --max-batch 24 --max-len 4096 \\
+      --kv-layout contiguous --no-static
+  python benchmarks/serve.py --model llama2-7b --requests 128 --max-batch 64 --shared-prefix 1024 --rate 8 --no-static
   python benchmarks/serve.py --model tiny --requests 8          # CPU smoke run (lengths scaled to the tiny model)
 """
 
