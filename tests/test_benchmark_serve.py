@@ -46,3 +46,12 @@ def test_paged_shared_prefix_run_reports_prefix_hits(tmp_path):
   (engine,) = [json.loads(line) for line in out.read_text().splitlines()]
   assert engine["kv_layout"] == "paged" and engine["num_pages"] == 24 and engine["shared_prefix"] == 40
   assert engine["prefix_cache_hits"] >= 32 and engine["programs_compiled_during_run"] == 0
+
+
+@pytest.mark.slow
+def test_parity_check_passes_on_this_device(capsys):
+  from benchmarks import serve_parity
+  assert serve_parity.main(["--requests", "6", "--max-len", "128"]) == 0
+  lines = capsys.readouterr().out.splitlines()
+  assert [line.split(":")[0] for line in lines] == ["paged", "preempt", "contiguous"]
+  assert "'preemptions': 0" not in lines[1]   # the small pool preempted
