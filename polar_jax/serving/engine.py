@@ -201,7 +201,8 @@ class Engine:
   def compiled_programs(self) -> int:
     """Programs the engine runs: a prefill and an insert per (rows, length bucket), a first-token sampler per row
     count, a prefill chunk (when prompts can be longer than a chunk), a decode round per variant, the warm-up's
-    occupancy setter when it measures the cost table, and the KV-group selection probe when it runs."""
+    occupancy setter when it measures the cost table, the KV-group selection probe when it runs, and the page-table
+    setter with a paged cache."""
     measured = "sparse" in self.variants and self.opts.sparse_min_rows is None and self.opts.cost_table == "measure"
     return (2 * len(self.prefill_shapes) + len({r for r, _ in self.prefill_shapes}) + (self.chunk is not None)
             + len(self.variants) + measured + self._probes + (self.pages is not None))
