@@ -158,7 +158,7 @@ def _first_token(logits_1v, max_tokens, stop_s, temp, topk, topp, greedy, seed, 
 
 @jax.jit
 def first_token_program(logits_rv, row, max_tokens, stop_s, temp, topk, topp, greedy, seed, done):
-  """The first token of row `row` of a prefill (sampled with index 0) and whether the request goes on: (token,
+  """The first token of row `row` of a prefill (sampled with index `done`) and whether the request goes on: (token,
   active). One program for every prefill bucket (the logits are `[R, V]`)."""
   TRACE_COUNTS["first"] += 1
   logits_1v = jax.lax.dynamic_slice_in_dim(logits_rv, row, 1, axis=0)
@@ -262,7 +262,8 @@ def probe_program(graphdef, state, slots: Slots, decode_state, *, decode):
     model = nnx.merge(graphdef, state)
     view = _writable_view(slots.cache, slots.active_b | (slots.hold_b > 0))
     cache, counts_lg = count_selections(model, decode, decode_state, slots.tok_b, view, slots.active_b)
-    return slots.replace(cache=_with_table_of(cache, slots.cache)), counts_lg, jnp.sum(slots.active_b.astype(jnp.int32))
+    rows = jnp.sum(slots.active_b.astype(jnp.int32))
+    return slots.replace(cache=_with_table_of(cache, slots.cache)), counts_lg, rows
 
 
 def _writable_view(cache, keep_b):
