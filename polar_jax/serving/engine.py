@@ -545,8 +545,13 @@ class Engine:
 
   def _preempt(self, seq: _Seq, cancel_b: np.ndarray) -> None:
     """Frees the request's slot and pages and puts it back at the front of the queue; the round about to be
-    dispatched masks its slot, and tokens of the unread round are dropped (it makes them again)."""
+    dispatched masks its slot, and tokens of the unread round are dropped (it makes them again). The full pages of
+    the tokens whose K/V are surely written (its prompt, and its tokens the host has seen but the last) go to the
+    prefix cache first, so that its restart prefills only what they miss."""
     cancel_b[seq.slot] = True
+    if all(job.slot != seq.slot for job in self._chunking):
+      made = seq.handle.token_ids[seq.done:]
+      self.pages.publish(seq.slot, (seq.prompt + tuple(made))[:len(seq.prompt) + max(len(made) - 1, 0)])
     self._drop_seq(seq.slot)
     self._chunking = collections.deque(job for job in self._chunking if job.slot != seq.slot)
     with self._cv:
