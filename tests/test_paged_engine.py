@@ -105,6 +105,20 @@ def test_shared_prefix_is_prefilled_once(model, engine):
   _assert_pages_back(engine)
 
 
+def test_seeded_request_samples_the_same_tokens_when_preempted(engine):
+  rng = np.random.default_rng(44)
+  prompt = rng.integers(0, CFG.vocab_size, 9).tolist()
+  seeded = SamplingParams(max_tokens=50, temperature=0.9, top_k=40, seed=5, ignore_eos=True)
+  alone = engine.generate([prompt], seeded)[0].token_ids
+  preempted = engine.stats()["preemptions"]
+  others = [rng.integers(0, CFG.vocab_size, 9).tolist() for _ in range(MAX_BATCH - 1)]
+  long = SamplingParams(max_tokens=50, ignore_eos=True)
+  crowd = engine.generate(others + [prompt], [long] * len(others) + [seeded])   # admitted last: preempted first
+  assert engine.stats()["preemptions"] > preempted
+  assert crowd[-1].token_ids == alone and len(alone) == 50
+  _assert_pages_back(engine)
+
+
 @pytest.mark.slow
 def test_head_sparse_routers_under_paging_equal_generate():
   model = init_model(CFG, seed=1)
