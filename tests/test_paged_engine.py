@@ -185,3 +185,15 @@ def test_slot_pages_share_grow_and_release():
   pages.release(0)
   assert pages.used == 2 and pages.available() == 6 and (pages.table_bp == 6).all()
   assert pages.grow(0, 64) and pages.claim(1, [], 32) == 0 and len(pages.cache) == 0   # cached pages evicted
+
+
+def test_page_counts_from_options():
+  from polar_jax.serving import pages as pages_mod
+  assert pages_mod.resolve_num_pages(5, None, 1024, 4, 8) == 5
+  if pages_mod._free_bytes() is None:   # CPU: no memory statistics
+    assert pages_mod.resolve_num_pages(None, None, 1024, 4, 8) == 32        # the contiguous cache's pages
+    with pytest.raises(ValueError, match="give EngineOptions.num_pages"):
+      pages_mod.resolve_num_pages(None, 0.5, 1024, 4, 8)
+  else:
+    free = pages_mod._free_bytes()
+    assert pages_mod.resolve_num_pages(None, 0.5, 1 << 20, 4, 8) == int(0.5 * free) // (1 << 20) - 1

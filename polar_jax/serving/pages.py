@@ -20,19 +20,30 @@ from polar_jax.paged import OutOfPagesError, PageAllocator, PrefixCache, pages_n
 from polar_jax.paged_kv_cache import PagedLayout
 
 
+DEFAULT_MEMORY_FRACTION = 0.9   # the most of the device's free memory a default-sized cache takes
+
+
+def _free_bytes() -> int | None:
+  """The device's free memory (its allocator's limit less what is in use), or None where it reports none (CPU)."""
+  stats = jax.local_devices()[0].memory_stats() or {}
+  return stats["bytes_limit"] - stats.get("bytes_in_use", 0) if "bytes_limit" in stats else None
+
+
 def resolve_num_pages(num_pages: int | None, memory_fraction: float | None, page_bytes: int, max_batch: int,
                       max_pages: int) -> int:
   """The allocatable pages of an engine's cache: `num_pages` when given; else `memory_fraction` of the device's free
-  memory (less the trash page); else as many as a contiguous cache of `max_batch` rows of `max_pages` pages."""
+  memory (less the trash page); else as many as a contiguous cache of `max_batch` rows of `max_pages` pages, at
+  most `DEFAULT_MEMORY_FRACTION` of the free memory where the device reports it."""
   if num_pages is not None:
     return num_pages
+  free = _free_bytes()
   if memory_fraction is None:
-    return max_batch * max_pages
-  stats = jax.local_devices()[0].memory_stats() or {}
-  if "bytes_limit" not in stats:
+    contiguous = max_batch * max_pages
+    fits = None if free is None else int(DEFAULT_MEMORY_FRACTION * free) // page_bytes - 1
+    return contiguous if fits is None else max(1, min(contiguous, fits))
+  if free is None:
     raise ValueError("EngineOptions.kv_memory_fraction needs the device's memory statistics, which this device does "
                      "not report; give EngineOptions.num_pages instead")
-  free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
   pages = int(memory_fraction * free) // page_bytes - 1
   if pages < 1:
     raise ValueError(f"kv_memory_fraction={memory_fraction} of {free} free bytes holds no page of {page_bytes} bytes")

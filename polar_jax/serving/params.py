@@ -92,7 +92,7 @@ class EngineOptions:
       sliding window shorter than max_len); "contiguous": one `max_len` row per slot.
     page_size: tokens per page (a multiple of 16).
     num_pages: pages of the paged cache; None: `kv_memory_fraction` of the device's free memory, or without it as
-      many pages as a contiguous cache of `max_batch` x `max_len` holds.
+      many pages as a contiguous cache of `max_batch` x `max_len` holds, at most 90% of the free memory (GPU).
     kv_memory_fraction: the fraction (0, 1] of the device's free memory at start-up the pages take (GPU).
     prefix_caching: full prompt pages stay cached after their request and a prompt starting with cached pages
       prefills only the rest (paged layout with chunked prefill on).
