@@ -55,9 +55,8 @@ from polar_jax.serving import programs
 from polar_jax.serving import scheduler as sched
 from polar_jax.serving.cost import CostTable, context_points, measure_table, occupancy_points, timed
 from polar_jax.paged import pages_needed
-from polar_jax.paged_kv_cache import PagedLayout
 from polar_jax.serving.metrics import EngineMetrics
-from polar_jax.serving.pages import SlotPages, resolve_num_pages
+from polar_jax.serving.page_policy import PagePolicy, Seq, prompt_of
 from polar_jax.serving.selection_stats import probes
 from polar_jax.serving.params import EngineOptions, SamplingParams
 from polar_jax.serving.request import EngineClosedError, QueueFullError, RequestHandle, RequestOutput
@@ -84,24 +83,7 @@ class _ChunkJob:
   start: int = 0
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class _Seq:
-  """A request in a slot: the tokens prefilled for it (its prompt, after a preemption also the tokens it had made),
-  how many tokens it had made before (`done`), its admission order (preemption takes the latest) and its slot."""
-
-  handle: RequestHandle
-  prompt: tuple[int, ...]
-  done: int
-  order: int
-  slot: int
-
-
-def _prompt_of(h: RequestHandle) -> tuple[int, ...]:
-  """What a request prefills when admitted: its prompt and every token it has made so far."""
-  return h.prompt_ids + tuple(h.token_ids)
-
-
-class Engine:
+class Engine(PagePolicy):
   """A continuous-batching decode engine over one model (see the module docstring).
 
   Args:
@@ -157,7 +139,7 @@ class Engine:
         programs.init_slots(cfg, max_batch, max_len, model.dtype, self.opts.max_stop_tokens, layout), self.mesh)
     self.metrics = EngineMetrics(model_name, max_batch)
     self.preemptions = 0
-    self._seqs: dict[int, _Seq] = {}   # slot -> the request in it
+    self._seqs: dict[int, Seq] = {}   # slot -> the request in it
     self._order = itertools.count()
     self._keys: dict[int, tuple[int, list[bytes]]] = {}   # request id -> (tokens, prefix-cache keys) while waiting
     self.metrics.mlp_fallback.set(self.variants["sparse"].mlp_dense_fallback if sparse is not None else 0.0)
@@ -179,22 +161,6 @@ class Engine:
     self.cost_table = self._cost_table()
     self._thread = threading.Thread(target=self._run, name="polar-serve-scheduler", daemon=True)
     self._thread.start()
-
-  def _slot_pages(self) -> SlotPages:
-    """The paged cache's host bookkeeping (`EngineOptions.kv_layout` = "paged")."""
-    if self.mesh is not None:
-      raise ValueError("the paged KV cache runs on one device; serve a sharded model with "
-                       "EngineOptions(kv_layout=\"contiguous\")")
-    window = self.config.sliding_window
-    if window is not None and window < self.max_len:
-      raise ValueError(f"the paged KV cache has no sliding window (the model's is {window} < max_len "
-                       f"{self.max_len}); use EngineOptions(kv_layout=\"contiguous\")")
-    o = self.opts
-    max_pages = pages_needed(self.max_len, o.page_size)
-    page_bytes = PagedLayout(o.page_size, 1, 1).page_bytes(self.config, self.model.dtype)
-    num_pages = resolve_num_pages(o.num_pages, o.kv_memory_fraction, page_bytes, self.max_batch, max_pages)
-    return SlotPages(PagedLayout(o.page_size, num_pages, max_pages), self.max_batch,
-                     o.prefix_caching and self.chunk is not None)
 
   # ---- public API ---------------------------------------------------------------------------
   @property
@@ -363,12 +329,6 @@ class Engine:
           *self._request_args(h, done), mesh=self.mesh)
     return first, active
 
-  def _sync_table(self) -> None:
-    """Sends the host's page table to the device when it changed (a paged cache)."""
-    if self.pages is not None and self.pages.dirty:
-      self._slots = programs.table_program(self._slots, self.pages.table_bp.copy())
-      self.pages.dirty = False
-
   def _cost_table(self) -> CostTable | None:
     """The table that picks each round's variant: the given one, one measured now (`EngineOptions.cost_table` =
     "measure", with a sparse variant and no `sparse_min_rows` rule), or None (nothing to choose)."""
@@ -514,83 +474,6 @@ class Engine:
     self._chunking = collections.deque(job for job in self._chunking if not cancel_b[job.slot])
     return cancel_b
 
-  def _drop_seq(self, slot: int) -> None:
-    """Forgets the request in `slot` and frees its pages (the device masks the slot from the next round on)."""
-    self._seqs.pop(slot, None)
-    if self.pages is not None:
-      self.pages.release(slot)
-
-  # ---- pages: growth, preemption, prefix lookups ----------------------------------------------
-  def _need(self, prompt_len: int, h: RequestHandle, done: int) -> int:
-    """Tokens a request may have in its slot after the round about to be dispatched: its prefill, the tokens the
-    host has seen it make since (at least its first), and two rounds (the one still unread and the next), capped
-    at its whole budget."""
-    steps = self.opts.steps_per_round
-    known = max(len(h.token_ids) - done, 1)
-    return min(prompt_len + known + 2 * steps - 1, prompt_len + h.params.max_tokens - done - 1)
-
-  def _grow(self, cancel_b: np.ndarray) -> None:
-    """Gives every running request, oldest first, the pages its next round may write; while pages lack, preempts
-    the most recently admitted request."""
-    if self.pages is None:
-      return
-    for seq in sorted(self._seqs.values(), key=lambda q: q.order):
-      if self._seqs.get(seq.slot) is not seq:   # preempted for an older one
-        continue
-      while not self.pages.grow(seq.slot, self._need(len(seq.prompt), seq.handle, seq.done)):
-        victim = max(self._seqs.values(), key=lambda q: q.order)
-        self._preempt(victim, cancel_b)
-        if victim is seq:
-          break
-
-  def _preempt(self, seq: _Seq, cancel_b: np.ndarray) -> None:
-    """Frees the request's slot and pages and puts it back at the front of the queue; the round about to be
-    dispatched masks its slot, and tokens of the unread round are dropped (it makes them again). The full pages of
-    the tokens whose K/V are surely written (its prompt, and its tokens the host has seen but the last) go to the
-    prefix cache first, so that its restart prefills only what they miss."""
-    cancel_b[seq.slot] = True
-    if all(job.slot != seq.slot for job in self._chunking):
-      made = seq.handle.token_ids[seq.done:]
-      self.pages.publish(seq.slot, (seq.prompt + tuple(made))[:len(seq.prompt) + max(len(made) - 1, 0)])
-    self._drop_seq(seq.slot)
-    self._chunking = collections.deque(job for job in self._chunking if job.slot != seq.slot)
-    with self._cv:
-      self._waiting.appendleft(seq.handle)
-      self.metrics.slots(sum(o is not None for o in self._owner), len(self._waiting))
-    self.preemptions += 1
-    self.metrics.preemptions.inc()
-
-  def _prefix_keys(self, h: RequestHandle) -> list[bytes]:
-    """The prefix-cache keys of what `h` prefills when admitted (kept while it waits)."""
-    n = len(h.prompt_ids) + len(h.token_ids)
-    memo = self._keys.get(h.request_id)
-    if memo is None or memo[0] != n:
-      memo = (n, self.pages.prefix_keys(_prompt_of(h)))
-      self._keys[h.request_id] = memo
-    return memo[1]
-
-  def _cached_flags(self) -> list[bool] | None:
-    """Per waiting request, whether a cached prefix lets it skip part of its prefill (None: no prefix caching)."""
-    if self.pages is None or not self.pages.prefix_caching:
-      return None
-    return [self.pages.cached_tokens(self._prefix_keys(h)) > 0 for h in self._waiting]
-
-  def _claim(self, slot: int, h: RequestHandle, prompt: tuple[int, ...], share: bool, reserve: int) -> int | None:
-    """Pages for `h` entering `slot` (`SlotPages.claim`; sharing cached prefix pages when `share`): the cached
-    tokens, or None when the pages are not there. Counts the prefix-cache lookup."""
-    if self.pages is None:
-      return 0
-    keys = self._prefix_keys(h) if share else []
-    cached = self.pages.claim(slot, keys, self._need(len(prompt), h, len(h.token_ids)), reserve)
-    if cached is not None and self.pages.prefix_caching:
-      self.metrics.prefix_queries.inc(len(prompt))
-      self.metrics.prefix_hits.inc(cached)
-    return cached
-
-  def _page_metrics(self) -> None:
-    if self.pages is not None:
-      self.metrics.pages(self.pages.used, self.pages.layout.num_pages, len(self.pages.cache))
-
   # ---- admission ----------------------------------------------------------------------------
   def _take_slots(self, group: Sequence[tuple[RequestHandle, tuple[int, ...]]], free: Sequence[int]) -> None:
     """Moves `group` (requests and what they prefill) from the queue into slots `free` (called holding the lock)."""
@@ -599,7 +482,7 @@ class Engine:
       self._waiting.remove(h)
       self._keys.pop(h.request_id, None)
       self._owner[s] = h
-      self._seqs[s] = _Seq(h, prompt, len(h.token_ids), next(self._order), s)
+      self._seqs[s] = Seq(h, prompt, len(h.token_ids), next(self._order), s)
       if h.admitted_s is None:
         h.admitted_s = now
         self.metrics.queue.observe(now - h.arrival_s)
@@ -616,14 +499,14 @@ class Engine:
       if i is None:
         return
       h = self._waiting[i]
-      prompt = _prompt_of(h)
+      prompt = prompt_of(h)
       cached = self._claim(free[0], h, prompt, share=True, reserve=len(self._seqs))
       if cached is None:
         return
       self._take_slots([(h, prompt)], free[:1])
       self._chunking.append(_ChunkJob(h, free[0], cached))
 
-  def _next_chunk(self) -> list[tuple[_Seq, Any, Any]]:
+  def _next_chunk(self) -> list[tuple[Seq, Any, Any]]:
     """Runs the next chunk of the oldest chunked prefill: the request's first token once its prompt is done."""
     if not self._chunking:
       return []
@@ -641,17 +524,7 @@ class Engine:
       self.pages.publish(job.slot, seq.prompt)
     return [(seq, first, active)]
 
-  def _claim_group(self, group: list[tuple[RequestHandle, tuple[int, ...]]], free: Sequence[int]):
-    """The leading requests of a prefill group whose pages are there (claimed now, nothing shared: the prefill
-    writes every position), each beyond its own first rounds leaving a page per running request."""
-    out = []
-    for (h, prompt), s in zip(group, free):
-      if self._claim(s, h, prompt, share=False, reserve=len(self._seqs) + len(out)) is None:
-        break
-      out.append((h, prompt))
-    return out
-
-  def _admit(self) -> list[tuple[_Seq, Any, Any]]:
+  def _admit(self) -> list[tuple[Seq, Any, Any]]:
     """Prefills and inserts waiting requests into free slots (slots being cancelled this round stay reserved);
     starts a chunked prefill for the oldest long (or prefix-cached) prompt."""
     self._start_chunked()
@@ -664,7 +537,7 @@ class Engine:
                                                   prefill_rows=self.opts.prefill_rows,
                                                   prefill_max_tokens=self.opts.prefill_max_tokens, chunk=self.chunk,
                                                   cached=self._cached_flags())
-        group = self._claim_group([(self._waiting[i], _prompt_of(self._waiting[i])) for i in picked], free)
+        group = self._claim_group([(self._waiting[i], prompt_of(self._waiting[i])) for i in picked], free)
         if not group:
           return firsts
         self._take_slots(group, free)
