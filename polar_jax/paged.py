@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import struct
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 
 class OutOfPagesError(RuntimeError):
@@ -176,13 +177,17 @@ class PrefixCache:
         self._key_of_page[page] = key
     self._touch(key for key, page in zip(keys, pages) if self._page_of_key[key] == page)
 
-  def num_evictable(self) -> int:
-    """Cached pages that no sequence holds (only the cache's reference)."""
-    return sum(self.allocator.refcount(page) == 1 for page in self._key_of_page)
+  def _unheld_keys(self) -> Iterator[bytes]:
+    """Keys of the cached pages that no sequence holds (only the cache's reference), least recently used first."""
+    return (key for key, page in self._page_of_key.items() if self.allocator.refcount(page) == 1)
+
+  def num_evictable(self, limit: int | None = None) -> int:
+    """Cached pages that no sequence holds, counted up to `limit` (all of them when None)."""
+    return sum(1 for _ in itertools.islice(self._unheld_keys(), limit))
 
   def evict(self, n: int) -> int:
     """Drops up to `n` cached pages that no sequence holds, least recently used first; returns how many."""
-    victims = [key for key, page in self._page_of_key.items() if self.allocator.refcount(page) == 1][:n]
+    victims = list(itertools.islice(self._unheld_keys(), n))
     for key in victims:
       page = self._page_of_key.pop(key)
       del self._key_of_page[page]
@@ -194,7 +199,7 @@ class PrefixCache:
     Raises `OutOfPagesError`, evicting nothing, when free plus evictable pages are fewer than `n`."""
     short = n - self.allocator.num_free
     if short > 0:
-      if short > self.num_evictable():
+      if self.num_evictable(short) < short:
         raise OutOfPagesError(f"{n} pages requested, {self.allocator.num_free} free and {self.num_evictable()} "
                               f"evictable of {self.allocator.num_pages}")
       self.evict(short)

@@ -49,9 +49,9 @@ class PagePolicy:
       raise ValueError("the paged KV cache runs on one device; serve a sharded model with "
                        "EngineOptions(kv_layout=\"contiguous\")")
     window = self.config.sliding_window
-    if window is not None and window < self.max_len:
-      raise ValueError(f"the paged KV cache has no sliding window (the model's is {window} < max_len "
-                       f"{self.max_len}); use EngineOptions(kv_layout=\"contiguous\")")
+    if window is not None:   # the paged decode attention has no window start (`Attention` refuses it too)
+      raise ValueError(f"the paged KV cache has no sliding window (the model's is {window} tokens); use "
+                       f"EngineOptions(kv_layout=\"contiguous\")")
     o = self.opts
     max_pages = pages_needed(self.max_len, o.page_size)
     page_bytes = PagedLayout(o.page_size, 1, 1).page_bytes(self.config, self.model.dtype)

@@ -85,11 +85,6 @@ def take_chunked(lengths: Sequence[int], free_slots: int, chunk: int | None, lan
   return next((i for i, n in enumerate(lengths) if n > chunk or (cached and cached[i])), None)
 
 
-def chunk_starts(prompt_len: int, chunk: int) -> tuple[int, ...]:
-  """The start position of each chunk of a prompt."""
-  return tuple(range(0, prompt_len, chunk))
-
-
 @dataclasses.dataclass(frozen=True)
 class StepVariant:
   """One compiled decode-step variant: its name ("dense" or "sparse"), the static step, its dynamic state, the
