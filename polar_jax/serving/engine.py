@@ -495,7 +495,9 @@ class Engine(PagePolicy):
     with self._cv:
       free = [s for s, h in enumerate(self._owner) if h is None]
       lengths = [len(h.prompt_ids) + len(h.token_ids) for h in self._waiting]
-      i = sched.take_chunked(lengths, len(free), self.chunk, bool(self._chunking), self._cached_flags())
+      if not free or self._chunking:   # nothing can start a chunked prefill: skip the prefix lookups
+        return
+      i = sched.take_chunked(lengths, len(free), self.chunk, False, self._cached_flags())
       if i is None:
         return
       h = self._waiting[i]
@@ -532,6 +534,8 @@ class Engine(PagePolicy):
     while True:
       with self._cv:
         free = [s for s, h in enumerate(self._owner) if h is None]
+        if not free or not self._waiting:
+          return firsts
         lengths = [len(h.prompt_ids) + len(h.token_ids) for h in self._waiting]
         picked, bucket = sched.take_prefill_group(lengths, len(free), max_len=self.max_len,
                                                   prefill_rows=self.opts.prefill_rows,
