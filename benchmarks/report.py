@@ -56,6 +56,59 @@ def attention_table(recs: list[dict], version: str = "v2") -> str:
   return "\n".join(out)
 
 
+def paged_table(recs: list[dict]) -> str:
+  """The selective paged kernel against the contiguous one, same call: each page size with the kernel's own
+  heuristic config, and the fastest config the sweep found (either page size)."""
+  rows = [r for r in recs if r.get("op") == "paged_attention"]
+  by: dict[tuple, list[dict]] = {}
+  for r in rows:
+    by.setdefault((r["date"][:10], r["family"], r["Hq"], r["Hkv"], r["B"], r["S"], r["density"]), []).append(r)
+  sizes = sorted({r["page_size"] for r in rows if r["impl"] == "paged"})
+  head = " | ".join(f"page {p}: ms (ratio)" for p in sizes)
+  out = [f"| Hq/Hkv | B | S | density | contiguous ms | TB/s | {head} | best paged ms (ratio) | best config |",
+         "|---|---|---|---|---|---|" + "---|" * len(sizes) + "---|---|"]
+  for k in sorted(by, key=lambda k: (k[0], -k[3], k[4], k[5], -k[6])):
+    group = by[k]
+    contiguous = [r for r in group if r["impl"] == "contiguous"]
+    paged = [r for r in group if r["impl"] == "paged"]
+    if not contiguous or not paged:
+      continue
+    c = contiguous[-1]
+    cells = []
+    for size in sizes:
+      h = [r for r in paged if r["page_size"] == size and r.get("heuristic")]
+      cells.append(f"{h[-1]['ms']:.4f} ({c['ms'] / h[-1]['ms']:.2f})" if h else "")
+    best = min(paged, key=lambda r: r["ms"])
+    cfg = ", ".join(f"{n} {v}" for n, v in (best.get("config") or {}).items() if n != "table_chunk")
+    out.append(f"| {k[2]}/{k[3]} | {k[4]} | {k[5]} | {k[6]:g} | {c['ms']:.4f} | {c['tbps']:.2f} | "
+               + " | ".join(cells) + f" | {best['ms']:.4f} ({c['ms'] / best['ms']:.2f}) | page {best['page_size']}, "
+               f"{cfg} |")
+  return "\n".join(out)
+
+
+def _pcts(stats: dict | None, scale: float = 1000.0) -> str:
+  if not stats or stats.get("p50") is None:
+    return ""
+  return f"{stats['p50'] * scale:.0f} / {stats['p99'] * scale:.0f}"
+
+
+def serve_table(recs: list[dict]) -> str:
+  """Serving runs (`benchmarks/serve.py`, `serve_hf.py`) in the order measured."""
+  out = ["| date | device | system | density | requests | max_batch | KV | output tok/s | req/s | "
+         "TTFT p50 / p99 ms | ITL p50 / p99 ms | compiled in run |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for r in recs:
+    kv = r.get("kv_layout") or ""
+    if kv == "paged" and r.get("num_pages"):
+      kv += f" ({r['num_pages']} x {r.get('page_size')})"
+    rps = r.get("request_throughput")
+    out.append(f"| {r['date'][:10]} | {r['device'].replace('NVIDIA ', '')} | {r['system']} | {r.get('density', 1.0):g} | "
+               f"{r['requests']} | {r.get('max_batch', '')} | {kv} | {r['output_tok_s']:.0f} | "
+               f"{'' if rps is None else f'{rps:.2f}'} | {_pcts(r.get('ttft_s'))} | {_pcts(r.get('itl_s'))} | "
+               f"{r.get('programs_compiled_during_run', '')} |")
+  return "\n".join(out)
+
+
 def mlp_table(recs: list[dict], version: str = "v4b") -> str:
   rows = [r for r in recs if r.get("op") == "gather_mlp" and r.get("impl") == "pallas"
           and str(r.get("kernel_version", "")).startswith(version)]
@@ -284,7 +337,9 @@ record of each setting; records of older commits ran older code (see their commi
 """
 
 
-def performance_markdown(e2e: list[dict], kernels: list[dict], layer: list[dict], accuracy: list[dict]) -> str:
+def performance_markdown(e2e: list[dict], kernels: list[dict], layer: list[dict], accuracy: list[dict],
+                         serve: list[dict] | None = None) -> str:
+  serve = load("serve.jsonl") if serve is None else serve
   parts = [PERFORMANCE_INTRO.rstrip()]
   device = _grid_device(e2e)
   if device:
@@ -305,6 +360,16 @@ def performance_markdown(e2e: list[dict], kernels: list[dict], layer: list[dict]
                "time of all kernels of the op.\n\n" + attention_table(kernels))
   parts.append("## Gathered MLP, columns + rows (`benchmarks/kernels.py`)\n\nd 4096, N 16384, ReLU, bf16.\n\n"
                + mlp_table(kernels))
+  if any(r.get("op") == "paged_attention" for r in kernels):
+    parts.append("## Selective paged decode attention (`benchmarks/kernels.py --only paged`)\n\nbf16, head size 128, "
+                 "pages `[Hkv, num_pages, page_size, D]` in shuffled order; ratio = contiguous ms / paged ms in the "
+                 "same call (1 = the contiguous kernel's bandwidth).\n\n" + paged_table(kernels))
+  if serve:
+    parts.append("## Serving (`benchmarks/serve.py`, `benchmarks/serve_hf.py`)\n\nRandom bf16 weights, prompts of "
+                 "200-2000 random tokens and outputs of 32-512 (EOS ignored), all requests arriving at once unless "
+                 "a rate is given; `polar_static`: `generate` in arrival-order batches of max_batch. TTFT and ITL "
+                 "per request (ITL: each round's gap shared by the tokens it brought); records in the order "
+                 "measured.\n\n" + serve_table(serve))
   acc = ["## Accuracy (`polar-eval`)\n\nAccuracy in % ± standard error (acc_norm for HellaSwag, acc otherwise), "
          "perplexity on held-out LAMBADA + BoolQ windows; density = fraction of KV groups kept per row in every layer "
          "but layer 0; engine mode: dense prefill, every scored token through the sparse decode step. Models "
