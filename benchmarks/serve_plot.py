@@ -22,6 +22,8 @@ def label(r: dict[str, Any]) -> str:
     name = f"polar_engine_sparse (density {r['density']})"
   elif name == "polar_static" and r.get("density", 1.0) < 1.0:
     name = f"polar_static (density {r['density']})"
+  name += f", max_batch {r['max_batch']}" if r.get("max_batch") else ""
+  name += f", {r['requests']} requests" if r.get("requests") else ""
   return name + (f", {r['rate']:g} req/s" if r.get("rate") else "")
 
 
@@ -48,7 +50,7 @@ def plot(records: list[dict[str, Any]], out: pathlib.Path) -> None:
     ax.set(xlabel="output tokens/s", ylabel=f"{title} p50 (bar: p99), s", yscale="log", title=title)
     ax.grid(alpha=0.3)
   first = records[0]
-  fig.suptitle(f"{first['model']} on {first['device']}, {first['requests']} requests, prompts "
+  fig.suptitle(f"{first['model']} on {first['device']}, prompts "
                f"{first['prompt_len'][0]}-{first['prompt_len'][1]}, outputs {first['output_len'][0]}-"
                f"{first['output_len'][1]} tokens ({first['date'][:10]})", fontsize=10)
   axes[1].legend(fontsize=7, loc="best")
