@@ -61,25 +61,32 @@ class PagedAttentionConfig:
 @dataclasses.dataclass(frozen=True)
 class PagedAttentionHeuristics:
   """How `choose_config` picks a `PagedAttentionConfig` from the static shapes, and the page size a paged cache
-  is created with. Not yet measured on a GPU: the defaults mirror the contiguous kernel's (`AttentionHeuristics`)
-  until `benchmarks/kernels.py --only paged` has compared them.
+  is created with. Measured on an H100 against the contiguous kernel in the same call (`benchmarks/kernels.py
+  --only paged`, `docs/performance.md`): 32-token pages streamed one page per iteration with 4 pipeline stages
+  reach 0.93-1.00 of the contiguous kernel's time (B 32-64, S 2k-4k, densities 1 / 0.5 / 0.25, MHA and 32/8 GQA),
+  16-token pages gathered 64 keys at a time 0.92-1.00.
 
   Attributes:
     page_size: tokens per page of a new paged cache (a multiple of 16; the kernel takes any such size).
-    keys_per_block: keys per loop iteration where a page is smaller (64: the contiguous kernel's block for
-      bf16 D 128); pages at least this large are streamed one whole page per iteration.
+    page_block_min: a power-of-two page of at least this many tokens is one key block (one contiguous page load
+      per iteration); smaller pages are gathered `keys_per_block` keys at a time.
+    keys_per_block: keys per loop iteration where pages are gathered (64: the contiguous kernel's block for
+      bf16 D 128).
     direct_programs_per_sm: selected (row, group) programs per SM from which keys are not split.
     split_target_programs_per_sm: below that, keys are split into about this many programs per SM in all,
       capped so that every split keeps >= `min_blocks_per_split` key blocks of the longest possible row.
-    num_warps, num_stages: the kernel's warps and software-pipeline depth.
+    num_warps: the kernel's warps.
+    page_block_stages, gathered_stages: software-pipeline depth with page blocks and with gathered blocks.
   """
-  page_size: int = 16
+  page_size: int = 32
+  page_block_min: int = 32
   keys_per_block: int = 64
   direct_programs_per_sm: int = 1
   split_target_programs_per_sm: int = 2
   min_blocks_per_split: int = 4
   num_warps: int = 4
-  num_stages: int = 3
+  page_block_stages: int = 4
+  gathered_stages: int = 3
 
   def __post_init__(self):
     if self.page_size < 16 or self.page_size % 16:
@@ -91,13 +98,14 @@ def choose_config(batch: int, num_selected: int, page_size: int, max_keys: int, 
                   heuristics: PagedAttentionHeuristics = PagedAttentionHeuristics()) -> PagedAttentionConfig:
   """Block and split choice from the static shapes (`max_keys`: the page table's capacity, pages x page_size).
 
-  A power-of-two page of at least `keys_per_block` keys is one block (contiguous page loads); smaller or
+  A power-of-two page of at least `page_block_min` keys is one block (contiguous page loads); smaller or
   non-power-of-two pages are gathered `keys_per_block` keys at a time. Keys are split only where the B x K
   selected programs leave SMs idle, as in the contiguous kernel.
   """
   h = heuristics
   num_sms = num_sms or _platform.num_sms()
-  if page_size == _platform.next_pow2(page_size) and page_size >= h.keys_per_block:
+  page_blocks = page_size == _platform.next_pow2(page_size) and page_size >= h.page_block_min
+  if page_blocks:
     block_k = page_size
   else:
     block_k = max(16, min(_platform.next_pow2(h.keys_per_block), _platform.next_pow2(max_keys)))
@@ -106,7 +114,8 @@ def choose_config(batch: int, num_selected: int, page_size: int, max_keys: int, 
   if work < h.direct_programs_per_sm * num_sms:
     splits = _platform.cdiv(h.split_target_programs_per_sm * num_sms, work)
     splits = max(1, min(splits, _platform.cdiv(max_keys, block_k) // h.min_blocks_per_split))
-  return PagedAttentionConfig(block_k=block_k, num_splits=splits, num_warps=h.num_warps, num_stages=h.num_stages)
+  return PagedAttentionConfig(block_k=block_k, num_splits=splits, num_warps=h.num_warps,
+                              num_stages=h.page_block_stages if page_blocks else h.gathered_stages)
 
 
 def _kernel(*refs, num_selected: int | None, num_splits: int, scale: float, group_size: int, head_dim: int,

@@ -19,13 +19,15 @@ from test_serving_engine import CFG, _prompts, random_routers
 
 MAX_LEN = 64        # 4 pages of 16 per row
 MAX_BATCH = 4
+PAGE_SIZE = 16      # small pages for the tiny model's short rows
 NUM_PAGES = 8       # half of what 4 rows of max_len need: long requests run out and get preempted
 REF_TOKENS = 40
 LABELS = {"model_name": "polar"}
 
 
 def _opts(**kw):
-  return EngineOptions(steps_per_round=3, prefill_rows=2, prefill_chunk=16, num_pages=NUM_PAGES, **kw)
+  return EngineOptions(steps_per_round=3, prefill_rows=2, prefill_chunk=16, page_size=PAGE_SIZE, num_pages=NUM_PAGES,
+                       **kw)
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +75,7 @@ def _staggered(engine, prompts, max_tokens):
 
 
 def test_paged_requests_equal_generate_with_preemption_and_no_compilation(model, engine):
-  assert engine.pages.layout == PagedLayout(16, NUM_PAGES, MAX_LEN // 16)
+  assert engine.pages.layout == PagedLayout(PAGE_SIZE, NUM_PAGES, MAX_LEN // PAGE_SIZE)
   before = dict(programs.TRACE_COUNTS)
   preempted = engine.stats()["preemptions"]
   prompts = _prompts(40, 9, 2, 30)
@@ -158,7 +160,7 @@ def test_paged_options_and_requests_name_the_problem(model, engine):
     with pytest.raises(ValueError, match=match):
       EngineOptions(**kw)
   with pytest.raises(ValueError, match="needs 3 KV pages, more than the engine's 2"):
-    Engine(model, max_batch=1, max_len=MAX_LEN, engine_options=EngineOptions(num_pages=2, warmup=False)
+    Engine(model, max_batch=1, max_len=MAX_LEN, engine_options=EngineOptions(page_size=16, num_pages=2, warmup=False)
            ).submit([1] * 20, SamplingParams(max_tokens=20))
   windowed = init_model(ModelConfig(**{**CFG.__dict__, "sliding_window": 16}), seed=1)
   with pytest.raises(ValueError, match="sliding window"):

@@ -110,7 +110,7 @@ class EngineOptions:
   selection_probe_every: int = 64
   warmup: bool = True
   kv_layout: str = "paged"
-  page_size: int = 16
+  page_size: int = 32
   num_pages: int | None = None
   kv_memory_fraction: float | None = None
   prefix_caching: bool = True
