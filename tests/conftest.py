@@ -49,10 +49,23 @@ if str(ROOT) not in sys.path:
 from polar_jax.config import ModelConfig  # noqa: E402  (after the repo root is importable)
 
 
+# The longest tests (subprocesses with several host devices, the README run as written), longest first.
+LONGEST = ("test_readme.py::test_readme_commands_run_as_written", "test_sharding.py::test_tensor_parallel",
+           "test_sharding.py", "test_readme.py::test_readme_python_blocks_run_as_written", "test_serving_tp.py",
+           "test_benchmarks_kernels.py")
+
+
 def pytest_collection_modifyitems(items):
-  """The tests marked slow first (stable order otherwise): with pytest-xdist the longest tests then start at once
-  and the short ones fill the other worker, instead of one long test running alone at the end."""
-  items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+  """The longest tests first, then the others marked slow, then the rest (stable order otherwise): pytest-xdist's
+  work stealing hands the first half of the list to one worker, which then runs the long ones back to back from the
+  start while the other worker takes the short ones (and steals from the end of the first's queue), instead of a
+  long test starting last and running alone."""
+  def rank(item) -> tuple[int, int]:
+    for i, prefix in enumerate(LONGEST):
+      if item.nodeid.split("/")[-1].startswith(prefix):
+        return 0, i
+    return (1 if item.get_closest_marker("slow") else 2), 0
+  items.sort(key=rank)
 
 LLAMA_MHA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
                         num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=128)
