@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import _platform
+from pallas_kernels import kv_quant
 from pallas_kernels import decode_attention_persistent as _persistent
 from pallas_kernels import decode_attention_triton as _triton
 from pallas_kernels import decode_attention_xla as _xla
@@ -37,7 +38,8 @@ def _check_int(name, x):
     raise ValueError(f"{name} must have an integer dtype, got {x.dtype}")
 
 
-def _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=False, group_count=None):
+def _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=False, group_count=None, k_scale=None,
+              v_scale=None):
   if q.ndim != 3:
     raise ValueError(f"q must be [B, Hq, D], got shape {q.shape}")
   if k_cache.ndim != 4 or v_cache.ndim != 4:
@@ -53,9 +55,13 @@ def _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=False
                      "batch size or head_dim")
   if Hq % Hkv:
     raise ValueError(f"Hq={Hq} is not a multiple of Hkv={Hkv}")
-  if not (q.dtype == k_cache.dtype == v_cache.dtype):
+  kv8 = kv_quant.is_8bit(k_cache.dtype) and k_cache.dtype == v_cache.dtype
+  if not kv8 and not (q.dtype == k_cache.dtype == v_cache.dtype):
     raise ValueError(f"q, k_cache, v_cache dtypes differ: {q.dtype}, "
-                     f"{k_cache.dtype}, {v_cache.dtype}")
+                     f"{k_cache.dtype}, {v_cache.dtype} (the caches: q's dtype, or both one 8-bit dtype "
+                     f"{kv_quant.KV8_DTYPES} with scales)")
+  kv_quant.check_scales("k_cache", k_cache, k_scale)
+  kv_quant.check_scales("v_cache", v_cache, v_scale)
   if q.dtype not in _FLOAT_DTYPES:
     raise ValueError(f"unsupported dtype {q.dtype}; use float32, bfloat16 or "
                      "float16")
@@ -114,8 +120,8 @@ def _scatter_groups(o_BKGD, m_BKG, l_BKG, group_idx_BK, num_kv_heads):
 
 @functools.partial(jax.jit, static_argnames=("scale", "return_residuals",
                                              "config", "interpret"))
-def _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, group_count=None, *, scale,
-                 return_residuals, config, interpret):
+def _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, group_count=None, k_scale=None, v_scale=None, *,
+                 scale, return_residuals, config, interpret):
   B, Hq, D = q.shape
   Hkv = k_cache.shape[1]
   dense = group_idx is None
@@ -125,18 +131,18 @@ def _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, group_count=
     # A few programs per SM, each looping over a run of (row, group) items; normalised output in place.
     return _persistent.decode_attention_persistent(
         q, k_cache, v_cache, lengths, group_idx, kv_start, scale=scale, config=config, interpret=interpret,
-        group_count_B=group_count)
+        group_count_B=group_count, k_scale_BHS=k_scale, v_scale_BHS=v_scale)
   if config.num_splits == 1 and not return_residuals:
     # One program per (row, group), normalised output in place: no merge, normalise or scatter after it.
     return _triton.decode_attention_triton_direct(
         q, k_cache, v_cache, lengths, None if dense else group_idx, kv_start, scale=scale, config=config,
-        interpret=interpret, group_count_B=group_count)
+        interpret=interpret, group_count_B=group_count, k_scale_BHS=k_scale, v_scale_BHS=v_scale)
   if dense:
     group_idx = jnp.broadcast_to(jnp.arange(Hkv, dtype=jnp.int32), (B, Hkv))
   group_idx = jnp.clip(group_idx.astype(jnp.int32), 0, Hkv - 1)
   o, m, l = _triton.decode_attention_triton(
       q, k_cache, v_cache, lengths, group_idx, kv_start, scale=scale,
-      config=config, interpret=interpret, group_count_B=group_count)
+      config=config, interpret=interpret, group_count_B=group_count, k_scale_BHS=k_scale, v_scale_BHS=v_scale)
   if group_count is not None:   # uncounted slots scatter nowhere (index Hkv, dropped): their groups stay zero
     group_idx = jnp.where(_xla.count_mask(group_count, group_idx.shape[1]), group_idx, Hkv)
   if dense:  # groups already in order: no scatter
@@ -158,12 +164,13 @@ def _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, group_count=
 def selective_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *,
                                scale=None, kv_start=None,
                                return_residuals=False, implementation=None,
-                               config=None, group_count=None):
+                               config=None, group_count=None, k_scale=None, v_scale=None):
   """Decode attention (one query token) over the selected KV groups of each row.
 
   Args:
     q: [B, Hq, D] query of the current token (bf16, fp16 or float32).
-    k_cache, v_cache: [B, Hkv, S, D] head-major caches, same dtype as q.
+    k_cache, v_cache: [B, Hkv, S, D] head-major caches, same dtype as q, or both int8 / float8_e4m3fn with
+      `k_scale` / `v_scale` (an 8-bit cache, `pallas_kernels.kv_quant`: dequantised in registers).
     lengths: [B] int, keys [kv_start, lengths[b]) of row b are attended (0..S;
       rows with an empty range produce 0).
     group_idx: [B, K] int, distinct selected KV groups per row (= heads for MHA),
@@ -187,6 +194,7 @@ def selective_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *,
       reads only the counted groups' K/V (the persistent kernel's programs
       share the counted items), so its bytes follow the realised density;
       the compiled program depends on K only, not on the counts.
+    k_scale, v_scale: float32 [B, Hkv, S], an 8-bit cache's per (row, group, slot) scales; None for a float cache.
 
   Returns:
     [B, Hq, D] in q's dtype; query heads of unselected groups are exactly 0.
@@ -196,19 +204,21 @@ def selective_decode_attention(q, k_cache, v_cache, lengths, group_idx=None, *,
   group_idx = None if group_idx is None else jnp.asarray(group_idx)
   kv_start = None if kv_start is None else jnp.asarray(kv_start)
   group_count = None if group_count is None else jnp.asarray(group_count)
-  _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, group_count=group_count)
+  _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, group_count=group_count, k_scale=k_scale,
+            v_scale=v_scale)
   _check_config(config)
   B, Hq, D = q.shape
   Hkv, S = k_cache.shape[1], k_cache.shape[2]
   scale = float(D ** -0.5 if scale is None else scale)
   if impl == "xla":
     return _xla_jit(q, k_cache, v_cache, lengths, group_idx, kv_start,
-                    scale=scale, return_residuals=return_residuals, group_count_B=group_count)
+                    scale=scale, return_residuals=return_residuals, group_count_B=group_count,
+                    k_scale_BHS=k_scale, v_scale_BHS=v_scale)
   if kv_start is None:
     kv_start = jnp.zeros((B,), jnp.int32)
   K = Hkv if group_idx is None else group_idx.shape[1]
-  config = _resolve_config(config, B, K, S, D, jnp.dtype(q.dtype).itemsize)
-  return _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, group_count,
+  config = _resolve_config(config, B, K, S, D, jnp.dtype(k_cache.dtype).itemsize)
+  return _pallas_path(q, k_cache, v_cache, lengths, group_idx, kv_start, group_count, k_scale, v_scale,
                       scale=scale, return_residuals=return_residuals,
                       config=config, interpret=_platform.interpret_mode())
 
@@ -219,7 +229,7 @@ _xla_jit = jax.jit(_xla.decode_attention_xla,
 
 def selective_decode_attention_append(q, k_new, v_new, k_cache, v_cache, lengths, group_idx=None, *,
                                       scale=None, kv_start=None, implementation=None, config=None,
-                                      group_count=None):
+                                      group_count=None, k_scale=None, v_scale=None):
   """Appends one token's K/V to every group of the cache, then attends over the selected groups.
 
   The decode step's attention: equal to writing `k_new`/`v_new` at slot `lengths[b]` of each row (every
@@ -235,16 +245,20 @@ def selective_decode_attention_append(q, k_new, v_new, k_cache, v_cache, lengths
     lengths: [B] int, tokens already in each row's cache = the new token's slot. A slot outside [0, S) is
       not written (as `mode="drop"`), and the row attends over its min(lengths + 1, S) cached keys.
     group_idx, scale, kv_start, implementation, config, group_count: as `selective_decode_attention`.
+    k_scale, v_scale: an 8-bit cache's scales (as `selective_decode_attention`): the new K/V are quantised
+      (`kv_quant.quantise`) and written with their scales.
 
   Returns:
-    (out [B, Hq, D] in q's dtype (heads of unselected groups exactly 0), k_cache, v_cache).
+    (out [B, Hq, D] in q's dtype (heads of unselected groups exactly 0), k_cache, v_cache), and after them
+    (k_scale, v_scale) for an 8-bit cache.
   """
   impl = _platform.resolve_implementation(implementation)
   lengths = jnp.asarray(lengths)
   group_idx = None if group_idx is None else jnp.asarray(group_idx)
   kv_start = None if kv_start is None else jnp.asarray(kv_start)
   group_count = None if group_count is None else jnp.asarray(group_count)
-  _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=True, group_count=group_count)
+  _validate(q, k_cache, v_cache, lengths, group_idx, kv_start, appending=True, group_count=group_count,
+            k_scale=k_scale, v_scale=v_scale)
   _check_config(config)
   B, _, D = q.shape
   Hkv, S = k_cache.shape[1], k_cache.shape[2]
@@ -253,15 +267,22 @@ def selective_decode_attention_append(q, k_new, v_new, k_cache, v_cache, lengths
   scale = float(D ** -0.5 if scale is None else scale)
   if impl == "xla":
     return _append_xla_jit(q, k_new, v_new, k_cache, v_cache, lengths, group_idx, kv_start, scale=scale,
-                           group_count_B=group_count)
+                           group_count_B=group_count, k_scale_BHS=k_scale, v_scale_BHS=v_scale)
   if kv_start is None:
     kv_start = jnp.zeros((B,), jnp.int32)
   K = Hkv if group_idx is None else group_idx.shape[1]
-  config = _resolve_config(config, B, K, S, D, jnp.dtype(q.dtype).itemsize)
-  k_cache, v_cache = _xla.append_kv_xla(k_cache, v_cache, k_new, v_new, lengths)
+  config = _resolve_config(config, B, K, S, D, jnp.dtype(k_cache.dtype).itemsize)
+  if k_scale is None:
+    k_cache, v_cache = _xla.append_kv_xla(k_cache, v_cache, k_new, v_new, lengths)
+  else:
+    k_cache, v_cache, k_scale, v_scale = _xla.append_kv8_xla(k_cache, v_cache, k_scale, v_scale, k_new, v_new,
+                                                             lengths)
   out = _pallas_path(q, k_cache, v_cache, lengths.astype(jnp.int32) + 1, group_idx, kv_start, group_count,
-                     scale=scale, return_residuals=False, config=config, interpret=_platform.interpret_mode())
-  return out, k_cache, v_cache
+                     k_scale, v_scale, scale=scale, return_residuals=False, config=config,
+                     interpret=_platform.interpret_mode())
+  if k_scale is None:
+    return out, k_cache, v_cache
+  return out, k_cache, v_cache, k_scale, v_scale
 
 
 _append_xla_jit = jax.jit(_xla.decode_attention_append_xla, static_argnames=("scale",))

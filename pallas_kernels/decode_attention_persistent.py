@@ -53,17 +53,24 @@ def num_programs(num_items: int, programs_per_sm: int, num_sms: int | None = Non
 
 
 def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: int, num_programs: int,
-            scale: float, group_size: int, block_g: int, block_k: int, counted: bool = False):
+            scale: float, group_size: int, block_g: int, block_k: int, counted: bool = False,
+            quantised: bool = False):
   """Program p: items [p * items_per_program, ...) of the row-major (row b, selected slot j) list.
 
   refs = ([items_ref, total_ref, count_ref,] [gidx_ref,] len_ref, start_ref, q_ref [B, Hq, D], k_ref/v_ref
-  [B, Hkv, S, D], o_ref [B, Hkv, G, D]). `counted`: the items are `items_ref[:total_ref[0]]` (flat b * K + j of
+  [B, Hkv, S, D], [ks_ref/vs_ref [B, Hkv, S] (`quantised`: an 8-bit cache's scales),] o_ref [B, Hkv, G, D]).
+  `counted`: the items are `items_ref[:total_ref[0]]` (flat b * K + j of
   the counted slots, `compact_items`), each program a share of ceil(total / num_programs) of them; slots
   j >= count_ref[b] are unselected. A loop over the items around each item's key blocks: whole blocks as
   contiguous unmasked loads, then the row's partial block (at most one) masked."""
   items_ref = total_ref = count_ref = None
   if counted:
     items_ref, total_ref, count_ref, *refs = refs
+  scale_refs = None
+  if quantised:
+    *refs, ks_ref, vs_ref, o_ref = refs
+    scale_refs = (ks_ref, vs_ref)
+    refs = refs + [o_ref]
   if num_selected is None:
     gidx_ref, (len_ref, start_ref, q_ref, k_ref, v_ref, o_ref) = None, refs
   else:
@@ -101,8 +108,11 @@ def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: 
     ok_k = (pos_k >= nominal) & (pos_k < length)
     mask = jnp.broadcast_to(ok_k[:, None], (block_k, head_dim))
     keys = pl.ds(s0, block_k)
+    scales = (None, None)
+    if scale_refs is not None:   # masked keys' scales load as 0 (finite)
+      scales = tuple(plgpu.load(r.at[b, group, keys], mask=ok_k, other=0) for r in scale_refs)
     return (plgpu.load(k_ref.at[b, group, keys, :], mask=mask, other=0),
-            plgpu.load(v_ref.at[b, group, keys, :], mask=mask, other=0), ok_k)
+            plgpu.load(v_ref.at[b, group, keys, :], mask=mask, other=0), ok_k, *scales)
 
   init = (jnp.zeros((block_g, head_dim), jnp.float32), jnp.full((block_g,), M_EMPTY, jnp.float32),
           jnp.zeros((block_g,), jnp.float32))
@@ -115,10 +125,13 @@ def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: 
 
     def whole_body(i, carry):
       keys = pl.ds(start + i * block_k, block_k)
-      return online_softmax_step(carry, q_gd, k_ref[b, group, keys, :], v_ref[b, group, keys, :], None, scale)
+      scales = (None, None) if scale_refs is None else tuple(r[b, group, keys] for r in scale_refs)
+      return online_softmax_step(carry, q_gd, k_ref[b, group, keys, :], v_ref[b, group, keys, :], None, scale,
+                                 *scales)
 
     def tail_body(i, carry):
-      return online_softmax_step(carry, q_gd, *masked_block(b, group, length, start + i * block_k), scale)
+      k_kd, v_kd, ok_k, *scales = masked_block(b, group, length, start + i * block_k)
+      return online_softmax_step(carry, q_gd, k_kd, v_kd, ok_k, scale, *scales)
 
     carry = lax.fori_loop(0, whole_blocks, whole_body, init)
     o_gd, _, l_g = lax.fori_loop(whole_blocks, (n_keys + block_k - 1) // block_k, tail_body, carry)
@@ -170,12 +183,14 @@ def compact_items(group_count_B: jax.Array, num_selected: int) -> tuple[jax.Arra
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret", "num_sms"))
 def decode_attention_persistent(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK, kv_start_B, *, scale: float,
-                                config, interpret: bool, num_sms: int | None = None, group_count_B=None):
+                                config, interpret: bool, num_sms: int | None = None, group_count_B=None,
+                                k_scale_BHS=None, v_scale_BHS=None):
   """Normalised output `[B, Hq, D]` in q's dtype, query heads of unselected groups exactly 0 (as the direct
   kernel). `group_idx_BK` None computes every group; `group_count_B` (with `group_idx_BK`): row b uses only its
   first `group_count_B[b]` slots (clamped to [0, K]), the counted items compacted before the kernel. Needs
   `supports(S, D, config.block_k, k_BHSD.size)`; uses `config.block_k`, `num_warps`, `num_stages` and
-  `programs_per_sm`."""
+  `programs_per_sm`. `k_scale_BHS`, `v_scale_BHS`: float32 `[B, Hkv, S]` scales of an 8-bit cache
+  (`pallas_kernels.kv_quant`), or None."""
   B, Hq, D = q_BHD.shape
   _, Hkv, S, _ = k_BHSD.shape
   if not supports(S, D, config.block_k, k_BHSD.size):
@@ -190,7 +205,8 @@ def decode_attention_persistent(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK, 
     raise ValueError("group_count_B needs group_idx_BK")
   kernel = functools.partial(_kernel, num_selected=K, num_items=num_items, items_per_program=per_program,
                              num_programs=programs, scale=scale, group_size=G,
-                             block_g=max(16, _platform.next_pow2(G)), block_k=config.block_k, counted=counted)
+                             block_g=max(16, _platform.next_pow2(G)), block_k=config.block_k, counted=counted,
+                             quantised=k_scale_BHS is not None)
   whole = lambda shape: pl.BlockSpec(shape, lambda p: (0,) * len(shape))  # noqa: E731
   in_specs = [whole((B,)), whole((B,)), whole((B, Hq, D)), whole((B, Hkv, S, D)), whole((B, Hkv, S, D))]
   args = [lengths_B.astype(jnp.int32), kv_start_B.astype(jnp.int32), q_BHD, k_BHSD, v_BHSD]
@@ -201,6 +217,9 @@ def decode_attention_persistent(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK, 
     items_N, total_1 = compact_items(group_count_B, K)
     in_specs[:0] = [whole((num_items,)), whole((1,)), whole((B,))]
     args[:0] = [items_N, total_1, group_count_B.astype(jnp.int32)]
+  if k_scale_BHS is not None:
+    in_specs += [whole((B, Hkv, S)), whole((B, Hkv, S))]
+    args += [k_scale_BHS, v_scale_BHS]
   out = pl.pallas_call(
       kernel,
       grid=(programs,),

@@ -120,10 +120,11 @@ def choose_config(batch: int, num_selected: int, seq_len: int, head_dim: int, it
 
 
 def _stream(q_ref, k_ref, v_ref, group, length, start, *, selected, scale: float, group_size: int,
-            head_dim: int, block_g: int, block_d: int, block_k: int, split, num_splits: int):
+            head_dim: int, block_g: int, block_d: int, block_k: int, split, num_splits: int, scale_refs=None):
   """Online-softmax pass of one group's query heads over its keys [start, length) of one row.
 
-  Streams this split's share of the key blocks (nothing when `selected` is False). Returns
+  Streams this split's share of the key blocks (nothing when `selected` is False). `scale_refs`: (k_scale,
+  v_scale) refs `[Hkv, S]` of an 8-bit cache (dequantised in registers), or None. Returns
   (o_gd unnormalised float32, m_g, l_g, rows_g, cols_d): `rows_g`/`cols_d` are the clamped row/column
   indices of the padded tile, for the stores.
   """
@@ -155,12 +156,13 @@ def _stream(q_ref, k_ref, v_ref, group, length, start, *, selected, scale: float
   # block (at most one per split) takes the masked gather path.
   full_hi = jnp.minimum(hi, n_keys // block_k)
 
-  def update(carry, k_kd, v_kd, key_ok_k):
-    return online_softmax_step(carry, q_gd, k_kd, v_kd, key_ok_k, scale)
+  def update(carry, k_kd, v_kd, key_ok_k, scales=(None, None)):
+    return online_softmax_step(carry, q_gd, k_kd, v_kd, key_ok_k, scale, *scales)
 
   def full_body(i, carry):
     keys = pl.ds(start + i * block_k, block_k)
-    return update(carry, k_ref[group, keys, :], v_ref[group, keys, :], None)
+    scales = (None, None) if scale_refs is None else tuple(r[group, keys] for r in scale_refs)
+    return update(carry, k_ref[group, keys, :], v_ref[group, keys, :], None, scales)
 
   def masked_body(i, carry):
     pos_k = start + i * block_k + jnp.arange(block_k, dtype=jnp.int32)
@@ -169,7 +171,11 @@ def _stream(q_ref, k_ref, v_ref, group, length, start, *, selected, scale: float
     kv_mask = jnp.broadcast_to(key_ok_k[:, None], (block_k, block_d))
     k_kd = plgpu.load(k_ref.at[kv_index], mask=kv_mask, other=0)
     v_kd = plgpu.load(v_ref.at[kv_index], mask=kv_mask, other=0)
-    return update(carry, k_kd, v_kd, key_ok_k)
+    scales = (None, None)
+    if scale_refs is not None:   # masked keys' scales load as 0 (finite)
+      scale_index = (group, jnp.minimum(pos_k, seq_len - 1))
+      scales = tuple(plgpu.load(r.at[scale_index], mask=key_ok_k, other=0) for r in scale_refs)
+    return update(carry, k_kd, v_kd, key_ok_k, scales)
 
   init = (jnp.zeros((block_g, block_d), jnp.float32),
           jnp.full((block_g,), M_EMPTY, jnp.float32),
@@ -198,13 +204,16 @@ def _row_bounds(len_ref, start_ref, b, seq_len):
   return length, jnp.clip(start_ref[b], 0, length)
 
 
-def _attention_kernel(*refs, counted: bool = False, **kw):
+def _attention_kernel(*refs, counted: bool = False, quantised: bool = False, **kw):
   """Split-K program (b, j, split): refs = ([count_ref,] gidx_ref, len_ref, start_ref, q_ref [Hq, D], k_ref/v_ref
-  [Hkv, S, D] of row b, o_ref [G, D], m/l [G]). `counted`: slot j >= count_ref[b] streams nothing (o = 0, l = 0)."""
+  [Hkv, S, D] of row b, [ks_ref/vs_ref [Hkv, S] (`quantised`: an 8-bit cache's scales),] o_ref [G, D], m/l [G]).
+  `counted`: slot j >= count_ref[b] streams nothing (o = 0, l = 0)."""
   count_ref = None
   if counted:
     count_ref, *refs = refs
-  gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref, o_ref, m_ref, l_ref = refs
+  *refs, o_ref, m_ref, l_ref = refs
+  refs, kw["scale_refs"] = _split_scales(refs, quantised)
+  gidx_ref, len_ref, start_ref, q_ref, k_ref, v_ref = refs
   b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   num_kv_heads, seq_len, _ = k_ref.shape
   group = jnp.clip(gidx_ref[b, j], 0, num_kv_heads - 1)
@@ -218,15 +227,16 @@ def _attention_kernel(*refs, counted: bool = False, **kw):
   _store(l_ref, l_g, rows_g, cols_d, whole)
 
 
-def _direct_kernel(*refs, num_selected: int | None, counted: bool = False, **kw):
-  """Direct program (b, g): refs = ([count_ref,] [gidx_ref,] len_ref, start_ref, q_ref, k_ref, v_ref, o_ref),
-  o_ref [G, D] of group g of row b. num_selected None: every group (dense); else group g is computed when one of
-  row b's `num_selected` (clamped) entries of gidx names it (`counted`: one of its first count_ref[b]), and
-  written as zeros otherwise (streaming nothing)."""
+def _direct_kernel(*refs, num_selected: int | None, counted: bool = False, quantised: bool = False, **kw):
+  """Direct program (b, g): refs = ([count_ref,] [gidx_ref,] len_ref, start_ref, q_ref, k_ref, v_ref, [ks_ref,
+  vs_ref,] o_ref), o_ref [G, D] of group g of row b. num_selected None: every group (dense); else group g is computed
+  when one of row b's `num_selected` (clamped) entries of gidx names it (`counted`: one of its first count_ref[b]),
+  and written as zeros otherwise (streaming nothing). `quantised`: an 8-bit cache with its scales' refs."""
   *refs, o_ref = refs
   count_ref = None
   if counted:
     count_ref, *refs = refs
+  refs, kw["scale_refs"] = _split_scales(refs, quantised)
   if num_selected is None:
     gidx_ref, (len_ref, start_ref, q_ref, k_ref, v_ref) = None, refs
   else:
@@ -249,6 +259,18 @@ def _direct_kernel(*refs, num_selected: int | None, counted: bool = False, **kw)
   _store(o_ref, out_gd.astype(o_ref.dtype), rows_g, cols_d, _unpadded(kw))
 
 
+def _split_scales(refs, quantised: bool):
+  """(refs without the trailing scale refs, (ks_ref, vs_ref) or None)."""
+  return (refs[:-2], tuple(refs[-2:])) if quantised else (refs, None)
+
+
+def scale_specs(k_scale_BHS, v_scale_BHS, spec):
+  """(in_specs, args) to append for an 8-bit cache's scales (`spec` the BlockSpec of one), or empty lists."""
+  if k_scale_BHS is None:
+    return [], []
+  return [spec, spec], [k_scale_BHS, v_scale_BHS]
+
+
 def _unpadded(kw) -> bool:
   """True when the tile is exactly [G, D] (no padded rows or columns): whole-block stores."""
   return kw["block_g"] == kw["group_size"] and kw["block_d"] == kw["head_dim"]
@@ -262,8 +284,10 @@ def _kernel_kw(scale, G, D, config):
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
 def decode_attention_triton(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
                             kv_start_B, *, scale: float, config: AttentionConfig,
-                            interpret: bool, group_count_B=None):
+                            interpret: bool, group_count_B=None, k_scale_BHS=None, v_scale_BHS=None):
   """Returns split-merged partials for the selected groups only.
+
+  `k_scale_BHS`, `v_scale_BHS`: float32 `[B, Hkv, S]` scales of an 8-bit cache (`pallas_kernels.kv_quant`), or None.
 
   `group_count_B`: optional [B] int; slot j of row b with j >= group_count_B[b] streams nothing (o = 0, l = 0,
   m = M_EMPTY).
@@ -277,7 +301,9 @@ def decode_attention_triton(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
   G = Hq // Hkv
   NS = config.num_splits
   counted = group_count_B is not None
-  kernel = functools.partial(_attention_kernel, num_splits=NS, counted=counted, **_kernel_kw(scale, G, D, config))
+  quantised = k_scale_BHS is not None
+  kernel = functools.partial(_attention_kernel, num_splits=NS, counted=counted, quantised=quantised,
+                             **_kernel_kw(scale, G, D, config))
   whole2 = lambda b, j, s: (0, 0)
   whole1 = lambda b, j, s: (0,)
   in_specs = [
@@ -290,6 +316,8 @@ def decode_attention_triton(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
   ]
   args = [group_idx_BK.astype(jnp.int32), lengths_B.astype(jnp.int32), kv_start_B.astype(jnp.int32), q_BHD,
           k_BHSD, v_BHSD]
+  specs, scales = scale_specs(k_scale_BHS, v_scale_BHS, pl.BlockSpec((None, Hkv, S), lambda b, j, s: (b, 0, 0)))
+  in_specs, args = in_specs + specs, args + scales
   if counted:
     in_specs.insert(0, pl.BlockSpec((B,), whole1))
     args.insert(0, group_count_B.astype(jnp.int32))
@@ -323,8 +351,11 @@ def decode_attention_triton(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
 def decode_attention_triton_direct(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK, kv_start_B, *, scale: float,
-                                   config: AttentionConfig, interpret: bool, group_count_B=None):
+                                   config: AttentionConfig, interpret: bool, group_count_B=None, k_scale_BHS=None,
+                                   v_scale_BHS=None):
   """Normalised output `[B, Hq, D]` in q's dtype, query heads of unselected groups exactly 0.
+
+  `k_scale_BHS`, `v_scale_BHS`: float32 `[B, Hkv, S]` scales of an 8-bit cache (`pallas_kernels.kv_quant`), or None.
 
   One program per (row, group) over all Hkv groups, no key split (`config.num_splits` is ignored);
   `group_idx_BK` None computes every group; `group_count_B` (with `group_idx_BK`): row b selects only the groups
@@ -337,7 +368,8 @@ def decode_attention_triton_direct(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_B
   counted = group_count_B is not None
   if counted and K is None:
     raise ValueError("group_count_B needs group_idx_BK")
-  kernel = functools.partial(_direct_kernel, num_selected=K, counted=counted, **_kernel_kw(scale, G, D, config))
+  kernel = functools.partial(_direct_kernel, num_selected=K, counted=counted, quantised=k_scale_BHS is not None,
+                             **_kernel_kw(scale, G, D, config))
   row = lambda b, g: (0,)  # noqa: E731
   cache_spec = pl.BlockSpec((None, Hkv, S, D), lambda b, g: (b, 0, 0, 0))
   in_specs = [
@@ -354,6 +386,8 @@ def decode_attention_triton_direct(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_B
   if counted:
     in_specs.insert(0, pl.BlockSpec((B,), row))
     args.insert(0, group_count_B.astype(jnp.int32))
+  specs, scales = scale_specs(k_scale_BHS, v_scale_BHS, pl.BlockSpec((None, Hkv, S), lambda b, g: (b, 0, 0)))
+  in_specs, args = in_specs + specs, args + scales
   out = pl.pallas_call(
       kernel,
       grid=(B, Hkv),

@@ -2,13 +2,16 @@
 
 Computes every KV group densely (einsum on the head-major cache) and zeroes the
 query heads of unselected groups. Softmax in float32; P is cast to the cache dtype
-for the P @ V product, as in flash attention.
+for the P @ V product, as in flash attention. An 8-bit cache (`pallas_kernels.kv_quant`) is read as the kernels
+read it: K and V converted to q's dtype, the scores scaled by each key's scale, P by each value's scale.
 """
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from pallas_kernels import kv_quant
 
 # Finite "minus infinity" used for the running max of empty/unselected heads:
 # exp(M_EMPTY - m) is 0 for any real m and M_EMPTY - M_EMPTY is 0 (no NaN).
@@ -37,7 +40,8 @@ def count_mask(group_count_B, num_slots: int):
 
 def decode_attention_xla(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
                          kv_start_B, *, scale: float,
-                         return_residuals: bool = False, group_count_B=None):
+                         return_residuals: bool = False, group_count_B=None, k_scale_BHS=None,
+                         v_scale_BHS=None):
   """Reference with the same contract as `selective_decode_attention`.
 
   Args:
@@ -50,6 +54,7 @@ def decode_attention_xla(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
     return_residuals: return (o_unnormalised, m, l) in float32 instead.
     group_count_B: optional [B] int: row b uses only group_idx_BK[b, :count]
       (clamped to [0, K]); None: every slot.
+    k_scale_BHS, v_scale_BHS: float32 [B, Hkv, S] scales of an 8-bit cache, or None.
   """
   B, Hq, D = q_BHD.shape
   _, Hkv, S, _ = k_BHSD.shape
@@ -58,8 +63,13 @@ def decode_attention_xla(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
   # float32 inputs: full precision (XLA GPU would otherwise use TF32).
   precision = (jax.lax.Precision.HIGHEST if q_BHD.dtype == jnp.float32
                else None)
+  quantised = k_scale_BHS is not None
+  if quantised:   # 8-bit values are exact in q's dtype
+    k_BHSD, v_BHSD = k_BHSD.astype(q_BHD.dtype), v_BHSD.astype(q_BHD.dtype)
   s_BKGS = jnp.einsum("bkgd,bksd->bkgs", q_BKGD, k_BHSD, precision=precision,
                       preferred_element_type=jnp.float32) * scale
+  if quantised:
+    s_BKGS = s_BKGS * k_scale_BHS[:, :, None, :]
   pos_S = jnp.arange(S, dtype=jnp.int32)
   lengths_B = jnp.clip(lengths_B.astype(jnp.int32), 0, S)
   valid_BS = pos_S[None, :] < lengths_B[:, None]
@@ -71,6 +81,8 @@ def decode_attention_xla(q_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
   m_BKG = jnp.where(jnp.isfinite(m_BKG), m_BKG, M_EMPTY)
   p_BKGS = jnp.where(valid_B11S, jnp.exp(s_BKGS - m_BKG[..., None]), 0.0)
   l_BKG = jnp.sum(p_BKGS, axis=-1)
+  if quantised:
+    p_BKGS = jnp.where(valid_B11S, p_BKGS * v_scale_BHS[:, :, None, :], 0.0)
   o_BKGD = jnp.einsum("bkgs,bksd->bkgd", p_BKGS.astype(v_BHSD.dtype), v_BHSD,
                       precision=precision, preferred_element_type=jnp.float32)
 
@@ -97,14 +109,35 @@ def append_kv_xla(k_BHSD, v_BHSD, k_new_BHD, v_new_BHD, lengths_B):
           v_BHSD.at[index].set(v_new_BHD.astype(v_BHSD.dtype), mode="drop"))
 
 
+def append_kv8_xla(k_BHSD, v_BHSD, k_scale_BHS, v_scale_BHS, k_new_BHD, v_new_BHD, lengths_B):
+  """`append_kv_xla` into an 8-bit cache: the new K/V quantised (`kv_quant.quantise`, one scale per group) and
+  written with their scales. Returns `(k_BHSD, v_BHSD, k_scale_BHS, v_scale_BHS)`."""
+  kq, ks = kv_quant.quantise(k_new_BHD, k_BHSD.dtype)
+  vq, vs = kv_quant.quantise(v_new_BHD, v_BHSD.dtype)
+  k_BHSD, v_BHSD = append_kv_xla(k_BHSD, v_BHSD, kq, vq, lengths_B)
+  scale_index = (jnp.arange(k_BHSD.shape[0])[:, None], jnp.arange(k_BHSD.shape[1])[None, :],
+                 lengths_B.astype(jnp.int32)[:, None])
+  return (k_BHSD, v_BHSD, k_scale_BHS.at[scale_index].set(ks, mode="drop"),
+          v_scale_BHS.at[scale_index].set(vs, mode="drop"))
+
+
 def decode_attention_append_xla(q_BHD, k_new_BHD, v_new_BHD, k_BHSD, v_BHSD, lengths_B, group_idx_BK,
-                                kv_start_B, *, scale: float, group_count_B=None):
-  """Reference of `selective_decode_attention_append`: `append_kv_xla`, then attention over
-  `[kv_start, lengths + 1)`. Returns `(out [B, Hq, D], k_BHSD, v_BHSD)`."""
-  k_BHSD, v_BHSD = append_kv_xla(k_BHSD, v_BHSD, k_new_BHD, v_new_BHD, lengths_B)
+                                kv_start_B, *, scale: float, group_count_B=None, k_scale_BHS=None,
+                                v_scale_BHS=None):
+  """Reference of `selective_decode_attention_append`: `append_kv_xla` (`append_kv8_xla` with scales), then
+  attention over `[kv_start, lengths + 1)`. Returns `(out [B, Hq, D], k_BHSD, v_BHSD)`, and the two scales after
+  them for an 8-bit cache."""
+  if k_scale_BHS is None:
+    k_BHSD, v_BHSD = append_kv_xla(k_BHSD, v_BHSD, k_new_BHD, v_new_BHD, lengths_B)
+  else:
+    k_BHSD, v_BHSD, k_scale_BHS, v_scale_BHS = append_kv8_xla(k_BHSD, v_BHSD, k_scale_BHS, v_scale_BHS,
+                                                              k_new_BHD, v_new_BHD, lengths_B)
   out = decode_attention_xla(q_BHD, k_BHSD, v_BHSD, lengths_B.astype(jnp.int32) + 1, group_idx_BK, kv_start_B,
-                             scale=scale, group_count_B=group_count_B)
-  return out, k_BHSD, v_BHSD
+                             scale=scale, group_count_B=group_count_B, k_scale_BHS=k_scale_BHS,
+                             v_scale_BHS=v_scale_BHS)
+  if k_scale_BHS is None:
+    return out, k_BHSD, v_BHSD
+  return out, k_BHSD, v_BHSD, k_scale_BHS, v_scale_BHS
 
 
 def normalise(o_BHD, l_BH):

@@ -5,7 +5,8 @@ scatter per cache (k's RoPE inside the first). Measured on one H100 (`profile_st
 LLaMA-2-7B B32): 2.3 + 3.1 + 3.1 us per layer, each mostly launch and latency. Here one program per (row, KV
 group) reads the group's G query heads, key and value from the fused row, rotates q and k (cos/sin of the row's
 position computed in registers), stores q, and writes k and v into the group's slot of the caches, which are
-aliased to the outputs (updated in place when the caller's buffers are donated or dead after the call).
+aliased to the outputs (updated in place when the caller's buffers are donated or dead after the call). An 8-bit
+cache (`pallas_kernels.kv_quant`) gets k and v quantised in registers and their scales written beside them.
 """
 from __future__ import annotations
 
@@ -17,11 +18,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels import _platform
+from pallas_kernels import kv_quant
 
 
-def _kernel(*refs, group_size: int, rope: bool):
-  """Program (b, g): refs = (pos_ref [B], [inv_ref [D/2],] x_ref [B, N], k_ref, v_ref [B, Hkv, S, D], q_ref
-  [B, Hq, D], k_out, v_out (aliased to k_ref, v_ref))."""
+def _kernel(*refs, group_size: int, rope: bool, quantised: bool = False):
+  """Program (b, g): refs = (pos_ref [B], [inv_ref [D/2],] x_ref [B, N], k_ref, v_ref [B, Hkv, S, D], [ks_ref,
+  vs_ref [B, Hkv, S],] q_ref [B, Hq, D], k_out, v_out, [ks_out, vs_out] (aliased to the caches and scales))."""
+  ks_out = vs_out = None
+  if quantised:
+    *refs, ks_out, vs_out = refs
+    refs = refs[:-5] + refs[-3:]   # drop the aliased scale inputs (before q_ref, k_out, v_out)
   if rope:
     pos_ref, inv_ref, x_ref, _, _, q_ref, k_out, v_out = refs
   else:
@@ -55,13 +61,23 @@ def _kernel(*refs, group_size: int, rope: bool):
   @pl.when((pos >= 0) & (pos < seq_len))
   def _():
     slot = jnp.clip(pos, 0, seq_len - 1)
-    k_out[b, g, slot, :] = k_d.astype(k_out.dtype)
-    v_out[b, g, slot, :] = v_d.astype(v_out.dtype)
+    if quantised:
+      k_q, k_s = kv_quant.quantise(k_d, k_out.dtype)
+      v_q, v_s = kv_quant.quantise(v_d, v_out.dtype)
+      k_out[b, g, slot, :] = k_q
+      v_out[b, g, slot, :] = v_q
+      ks_out[b, g, slot] = k_s
+      vs_out[b, g, slot] = v_s
+    else:
+      k_out[b, g, slot, :] = k_d.astype(k_out.dtype)
+      v_out[b, g, slot, :] = v_d.astype(v_out.dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("num_heads", "interpret"))
-def rope_append_triton(qkv_BN, positions_B, inv_freq_F, k_BHSD, v_BHSD, *, num_heads: int, interpret: bool):
-  """As `rope_append_xla.rope_append_xla` (same signature); the caches are aliased to the outputs."""
+def rope_append_triton(qkv_BN, positions_B, inv_freq_F, k_BHSD, v_BHSD, *, num_heads: int, interpret: bool,
+                       k_scale_BHS=None, v_scale_BHS=None):
+  """As `rope_append_xla.rope_append_xla` (same signature); the caches (and an 8-bit cache's scales) are aliased to
+  the outputs."""
   B, N = qkv_BN.shape
   _, Hkv, S, D = k_BHSD.shape
   G = num_heads // Hkv
@@ -72,17 +88,26 @@ def rope_append_triton(qkv_BN, positions_B, inv_freq_F, k_BHSD, v_BHSD, *, num_h
   args = [positions_B.astype(jnp.int32)] + ([inv_freq_F.astype(jnp.float32)] if rope else []) + [
       qkv_BN, k_BHSD, v_BHSD]
   first_cache = len(args) - 2
-  q, k, v = pl.pallas_call(
-      functools.partial(_kernel, group_size=G, rope=rope),
+  out_specs = [whole((B, num_heads, D)), whole((B, Hkv, S, D)), whole((B, Hkv, S, D))]
+  out_shape = [jax.ShapeDtypeStruct((B, num_heads, D), qkv_BN.dtype),
+               jax.ShapeDtypeStruct(k_BHSD.shape, k_BHSD.dtype),
+               jax.ShapeDtypeStruct(v_BHSD.shape, v_BHSD.dtype)]
+  aliases = {first_cache: 1, first_cache + 1: 2}
+  quantised = k_scale_BHS is not None
+  if quantised:
+    in_specs += [whole((B, Hkv, S))] * 2
+    args += [k_scale_BHS, v_scale_BHS]
+    out_specs += [whole((B, Hkv, S))] * 2
+    out_shape += [jax.ShapeDtypeStruct(k_scale_BHS.shape, k_scale_BHS.dtype)] * 2
+    aliases.update({first_cache + 2: 3, first_cache + 3: 4})
+  return tuple(pl.pallas_call(
+      functools.partial(_kernel, group_size=G, rope=rope, quantised=quantised),
       grid=(B, Hkv),
       in_specs=in_specs,
-      out_specs=[whole((B, num_heads, D)), whole((B, Hkv, S, D)), whole((B, Hkv, S, D))],
-      out_shape=[jax.ShapeDtypeStruct((B, num_heads, D), qkv_BN.dtype),
-                 jax.ShapeDtypeStruct(k_BHSD.shape, k_BHSD.dtype),
-                 jax.ShapeDtypeStruct(v_BHSD.shape, v_BHSD.dtype)],
-      input_output_aliases={first_cache: 1, first_cache + 1: 2},
+      out_specs=out_specs,
+      out_shape=out_shape,
+      input_output_aliases=aliases,
       compiler_params=plgpu.CompilerParams(num_warps=1, num_stages=1),
       interpret=interpret,
       name="rope_append",
-  )(*args)
-  return q, k, v
+  )(*args))

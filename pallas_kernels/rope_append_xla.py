@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from pallas_kernels.decode_attention_xla import append_kv_xla
+from pallas_kernels.decode_attention_xla import append_kv8_xla, append_kv_xla
 
 
 def split_fused_qkv(qkv_BN, num_heads: int, num_kv_heads: int, head_dim: int):
@@ -26,12 +26,16 @@ def rotate(x_BHD, positions_B, inv_freq_F):
   return (xf * cos_B1D + rotated * sin_B1D).astype(x_BHD.dtype)
 
 
-def rope_append_xla(qkv_BN, positions_B, inv_freq_F, k_BHSD, v_BHSD, *, num_heads: int):
+def rope_append_xla(qkv_BN, positions_B, inv_freq_F, k_BHSD, v_BHSD, *, num_heads: int, k_scale_BHS=None,
+                    v_scale_BHS=None):
   """Returns `(q_BHD, k_BHSD, v_BHSD)`: q rotated, the rotated key and the value written at slot
-  `positions_B[b]` of every group (dropped outside `[0, S)`). `inv_freq_F` None: no rotation (OPT)."""
+  `positions_B[b]` of every group (dropped outside `[0, S)`). `inv_freq_F` None: no rotation (OPT). With an 8-bit
+  cache's scales: k and v quantised (`kv_quant.quantise`) and `(q, k, v, k_scale, v_scale)` returned."""
   _, Hkv, _, D = k_BHSD.shape
   q, k, v = split_fused_qkv(qkv_BN, num_heads, Hkv, D)
   if inv_freq_F is not None:
     q, k = rotate(q, positions_B, inv_freq_F), rotate(k, positions_B, inv_freq_F)
+  if k_scale_BHS is not None:
+    return (q,) + append_kv8_xla(k_BHSD, v_BHSD, k_scale_BHS, v_scale_BHS, k, v, positions_B)
   k_BHSD, v_BHSD = append_kv_xla(k_BHSD, v_BHSD, k, v, positions_B)
   return q, k_BHSD, v_BHSD

@@ -4,7 +4,8 @@ Prefill runs dense causal attention over a compacted (right-padded) prompt and w
 cache. Decode writes the new token's K/V to every head's slot (`pallas_kernels.rope_append` after a fused q|k|v
 projection, else an XLA scatter), then attends over the selected KV groups (all for `DenseHeads`) with
 `pallas_kernels.selective_decode_attention`. Under tensor parallelism (a `mesh`) the kernel runs inside
-`jax.shard_map` on each shard's heads (`polar_jax.sharding`).
+`jax.shard_map` on each shard's heads (`polar_jax.sharding`). An 8-bit cache (`polar_jax.kv_cache.QuantizedKV`) is
+written quantised and read by the kernels with its scales, on one device and the contiguous cache.
 """
 
 from __future__ import annotations
@@ -129,6 +130,7 @@ class Attention(nnx.Module):
   def prefill(self, x_btd, lengths_b, k_cache_bhsd, v_cache_bhsd, row0=0, *, mesh=None):
     """Attention over compacted prompts (cache rows [row0, row0 + B)); writes every head's K/V into slots [0, T).
     `mesh`: the tensor-parallel mesh the cache is sharded on (by KV group), or None."""
+    _check_kv8_layout(k_cache_bhsd, mesh)
     out, (k, v) = self.forward(x_btd, lengths_b)
     k_cache_bhsd = kv_cache.write_prefill(k_cache_bhsd, k, row0)
     v_cache_bhsd = kv_cache.write_prefill(v_cache_bhsd, v, row0)
@@ -184,6 +186,9 @@ class Attention(nnx.Module):
     kv_start = None if self.window is None else jnp.maximum(new_len - self.window, 0).astype(jnp.int32)
     impl = options.implementation
     counters = None
+    _check_kv8_layout(k_cache_bhsd, mesh, page_table_bp)
+    k_cache_bhsd, k_scale = kv_cache.split(k_cache_bhsd)
+    v_cache_bhsd, v_scale = kv_cache.split(v_cache_bhsd)
     if page_table_bp is not None:
       q_bhd, k_cache_bhsd, v_cache_bhsd, heads, counters = self._paged_append(
           x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, page_table_bp, heads, options, mesh, rms)
@@ -192,16 +197,21 @@ class Attention(nnx.Module):
                                                             implementation=impl)
       ctx = _drop_uncounted_groups(ctx, heads, self.num_kv_heads)
     elif self.fuses_qkv(mesh):
-      q_bhd, k_cache_bhsd, v_cache_bhsd, heads, counters = self._fused_qkv_append(
-          x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, heads, options, rms)
+      q_bhd, (k_cache_bhsd, k_scale), (v_cache_bhsd, v_scale), heads, counters = self._fused_qkv_append(
+          x_bd, lengths_b, (k_cache_bhsd, k_scale), (v_cache_bhsd, v_scale), heads, options, rms)
       ctx = pallas_kernels.selective_decode_attention(q_bhd, k_cache_bhsd, v_cache_bhsd, new_len,
                                                       _group_indices(heads), scale=self.scale, kv_start=kv_start,
-                                                      implementation=impl, group_count=_group_count(heads))
+                                                      implementation=impl, group_count=_group_count(heads),
+                                                      k_scale=k_scale, v_scale=v_scale)
     elif mesh is None:   # separate q, k, v projections: an XLA scatter of every group's K/V, then attention
       q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
-      ctx, k_cache_bhsd, v_cache_bhsd = pallas_kernels.selective_decode_attention_append(
+      out = pallas_kernels.selective_decode_attention_append(
           q[:, 0], k[:, 0], v[:, 0], k_cache_bhsd, v_cache_bhsd, lengths_b, _group_indices(heads),
-          scale=self.scale, kv_start=kv_start, implementation=impl, group_count=_group_count(heads))
+          scale=self.scale, kv_start=kv_start, implementation=impl, group_count=_group_count(heads),
+          k_scale=k_scale, v_scale=v_scale)
+      ctx, k_cache_bhsd, v_cache_bhsd = out[:3]
+      if k_scale is not None:
+        k_scale, v_scale = out[3:]
     else:
       if _group_count(heads) is not None:
         raise ValueError("Attention.decode: per-row group counts (adaptive budgets) run on one device; the "
@@ -213,6 +223,7 @@ class Attention(nnx.Module):
       ctx = sharding.sharded_decode_attention(q[:, 0], k_cache_bhsd, v_cache_bhsd, new_len, _group_indices(heads),
                                               kv_start, mesh=mesh, num_groups=self.num_kv_heads, scale=self.scale,
                                               implementation=impl)
+    k_cache_bhsd, v_cache_bhsd = kv_cache.join(k_cache_bhsd, k_scale), kv_cache.join(v_cache_bhsd, v_scale)
     if isinstance(heads, OracleHeads):
       ctx = keep_top_groups(ctx, self.num_kv_heads, heads.k, heads.shards, heads.mass, heads.min_groups)
     ctx_bn = ctx.reshape(ctx.shape[0], -1)
@@ -263,15 +274,28 @@ class Attention(nnx.Module):
       qkv_bn = self.qkv_proj(x_bd)
     return qkv_bn, heads, counters
 
-  def _fused_qkv_append(self, x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, heads, options, rms):
-    """`_fused_qkv`, then q/k rotation and the K/V cache write at slot lengths_b (`rope_append`). Returns (q_bhd,
-    caches, heads with a fused router resolved to `GroupIndices`, counters)."""
+  def _fused_qkv_append(self, x_bd, lengths_b, k_split, v_split, heads, options, rms):
+    """`_fused_qkv`, then q/k rotation and the K/V cache write at slot lengths_b (`rope_append`). `k_split`,
+    `v_split`: (cache, scale or None) as `kv_cache.split`. Returns (q_bhd, (k_cache, k_scale), (v_cache, v_scale),
+    heads with a fused router resolved to `GroupIndices`, counters)."""
     qkv_bn, heads, counters = self._fused_qkv(x_bd, heads, options, rms)
     inv_freq = None if self.inv_freq is None else jnp.asarray(self.inv_freq, jnp.float32)
-    q_bhd, k_cache_bhsd, v_cache_bhsd = pallas_kernels.rope_append(
-        qkv_bn, lengths_b, inv_freq, k_cache_bhsd, v_cache_bhsd, num_heads=self.num_heads,
-        implementation=options.implementation)
-    return q_bhd, k_cache_bhsd, v_cache_bhsd, heads, counters
+    out = pallas_kernels.rope_append(qkv_bn, lengths_b, inv_freq, k_split[0], v_split[0], num_heads=self.num_heads,
+                                     implementation=options.implementation, k_scale=k_split[1], v_scale=v_split[1])
+    scales = (None, None) if k_split[1] is None else out[3:]
+    return out[0], (out[1], scales[0]), (out[2], scales[1]), heads, counters
+
+
+def _check_kv8_layout(k_cache, mesh, page_table_bp=None) -> None:
+  """ValueError for an 8-bit cache where it is not supported: tensor parallelism and the paged cache."""
+  if not kv_cache.is_quantised(k_cache):
+    return
+  if mesh is not None:
+    raise ValueError("an 8-bit KV cache (kv_dtype int8 / float8_e4m3fn) runs on one device; use the model's dtype "
+                     "for the cache of a tensor-parallel model")
+  if page_table_bp is not None:
+    raise ValueError("an 8-bit KV cache (kv_dtype int8 / float8_e4m3fn) runs on the contiguous KVCache; the paged "
+                     "cache stores the model's dtype")
 
 
 def _group_indices(heads: HeadSelection):

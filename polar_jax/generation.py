@@ -130,7 +130,7 @@ def _generate_program(graphdef, state, tokens_bt, lengths_b, real_b, sampler, ke
   TRACE_COUNTS["generate"] += 1
   model = nnx.merge(graphdef, state)
   b = tokens_bt.shape[0]
-  cache = KVCache.init(model.config, b, max_len, model.dtype)
+  cache = KVCache.init(model.config, b, max_len, model.dtype, decode.options.kv_dtype)
   logits, cache = model.prefill(tokens_bt, lengths_b, cache, mesh=decode.mesh)
   stop = jnp.asarray(stop_tokens or (-1,), jnp.int32)
   key, sub = jax.random.split(key)
@@ -215,11 +215,11 @@ def generate(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens:
 
 
 # ---- streaming: a host loop over the same jitted step ----------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "mesh"))
-def _prefill_program(graphdef, state, tokens_bt, lengths_b, *, max_len, mesh=None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "max_len", "mesh", "kv_dtype"))
+def _prefill_program(graphdef, state, tokens_bt, lengths_b, *, max_len, mesh=None, kv_dtype=None):
   TRACE_COUNTS["prefill"] += 1
   model = nnx.merge(graphdef, state)
-  cache = KVCache.init(model.config, tokens_bt.shape[0], max_len, model.dtype)
+  cache = KVCache.init(model.config, tokens_bt.shape[0], max_len, model.dtype, kv_dtype)
   return model.prefill(tokens_bt, lengths_b, cache, mesh=mesh)
 
 
@@ -253,7 +253,8 @@ def stream(model: CausalLM, input_ids, attention_mask=None, *, max_new_tokens: i
   rows = sampler.per_row(batch.tokens_bt.shape[0])
   key = jax.random.key(seed)
   logits, cache = _prefill_program(graphdef, state, jnp.asarray(batch.tokens_bt),
-                                   jnp.asarray(batch.lengths_b), max_len=batch.max_len, mesh=decode.mesh)
+                                   jnp.asarray(batch.lengths_b), max_len=batch.max_len, mesh=decode.mesh,
+                                   kv_dtype=options.kv_dtype)
   done = ~_real_rows(batch)
   for step in range(max_new_tokens):
     if step:

@@ -18,6 +18,8 @@ from typing import Literal
 
 import jax.numpy as jnp
 
+from polar_jax.kv_cache import KV_DTYPES
+
 KERNELS = ("auto", "pallas", "xla")
 UNION_DTYPES = ("bfloat16", "float32")
 UNION_METHODS = ("radix", "sort")
@@ -43,6 +45,9 @@ class DecodeOptions:
       (`lax.top_k`); the same set either way.
     loop_graph: on GPU, the whole `generate` decode loop as one CUDA graph (XLA command buffers with WHILE and
       CONDITIONAL); ignored elsewhere and when the user's XLA_FLAGS set the command-buffer kinds.
+    kv_dtype: the KV cache's storage: None (the model's dtype; its name is accepted too), "int8" or
+      "float8_e4m3fn" (8 bits with one float32 scale per token and KV group, `polar_jax.kv_cache.QuantizedKV`: half
+      the cache bytes; one device, the contiguous cache).
   """
 
   kernels: Literal["auto", "pallas", "xla"] = "auto"
@@ -52,9 +57,12 @@ class DecodeOptions:
   union_dtype: Literal["bfloat16", "float32"] = "bfloat16"
   union_method: Literal["radix", "sort"] = "radix"
   loop_graph: bool = True
+  kv_dtype: Literal[None, "bfloat16", "float16", "float32", "int8", "float8_e4m3fn"] = None
 
   def __post_init__(self):
     _check_choice("kernels", self.kernels, KERNELS)
+    if self.kv_dtype is not None:
+      _check_choice("kv_dtype", self.kv_dtype, KV_DTYPES)
     _check_choice("union_dtype", self.union_dtype, UNION_DTYPES)
     _check_choice("union_method", self.union_method, UNION_METHODS)
     for name in ("fused_projections", "deferred_norm", "router_in_qkv", "loop_graph"):

@@ -5,6 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from kernel_cases import KV8_DTYPES, quantise_cache
+from pallas_kernels import kv_quant
 from pallas_kernels import rope_append
 from polar_jax import fusion
 from polar_jax import rope
@@ -90,3 +92,32 @@ def test_bad_inputs_raise(what, match):
     hq = 5
   with pytest.raises(ValueError, match=match):
     rope_append(qkv, pos, inv, k, v, num_heads=hq)
+
+
+@pytest.mark.parametrize("kv_dtype", KV8_DTYPES, ids=lambda d: jnp.dtype(d).name)
+@pytest.mark.parametrize("impl", ["pallas", "xla"])
+def test_kv8_cache_written_quantised(kv_dtype, impl):
+  """An 8-bit cache: the rotated key and the value are quantised into the slot with their scales (the model's math
+  quantised: equal within one quantisation step, cos/sin may differ by an ulp), every other slot unchanged."""
+  B, Hq, Hkv, S, D = 3, 8, 2, 12, 32
+  qkv, pos, inv, k, v = _inputs(3, B, Hq, Hkv, S, D, jnp.bfloat16)
+  (kq, ks), (vq, vs) = quantise_cache(k, kv_dtype), quantise_cache(v, kv_dtype)
+  q_ref, k_ref, v_ref = _model_reference(qkv, pos, inv, k, v, Hq)
+  q, k8, v8, ks8, vs8 = rope_append(qkv, pos, inv, kq, vq, num_heads=Hq, implementation=impl, k_scale=ks,
+                                    v_scale=vs)
+  assert k8.dtype == v8.dtype == kv_dtype and ks8.dtype == vs8.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(q, np.float32), np.asarray(q_ref, np.float32), rtol=1e-2, atol=1e-2)
+  written = np.zeros((B, Hkv, S), bool)
+  for b, p in enumerate(np.asarray(pos)):
+    if p < S:
+      written[b, :, p] = True
+  for got, got_s, old, old_s, ref in ((k8, ks8, kq, ks, k_ref), (v8, vs8, vq, vs, v_ref)):
+    back = np.asarray(kv_quant.dequantise(got, got_s, jnp.float32))
+    ref = np.asarray(ref, np.float32)
+    amax = np.abs(ref).max(-1, keepdims=True)
+    step = amax / kv_quant.QMAX[jnp.dtype(kv_dtype)] if kv_dtype == jnp.int8 else np.maximum(np.abs(ref), amax / 64)
+    ok = np.abs(back - ref) <= step * (0.5 if kv_dtype == jnp.int8 else 2.0 ** -3) * 1.01 + 1e-6
+    assert np.all(ok[written])
+    np.testing.assert_array_equal(np.asarray(got_s)[~written], np.asarray(old_s)[~written])
+    np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32))[~written],
+                                  np.asarray(old.astype(jnp.float32))[~written])

@@ -105,7 +105,7 @@ def _context_program(graphdef, state, pre_bt, pre_len_b, dec_bt, dec_len_b, row_
   TRACE_COUNTS["context"] += 1
   model = nnx.merge(graphdef, state)
   bd = pre_bt.shape[0]
-  cache = KVCache.init(model.config, bd, max_len, model.dtype)
+  cache = KVCache.init(model.config, bd, max_len, model.dtype, decode.options.kv_dtype)
   if use_prefill:
     logits, cache = model.prefill(pre_bt, pre_len_b, cache)
   else:
