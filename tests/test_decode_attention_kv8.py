@@ -56,9 +56,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("kv_dtype", KV8_DTYPES, ids=lambda d: jnp.dtype(d).name)
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c[:8])) + f"-ns{c[8].num_splits}"
-                         + ("-persistent" if c[8].persistent else ""))
+# Every case on each 8-bit dtype; one case per kernel and dtype runs in the fast suite, the rest are marked slow.
+FAST = {(1, jnp.int8), (2, jnp.float8_e4m3fn), (5, jnp.float8_e4m3fn), (6, jnp.int8)}
+KV8_CASES = [pytest.param(case, kv_dtype, marks=() if (i, kv_dtype) in FAST else pytest.mark.slow,
+                          id="-".join(map(str, case[:8])) + f"-ns{case[8].num_splits}"
+                          + ("-persistent" if case[8].persistent else "") + f"-{jnp.dtype(kv_dtype).name}")
+             for i, case in enumerate(CASES) for kv_dtype in KV8_DTYPES]
+
+
+@pytest.mark.parametrize("case,kv_dtype", KV8_CASES)
 def test_pallas_kv8_matches_xla(case, kv_dtype):
   B, Hq, Hkv, S, D, K, dtype, with_start, config = case
   q, k, v, lengths, gidx, start = _inputs(1, B, Hq, Hkv, S, D, K, dtype, with_start)

@@ -59,8 +59,24 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dp", type=int, default=1, help="data parallel degree: split the batch over N device groups")
   p.add_argument("--no-fuse", action="store_true", help="keep separate q/k/v and gate/up projections (default: "
                  "one fused matmul each, polar_jax.fusion)")
+  add_kv_dtype_arg(p)
   add_sparsity_args(p)
   return p
+
+
+KV_DTYPE_CHOICES = ("model", "bfloat16", "float16", "float32", "int8", "float8_e4m3fn")
+
+
+def add_kv_dtype_arg(p: argparse.ArgumentParser) -> None:
+  """`--kv-dtype`, shared by polar-generate, polar-serve and polar-eval (read back by `kv_dtype_of`)."""
+  p.add_argument("--kv-dtype", choices=KV_DTYPE_CHOICES, default="model",
+                 help="KV cache storage: model (default: the model's dtype, or its name), or int8 / float8_e4m3fn "
+                 "(8 bits with one scale per token and KV group: half the cache bytes; one device, contiguous cache)")
+
+
+def kv_dtype_of(args) -> str | None:
+  """`DecodeOptions.kv_dtype` of `--kv-dtype` (None: the model's dtype)."""
+  return None if args.kv_dtype == "model" else args.kv_dtype
 
 
 def add_sparsity_args(p: argparse.ArgumentParser) -> None:
@@ -131,7 +147,7 @@ def main(argv=None) -> int:
     stop = () if args.no_stop else stop_tokens(tok, model.config, args.ckpt)
     kwargs = dict(max_new_tokens=args.max_new_tokens, sampler=sampler, stop_tokens=stop, seed=args.seed,
                   sparsity=sparsity, routers=routers)
-    kwargs["options"] = polar_jax.DecodeOptions(kernels=args.kernels)
+    kwargs["options"] = polar_jax.DecodeOptions(kernels=args.kernels, kv_dtype=kv_dtype_of(args))
     out, timing = timed_call(lambda: polar_jax.generate(model, ids, **kwargs))
   except (ValueError, FileNotFoundError) as e:
     print(f"polar-generate: {e}", file=sys.stderr)

@@ -14,7 +14,7 @@ import pathlib
 import sys
 
 from polar_jax.cli import interruptible
-from polar_jax.cli.generate import add_sparsity_args, build_sparsity
+from polar_jax.cli.generate import add_kv_dtype_arg, add_sparsity_args, build_sparsity, kv_dtype_of
 
 
 def parser() -> argparse.ArgumentParser:
@@ -59,6 +59,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--no-fuse", action="store_true", help="keep separate q/k/v and gate/up projections")
   p.add_argument("--no-warmup", action="store_true", help="compile programs on first use instead of at start-up")
   p.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+  add_kv_dtype_arg(p)
   add_sparsity_args(p)
   return p
 
@@ -77,9 +78,15 @@ def engine_options(args):
   return EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
                        cost_table=args.cost_table, prefill_chunk=args.prefill_chunk or None,
                        max_waiting=args.max_waiting, prefill_rows=args.prefill_rows, warmup=not args.no_warmup,
-                       kv_layout=args.kv_layout or ("contiguous" if args.tp > 1 else "paged"),
-                       page_size=args.page_size, num_pages=args.num_pages,
-                       kv_memory_fraction=args.kv_memory_fraction, prefix_caching=not args.no_prefix_caching)
+                       kv_layout=args.kv_layout or _default_layout(args), page_size=args.page_size,
+                       num_pages=args.num_pages, kv_memory_fraction=args.kv_memory_fraction,
+                       prefix_caching=not args.no_prefix_caching, kv_dtype=kv_dtype_of(args))
+
+
+def _default_layout(args) -> str:
+  """The KV layout without --kv-layout: contiguous with tensor parallelism or an 8-bit cache (what they run on),
+  else paged."""
+  return "contiguous" if args.tp > 1 or args.kv_dtype in ("int8", "float8_e4m3fn") else "paged"
 
 
 def build_engine(args):
@@ -99,7 +106,7 @@ def build_engine(args):
 
 def _kv_summary(engine) -> str:
   if engine.pages is None:
-    return "contiguous"
+    return "contiguous" + (f", {engine.kv_dtype}" if engine.kv_dtype else "")
   layout = engine.pages.layout
   return f"paged ({layout.num_pages} pages of {layout.page_size} tokens)"
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from polar_jax import sharding
+from polar_jax import kv_cache, sharding
 from polar_jax.kv_cache import KVCache
 from polar_jax.paged_kv_cache import PagedKVCache, gather_row, write_tokens
 
@@ -51,22 +51,24 @@ def chunk_attention(q_chd: jax.Array, k_hsd: jax.Array, v_hsd: jax.Array, start,
   return out.astype(q_chd.dtype).reshape(c, hq, d)
 
 
-def write_chunk(cache_bhsd: jax.Array, new_chd: jax.Array, slot, start) -> jax.Array:
-  """Writes a chunk's K or V `[C, Hkv, D]` into row `slot`, positions `[start, start + C)`; positions past the
-  cache's end (a padded last chunk) are dropped."""
+def write_chunk(cache_bhsd, new_chd: jax.Array, slot, start):
+  """Writes a chunk's K or V `[C, Hkv, D]` into row `slot`, positions `[start, start + C)` (quantised into an 8-bit
+  `kv_cache.QuantizedKV`); positions past the cache's end (a padded last chunk) are dropped."""
   c, hkv, _ = new_chd.shape
   index = (slot, jnp.arange(hkv)[:, None], (start + jnp.arange(c))[None, :])
-  return cache_bhsd.at[index].set(new_chd.transpose(1, 0, 2).astype(cache_bhsd.dtype), mode="drop")
+  return kv_cache.scatter_set(cache_bhsd, index, new_chd.transpose(1, 0, 2), mode="drop")
 
 
 def _write_contiguous(k_cache_bhsd, v_cache_bhsd, k_chd, v_chd, slot, start, mesh):
-  """Writes the chunk into row `slot`; returns (caches, the row's keys and values `[Hkv, S, D]`)."""
+  """Writes the chunk into row `slot`; returns (caches, the row's keys and values `[Hkv, S, D]` in the chunk's dtype:
+  dequantised from an 8-bit cache)."""
   k_cache_bhsd = write_chunk(k_cache_bhsd, k_chd, slot, start)
   v_cache_bhsd = write_chunk(v_cache_bhsd, v_chd, slot, start)
   if mesh is not None:
     k_cache_bhsd = sharding.constrain_cache(k_cache_bhsd, mesh)
     v_cache_bhsd = sharding.constrain_cache(v_cache_bhsd, mesh)
-  row = lambda cache: jax.lax.dynamic_index_in_dim(cache, slot, 0, keepdims=False)   # noqa: E731
+  row = lambda cache: kv_cache.read(jax.tree_util.tree_map(   # noqa: E731
+      lambda x: jax.lax.dynamic_index_in_dim(x, slot, 0, keepdims=False), cache), k_chd.dtype)
   return k_cache_bhsd, v_cache_bhsd, row(k_cache_bhsd), row(v_cache_bhsd)
 
 

@@ -48,7 +48,9 @@ import jax
 import numpy as np
 from flax import nnx
 
+from pallas_kernels import kv_quant
 from polar_jax.compile_options import decode_loop_options
+from polar_jax.kv_cache import storage_dtype
 from polar_jax.sharding import model_mesh
 from polar_jax.sparse_decode import make_decoder
 from polar_jax.serving import programs
@@ -72,6 +74,23 @@ def _decoders(model, sparsity, routers, max_batch: int, options) -> tuple[Any, A
   if decode == dense:   # the settings compute exactly the dense step
     return dense, None, None
   return dense, decode, state
+
+
+def _kv_dtype(opts: EngineOptions, options, model_dtype, mesh) -> str | None:
+  """The slots' cache storage: `EngineOptions.kv_dtype`, else `DecodeOptions.kv_dtype` (they must agree when both
+  are given); ValueError where an 8-bit cache is not supported (the paged layout, tensor parallelism)."""
+  decode_kv = None if options is None else options.kv_dtype
+  if opts.kv_dtype is not None and decode_kv is not None and opts.kv_dtype != decode_kv:
+    raise ValueError(f"EngineOptions.kv_dtype={opts.kv_dtype!r} and DecodeOptions.kv_dtype={decode_kv!r} differ; "
+                     "give one of them")
+  kv_dtype = opts.kv_dtype or decode_kv
+  if kv_quant.is_8bit(storage_dtype(model_dtype, kv_dtype)):
+    if opts.kv_layout != "contiguous":
+      raise ValueError(f"kv_dtype={kv_dtype!r}: the 8-bit KV cache runs on the contiguous layout; pass "
+                       "EngineOptions(kv_layout=\"contiguous\") (polar-serve --kv-layout contiguous)")
+    if mesh is not None:
+      raise ValueError(f"kv_dtype={kv_dtype!r}: the 8-bit KV cache runs on one device, not a tensor-parallel model")
+  return kv_dtype
 
 
 @dataclasses.dataclass
@@ -130,13 +149,15 @@ class Engine(PagePolicy):
     self.mesh = model_mesh(model)
     if self.mesh is not None and jax.process_count() > 1:
       raise ValueError("the serving engine runs in one process; this model is sharded over several processes")
+    self.kv_dtype = _kv_dtype(self.opts, options, self.model.dtype, self.mesh)
     self.pages = self._slot_pages() if self.opts.kv_layout == "paged" else None
     self._graphdef, self._state = nnx.split(model)
     loop_graph = options.loop_graph if options is not None else True
     self._step = programs.step_program(decode_loop_options(loop_graph) or None)
     layout = self.pages.layout if self.pages is not None else None
     self._slots = programs.place_slots(
-        programs.init_slots(cfg, max_batch, max_len, model.dtype, self.opts.max_stop_tokens, layout), self.mesh)
+        programs.init_slots(cfg, max_batch, max_len, model.dtype, self.opts.max_stop_tokens, layout,
+                            kv_dtype=self.kv_dtype), self.mesh)
     self.metrics = EngineMetrics(model_name, max_batch)
     self.preemptions = 0
     self._seqs: dict[int, Seq] = {}   # slot -> the request in it

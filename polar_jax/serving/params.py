@@ -7,6 +7,7 @@ import math
 import os
 from typing import Mapping
 
+from polar_jax.kv_cache import KV_DTYPES
 from polar_jax.serving.cost import CostTable
 
 
@@ -96,6 +97,9 @@ class EngineOptions:
     kv_memory_fraction: the fraction (0, 1] of the device's free memory at start-up the pages take (GPU).
     prefix_caching: full prompt pages stay cached after their request and a prompt starting with cached pages
       prefills only the rest (paged layout with chunked prefill on).
+    kv_dtype: the slots' KV cache storage (`polar_jax.kv_cache.storage_dtype`): None (the engine's
+      `DecodeOptions.kv_dtype`, else the model's dtype), or "int8" / "float8_e4m3fn": 8 bits with per-token scales,
+      half the cache memory (the contiguous layout on one device; the paged layout keeps the model's dtype).
   The decode round's loop graph follows the engine's `DecodeOptions.loop_graph`.
   """
 
@@ -114,6 +118,7 @@ class EngineOptions:
   num_pages: int | None = None
   kv_memory_fraction: float | None = None
   prefix_caching: bool = True
+  kv_dtype: str | None = None
 
   def __post_init__(self):
     self._check_kv()
@@ -147,6 +152,8 @@ class EngineOptions:
       raise ValueError("EngineOptions: give num_pages or kv_memory_fraction, not both")
     if not isinstance(self.prefix_caching, bool):
       raise ValueError(f"EngineOptions.prefix_caching must be a bool, got {self.prefix_caching!r}")
+    if self.kv_dtype is not None and self.kv_dtype not in KV_DTYPES:
+      raise ValueError(f"EngineOptions.kv_dtype must be one of {KV_DTYPES} or None, got {self.kv_dtype!r}")
 
 
 def _cost_table(value) -> CostTable | str:

@@ -41,7 +41,7 @@ from flax import nnx
 
 from jax.sharding import NamedSharding, PartitionSpec
 
-from polar_jax import sharding
+from polar_jax import kv_cache, sharding
 from polar_jax.kv_cache import KVCache
 from polar_jax.paged_kv_cache import PagedKVCache, PagedLayout, masked_table, write_tokens
 from polar_jax.sampling import Temperature, TopK, TopP
@@ -92,11 +92,12 @@ class Slots:
     return dataclasses.replace(self, **changes)
 
 
-def init_slots(config, batch: int, max_len: int, dtype, stop_width: int, layout: PagedLayout | None = None) -> Slots:
+def init_slots(config, batch: int, max_len: int, dtype, stop_width: int, layout: PagedLayout | None = None, *,
+               kv_dtype: str | None = None) -> Slots:
   """Every slot free: zero cache and lengths, nothing active. `layout`: a paged cache of that shape, or None for a
-  contiguous one of `max_len` slots per row."""
+  contiguous one of `max_len` slots per row, stored as `kv_dtype` (`KVCache.init`)."""
   zeros_i = lambda: jnp.zeros((batch,), jnp.int32)   # noqa: E731  (distinct buffers: the state is donated)
-  cache = (KVCache.init(config, batch, max_len, dtype) if layout is None
+  cache = (KVCache.init(config, batch, max_len, dtype, kv_dtype) if layout is None
            else PagedKVCache.init(config, batch, layout, dtype))
   return Slots(cache=cache, tok_b=zeros_i(), active_b=jnp.zeros((batch,), bool),
                gen_b=zeros_i(), max_b=zeros_i(), stop_bs=jnp.full((batch, stop_width), -1, jnp.int32),
@@ -186,9 +187,9 @@ def _insert_rows(cache, prefill: KVCache, row, slot):
     put = lambda dst, src: write_tokens(dst, jax.lax.dynamic_index_in_dim(src, row, 0, keepdims=False),  # noqa
                                         table_p, 0, n)
   else:
-    def put(dst_bhsd, src_rhtd):
+    def put(dst_bhsd, src_rhtd):   # quantised into an 8-bit cache
       row_1htd = jax.lax.dynamic_slice_in_dim(src_rhtd, row, 1, axis=0)
-      return jax.lax.dynamic_update_slice(dst_bhsd, row_1htd.astype(dst_bhsd.dtype), (slot, 0, 0, 0))
+      return kv_cache.update_slice(dst_bhsd, row_1htd, (slot, 0, 0, 0))
   layers = [cache.layer_kv(i) for i in range(len(prefill.k_bhsd))]
   ks = [put(k, src) for (k, _), src in zip(layers, prefill.k_bhsd)]
   vs = [put(v, src) for (_, v), src in zip(layers, prefill.v_bhsd)]
