@@ -529,3 +529,26 @@ def test_sensitivity_report_plans_a_budget_for_each_ppl_target(tiny, monkeypatch
           if r["kind"] == "budget"] == ["ppl-3pct"]                     # the default: one +3% budget
   with pytest.raises(ValueError, match="ratios > 1"):
     sensitivity_report(tiny, None, selectors=["oracle"], densities=[1.0], ppl_ratio=[0.5])
+
+
+@pytest.mark.slow
+def test_kv8_cache_scores_near_the_float_cache(tiny):
+  """`options=DecodeOptions(kv_dtype=...)` scores with an 8-bit cache (every record says which): per continuation,
+  log-likelihoods within the int8 step (half of 1/127 of each vector's range) of the float cache's, summed over
+  its tokens and scaled by the largest logit magnitude (2 for a log-softmax difference); the float8 ones move
+  more."""
+  from polar_jax import DecodeOptions
+  base = score_requests(tiny, REQS, {"d": make_decoder(tiny, None, None, batch=ROWS)}, max_rows=ROWS)["d"].logprob
+  lp = {}
+  for kv in ("int8", "float8_e4m3fn"):
+    dec = make_decoder(tiny, None, None, batch=ROWS, options=DecodeOptions(kv_dtype=kv))
+    lp[kv] = np.concatenate(score_requests(tiny, REQS, {"d": dec}, max_rows=ROWS)["d"].logprob)
+  ref = np.concatenate(base)
+  tokens = sum(len(c) for r in REQS for c in r.continuations)
+  logits = np.asarray(tiny(jnp.asarray([REQS[3].context]))).max()
+  err8 = np.abs(lp["int8"] - ref).max()
+  assert 0 < err8 <= 2 * tokens * abs(logits) * 0.5 / 127
+  assert err8 < np.abs(lp["float8_e4m3fn"] - ref).max()
+  recs = evaluate(tiny, ByteTokenizer(), tasks=("ppl",), densities=(1,), selectors=("random",), ppl_tokens=64,
+                  progress=False, max_rows=ROWS, options=DecodeOptions(kv_dtype="int8"))
+  assert recs[0]["kv_dtype"] == "int8"

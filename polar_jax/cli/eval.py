@@ -29,6 +29,7 @@ import sys
 import time
 
 from polar_jax.cli import interruptible
+from polar_jax.cli.generate import add_kv_dtype_arg, kv_dtype_of
 
 
 def _csv(text: str) -> list[str]:
@@ -131,6 +132,7 @@ def parser() -> argparse.ArgumentParser:
                  help="CTX,CONT: pad every batch of every task to these token lengths (one compiled program per "
                       "setting for all tasks; for GPUs, e.g. 1024,256)")
   p.add_argument("--dtype", default=None, help="float32, bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
+  add_kv_dtype_arg(p)   # the decode steps' KV cache: compare int8 / float8_e4m3fn against the model's dtype
   p.add_argument("--model-name", default=None,
                  help="name in the records (default: smollm2-135m for the embedded model, else the directory name)")
   p.add_argument("--static-tokens", type=int, default=None, help="router-training tokens counted for 'static'")
@@ -370,7 +372,7 @@ def main(argv=None) -> int:
                seed=args.seed, budget_name=args.budget_name, shards=shards, max_rows=args.max_rows, adaptive=budgets,
                fixed_shapes=fixed, ppl_tokens=args.ppl_tokens,
                ppl_sources=tuple(_csv(args.ppl_sources)), model_name=name, progress=not args.no_progress,
-               on_task=on_task, **kw)
+               on_task=on_task, options=polar_jax.DecodeOptions(kv_dtype=kv_dtype_of(args)), **kw)
       if "static" in selectors:   # document the static selection next to the results (cached: no recompute)
         from polar_jax.evaluation.selectors import static_groups_file
         st = static_groups_file(model, tokenizer, **({"max_tokens": args.static_tokens} if args.static_tokens else {}))

@@ -78,7 +78,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
              fixed_shapes: tuple[int, int] | None = None, ppl_tokens: int | None = None, adaptive: Sequence = (),
              ppl_sources: Sequence[str] = task_mod.PPL_SOURCES,
              static_tokens: int = sel_mod.STATIC_TOKENS, model_name: str = "model", progress: bool = True,
-             on_task: Callable[[list[dict], list[dict]], None] | None = None) -> list[dict]:
+             on_task: Callable[[list[dict], list[dict]], None] | None = None, options=None) -> list[dict]:
   """Evaluates every task under every setting; returns the records (`report` describes their keys).
 
   Args:
@@ -98,6 +98,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
       with `SparsityConfig(budget="adaptive")` (records: "budget" "adaptive", "density" the target, "avg_density"
       the density realised on held-out tokens, "mass").
     on_task: called after each task with (its records, their details), e.g. to append them to a file.
+    options: the decode steps' `polar_jax.DecodeOptions` (None: the defaults); its `kv_dtype` (the KV cache's
+      storage, e.g. "int8") is in every record ("kv_dtype": None for the model's dtype).
   """
   task_names = task_mod.check_tasks(tasks)
   densities = sel_mod.check_densities(densities)
@@ -124,16 +126,18 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
       if routers is None:
         raise ValueError("an adaptive budget needs routers (--routers DIR)")
       cfg = SparsityConfig(dense_layers=tuple(dense_layers), budget="adaptive", mass=s.mass, min_groups=s.min_groups)
-      decoders[s] = make_decoder(model, cfg, routers, batch=max_rows)
+      decoders[s] = make_decoder(model, cfg, routers, batch=max_rows, options=options)
       continue
     decoders[s] = sel_mod.build_decoder(
         model, "random" if s.selector == "dense" else s.selector, s.density, routers=routers,
         static_counts=None if static is None else np.asarray(static["counts"]), dense_layers=dense_layers,
-        per_layer=dict(s.per_layer) if s.per_layer else None, seed=seed, batch=max_rows, shards=s.shards)
+        per_layer=dict(s.per_layer) if s.per_layer else None, seed=seed, batch=max_rows, shards=s.shards,
+        options=options)
   prov = report.provenance()
   cfg = model.config
   common = {"model": model_name, "mode": mode, "dense_layers": list(dense_layers), "seed": seed,
-            "dtype": str(np.dtype(model.dtype)), "num_groups": cfg.num_kv_heads, "num_layers": cfg.num_layers, **prov}
+            "dtype": str(np.dtype(model.dtype)), "kv_dtype": None if options is None else options.kv_dtype,
+            "num_groups": cfg.num_kv_heads, "num_layers": cfg.num_layers, **prov}
   all_records = []
   for task in task_names:
     t0 = time.perf_counter()

@@ -262,6 +262,7 @@ def score_requests(model, requests: Sequence[ScoreRequest], decoders: Mapping[An
     `{name: Scores}`, each in the order of `requests`.
   """
   from polar_jax.generation import DenseDecode
+  from polar_jax.options import DecodeOptions
   if mode not in MODES:
     raise ValueError(f"unknown mode {mode!r}; expected one of {MODES}")
   if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
@@ -288,15 +289,16 @@ def score_requests(model, requests: Sequence[ScoreRequest], decoders: Mapping[An
     from tqdm.auto import tqdm
     bar = tqdm(total=sum(b.rows for b in batches) * len(decoders), unit="row",
                desc=progress if isinstance(progress, str) else "score", leave=False)
-  dense = DenseDecode()
   for b in batches:
-    shared = None
+    shared = {}
     for name, (decode, decode_state) in decoders.items():
-      if engine:   # the prefill is dense whatever the decoder: compute it once per batch
-        if shared is None:
-          shared = _context_program(graphdef, state, b.pre, b.pre_len, b.dec, b.dec_len, b.row_doc, None,
-                                    decode=dense, max_len=b.max_len, use_prefill=True)
-        logits, cache = shared
+      if engine:   # the prefill is dense whatever the decoder: computed once per batch (and KV cache storage)
+        kv_dtype = decode.options.kv_dtype
+        if kv_dtype not in shared:
+          dense = DenseDecode(DecodeOptions(kv_dtype=kv_dtype))
+          shared[kv_dtype] = _context_program(graphdef, state, b.pre, b.pre_len, b.dec, b.dec_len, b.row_doc, None,
+                                              decode=dense, max_len=b.max_len, use_prefill=True)
+        logits, cache = shared[kv_dtype]
       else:
         logits, cache = _context_program(graphdef, state, b.pre, b.pre_len, b.dec, b.dec_len, b.row_doc,
                                          decode_state, decode=decode, max_len=b.max_len, use_prefill=False)

@@ -191,8 +191,10 @@ def sparsity_config(selector: str, density: float, *, dense_layers=(0,), per_lay
 
 
 def build_decoder(model, selector: str, density: float, *, routers=None, static_counts=None, dense_layers=(0,),
-                  per_layer: Mapping[int, float] | None = None, seed: int = 0, batch: int = 32, shards: int = 1):
-  """(decode, decode_state) of `make_decoder` for one selector and density (`shards`: see `sparsity_config`).
+                  per_layer: Mapping[int, float] | None = None, seed: int = 0, batch: int = 32, shards: int = 1,
+                  options=None):
+  """(decode, decode_state) of `make_decoder` for one selector and density (`shards`: see `sparsity_config`), with
+  `options` (a `polar_jax.DecodeOptions`, e.g. its `kv_dtype`; None: the defaults).
 
   A setting that keeps every group in every layer returns the dense step itself (as `generate` does), so
   density 1.0 reproduces dense decoding exactly for every selector.
@@ -204,24 +206,24 @@ def build_decoder(model, selector: str, density: float, *, routers=None, static_
   cfg = sparsity_config(selector, density, dense_layers=dense_layers, per_layer=per_layer, seed=seed, shards=shards)
   groups = cfg.layer_groups(model.config)
   if all(k is None for k in groups):
-    return make_decoder(model, cfg, None, batch=batch)
+    return make_decoder(model, cfg, None, batch=batch, options=options)
   if selector == "router":
     if routers is None:
       raise ValueError("selector 'router' needs routers: pass --routers DIR (or train them with "
                        "polar-train-routers); the shipped SmolLM2 routers are used by default when present")
-    return make_decoder(model, cfg, routers, batch=batch)
+    return make_decoder(model, cfg, routers, batch=batch, options=options)
   if selector == "static":
     if static_counts is None:
       raise ValueError("selector 'static' needs static group counts (static_groups_file)")
     # One bias table per k: layers with different budgets need their own k; build per distinct k.
     ks = {k for k in groups if k is not None}
     if len(ks) > 1:
-      return _mixed_static(model, cfg, groups, static_counts, batch)
-    return make_decoder(model, cfg, static_routers(model, static_counts, ks.pop()), batch=batch)
-  return make_decoder(model, cfg, None, batch=batch)
+      return _mixed_static(model, cfg, groups, static_counts, batch, options)
+    return make_decoder(model, cfg, static_routers(model, static_counts, ks.pop()), batch=batch, options=options)
+  return make_decoder(model, cfg, None, batch=batch, options=options)
 
 
-def _mixed_static(model, cfg, groups, counts, batch):
+def _mixed_static(model, cfg, groups, counts, batch, options=None):
   """Static selection when layers keep different numbers of groups: each layer's bias ranks by its own k."""
   from polar_jax.sparse_decode import make_decoder
   counts = np.asarray(counts, np.float64)
@@ -233,4 +235,4 @@ def _mixed_static(model, cfg, groups, counts, batch):
       c = counts[layer, k - 1]
       bias[layer] = c / max(1.0, c.max()) - 1e-6 * np.arange(g)
   routers.head.b_lg[...] = bias.astype(np.float32)
-  return make_decoder(model, cfg, routers, batch=batch)
+  return make_decoder(model, cfg, routers, batch=batch, options=options)
