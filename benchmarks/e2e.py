@@ -42,8 +42,10 @@ import numpy as np
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from benchmarks import common  # noqa: E402
 from polar_jax.compile_options import jit_loop  # noqa: E402
+from polar_jax.cli.generate import KV_DTYPE_CHOICES  # noqa: E402
 from polar_jax.config import ModelConfig, RopeScaling  # noqa: E402
 from polar_jax.generation import generate  # noqa: E402
+from polar_jax.kv_cache import storage_dtype  # noqa: E402
 from polar_jax.model import init_model  # noqa: E402
 from polar_jax.sparsity import DENSE_FALLBACK_FRACTION  # noqa: E402
 
@@ -143,6 +145,16 @@ def kv_bytes_per_step(config: ModelConfig, batch: int, mean_len: float, itemsize
   if config.sliding_window:
     per_layer = per_layer * min(1.0, config.sliding_window / mean_len)
   return sum(per_layer * density_of_layer(i) for i in range(config.num_layers))
+
+
+def kv_itemsize(config: ModelConfig, model_dtype, kv_dtype: str | None) -> float:
+  """Bytes per cached K or V element: the storage dtype's, plus an 8-bit cache's float32 scale per head_dim
+  elements."""
+  from pallas_kernels import kv_quant
+  from polar_jax.kv_cache import storage_dtype
+  store = storage_dtype(model_dtype, kv_dtype)
+  return store.itemsize + (jnp.dtype(kv_quant.SCALE_DTYPE).itemsize / config.head_dim if kv_quant.is_8bit(store)
+                           else 0)
 
 
 def roofline_fraction(bytes_per_step: float, ms_per_step: float, copy_tbps: float) -> float:
@@ -273,7 +285,7 @@ class DecodeLoop:
   def prefill(self):
     """(first greedy token `[B]`, prefilled cache), computed and waited for."""
     logits, cache = self._prefill(self.graphdef, self.params, self.tokens, self.lengths, max_len=self.batch.max_len,
-                                  mesh=self.step.mesh)
+                                  mesh=self.step.mesh, kv_dtype=self.step.options.kv_dtype)
     tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)                  # greedy, as Greedy()
     return jax.block_until_ready((tok, cache))
 
@@ -310,7 +322,8 @@ def time_decode_loop(model, ids, sparsity, routers, *, n1: int, n2: int, iters: 
   tokens, the same program and bytes), so a setting costs 1 + prefill_iters prefills, not 2 (iters + 1)."""
   loop = DecodeLoop(model, ids, sparsity, routers, max_new_tokens=n2, options=options)
   best = {"prefill": float("inf"), n1: float("inf"), n2: float("inf")}
-  shape = (model.config, model.dtype, ids.shape, n2)     # the prefill program does not depend on the sparsity
+  # the prefill program does not depend on the sparsity (but on the cache's storage)
+  shape = (model.config, model.dtype, ids.shape, n2, None if options is None else options.kv_dtype)
   compiled = shape in _PREFILLED
   for i in range(prefill_iters + (0 if compiled else 1)):
     cache = None                                  # (one cache alive at a time)
@@ -360,7 +373,7 @@ def run_polar(setting: Setting, model, config: ModelConfig, *, n1: int, n2: int,
     from polar_jax import generation
     step, state = generation.make_decoder(model, sparsity, routers if sparsity is not None else None,
                                           batch=setting.batch, options=options)
-  itemsize = jnp.dtype(model.dtype).itemsize
+  itemsize = kv_itemsize(config, model.dtype, None if options is None else options.kv_dtype)
   mean_len = setting.prompt + (n1 + n2) / 2
   step_bytes = weight_bytes_per_step(config, model) + sparse_weight_bytes(config, model, step, state)
   step_bytes += kv_bytes_per_step(config, setting.batch, mean_len, itemsize,
@@ -547,6 +560,9 @@ def main(argv=None) -> int:
   common.add_decode_options(p)
   p.add_argument("--no-fuse", action="store_true",
                  help="keep separate q/k/v and gate/up projections (default: fused, polar_jax.fusion)")
+  p.add_argument("--kv-dtype", nargs="+", default=["model"], choices=KV_DTYPE_CHOICES,
+                 help="KV cache storage (DecodeOptions.kv_dtype; 'model': the model's dtype); several: one record "
+                 "each (field kv_dtype), e.g. --kv-dtype bfloat16 int8 float8_e4m3fn")
   args = p.parse_args(argv)
   if args.smoke:
     args.models, args.batch, args.prompts, args.n1, args.n2, args.iters = ["tiny"], [2], [24], 1, 129, 3
@@ -580,31 +596,33 @@ def main(argv=None) -> int:
       prompt = min(prompt, config.max_position_embeddings - args.n2)
       for b in args.batch:
         rows = []
-        for density in args.densities if run_ours else ():
-          for mlp in args.mlp:
-            if mlp == "router" and config.mlp != "relu_mlp":
-              continue
-            sparse = density < 1 or mlp == "router"
-            for above in args.mlp_dense_above if mlp == "router" else [DENSE_FALLBACK_FRACTION]:
-              for rdt in args.router_dtype if sparse else [None]:
-                for budget in args.budget:
-                  if budget == "adaptive" and density > args.adaptive_max_density:
-                    continue
-                  s = Setting(name, b, prompt, density, mlp, above, rdt, budget=budget,
-                              max_density=args.adaptive_max_density)
-                  r = _guarded(lambda: run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters,
-                                                 copy_tbps=copy_tbps * devices,
-                                                 routers=adaptive_routers if budget == "adaptive" else routers,
-                                                 timing=args.timing, prefill_iters=args.prefill_iters,
-                                                 options=options),
-                                       "polar_jax")
-                  rows.append((s, r))
+        for kv in args.kv_dtype if run_ours else ():
+          kv_options = options.replace(kv_dtype=None if kv == "model" else kv)
+          for density in args.densities:
+            for mlp in args.mlp:
+              if mlp == "router" and config.mlp != "relu_mlp":
+                continue
+              sparse = density < 1 or mlp == "router"
+              for above in args.mlp_dense_above if mlp == "router" else [DENSE_FALLBACK_FRACTION]:
+                for rdt in args.router_dtype if sparse else [None]:
+                  for budget in args.budget:
+                    if budget == "adaptive" and density > args.adaptive_max_density:
+                      continue
+                    s = Setting(name, b, prompt, density, mlp, above, rdt, budget=budget,
+                                max_density=args.adaptive_max_density)
+                    r = _guarded(lambda: run_polar(s, model, config, n1=args.n1, n2=args.n2, iters=args.iters,
+                                                   copy_tbps=copy_tbps * devices,
+                                                   routers=adaptive_routers if budget == "adaptive" else routers,
+                                                   timing=args.timing, prefill_iters=args.prefill_iters,
+                                                   options=kv_options),
+                                         "polar_jax")
+                    rows.append((s, r, kv_options))
         s = Setting(name, b, prompt)
         if "hf_static" in args.systems:
           hf = _guarded(lambda: run_hf_static(s, config, n1=args.n1, n2=args.n2, iters=args.iters), "hf_static")
           if hf:
-            rows.append((s, hf))
-        for s, r in rows:
+            rows.append((s, hf, None))
+        for s, r, row_options in rows:
           ours = r["system"] == "polar_jax"
           sparse = ours and (s.density < 1 or s.mlp == "router")
           rec = dict(prov, model=name, B=b, prompt=prompt, density=s.density, mlp=s.mlp, copy_tbps=copy_tbps,
@@ -616,9 +634,11 @@ def main(argv=None) -> int:
                      devices=devices if r["system"] == "polar_jax" else 1,
                      fused=(not args.no_fuse) if r["system"] == "polar_jax" else None, n1=args.n1, n2=args.n2,
                      **{k: v if r["system"] == "polar_jax" else None
-                        for k, v in common.options_record(options).items()},
+                        for k, v in common.options_record(row_options or options).items()},
                      timing="decode_loop_min" if r["system"] == "polar_jax" and args.timing == "decode_loop"
                      else "min", **r)
+          if ours:   # the storage itself ("bfloat16" for the model's dtype), not the option's None
+            rec["kv_dtype"] = str(storage_dtype(jnp.dtype(args.dtype), row_options.kv_dtype))
           records.append(rec)
           common.append_jsonl(args.out, [rec])              # written as measured: a cut-off run keeps its rows
           if rec.get("error"):
@@ -630,6 +650,7 @@ def main(argv=None) -> int:
               f" routers {rec['router_dtype']}" if rec.get("router_dtype") else "") + (
               f" adaptive (mass {rec['mass']:.4f}, realised {rec['realised_density']:.3f})"
               if rec.get("budget") == "adaptive" else "")
+          tag += f" kv {rec['kv_dtype']}" if ours and len(args.kv_dtype) > 1 else ""
           print(f"{name:12s} {rec['system']:9s} B{b:<4d} prompt {prompt:5d} density {s.density:.3f}{tag}: "
                 f"{rec['decode_tok_s']:9.1f} tok/s {rec['ms_per_step']:7.2f} ms/step roofline {frac}", flush=True)
     del model

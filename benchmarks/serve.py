@@ -42,6 +42,8 @@ from benchmarks import common, e2e  # noqa: E402  (e2e sets the GPU memory fract
 import jax  # noqa: E402
 
 from polar_jax.generation import TRACE_COUNTS as GENERATE_TRACES, batch_bucket, generate, length_bucket  # noqa: E402
+from polar_jax.cli.generate import add_kv_dtype_arg, kv_dtype_of  # noqa: E402
+from polar_jax.kv_cache import storage_dtype  # noqa: E402
 from polar_jax.serving import Engine, EngineOptions, SamplingParams, programs  # noqa: E402
 
 TINY_PROMPTS, TINY_OUTPUTS = (8, 64), (4, 32)
@@ -97,7 +99,7 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
                        max_waiting=len(prompts), prefill_rows=args.prefill_rows,
                        prefill_chunk=args.prefill_chunk or None, kv_layout=args.kv_layout, page_size=args.page_size,
                        num_pages=args.num_pages, kv_memory_fraction=args.kv_memory_fraction,
-                       prefix_caching=not args.no_prefix_caching)
+                       prefix_caching=not args.no_prefix_caching, kv_dtype=kv_dtype_of(args))
   before = sum(programs.TRACE_COUNTS.values())
   engine = Engine(model, max_batch=args.max_batch, max_len=args.max_len, sparsity=sparsity, routers=routers,
                   engine_options=opts, model_name=args.model)
@@ -127,12 +129,13 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
 
 def kv_fields(engine: Engine, stats: dict[str, Any], model_name: str) -> dict[str, Any]:
   """The KV cache's layout and, paged, its pages, preemptions and prefix-cache tokens (looked up, found)."""
+  kv_dtype = str(storage_dtype(engine.model.dtype, engine.kv_dtype))
   if engine.pages is None:
-    return {"kv_layout": "contiguous"}
+    return {"kv_layout": "contiguous", "kv_dtype": kv_dtype}
   labels = {"model_name": model_name}
   sample = lambda name: engine.metrics.registry.get_sample_value(f"polar:{name}", labels)  # noqa: E731
   layout = engine.pages.layout
-  return {"kv_layout": "paged", "page_size": layout.page_size, "num_pages": layout.num_pages,
+  return {"kv_layout": "paged", "kv_dtype": kv_dtype, "page_size": layout.page_size, "num_pages": layout.num_pages,
           "kv_cache_gb": layout.num_pages * layout.page_bytes(engine.config, engine.model.dtype) / 1e9,
           "preemptions": stats["preemptions"], "prefix_cache_queries": sample("prefix_cache_queries_total"),
           "prefix_cache_hits": sample("prefix_cache_hits_total")}
@@ -191,7 +194,9 @@ def main(argv=None) -> int:
                  help="prefill prompts longer than this in chunks between decode rounds (0: whole prompts)")
   p.add_argument("--steps-per-round", type=int, default=EngineOptions().steps_per_round)
   p.add_argument("--prefill-rows", type=int, default=EngineOptions().prefill_rows)
-  p.add_argument("--kv-layout", choices=("paged", "contiguous"), default="paged")
+  p.add_argument("--kv-layout", choices=("paged", "contiguous"), default=None,
+                 help="default: paged, contiguous with an 8-bit --kv-dtype (the layout it runs on)")
+  add_kv_dtype_arg(p)
   p.add_argument("--page-size", type=int, default=EngineOptions().page_size)
   p.add_argument("--num-pages", type=int, default=None, help="KV pages (paged; default: --kv-memory-fraction, else "
                  "max-batch x max-len worth)")
@@ -203,6 +208,7 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR / "serve.jsonl")
   args = p.parse_args(argv)
+  args.kv_layout = args.kv_layout or ("contiguous" if args.kv_dtype in ("int8", "float8_e4m3fn") else "paged")
   tiny = args.model == "tiny"
   args.prompt_len = tuple(args.prompt_len or (TINY_PROMPTS if tiny else (200, 2000)))
   args.output_len = tuple(args.output_len or (TINY_OUTPUTS if tiny else (32, 512)))

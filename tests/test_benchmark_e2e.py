@@ -2,6 +2,7 @@
 
 import json
 
+import jax.numpy as jnp
 import pytest
 
 from benchmarks import e2e
@@ -155,3 +156,20 @@ def test_sparse_step_bytes_count_read_neurons_and_router_copies():
     assert e2e.sparse_weight_bytes(cfg, model, step, state) == want
   dense_step, dense_state = generation.make_decoder(model, None, None, batch=2)
   assert e2e.sparse_weight_bytes(cfg, model, dense_step, dense_state) == 0
+
+
+def test_kv_itemsize_counts_the_scales():
+  cfg = e2e.MODELS["llama2-7b"]
+  assert e2e.kv_itemsize(cfg, jnp.bfloat16, None) == 2 and e2e.kv_itemsize(cfg, jnp.bfloat16, "bfloat16") == 2
+  assert e2e.kv_itemsize(cfg, jnp.bfloat16, "int8") == e2e.kv_itemsize(cfg, jnp.bfloat16, "float8_e4m3fn") == 1 + 4 / 128
+
+
+@pytest.mark.slow
+def test_smoke_kv_dtypes_one_record_each(tmp_path):
+  """`--kv-dtype model int8`: one record per storage, the 8-bit one reading fewer KV bytes per step."""
+  out = tmp_path / "e2e.jsonl"
+  assert e2e.main(["--smoke", "--densities", "1", "--kv-dtype", "model", "int8", "--iters", "1", "--out",
+                   str(out)]) == 0
+  recs = [json.loads(line) for line in out.read_text().splitlines()]
+  assert [r["kv_dtype"] for r in recs] == ["float32", "int8"]
+  assert recs[1]["step_bytes"] < recs[0]["step_bytes"] and all(r["decode_tok_s"] > 0 for r in recs)
