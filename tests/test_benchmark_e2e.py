@@ -166,10 +166,13 @@ def test_kv_itemsize_counts_the_scales():
 
 @pytest.mark.slow
 def test_smoke_kv_dtypes_one_record_each(tmp_path):
-  """`--kv-dtype model int8`: one record per storage, the 8-bit one reading fewer KV bytes per step."""
+  """`--kv-dtype model int8`: one record per storage (and density: the smoke run adds 0.5), the 8-bit ones reading
+  fewer KV bytes per step."""
   out = tmp_path / "e2e.jsonl"
   assert e2e.main(["--smoke", "--densities", "1", "--kv-dtype", "model", "int8", "--iters", "1", "--out",
                    str(out)]) == 0
   recs = [json.loads(line) for line in out.read_text().splitlines()]
-  assert [r["kv_dtype"] for r in recs] == ["float32", "int8"]
-  assert recs[1]["step_bytes"] < recs[0]["step_bytes"] and all(r["decode_tok_s"] > 0 for r in recs)
+  assert [(r["kv_dtype"], r["density"]) for r in recs] == [("float32", 1.0), ("float32", 0.5), ("int8", 1.0),
+                                                            ("int8", 0.5)]
+  assert recs[2]["step_bytes"] < recs[0]["step_bytes"] and recs[3]["step_bytes"] < recs[1]["step_bytes"]
+  assert all(r["decode_tok_s"] > 0 for r in recs)

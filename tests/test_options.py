@@ -24,6 +24,7 @@ CHANGES = {
     "union_dtype": "float32",
     "union_method": "sort",
     "loop_graph": False,
+    "kv_dtype": "int8",
 }
 
 
