@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from pallas_kernels import _platform
+from pallas_kernels import kv_quant
 from pallas_kernels import paged_decode_attention_triton as _triton
 from pallas_kernels import paged_decode_attention_xla as _xla
 
@@ -41,7 +42,8 @@ def _check_config(config) -> None:
                     f"{type(config).__name__}")
 
 
-def _validate(q_bhd, k_pages_hpsd, v_pages_hpsd, lengths_b, page_table_bp, group_idx_bk) -> None:
+def _validate(q_bhd, k_pages_hpsd, v_pages_hpsd, lengths_b, page_table_bp, group_idx_bk, k_scale=None,
+              v_scale=None) -> None:
   if q_bhd.ndim != 3:
     raise ValueError(f"q must be [B, Hq, D], got shape {q_bhd.shape}")
   if k_pages_hpsd.ndim != 4 or v_pages_hpsd.ndim != 4:
@@ -59,9 +61,13 @@ def _validate(q_bhd, k_pages_hpsd, v_pages_hpsd, lengths_b, page_table_bp, group
     raise ValueError(f"page_size (k_pages.shape[2]) must be a positive multiple of 16, got {S_page}")
   if P == 0:
     raise ValueError("k_pages has no pages")
-  if not q_bhd.dtype == k_pages_hpsd.dtype == v_pages_hpsd.dtype:
+  kv8 = kv_quant.is_8bit(k_pages_hpsd.dtype) and k_pages_hpsd.dtype == v_pages_hpsd.dtype
+  if not kv8 and not q_bhd.dtype == k_pages_hpsd.dtype == v_pages_hpsd.dtype:
     raise ValueError(f"q, k_pages, v_pages dtypes differ: {q_bhd.dtype}, {k_pages_hpsd.dtype}, "
-                     f"{v_pages_hpsd.dtype}")
+                     f"{v_pages_hpsd.dtype} (the pools: q's dtype, or both one 8-bit dtype {kv_quant.KV8_DTYPES} "
+                     "with scales)")
+  kv_quant.check_scales("k_pages", k_pages_hpsd, k_scale)
+  kv_quant.check_scales("v_pages", v_pages_hpsd, v_scale)
   if q_bhd.dtype not in _FLOAT_DTYPES:
     raise ValueError(f"unsupported dtype {q_bhd.dtype}; use float32, bfloat16 or float16")
   if lengths_b.shape != (B,):
@@ -106,7 +112,7 @@ def _resolve_config(config, batch: int, num_selected: int, page_size: int, max_k
 
 
 def selective_paged_decode_attention(q_bhd, k_pages, v_pages, lengths_b, page_table_bp, group_idx_bk=None, *,
-                                     scale=None, config=None, implementation=None):
+                                     scale=None, config=None, implementation=None, k_scale=None, v_scale=None):
   """Decode attention (one query token per row) over the selected KV groups of each row, keys in pages.
 
   Args:
@@ -124,6 +130,8 @@ def selective_paged_decode_attention(q_bhd, k_pages, v_pages, lengths_b, page_ta
     config: "pallas" only: a `PagedAttentionConfig` (used as given), a `PagedAttentionHeuristics` (rules that
       choose one from the shapes) or None (the default rules).
     implementation: None (pallas on GPU, xla elsewhere), "pallas" (interpret mode off GPU) or "xla".
+    k_scale, v_scale: float32 [Hkv, num_pages, page_size], the scales of 8-bit (int8 / float8_e4m3fn) pools
+      (`pallas_kernels.kv_quant`: dequantised in registers); None for pools in q's dtype.
 
   Returns:
     [B, Hq, D] in q's dtype; query heads of unselected groups are exactly 0 (as `selective_decode_attention`).
@@ -132,17 +140,19 @@ def selective_paged_decode_attention(q_bhd, k_pages, v_pages, lengths_b, page_ta
   lengths_b = jnp.asarray(lengths_b)
   page_table_bp = jnp.asarray(page_table_bp)
   group_idx_bk = None if group_idx_bk is None else jnp.asarray(group_idx_bk)
-  _validate(q_bhd, k_pages, v_pages, lengths_b, page_table_bp, group_idx_bk)
+  _validate(q_bhd, k_pages, v_pages, lengths_b, page_table_bp, group_idx_bk, k_scale, v_scale)
+  scales = {} if k_scale is None else dict(k_scale_hps=k_scale, v_scale_hps=v_scale)
   _check_config(config)
   B, _, D = q_bhd.shape
   Hkv, _, page_size, _ = k_pages.shape
   scale = float(D ** -0.5 if scale is None else scale)
   if impl == "xla":
-    return _xla_jit(q_bhd, k_pages, v_pages, lengths_b, page_table_bp, group_idx_bk, scale=scale)
+    return _xla_jit(q_bhd, k_pages, v_pages, lengths_b, page_table_bp, group_idx_bk, scale=scale, **scales)
   K = Hkv if group_idx_bk is None else group_idx_bk.shape[1]
   config = _resolve_config(config, B, K, page_size, page_table_bp.shape[1] * page_size)
   return _triton.paged_decode_attention_triton(q_bhd, k_pages, v_pages, lengths_b, page_table_bp, group_idx_bk,
-                                               scale=scale, config=config, interpret=_platform.interpret_mode())
+                                               scale=scale, config=config, interpret=_platform.interpret_mode(),
+                                               **scales)
 
 
 _xla_jit = jax.jit(_xla.paged_decode_attention_xla, static_argnames=("scale",))

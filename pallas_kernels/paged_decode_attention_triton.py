@@ -119,14 +119,18 @@ def choose_config(batch: int, num_selected: int, page_size: int, max_keys: int, 
 
 
 def _kernel(*refs, num_selected: int | None, num_splits: int, scale: float, group_size: int, head_dim: int,
-            block_g: int, block_d: int, block_k: int, table_chunk: int):
+            block_g: int, block_d: int, block_k: int, table_chunk: int, quantised: bool = False):
   """Program (b, j, n): refs = ([gidx_ref [B, K],] len_ref [B], pt_ref [P_row] (row b's page table),
-  q_ref [Hq, D] (row b), k_ref/v_ref [Hkv, P, S_page, D] (the pool), outputs): unsplit, o_ref [Hkv, G, D] of row
-  b; split, o_ref [G, D], m_ref [G], l_ref [G] of (b, j, n)."""
+  q_ref [Hq, D] (row b), k_ref/v_ref [Hkv, P, S_page, D] (the pool), [ks_ref/vs_ref [Hkv, P, S_page] (`quantised`:
+  an 8-bit pool's scales),] outputs): unsplit, o_ref [Hkv, G, D] of row b; split, o_ref [G, D], m_ref [G], l_ref
+  [G] of (b, j, n)."""
   if num_selected is None:
     gidx_ref, (len_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs) = None, refs
   else:
     gidx_ref, len_ref, pt_ref, q_ref, k_ref, v_ref, *out_refs = refs
+  scale_refs = None
+  if quantised:   # the scales come after the pools, before the outputs
+    scale_refs, out_refs = tuple(out_refs[:2]), out_refs[2:]
   b, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   num_kv_heads, num_pages, page_size, _ = k_ref.shape
   max_slots = pt_ref.shape[0]
@@ -151,8 +155,15 @@ def _kernel(*refs, num_selected: int | None, num_splits: int, scale: float, grou
   full_hi = jnp.maximum(jnp.minimum(hi, length // block_k), lo)
   arange_k = jnp.arange(block_k, dtype=jnp.int32)
 
-  def step(carry, k_kd, v_kd, ok_k):
-    return online_softmax_step(carry, q_gd, k_kd, v_kd, ok_k, scale)
+  def step(carry, k_kd, v_kd, ok_k, scale_index=None, scale_mask=None):
+    """One block; an 8-bit pool's scales at `scale_index` (masked lanes: 0)."""
+    scales = (None, None)
+    if scale_refs is not None:
+      if scale_mask is None:
+        scales = tuple(r[scale_index] for r in scale_refs)
+      else:
+        scales = tuple(plgpu.load(r.at[scale_index], mask=scale_mask, other=0) for r in scale_refs)
+    return online_softmax_step(carry, q_gd, k_kd, v_kd, ok_k, scale, *scales)
 
   def gathered(i, masked):
     """Block i's K/V tiles by (page, slot) indices; masked: lanes at or past the row's length read nothing."""
@@ -160,11 +171,13 @@ def _kernel(*refs, num_selected: int | None, num_splits: int, scale: float, grou
     slot_k = jnp.minimum(pos_k // page_size, max_slots - 1) if masked else pos_k // page_size
     page_k = jnp.clip(pt_ref[slot_k], 0, num_pages - 1)   # clamped: a stale table entry never reads outside
     index = (group, page_k[:, None], (pos_k % page_size)[:, None], cols_d[None, :])
+    scale_index = (group, page_k, pos_k % page_size)
     if not masked:
-      return k_ref[index], v_ref[index], None
+      return k_ref[index], v_ref[index], None, scale_index
     ok_k = pos_k < length
     mask = jnp.broadcast_to(ok_k[:, None], (block_k, block_d))
-    return plgpu.load(k_ref.at[index], mask=mask, other=0), plgpu.load(v_ref.at[index], mask=mask, other=0), ok_k
+    return (plgpu.load(k_ref.at[index], mask=mask, other=0), plgpu.load(v_ref.at[index], mask=mask, other=0), ok_k,
+            scale_index, ok_k)
 
   def chunked_full_blocks(carry):
     """The whole blocks [lo, full_hi) with the row's page table read `table_chunk` slots at a time into registers
@@ -187,15 +200,17 @@ def _kernel(*refs, num_selected: int | None, num_splits: int, scale: float, grou
           start = (i * block_k) % page_size
           if not pad_d:
             keys = pl.ds(start, block_k)
-            return step(carry, k_ref[group, page, keys, :], v_ref[group, page, keys, :], None)
+            return step(carry, k_ref[group, page, keys, :], v_ref[group, page, keys, :], None, (group, page, keys))
           index = (group, page, (start + arange_k)[:, None], cols_d[None, :])
+          scale_index = (group, page, start + arange_k)
         else:   # block_k / page_size whole pages, each key lane's page picked from them
           arange_q = jnp.arange(block_k // page_size, dtype=jnp.int32)
           pages_q = jnp.sum(jnp.where(arange_c[None, :] == (first + arange_q)[:, None], pages_c[None, :], 0), axis=1)
           page_k = jnp.sum(jnp.where((arange_k // page_size)[:, None] == arange_q[None, :], pages_q[None, :], 0),
                            axis=1)
           index = (group, page_k[:, None], (arange_k % page_size)[:, None], cols_d[None, :])
-        return step(carry, k_ref[index], v_ref[index], None)
+          scale_index = (group, page_k, arange_k % page_size)
+        return step(carry, k_ref[index], v_ref[index], None, scale_index)
 
       return lax.fori_loop(jnp.maximum(lo, c * blocks_per_chunk), jnp.minimum(full_hi, (c + 1) * blocks_per_chunk),
                            block_body, carry)
@@ -249,9 +264,11 @@ def _kernel(*refs, num_selected: int | None, num_splits: int, scale: float, grou
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "interpret"))
 def paged_decode_attention_triton(q_bhd, k_pages_hpsd, v_pages_hpsd, lengths_b, page_table_bp, group_idx_bk=None,
-                                  *, scale: float, config: PagedAttentionConfig, interpret: bool):
+                                  *, scale: float, config: PagedAttentionConfig, interpret: bool, k_scale_hps=None,
+                                  v_scale_hps=None):
   """Normalised output `[B, Hq, D]` in q's dtype, query heads of unselected groups exactly 0; `group_idx_bk` None
-  computes every group. Inputs as `selective_paged_decode_attention` (validated there)."""
+  computes every group. Inputs as `selective_paged_decode_attention` (validated there); `k_scale_hps`,
+  `v_scale_hps`: an 8-bit pool's float32 scales `[Hkv, P, S_page]`, or None."""
   B, Hq, D = q_bhd.shape
   Hkv, P, S_page, _ = k_pages_hpsd.shape
   P_row = page_table_bp.shape[1]
@@ -261,7 +278,7 @@ def paged_decode_attention_triton(q_bhd, k_pages_hpsd, v_pages_hpsd, lengths_b, 
   kernel = functools.partial(
       _kernel, num_selected=K, num_splits=NS, scale=scale, group_size=G, head_dim=D,
       block_g=max(16, _platform.next_pow2(G)), block_d=max(16, _platform.next_pow2(D)), block_k=config.block_k,
-      table_chunk=config.table_chunk)
+      table_chunk=config.table_chunk, quantised=k_scale_hps is not None)
   pool_spec = pl.BlockSpec((Hkv, P, S_page, D), lambda b, j, n: (0, 0, 0, 0))
   in_specs = [pl.BlockSpec((B,), lambda b, j, n: (0,)),
               pl.BlockSpec((None, P_row), lambda b, j, n: (b, 0)),
@@ -271,6 +288,9 @@ def paged_decode_attention_triton(q_bhd, k_pages_hpsd, v_pages_hpsd, lengths_b, 
   if K is not None:
     in_specs.insert(0, pl.BlockSpec((B, K), lambda b, j, n: (0, 0)))
     args.insert(0, group_idx_bk.astype(jnp.int32))
+  if k_scale_hps is not None:
+    in_specs += [pl.BlockSpec((Hkv, P, S_page), lambda b, j, n: (0, 0, 0))] * 2
+    args += [k_scale_hps, v_scale_hps]
   if NS == 1:
     out_specs = pl.BlockSpec((None, Hkv, G, D), lambda b, j, n: (b, 0, 0, 0))
     out_shape = jax.ShapeDtypeStruct((B, Hkv, G, D), q_bhd.dtype)

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernel_cases import assert_attention_close
+from kernel_cases import KV8_DTYPES, assert_attention_close, poison_slots, quantise_cache
 from pallas_kernels import _platform
 from pallas_kernels import paged_decode_attention_triton as paged_triton
 from pallas_kernels.decode_attention_xla import decode_attention_xla
@@ -122,6 +122,41 @@ def test_matches_contiguous_reference(backend, case):
   clean = selective_paged_decode_attention(*inputs, implementation=backend,
                                            config=config if backend == "pallas" else None)
   np.testing.assert_array_equal(np.asarray(clean.astype(jnp.float32)), np.asarray(out.astype(jnp.float32)))
+
+
+def _kv8_params():
+  """8-bit pools on a subset of the cases: a group per row, GQA dense, 4 pages per block, pages spanning blocks,
+  split keys, padded head_dim. The XLA reference on every case; the kernel on two cases in the fast suite."""
+  fast = {(2, "int8"), (5, "float8_e4m3fn")}
+  for i in (0, 2, 4, 5, 6, 8):
+    case = CASES[i]
+    for kv in KV8_DTYPES:
+      name = jnp.dtype(kv).name
+      for backend in BACKENDS:
+        slow = backend == "pallas" and (i, name) not in fast
+        yield pytest.param(backend, case, kv, id=f"{backend}-case{i}-{name}", marks=[pytest.mark.slow] if slow else [])
+
+
+@pytest.mark.parametrize("backend,case,kv_dtype", list(_kv8_params()))
+def test_kv8_pools_match_contiguous_reference(backend, case, kv_dtype):
+  """Pools of int8 / float8_e4m3fn values with per-slot scales: against the contiguous 8-bit XLA reference on the
+  row's gathered pages, with NaN in the scales (and float8 values) of every slot that must not be read."""
+  B, Hq, Hkv, D, page_size, lengths, K, dtype, config = case
+  inputs, poisoned, _ = _case(sum(lengths) + Hq, B, Hq, Hkv, D, page_size, lengths, K, dtype)
+  q, k_pages, v_pages, lengths_b, table, gidx = inputs
+  (kq, ks), (vq, vs) = quantise_cache(k_pages, kv_dtype), quantise_cache(v_pages, kv_dtype)
+  P = k_pages.shape[1]
+  rows = np.clip(np.asarray(table), 0, P - 1)
+  contiguous = lambda x: jnp.asarray(np.moveaxis(np.asarray(x)[:, rows], 0, 1).reshape(  # noqa: E731
+      (B, Hkv, rows.shape[1] * page_size) + x.shape[3:]))
+  ref = _contiguous_xla(q, contiguous(kq), contiguous(vq), lengths_b, gidx, None, scale=D ** -0.5,
+                        k_scale_BHS=contiguous(ks), v_scale_BHS=contiguous(vs))
+  dead_hps = jnp.asarray(np.isnan(np.asarray(poisoned[1].astype(jnp.float32))[..., 0]))
+  pk, pks = poison_slots(kq, ks, dead_hps)
+  pv, pvs = poison_slots(vq, vs, dead_hps)
+  out = selective_paged_decode_attention(poisoned[0], pk, pv, lengths_b, table, gidx, implementation=backend,
+                                         config=config if backend == "pallas" else None, k_scale=pks, v_scale=pvs)
+  _assert_matches(out, ref, inputs, dtype)
 
 
 @pytest.mark.parametrize("backend", [pytest.param("xla"), pytest.param("pallas", marks=pytest.mark.slow)])
