@@ -136,7 +136,8 @@ def kv_fields(engine: Engine, stats: dict[str, Any], model_name: str) -> dict[st
   sample = lambda name: engine.metrics.registry.get_sample_value(f"polar:{name}", labels)  # noqa: E731
   layout = engine.pages.layout
   return {"kv_layout": "paged", "kv_dtype": kv_dtype, "page_size": layout.page_size, "num_pages": layout.num_pages,
-          "kv_cache_gb": layout.num_pages * layout.page_bytes(engine.config, engine.model.dtype) / 1e9,
+          "kv_cache_gb": layout.num_pages * layout.page_bytes(engine.config, engine.model.dtype,
+                                                              engine.kv_dtype) / 1e9,
           "preemptions": stats["preemptions"], "prefix_cache_queries": sample("prefix_cache_queries_total"),
           "prefix_cache_hits": sample("prefix_cache_hits_total")}
 
@@ -194,8 +195,7 @@ def main(argv=None) -> int:
                  help="prefill prompts longer than this in chunks between decode rounds (0: whole prompts)")
   p.add_argument("--steps-per-round", type=int, default=EngineOptions().steps_per_round)
   p.add_argument("--prefill-rows", type=int, default=EngineOptions().prefill_rows)
-  p.add_argument("--kv-layout", choices=("paged", "contiguous"), default=None,
-                 help="default: paged, contiguous with an 8-bit --kv-dtype (the layout it runs on)")
+  p.add_argument("--kv-layout", choices=("paged", "contiguous"), default="paged")
   add_kv_dtype_arg(p)
   p.add_argument("--page-size", type=int, default=EngineOptions().page_size)
   p.add_argument("--num-pages", type=int, default=None, help="KV pages (paged; default: --kv-memory-fraction, else "
@@ -208,7 +208,6 @@ def main(argv=None) -> int:
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR / "serve.jsonl")
   args = p.parse_args(argv)
-  args.kv_layout = args.kv_layout or ("contiguous" if args.kv_dtype in ("int8", "float8_e4m3fn") else "paged")
   tiny = args.model == "tiny"
   args.prompt_len = tuple(args.prompt_len or (TINY_PROMPTS if tiny else (200, 2000)))
   args.output_len = tuple(args.output_len or (TINY_OUTPUTS if tiny else (32, 512)))

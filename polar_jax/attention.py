@@ -5,7 +5,7 @@ cache. Decode writes the new token's K/V to every head's slot (`pallas_kernels.r
 projection, else an XLA scatter), then attends over the selected KV groups (all for `DenseHeads`) with
 `pallas_kernels.selective_decode_attention`. Under tensor parallelism (a `mesh`) the kernel runs inside
 `jax.shard_map` on each shard's heads (`polar_jax.sharding`). An 8-bit cache (`polar_jax.kv_cache.QuantizedKV`) is
-written quantised and read by the kernels with its scales, on one device and the contiguous cache.
+written quantised and read by the kernels with its scales (one device; contiguous or paged).
 """
 
 from __future__ import annotations
@@ -186,15 +186,17 @@ class Attention(nnx.Module):
     kv_start = None if self.window is None else jnp.maximum(new_len - self.window, 0).astype(jnp.int32)
     impl = options.implementation
     counters = None
-    _check_kv8_layout(k_cache_bhsd, mesh, page_table_bp)
+    _check_kv8_layout(k_cache_bhsd, mesh)
     k_cache_bhsd, k_scale = kv_cache.split(k_cache_bhsd)
     v_cache_bhsd, v_scale = kv_cache.split(v_cache_bhsd)
     if page_table_bp is not None:
-      q_bhd, k_cache_bhsd, v_cache_bhsd, heads, counters = self._paged_append(
-          x_bd, lengths_b, k_cache_bhsd, v_cache_bhsd, page_table_bp, heads, options, mesh, rms)
+      q_bhd, k_pools, v_pools, heads, counters = self._paged_append(
+          x_bd, lengths_b, kv_cache.join(k_cache_bhsd, k_scale), kv_cache.join(v_cache_bhsd, v_scale), page_table_bp,
+          heads, options, mesh, rms)
+      (k_cache_bhsd, k_scale), (v_cache_bhsd, v_scale) = kv_cache.split(k_pools), kv_cache.split(v_pools)
       ctx = pallas_kernels.selective_paged_decode_attention(q_bhd, k_cache_bhsd, v_cache_bhsd, new_len,
                                                             page_table_bp, _group_indices(heads), scale=self.scale,
-                                                            implementation=impl)
+                                                            implementation=impl, k_scale=k_scale, v_scale=v_scale)
       ctx = _drop_uncounted_groups(ctx, heads, self.num_kv_heads)
     elif self.fuses_qkv(mesh):
       q_bhd, (k_cache_bhsd, k_scale), (v_cache_bhsd, v_scale), heads, counters = self._fused_qkv_append(
@@ -286,16 +288,11 @@ class Attention(nnx.Module):
     return out[0], (out[1], scales[0]), (out[2], scales[1]), heads, counters
 
 
-def _check_kv8_layout(k_cache, mesh, page_table_bp=None) -> None:
-  """ValueError for an 8-bit cache where it is not supported: tensor parallelism and the paged cache."""
-  if not kv_cache.is_quantised(k_cache):
-    return
-  if mesh is not None:
+def _check_kv8_layout(k_cache, mesh) -> None:
+  """ValueError for an 8-bit cache where it is not supported: tensor parallelism."""
+  if kv_cache.is_quantised(k_cache) and mesh is not None:
     raise ValueError("an 8-bit KV cache (kv_dtype int8 / float8_e4m3fn) runs on one device; use the model's dtype "
                      "for the cache of a tensor-parallel model")
-  if page_table_bp is not None:
-    raise ValueError("an 8-bit KV cache (kv_dtype int8 / float8_e4m3fn) runs on the contiguous KVCache; the paged "
-                     "cache stores the model's dtype")
 
 
 def _group_indices(heads: HeadSelection):

@@ -47,7 +47,7 @@ class DecodeOptions:
       CONDITIONAL); ignored elsewhere and when the user's XLA_FLAGS set the command-buffer kinds.
     kv_dtype: the KV cache's storage: None (the model's dtype; its name is accepted too), "int8" or
       "float8_e4m3fn" (8 bits with one float32 scale per token and KV group, `polar_jax.kv_cache.QuantizedKV`: half
-      the cache bytes; one device, the contiguous cache).
+      the cache bytes; one device).
   """
 
   kernels: Literal["auto", "pallas", "xla"] = "auto"

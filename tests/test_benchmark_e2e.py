@@ -161,7 +161,8 @@ def test_sparse_step_bytes_count_read_neurons_and_router_copies():
 def test_kv_itemsize_counts_the_scales():
   cfg = e2e.MODELS["llama2-7b"]
   assert e2e.kv_itemsize(cfg, jnp.bfloat16, None) == 2 and e2e.kv_itemsize(cfg, jnp.bfloat16, "bfloat16") == 2
-  assert e2e.kv_itemsize(cfg, jnp.bfloat16, "int8") == e2e.kv_itemsize(cfg, jnp.bfloat16, "float8_e4m3fn") == 1 + 4 / 128
+  assert e2e.kv_itemsize(cfg, jnp.bfloat16, "int8") == 1 + 4 / 128
+  assert e2e.kv_itemsize(cfg, jnp.bfloat16, "float8_e4m3fn") == 1 + 4 / 128
 
 
 @pytest.mark.slow

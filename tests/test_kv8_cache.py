@@ -1,6 +1,7 @@
 """The 8-bit KV cache end to end on a tiny model: teacher-forced logits near the float cache's (bounded by the
 quantisation step), greedy `generate` tokens, the fused decode path's Pallas kernels (interpret mode) equal to its
-XLA references, the contiguous engine equal to `generate`, and the settings it refuses."""
+XLA references, the engine (contiguous and paged, whole and chunked prefills) equal to `generate`, page sizes, and
+the settings it refuses."""
 
 import dataclasses
 
@@ -15,6 +16,7 @@ from polar_jax import generation as gen
 from polar_jax.fusion import fuse_projections
 from polar_jax.kv_cache import KVCache, QuantizedKV, storage_dtype
 from polar_jax.model import init_model
+from polar_jax.paged_kv_cache import PagedKVCache, PagedLayout
 from polar_jax.serving import Engine, EngineOptions, SamplingParams
 
 KV8 = ("int8", "float8_e4m3fn")
@@ -56,11 +58,16 @@ def test_logits_within_the_quantisation_step(model):
   assert errors["int8"] < errors["float8_e4m3fn"]
 
 
-def test_cache_bytes_halve(model):
-  f32 = KVCache.init(CFG, 2, 64, jnp.bfloat16)
-  q8 = KVCache.init(CFG, 2, 64, jnp.bfloat16, "int8")
-  per_vector = 2 * CFG.head_dim
-  assert q8.nbytes() == f32.nbytes() * (CFG.head_dim + 4) // per_vector
+def test_cache_bytes_halve():
+  """An 8-bit cache holds D + 4 bytes per (token, group) against 2 D in bfloat16: contiguous, paged, a page."""
+  ratio = (CFG.head_dim + 4) / (2 * CFG.head_dim)
+  contiguous8 = KVCache.init(CFG, 2, 64, jnp.bfloat16, "int8")
+  assert contiguous8.nbytes() == KVCache.init(CFG, 2, 64, jnp.bfloat16).nbytes() * ratio
+  layout = PagedLayout(16, 5, 2)
+  paged8 = PagedKVCache.init(CFG, 2, layout, jnp.bfloat16, "float8_e4m3fn")
+  assert isinstance(paged8.k_hpsd[0], QuantizedKV) and paged8.kv_dtype == jnp.float8_e4m3fn
+  assert paged8.nbytes() == PagedKVCache.init(CFG, 2, layout, jnp.bfloat16).nbytes() * ratio
+  assert layout.page_bytes(CFG, jnp.bfloat16, "int8") == layout.page_bytes(CFG, jnp.bfloat16) * ratio
 
 
 @pytest.mark.parametrize("kv_dtype", KV8)
@@ -89,21 +96,25 @@ def test_fused_step_pallas_equals_xla(kv_dtype):
                              atol=2 * STEP[kv_dtype] * np.abs(back(ref_cache.k_bhsd[1])).max())
 
 
-def test_contiguous_engine_equals_generate(model):
+@pytest.mark.parametrize("layout,chunk", [("contiguous", None), ("paged", None),
+                                          pytest.param("paged", 8, marks=pytest.mark.slow)])
+def test_engine_equals_generate(model, layout, chunk):
+  """The engine's 8-bit slots (prompts quantised as `generate`'s prefill writes them, inserted or written a chunk at
+  a time) give `generate`'s greedy tokens. A chunked prefill attends over the dequantised prefix: the tokens agree
+  here, where the float cache's logits margins exceed the quantisation step."""
   rng = np.random.default_rng(2)
-  prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (4, 9, 3)]
+  prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (4, 13, 3)]
   ref = gen.generate(model, prompts, max_new_tokens=6, options=DecodeOptions(kv_dtype="int8"))
-  opts = EngineOptions(kv_layout="contiguous", kv_dtype="int8", steps_per_round=2, warmup=False, prefill_chunk=None)
+  opts = EngineOptions(kv_layout=layout, kv_dtype="int8", steps_per_round=2, warmup=False, prefill_chunk=chunk)
   with Engine(model, max_batch=2, max_len=32, engine_options=opts) as eng:
-    assert isinstance(eng._slots.cache.k_bhsd[0], QuantizedKV)   # pylint: disable=protected-access
+    cache = eng._slots.cache   # pylint: disable=protected-access
+    assert isinstance((cache.k_bhsd if layout == "contiguous" else cache.k_hpsd)[0], QuantizedKV)
     outs = eng.generate(prompts, SamplingParams(max_tokens=6))
   for i, o in enumerate(outs):
     assert list(o.token_ids) == ref.tokens[i, :ref.lengths[i]].tolist()
 
 
 def test_refused_settings_name_the_problem(model):
-  with pytest.raises(ValueError, match="contiguous layout"):
-    Engine(model, max_batch=2, max_len=32, engine_options=EngineOptions(kv_dtype="int8", warmup=False))
   with pytest.raises(ValueError, match="differ"):
     Engine(model, max_batch=2, max_len=32, options=DecodeOptions(kv_dtype="int8"),
            engine_options=EngineOptions(kv_layout="contiguous", kv_dtype="float8_e4m3fn", warmup=False))

@@ -71,7 +71,7 @@ def add_kv_dtype_arg(p: argparse.ArgumentParser) -> None:
   """`--kv-dtype`, shared by polar-generate, polar-serve and polar-eval (read back by `kv_dtype_of`)."""
   p.add_argument("--kv-dtype", choices=KV_DTYPE_CHOICES, default="model",
                  help="KV cache storage: model (default: the model's dtype, or its name), or int8 / float8_e4m3fn "
-                 "(8 bits with one scale per token and KV group: half the cache bytes; one device, contiguous cache)")
+                 "(8 bits with one scale per token and KV group: half the cache bytes; one device)")
 
 
 def kv_dtype_of(args) -> str | None:

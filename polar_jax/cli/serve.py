@@ -78,15 +78,9 @@ def engine_options(args):
   return EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
                        cost_table=args.cost_table, prefill_chunk=args.prefill_chunk or None,
                        max_waiting=args.max_waiting, prefill_rows=args.prefill_rows, warmup=not args.no_warmup,
-                       kv_layout=args.kv_layout or _default_layout(args), page_size=args.page_size,
+                       kv_layout=args.kv_layout or ("contiguous" if args.tp > 1 else "paged"), page_size=args.page_size,
                        num_pages=args.num_pages, kv_memory_fraction=args.kv_memory_fraction,
                        prefix_caching=not args.no_prefix_caching, kv_dtype=kv_dtype_of(args))
-
-
-def _default_layout(args) -> str:
-  """The KV layout without --kv-layout: contiguous with tensor parallelism or an 8-bit cache (what they run on),
-  else paged."""
-  return "contiguous" if args.tp > 1 or args.kv_dtype in ("int8", "float8_e4m3fn") else "paged"
 
 
 def build_engine(args):
@@ -105,10 +99,11 @@ def build_engine(args):
 
 
 def _kv_summary(engine) -> str:
+  kv = f", {engine.kv_dtype}" if engine.kv_dtype else ""
   if engine.pages is None:
-    return "contiguous" + (f", {engine.kv_dtype}" if engine.kv_dtype else "")
+    return "contiguous" + kv
   layout = engine.pages.layout
-  return f"paged ({layout.num_pages} pages of {layout.page_size} tokens)"
+  return f"paged ({layout.num_pages} pages of {layout.page_size} tokens{kv})"
 
 
 @interruptible("polar-serve")

@@ -76,7 +76,8 @@ def _write_paged(k_pages_hpsd, v_pages_hpsd, k_chd, v_chd, table_p, start, n_val
   """Writes the chunk's valid tokens into the row's pages `table_p`; returns (pools, the row's keys and values)."""
   k_pages_hpsd = write_tokens(k_pages_hpsd, k_chd.transpose(1, 0, 2), table_p, start, n_valid)
   v_pages_hpsd = write_tokens(v_pages_hpsd, v_chd.transpose(1, 0, 2), table_p, start, n_valid)
-  return k_pages_hpsd, v_pages_hpsd, gather_row(k_pages_hpsd, table_p), gather_row(v_pages_hpsd, table_p)
+  return (k_pages_hpsd, v_pages_hpsd, gather_row(k_pages_hpsd, table_p, k_chd.dtype),
+          gather_row(v_pages_hpsd, table_p, v_chd.dtype))
 
 
 def _layer_chunk(layer, h_1cd, start, slot, k_cache, v_cache, mesh, table_p, n_valid):

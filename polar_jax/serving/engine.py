@@ -78,18 +78,14 @@ def _decoders(model, sparsity, routers, max_batch: int, options) -> tuple[Any, A
 
 def _kv_dtype(opts: EngineOptions, options, model_dtype, mesh) -> str | None:
   """The slots' cache storage: `EngineOptions.kv_dtype`, else `DecodeOptions.kv_dtype` (they must agree when both
-  are given); ValueError where an 8-bit cache is not supported (the paged layout, tensor parallelism)."""
+  are given); ValueError where an 8-bit cache is not supported (tensor parallelism)."""
   decode_kv = None if options is None else options.kv_dtype
   if opts.kv_dtype is not None and decode_kv is not None and opts.kv_dtype != decode_kv:
     raise ValueError(f"EngineOptions.kv_dtype={opts.kv_dtype!r} and DecodeOptions.kv_dtype={decode_kv!r} differ; "
                      "give one of them")
   kv_dtype = opts.kv_dtype or decode_kv
-  if kv_quant.is_8bit(storage_dtype(model_dtype, kv_dtype)):
-    if opts.kv_layout != "contiguous":
-      raise ValueError(f"kv_dtype={kv_dtype!r}: the 8-bit KV cache runs on the contiguous layout; pass "
-                       "EngineOptions(kv_layout=\"contiguous\") (polar-serve --kv-layout contiguous)")
-    if mesh is not None:
-      raise ValueError(f"kv_dtype={kv_dtype!r}: the 8-bit KV cache runs on one device, not a tensor-parallel model")
+  if kv_quant.is_8bit(storage_dtype(model_dtype, kv_dtype)) and mesh is not None:
+    raise ValueError(f"kv_dtype={kv_dtype!r}: the 8-bit KV cache runs on one device, not a tensor-parallel model")
   return kv_dtype
 
 

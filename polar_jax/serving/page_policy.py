@@ -54,7 +54,7 @@ class PagePolicy:
                        f"EngineOptions(kv_layout=\"contiguous\")")
     o = self.opts
     max_pages = pages_needed(self.max_len, o.page_size)
-    page_bytes = PagedLayout(o.page_size, 1, 1).page_bytes(self.config, self.model.dtype)
+    page_bytes = PagedLayout(o.page_size, 1, 1).page_bytes(self.config, self.model.dtype, self.kv_dtype)
     num_pages = resolve_num_pages(o.num_pages, o.kv_memory_fraction, page_bytes, self.max_batch, max_pages)
     return SlotPages(PagedLayout(o.page_size, num_pages, max_pages), self.max_batch,
                      o.prefix_caching and self.chunk is not None)

@@ -99,7 +99,8 @@ class EngineOptions:
       prefills only the rest (paged layout with chunked prefill on).
     kv_dtype: the slots' KV cache storage (`polar_jax.kv_cache.storage_dtype`): None (the engine's
       `DecodeOptions.kv_dtype`, else the model's dtype), or "int8" / "float8_e4m3fn": 8 bits with per-token scales,
-      half the cache memory (the contiguous layout on one device; the paged layout keeps the model's dtype).
+      half the cache memory (one device; both layouts: with `kv_memory_fraction` the paged cache holds about twice
+      the pages).
   The decode round's loop graph follows the engine's `DecodeOptions.loop_graph`.
   """
 

@@ -95,10 +95,10 @@ class Slots:
 def init_slots(config, batch: int, max_len: int, dtype, stop_width: int, layout: PagedLayout | None = None, *,
                kv_dtype: str | None = None) -> Slots:
   """Every slot free: zero cache and lengths, nothing active. `layout`: a paged cache of that shape, or None for a
-  contiguous one of `max_len` slots per row, stored as `kv_dtype` (`KVCache.init`)."""
+  contiguous one of `max_len` slots per row; either stored as `kv_dtype` (`kv_cache.storage_dtype`)."""
   zeros_i = lambda: jnp.zeros((batch,), jnp.int32)   # noqa: E731  (distinct buffers: the state is donated)
   cache = (KVCache.init(config, batch, max_len, dtype, kv_dtype) if layout is None
-           else PagedKVCache.init(config, batch, layout, dtype))
+           else PagedKVCache.init(config, batch, layout, dtype, kv_dtype))
   return Slots(cache=cache, tok_b=zeros_i(), active_b=jnp.zeros((batch,), bool),
                gen_b=zeros_i(), max_b=zeros_i(), stop_bs=jnp.full((batch, stop_width), -1, jnp.int32),
                temp_b=jnp.ones((batch,), jnp.float32), topk_b=jnp.full((batch,), config.vocab_size, jnp.int32),
