@@ -13,6 +13,7 @@ copies when the selected bytes would fit in L2.
   python3 benchmarks/kernels.py --sweep $OUT/sweep.jsonl --only attn   # tuning
   python3 benchmarks/kernels.py --only matmul [--families narrow] --out $OUT/k.jsonl   # skinny_matmul vs XLA
   python3 benchmarks/kernels.py --only paged [--families mha|gqa] --out $OUT/k.jsonl   # paged vs contiguous
+  python3 benchmarks/kernels.py --only attn --kv-dtype bfloat16 int8 float8_e4m3fn --out $OUT/k.jsonl  # 8-bit KV
   python benchmarks/kernels.py --smoke --out /tmp/k.jsonl          # CPU, interpret
 """
 from __future__ import annotations
@@ -35,6 +36,7 @@ _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_HERE))
 from benchmarks import common  # noqa: E402
 from pallas_kernels import gather_matmul_cols  # noqa: E402
+from pallas_kernels import kv_quant  # noqa: E402
 from pallas_kernels import gather_matmul_rows  # noqa: E402
 from pallas_kernels import gather_matmul_triton  # noqa: E402
 from pallas_kernels import selective_decode_attention  # noqa: E402
@@ -121,13 +123,16 @@ def mlp_cases(smoke):
   return 4096, 16384, (1, 8, 32, 128), (0.1, 0.25, 0.5, 1.0)
 
 
-def bench_attention(timer, base, smoke, check, dtype=jnp.bfloat16):
+def bench_attention(timer, base, smoke, check, dtype=jnp.bfloat16, kv_dtypes=(None,)):
+  """The attention cases at each KV storage (`kv_dtypes`: None for `dtype`, or an 8-bit dtype name: K/V quantised
+  with per-token scales; `bytes` then counts the values and the float32 scales)."""
   records = []
-  for B, S, Hq, Hkv, D, densities in attention_cases(smoke):
-    itemsize = jnp.dtype(dtype).itemsize
+  for (B, S, Hq, Hkv, D, densities), kv_dtype in ((c, kv) for c in attention_cases(smoke) for kv in kv_dtypes):
+    quantised = kv_dtype is not None and kv_quant.is_8bit(kv_dtype)
+    bytes_per_vector = D * 1 + 4 if quantised else D * jnp.dtype(dtype).itemsize
     for density in densities:
       K = max(1, round(density * Hkv))
-      sel_bytes = 2 * B * K * S * D * itemsize
+      sel_bytes = 2 * B * K * S * bytes_per_vector
       rng = np.random.default_rng(B + S + K)
       gidx = jnp.asarray(np.stack([rng.permutation(Hkv)[:K] for _ in range(B)]),
                          jnp.int32)
@@ -135,25 +140,29 @@ def bench_attention(timer, base, smoke, check, dtype=jnp.bfloat16):
       sets = []
       for r in range(_copies(sel_bytes)):
         kq, kk, kv = jax.random.split(jax.random.key(r), 3)
-        sets.append((jax.random.normal(kq, (B, Hq, D), dtype),
-                     jax.random.normal(kk, (B, Hkv, S, D), dtype),
-                     jax.random.normal(kv, (B, Hkv, S, D), dtype)))
-      impls = {"pallas": lambda q, k, v: selective_decode_attention(
-          q, k, v, lengths, gidx, implementation="pallas")}
+        q, k, v = (jax.random.normal(kq, (B, Hq, D), dtype), jax.random.normal(kk, (B, Hkv, S, D), dtype),
+                   jax.random.normal(kv, (B, Hkv, S, D), dtype))
+        if quantised:   # (values, scale) pairs: the 8-bit cache as the decode step holds it
+          k, v = kv_quant.quantise(k, kv_dtype), kv_quant.quantise(v, kv_dtype)
+        sets.append((q, k, v))
+        del q, k, v
+      attend = lambda q, k, v, impl: selective_decode_attention(  # noqa: E731
+          q, *((k[0], v[0]) if quantised else (k, v)), lengths, gidx, implementation=impl,
+          **(dict(k_scale=k[1], v_scale=v[1]) if quantised else {}))
+      impls = {"pallas": lambda q, k, v: attend(q, k, v, "pallas")}
       if density == 1.0:
-        impls["xla_einsum"] = lambda q, k, v: selective_decode_attention(
-            q, k, v, lengths, gidx, implementation="xla")
-      else:
+        impls["xla_einsum"] = lambda q, k, v: attend(q, k, v, "xla")
+      elif not quantised:
         impls["xla_gather"] = lambda q, k, v: decode_attention_xla_gather(
             q, k, v, lengths, gidx, None, scale=D ** -0.5)
       for impl, fn in impls.items():
         ms, wall, how, out = timer(fn, sets)
         rec = dict(base, op="attention", impl=impl, B=B, S=S, Hq=Hq, Hkv=Hkv,
                    D=D, density=density, dtype=jnp.dtype(dtype).name, ms=ms,
-                   ms_wall=wall, timer=how, bytes=sel_bytes)
+                   ms_wall=wall, timer=how, bytes=sel_bytes,
+                   kv_dtype=kv_dtype if quantised else jnp.dtype(dtype).name)
         if check and impl == "pallas":
-          ref = selective_decode_attention(*sets[0], lengths, gidx,
-                                           implementation="xla")
+          ref = attend(*sets[0], "xla")
           rec["max_rel_err"] = _rel_err(out, ref)
         records.append(_finish(rec))
       del sets
@@ -598,6 +607,9 @@ def main(argv=None):
                       help="probe: comma-separated families (selection, length, config, splits, persistent); "
                            "default all. matmul: narrow (the o / down / gate|up grid sweep), opt (OPT-6.7B's fc1 "
                            "from [N, d] rows + ReLU, fc2). paged: mha, gqa (default both)")
+  parser.add_argument("--kv-dtype", nargs="+", default=["model"], choices=("model", "bfloat16", "int8", "float8_e4m3fn"),
+                      help="attn: the K/V storage of each case ('model'/'bfloat16': the inputs' dtype; int8 / "
+                      "float8_e4m3fn: 8 bits with per-token scales), one record each (field kv_dtype)")
   parser.add_argument("--iters", type=int, default=30)
   parser.add_argument("--check", action="store_true",
                       help="also record each pallas result's error vs XLA")
@@ -634,7 +646,8 @@ def main(argv=None):
 
   records = []
   if args.only in ("attn", "all"):
-    for rec in bench_attention(timer, base, args.smoke, args.check):
+    kv_dtypes = tuple(dict.fromkeys(None if kv in ("model", "bfloat16") else kv for kv in args.kv_dtype))
+    for rec in bench_attention(timer, base, args.smoke, args.check, kv_dtypes=kv_dtypes):
       sink(rec)
       records.append(rec)
   if args.only in ("mlp", "all"):

@@ -49,6 +49,22 @@ def test_paged_shared_prefix_run_reports_prefix_hits(tmp_path):
 
 
 @pytest.mark.slow
+def test_kv8_run_records_its_storage(tmp_path):
+  """`--kv-dtype int8` on the paged engine (shared prefix pages, chunked prefill, the sparse variant): every record
+  says its storage, and its pages take D + 4 bytes per token and group against 4 D in float32."""
+  out = tmp_path / "serve.jsonl"
+  args = ["--model", "tiny", "--requests", "6", "--max-batch", "4", "--shared-prefix", "40", "--prefill-chunk", "16",
+          "--num-pages", "24", "--density", "1", "0.5", "--no-static", "--out", str(out)]
+  assert serve.main(args + ["--kv-dtype", "int8"]) == 0
+  assert serve.main(args) == 0
+  *int8, f32 = [json.loads(line) for line in out.read_text().splitlines()][:3]
+  assert [r["kv_dtype"] for r in int8] == ["int8", "int8"] and f32["kv_dtype"] == "float32"
+  head_dim = serve.e2e.MODELS["tiny"].head_dim
+  assert int8[0]["kv_cache_gb"] == pytest.approx(f32["kv_cache_gb"] * (head_dim + 4) / (4 * head_dim))
+  assert all(r["output_tokens"] > 0 and r["programs_compiled_during_run"] == 0 for r in int8)
+
+
+@pytest.mark.slow
 def test_parity_check_passes_on_this_device(capsys):
   from benchmarks import serve_parity
   assert serve_parity.main(["--requests", "6", "--max-len", "128"]) == 0
