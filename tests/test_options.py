@@ -100,3 +100,19 @@ def test_polar_generate_takes_the_kernels_option():
   assert cli.parser().parse_args(["m", "--prompt", "hi"]).kernels == "auto"
   with pytest.raises(SystemExit):
     cli.parser().parse_args(["m", "--prompt", "hi", "--kernels", "cuda"])
+
+
+def test_kv_dtype_flags_of_the_command_lines():
+  """`--kv-dtype` of polar-generate, polar-serve and polar-eval: "model" (the default) is None, the others pass
+  through to `DecodeOptions.kv_dtype` / `EngineOptions.kv_dtype`; unknown names are refused."""
+  from polar_jax.cli import eval as eval_cli
+  from polar_jax.cli import generate as cli
+  from polar_jax.cli import serve as serve_cli
+  gen_args = lambda *a: cli.parser().parse_args(["m", "--prompt", "hi", *a])   # noqa: E731
+  assert cli.kv_dtype_of(gen_args()) is None and cli.kv_dtype_of(gen_args("--kv-dtype", "int8")) == "int8"
+  opts = serve_cli.engine_options(serve_cli.parser().parse_args(["ckpt", "--kv-dtype", "float8_e4m3fn"]))
+  assert opts.kv_dtype == "float8_e4m3fn" and opts.kv_layout == "paged"
+  assert serve_cli.engine_options(serve_cli.parser().parse_args(["ckpt"])).kv_dtype is None
+  assert cli.kv_dtype_of(eval_cli.parser().parse_args(["ckpt", "--out", "o", "--kv-dtype", "int8"])) == "int8"
+  with pytest.raises(SystemExit):
+    gen_args("--kv-dtype", "int4")
