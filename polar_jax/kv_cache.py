@@ -8,7 +8,8 @@ Storage (`kv_dtype`): the model's dtype, or 8 bits (`"int8"`, `"float8_e4m3fn"`)
 `QuantizedKV`, the 8-bit values `[B, Hkv, S, D]` and one float32 scale per (row, KV group, slot) `[B, Hkv, S]`
 (`pallas_kernels.kv_quant`: computed when a token is written, no calibration). Prefill attends in the model's
 dtype and quantises when it writes the cache; decode writes quantise and the decode attention kernels dequantise
-in registers. Half the bytes a decode step reads from the cache, and twice the tokens in the same memory.
+in registers: D + 4 bytes per (token, group) instead of 2 D, about half the bytes a decode step reads from the
+cache and twice the tokens in the same memory.
 """
 
 from __future__ import annotations

@@ -227,6 +227,7 @@ def pending_tasks(out, model, name, mode, tasks, selectors, densities, limit, ar
       r = have.get((name, mode, task, s.selector, s.density,
                     report.shards_label(budget if s.per_layer else "", s.shards)))
       if (r is None or r.get("limit") != want_limit or r.get("dtype") != dtype
+          or r.get("kv_dtype") != kv_dtype_of(args)
           or (s.selector == "router" and r.get("routers") != routers_label)):
         todo.append(task)
         break
