@@ -100,12 +100,31 @@ def smollm2_dir(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="session")
-def hf_smollm2():
-  """transformers' float32 SmolLM2-135M read from the same GGUF (the reference; loaded once per worker)."""
+def hf_smollm2(tmp_path_factory):
+  """transformers' float32 SmolLM2-135M read from the same GGUF (the reference; loaded once per worker). Reading the
+  GGUF dequantises on the CPU (minutes under load), so the first worker saves the model as safetensors once per
+  test run and the others load that."""
+  import filelock
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
+  import safetensors.torch
   from polar_jax import data
-  path = data.smollm2_gguf_path()
-  model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                            dtype=torch.float32)
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent   # shared by all workers of this run
+  saved = base / "hf-smollm2-f32"
+  with filelock.FileLock(str(base / "hf-smollm2-f32.lock")):
+    if not saved.is_dir():   # complete when it exists: written beside it, then renamed
+      path = data.smollm2_gguf_path()
+      model = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                dtype=torch.float32)
+      tmp = base / "hf-smollm2-f32.tmp"
+      tmp.mkdir(exist_ok=True)
+      model.config.save_pretrained(tmp)   # transformers will not save_pretrained a model read from a GGUF
+      safetensors.torch.save_model(model, str(tmp / "model.safetensors"))
+      tmp.rename(saved)
+      return model.eval()
+  config = transformers.AutoConfig.from_pretrained(str(saved))
+  model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+  safetensors.torch.load_model(model, str(saved / "model.safetensors"))
   return model.eval()
