@@ -442,6 +442,47 @@ def test_heldout_scores_and_stored_budget(tmp_path):
   assert abs(adaptive.realised_density(scores, cfg, model.config) - budget.realised_density) < 1e-6
 
 
+def test_oracle_calibration_counts_match_the_oracle_selection(tmp_path):
+  """The oracle's mass is calibrated on log group norms: their softmax is the norm share `mass_counts` takes, so
+  the numpy counts are the decode step's counts on the same norms; the budget keeps its selector."""
+  from polar_jax.routers.collect import layer_records
+  model = init_model(LLAMA_MHA_8H, seed=5)
+  rng = np.random.default_rng(6)
+  seq = rng.integers(1, 97, size=40).tolist()
+  scores = adaptive.heldout_oracle_scores(model, [seq], max_tokens=40)
+  _, norms_btlg, _ = layer_records(model, jnp.asarray([seq], jnp.int32), jnp.asarray([40], jnp.int32),
+                                   with_fired=False)
+  norms_tg = np.asarray(norms_btlg, np.float32)[0, :, 1]
+  idx = jnp.asarray(np.argsort(-norms_tg, axis=1, kind="stable")[:, :6], jnp.int32)
+  for mass in (0.3, 0.6, 0.9):
+    want = mass_counts(jnp.asarray(norms_tg), idx, mass)
+    got = adaptive.counts_for_mass(adaptive.sorted_cumulative_shares(scores[:, 1]), mass, 6)
+    np.testing.assert_array_equal(got, np.asarray(want))
+  budget = adaptive.calibrate_mass(scores, 0.5, SparsityConfig(budget="adaptive").layer_groups(model.config),
+                                   selector="oracle")
+  assert budget.selector == "oracle" and budget.sparsity().selector == "oracle"
+  assert budget.avg_density == pytest.approx((1.0 + budget.layer_density[1]) / 2)   # layer 0 dense counts 1
+  router_budget = dataclasses.replace(budget, selector="router")
+  adaptive.save_adaptive_budget(tmp_path, budget)
+  adaptive.save_adaptive_budget(tmp_path, router_budget)              # another selector: both kept
+  assert adaptive.load_adaptive_budget(tmp_path, 0.5, selector="oracle") == budget
+  assert adaptive.load_adaptive_budget(tmp_path, 0.5) == router_budget
+  with pytest.raises(ValueError, match="'router' or 'oracle'"):
+    adaptive.calibration_scores(model, None, None, "random")
+
+
+def test_eval_cli_adaptive_budget_needs_a_router_or_oracle_selector(tmp_path):
+  from polar_jax.cli import eval as cli
+  args = cli.parser().parse_args(["ckpt", "--out", str(tmp_path), "--budget", "adaptive", "--target-density", "0.5"])
+  with pytest.raises(ValueError, match="router or the oracle selector"):
+    cli.adaptive_budgets(args, None, None, None, ("random", "static"), (0,), tmp_path)
+  with pytest.raises(ValueError, match="needs routers"):
+    cli.adaptive_budgets(args, None, None, None, ("router", "oracle"), (0,), tmp_path)
+  uniform = cli.parser().parse_args(["ckpt", "--out", str(tmp_path), "--target-density", "0.5"])
+  with pytest.raises(ValueError, match="needs --budget adaptive"):
+    cli.adaptive_budgets(uniform, None, None, None, ("router",), (0,), tmp_path)
+
+
 @pytest.mark.slow
 def test_evaluate_records_an_adaptive_setting(tmp_path):
   """polar-eval's evaluate: a calibrated budget is one more router setting, its record carrying the budget, the
@@ -458,15 +499,21 @@ def test_evaluate_records_an_adaptive_setting(tmp_path):
   routers = _routers(config, 2)
   budget = adaptive.calibrate_adaptive(model, ByteTokenizer(), routers, 0.5, max_tokens=512)
   assert budget.tokens == 512 and abs(budget.realised_density - 0.5) < 0.05
+  oracle = adaptive.calibrate_adaptive(model, ByteTokenizer(), None, 0.5, max_tokens=512, selector="oracle",
+                                       per_layer=True)
+  assert oracle.selector == "oracle" and abs(oracle.realised_density - 0.5) < 0.05
   recs = evaluate(model, ByteTokenizer(), tasks=("arc_easy",), densities=(0.5,), selectors=("router",),
-                  mode="all_tokens", limit=2, routers=routers, adaptive=[budget], progress=False, model_name="tiny",
-                  max_rows=8)
-  by_budget = {r["budget"]: r for r in recs}
-  assert set(by_budget) == {"uniform", "adaptive"}
-  a = by_budget["adaptive"]
-  assert a["avg_density"] == round(budget.realised_density, 4) and a["target_density"] == 0.5
+                  mode="all_tokens", limit=2, routers=routers, adaptive=[budget, oracle], progress=False,
+                  model_name="tiny", max_rows=8)
+  by_budget = {(r["selector"], r["budget"]): r for r in recs}
+  assert set(by_budget) == {("router", "uniform"), ("router", "adaptive"), ("oracle", "adaptive")}
+  a = by_budget["router", "adaptive"]
+  assert a["avg_density"] == round(budget.avg_density, 4) and a["target_density"] == 0.5
+  assert a["routed_density"] == round(budget.realised_density, 4)
   assert a["mass"] == list(budget.mass) and report.budget_key(a) == "adaptive"
-  assert np.isfinite(a["value"])
+  o = by_budget["oracle", "adaptive"]
+  assert report.budget_key(o) == "adaptive per-layer" and o["routers"] is None
+  assert all(np.isfinite(r["value"]) for r in (a, o))
 
 
 @pytest.mark.slow

@@ -50,6 +50,30 @@ def test_selection_probe_rates_and_unchanged_outputs(model, selector, budget):
   assert ((rates >= 0) & (rates <= 1)).all() and (rates[1:] < 1).any()
 
 
+@pytest.mark.slow
+def test_attention_density_counts_the_realised_groups_of_adaptive_budgets(model):
+  sparsity = SparsityConfig(attn_density=0.5, dense_layers=(0,), selector="router", seed=3, budget="adaptive",
+                            mass=0.5)
+  opts = EngineOptions(steps_per_round=1, prefill_rows=2, sparse_min_rows=1, selection_probe_every=1)
+  with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, sparsity=sparsity, routers=random_routers(CFG),
+              engine_options=opts) as eng:
+    eng.generate(_prompts(53, 6), SamplingParams(max_tokens=REF_TOKENS))
+    density, rates = _sample(eng, "polar:attention_density"), _rates(eng)
+    k_density = eng.variants["sparse"].attention_density
+    assert eng.stats()["variant_rounds"].get("dense", 0) == 0
+  # every round sparse and probed on its rows: the row-step average of the probes' realised densities
+  np.testing.assert_allclose(density, rates.sum(axis=1).mean() / CFG.num_kv_heads, rtol=1e-9)
+  assert density < k_density   # the mass keeps fewer than k groups in some rows; k would overstate the reads
+
+
+def test_realised_density_of_probe_counts():
+  from polar_jax.serving.selection_stats import realised_density
+  counts_lg = np.array([[4, 4, 4, 4], [1, 3, 0, 0]])   # 4 rows: a dense layer, then 1 group a row
+  assert realised_density(counts_lg, 4) == pytest.approx((1.0 + 0.25) / 2)
+  with pytest.raises(ValueError, match="rows >= 1"):
+    realised_density(counts_lg, 0)
+
+
 def test_no_probe_without_sparsity_or_when_off(model):
   sparsity = SparsityConfig(attn_density=0.5, dense_layers=(), selector="random", seed=3)
   opts = EngineOptions(steps_per_round=3, prefill_rows=2, sparse_min_rows=1, selection_probe_every=0)

@@ -139,9 +139,10 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--compile-cache", default=None,
                  help="JAX persistent compilation cache directory (default $POLAR_JAX_HOME/jax_cache; 'none' to disable)")
   p.add_argument("--budget", default="uniform", choices=("uniform", "adaptive"),
-                 help="adaptive: also evaluate the router selector with per-row group counts (the mass threshold "
-                      "calibrated to each --target-density on held-out text, stored as adaptive_budget.json beside "
-                      "the routers, or in OUT for the shipped ones)")
+                 help="adaptive: also evaluate the router and oracle selectors (those in --selector) with per-row "
+                      "group counts (the mass threshold calibrated to each --target-density on held-out text, for "
+                      "the router stored as adaptive_budget.json beside the routers, or in OUT for the shipped ones "
+                      "and for the oracle)")
   p.add_argument("--target-density", default=None,
                  help="--budget adaptive: average densities to calibrate the mass for (comma-separated)")
   p.add_argument("--per-layer-mass", action="store_true", help="--budget adaptive: one mass per layer")
@@ -272,24 +273,30 @@ def adaptive_budgets(args, model, tokenizer, routers, selectors, dense_layers, o
     if args.target_density is not None:
       raise ValueError("--target-density needs --budget adaptive")
     return []
-  if routers is None or "router" not in selectors:
-    raise ValueError("--budget adaptive needs the router selector and routers (--selector router --routers DIR)")
+  adaptive_selectors = [s for s in ("router", "oracle") if s in selectors]
+  if not adaptive_selectors:
+    raise ValueError("--budget adaptive needs the router or the oracle selector (--selector router,oracle)")
+  if "router" in adaptive_selectors and routers is None:
+    raise ValueError("--budget adaptive with the router selector needs routers (--routers DIR)")
   from polar_jax.evaluation import selectors as sel_mod
   from polar_jax.routers import adaptive, default_routers_dir, routers_dir
   from polar_jax.sparsity import SparsityConfig
   targets = sel_mod.check_densities(_csv(args.target_density or ""))
-  directory = routers_dir(args.routers)
-  store = out if directory == default_routers_dir() else directory
   budgets = []
-  for target in targets:
-    b = adaptive.calibrate_adaptive(model, tokenizer, routers, target,
-                                    sparsity=SparsityConfig(dense_layers=tuple(dense_layers)),
-                                    per_layer=args.per_layer_mass, max_tokens=args.calibration_tokens)
-    path = adaptive.save_adaptive_budget(store, b)
-    masses = sorted({m for m, k in zip(b.mass, b.max_groups) if k is not None})
-    print(f"adaptive budget: target density {target:g} -> realised {b.realised_density:.4f} on {b.tokens} held-out "
-          f"tokens, mass {', '.join(f'{m:.4f}' for m in masses)} ({path})", flush=True)
-    budgets.append(b)
+  for selector in adaptive_selectors:
+    directory = routers_dir(args.routers)
+    store = out if selector == "oracle" or directory == default_routers_dir() else directory
+    scores = adaptive.calibration_scores(model, tokenizer, routers, selector, max_tokens=args.calibration_tokens)
+    for target in targets:
+      b = adaptive.calibrate_adaptive(model, tokenizer, routers, target,
+                                      sparsity=SparsityConfig(dense_layers=tuple(dense_layers)),
+                                      per_layer=args.per_layer_mass, selector=selector, scores_tlg=scores)
+      path = adaptive.save_adaptive_budget(store, b)
+      masses = sorted({m for m, k in zip(b.mass, b.max_groups) if k is not None})
+      print(f"adaptive budget ({selector}): target density {target:g} -> realised {b.realised_density:.4f} "
+            f"(all layers {b.avg_density:.4f}) on {b.tokens} held-out tokens, mass "
+            f"{', '.join(f'{m:.4f}' for m in masses)} ({path})", flush=True)
+      budgets.append(b)
   return budgets
 
 
@@ -365,7 +372,7 @@ def main(argv=None) -> int:
           v = f"{r['value']:.3f}" if r["task"] == "ppl" else f"{100 * r['value']:.1f}%"
           key = report.budget_key(r)
           if r.get("budget") == "adaptive":
-            key += f" (realised density {r['avg_density']:.3f})"
+            key += f" (realised density {r['avg_density']:.3f} over all layers)"
           print(f"{name} {mode} {r['task']:9s} {r['selector']:6s} density {r['density']:<4g}{' ' + key if key else ''} "
                 f"{r['metric']} {v} ± {r['stderr'] * (1 if r['task'] == 'ppl' else 100):.2f} (n={r['n']})", flush=True)
       evaluate(model, tokenizer, tasks=mode_tasks, densities=densities, selectors=selectors, mode=mode, limit=limit,

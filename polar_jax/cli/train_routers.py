@@ -38,6 +38,9 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--dtype", default=None, help="model dtype for collection (default float32 on CPU)")
   p.add_argument("--work", default=None, help="collection directory (default under $POLAR_JAX_HOME)")
   p.add_argument("--keep-data", action="store_true", help="keep the collected data after training")
+  p.add_argument("--expand-kv", nargs="?", const="grouped", default=None, choices=("grouped", "interleaved"),
+                 help="train for the exactly equivalent multi-head model (every query head a selectable group, as "
+                      "`polar-eval --expand-kv` evaluates it; polar_jax.evaluation.expand.expand_kv_groups)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--no-progress", action="store_true")
   return p
@@ -67,6 +70,9 @@ def main(argv=None) -> int:
     if args.tokens < 1 or args.val_tokens < 1:
       raise ValueError("--tokens and --val-tokens must be >= 1")
     model = polar_jax.load_model(args.ckpt, dtype=args.dtype)
+    if args.expand_kv:
+      from polar_jax.evaluation.expand import expand_kv_groups
+      model = expand_kv_groups(model, args.expand_kv)
     tok = polar_jax.load_tokenizer(args.ckpt)
     train_texts = load_texts(args.data, "train")
     val_texts = [t for t in load_texts(args.data, "heldout") if heldout_part(t) == "val"]
@@ -83,6 +89,7 @@ def main(argv=None) -> int:
                             settings=settings, work_dir=args.work, keep_data=args.keep_data,
                             progress=not args.no_progress,
                             extra_metadata={"checkpoint": str(pathlib.Path(args.ckpt).name),
+                                            "expand_kv": args.expand_kv,
                                             "polar_jax_version": polar_jax.__version__})
   except (ValueError, FileNotFoundError) as e:
     print(f"polar-train-routers: {e}", file=sys.stderr)

@@ -92,11 +92,11 @@ def shards_label(budget: str, shards: int | None) -> str:
 
 
 def budget_key(rec: dict, *, with_shards: bool = True) -> str:
-  """"" for the uniform budget, "adaptive" for an adaptive one, else the record's budget name (or its "L:d,..."
-  text); balanced per-shard
+  """"" for the uniform budget, "adaptive" for an adaptive one ("adaptive per-layer" with a mass per layer), else
+  the record's budget name (or its "L:d,..." text); balanced per-shard
   selection appends " shards=N" (so "shards=3" for a uniform budget), unless `with_shards` is False."""
   if rec.get("budget") == "adaptive":   # a calibrated mass threshold per row (`SparsityConfig(budget="adaptive")`)
-    base = "adaptive"
+    base = "adaptive per-layer" if rec.get("per_layer_mass") else "adaptive"
   elif not rec.get("per_layer"):
     base = ""
   else:

@@ -24,9 +24,12 @@ class Setting:
   avg_density: float = 1.0  # KV groups kept over all layers / (layers x groups)
   shards: int = 1           # > 1: balanced per-shard selection over this many blocks of groups (tensor parallel)
   # adaptive budgets (`polar_jax.routers.adaptive`): per-layer mass thresholds; `density` is then the calibration's
-  # target and `avg_density` the density it realised on held-out router scores (over the routed layers)
+  # target (over the routed layers) and `avg_density` the density it realised on held-out tokens over every layer
+  # (a dense layer counting 1, as for the uniform budgets)
   mass: tuple[float, ...] | None = None
   min_groups: int = 1
+  routed_density: float | None = None   # adaptive: the realised density over the routed layers only
+  per_layer_mass: bool = False           # adaptive: one mass per layer (else one for all)
 
 
 def settings_for(model, selectors: Sequence[str], densities: Sequence[float], *, dense_layers=(0,),
@@ -94,9 +97,10 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
     shards: selections to evaluate: 1 = global per-row top-k, N > 1 = balanced over N shards (`settings_for`);
       records carry `shards`, and `report.budget_key` keeps the balanced ones apart ("shards=N").
     ppl_tokens: scored perplexity tokens (None: all windows).
-    adaptive: calibrated `polar_jax.routers.adaptive.AdaptiveBudget`s, each evaluated as one more "router" setting
-      with `SparsityConfig(budget="adaptive")` (records: "budget" "adaptive", "density" the target, "avg_density"
-      the density realised on held-out tokens, "mass").
+    adaptive: calibrated `polar_jax.routers.adaptive.AdaptiveBudget`s, each evaluated as one more setting of its
+      selector ("router" or "oracle") with `SparsityConfig(budget="adaptive")` (records: "budget" "adaptive",
+      "density" the target, "avg_density" the density realised on held-out tokens over every layer, dense ones
+      counting 1, "routed_density" the same over the routed layers, "mass").
     on_task: called after each task with (its records, their details), e.g. to append them to a file.
     options: the decode steps' `polar_jax.DecodeOptions` (None: the defaults); its `kv_dtype` (the KV cache's
       storage, e.g. "int8") is in every record ("kv_dtype": None for the model's dtype).
@@ -113,8 +117,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
   settings = settings_for(model, selectors, densities, dense_layers=dense_layers, per_layer=per_layer, shards=shards)
   for b in adaptive:
     kmax = max((k for k in b.max_groups if k is not None), default=model.config.num_kv_heads)
-    settings.append(Setting("router", float(b.target_density), kmax, None, round(b.realised_density, 4), 1,
-                            tuple(b.mass), b.min_groups))
+    settings.append(Setting(b.selector, float(b.target_density), kmax, None, round(b.avg_density, 4), 1,
+                            tuple(b.mass), b.min_groups, round(b.realised_density, 4), b.per_layer))
   static = None
   if any(s.selector == "static" for s in settings):
     static = sel_mod.static_groups_file(model, tokenizer, max_tokens=static_tokens, progress=progress)
@@ -123,9 +127,10 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
     if s.mass is not None:
       from polar_jax.sparse_decode import make_decoder
       from polar_jax.sparsity import SparsityConfig
-      if routers is None:
-        raise ValueError("an adaptive budget needs routers (--routers DIR)")
-      cfg = SparsityConfig(dense_layers=tuple(dense_layers), budget="adaptive", mass=s.mass, min_groups=s.min_groups)
+      if routers is None and s.selector == "router":
+        raise ValueError("an adaptive router budget needs routers (--routers DIR)")
+      cfg = SparsityConfig(dense_layers=tuple(dense_layers), budget="adaptive", mass=s.mass, min_groups=s.min_groups,
+                           selector=s.selector)
       decoders[s] = make_decoder(model, cfg, routers, batch=max_rows, options=options)
       continue
     decoders[s] = sel_mod.build_decoder(
@@ -158,7 +163,8 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
              "per_layer": [list(p) for p in s.per_layer] if s.per_layer else None,
              "budget": ("adaptive" if s.mass is not None else
                         (budget_name or report.budget_label(s.per_layer)) if s.per_layer else "uniform"),
-             **({"mass": list(s.mass), "min_groups": s.min_groups, "target_density": s.density}
+             **({"mass": list(s.mass), "min_groups": s.min_groups, "target_density": s.density,
+                 "routed_density": s.routed_density, "per_layer_mass": s.per_layer_mass}
                 if s.mass is not None else {}),
              "avg_density": s.avg_density, "shards": s.shards,
              "routers": routers_label if s.selector == "router" else None,

@@ -42,6 +42,8 @@ class AdaptiveBudget:
     layer_density: per layer, the realised density (None: dense layer).
     tokens: calibration tokens.
     per_layer: whether each layer has its own mass (else one mass for all).
+    selector: "router" (shares of the softmax of the router scores) or "oracle" (shares of the summed group output
+      norms, the upper bound).
   """
 
   target_density: float
@@ -52,11 +54,18 @@ class AdaptiveBudget:
   layer_density: tuple[float | None, ...]
   tokens: int
   per_layer: bool = False
+  selector: str = "router"
+
+  @property
+  def avg_density(self) -> float:
+    """The realised density over every layer, a dense layer counting 1 (as uniform budgets' `avg_density`)."""
+    return float(np.mean([1.0 if d is None else d for d in self.layer_density]))
 
   def sparsity(self, base: SparsityConfig | None = None) -> SparsityConfig:
     """`base` (default `SparsityConfig()`) with this budget: adaptive, its masses and min_groups."""
     base = base or SparsityConfig()
-    return dataclasses.replace(base, budget="adaptive", mass=self.mass, min_groups=self.min_groups)
+    return dataclasses.replace(base, budget="adaptive", mass=self.mass, min_groups=self.min_groups,
+                               selector=self.selector)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -66,7 +75,7 @@ class AdaptiveBudget:
     return cls(float(d["target_density"]), tuple(float(m) for m in d["mass"]),
                tuple(None if k is None else int(k) for k in d["max_groups"]), int(d["min_groups"]),
                float(d["realised_density"]), tuple(None if x is None else float(x) for x in d["layer_density"]),
-               int(d["tokens"]), bool(d.get("per_layer", False)))
+               int(d["tokens"]), bool(d.get("per_layer", False)), str(d.get("selector", "router")))
 
 
 def sorted_cumulative_shares(scores_tg: np.ndarray) -> np.ndarray:
@@ -104,7 +113,7 @@ def _bisect(density_of, target: float) -> float:
 
 
 def calibrate_mass(scores_tlg: np.ndarray, target_density: float, max_groups: Sequence[int | None], *,
-                   min_groups: int = 1, per_layer: bool = False) -> AdaptiveBudget:
+                   min_groups: int = 1, per_layer: bool = False, selector: str = "router") -> AdaptiveBudget:
   """The mass threshold(s) whose realised average density on `scores_tlg` is nearest `target_density`.
 
   Args:
@@ -116,6 +125,7 @@ def calibrate_mass(scores_tlg: np.ndarray, target_density: float, max_groups: Se
     min_groups: the fewest groups a row keeps.
     per_layer: one mass per layer, each layer at the target; else one mass whose average over the routed layers
       is at the target.
+    selector: recorded in the budget ("oracle": `scores_tlg` are log group norms, `heldout_oracle_scores`).
 
   Raises:
     ValueError: bad target, shapes that disagree, or no routed layer.
@@ -148,7 +158,8 @@ def calibrate_mass(scores_tlg: np.ndarray, target_density: float, max_groups: Se
     layer_density[i] = _density([cums[i]], [masses[i]], [max_groups[i]], min_groups, g)
   realised = float(np.mean([layer_density[i] for i in routed]))
   return AdaptiveBudget(target, tuple(masses), tuple(max_groups), int(min_groups), round(realised, 6),
-                        tuple(None if d is None else round(d, 6) for d in layer_density), int(t), bool(per_layer))
+                        tuple(None if d is None else round(d, 6) for d in layer_density), int(t), bool(per_layer),
+                        selector)
 
 
 def realised_density(scores_tlg: np.ndarray, sparsity: SparsityConfig, config) -> float:
@@ -166,11 +177,31 @@ def heldout_router_scores(model, routers, sequences: Sequence[Sequence[int]], *,
                           batch_tokens: int = 4096) -> np.ndarray:
   """float32 `[T, L, G]`: the head routers' scores on every layer's normed attention input, for the first
   `max_tokens` valid tokens of `sequences` (the dense model over each sequence, as a decode step sees it)."""
+  routers.check_model(model.config)
+  w_ldg = np.asarray(routers.head.w_ldg[...], np.float32)
+  b_lg = np.asarray(routers.head.b_lg[...], np.float32)
+  return _dense_records(model, sequences, max_tokens, batch_tokens,
+                        lambda x_tld, norms_tlg: np.einsum("tld,ldg->tlg", x_tld, w_ldg) + b_lg[None])
+
+
+def heldout_oracle_scores(model, sequences: Sequence[Sequence[int]], *, max_tokens: int = 8192,
+                          batch_tokens: int = 4096) -> np.ndarray:
+  """float32 `[T, L, G]`: the log of each KV group's attention output norm (the oracle's weights) in every layer,
+  for the first `max_tokens` valid tokens of `sequences` (the dense model). Their softmax is each group's share of
+  the summed norms, the share the oracle's mass counts (`selection.mass_counts`), so `calibrate_mass` calibrates the
+  oracle's mass from them."""
+  tiny = np.finfo(np.float32).tiny
+  return _dense_records(model, sequences, max_tokens, batch_tokens,
+                        lambda x_tld, norms_tlg: np.log(np.maximum(norms_tlg, tiny)))
+
+
+def _dense_records(model, sequences, max_tokens: int, batch_tokens: int, reduce) -> np.ndarray:
+  """`reduce(x_tld, norms_tlg)` over the first `max_tokens` valid tokens of `sequences` (`collect.layer_records`:
+  each layer's normed attention input and group output norms), concatenated, as float32."""
   import jax.numpy as jnp
   from flax import nnx
 
   from polar_jax.routers.collect import _batches, _bucket, _record_program
-  routers.check_model(model.config)
   graphdef, state = nnx.split(model)
   seqs, n = [], 0
   for s in sequences:
@@ -182,8 +213,6 @@ def heldout_router_scores(model, routers, sequences: Sequence[Sequence[int]], *,
       break
   if not seqs:
     raise ValueError("no tokens to calibrate on")
-  w_ldg = np.asarray(routers.head.w_ldg[...], np.float32)
-  b_lg = np.asarray(routers.head.b_lg[...], np.float32)
   out = []
   for group in _batches(seqs, batch_tokens):
     t = _bucket(max(len(s) for s in group))
@@ -191,11 +220,10 @@ def heldout_router_scores(model, routers, sequences: Sequence[Sequence[int]], *,
     lengths = np.zeros((len(group),), np.int32)
     for j, s in enumerate(group):
       tokens[j, :len(s)], lengths[j] = s, len(s)
-    x_btld, _, _ = _record_program(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), with_fired=False)
-    x = np.asarray(x_btld, np.float32)
+    x_btld, norms_btlg, _ = _record_program(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths),
+                                            with_fired=False)
     valid = np.arange(t)[None, :] < lengths[:, None]
-    x_tld = x[valid]
-    out.append(np.einsum("tld,ldg->tlg", x_tld, w_ldg) + b_lg[None])
+    out.append(reduce(np.asarray(x_btld, np.float32)[valid], np.asarray(norms_btlg, np.float32)[valid]))
   return np.concatenate(out).astype(np.float32)
 
 
@@ -217,22 +245,39 @@ def calibration_sequences(tokenizer, sources: Sequence[str] = ("lambada", "boolq
 
 def calibrate_adaptive(model, tokenizer, routers, target_density: float, *, sparsity: SparsityConfig | None = None,
                        per_layer: bool = False, max_tokens: int = 8192,
-                       sources: Sequence[str] = ("lambada", "boolq")) -> AdaptiveBudget:
-  """`calibrate_mass` on the routers' scores of `max_tokens` held-out tokens (`calibration_sequences`), with the
-  layers' most groups from `sparsity` made adaptive (default: every group, layer 0 dense)."""
+                       sources: Sequence[str] = ("lambada", "boolq"), selector: str = "router",
+                       scores_tlg: np.ndarray | None = None) -> AdaptiveBudget:
+  """`calibrate_mass` on the routers' scores (selector "router") or the log group norms (selector "oracle", the
+  upper bound; `routers` may be None) of `max_tokens` held-out tokens (`calibration_sequences`), with the layers'
+  most groups from `sparsity` made adaptive (default: every group, layer 0 dense). `scores_tlg`: those scores when
+  already computed (several targets on the same tokens)."""
   base = dataclasses.replace(sparsity or SparsityConfig(), budget="adaptive")
-  scores = heldout_router_scores(model, routers, calibration_sequences(tokenizer, sources), max_tokens=max_tokens)
-  return calibrate_mass(scores, target_density, base.layer_groups(model.config), min_groups=base.min_groups,
-                        per_layer=per_layer)
+  if scores_tlg is None:
+    scores_tlg = calibration_scores(model, tokenizer, routers, selector, max_tokens=max_tokens, sources=sources)
+  return calibrate_mass(scores_tlg, target_density, base.layer_groups(model.config), min_groups=base.min_groups,
+                        per_layer=per_layer, selector=selector)
+
+
+def calibration_scores(model, tokenizer, routers, selector: str = "router", *, max_tokens: int = 8192,
+                       sources: Sequence[str] = ("lambada", "boolq")) -> np.ndarray:
+  """The `[T, L, G]` scores `calibrate_adaptive` calibrates `selector`'s mass on."""
+  if selector not in ("router", "oracle"):
+    raise ValueError(f"adaptive budgets calibrate the 'router' or 'oracle' selector, got {selector!r}")
+  if selector == "router" and routers is None:
+    raise ValueError("calibrating the router selector's mass needs routers")
+  seqs = calibration_sequences(tokenizer, sources)
+  if selector == "router":
+    return heldout_router_scores(model, routers, seqs, max_tokens=max_tokens)
+  return heldout_oracle_scores(model, seqs, max_tokens=max_tokens)
 
 
 def save_adaptive_budget(directory: str | os.PathLike, budget: AdaptiveBudget) -> pathlib.Path:
   """Adds `budget` to `directory/adaptive_budget.json` (beside the routers' `metadata.json`), replacing one of
-  the same target density and per-layer choice."""
+  the same target density, per-layer choice and selector."""
   path = pathlib.Path(directory).expanduser() / BUDGET_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
-  kept = [b for b in _read_budgets(path)
-          if (b.target_density, b.per_layer) != (budget.target_density, budget.per_layer)]
+  key = lambda b: (b.target_density, b.per_layer, b.selector)
+  kept = [b for b in _read_budgets(path) if key(b) != key(budget)]
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps({"budgets": [b.to_json() for b in kept + [budget]]}, indent=1) + "\n")
   tmp.replace(path)
@@ -246,10 +291,10 @@ def _read_budgets(path: pathlib.Path) -> list[AdaptiveBudget]:
 
 
 def load_adaptive_budget(directory: str | os.PathLike, target_density: float | None = None,
-                         per_layer: bool | None = None) -> AdaptiveBudget | None:
-  """The `AdaptiveBudget` stored in `directory` (a router directory) for `target_density` (None: the last one
-  stored) and `per_layer` (None: either), or None when there is none."""
+                         per_layer: bool | None = None, selector: str = "router") -> AdaptiveBudget | None:
+  """The `AdaptiveBudget` of `selector` stored in `directory` (a router directory) for `target_density` (None: the
+  last one stored) and `per_layer` (None: either), or None when there is none."""
   budgets = [b for b in _read_budgets(pathlib.Path(directory).expanduser() / BUDGET_FILE)
              if (target_density is None or abs(b.target_density - float(target_density)) < 1e-9)
-             and (per_layer is None or b.per_layer == per_layer)]
+             and (per_layer is None or b.per_layer == per_layer) and b.selector == selector]
   return budgets[-1] if budgets else None

@@ -59,7 +59,7 @@ from polar_jax.serving.cost import CostTable, context_points, measure_table, occ
 from polar_jax.paged import pages_needed
 from polar_jax.serving.metrics import EngineMetrics
 from polar_jax.serving.page_policy import PagePolicy, Seq, prompt_of
-from polar_jax.serving.selection_stats import probes
+from polar_jax.serving.selection_stats import probes, realised_density
 from polar_jax.serving.params import EngineOptions, SamplingParams
 from polar_jax.serving.request import EngineClosedError, QueueFullError, RequestHandle, RequestOutput
 
@@ -163,6 +163,10 @@ class Engine(PagePolicy):
     self.variant_rounds = collections.Counter()   # rounds run per step variant
     sparse_decode = self.variants["sparse"].decode if sparse is not None else None
     self._probes = self.opts.selection_probe_every > 0 and sparse is not None and probes(sparse_decode)
+    # adaptive budgets: rows keep fewer groups than the layers' k; the sparse rounds' density is then the one the
+    # latest selection probe realised (None until a probe has counted rows; without probes, k is reported)
+    self._adaptive = getattr(sparse_decode, "masses", None) is not None
+    self._realised_density: float | None = None
 
     self._cv = threading.Condition()
     self._waiting: collections.deque[RequestHandle] = collections.deque()
@@ -601,10 +605,15 @@ class Engine(PagePolicy):
     if probe is not None:
       counts, rows = jax.device_get(probe)
       self.metrics.selections(counts, int(rows))
+      if self._adaptive and int(rows) > 0:
+        self._realised_density = realised_density(counts, int(rows))
     now = time.perf_counter()
     n = int(n)
     self.variant_rounds[variant.name] += 1
-    self.metrics.round(variant.name, n, len(snapshot), variant.attention_density)
+    density = variant.attention_density
+    if variant.name == "sparse" and self._realised_density is not None:
+      density = self._realised_density
+    self.metrics.round(variant.name, n, len(snapshot), density)
     for s, seq in snapshot:
       h = seq.handle
       if h.finished or self._seqs.get(s) is not seq:   # cancelled or preempted: its tokens are made again

@@ -1,7 +1,8 @@
 """The engine's Prometheus metrics (one `CollectorRegistry` per engine), named after vLLM's with a `polar:` prefix.
 
 Gauges: `polar:num_requests_running`, `polar:num_requests_waiting`, `polar:kv_slots_used` (and `..._perc`),
-`polar:attention_density` (fraction of KV groups the decode steps read, over every row-step so far),
+`polar:attention_density` (fraction of KV groups the decode steps read, over every row-step so far; with adaptive
+budgets the sparse rounds count the realised density the latest selection probe measured),
 `polar:mlp_dense_fallback_rate` (fraction of MLP layers the sparse step runs dense; 0 without MLP routers),
 `polar:kv_group_selection_rate{layer,group}` (fraction of probed rows whose sparse step selects the group; sampled
 every `EngineOptions.selection_probe_every` sparse rounds), and with a paged cache `polar:kv_pages_used` (pages

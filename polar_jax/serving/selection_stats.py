@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from polar_jax.kv_cache import KVCache
 from polar_jax.paged_kv_cache import PagedKVCache
@@ -67,3 +68,13 @@ def count_selections(model, decode, decode_state, tok_b, cache: KVCache | PagedK
     ks.append(out.k_cache_bhsd)
     vs.append(out.v_cache_bhsd)
   return cache.with_layers(ks, vs, cache.lengths_b), jnp.stack(counts)
+
+
+def realised_density(counts_lg, rows: int) -> float:
+  """The fraction of KV groups a probe's `rows` active rows read, averaged over layers: the mean over layers of
+  (groups each row selects / G), from the probe's counts `[L, G]` (a dense layer counts every group). With
+  adaptive budgets this is the realised density, below the layers' k."""
+  counts_lg = np.asarray(counts_lg, np.float64)
+  if counts_lg.ndim != 2 or rows < 1:
+    raise ValueError(f"realised_density needs counts [L, G] and rows >= 1, got shape {counts_lg.shape}, rows {rows}")
+  return float(counts_lg.sum() / (rows * counts_lg.size))
