@@ -478,6 +478,8 @@ def test_eval_cli_adaptive_budget_needs_a_router_or_oracle_selector(tmp_path):
     cli.adaptive_budgets(args, None, None, None, ("random", "static"), (0,), tmp_path)
   with pytest.raises(ValueError, match="needs routers"):
     cli.adaptive_budgets(args, None, None, None, ("router", "oracle"), (0,), tmp_path)
+  assert cli.parser().parse_args(["c", "--out", "o", "--per-layer-mass"]).per_layer_mass == "only"
+  assert cli.parser().parse_args(["c", "--out", "o", "--per-layer-mass", "both"]).per_layer_mass == "both"
   uniform = cli.parser().parse_args(["ckpt", "--out", str(tmp_path), "--target-density", "0.5"])
   with pytest.raises(ValueError, match="needs --budget adaptive"):
     cli.adaptive_budgets(uniform, None, None, None, ("router",), (0,), tmp_path)

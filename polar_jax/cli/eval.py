@@ -145,7 +145,9 @@ def parser() -> argparse.ArgumentParser:
                       "and for the oracle)")
   p.add_argument("--target-density", default=None,
                  help="--budget adaptive: average densities to calibrate the mass for (comma-separated)")
-  p.add_argument("--per-layer-mass", action="store_true", help="--budget adaptive: one mass per layer")
+  p.add_argument("--per-layer-mass", nargs="?", const="only", default=None, choices=("only", "both"),
+                 help="--budget adaptive: one mass per layer; 'both': each target with one mass for all layers and "
+                      "with one per layer")
   p.add_argument("--calibration-tokens", type=int, default=8192,
                  help="--budget adaptive: held-out tokens the mass is calibrated on")
   p.add_argument("--sensitivity", action="store_true",
@@ -287,16 +289,19 @@ def adaptive_budgets(args, model, tokenizer, routers, selectors, dense_layers, o
     directory = routers_dir(args.routers)
     store = out if selector == "oracle" or directory == default_routers_dir() else directory
     scores = adaptive.calibration_scores(model, tokenizer, routers, selector, max_tokens=args.calibration_tokens)
-    for target in targets:
-      b = adaptive.calibrate_adaptive(model, tokenizer, routers, target,
-                                      sparsity=SparsityConfig(dense_layers=tuple(dense_layers)),
-                                      per_layer=args.per_layer_mass, selector=selector, scores_tlg=scores)
-      path = adaptive.save_adaptive_budget(store, b)
-      masses = sorted({m for m, k in zip(b.mass, b.max_groups) if k is not None})
-      print(f"adaptive budget ({selector}): target density {target:g} -> realised {b.realised_density:.4f} "
-            f"(all layers {b.avg_density:.4f}) on {b.tokens} held-out tokens, mass "
-            f"{', '.join(f'{m:.4f}' for m in masses)} ({path})", flush=True)
-      budgets.append(b)
+    scopes = {None: (False,), "only": (True,), "both": (False, True)}[args.per_layer_mass]
+    for per_layer in scopes:
+      for target in targets:
+        b = adaptive.calibrate_adaptive(model, tokenizer, routers, target,
+                                        sparsity=SparsityConfig(dense_layers=tuple(dense_layers)),
+                                        per_layer=per_layer, selector=selector, scores_tlg=scores)
+        path = adaptive.save_adaptive_budget(store, b)
+        masses = sorted({m for m, k in zip(b.mass, b.max_groups) if k is not None})
+        mass = f"{masses[0]:.4f}" if len(masses) == 1 else f"{masses[0]:.4f} .. {masses[-1]:.4f}"
+        print(f"adaptive budget ({selector}{', per layer' if per_layer else ''}): target density {target:g} -> "
+              f"realised {b.realised_density:.4f} (all layers {b.avg_density:.4f}) on {b.tokens} held-out tokens, "
+              f"mass {mass} ({path})", flush=True)
+        budgets.append(b)
   return budgets
 
 
