@@ -375,7 +375,8 @@ def performance_markdown(e2e: list[dict], kernels: list[dict], layer: list[dict]
          "but layer 0; engine mode: dense prefill, every scored token through the sparse decode step. Models "
          "`-mha9` / `-mha9i`: SmolLM2-135M as its equivalent MHA model (9 groups), grouped / interleaved over 3 "
          "shards; budget `shards=3`: balanced per-shard selection. Paired differences: "
-         "`benchmarks/results/accuracy.md`."]
+         "`benchmarks/results/accuracy.md`. Adaptive head budgets against uniform top-k (perplexity, CPU): "
+         "`docs/adaptive_budgets.md`."]
   for group, settings in sorted(accuracy_groups(accuracy).items()):
     budgets = any(k[2] for k in settings)
     acc.append(f"### {_group_caption(group, settings)}\n\n" + accuracy_table(settings, budgets=budgets))
