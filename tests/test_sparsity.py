@@ -409,7 +409,7 @@ def test_union_topk_radix_and_sort_select_the_same_neurons():
   logits = jnp.asarray(rng.normal(size=(32, 2048)).astype(np.float32) - 1.5)
   active = jnp.asarray(rng.random(32) < 0.7)
   for act in (None, active):
-    for k in (128, 1000, 1637):
+    for k in (128, 1637):   # a few of 2048 and most of them
       radix, sort = union_topk(logits, act, k), union_topk(logits, act, k, method="sort")
       np.testing.assert_array_equal(np.asarray(radix), np.sort(np.asarray(sort)))
       kernel = union_topk(logits, act, k, implementation="pallas")             # the GPU path, interpreted
