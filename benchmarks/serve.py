@@ -97,7 +97,9 @@ async def _drive(engine: Engine, prompts, outputs, arrivals) -> tuple[list[Any],
 def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> dict[str, Any]:
   opts = EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
                        max_waiting=len(prompts), prefill_rows=args.prefill_rows,
-                       prefill_chunk=args.prefill_chunk or None, kv_layout=args.kv_layout, page_size=args.page_size,
+                       prefill_chunk=args.prefill_chunk or None,
+                       prefill_chunks_per_round=args.prefill_chunks_per_round, kv_layout=args.kv_layout,
+                       page_size=args.page_size,
                        num_pages=args.num_pages, kv_memory_fraction=args.kv_memory_fraction,
                        prefix_caching=not args.no_prefix_caching, kv_dtype=kv_dtype_of(args))
   before = sum(programs.TRACE_COUNTS.values())
@@ -124,7 +126,8 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
           "programs_compiled_during_run": during, "warmup_s": engine.warmup_s,
           "variant_rounds": stats["variant_rounds"], "steps_per_round": args.steps_per_round,
           "sparse_min_rows": args.sparse_min_rows, "prefill_rows": args.prefill_rows,
-          "prefill_chunk": args.prefill_chunk, "cost_table": stats["cost_table"], **kv}
+          "prefill_chunk": args.prefill_chunk,
+          "prefill_chunks_per_round": args.prefill_chunks_per_round, "cost_table": stats["cost_table"], **kv}
 
 
 def kv_fields(engine: Engine, stats: dict[str, Any], model_name: str) -> dict[str, Any]:
@@ -193,6 +196,8 @@ def main(argv=None) -> int:
                  help="the sparse step from this many active rows on (default: the measured cost table decides)")
   p.add_argument("--prefill-chunk", type=int, default=EngineOptions().prefill_chunk,
                  help="prefill prompts longer than this in chunks between decode rounds (0: whole prompts)")
+  p.add_argument("--prefill-chunks-per-round", type=int, default=EngineOptions().prefill_chunks_per_round,
+                 help="prompt chunks prefilled between two decode rounds")
   p.add_argument("--steps-per-round", type=int, default=EngineOptions().steps_per_round)
   p.add_argument("--prefill-rows", type=int, default=EngineOptions().prefill_rows)
   p.add_argument("--kv-layout", choices=("paged", "contiguous"), default="paged")

@@ -63,6 +63,23 @@ def test_chunked_prompts_equal_generate_alone_with_no_compilation(model, chunked
   assert chunked.compiled_programs == 2 * 2 + 2 + 1 + 1 + 1
 
 
+def test_several_chunks_per_round_equal_generate_alone(model):
+  """`prefill_chunks_per_round=3`: up to three chunks (of one long prompt, then the next) between decode rounds, the
+  same tokens as `generate` for each prompt alone."""
+  with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, engine_options=_opts(prefill_chunks_per_round=3)) as eng:
+    chunks_at_round = []
+    chunk, round_ = eng._chunk, eng._round
+    eng._chunk = lambda *a, **kw: chunks_at_round.append(None) or chunk(*a, **kw)
+    eng._round = lambda *a, **kw: chunks_at_round.append("round") or round_(*a, **kw)
+    prompts = _mixed_prompts(21, 9)
+    max_tokens = [min(REF_TOKENS, MAX_LEN - len(p)) for p in prompts]
+    outs = _mixed_staggered(eng, prompts, max_tokens)
+  runs = [len(run) for run in "".join("r" if c == "round" else "c" for c in chunks_at_round).split("r")]
+  assert max(runs) >= 2 and max(runs) <= 3, runs   # several chunks between two rounds, never more than three
+  for ref, m, out in zip(_reference(model, prompts), max_tokens, outs):
+    assert list(out.token_ids) == ref[:m]
+
+
 def test_running_requests_decode_between_chunks(chunked):
   runner = chunked.submit([5, 6, 7], SamplingParams(max_tokens=MAX_LEN - 4, ignore_eos=True))
   next(iter(runner))

@@ -38,6 +38,8 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--prefill-chunk", type=int, default=defaults.prefill_chunk,
                  help="prefill prompts longer than this in chunks of this many tokens, between decode rounds "
                       "(0: whole prompts)")
+  p.add_argument("--prefill-chunks-per-round", type=int, default=defaults.prefill_chunks_per_round,
+                 help="prompt chunks prefilled between two decode rounds")
   p.add_argument("--cost-table", default="measure",
                  help="how each round picks the dense or sparse step: 'measure' (timed at start-up) or a JSON "
                       "file of a CostTable")
@@ -77,6 +79,7 @@ def engine_options(args):
   from polar_jax.serving import EngineOptions
   return EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
                        cost_table=args.cost_table, prefill_chunk=args.prefill_chunk or None,
+                       prefill_chunks_per_round=args.prefill_chunks_per_round,
                        max_waiting=args.max_waiting, prefill_rows=args.prefill_rows, warmup=not args.no_warmup,
                        kv_layout=args.kv_layout or ("contiguous" if args.tp > 1 else "paged"), page_size=args.page_size,
                        num_pages=args.num_pages, kv_memory_fraction=args.kv_memory_fraction,

@@ -426,7 +426,7 @@ class Engine(PagePolicy):
         self._drop_cancelled_waiting(now)
         cancel_b = self._cancel_running(now)
         self._grow(cancel_b)
-        firsts = self._admit() + self._next_chunk()
+        firsts = self._admit() + self._next_chunks()
         self._sync_table()
         prefilling = {job.slot for job in self._chunking}
         snapshot = [(s, seq) for s, seq in self._seqs.items() if not seq.handle.finished and s not in prefilling]
@@ -528,6 +528,18 @@ class Engine(PagePolicy):
         return
       self._take_slots([(h, prompt)], free[:1])
       self._chunking.append(_ChunkJob(h, free[0], cached))
+
+  def _next_chunks(self) -> list[tuple[Seq, Any, Any]]:
+    """Runs up to `prefill_chunks_per_round` chunks: the current chunked prefill's, then (once it is done) the next
+    long prompt's, when one waits and a slot is free."""
+    firsts = []
+    for i in range(self.opts.prefill_chunks_per_round):
+      if i and not self._chunking:
+        self._start_chunked()
+      if not self._chunking:
+        break
+      firsts += self._next_chunk()
+    return firsts
 
   def _next_chunk(self) -> list[tuple[Seq, Any, Any]]:
     """Runs the next chunk of the oldest chunked prefill: the request's first token once its prompt is done."""

@@ -83,9 +83,12 @@ class EngineOptions:
     prefill_max_tokens: at most this many prompt tokens (rows x bucket) per prefill program.
     max_stop_tokens: stop tokens per request (eos included), the width of the device's stop table.
     prefill_chunk: prompts longer than this many tokens are prefilled in chunks of this size straight into their
-      slot, one chunk per scheduler round, so running requests keep decoding between chunks (one compiled chunk
-      program; the bucketed prefills then only cover prompts up to this length). None = every prompt is
-      prefilled whole.
+      slot, `prefill_chunks_per_round` chunks per scheduler round, so running requests keep decoding between chunks
+      (one compiled chunk program; the bucketed prefills then only cover prompts up to this length). None = every
+      prompt is prefilled whole.
+    prefill_chunks_per_round: chunks prefilled between two decode rounds (the next chunk of the prompt being
+      prefilled, or the first of the next long prompt once it is done). More admit long prompts faster when many
+      wait (prefill throughput) and lengthen the running requests' gap between tokens while they are prefilled.
     selection_probe_every: every this many sparse rounds, count which KV groups of each layer the running rows'
       sparse step selects (`polar:kv_group_selection_rate`; router and random selectors); 0 = never.
     warmup: compile and run every program once at start-up (else the first requests compile them).
@@ -112,6 +115,7 @@ class EngineOptions:
   prefill_max_tokens: int = 8192
   max_stop_tokens: int = 8
   prefill_chunk: int | None = 512
+  prefill_chunks_per_round: int = 1
   selection_probe_every: int = 64
   warmup: bool = True
   kv_layout: str = "paged"
@@ -126,7 +130,7 @@ class EngineOptions:
     if self.sparse_min_rows is not None and (not _is_int(self.sparse_min_rows) or self.sparse_min_rows < 1):
       raise ValueError(f"EngineOptions.sparse_min_rows must be an integer >= 1 or None, got {self.sparse_min_rows!r}")
     object.__setattr__(self, "cost_table", _cost_table(self.cost_table))
-    for name in ("steps_per_round", "prefill_rows", "prefill_max_tokens", "max_stop_tokens"):
+    for name in ("steps_per_round", "prefill_rows", "prefill_max_tokens", "max_stop_tokens", "prefill_chunks_per_round"):
       v = getattr(self, name)
       if not _is_int(v) or v < 1:
         raise ValueError(f"EngineOptions.{name} must be an integer >= 1, got {v!r}")
