@@ -40,6 +40,29 @@ def test_grid_script_names_an_unknown_model():
   assert out.returncode == 2 and "unknown model 'gpt-5'" in out.stderr
 
 
+def test_serve_grid_script_names_an_unknown_part():
+  script = pathlib.Path(report.__file__).parent / "serve_grid.sh"
+  out = subprocess.run(["bash", str(script), "everything"], capture_output=True, text=True)
+  assert out.returncode == 2 and "unknown part 'everything'" in out.stderr
+  out = subprocess.run(["bash", str(script)], capture_output=True, text=True)
+  assert out.returncode != 0 and "usage" in out.stderr
+
+
+def test_paged_and_serving_tables():
+  base = dict(op="paged_attention", date="2026-12-07T00:00:00Z", family="mha", Hq=4, Hkv=4, B=2, S=64, density=0.5)
+  recs = [dict(base, impl="contiguous", page_size=None, ms=1.0, tbps=2.0, config=None, heuristic=True),
+          dict(base, impl="paged", page_size=16, ms=1.25, tbps=1.6, config={"block_k": 64}, heuristic=True),
+          dict(base, impl="paged", page_size=16, ms=1.1, tbps=1.8, config={"block_k": 16}, heuristic=False)]
+  table = report.paged_table(recs).splitlines()
+  assert "page 16: ms (ratio)" in table[0] and "| 1.2500 (0.80) |" in table[2] and "1.1000 (0.91)" in table[2]
+  serve = [dict(date="2026-12-07T00:00:00Z", device="NVIDIA H100", system="polar_engine", density=0.5, requests=8,
+                max_batch=4, kv_layout="paged", num_pages=10, page_size=32, output_tok_s=123.4,
+                request_throughput=1.5, ttft_s={"p50": 0.1, "p99": 0.2}, itl_s={"p50": 0.01, "p99": 0.03},
+                programs_compiled_during_run=0)]
+  row = report.serve_table(serve).splitlines()[2]
+  assert "| polar_engine | 0.5 | 8 | 4 | paged (10 x 32) | 123 | 1.50 | 100 / 200 | 10 / 30 | 0 |" in row
+
+
 def test_main_prints_the_grid_or_every_record(tmp_path, monkeypatch, capsys):
   import json
   recs = [_rec("m", 32, 1.0, 1000.0), _rec("m", 32, 0.5, 1500.0), _rec("m", 32, 0.5, 2000.0, device="NVIDIA H200")]
