@@ -113,7 +113,8 @@ def test_warmup_measures_the_table(model):
 def test_rounds_follow_a_given_table(model):
   sparse_from_3 = CostTable((1, 2, 3, 4), (1,), (("dense", ((1.0, 1.0, 1.0, 1.0),)),
                                                  ("sparse", ((2.0, 2.0, 0.5, 0.5),))))
-  opts = EngineOptions(steps_per_round=3, prefill_rows=2, cost_table=sparse_from_3)
+  opts = EngineOptions(steps_per_round=3, prefill_rows=2, cost_table=sparse_from_3,
+                       page_size=16)   # small pages: the 4 rows run at once
   with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, sparsity=SPARSITY, engine_options=opts) as eng:
     eng.generate(_prompts(40, 1), SamplingParams(max_tokens=REF_TOKENS))
     assert eng.stats()["variant_rounds"].get("sparse", 0) == 0

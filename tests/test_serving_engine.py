@@ -102,7 +102,8 @@ def test_sparse_variant_runs_only_from_the_row_threshold(model):
   sparsity = SparsityConfig(attn_density=0.5, dense_layers=(), selector="random", seed=3)   # compiled above
   prompts = _prompts(11, 4, 3, 10)
   with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, sparsity=sparsity,
-              engine_options=EngineOptions(steps_per_round=3, prefill_rows=2, sparse_min_rows=3)) as eng:
+              engine_options=EngineOptions(steps_per_round=3, prefill_rows=2, sparse_min_rows=3,
+                                           page_size=16)) as eng:   # small pages: the 4 rows run at once
     alone = eng.generate(prompts[:1], SamplingParams(max_tokens=REF_TOKENS))[0]
     assert eng.stats()["variant_rounds"].get("sparse", 0) == 0
     assert list(alone.token_ids) == _reference(model, prompts[:1])[0]    # dense below the threshold

@@ -22,7 +22,7 @@ from polar_jax import checkpoint  # noqa: E402
 from polar_jax.cli import serve as serve_cli  # noqa: E402
 from polar_jax.config import ModelConfig  # noqa: E402
 from polar_jax.model import init_model  # noqa: E402
-from polar_jax.serving import programs  # noqa: E402
+from polar_jax.serving import EngineOptions, programs  # noqa: E402
 from polar_jax.serving.server import build_app  # noqa: E402
 
 pytestmark = pytest.mark.slow   # a uvicorn server and its model per module: `make test` runs these
@@ -301,7 +301,7 @@ def test_metrics(server, client):
   assert _sample(m, "polar:step_variant_total", variant="dense") >= 1
   assert _sample(m, "polar:attention_density") == 1.0 and _sample(m, "polar:mlp_dense_fallback_rate") == 0.0
   assert np.isclose(_sample(m, "polar:kv_slots_used_perc"), 0.0)
-  assert _sample(m, "polar:kv_pages_total") == MAX_BATCH * MAX_LEN // 16   # paged by default, 16-token pages
+  assert _sample(m, "polar:kv_pages_total") == MAX_BATCH * MAX_LEN // EngineOptions().page_size   # paged by default
   assert _sample(m, "polar:kv_pages_used") == _sample(m, "polar:kv_pages_cached")   # no request holds a page
   for name in ("polar:num_preemptions_total", "polar:prefix_cache_hits_total", "polar:prefix_cache_queries_total"):
     assert any(k.startswith(name + "{") for k in m), name
