@@ -31,14 +31,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# XLA compilation is most of the suite's CPU time (tiny models, many distinct programs): LLVM at -O0 compiles the
-# same programs about twice as fast. It reaches the subprocess tests through the environment; a user's own
-# XLA_FLAGS setting of the level wins. (No persistent compilation cache: writing some interpret-mode executables
-# to it aborts the process.)
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_backend_optimization_level=0".strip()
-TEST_XLA_FLAGS = os.environ["XLA_FLAGS"]
-
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
   sys.path.insert(0, str(ROOT))

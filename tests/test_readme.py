@@ -120,8 +120,7 @@ def test_readme_python_blocks_run_as_written(tmp_path, smollm2_dir):
   (tmp_path / "ckpt").mkdir()
   shutil.copytree(smollm2_dir, tmp_path / "ckpt" / "smollm2")
   script = f"BLOCKS = {blocks(text, 'python')!r}\n" + RUNNER
-  py_env = dict(_env(), JAX_PLATFORMS="cpu",   # make_mesh(tp=3) needs 3 devices
-                XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=3".strip())
+  py_env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=3")   # make_mesh(tp=3)
   r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=py_env, capture_output=True, text=True,
                      timeout=COMMAND_TIMEOUT_S)
   assert r.returncode == 0, f"README Python blocks: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"
