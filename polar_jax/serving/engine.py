@@ -165,7 +165,7 @@ class Engine(PagePolicy):
     self._probes = self.opts.selection_probe_every > 0 and sparse is not None and probes(sparse_decode)
     # adaptive budgets: rows keep fewer groups than the layers' k; the sparse rounds' density is then the one the
     # latest selection probe realised (None until a probe has counted rows; without probes, k is reported)
-    self._adaptive = getattr(sparse_decode, "masses", None) is not None
+    self._adaptive = sparse_decode is not None and sparse_decode.masses is not None
     self._realised_density: float | None = None
 
     self._cv = threading.Condition()
