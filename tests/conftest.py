@@ -56,6 +56,30 @@ def pytest_collection_modifyitems(items):
     return (1 if item.get_closest_marker("slow") else 2), 0
   items.sort(key=rank)
 
+
+@pytest.fixture(autouse=True, scope="session")
+def _polar_jax_home(tmp_path_factory):
+  """`$POLAR_JAX_HOME` (collected router data, evaluation caches, polar-eval's compilation cache) is a directory of
+  this test run, shared by its workers and the tools the tests start: tests never write into the user's home."""
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  os.environ["POLAR_JAX_HOME"] = str(base / "polar_jax_home")
+  yield
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops JAX's compiled programs and traces after each test module. A worker process runs hundreds of tests, and
+  their interpret-mode programs would otherwise stay cached to the end (several GB by the last module)."""
+  yield
+  import gc
+
+  import jax
+  jax.clear_caches()
+  gc.collect()
+
+
 LLAMA_MHA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,
                         num_heads=4, num_kv_heads=4, head_dim=8, max_position_embeddings=128)
 LLAMA_GQA = dataclasses.replace(LLAMA_MHA, num_kv_heads=2)

