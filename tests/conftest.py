@@ -68,16 +68,42 @@ def _polar_jax_home(tmp_path_factory):
   yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _shared_compilation_cache(tmp_path_factory):
+  """One persistent compilation cache for the test run: a program compiled by one worker (or a tool a test starts)
+  is read by the others instead of compiled again. The size limit makes JAX lock each entry while it is written."""
+  import jax
+  base = tmp_path_factory.getbasetemp()
+  if os.environ.get("PYTEST_XDIST_WORKER"):
+    base = base.parent
+  settings = {"jax_compilation_cache_dir": str(base / "jax_cache"), "jax_persistent_cache_min_compile_time_secs": 0.5,
+              "jax_compilation_cache_max_size": 32 << 30}
+  for name, value in settings.items():
+    jax.config.update(name, value)
+    os.environ[name.upper()] = str(value)   # the tools started by tests
+  from jax.experimental.compilation_cache import compilation_cache
+  compilation_cache.reset_cache()   # JAX decides whether to use the cache at its first compile: decide again
+  yield
+
+
+# A worker keeps the programs compiled by earlier modules (later modules reuse many of them: the same tiny models
+# and engines) until it holds this much memory, then drops them all.
+WORKER_MEMORY_LIMIT_BYTES = 3 << 30
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _release_compiled_programs():
-  """Drops JAX's compiled programs and traces after each test module. A worker process runs hundreds of tests, and
-  their interpret-mode programs would otherwise stay cached to the end (several GB by the last module)."""
+  """After a module, JAX's compiled programs and traces are dropped if the worker's resident memory is over
+  `WORKER_MEMORY_LIMIT_BYTES`: a worker runs hundreds of tests, and their programs would otherwise stay to the end
+  (over 8 GB by the last module)."""
   yield
   import gc
 
   import jax
-  jax.clear_caches()
-  gc.collect()
+  import psutil
+  if psutil.Process().memory_info().rss > WORKER_MEMORY_LIMIT_BYTES:
+    jax.clear_caches()
+    gc.collect()
 
 
 LLAMA_MHA = ModelConfig(model_type="llama", vocab_size=97, hidden_size=32, intermediate_size=64, num_layers=2,

@@ -385,16 +385,18 @@ def test_cli_compile_cache_lasts_only_while_main_runs(capsys, tmp_path, monkeypa
   seen = []
 
   def load_model(*args, **kwargs):
-    seen.append(jax.config.jax_compilation_cache_dir)
+    seen.append((jax.config.jax_compilation_cache_dir, jax.config.jax_compilation_cache_max_size))
     raise FileNotFoundError("stop here")
 
   monkeypatch.setattr(polar_jax, "load_model", load_model)
-  before = jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs
+  settings = lambda: tuple(getattr(jax.config, name) for name in cli._CACHE_SETTINGS)  # noqa: E731
+  before = settings()
   assert cli.main([str(tmp_path), "--out", str(tmp_path / "res"), "--compile-cache", str(tmp_path / "cc")]) == 2
-  assert seen == [str(tmp_path / "cc")] and "stop here" in capsys.readouterr().err
-  assert (jax.config.jax_compilation_cache_dir, jax.config.jax_persistent_cache_min_compile_time_secs) == before
+  assert seen == [(str(tmp_path / "cc"), cli.COMPILE_CACHE_MAX_BYTES)]   # a size limit: entries read under a lock
+  assert "stop here" in capsys.readouterr().err
+  assert settings() == before
   assert cli.main([str(tmp_path), "--out", str(tmp_path / "res"), "--compile-cache", "none"]) == 2
-  assert seen[-1] == before[0]
+  assert seen[-1] == (before[0], before[2])
 
 
 def _tiny_checkpoint(smollm2_dir, tmp_path, monkeypatch):

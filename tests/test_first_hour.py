@@ -261,18 +261,6 @@ def test_load_routers_default(smollm2_dir, tmp_path, monkeypatch):
     polar_jax.load_routers("default", TINY)
 
 
-@pytest.mark.slow
-def test_generate_with_default_routers_on_the_instruct_model(smollm2_dir, tmp_path):
-  """The README's first commands, typed as written: convert to a relative path, chat, shipped routers."""
-  os.symlink(smollm2_dir, tmp_path / "smollm2")
-  r = run_tool("generate", "smollm2", "--chat", "--prompt", "What is the capital of France?", "--max-new-tokens",
-               "12", "--routers", "default", "--attn-groups", "2", cwd=tmp_path)
-  assert r.returncode == 0, r.stderr
-  completion = r.stdout.split("--- [0] 'What is the capital of France?'\n")[1]
-  assert "Paris" in completion and "<|im_end|>" not in r.stdout and "im_end" not in completion, r.stdout
-  assert "sparsity: 2/3 KV groups" in r.stdout
-
-
 # ---- 5. Ctrl-C: one line, exit 130, nothing left behind ------------------------------------------------------
 def write_hf_llama(path: pathlib.Path, vocab_size: int = 150_000) -> None:
   """An HF llama directory (config.json + model.safetensors, ~40 MB) big enough that converting takes a moment."""

@@ -102,9 +102,12 @@ def test_readme_commands_run_as_written(tmp_path):
     if r.returncode != 0:
       failures.append(f"$ {cmd}\nexit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-3000:]}")
     elif cmd.startswith("polar-generate") or " polar-generate " in cmd:
-      wanted = "Paris" if "capital of France" in cmd else ""   # greedy float32 on CPU: a fixed, correct answer
-      if not r.stdout.strip() or wanted not in r.stdout or "<|im_end|>" in r.stdout:
-        failures.append(f"$ {cmd}\nno completion, {wanted!r} missing, or <|im_end|> shown:\n{r.stdout[-2000:]}")
+      wanted = ["Paris"] if "capital of France" in cmd else []   # greedy float32 on CPU: a fixed, correct answer
+      groups = re.search(r"--attn-groups (\d+)", cmd)
+      if groups:   # the shipped routers' setting is the one printed
+        wanted.append(f"sparsity: {groups.group(1)}/3 KV groups")
+      if not r.stdout.strip() or any(w not in r.stdout for w in wanted) or "im_end" in r.stdout:
+        failures.append(f"$ {cmd}\nno completion, one of {wanted} missing, or <|im_end|> shown:\n{r.stdout[-2000:]}")
   if not (tmp_path / "ckpt" / "smollm2" / "polar_config.json").is_file():
     failures.append("the README's commands did not convert the model into ckpt/smollm2")
   elif not (tmp_path / "eval-smollm2" / "accuracy.jsonl").is_file():

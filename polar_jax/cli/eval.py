@@ -218,6 +218,9 @@ def compile_cache(arg: str | None):
   cc.reset_cache()
   jax.config.update("jax_compilation_cache_dir", str(arg or paths.home() / "jax_cache"))
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 2.0)
+  # A size limit turns on JAX's file lock around each entry: without it, a run reading an entry that a concurrent
+  # run is still writing deserialises half a program (and crashes).
+  jax.config.update("jax_compilation_cache_max_size", COMPILE_CACHE_MAX_BYTES)
   try:
     yield
   finally:
@@ -226,7 +229,9 @@ def compile_cache(arg: str | None):
     cc.reset_cache()
 
 
-_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+_CACHE_SETTINGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                   "jax_compilation_cache_max_size")
+COMPILE_CACHE_MAX_BYTES = 16 << 30   # least recently used programs are dropped beyond this
 
 
 def pending_tasks(out, model, name, mode, tasks, selectors, densities, limit, args, per_layer, dense_layers,
