@@ -3,6 +3,7 @@ the mass-threshold selection (`SparsityConfig(budget="adaptive")`), decoding wit
 and the calibration of the mass to a target density."""
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -438,6 +439,14 @@ def test_heldout_scores_and_stored_budget(tmp_path):
   assert adaptive.load_adaptive_budget(tmp_path, 0.5, per_layer=False) == budget
   assert adaptive.load_adaptive_budget(tmp_path, 0.5, per_layer=True) is None
   assert adaptive.load_adaptive_budget(tmp_path / "none") is None
+  mine = dataclasses.replace(budget, model=model.config.fingerprint(), mass=(1.0, 0.25))
+  theirs = dataclasses.replace(budget, model="another-model", mass=(1.0, 0.75))
+  adaptive.save_adaptive_budget(tmp_path, mine)
+  adaptive.save_adaptive_budget(tmp_path, theirs)                   # another model's budget: both kept
+  assert adaptive.load_adaptive_budget(tmp_path, 0.5, per_layer=False, model=model.config) == mine
+  assert adaptive.load_adaptive_budget(tmp_path, 0.5, per_layer=False, model="another-model") == theirs
+  assert adaptive.load_adaptive_budget(tmp_path, 0.3, model="another-model") == other   # no model recorded: any
+  assert adaptive.AdaptiveBudget.from_json(json.loads(json.dumps(mine.to_json()))) == mine
   cfg = budget.sparsity()
   assert abs(adaptive.realised_density(scores, cfg, model.config) - budget.realised_density) < 1e-6
 
@@ -500,6 +509,7 @@ def test_evaluate_records_an_adaptive_setting(tmp_path):
   model = init_model(config, seed=3)
   routers = _routers(config, 2)
   budget = adaptive.calibrate_adaptive(model, ByteTokenizer(), routers, 0.5, max_tokens=512)
+  assert budget.model == model.config.fingerprint()
   assert budget.tokens == 512 and abs(budget.realised_density - 0.5) < 0.05
   oracle = adaptive.calibrate_adaptive(model, ByteTokenizer(), None, 0.5, max_tokens=512, selector="oracle",
                                        per_layer=True)

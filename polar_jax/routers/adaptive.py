@@ -44,6 +44,8 @@ class AdaptiveBudget:
     per_layer: whether each layer has its own mass (else one mass for all).
     selector: "router" (shares of the softmax of the router scores) or "oracle" (shares of the summed group output
       norms, the upper bound).
+    model: the fingerprint (`ModelConfig.fingerprint`) of the model calibrated on ("": not recorded). One folder
+      can hold the budgets of several models (a model and its `--expand-kv` equivalent, say).
   """
 
   target_density: float
@@ -55,6 +57,7 @@ class AdaptiveBudget:
   tokens: int
   per_layer: bool = False
   selector: str = "router"
+  model: str = ""
 
   @property
   def avg_density(self) -> float:
@@ -75,7 +78,8 @@ class AdaptiveBudget:
     return cls(float(d["target_density"]), tuple(float(m) for m in d["mass"]),
                tuple(None if k is None else int(k) for k in d["max_groups"]), int(d["min_groups"]),
                float(d["realised_density"]), tuple(None if x is None else float(x) for x in d["layer_density"]),
-               int(d["tokens"]), bool(d.get("per_layer", False)), str(d.get("selector", "router")))
+               int(d["tokens"]), bool(d.get("per_layer", False)), str(d.get("selector", "router")),
+               str(d.get("model", "")))
 
 
 def sorted_cumulative_shares(scores_tg: np.ndarray) -> np.ndarray:
@@ -254,8 +258,9 @@ def calibrate_adaptive(model, tokenizer, routers, target_density: float, *, spar
   base = dataclasses.replace(sparsity or SparsityConfig(), budget="adaptive")
   if scores_tlg is None:
     scores_tlg = calibration_scores(model, tokenizer, routers, selector, max_tokens=max_tokens, sources=sources)
-  return calibrate_mass(scores_tlg, target_density, base.layer_groups(model.config), min_groups=base.min_groups,
-                        per_layer=per_layer, selector=selector)
+  budget = calibrate_mass(scores_tlg, target_density, base.layer_groups(model.config), min_groups=base.min_groups,
+                          per_layer=per_layer, selector=selector)
+  return dataclasses.replace(budget, model=model.config.fingerprint())
 
 
 def calibration_scores(model, tokenizer, routers, selector: str = "router", *, max_tokens: int = 8192,
@@ -273,10 +278,10 @@ def calibration_scores(model, tokenizer, routers, selector: str = "router", *, m
 
 def save_adaptive_budget(directory: str | os.PathLike, budget: AdaptiveBudget) -> pathlib.Path:
   """Adds `budget` to `directory/adaptive_budget.json` (beside the routers' `metadata.json`), replacing one of
-  the same target density, per-layer choice and selector."""
+  the same model, target density, per-layer choice and selector."""
   path = pathlib.Path(directory).expanduser() / BUDGET_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
-  key = lambda b: (b.target_density, b.per_layer, b.selector)
+  key = lambda b: (b.model, b.target_density, b.per_layer, b.selector)
   kept = [b for b in _read_budgets(path) if key(b) != key(budget)]
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps({"budgets": [b.to_json() for b in kept + [budget]]}, indent=1) + "\n")
@@ -291,10 +296,15 @@ def _read_budgets(path: pathlib.Path) -> list[AdaptiveBudget]:
 
 
 def load_adaptive_budget(directory: str | os.PathLike, target_density: float | None = None,
-                         per_layer: bool | None = None, selector: str = "router") -> AdaptiveBudget | None:
+                         per_layer: bool | None = None, selector: str = "router",
+                         model: str | None = None) -> AdaptiveBudget | None:
   """The `AdaptiveBudget` of `selector` stored in `directory` (a router directory) for `target_density` (None: the
-  last one stored) and `per_layer` (None: either), or None when there is none."""
+  last one stored), `per_layer` (None: either) and `model` (a `ModelConfig.fingerprint()`, or the config itself;
+  None: any; a budget that recorded no model matches every model), or None when there is none."""
+  if model is not None and not isinstance(model, str):
+    model = model.fingerprint()
   budgets = [b for b in _read_budgets(pathlib.Path(directory).expanduser() / BUDGET_FILE)
              if (target_density is None or abs(b.target_density - float(target_density)) < 1e-9)
-             and (per_layer is None or b.per_layer == per_layer) and b.selector == selector]
+             and (per_layer is None or b.per_layer == per_layer) and b.selector == selector
+             and (model is None or b.model in ("", model))]
   return budgets[-1] if budgets else None
