@@ -2,6 +2,7 @@
 (dense, head-sparse with routers, under preemption, with a shared prefix served from the prefix cache), every page
 comes back when the requests end, and nothing compiles while requests come and go."""
 
+import threading
 import time
 
 import numpy as np
@@ -104,6 +105,33 @@ def test_shared_prefix_is_prefilled_once(model, engine):
   assert _sample(engine, "prompt_tokens_total") - prefilled == len(second) - 32   # only the rest is prefilled
   assert list(out.token_ids) == _reference(model, [second])[0][:8]
   assert engine.stats()["pages_cached"] >= 2
+  _assert_pages_back(engine)
+
+
+def test_requests_whose_pages_hold_their_budget_run_together(model, engine):
+  """Admission keeps pages free only for running requests that may still grow: four requests whose first pages
+  hold their whole budget (2 pages each: the cache's 8) all run at once, and none is preempted."""
+  _wait_idle(engine)
+  preempted = engine.stats()["preemptions"]
+  prompts = _prompts(45, MAX_BATCH, 14, 14)
+  params = SamplingParams(max_tokens=18)            # 14 + 17 written tokens: 2 pages of 16
+  peak, done = [0], threading.Event()
+
+  def watch():
+    while not done.is_set():
+      peak[0] = max(peak[0], engine.stats()["running"])
+      time.sleep(0.0005)
+
+  watcher = threading.Thread(target=watch)
+  watcher.start()
+  try:
+    outs = engine.generate(prompts, params)
+  finally:
+    done.set()
+    watcher.join()
+  assert peak[0] == MAX_BATCH and engine.stats()["preemptions"] == preempted
+  for ref, out in zip(_reference(model, prompts), outs):
+    assert list(out.token_ids) == ref[:18]
   _assert_pages_back(engine)
 
 

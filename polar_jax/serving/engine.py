@@ -523,7 +523,7 @@ class Engine(PagePolicy):
         return
       h = self._waiting[i]
       prompt = prompt_of(h)
-      cached = self._claim(free[0], h, prompt, share=True, reserve=len(self._seqs))
+      cached = self._claim(free[0], h, prompt, share=True, reserve=self._reserve())
       if cached is None:
         return
       self._take_slots([(h, prompt)], free[:1])

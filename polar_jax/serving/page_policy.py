@@ -77,7 +77,22 @@ class PagePolicy:
     at its whole budget."""
     steps = self.opts.steps_per_round
     known = max(len(h.token_ids) - done, 1)
-    return min(prompt_len + known + 2 * steps - 1, prompt_len + h.params.max_tokens - done - 1)
+    return min(prompt_len + known + 2 * steps - 1, self._final(prompt_len, h, done))
+
+  @staticmethod
+  def _final(prompt_len: int, h: RequestHandle, done: int) -> int:
+    """Tokens a request can have in its slot at most: its prefill and the rest of its budget (the last token it
+    makes is sampled, never written)."""
+    return prompt_len + h.params.max_tokens - done - 1
+
+  def _reserve(self, entering: Sequence[tuple[RequestHandle, tuple[int, ...]]] = ()) -> int:
+    """Pages an admission leaves free: one per running request that may still grow (and per request admitted beside
+    it, `entering`, whose first pages do not cover its budget), so the next round does not preempt. A request whose
+    pages hold its whole budget needs none."""
+    running = sum(self.pages.short_of(q.slot, self._final(len(q.prompt), q.handle, q.done)) > 0
+                  for q in self._seqs.values())
+    return running + sum(self._need(len(p), h, len(h.token_ids)) < self._final(len(p), h, len(h.token_ids))
+                         for h, p in entering)
 
   def _grow(self, cancel_b: np.ndarray) -> None:
     """Gives every running request, oldest first, the pages its next round may write; while pages lack, preempts
@@ -139,10 +154,10 @@ class PagePolicy:
 
   def _claim_group(self, group: list[tuple[RequestHandle, tuple[int, ...]]], free: Sequence[int]):
     """The leading requests of a prefill group whose pages are there (claimed now, nothing shared: the prefill
-    writes every position), each beyond its own first rounds leaving a page per running request."""
+    writes every position), each leaving the pages `_reserve` keeps for the requests that may grow."""
     out = []
     for (h, prompt), s in zip(group, free):
-      if self._claim(s, h, prompt, share=False, reserve=len(self._seqs) + len(out)) is None:
+      if self._claim(s, h, prompt, share=False, reserve=self._reserve(out)) is None:
         break
       out.append((h, prompt))
     return out

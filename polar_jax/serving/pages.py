@@ -106,6 +106,10 @@ class SlotPages:
     self._set(slot, shared + self.cache.allocate(need))
     return len(shared) * self.layout.page_size
 
+  def short_of(self, slot: int, total_tokens: int) -> int:
+    """Pages `slot` lacks to hold `total_tokens` tokens (0 when it holds enough)."""
+    return max(0, pages_needed(total_tokens, self.layout.page_size) - len(self.held[slot]))
+
   def grow(self, slot: int, total_tokens: int) -> bool:
     """Pages for `total_tokens` tokens in `slot` (evicting unheld cached pages when needed); False, changing
     nothing, when too few are available."""
