@@ -16,7 +16,7 @@ from polar_jax.paged_kv_cache import PagedLayout
 from polar_jax.serving import Engine, EngineOptions, SamplingParams, programs
 from polar_jax.serving.pages import SlotPages
 from polar_jax.sparsity import SparsityConfig
-from test_serving_engine import CFG, _prompts, random_routers
+from test_serving_engine import CFG, _prompts, random_routers, staggered, wait_idle
 
 MAX_LEN = 64        # 4 pages of 16 per row
 MAX_BATCH = 4
@@ -52,27 +52,17 @@ def _sample(engine, name):
   return engine.metrics.registry.get_sample_value(f"polar:{name}", LABELS) or 0.0
 
 
-def _wait_idle(engine):
-  deadline = time.time() + 30
-  while engine.stats()["running"] and time.time() < deadline:
-    time.sleep(0.01)
-
-
 def _assert_pages_back(engine):
   """Every page is free or only in the prefix cache (no request holds one)."""
-  _wait_idle(engine)
+  wait_idle(engine)
   pages = engine.pages
   assert pages.allocator.num_free + pages.cache.num_evictable() == pages.layout.num_pages
   assert not any(pages.held) and (pages.table_bp == pages.layout.trash_page).all()
 
 
 def _staggered(engine, prompts, max_tokens):
-  handles = [engine.submit(prompts[0], SamplingParams(max_tokens=max_tokens[0]))]
-  next(iter(handles[0]))
-  for i in range(1, len(prompts), 2):
-    handles += [engine.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(prompts[i:i + 2], max_tokens[i:i + 2])]
-    time.sleep(0.01 * (i % 3))
-  return [h.result(timeout=300) for h in handles]
+  """One request first, the rest in pairs while it decodes."""
+  return staggered(engine, prompts, max_tokens, first=1, group=2, pause_s=lambda i: 0.01 * (i % 3), timeout=300)
 
 
 def test_paged_requests_equal_generate_with_preemption_and_no_compilation(model, engine):
@@ -111,7 +101,7 @@ def test_shared_prefix_is_prefilled_once(model, engine):
 def test_requests_whose_pages_hold_their_budget_run_together(model, engine):
   """Admission keeps pages free only for running requests that may still grow: four requests whose first pages
   hold their whole budget (2 pages each: the cache's 8) all run at once, and none is preempted."""
-  _wait_idle(engine)
+  wait_idle(engine)
   preempted = engine.stats()["preemptions"]
   prompts = _prompts(45, MAX_BATCH, 14, 14)
   params = SamplingParams(max_tokens=18)            # 14 + 17 written tokens: 2 pages of 16

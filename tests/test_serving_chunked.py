@@ -2,14 +2,14 @@
 chunk into their slot while running requests keep decoding; their greedy tokens equal `generate` for the prompt
 alone (dense and head-sparse), nothing compiles after warm-up, and a cancelled chunked prefill frees its slot."""
 
-import time
 
 import numpy as np
 import pytest
 
 from polar_jax.serving import Engine, EngineOptions, SamplingParams, programs, scheduler
 from polar_jax.sparsity import SparsityConfig
-from test_serving_engine import CFG, MAX_BATCH, MAX_LEN, REF_TOKENS, _prompts, _reference, random_routers
+from test_serving_engine import (CFG, MAX_BATCH, MAX_LEN, REF_TOKENS, _prompts, _reference, random_routers,
+                                 staggered, wait_idle)
 
 CHUNK = 6   # prompts of 7..20 tokens take 2 to 4 chunks
 
@@ -33,12 +33,7 @@ def model():
 
 def _mixed_staggered(engine, prompts, max_tokens):
   """A short request runs first; the rest (long and short) arrive in small groups while it decodes."""
-  handles = [engine.submit(prompts[0], SamplingParams(max_tokens=max_tokens[0]))]
-  next(iter(handles[0]))
-  for i in range(1, len(prompts), 2):
-    handles += [engine.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(prompts[i:i + 2], max_tokens[i:i + 2])]
-    time.sleep(0.02 * (i % 3))
-  return [h.result(timeout=300) for h in handles]
+  return staggered(engine, prompts, max_tokens, first=1, group=2, pause_s=lambda i: 0.02 * (i % 3), timeout=300)
 
 
 def _mixed_prompts(seed, n):
@@ -97,9 +92,7 @@ def test_cancelled_chunked_prefill_frees_its_slot(model, chunked):
   prompt = _prompts(21, 1, CHUNK + 1, 20)[0]
   outs = chunked.generate([prompt] * MAX_BATCH, SamplingParams(max_tokens=REF_TOKENS))   # every slot in use
   assert all(list(o.token_ids) == _reference(model, [prompt])[0] for o in outs)
-  deadline = time.time() + 30
-  while chunked.stats()["running"] and time.time() < deadline:
-    time.sleep(0.01)
+  wait_idle(chunked)
   assert chunked.stats()["running"] == 0 and chunked.stats()["prefilling"] == 0
 
 

@@ -46,23 +46,30 @@ def _reference(model, prompts, **kw):
   return [out.tokens[i, :out.lengths[i]].tolist() for i in range(len(prompts))]
 
 
-def _staggered(engine, prompts, max_tokens):
-  """Submits a few requests, waits until the first has tokens, then the rest in small groups while others run
-  (more requests than slots: some wait for a slot)."""
-  handles = [engine.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(prompts[:2], max_tokens[:2])]
-  it = iter(handles[0])
-  next(it)
-  for i in range(2, len(prompts), 3):
-    handles += [engine.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(prompts[i:i + 3], max_tokens[i:i + 3])]
-    time.sleep(0.01 * (i % 2))
-  return [h.result(timeout=120) for h in handles]
+def wait_idle(engine, timeout_s=30):
+  """Returns once no slot is in use (or after `timeout_s`; the caller's assertions then fail)."""
+  deadline = time.time() + timeout_s
+  while engine.stats()["running"] and time.time() < deadline:
+    time.sleep(0.01)
+
+
+def staggered(engine, prompts, max_tokens, *, first=2, group=3, pause_s=lambda i: 0.01 * (i % 2), timeout=120):
+  """Submits `first` requests, waits until the first has a token, then the rest in groups of `group` (pausing
+  `pause_s(i)` after the group from prompt i) while others run (more requests than slots: some wait for a slot)."""
+  handles = [engine.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(prompts[:first], max_tokens[:first])]
+  next(iter(handles[0]))
+  for i in range(first, len(prompts), group):
+    handles += [engine.submit(p, SamplingParams(max_tokens=m))
+                for p, m in zip(prompts[i:i + group], max_tokens[i:i + group])]
+    time.sleep(pause_s(i))
+  return [h.result(timeout=timeout) for h in handles]
 
 
 @pytest.mark.slow
 def test_staggered_requests_equal_generate_alone(model, engine):
   prompts = _prompts(0, 9)
   max_tokens = [int(m) for m in np.random.default_rng(1).integers(1, REF_TOKENS + 1, len(prompts))]
-  outs = _staggered(engine, prompts, max_tokens)
+  outs = staggered(engine, prompts, max_tokens)
   for ref, m, out in zip(_reference(model, prompts), max_tokens, outs):
     assert out.finish_reason == "length"
     assert list(out.token_ids) == ref[:m]
@@ -87,7 +94,7 @@ def test_head_sparse_requests_equal_generate_alone(model, selector):
               engine_options=EngineOptions(steps_per_round=3, prefill_rows=2, sparse_min_rows=1)) as eng:
     assert set(eng.variants) == {"dense", "sparse"}
     assert eng.variants["sparse"].attention_density == 0.5
-    outs = _staggered(eng, prompts, max_tokens)
+    outs = staggered(eng, prompts, max_tokens)
     rounds = eng.stats()["variant_rounds"]
   assert rounds.get("sparse", 0) > 0 and rounds.get("dense", 0) == 0
   sparse_ref = _reference(model, prompts, sparsity=sparsity, routers=routers)
@@ -195,9 +202,7 @@ def test_cancel_frees_the_slot_for_a_waiting_request(model, engine):
   assert list(waiting.result(timeout=60).token_ids) == _reference(model, [prompts[-1]])[0]
   for h in long[1:]:
     h.cancel()
-  deadline = time.time() + 30
-  while engine.stats()["running"] and time.time() < deadline:
-    time.sleep(0.01)
+  wait_idle(engine)
   stats = engine.stats()
   assert (stats["running"], stats["waiting"], stats["prefilling"]) == (0, 0, 0)
   assert stats["compiled_programs"] == engine.compiled_programs and stats["cost_table"] is None   # dense engine

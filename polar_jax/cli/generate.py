@@ -182,7 +182,8 @@ def describe_timing(timing, tokens: int, batch: int) -> str:
     return line + " (one call, compilation included; this JAX does not report compile time)"
   line += f", {timing.compile_s:.2f} s of it tracing and compiling"
   if timing.run_s > 0:
-    line += f"; {tokens / timing.run_s:.1f} tok/s over the other {timing.run_s:.2f} s (prefill + decode)"
+    other = f"{timing.run_s:.2f}" if timing.run_s >= 1 else f"{timing.run_s:.3g}"   # 3 digits when short
+    line += f"; {tokens / timing.run_s:.1f} tok/s over the other {other} s (prefill + decode)"
   return line
 
 
