@@ -76,7 +76,7 @@ def _shared_compilation_cache(tmp_path_factory):
   base = tmp_path_factory.getbasetemp()
   if os.environ.get("PYTEST_XDIST_WORKER"):
     base = base.parent
-  settings = {"jax_compilation_cache_dir": str(base / "jax_cache"), "jax_persistent_cache_min_compile_time_secs": 0.0,
+  settings = {"jax_compilation_cache_dir": str(base / "jax_cache"), "jax_persistent_cache_min_compile_time_secs": 0.5,
               "jax_compilation_cache_max_size": 32 << 30}
   for name, value in settings.items():
     jax.config.update(name, value)

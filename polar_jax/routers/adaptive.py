@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from polar_jax.config import ModelConfig
 from polar_jax.sparsity import SparsityConfig
 
 BUDGET_FILE = "adaptive_budget.json"
@@ -297,11 +298,11 @@ def _read_budgets(path: pathlib.Path) -> list[AdaptiveBudget]:
 
 def load_adaptive_budget(directory: str | os.PathLike, target_density: float | None = None,
                          per_layer: bool | None = None, selector: str = "router",
-                         model: str | None = None) -> AdaptiveBudget | None:
+                         model: str | ModelConfig | None = None) -> AdaptiveBudget | None:
   """The `AdaptiveBudget` of `selector` stored in `directory` (a router directory) for `target_density` (None: the
   last one stored), `per_layer` (None: either) and `model` (a `ModelConfig.fingerprint()`, or the config itself;
   None: any; a budget that recorded no model matches every model), or None when there is none."""
-  if model is not None and not isinstance(model, str):
+  if isinstance(model, ModelConfig):
     model = model.fingerprint()
   budgets = [b for b in _read_budgets(pathlib.Path(directory).expanduser() / BUDGET_FILE)
              if (target_density is None or abs(b.target_density - float(target_density)) < 1e-9)

@@ -88,7 +88,9 @@ class PagePolicy:
   def _reserve(self, entering: Sequence[tuple[RequestHandle, tuple[int, ...]]] = ()) -> int:
     """Pages an admission leaves free: one per running request that may still grow (and per request admitted beside
     it, `entering`, whose first pages do not cover its budget), so the next round does not preempt. A request whose
-    pages hold its whole budget needs none."""
+    pages hold its whole budget needs none. 0 without a paged cache."""
+    if self.pages is None:
+      return 0
     running = sum(self.pages.short_of(q.slot, self._final(len(q.prompt), q.handle, q.done)) > 0
                   for q in self._seqs.values())
     return running + sum(self._need(len(p), h, len(h.token_ids)) < self._final(len(p), h, len(h.token_ids))
