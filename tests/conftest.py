@@ -57,13 +57,17 @@ def pytest_collection_modifyitems(items):
   items.sort(key=rank)
 
 
+def run_dir(tmp_path_factory) -> pathlib.Path:
+  """The test run's temporary directory, shared by all pytest-xdist workers of the run."""
+  base = tmp_path_factory.getbasetemp()
+  return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _polar_jax_home(tmp_path_factory):
   """`$POLAR_JAX_HOME` (collected router data, evaluation caches, polar-eval's compilation cache) is a directory of
   this test run, shared by its workers and the tools the tests start: tests never write into the user's home."""
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent
+  base = run_dir(tmp_path_factory)
   os.environ["POLAR_JAX_HOME"] = str(base / "polar_jax_home")
   yield
 
@@ -73,9 +77,7 @@ def _shared_compilation_cache(tmp_path_factory):
   """One persistent compilation cache for the test run: a program compiled by one worker (or a tool a test starts)
   is read by the others instead of compiled again. The size limit makes JAX lock each entry while it is written."""
   import jax
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent
+  base = run_dir(tmp_path_factory)
   settings = {"jax_compilation_cache_dir": str(base / "jax_cache"), "jax_persistent_cache_min_compile_time_secs": 0.5,
               "jax_compilation_cache_max_size": 32 << 30}
   for name, value in settings.items():
@@ -127,9 +129,7 @@ def smollm2_dir(tmp_path_factory) -> pathlib.Path:
     gguf_path = data.smollm2_gguf_path()
   except FileNotFoundError as e:
     pytest.fail(f"the embedded model is missing: {e}")
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent   # shared by all workers of this run
+  base = run_dir(tmp_path_factory)
   out = base / "smollm2-f32"
   with filelock.FileLock(str(base / "smollm2-f32.lock")):
     if not out.is_dir():   # conversion is atomic: the directory exists only when complete
@@ -148,9 +148,7 @@ def hf_smollm2(tmp_path_factory):
   transformers = pytest.importorskip("transformers")
   import safetensors.torch
   from polar_jax import data
-  base = tmp_path_factory.getbasetemp()
-  if os.environ.get("PYTEST_XDIST_WORKER"):
-    base = base.parent   # shared by all workers of this run
+  base = run_dir(tmp_path_factory)
   saved = base / "hf-smollm2-f32"
   with filelock.FileLock(str(base / "hf-smollm2-f32.lock")):
     if not saved.is_dir():   # complete when it exists: written beside it, then renamed
