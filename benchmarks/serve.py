@@ -125,6 +125,7 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
           "e2e_s": percentiles(e2e_s), "programs": engine.compiled_programs, "programs_traced_at_start": warm_traces,
           "programs_compiled_during_run": during, "warmup_s": engine.warmup_s,
           "variant_rounds": stats["variant_rounds"], "steps_per_round": args.steps_per_round,
+          "decode_rows_mean": stats["decode_rows_mean"], "decode_rows_peak": stats["decode_rows_peak"],
           "sparse_min_rows": args.sparse_min_rows, "prefill_rows": args.prefill_rows,
           "prefill_chunk": args.prefill_chunk,
           "prefill_chunks_per_round": args.prefill_chunks_per_round, "cost_table": stats["cost_table"], **kv}
@@ -172,8 +173,11 @@ def run_static(model, args, prompts, outputs, sparsity, routers) -> dict[str, An
 def report(r: dict[str, Any]) -> None:
   lat = "".join(f", {k} p50/p90/p99 " + "/".join(f"{1e3 * r[k][q]:.1f}" for q in ("p50", "p90", "p99")) + " ms"
                 for k in ("ttft_s", "itl_s", "e2e_s") if k in r and r[k]["p50"] is not None)
+  rows = (f", requests per decode step {r['decode_rows_mean']:.1f} (peak {r['decode_rows_peak']})"
+          if "decode_rows_mean" in r else "")
   print(f"{r['system']} (density {r['density']}): {r['request_throughput']:.2f} req/s, {r['output_tok_s']:.1f} "
-        f"output tok/s in {r['duration_s']:.1f} s{lat}; compiled during the run: {r['programs_compiled_during_run']}",
+        f"output tok/s in {r['duration_s']:.1f} s{lat}{rows}; compiled during the run: "
+        f"{r['programs_compiled_during_run']}",
         flush=True)
 
 

@@ -240,12 +240,14 @@ class Engine(PagePolicy):
     return self._thread.is_alive() and self._failed is None
 
   def stats(self) -> dict[str, Any]:
-    """Slots in use, requests waiting, prompts being prefilled in chunks, rounds per step variant, programs, the
+    """Slots in use, requests waiting, prompts being prefilled in chunks, requests per decode step (mean over the
+    steps run, peak), rounds per step variant, programs, the
     cost table (`CostTable.to_mapping`; None when there is no choice or `sparse_min_rows` decides), and with a
     paged cache the pages in use (held or cached), total and cached, and the preemptions so far."""
     with self._cv:
+      mean_rows, peak_rows = self.metrics.decode_rows()
       out = {"running": sum(h is not None for h in self._owner), "waiting": len(self._waiting),
-             "prefilling": len(self._chunking),
+             "prefilling": len(self._chunking), "decode_rows_mean": mean_rows, "decode_rows_peak": peak_rows,
              "variant_rounds": dict(self.variant_rounds), "compiled_programs": self.compiled_programs,
              "cost_table": self.cost_table.to_mapping() if self.cost_table is not None else None}
       if self.pages is not None:

@@ -38,6 +38,11 @@ _E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 
 _TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 
+def _rows_buckets(max_batch: int) -> tuple[int, ...]:
+  """Powers of two up to max_batch, and max_batch itself."""
+  return tuple(sorted({1 << i for i in range(max_batch.bit_length()) if 1 << i < max_batch} | {max_batch}))
+
+
 class EngineMetrics:
   """Metrics of one engine; `model_name` labels every series. `text()` is the Prometheus exposition."""
 
@@ -87,12 +92,16 @@ class EngineMetrics:
     self.prefix_queries = counter("prefix_cache_queries", "Prompt tokens looked up in the prefix cache.")
     self.prefix_hits = counter("prefix_cache_hits", "Prompt tokens found in the prefix cache (not prefilled).")
     self.preemptions = counter("num_preemptions", "Running requests preempted (requeued) for lack of KV pages.")
+    self.round_rows = hist("decode_round_rows", "Requests decoded together in a decode round.",
+                           _rows_buckets(max_batch))
     self._group_hits = None   # int64 [L, G], summed over probes
     self._probed = 0
     self._model = model_name
     self._lock = threading.Lock()
     self._row_steps = 0.0
     self._groups_read = 0.0
+    self._decode_steps = 0
+    self._peak_rows = 0
     self.density.set(1.0)
 
   def finished(self, reason: str) -> None:
@@ -103,11 +112,19 @@ class EngineMetrics:
     self._variant.labels(self._model, variant).inc()
     if steps:
       self._steps.labels(self._model, variant).inc(steps)
+      self.round_rows.observe(active_rows)
     with self._lock:
+      self._decode_steps += steps
+      self._peak_rows = max(self._peak_rows, active_rows if steps else 0)
       self._row_steps += steps * active_rows
       self._groups_read += steps * active_rows * density
       if self._row_steps:
         self.density.set(self._groups_read / self._row_steps)
+
+  def decode_rows(self) -> tuple[float, int]:
+    """Requests per decode step: the mean over the steps run so far and the most in one round (0, 0 before any)."""
+    with self._lock:
+      return (self._row_steps / self._decode_steps if self._decode_steps else 0.0), self._peak_rows
 
   def selections(self, counts_lg: np.ndarray, rows: int) -> None:
     """One selection probe: `counts_lg[l, g]` of its `rows` active rows selected group g of layer l."""
