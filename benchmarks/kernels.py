@@ -125,8 +125,7 @@ def mlp_cases(smoke):
 
 def bench_attention(timer, base, smoke, check, dtype=jnp.bfloat16, kv_dtypes=(None,)):
   """The attention cases at each KV storage (`kv_dtypes`: None for `dtype`, or an 8-bit dtype name: K/V quantised
-  with per-token scales; `bytes` then counts the values and the float32 scales)."""
-  records = []
+  with per-token scales; `bytes` then counts the values and the float32 scales), one record at a time."""
   for (B, S, Hq, Hkv, D, densities), kv_dtype in ((c, kv) for c in attention_cases(smoke) for kv in kv_dtypes):
     quantised = kv_dtype is not None and kv_quant.is_8bit(kv_dtype)
     bytes_per_vector = D * 1 + 4 if quantised else D * jnp.dtype(dtype).itemsize
@@ -164,9 +163,8 @@ def bench_attention(timer, base, smoke, check, dtype=jnp.bfloat16, kv_dtypes=(No
         if check and impl == "pallas":
           ref = attend(*sets[0], "xla")
           rec["max_rel_err"] = _rel_err(out, ref)
-        records.append(_finish(rec))
+        yield _finish(rec)
       del sets
-  return records
 
 
 # The persistent-kernel probe's variants: the direct kernel (one program per (row, group), its heuristic stages),

@@ -111,8 +111,8 @@ def _kernel(*refs, num_selected: int | None, num_items: int, items_per_program: 
     scales = (None, None)
     if scale_refs is not None:   # masked keys' scales load as 0 (finite)
       scales = tuple(plgpu.load(r.at[b, group, keys], mask=ok_k, other=0) for r in scale_refs)
-    return (plgpu.load(k_ref.at[b, group, keys, :], mask=mask, other=0),
-            plgpu.load(v_ref.at[b, group, keys, :], mask=mask, other=0), ok_k, *scales)
+    return (plgpu.load(k_ref.at[b, group, keys, :], mask=mask, other=0.0),
+            plgpu.load(v_ref.at[b, group, keys, :], mask=mask, other=0.0), ok_k, *scales)
 
   init = (jnp.zeros((block_g, head_dim), jnp.float32), jnp.full((block_g,), M_EMPTY, jnp.float32),
           jnp.zeros((block_g,), jnp.float32))

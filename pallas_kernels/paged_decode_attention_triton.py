@@ -176,7 +176,7 @@ def _kernel(*refs, num_selected: int | None, num_splits: int, scale: float, grou
       return k_ref[index], v_ref[index], None, scale_index
     ok_k = pos_k < length
     mask = jnp.broadcast_to(ok_k[:, None], (block_k, block_d))
-    return (plgpu.load(k_ref.at[index], mask=mask, other=0), plgpu.load(v_ref.at[index], mask=mask, other=0), ok_k,
+    return (plgpu.load(k_ref.at[index], mask=mask, other=0.0), plgpu.load(v_ref.at[index], mask=mask, other=0.0), ok_k,
             scale_index, ok_k)
 
   def chunked_full_blocks(carry):
