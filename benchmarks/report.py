@@ -94,18 +94,21 @@ def _pcts(stats: dict | None, scale: float = 1000.0) -> str:
 
 def serve_table(recs: list[dict]) -> str:
   """Serving runs (`benchmarks/serve.py`, `serve_hf.py`) in the order measured."""
-  out = ["| date | device | system | density | requests | max_batch | KV | output tok/s | req/s | "
-         "TTFT p50 / p99 ms | ITL p50 / p99 ms | compiled in run |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  out = ["| date | device | system | density | requests | max_batch | KV | prompt chunks / round | output tok/s | "
+         "req/s | requests per decode step (mean / peak) | TTFT p50 / p99 ms | ITL p50 / p99 ms | compiled in run |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in recs:
     kv = r.get("kv_layout") or ""
     if kv == "paged" and r.get("num_pages"):
       kv += f" ({r['num_pages']} x {r.get('page_size')})"
+    if kv and r.get("kv_dtype") not in (None, r.get("dtype"), "bfloat16"):
+      kv += f", {r['kv_dtype']}"
     rps = r.get("request_throughput")
+    rows = f"{r['decode_rows_mean']:.1f} / {r['decode_rows_peak']}" if "decode_rows_mean" in r else ""
     out.append(f"| {r['date'][:10]} | {r['device'].replace('NVIDIA ', '')} | {r['system']} | {r.get('density', 1.0):g} | "
-               f"{r['requests']} | {r.get('max_batch', '')} | {kv} | {r['output_tok_s']:.0f} | "
-               f"{'' if rps is None else f'{rps:.2f}'} | {_pcts(r.get('ttft_s'))} | {_pcts(r.get('itl_s'))} | "
-               f"{r.get('programs_compiled_during_run', '')} |")
+               f"{r['requests']} | {r.get('max_batch', '')} | {kv} | {r.get('prefill_chunks_per_round', '')} | "
+               f"{r['output_tok_s']:.0f} | {'' if rps is None else f'{rps:.2f}'} | {rows} | "
+               f"{_pcts(r.get('ttft_s'))} | {_pcts(r.get('itl_s'))} | {r.get('programs_compiled_during_run', '')} |")
   return "\n".join(out)
 
 
@@ -119,15 +122,49 @@ def mlp_table(recs: list[dict], version: str = "v4b") -> str:
   return "\n".join(out)
 
 
-def latest_e2e(recs: list[dict]) -> dict[tuple, dict]:
-  """The latest measured record per setting: (model, system, B, prompt, density, mlp, tp, device) -> record."""
+def kv_storage(r: dict) -> str:
+  """The KV cache's storage dtype of a record ("" for the model's dtype)."""
+  kv = r.get("kv_dtype") or "model"
+  return "" if kv in ("model", r.get("dtype", "bfloat16"), "bfloat16") else kv
+
+
+def is_default_decode(r: dict) -> bool:
+  """A record of the default decode step: the cache in the model's dtype and uniform head budgets."""
+  return not kv_storage(r) and r.get("budget", "uniform") == "uniform"
+
+
+def latest_e2e(recs: list[dict], keep=is_default_decode) -> dict[tuple, dict]:
+  """The latest measured record per setting that `keep` accepts (default: the cache in the model's dtype, uniform
+  budgets): (model, system, B, prompt, density, mlp, tp, device) -> record."""
   latest: dict[tuple, dict] = {}
   for r in sorted(recs, key=lambda r: r["date"]):
-    if r.get("decode_tok_s") is None:
+    if r.get("decode_tok_s") is None or not keep(r):
       continue
     key = (r["model"], r["system"], r["B"], r["prompt"], r["density"], r["mlp"], r.get("tp", 1), r["device"])
     latest[key] = r
   return latest
+
+
+def e2e_variant_table(recs: list[dict]) -> str:
+  """8-bit KV caches and adaptive budgets against the default decode step, grouped by the call that measured them
+  (commit and device): decode tok/s and the ratio to that call's dense run with the cache in the model's dtype."""
+  calls: dict[tuple, list[dict]] = {}
+  for r in recs:
+    if r.get("decode_tok_s") is not None and r["system"] == "polar_jax":
+      calls.setdefault((r["commit"], r["device"], r["model"], r["B"], r["prompt"]), []).append(r)
+  out = ["| model | B | prompt | KV cache | budget | density | decode tok/s | x dense (model dtype) | roofline | "
+         "device | date | commit |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  for (commit, device, model, b, prompt), rs in calls.items():
+    if all(is_default_decode(r) for r in rs):
+      continue
+    base = [r for r in rs if is_default_decode(r) and r["density"] == 1.0 and r["mlp"] == "dense"]
+    for r in rs:
+      ratio = f"{r['decode_tok_s'] / base[-1]['decode_tok_s']:.2f}" if base else ""
+      frac = "" if r.get("roofline_frac") is None else f"{r['roofline_frac']:.2f}"
+      out.append(f"| {model} | {b} | {prompt} | {kv_storage(r) or r.get('dtype', 'bfloat16')} | "
+                 f"{r.get('budget', 'uniform')} | {r['density']:g} | {r['decode_tok_s']:.1f} | {ratio} | {frac} | "
+                 f"{device.replace('NVIDIA ', '')} | {r['date'][:10]} | {commit[:7]} |")
+  return "\n".join(out)
 
 
 def e2e_table(recs: list[dict], keep=lambda r: True) -> str:
@@ -350,6 +387,10 @@ def performance_markdown(e2e: list[dict], kernels: list[dict], layer: list[dict]
                  "roofline = the range over the row.\n\n" + e2e_grid_table(e2e, device))
   parts.append("## End to end, other devices and tensor parallel (`benchmarks/e2e.py --tp N`)\n\n"
                + e2e_table(e2e, keep=lambda r: r["device"] != device or r.get("devices", r.get("tp", 1)) > 1))
+  if any(not is_default_decode(r) for r in e2e if r.get("decode_tok_s") is not None):
+    parts.append("## End to end: 8-bit KV caches and adaptive budgets (`benchmarks/e2e.py --kv-dtype`, `--budget`)"
+                 "\n\nEach call's records beside its dense run with the cache in the model's dtype (the ratio's "
+                 "base); 8-bit caches store per-token float32 scales beside the values.\n\n" + e2e_variant_table(e2e))
   parts.append("## One decoder layer (`benchmarks/layer.py`)\n\nLLaMA-2-7B layer, cache of random values, 16 "
                "layer-steps per jitted loop, wall clock.\n\n" + layer_table(layer))
   parts.append("## Router cost, all layers of one decode step (`benchmarks/layer.py --router-cost`)\n\n"

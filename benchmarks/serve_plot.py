@@ -16,13 +16,18 @@ import sys
 from typing import Any
 
 def label(r: dict[str, Any]) -> str:
-  """A record's system, with its density and arrival rate where they matter."""
+  """A record's system, with its density, KV cache, prompt chunks per round and arrival rate where they matter."""
   name = r["system"]
   if name == "polar_engine" and r.get("density", 1.0) < 1.0:
     name = f"polar_engine_sparse (density {r['density']})"
   elif name == "polar_static" and r.get("density", 1.0) < 1.0:
     name = f"polar_static (density {r['density']})"
   name += f", max_batch {r['max_batch']}" if r.get("max_batch") else ""
+  if r.get("kv_layout"):
+    kv = r.get("kv_dtype")
+    name += f", {r['kv_layout']}" + (f" {kv}" if kv and kv != r.get("dtype", "bfloat16") else "")
+  if r.get("prefill_chunks_per_round", 1) > 1:
+    name += f", {r['prefill_chunks_per_round']} chunks/round"
   name += f", {r['requests']} requests" if r.get("requests") else ""
   return name + (f", {r['rate']:g} req/s" if r.get("rate") else "")
 

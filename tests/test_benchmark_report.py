@@ -59,8 +59,20 @@ def test_paged_and_serving_tables():
                 max_batch=4, kv_layout="paged", num_pages=10, page_size=32, output_tok_s=123.4,
                 request_throughput=1.5, ttft_s={"p50": 0.1, "p99": 0.2}, itl_s={"p50": 0.01, "p99": 0.03},
                 programs_compiled_during_run=0)]
-  row = report.serve_table(serve).splitlines()[2]
-  assert "| polar_engine | 0.5 | 8 | 4 | paged (10 x 32) | 123 | 1.50 | 100 / 200 | 10 / 30 | 0 |" in row
+  serve.append(dict(serve[0], kv_dtype="int8", prefill_chunks_per_round=4, decode_rows_mean=3.25, decode_rows_peak=4))
+  table = report.serve_table(serve).splitlines()
+  assert "| polar_engine | 0.5 | 8 | 4 | paged (10 x 32) |  | 123 | 1.50 |  | 100 / 200 | 10 / 30 | 0 |" in table[2]
+  assert "| paged (10 x 32), int8 | 4 | 123 | 1.50 | 3.2 / 4 | 100 / 200 |" in table[3]
+
+
+def test_8bit_kv_and_adaptive_records_stay_out_of_the_grid():
+  recs = [_rec("m", 32, 1.0, 1000.0), _rec("m", 32, 0.5, 1500.0),
+          dict(_rec("m", 32, 1.0, 1400.0), kv_dtype="int8"), dict(_rec("m", 32, 0.5, 1300.0), budget="adaptive")]
+  grid = report.e2e_grid_table(recs, H100)
+  assert "| 1000.0 |" in grid and "1500.0 (1.50x)" in grid and "1400.0" not in grid and "1300.0" not in grid
+  variants = report.e2e_variant_table(recs).splitlines()
+  assert any("| int8 | uniform | 1 | 1400.0 | 1.40 |" in row for row in variants)
+  assert any("| adaptive | 0.5 | 1300.0 | 1.30 |" in row for row in variants)
 
 
 def test_main_prints_the_grid_or_every_record(tmp_path, monkeypatch, capsys):

@@ -98,7 +98,7 @@ def test_bad_inputs_raise(what, match):
 @pytest.mark.parametrize("impl", ["pallas", "xla"])
 def test_kv8_cache_written_quantised(kv_dtype, impl):
   """An 8-bit cache: the rotated key and the value are quantised into the slot with their scales (the model's math
-  quantised: equal within one quantisation step, cos/sin may differ by an ulp), every other slot unchanged."""
+  quantised: equal within one quantisation step and one bfloat16 rounding), every other slot unchanged."""
   B, Hq, Hkv, S, D = 3, 8, 2, 12, 32
   qkv, pos, inv, k, v = _inputs(3, B, Hq, Hkv, S, D, jnp.bfloat16)
   (kq, ks), (vq, vs) = quantise_cache(k, kv_dtype), quantise_cache(v, kv_dtype)
@@ -116,7 +116,10 @@ def test_kv8_cache_written_quantised(kv_dtype, impl):
     ref = np.asarray(ref, np.float32)
     amax = np.abs(ref).max(-1, keepdims=True)
     step = amax / kv_quant.QMAX[jnp.dtype(kv_dtype)] if kv_dtype == jnp.int8 else np.maximum(np.abs(ref), amax / 64)
-    ok = np.abs(back - ref) <= step * (0.5 if kv_dtype == jnp.int8 else 2.0 ** -3) * 1.01 + 1e-6
+    # Within one rounding of the 8-bit value, plus one of the bfloat16 reference: the kernel may quantise the
+    # rotated key before rounding it to bfloat16 (XLA on a GPU fuses the two).
+    bf16_rounding = np.abs(ref) * float(jnp.finfo(jnp.bfloat16).eps)
+    ok = np.abs(back - ref) <= step * (0.5 if kv_dtype == jnp.int8 else 2.0 ** -3) * 1.01 + bf16_rounding + 1e-6
     assert np.all(ok[written])
     np.testing.assert_array_equal(np.asarray(got_s)[~written], np.asarray(old_s)[~written])
     np.testing.assert_array_equal(np.asarray(got.astype(jnp.float32))[~written],

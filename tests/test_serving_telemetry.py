@@ -98,6 +98,11 @@ def test_request_metrics_after_a_run(model):
     assert _sample(eng, "polar:inter_token_latency_seconds_count") == 3 * 4
     assert _sample(eng, "polar:num_requests_running") == 0 and _sample(eng, "polar:kv_slots_used") == 0
     assert _sample(eng, "polar:step_variant_total", variant="dense") >= 1
+    stats = eng.stats()   # requests per decode step: at least one, at most the three submitted
+    assert 1 <= stats["decode_rows_mean"] <= stats["decode_rows_peak"] <= len(prompts)
+    rounds = _sample(eng, "polar:decode_round_rows_count")
+    assert 1 <= rounds <= _sample(eng, "polar:step_variant_total", variant="dense")
+    assert rounds <= _sample(eng, "polar:decode_round_rows_sum") <= rounds * stats["decode_rows_peak"]
 
 
 def test_programs_carry_named_scopes(model):

@@ -14,7 +14,7 @@ Counters: `polar:prompt_tokens`, `polar:generation_tokens`, `polar:request_succe
 (running requests sent back to the queue for lack of pages).
 Histograms: `polar:time_to_first_token_seconds`, `polar:inter_token_latency_seconds`,
 `polar:e2e_request_latency_seconds`, `polar:request_queue_time_seconds`, `polar:request_prompt_tokens`,
-`polar:request_generation_tokens`.
+`polar:request_generation_tokens`, `polar:decode_round_rows` (requests decoded together in a round).
 (prometheus_client appends `_total` to counter names in the exposition.)
 """
 
