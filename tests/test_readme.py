@@ -17,6 +17,8 @@ import sys
 
 import pytest
 
+from conftest import TEST_XLA_FLAGS
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 
@@ -123,7 +125,8 @@ def test_readme_python_blocks_run_as_written(tmp_path, smollm2_dir):
   (tmp_path / "ckpt").mkdir()
   shutil.copytree(smollm2_dir, tmp_path / "ckpt" / "smollm2")
   script = f"BLOCKS = {blocks(text, 'python')!r}\n" + RUNNER
-  py_env = dict(_env(), JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=3")   # make_mesh(tp=3)
+  py_env = dict(_env(), JAX_PLATFORMS="cpu",   # make_mesh(tp=3)
+                XLA_FLAGS=f"{TEST_XLA_FLAGS} --xla_force_host_platform_device_count=3")
   r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env=py_env, capture_output=True, text=True,
                      timeout=COMMAND_TIMEOUT_S)
   assert r.returncode == 0, f"README Python blocks: exit {r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"

@@ -7,13 +7,15 @@ import sys
 
 import pytest
 
+from conftest import TEST_XLA_FLAGS
+
 SCRIPT = pathlib.Path(__file__).with_name("serving_tp_check.py")
 
 
 @pytest.mark.slow
 def test_sharded_engine_equals_the_unsharded_one():
   env = dict(os.environ)
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = TEST_XLA_FLAGS   # the check sets its own device count
   r = subprocess.run([sys.executable, str(SCRIPT)], env=env, capture_output=True, text=True, timeout=1200)
   assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
   oks = [line for line in r.stdout.splitlines() if line.startswith("OK ")]

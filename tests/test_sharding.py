@@ -17,12 +17,14 @@ import sys
 
 import pytest
 
+from conftest import TEST_XLA_FLAGS
+
 SCRIPT = pathlib.Path(__file__).with_name("sharding_check.py")
 
 
 def _env():
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)
+  env["XLA_FLAGS"] = TEST_XLA_FLAGS   # the check sets its own device count
   return env
 
 
