@@ -241,9 +241,9 @@ class Engine(PagePolicy):
 
   def stats(self) -> dict[str, Any]:
     """Slots in use, requests waiting, prompts being prefilled in chunks, requests per decode step (mean over the
-    steps run, peak), rounds per step variant, programs, the
-    cost table (`CostTable.to_mapping`; None when there is no choice or `sparse_min_rows` decides), and with a
-    paged cache the pages in use (held or cached), total and cached, and the preemptions so far."""
+    steps run, peak), rounds per step variant, programs, the cost table (`CostTable.to_mapping`; None when there is
+    no choice or `sparse_min_rows` decides), and with a paged cache the pages in use (held or cached), total and
+    cached, and the preemptions so far."""
     with self._cv:
       mean_rows, peak_rows = self.metrics.decode_rows()
       out = {"running": sum(h is not None for h in self._owner), "waiting": len(self._waiting),
