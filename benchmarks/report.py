@@ -101,8 +101,8 @@ def serve_table(recs: list[dict]) -> str:
     kv = r.get("kv_layout") or ""
     if kv == "paged" and r.get("num_pages"):
       kv += f" ({r['num_pages']} x {r.get('page_size')})"
-    if kv and r.get("kv_dtype") not in (None, r.get("dtype"), "bfloat16"):
-      kv += f", {r['kv_dtype']}"
+    if kv and kv_storage(r):
+      kv += f", {kv_storage(r)}"
     rps = r.get("request_throughput")
     rows = f"{r['decode_rows_mean']:.1f} / {r['decode_rows_peak']}" if "decode_rows_mean" in r else ""
     out.append(f"| {r['date'][:10]} | {r['device'].replace('NVIDIA ', '')} | {r['system']} | {r.get('density', 1.0):g} | "
