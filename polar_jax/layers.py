@@ -11,8 +11,19 @@ import pallas_kernels
 _INIT_STD = 0.02
 
 
+def _next_key(rngs: nnx.Rngs) -> jax.Array:
+  """`rngs.params()`: the same key, the stream's count advanced by `set_value` rather than `count[...] += 1`, whose
+  sharding check on a tracer walks the whole trace so far (model construction under `nnx.eval_shape` / `nnx.jit`
+  became quadratic in the layers: 3 of the 4.7 s of a 30-layer `abstract_model`)."""
+  stream = rngs.params
+  count = stream.count.get_value()
+  key = jax.random.fold_in(stream.key.get_value(), count)
+  stream.count.set_value(count + 1)
+  return key
+
+
 def _normal(rngs: nnx.Rngs, shape, dtype) -> jax.Array:
-  return (_INIT_STD * jax.random.normal(rngs.params(), shape, jnp.float32)).astype(dtype)
+  return (_INIT_STD * jax.random.normal(_next_key(rngs), shape, jnp.float32)).astype(dtype)
 
 
 class Linear(nnx.Module):
