@@ -2,9 +2,10 @@
 (`serving.chunked_prefill.prefill_chunk`, what the engine's chunk program runs), against the dense prefill of a
 whole prompt of the chunk's length (`CausalLM.prefill`, the engine's bucketed prefill), on random weights.
 
-For each cache layout (contiguous `[B, Hkv, max_len, D]` or paged) and each chunk start, the median wall time of
-one jitted chunk (the cache donated), its tokens/s and the model FLOPs utilisation it reaches
-(2 x parameters x tokens plus the attention over the keys the chunk reads, against `--peak-tflops`).
+For each cache layout (contiguous `[B, Hkv, max_len, D]` or paged), each chunk start and each key span (`max_len`,
+and the engine's: the smallest of `serving.scheduler.chunk_spans` holding the chunk), the median wall time of one
+jitted chunk (the cache donated), its tokens/s and the model FLOPs utilisation it reaches (2 x parameters x tokens
+plus the causal attention up to the chunk's end, against `--peak-tflops`).
 
   python benchmarks/prefill.py --model llama2-7b --max-len 4096 --starts 0 512 1536 3584
   python benchmarks/prefill.py --model tiny --max-len 256 --chunk 32 --starts 0 64 --iters 2 --out /tmp/p.jsonl
@@ -28,6 +29,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 from benchmarks import common, e2e  # noqa: E402
 from polar_jax.kv_cache import KVCache  # noqa: E402
 from polar_jax.paged_kv_cache import PagedKVCache, PagedLayout  # noqa: E402
+from polar_jax.serving import scheduler  # noqa: E402
 from polar_jax.serving.chunked_prefill import prefill_chunk  # noqa: E402
 
 
@@ -76,9 +78,10 @@ def main(argv=None) -> None:
   print(f"{prov['device']} jax {prov['jax']}: copy bandwidth {copy:.2f} TB/s", flush=True)
   tokens = jax.random.randint(jax.random.key(0), (args.chunk,), 0, config.vocab_size, jnp.int32)
 
-  @functools.partial(jax.jit, donate_argnums=(2,))
-  def run_chunk(state, start, cache):
-    logits, cache = prefill_chunk(nnx.merge(graphdef, state), tokens, start, args.chunk, cache, 1)
+  @functools.partial(jax.jit, donate_argnums=(2,), static_argnums=(3,))
+  def run_chunk(state, start, cache, key_span):
+    logits, cache = prefill_chunk(nnx.merge(graphdef, state), tokens, start, args.chunk, cache, 1,
+                                  key_span=key_span)
     return logits, cache
 
   @jax.jit
@@ -98,19 +101,22 @@ def main(argv=None) -> None:
   for layout in args.layouts:
     holder = [_cache(config, layout, args.batch, args.max_len, args.page_size, dtype)]
 
-    def once(start):
-      logits, holder[0] = run_chunk(state, jnp.int32(start), holder[0])
+    def once(start, span):
+      logits, holder[0] = run_chunk(state, jnp.int32(start), holder[0], span)
       return logits
 
+    spans = scheduler.chunk_spans(args.max_len, args.chunk, 4)
     for start in args.starts:
       if start + args.chunk > args.max_len:
         continue
-      s = common.time_fn(lambda: once(start), iters=args.iters)
-      rec = {"system": "chunk", "layout": layout, "start": start, "ms": s * 1e3, "tok_s": args.chunk / s,
-             "mfu": chunk_flops(config, start, args.chunk, params) / s / 1e12 / args.peak_tflops}
-      records.append(rec)
-      print(f"{layout} chunk at {start}: {rec['ms']:.2f} ms ({rec['tok_s']:.0f} tok/s, MFU {rec['mfu']:.2f}; "
-            f"{rec['ms'] / base['ms']:.2f}x the dense prefill)", flush=True)
+      for span in sorted({args.max_len, scheduler.span_for(start + args.chunk, spans)}):
+        s = common.time_fn(lambda: once(start, span), iters=args.iters)
+        rec = {"system": "chunk", "layout": layout, "start": start, "key_span": span, "ms": s * 1e3,
+               "tok_s": args.chunk / s, "mfu": chunk_flops(config, start, args.chunk, params) / s / 1e12
+               / args.peak_tflops}
+        records.append(rec)
+        print(f"{layout} chunk at {start}, keys [0, {span}): {rec['ms']:.2f} ms ({rec['tok_s']:.0f} tok/s, "
+              f"MFU {rec['mfu']:.2f}; {rec['ms'] / base['ms']:.2f}x the dense prefill)", flush=True)
   common.append_jsonl(args.out, [{**prov, "model": args.model, "dtype": args.dtype, "max_len": args.max_len,
                                   "chunk": args.chunk, "page_size": args.page_size, "copy_tbps": copy, **r}
                                  for r in records])

@@ -54,14 +54,15 @@ def test_chunked_prompts_equal_generate_alone_with_no_compilation(model, chunked
   for ref, m, out in zip(_reference(model, prompts), max_tokens, outs):
     assert list(out.token_ids) == ref[:m]
   assert chunked.stats()["running"] == 0 and chunked.stats()["prefilling"] == 0
-  # prefill + insert per shape, first per rows, chunk, step, page-table setter
-  assert chunked.compiled_programs == 2 * 2 + 2 + 1 + 1 + 1
+  # prefill + insert per shape, first per rows, a chunk per key span, step, page-table setter
+  assert chunked.chunk_spans == (6, 12, 24, 32)
+  assert chunked.compiled_programs == 2 * 2 + 2 + 4 + 1 + 1
 
 
 def test_several_chunks_per_round_equal_generate_alone(model):
   """`prefill_chunks_per_round=3`: up to three chunks (of one long prompt, then the next) between decode rounds, the
   same tokens as `generate` for each prompt alone."""
-  with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, engine_options=_opts(prefill_chunks_per_round=3)) as eng:
+  with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, engine_options=_opts(prefill_chunks_per_round=3, prefill_key_spans=1)) as eng:
     chunks_at_round = []
     chunk, round_ = eng._chunk, eng._round
     eng._chunk = lambda *a, **kw: chunks_at_round.append(None) or chunk(*a, **kw)
@@ -103,7 +104,7 @@ def test_chunked_prompts_with_head_sparsity_equal_generate_alone(model):
   prompts = _mixed_prompts(30, 7)
   max_tokens = [min(REF_TOKENS, MAX_LEN - len(p)) for p in prompts]
   with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, sparsity=sparsity, routers=routers,
-              engine_options=_opts(sparse_min_rows=1)) as eng:
+              engine_options=_opts(sparse_min_rows=1, prefill_key_spans=1)) as eng:
     outs = _mixed_staggered(eng, prompts, max_tokens)
     assert eng.stats()["variant_rounds"].get("dense", 0) == 0
   for ref, m, out in zip(_reference(model, prompts, sparsity=sparsity, routers=routers), max_tokens, outs):
@@ -121,6 +122,38 @@ def test_chunk_scheduling():
   assert scheduler.take_chunked([3, 20, 25], 2, 8, lane_busy=True) is None
   assert scheduler.take_chunked([3, 20, 25], 0, 8, lane_busy=False) is None
   assert scheduler.take_chunked([3, 5], 2, 8, lane_busy=False) is None
+  # key spans of the chunk programs: the chunk doubled up to max_len, the largest `count` kept
+  assert scheduler.chunk_spans(4096, 512, 4) == (512, 1024, 2048, 4096)
+  assert scheduler.chunk_spans(4096, 512, 2) == (2048, 4096) and scheduler.chunk_spans(4096, 512, 1) == (4096,)
+  assert scheduler.chunk_spans(2500, 512, 8) == (512, 1024, 2048, 2500) and scheduler.chunk_spans(64, None, 4) == ()
+  assert [scheduler.span_for(e, (512, 1024, 2048, 4096)) for e in (1, 512, 513, 2049)] == [512, 512, 1024, 4096]
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "paged"])
+def test_a_chunk_over_its_key_span_equals_one_over_the_whole_row(model, layout):
+  """The second chunk of a prompt attending over keys [0, 16) of a 32-token row: the same logits and cache as over
+  the whole row (the keys past the chunk are masked either way), and a span outside the row is refused."""
+  import dataclasses
+
+  import jax
+  import jax.numpy as jnp
+  from polar_jax.kv_cache import KVCache
+  from polar_jax.paged_kv_cache import PagedKVCache, PagedLayout
+  from polar_jax.serving.chunked_prefill import prefill_chunk
+  if layout == "contiguous":
+    cache = KVCache.init(CFG, 2, MAX_LEN, model.dtype)
+  else:
+    cache = PagedKVCache.init(CFG, 2, PagedLayout(16, 4, 2), model.dtype)
+    cache = dataclasses.replace(cache, page_table_bp=jnp.array([[3, 0], [2, 1]], jnp.int32))
+  tokens = jax.random.randint(jax.random.key(0), (2, CHUNK), 0, CFG.vocab_size)
+  _, cache = prefill_chunk(model, tokens[0], 0, CHUNK, cache, 1)
+  whole = prefill_chunk(model, tokens[1], CHUNK, CHUNK - 1, cache, 1)
+  span = prefill_chunk(model, tokens[1], CHUNK, CHUNK - 1, cache, 1, key_span=16)
+  eps = float(jnp.finfo(model.dtype).eps)
+  for a, b in zip(jax.tree_util.tree_leaves(whole), jax.tree_util.tree_leaves(span)):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=16 * eps, atol=16 * eps)
+  with pytest.raises(ValueError, match="key_span"):
+    prefill_chunk(model, tokens[1], CHUNK, CHUNK, cache, 1, key_span=MAX_LEN + 1)
 
 
 @pytest.mark.parametrize("block", [None, 3])

@@ -10,8 +10,10 @@ With a `PagedKVCache` the chunk's valid tokens are written into the slot's pages
 chunk attends over the row's pages gathered in order; the first chunk may start past a cached prefix (pages
 already holding the prompt's first tokens), so only the rest of the prompt is computed.
 
-`start`, the number of valid tokens and the slot are traced: one compiled program per chunk size serves every
-chunk of every prompt.
+`start`, the number of valid tokens and the slot are traced. `key_span` (static) bounds the keys a chunk reads:
+the attention runs over keys `[0, key_span)` only (the caller picks a span >= start + valid tokens, e.g. the
+smallest of a few buckets, `serving.scheduler.chunk_spans`), so the early chunks of a prompt do not pay for the
+whole row's `max_len` keys; one compiled program per (chunk size, span) serves every chunk of every prompt.
 """
 
 from __future__ import annotations
@@ -59,53 +61,60 @@ def write_chunk(cache_bhsd, new_chd: jax.Array, slot, start):
   return kv_cache.scatter_set(cache_bhsd, index, new_chd.transpose(1, 0, 2), mode="drop")
 
 
-def _write_contiguous(k_cache_bhsd, v_cache_bhsd, k_chd, v_chd, slot, start, mesh):
-  """Writes the chunk into row `slot`; returns (caches, the row's keys and values `[Hkv, S, D]` in the chunk's dtype:
-  dequantised from an 8-bit cache)."""
+def _write_contiguous(k_cache_bhsd, v_cache_bhsd, k_chd, v_chd, slot, start, mesh, key_span):
+  """Writes the chunk into row `slot`; returns (caches, the row's first `key_span` keys and values `[Hkv, span, D]`
+  in the chunk's dtype: dequantised from an 8-bit cache)."""
   k_cache_bhsd = write_chunk(k_cache_bhsd, k_chd, slot, start)
   v_cache_bhsd = write_chunk(v_cache_bhsd, v_chd, slot, start)
   if mesh is not None:
     k_cache_bhsd = sharding.constrain_cache(k_cache_bhsd, mesh)
     v_cache_bhsd = sharding.constrain_cache(v_cache_bhsd, mesh)
   row = lambda cache: kv_cache.read(jax.tree_util.tree_map(   # noqa: E731
-      lambda x: jax.lax.dynamic_index_in_dim(x, slot, 0, keepdims=False), cache), k_chd.dtype)
+      lambda x: jax.lax.dynamic_index_in_dim(x, slot, 0, keepdims=False)[:, :key_span], cache), k_chd.dtype)
   return k_cache_bhsd, v_cache_bhsd, row(k_cache_bhsd), row(v_cache_bhsd)
 
 
-def _write_paged(k_pages_hpsd, v_pages_hpsd, k_chd, v_chd, table_p, start, n_valid):
-  """Writes the chunk's valid tokens into the row's pages `table_p`; returns (pools, the row's keys and values)."""
+def _write_paged(k_pages_hpsd, v_pages_hpsd, k_chd, v_chd, table_p, start, n_valid, key_span):
+  """Writes the chunk's valid tokens into the row's pages `table_p`; returns (pools, the row's first `key_span` keys
+  and values, gathered from the pages that hold them)."""
   k_pages_hpsd = write_tokens(k_pages_hpsd, k_chd.transpose(1, 0, 2), table_p, start, n_valid)
   v_pages_hpsd = write_tokens(v_pages_hpsd, v_chd.transpose(1, 0, 2), table_p, start, n_valid)
-  return (k_pages_hpsd, v_pages_hpsd, gather_row(k_pages_hpsd, table_p, k_chd.dtype),
-          gather_row(v_pages_hpsd, table_p, v_chd.dtype))
+  span_p = table_p[:-(-key_span // k_pages_hpsd.shape[2])]
+  row = lambda pages: gather_row(pages, span_p, k_chd.dtype)[:, :key_span]   # noqa: E731
+  return k_pages_hpsd, v_pages_hpsd, row(k_pages_hpsd), row(v_pages_hpsd)
 
 
-def _layer_chunk(layer, h_1cd, start, slot, k_cache, v_cache, mesh, table_p, n_valid):
+def _layer_chunk(layer, h_1cd, start, slot, k_cache, v_cache, mesh, table_p, n_valid, key_span):
   attn = layer.attn
   c = h_1cd.shape[1]
   x = layer.attn_norm(h_1cd) if layer.pre_norm else h_1cd
   q, k, v = attn._qkv(x, (start + jnp.arange(c))[None, :])   # pylint: disable=protected-access
   if table_p is None:
-    k_cache, v_cache, k_row, v_row = _write_contiguous(k_cache, v_cache, k[0], v[0], slot, start, mesh)
+    k_cache, v_cache, k_row, v_row = _write_contiguous(k_cache, v_cache, k[0], v[0], slot, start, mesh, key_span)
   else:
-    k_cache, v_cache, k_row, v_row = _write_paged(k_cache, v_cache, k[0], v[0], table_p, start, n_valid)
+    k_cache, v_cache, k_row, v_row = _write_paged(k_cache, v_cache, k[0], v[0], table_p, start, n_valid, key_span)
   ctx = chunk_attention(q[0], k_row, v_row, start, scale=attn.scale, window=attn.window)
   a = attn.o_proj(ctx.reshape(1, c, -1))
   h = h_1cd + a if layer.pre_norm else layer.attn_norm(h_1cd + a)
   return layer._mlp_block(h, layer.mlp), k_cache, v_cache   # pylint: disable=protected-access
 
 
-def prefill_chunk(model, tokens_c: jax.Array, start, n_valid, cache: KVCache | PagedKVCache, slot, *, mesh=None
-                  ) -> tuple[jax.Array, KVCache | PagedKVCache]:
+def prefill_chunk(model, tokens_c: jax.Array, start, n_valid, cache: KVCache | PagedKVCache, slot, *, mesh=None,
+                  key_span: int | None = None) -> tuple[jax.Array, KVCache | PagedKVCache]:
   """Prefills `n_valid` (<= C) prompt tokens `tokens_c[:n_valid]` at positions `[start, start + n_valid)` into row
-  `slot` of `cache`. Returns (float32 logits `[V]` of the chunk's last valid token, the cache with the chunk's K/V
-  written; its lengths unchanged: the caller decides the row's length)."""
+  `slot` of `cache`, attending over the row's keys `[0, key_span)` (None: all `max_len`; the caller keeps
+  start + n_valid <= key_span). Returns (float32 logits `[V]` of the chunk's last valid token, the cache with the
+  chunk's K/V written; its lengths unchanged: the caller decides the row's length)."""
   c = tokens_c.shape[0]
+  max_len = cache.max_len if isinstance(cache, KVCache) else cache.page_table_bp.shape[1] * cache.page_size
+  key_span = max_len if key_span is None else key_span
+  if not 0 < key_span <= max_len:
+    raise ValueError(f"key_span must be in [1, {max_len}] (the cache's tokens per row), got {key_span}")
   h = model.embed_tokens(tokens_c[None, :], (start + jnp.arange(c))[None, :])
   table_p = cache.page_table_bp[slot] if isinstance(cache, PagedKVCache) else None
   ks, vs = [], []
   for i, layer in enumerate(model.layers):
-    h, k, v = _layer_chunk(layer, h, start, slot, *cache.layer_kv(i), mesh, table_p, n_valid)
+    h, k, v = _layer_chunk(layer, h, start, slot, *cache.layer_kv(i), mesh, table_p, n_valid, key_span)
     ks.append(k)
     vs.append(v)
   last_d = jax.lax.dynamic_index_in_dim(h[0], n_valid - 1, 0, keepdims=False)

@@ -140,6 +140,7 @@ class Engine(PagePolicy):
       density, fallback = sched.describe_step(sparse, cfg)
       self.variants["sparse"] = sched.StepVariant("sparse", sparse, sparse_state, density, fallback)
     self.chunk = sched.chunk_size(max_len, self.opts.prefill_chunk)
+    self.chunk_spans = sched.chunk_spans(max_len, self.chunk, self.opts.prefill_key_spans)
     self.prefill_shapes = sched.prefill_shapes(max_len, self.opts.prefill_rows, self.opts.prefill_max_tokens,
                                                self.chunk)
     self.mesh = model_mesh(model)
@@ -187,11 +188,11 @@ class Engine(PagePolicy):
   @property
   def compiled_programs(self) -> int:
     """Programs the engine runs: a prefill and an insert per (rows, length bucket), a first-token sampler per row
-    count, a prefill chunk (when prompts can be longer than a chunk), a decode round per variant, the warm-up's
+    count, a prefill chunk per key span (when prompts can be longer than a chunk), a decode round per variant, the warm-up's
     occupancy setter when it measures the cost table, the KV-group selection probe when it runs, and the page-table
     setter with a paged cache."""
     measured = "sparse" in self.variants and self.opts.sparse_min_rows is None and self.opts.cost_table == "measure"
-    return (2 * len(self.prefill_shapes) + len({r for r, _ in self.prefill_shapes}) + (self.chunk is not None)
+    return (2 * len(self.prefill_shapes) + len({r for r, _ in self.prefill_shapes}) + len(self.chunk_spans)
             + len(self.variants) + measured + self._probes + (self.pages is not None))
 
   def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> RequestHandle:
@@ -341,15 +342,18 @@ class Engine(PagePolicy):
       self._slots = programs.insert_program(self._slots, cache, np.int32(row), np.int32(slot), first, active, *args)
     return first, active
 
-  def _chunk(self, prompt: Sequence[int], start: int, slot: int, h: RequestHandle | None, done: int = 0):
-    """Prefills the chunk of `prompt` at `start` into `slot`: (first token, active), meaningful after the last."""
+  def _chunk(self, prompt: Sequence[int], start: int, slot: int, h: RequestHandle | None, done: int = 0,
+             key_span: int | None = None):
+    """Prefills the chunk of `prompt` at `start` into `slot`, attending over the smallest key span holding it (or
+    `key_span`): (first token, active), meaningful after the last."""
     tokens = np.zeros((self.chunk,), np.int32)
     part = prompt[start:start + self.chunk]
     tokens[:len(part)] = part
+    key_span = key_span or sched.span_for(start + len(part), self.chunk_spans)
     with jax.profiler.TraceAnnotation("serve_prefill_chunk"):
       self._slots, first, active = programs.chunk_program(
           self._graphdef, self._state, self._slots, tokens, np.int32(start), np.int32(len(prompt)), np.int32(slot),
-          *self._request_args(h, done), mesh=self.mesh)
+          *self._request_args(h, done), mesh=self.mesh, key_span=key_span)
     return first, active
 
   def _cost_table(self) -> CostTable | None:
@@ -404,8 +408,8 @@ class Engine(PagePolicy):
         prefill = programs.prefill_program(self._graphdef, self._state, np.zeros((rows, bucket), np.int32),
                                            np.ones((rows,), np.int32), mesh=self.mesh)
         self._insert(prefill, 0, 0, None)
-      if self.chunk is not None:   # a chunk that is not a prompt's last: slot 0 held, freed by the rounds below
-        self._chunk([0] * (self.chunk + 1), 0, 0, None)
+      for span in self.chunk_spans:   # a chunk that is not a prompt's last: slot 0 held, freed by the rounds below
+        self._chunk([0] * (self.chunk + 1), 0, 0, None, key_span=span)
       for variant in self.variants.values():
         self._round(variant, cancel_all)
       if self._probes:

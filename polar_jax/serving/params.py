@@ -89,6 +89,10 @@ class EngineOptions:
     prefill_chunks_per_round: chunks prefilled between two decode rounds (the next chunk of the prompt being
       prefilled, or the first of the next long prompt once it is done). More admit long prompts faster when many
       wait (prefill throughput) and lengthen the running requests' gap between tokens while they are prefilled.
+    prefill_key_spans: how many key spans the chunk programs come in (`scheduler.chunk_spans`: the chunk size
+      doubled up to `max_len`, the largest kept): a chunk attends over the smallest span holding its prompt so
+      far instead of the slot's whole `max_len`, one compiled chunk program per span; 1 = every chunk reads
+      `max_len` keys.
     selection_probe_every: every this many sparse rounds, count which KV groups of each layer the running rows'
       sparse step selects (`polar:kv_group_selection_rate`; router and random selectors); 0 = never.
     warmup: compile and run every program once at start-up (else the first requests compile them).
@@ -116,6 +120,7 @@ class EngineOptions:
   max_stop_tokens: int = 8
   prefill_chunk: int | None = 512
   prefill_chunks_per_round: int = 1
+  prefill_key_spans: int = 4
   selection_probe_every: int = 64
   warmup: bool = True
   kv_layout: str = "paged"
@@ -130,7 +135,8 @@ class EngineOptions:
     if self.sparse_min_rows is not None and (not _is_int(self.sparse_min_rows) or self.sparse_min_rows < 1):
       raise ValueError(f"EngineOptions.sparse_min_rows must be an integer >= 1 or None, got {self.sparse_min_rows!r}")
     object.__setattr__(self, "cost_table", _cost_table(self.cost_table))
-    for name in ("steps_per_round", "prefill_rows", "prefill_max_tokens", "max_stop_tokens", "prefill_chunks_per_round"):
+    for name in ("steps_per_round", "prefill_rows", "prefill_max_tokens", "max_stop_tokens", "prefill_chunks_per_round",
+                 "prefill_key_spans"):
       v = getattr(self, name)
       if not _is_int(v) or v < 1:
         raise ValueError(f"EngineOptions.{name} must be an integer >= 1, got {v!r}")

@@ -215,18 +215,18 @@ def table_program(slots: Slots, page_table_bp) -> Slots:
   return slots.replace(cache=dataclasses.replace(slots.cache, page_table_bp=page_table_bp))
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("slots",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh", "key_span"), donate_argnames=("slots",))
 def chunk_program(graphdef, state, slots: Slots, tokens_c, start, prompt_len, slot, max_tokens, stop_s, temp, topk,
-                  topp, greedy, seed, done, *, mesh=None):
+                  topp, greedy, seed, done, *, mesh=None, key_span=None):
   """Prefills prompt tokens `[start, min(start + C, prompt_len))` (`tokens_c`, padded to C) into slot `slot`
-  (`chunked_prefill.prefill_chunk`). Until the prompt's last chunk the slot stays inactive with its hold length at
+  (`chunked_prefill.prefill_chunk`, attending over the slot's keys `[0, key_span)`). Until the prompt's last chunk the slot stays inactive with its hold length at
   the tokens prefilled; the last chunk samples the first token and starts the request as `insert_program` does.
   Returns (slots, first token, active); the token means something only after the last chunk."""
   TRACE_COUNTS["chunk"] += 1
   with jax.named_scope("serve_prefill_chunk"):
     model = nnx.merge(graphdef, state)
     n_valid = jnp.minimum(prompt_len - start, tokens_c.shape[0])
-    logits_v, cache = prefill_chunk(model, tokens_c, start, n_valid, slots.cache, slot, mesh=mesh)
+    logits_v, cache = prefill_chunk(model, tokens_c, start, n_valid, slots.cache, slot, mesh=mesh, key_span=key_span)
     end = start + n_valid
     last = end >= prompt_len
     first, active = _first_token(logits_v[None], max_tokens, stop_s, temp, topk, topp, greedy, seed, done)

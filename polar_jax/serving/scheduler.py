@@ -50,6 +50,23 @@ def chunk_size(max_len: int, prefill_chunk: int | None) -> int | None:
   return prefill_chunk if prefill_chunk is not None and prefill_chunk < max_len - 1 else None
 
 
+def chunk_spans(max_len: int, chunk: int | None, count: int) -> tuple[int, ...]:
+  """The key spans of the chunk programs (ascending, the last `max_len`): `chunk`, 2 x `chunk`, 4 x `chunk`, ...
+  below `max_len`, then `max_len`, keeping the `count` largest. No chunking: ()."""
+  if chunk is None:
+    return ()
+  spans, s = [], chunk
+  while s < max_len:
+    spans.append(s)
+    s *= 2
+  return tuple(spans + [max_len])[-count:]
+
+
+def span_for(end: int, spans: Sequence[int]) -> int:
+  """The smallest span holding keys `[0, end)`."""
+  return next(s for s in spans if s >= end)
+
+
 def prefill_shapes(max_len: int, prefill_rows: int, prefill_max_tokens: int, longest: int | None = None,
                    ) -> tuple[tuple[int, int], ...]:
   """Every (rows, bucket) prefill program the engine can run for prompts of at most `longest` tokens (None:
