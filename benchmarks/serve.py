@@ -99,6 +99,7 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
                        max_waiting=len(prompts), prefill_rows=args.prefill_rows,
                        prefill_chunk=args.prefill_chunk or None,
                        prefill_chunks_per_round=args.prefill_chunks_per_round, kv_layout=args.kv_layout,
+                       prefill_key_spans=args.prefill_key_spans,
                        page_size=args.page_size,
                        num_pages=args.num_pages, kv_memory_fraction=args.kv_memory_fraction,
                        prefix_caching=not args.no_prefix_caching, kv_dtype=kv_dtype_of(args))
@@ -128,7 +129,8 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
           "decode_rows_mean": stats["decode_rows_mean"], "decode_rows_peak": stats["decode_rows_peak"],
           "sparse_min_rows": args.sparse_min_rows, "prefill_rows": args.prefill_rows,
           "prefill_chunk": args.prefill_chunk,
-          "prefill_chunks_per_round": args.prefill_chunks_per_round, "cost_table": stats["cost_table"], **kv}
+          "prefill_chunks_per_round": args.prefill_chunks_per_round,
+          "prefill_key_spans": args.prefill_key_spans, "cost_table": stats["cost_table"], **kv}
 
 
 def kv_fields(engine: Engine, stats: dict[str, Any], model_name: str) -> dict[str, Any]:
@@ -200,6 +202,8 @@ def main(argv=None) -> int:
                  help="the sparse step from this many active rows on (default: the measured cost table decides)")
   p.add_argument("--prefill-chunk", type=int, default=EngineOptions().prefill_chunk,
                  help="prefill prompts longer than this in chunks between decode rounds (0: whole prompts)")
+  p.add_argument("--prefill-key-spans", type=int, default=EngineOptions().prefill_key_spans,
+                 help="key spans of the chunk programs (1: every chunk attends over max_len keys)")
   p.add_argument("--prefill-chunks-per-round", type=int, default=EngineOptions().prefill_chunks_per_round,
                  help="prompt chunks prefilled between two decode rounds")
   p.add_argument("--steps-per-round", type=int, default=EngineOptions().steps_per_round)
