@@ -92,11 +92,26 @@ def _pcts(stats: dict | None, scale: float = 1000.0) -> str:
   return f"{stats['p50'] * scale:.0f} / {stats['p99'] * scale:.0f}"
 
 
+def serve_workload(r: dict) -> str:
+  """How a serving run's requests came: all at once or Poisson arrivals at a rate, and a shared prefix with prefix
+  caching on (the share of prompt tokens found cached) or off."""
+  rate = r.get("rate")
+  out = "at once" if rate is None or rate == float("inf") else f"{rate:g} req/s"
+  if r.get("shared_prefix"):
+    queries = r.get("prefix_cache_queries") or 0
+    caching = r.get("prefix_caching", queries > 0)
+    hit = f"cached, {r.get('prefix_cache_hits', 0) / queries:.0%} of prompt tokens hit" if caching and queries else \
+        "caching off"
+    out += f"; {r['shared_prefix']}-token shared prefix ({hit})"
+  return out
+
+
 def serve_table(recs: list[dict]) -> str:
   """Serving runs (`benchmarks/serve.py`, `serve_hf.py`) in the order measured."""
-  out = ["| date | device | system | density | requests | max_batch | KV | prompt chunks / round | output tok/s | "
-         "req/s | requests per decode step (mean / peak) | TTFT p50 / p99 ms | ITL p50 / p99 ms | compiled in run |",
-         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+  out = ["| date | device | system | density | requests | arrivals | max_batch | KV | prompt chunks / round (key "
+         "spans) | output tok/s | req/s | requests per decode step (mean / peak) | TTFT p50 / p99 ms | ITL p50 / p99 "
+         "ms | compiled in run |",
+         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for r in recs:
     kv = r.get("kv_layout") or ""
     if kv == "paged" and r.get("num_pages"):
@@ -105,10 +120,33 @@ def serve_table(recs: list[dict]) -> str:
       kv += f", {kv_storage(r)}"
     rps = r.get("request_throughput")
     rows = f"{r['decode_rows_mean']:.1f} / {r['decode_rows_peak']}" if "decode_rows_mean" in r else ""
+    chunks = str(r.get("prefill_chunks_per_round", ""))
+    if chunks and "prefill_key_spans" in r:
+      chunks += f" ({r['prefill_key_spans']})"
+    workload = serve_workload(r) if r["system"] != "polar_static" else ""
     out.append(f"| {r['date'][:10]} | {r['device'].replace('NVIDIA ', '')} | {r['system']} | {r.get('density', 1.0):g} | "
-               f"{r['requests']} | {r.get('max_batch', '')} | {kv} | {r.get('prefill_chunks_per_round', '')} | "
+               f"{r['requests']} | {workload} | {r.get('max_batch', '')} | {kv} | {chunks} | "
                f"{r['output_tok_s']:.0f} | {'' if rps is None else f'{rps:.2f}'} | {rows} | "
                f"{_pcts(r.get('ttft_s'))} | {_pcts(r.get('itl_s'))} | {r.get('programs_compiled_during_run', '')} |")
+  return "\n".join(out)
+
+
+def prefill_table(recs: list[dict]) -> str:
+  """Prompt chunks against the dense prefill of the same tokens (`benchmarks/prefill.py`), each call's rows."""
+  out = ["| date | device | model | layout | chunk start | keys read | ms | tok/s | MFU | x dense prefill |",
+         "|---|---|---|---|---|---|---|---|---|---|"]
+  base = {}
+  for r in recs:
+    call = (r["date"][:10], r["device"], r["commit"], r["model"])
+    if r["system"] == "prefill":
+      base[call] = r
+      out.append(f"| {r['date'][:10]} | {r['device'].replace('NVIDIA ', '')} | {r['model']} | dense prefill | | "
+                 f"{r['chunk']} | {r['ms']:.2f} | {r['tok_s']:.0f} | {r['mfu']:.2f} | 1 |")
+      continue
+    ratio = f"{r['ms'] / base[call]['ms']:.2f}" if call in base else ""
+    out.append(f"| {r['date'][:10]} | {r['device'].replace('NVIDIA ', '')} | {r['model']} | {r['layout']} | "
+               f"{r['start']} | {r.get('key_span', r['max_len'])} | {r['ms']:.2f} | {r['tok_s']:.0f} | "
+               f"{r['mfu']:.2f} | {ratio} |")
   return "\n".join(out)
 
 
@@ -411,6 +449,14 @@ def performance_markdown(e2e: list[dict], kernels: list[dict], layer: list[dict]
                  "a rate is given; `polar_static`: `generate` in arrival-order batches of max_batch. TTFT and ITL "
                  "per request (ITL: each round's gap shared by the tokens it brought); records in the order "
                  "measured.\n\n" + serve_table(serve))
+  prefill = load("prefill.jsonl")
+  if prefill:
+    parts.append("## Prompt chunks in the serving engine (`benchmarks/prefill.py`)\n\nRandom bf16 weights, one "
+                 "chunk of 512 prompt tokens prefilled into a slot of a cache of 4096 tokens per row "
+                 "(`serving.chunked_prefill`), against the dense prefill of a 512-token prompt; keys read: the "
+                 "chunk's key span (the engine's: the smallest of 512, 1024, 2048, 4096 holding the chunk, or the "
+                 "whole row). MFU: (2 x parameters x tokens + causal attention FLOPs) / time / 989 TFLOP/s.\n\n"
+                 + prefill_table(prefill))
   acc = ["## Accuracy (`polar-eval`)\n\nAccuracy in % ± standard error (acc_norm for HellaSwag, acc otherwise), "
          "perplexity on held-out LAMBADA + BoolQ windows; density = fraction of KV groups kept per row in every layer "
          "but layer 0; engine mode: dense prefill, every scored token through the sparse decode step. Models "

@@ -61,8 +61,24 @@ def test_paged_and_serving_tables():
                 programs_compiled_during_run=0)]
   serve.append(dict(serve[0], kv_dtype="int8", prefill_chunks_per_round=4, decode_rows_mean=3.25, decode_rows_peak=4))
   table = report.serve_table(serve).splitlines()
-  assert "| polar_engine | 0.5 | 8 | 4 | paged (10 x 32) |  | 123 | 1.50 |  | 100 / 200 | 10 / 30 | 0 |" in table[2]
+  assert "| polar_engine | 0.5 | 8 | at once | 4 | paged (10 x 32) |  | 123 | 1.50 |  | 100 / 200 | 10 / 30 | 0 |" \
+      in table[2]
   assert "| paged (10 x 32), int8 | 4 | 123 | 1.50 | 3.2 / 4 | 100 / 200 |" in table[3]
+  prefix = dict(serve[0], rate=8.0, shared_prefix=1024, prefix_cache_hits=25.0, prefix_cache_queries=100.0,
+                prefill_chunks_per_round=1, prefill_key_spans=4)
+  table = report.serve_table([prefix, dict(prefix, prefix_cache_hits=0.0, prefix_cache_queries=0.0)]).splitlines()
+  assert "| 8 req/s; 1024-token shared prefix (cached, 25% of prompt tokens hit) | 4 | paged (10 x 32) | 1 (4) |" \
+      in table[2]
+  assert "| 8 req/s; 1024-token shared prefix (caching off) |" in table[3]
+
+
+def test_prefill_table_compares_each_chunk_with_its_calls_dense_prefill():
+  call = dict(date="2026-12-07T00:00:00Z", device="NVIDIA H100", commit="abc", model="m", chunk=512, max_len=4096)
+  recs = [dict(call, system="prefill", layout=None, start=0, ms=10.0, tok_s=51200.0, mfu=0.5),
+          dict(call, system="chunk", layout="paged", start=512, key_span=1024, ms=15.0, tok_s=34133.0, mfu=0.4)]
+  table = report.prefill_table(recs).splitlines()
+  assert "| m | dense prefill | | 512 | 10.00 | 51200 | 0.50 | 1 |" in table[2]
+  assert "| m | paged | 512 | 1024 | 15.00 | 34133 | 0.40 | 1.50 |" in table[3]
 
 
 def test_8bit_kv_and_adaptive_records_stay_out_of_the_grid():

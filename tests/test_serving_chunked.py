@@ -193,7 +193,8 @@ def test_chunked_prompts_of_other_families_equal_generate_alone(family):
   model = init_model(config, seed=2)
   prompts = _mixed_prompts(60, 5)
   max_tokens = [min(REF_TOKENS, MAX_LEN - len(p)) for p in prompts]
-  opts = _opts(kv_layout="contiguous") if family == "sliding_window" else _opts()   # the paged cache has no window
+  spans = {"prefill_key_spans": 2}   # chunks over 24 keys, then the whole row's 32
+  opts = _opts(kv_layout="contiguous", **spans) if family == "sliding_window" else _opts(**spans)   # paged: no window
   with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, engine_options=opts) as eng:
     outs = _mixed_staggered(eng, prompts, max_tokens)
   for ref, m, out in zip(_reference(model, prompts), max_tokens, outs):
