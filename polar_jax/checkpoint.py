@@ -297,15 +297,33 @@ def load_model(path: str | os.PathLike, dtype: Any = None, *,
   return model
 
 
+# `tokenizer_class` values naming the generic fast tokenizer (a `tokenizer.json` and nothing model-specific): the
+# class `AutoTokenizer` would pick, loaded directly.
+GENERIC_TOKENIZER_CLASSES = ("TokenizersBackend", "PreTrainedTokenizerFast")
+
+
+def _tokenizer_class(path: pathlib.Path) -> str | None:
+  try:
+    return json.loads((path / "tokenizer_config.json").read_text(encoding="utf-8")).get("tokenizer_class")
+  except (OSError, ValueError, AttributeError):
+    return None
+
+
 def load_tokenizer(path: str | os.PathLike):
-  """The tokenizer saved in a checkpoint directory (`transformers.AutoTokenizer`)."""
+  """The tokenizer saved in a checkpoint directory, as `transformers.AutoTokenizer` loads it. A generic fast
+  tokenizer (what `polar-convert` writes for GGUF files) is loaded by its own class: the same object, without the
+  seconds `AutoTokenizer`'s import costs (it imports PyTorch when installed)."""
   path = _checkpoint_dir(path)
   if not any((path / n).is_file() for n in TOKENIZER_MARKERS):
     raise CheckpointError(f"{path} has no tokenizer files ({', '.join(TOKENIZER_MARKERS)}); the source "
                           "checkpoint had none - copy a tokenizer into it or pass one explicitly")
-  AutoTokenizer = import_transformers().AutoTokenizer
+  transformers = import_transformers()
+  if _tokenizer_class(path) in GENERIC_TOKENIZER_CLASSES and (path / "tokenizer.json").is_file():
+    cls = getattr(transformers, "TokenizersBackend", None) or transformers.PreTrainedTokenizerFast
+  else:
+    cls = transformers.AutoTokenizer
   try:
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    return cls.from_pretrained(str(path), local_files_only=True)
   except Exception as e:  # noqa: BLE001
     raise CheckpointError(f"cannot load the tokenizer in {path}: {type(e).__name__}: {e}") from e
 

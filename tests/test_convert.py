@@ -582,6 +582,8 @@ def test_smollm2_tokenizer_round_trip(smollm2_dir):
   ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
   tok = checkpoint.load_tokenizer(smollm2_dir)
   assert len(tok) == len(ref) == 49152
+  # the generic fast tokenizer is loaded by its own class: the one AutoTokenizer picks for the checkpoint
+  assert type(tok) is type(transformers.AutoTokenizer.from_pretrained(str(smollm2_dir)))
   texts = ["The capital of France is", "  Ünïcødé — 東京 🙂\n\ttabs and  spaces",
            "<|im_start|>user\nHi<|im_end|>", "def f(x):\n    return x ** 2  # 12345"]
   for text in texts:
