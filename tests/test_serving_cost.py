@@ -136,5 +136,9 @@ def test_cli_options(tmp_path):
   assert (opts.cost_table, opts.prefill_chunk, args.tp) == (_table(), None, 2)
   rule = serve_cli.engine_options(serve_cli.parser().parse_args(["ckpt", "--sparse-min-rows", "4"]))
   assert rule.sparse_min_rows == 4
+  spans = serve_cli.engine_options(serve_cli.parser().parse_args(["ckpt", "--prefill-key-spans", "1"]))
+  assert (defaults.prefill_key_spans, spans.prefill_key_spans) == (4, 1)
+  with pytest.raises(ValueError, match="prefill_key_spans"):
+    serve_cli.engine_options(serve_cli.parser().parse_args(["ckpt", "--prefill-key-spans", "0"]))
   with pytest.raises(ValueError, match="neither"):
     serve_cli.engine_options(serve_cli.parser().parse_args(["ckpt", "--cost-table", str(tmp_path / "none.json")]))

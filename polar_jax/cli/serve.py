@@ -40,6 +40,9 @@ def parser() -> argparse.ArgumentParser:
                       "(0: whole prompts)")
   p.add_argument("--prefill-chunks-per-round", type=int, default=defaults.prefill_chunks_per_round,
                  help="prompt chunks prefilled between two decode rounds")
+  p.add_argument("--prefill-key-spans", type=int, default=defaults.prefill_key_spans,
+                 help="key spans of the chunk programs: a chunk attends over the smallest holding it (1: always the "
+                      "whole slot)")
   p.add_argument("--cost-table", default="measure",
                  help="how each round picks the dense or sparse step: 'measure' (timed at start-up) or a JSON "
                       "file of a CostTable")
@@ -80,6 +83,7 @@ def engine_options(args):
   return EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
                        cost_table=args.cost_table, prefill_chunk=args.prefill_chunk or None,
                        prefill_chunks_per_round=args.prefill_chunks_per_round,
+                       prefill_key_spans=args.prefill_key_spans,
                        max_waiting=args.max_waiting, prefill_rows=args.prefill_rows, warmup=not args.no_warmup,
                        kv_layout=args.kv_layout or ("contiguous" if args.tp > 1 else "paged"), page_size=args.page_size,
                        num_pages=args.num_pages, kv_memory_fraction=args.kv_memory_fraction,
