@@ -130,7 +130,8 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
           "sparse_min_rows": args.sparse_min_rows, "prefill_rows": args.prefill_rows,
           "prefill_chunk": args.prefill_chunk,
           "prefill_chunks_per_round": args.prefill_chunks_per_round,
-          "prefill_key_spans": args.prefill_key_spans, "prefix_caching": not args.no_prefix_caching, "cost_table": stats["cost_table"], **kv}
+          "prefill_key_spans": args.prefill_key_spans, "prefix_caching": not args.no_prefix_caching,
+          "cost_table": stats["cost_table"], **kv}
 
 
 def kv_fields(engine: Engine, stats: dict[str, Any], model_name: str) -> dict[str, Any]:

@@ -62,7 +62,8 @@ def test_chunked_prompts_equal_generate_alone_with_no_compilation(model, chunked
 def test_several_chunks_per_round_equal_generate_alone(model):
   """`prefill_chunks_per_round=3`: up to three chunks (of one long prompt, then the next) between decode rounds, the
   same tokens as `generate` for each prompt alone."""
-  with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, engine_options=_opts(prefill_chunks_per_round=3, prefill_key_spans=1)) as eng:
+  opts = _opts(prefill_chunks_per_round=3, prefill_key_spans=1)
+  with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, engine_options=opts) as eng:
     chunks_at_round = []
     chunk, round_ = eng._chunk, eng._round
     eng._chunk = lambda *a, **kw: chunks_at_round.append(None) or chunk(*a, **kw)

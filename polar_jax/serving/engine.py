@@ -188,9 +188,9 @@ class Engine(PagePolicy):
   @property
   def compiled_programs(self) -> int:
     """Programs the engine runs: a prefill and an insert per (rows, length bucket), a first-token sampler per row
-    count, a prefill chunk per key span (when prompts can be longer than a chunk), a decode round per variant, the warm-up's
-    occupancy setter when it measures the cost table, the KV-group selection probe when it runs, and the page-table
-    setter with a paged cache."""
+    count, a prefill chunk per key span (when prompts can be longer than a chunk), a decode round per variant, the
+    warm-up's occupancy setter when it measures the cost table, the KV-group selection probe when it runs, and the
+    page-table setter with a paged cache."""
     measured = "sparse" in self.variants and self.opts.sparse_min_rows is None and self.opts.cost_table == "measure"
     return (2 * len(self.prefill_shapes) + len({r for r, _ in self.prefill_shapes}) + len(self.chunk_spans)
             + len(self.variants) + measured + self._probes + (self.pages is not None))

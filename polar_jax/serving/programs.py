@@ -219,9 +219,10 @@ def table_program(slots: Slots, page_table_bp) -> Slots:
 def chunk_program(graphdef, state, slots: Slots, tokens_c, start, prompt_len, slot, max_tokens, stop_s, temp, topk,
                   topp, greedy, seed, done, *, mesh=None, key_span=None):
   """Prefills prompt tokens `[start, min(start + C, prompt_len))` (`tokens_c`, padded to C) into slot `slot`
-  (`chunked_prefill.prefill_chunk`, attending over the slot's keys `[0, key_span)`). Until the prompt's last chunk the slot stays inactive with its hold length at
-  the tokens prefilled; the last chunk samples the first token and starts the request as `insert_program` does.
-  Returns (slots, first token, active); the token means something only after the last chunk."""
+  (`chunked_prefill.prefill_chunk`, attending over the slot's keys `[0, key_span)`). Until the prompt's last chunk
+  the slot stays inactive with its hold length at the tokens prefilled; the last chunk samples the first token and
+  starts the request as `insert_program` does. Returns (slots, first token, active); the token means something
+  only after the last chunk."""
   TRACE_COUNTS["chunk"] += 1
   with jax.named_scope("serve_prefill_chunk"):
     model = nnx.merge(graphdef, state)
