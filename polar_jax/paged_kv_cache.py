@@ -98,6 +98,11 @@ class PagedKVCache:
     return self.k_hpsd[0].shape[2]
 
   @property
+  def max_len(self) -> int:
+    """Tokens a row can hold (its page-table row's pages)."""
+    return self.page_table_bp.shape[1] * self.page_size
+
+  @property
   def trash_page(self) -> int:
     return self.k_hpsd[0].shape[1] - 1
 

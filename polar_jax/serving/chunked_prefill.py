@@ -106,10 +106,9 @@ def prefill_chunk(model, tokens_c: jax.Array, start, n_valid, cache: KVCache | P
   start + n_valid <= key_span). Returns (float32 logits `[V]` of the chunk's last valid token, the cache with the
   chunk's K/V written; its lengths unchanged: the caller decides the row's length)."""
   c = tokens_c.shape[0]
-  max_len = cache.max_len if isinstance(cache, KVCache) else cache.page_table_bp.shape[1] * cache.page_size
-  key_span = max_len if key_span is None else key_span
-  if not 0 < key_span <= max_len:
-    raise ValueError(f"key_span must be in [1, {max_len}] (the cache's tokens per row), got {key_span}")
+  key_span = cache.max_len if key_span is None else key_span
+  if not 0 < key_span <= cache.max_len:
+    raise ValueError(f"key_span must be in [1, {cache.max_len}] (the cache's tokens per row), got {key_span}")
   h = model.embed_tokens(tokens_c[None, :], (start + jnp.arange(c))[None, :])
   table_p = cache.page_table_bp[slot] if isinstance(cache, PagedKVCache) else None
   ks, vs = [], []
