@@ -18,6 +18,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import secrets
 import shutil
 import tempfile
 import time
@@ -202,13 +203,14 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None
   try:
     dtype = dtype or source.default_dtype()
     items, expected = plan(source)
+    # The name is chosen before the directory exists, so a Ctrl-C at any point after it removes what was made.
+    tmp = out.parent / f".{out.name}.tmp-{secrets.token_hex(6)}"
     try:
-      out.parent.mkdir(parents=True, exist_ok=True)
-      tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    except OSError as e:
-      raise ConversionError(f"cannot create {out}: {type(e).__name__}: {e}") from e
-    try:
-      _chmod_default(tmp)
+      try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp.mkdir()   # the permissions a plain mkdir gives (umask applied), as OUT will have
+      except OSError as e:
+        raise ConversionError(f"cannot create {out}: {type(e).__name__}: {e}") from e
       params = read_params(source, items, dtype, progress)
       n_params = int(sum(a.size for a in params.values()))
       checkpoint.save_params(tmp / checkpoint.PARAMS_DIR, params)
@@ -242,13 +244,6 @@ def convert(src: str | os.PathLike, out: str | os.PathLike, *, dtype: str | None
   return ConversionResult(out=out, config=source.config, source_format=source.format, dtype=dtype,
                           tensor_count=len(items), parameter_count=n_params,
                           tokenizer_files=tuple(tok_files), seconds=time.perf_counter() - t0)
-
-
-def _chmod_default(path: pathlib.Path) -> None:
-  """mkdtemp makes 0o700 directories; give OUT the permissions a plain mkdir would."""
-  umask = os.umask(0)
-  os.umask(umask)
-  os.chmod(path, 0o777 & ~umask)
 
 
 def _replace(tmp: pathlib.Path, out: pathlib.Path, force: bool) -> None:

@@ -272,6 +272,8 @@ def test_hf_tokenizer_copied(tmp_path):
     assert (tmp_path / "out" / name).read_bytes() == (src / name).read_bytes()
   tok = checkpoint.load_tokenizer(tmp_path / "out")
   assert tok("hello world foo")["input_ids"] == ref("hello world foo")["input_ids"] == [3, 4, 0]
+  (tmp_path / "plain").mkdir()   # OUT gets the permissions a plain mkdir gives, not a temporary directory's 0o700
+  assert (tmp_path / "out").stat().st_mode == (tmp_path / "plain").stat().st_mode
 
 
 # ---- GGUF --------------------------------------------------------------------------------------
