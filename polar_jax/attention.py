@@ -215,16 +215,14 @@ class Attention(nnx.Module):
       if k_scale is not None:
         k_scale, v_scale = out[3:]
     else:
-      if _group_count(heads) is not None:
-        raise ValueError("Attention.decode: per-row group counts (adaptive budgets) run on one device; the "
-                         "sharded attention takes a uniform selection")
       q, k, v = self._qkv(x_bd[:, None, :], lengths_b[:, None])
       k_cache_bhsd, v_cache_bhsd = append_kv_xla(k_cache_bhsd, v_cache_bhsd, k[:, 0], v[:, 0], lengths_b)
       k_cache_bhsd = sharding.constrain_cache(k_cache_bhsd, mesh)
       v_cache_bhsd = sharding.constrain_cache(v_cache_bhsd, mesh)
-      ctx = sharding.sharded_decode_attention(q[:, 0], k_cache_bhsd, v_cache_bhsd, new_len, _group_indices(heads),
-                                              kv_start, mesh=mesh, num_groups=self.num_kv_heads, scale=self.scale,
-                                              implementation=impl)
+      idx_bk, count_bs = _shard_group_indices(heads)
+      ctx = sharding.sharded_decode_attention(q[:, 0], k_cache_bhsd, v_cache_bhsd, new_len, idx_bk, kv_start,
+                                              mesh=mesh, num_groups=self.num_kv_heads, scale=self.scale,
+                                              implementation=impl, group_count_bs=count_bs)
     k_cache_bhsd, v_cache_bhsd = kv_cache.join(k_cache_bhsd, k_scale), kv_cache.join(v_cache_bhsd, v_scale)
     if isinstance(heads, OracleHeads):
       ctx = keep_top_groups(ctx, self.num_kv_heads, heads.k, heads.shards, heads.mass, heads.min_groups)
@@ -296,8 +294,19 @@ def _check_kv8_layout(k_cache, mesh) -> None:
 
 
 def _group_indices(heads: HeadSelection):
-  """The attention kernels' `group_idx`: int32 `[B, K]`, or None for every group (dense and the oracle)."""
-  return heads.idx_bk if isinstance(heads, GroupIndices) else None
+  """The attention kernels' `group_idx` on one device: int32 `[B, K]`, or None for every group (dense and the
+  oracle)."""
+  return heads.rows().idx_bk if isinstance(heads, GroupIndices) else None
+
+
+def _shard_group_indices(heads: HeadSelection):
+  """(`group_idx` in the balanced per-shard layout or None, per-shard counts int32 `[B, S]` or None) for the
+  sharded attention."""
+  if not isinstance(heads, GroupIndices):
+    return None, None
+  if heads.count_b is not None:   # one shard's count (tp 1)
+    return heads.idx_bk, heads.count_b[:, None]
+  return heads.idx_bk, heads.count_bs
 
 
 def _drop_uncounted_groups(ctx_bhd, heads: HeadSelection, num_groups: int):
@@ -307,7 +316,7 @@ def _drop_uncounted_groups(ctx_bhd, heads: HeadSelection, num_groups: int):
   if count_b is None:
     return ctx_bhd
   b, hq, d = ctx_bhd.shape
-  idx_bk = heads.idx_bk
+  idx_bk = _group_indices(heads)
   kept_bk = jnp.arange(idx_bk.shape[1])[None, :] < count_b[:, None]
   keep_bg = jnp.zeros((b, num_groups), bool).at[jnp.arange(b)[:, None], idx_bk].max(kept_bk)
   keep_bh = jnp.repeat(keep_bg, hq // num_groups, axis=1)
@@ -316,7 +325,7 @@ def _drop_uncounted_groups(ctx_bhd, heads: HeadSelection, num_groups: int):
 
 def _group_count(heads: HeadSelection):
   """The attention kernels' `group_count`: int32 `[B]` (adaptive budgets), or None for all K slots."""
-  return heads.count_b if isinstance(heads, GroupIndices) else None
+  return heads.rows().count_b if isinstance(heads, GroupIndices) else None
 
 
 class Normed(NamedTuple):

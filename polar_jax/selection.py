@@ -4,7 +4,8 @@ Per layer a `LayerPlan(heads, neurons)`:
   * `heads` says which KV groups each row attends to:
       `DenseHeads()`                 every group (the dense path);
       `GroupIndices(idx_bk, count_b)` int32 `[B, K]` groups per row, already chosen (e.g. the random selector);
-                                     with `count_b` (adaptive budgets) row b uses only `idx_bk[b, :count_b[b]]`;
+                                     with `count_b` (adaptive budgets) row b uses only `idx_bk[b, :count_b[b]]`
+                                     (per shard with `count_bs` under balanced selection);
       `LinearRouter(w_dg, b_g, k)`   each row's top-k of `x @ w + b`, x the layer's normed attention input; the
                                      q|k|v projection kernel can compute these scores itself (`Attention.decode`);
                                      with `mass`, each row keeps the fewest of those (>= `min_groups`) whose
@@ -15,7 +16,8 @@ Per layer a `LayerPlan(heads, neurons)`:
   * `neurons` (ReLU MLPs only) is None for the dense MLP, a `NeuronUnion` (the batch-union neuron set of the
     layer's neuron router) or `NeuronIndices` (a given set): the neurons the sparse MLP gathers.
 `shards > 1` (tensor parallelism): balanced per-shard selection, k / shards groups (ceil(k / shards) neurons) from
-each of `shards` equal blocks (`polar_jax.sharding.balanced_topk`).
+each of `shards` equal blocks (`polar_jax.sharding.balanced_topk`); adaptive budgets then count within each block
+(each shard keeps the fewest of its k / shards groups reaching `mass` of its block's share).
 
 These objects live inside one traced step (they hold arrays) and are never jit arguments themselves.
 """
@@ -42,10 +44,38 @@ class DenseHeads:
 @dataclasses.dataclass(frozen=True)
 class GroupIndices:
   """int32 `[B, K]`: the KV groups each row attends to (balanced per shard under tensor parallelism); with
-  `count_b` (int32 `[B]`, adaptive budgets) row b attends only to `idx_bk[b, :count_b[b]]`."""
+  `count_b` (int32 `[B]`, adaptive budgets) row b attends only to `idx_bk[b, :count_b[b]]`. A balanced selection
+  over S shards with adaptive budgets counts per shard instead: `count_bs` (int32 `[B, S]`), row b attends to the
+  first `count_bs[b, s]` of shard s's block of K / S slots."""
 
   idx_bk: jax.Array
   count_b: jax.Array | None = None
+  count_bs: jax.Array | None = None
+
+  def rows(self) -> "GroupIndices":
+    """The one-device form (one count per row): per-shard counts become the row's total, the counted slots of
+    every block moved to the front in their order (the same groups, the order the kernels' `group_count` needs)."""
+    if self.count_bs is None:
+      return self
+    b, k = self.idx_bk.shape
+    shards = self.count_bs.shape[1]
+    counted_bk = (jnp.arange(k // shards)[None, None, :] < self.count_bs[:, :, None]).reshape(b, k)
+    order_bk = jnp.argsort(~counted_bk, axis=1, stable=True)
+    return GroupIndices(jnp.take_along_axis(self.idx_bk, order_bk, axis=1),
+                        jnp.sum(self.count_bs, axis=1).astype(jnp.int32))
+
+
+def shard_mass_counts(weights_bg: jax.Array, idx_bk: jax.Array, mass: float, min_groups: int, shards: int
+                      ) -> jax.Array:
+  """int32 `[B, shards]`: `mass_counts` within each shard's block of G / shards groups and its K / shards slots of
+  a balanced selection (`balanced_topk`): the share is of the block's weight, the bounds
+  [min(min_groups, K / shards), K / shards]."""
+  b, g = weights_bg.shape
+  k = idx_bk.shape[1]
+  gl, kl = g // shards, k // shards
+  local_bk = idx_bk.reshape(b, shards, kl) - (jnp.arange(shards, dtype=idx_bk.dtype) * gl)[None, :, None]
+  counts = mass_counts(weights_bg.reshape(b * shards, gl), local_bk.reshape(b * shards, kl), mass, min_groups)
+  return counts.reshape(b, shards)
 
 
 def mass_counts(weights_bg: jax.Array, idx_bk: jax.Array, mass: float, min_groups: int = 1) -> jax.Array:
@@ -95,7 +125,13 @@ class LinearRouter:
     idx_bk = self.pick(scores_bp)
     if self.mass is None:
       return GroupIndices(idx_bk)
-    probs_bg = jax.nn.softmax(scores_bp[:, :self.num_groups].astype(jnp.float32), axis=-1)
+    scores_bg = scores_bp[:, :self.num_groups].astype(jnp.float32)
+    if self.shards > 1:   # each shard's share of its own block's softmax
+      b = scores_bg.shape[0]
+      probs_bg = jax.nn.softmax(scores_bg.reshape(b, self.shards, -1), axis=-1).reshape(b, -1)
+      return GroupIndices(idx_bk, count_bs=shard_mass_counts(probs_bg, idx_bk, self.mass, self.min_groups,
+                                                             self.shards))
+    probs_bg = jax.nn.softmax(scores_bg, axis=-1)
     return GroupIndices(idx_bk, mass_counts(probs_bg, idx_bk, self.mass, self.min_groups))
 
   def groups(self, x_bd: jax.Array) -> GroupIndices:
@@ -175,7 +211,11 @@ def keep_top_groups(ctx_bhd: jax.Array, num_kv_heads: int, k: int, shards: int =
   if mass is None:
     keep_bg = jnp.zeros((b, num_kv_heads), bool).at[jnp.arange(b)[:, None], top_bk].set(True)
   else:
-    counted_bk = jnp.arange(k)[None, :] < mass_counts(norms_bg, top_bk, mass, min_groups)[:, None]
+    if shards > 1:
+      count_bs = shard_mass_counts(norms_bg, top_bk, mass, min_groups, shards)
+      counted_bk = (jnp.arange(k // shards)[None, None, :] < count_bs[:, :, None]).reshape(b, k)
+    else:
+      counted_bk = jnp.arange(k)[None, :] < mass_counts(norms_bg, top_bk, mass, min_groups)[:, None]
     keep_bg = jnp.any((top_bk[:, :, None] == jnp.arange(num_kv_heads)[None, None, :]) & counted_bk[:, :, None],
                       axis=1)
   keep_bh = jnp.repeat(keep_bg, hq // num_kv_heads, axis=1)

@@ -183,10 +183,11 @@ def local_group_idx(group_idx_bk: jax.Array, num_groups: int, tp: int) -> jax.Ar
 
 
 def sharded_decode_attention(q_bhd, k_cache, v_cache, new_len, group_idx_bk, kv_start, *, mesh, num_groups: int,
-                             scale: float, implementation=None):
+                             scale: float, implementation=None, group_count_bs=None):
   """`selective_decode_attention` inside `jax.shard_map` over "tp": each shard its local heads and groups.
 
-  `group_idx_bk` must come from `balanced_topk(..., shards=tp)` (or be None for dense)."""
+  `group_idx_bk` must come from `balanced_topk(..., shards=tp)` (or be None for dense); `group_count_bs` (int32
+  `[B, tp]`, adaptive budgets): shard s uses only the first `group_count_bs[b, s]` of its slots of row b."""
 
   TRACE_COUNTS["shard_map"] += 1
   tp, dp = mesh_tp(mesh), mesh_dp(mesh)
@@ -194,7 +195,10 @@ def sharded_decode_attention(q_bhd, k_cache, v_cache, new_len, group_idx_bk, kv_
   bax = "dp" if dp > 1 and b % dp == 0 else None
   args = [q_bhd, k_cache, v_cache, new_len]
   specs = [P(bax, "tp", None), P(bax, "tp", None, None), P(bax, "tp", None, None), P(bax)]
-  has_idx, has_start = group_idx_bk is not None, kv_start is not None
+  has_idx, has_start, has_count = group_idx_bk is not None, kv_start is not None, group_count_bs is not None
+  if has_count and (not has_idx or group_count_bs.shape != (b, tp)):
+    raise ValueError(f"group_count_bs must have shape ({b}, tp={tp}) and come with group_idx_bk, got "
+                     f"{None if group_count_bs is None else group_count_bs.shape}")
   if has_idx:
     if group_idx_bk.shape[1] % tp:
       raise ValueError(f"under tp={tp} the selected groups per row ({group_idx_bk.shape[1]}) must divide by tp "
@@ -204,13 +208,17 @@ def sharded_decode_attention(q_bhd, k_cache, v_cache, new_len, group_idx_bk, kv_
   if has_start:
     args.append(kv_start)
     specs.append(P(bax))
+  if has_count:
+    args.append(group_count_bs.astype(jnp.int32))
+    specs.append(P(bax, "tp"))
 
   def local(q, k, v, lengths, *rest):
     rest = list(rest)
     idx = rest.pop(0).reshape(q.shape[0], -1) if has_idx else None
     start = rest.pop(0) if has_start else None
+    count = rest.pop(0).reshape(q.shape[0]) if has_count else None
     return pallas_kernels.selective_decode_attention(q, k, v, lengths, idx, scale=scale, kv_start=start,
-                                                     implementation=implementation)
+                                                     implementation=implementation, group_count=count)
 
   fn = jax.shard_map(local, mesh=mesh, in_specs=tuple(specs), out_specs=P(bax, "tp", None), check_vma=False)
   return fn(*args)

@@ -199,9 +199,6 @@ def make_decoder(model, sparsity: SparsityConfig | None, routers=None, *, batch:
   if neuron_k is not None:
     state["neuron"] = decode_neuron_layers(routers.neuron, [k is not None for k in neuron_k], dtype)
   masses = sparsity.layer_masses(config)
-  if masses is not None and mesh is not None:
-    raise ValueError("budget='adaptive' decodes on one device; this model is placed on a mesh (use "
-                     "budget='uniform' there)")
   decode = SparseDecode(groups, sparsity.selector, sparsity.seed, neuron_k, needs_head, shards, options, mesh,
                         masses, sparsity.min_groups if masses is not None else 1)
   return decode, state

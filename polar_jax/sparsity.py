@@ -26,7 +26,8 @@ Semantics (decode only; prefill is always dense; K/V of every head is always wri
     its group scores; oracle: each group's output norm over the sum of norms), at least `min_groups`. `mass` is
     one number or one per layer (`polar_jax.routers.adaptive.calibrate_mass` finds it for a target average
     density). Counts are data, not shapes: they change per row and step without recompiling. Selectors
-    "router" and "oracle"; one device (no balanced per-shard selection).
+    "router" and "oracle". With balanced per-shard selection (`shards`, tensor parallelism) each shard keeps
+    the fewest of its k / shards groups whose share of its own block of groups reaches `mass`.
 """
 
 from __future__ import annotations
@@ -122,9 +123,6 @@ class SparsityConfig:
       if self.selector not in ("router", "oracle"):
         raise ValueError(f"budget='adaptive' needs selector 'router' or 'oracle' (scores to take a mass of), got "
                          f"{self.selector!r}")
-      if self.shards is not None and self.shards > 1:
-        raise ValueError("budget='adaptive' runs on one device's selection; it does not combine with balanced "
-                         f"per-shard selection (shards={self.shards})")
     if self.shards is not None and (isinstance(self.shards, bool) or not isinstance(self.shards, int)
                                     or self.shards < 1):
       raise ValueError(f"shards must be an integer >= 1 or None, got {self.shards!r}")
@@ -163,9 +161,6 @@ class SparsityConfig:
     block), at least 1)."""
     shards = shards or self.shards or 1
     if shards > 1:
-      if self.budget == "adaptive":
-        raise ValueError(f"budget='adaptive' does not combine with balanced per-shard selection over {shards} "
-                         "shards (tensor parallelism); use budget='uniform' there")
       if config.num_kv_heads % shards:
         raise ValueError(f"balanced selection over {shards} shards needs the {config.num_kv_heads} KV groups to "
                          "divide evenly")

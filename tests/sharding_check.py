@@ -182,8 +182,8 @@ def check_checkpoint():
 
 
 def main_single(part: str):
-  """Part "a": dense, oracle and random selection, checkpoints, errors; part "b": routers and `stream` (two
-  processes, so the two halves run side by side)."""
+  """Part "a": dense, oracle (uniform and adaptive) and random selection, checkpoints, errors; part "b": routers
+  (uniform and adaptive) and `stream` (two processes, so the two halves run side by side)."""
   assert len(jax.devices()) == 8, jax.devices()
   if part == "a":
     check("mha tp2 dense", MHA, 2)
@@ -191,6 +191,8 @@ def main_single(part: str):
     check("opt tp2 dense", OPT, 2)
     check("mha tp4 oracle", MHA, 4, sparsity_kw=dict(attn_density=0.5, selector="oracle"))
     check("gqa8 tp4 random", GQA8, 4, sparsity_kw=dict(attn_density=0.5, selector="random", seed=4))
+    check("mha tp2 oracle adaptive", MHA, 2, sparsity_kw=dict(attn_density=0.75, selector="oracle",
+                                                           budget="adaptive", mass=0.5))
     check_checkpoint()
     check_errors()
     return
@@ -198,6 +200,8 @@ def main_single(part: str):
   check("mha tp4 router", MHA, 4, sparsity_kw=dict(attn_density=0.5), routers=mha_r)
   check("gqa tp2 router", GQA, 2, sparsity_kw=dict(attn_density=0.5), routers=gqa_r, via_generate=True)
   check("gqa dp2 tp2 router", GQA, 2, dp=2, sparsity_kw=dict(attn_density=0.5), routers=gqa_r)
+  check("mha tp2 router adaptive", MHA, 2, sparsity_kw=dict(attn_density=0.75, budget="adaptive", mass=0.5),
+        routers=mha_r)
   check("gqa8 tp4 router fused", GQA8, 4, sparsity_kw=dict(attn_density=0.5), routers=random_routers(GQA8),
         via_generate=True, fuse=True)
   opt_r = random_routers(OPT)

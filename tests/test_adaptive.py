@@ -273,6 +273,69 @@ def test_oracle_mass_keeps_the_fewest_groups_reaching_it():
                                 np.asarray(keep_top_groups(ctx, 4, 3)))
 
 
+def _block_counts(weights_bg, k, mass, shards, min_groups=1):
+  """numpy: per row and block of G / shards groups, the fewest of the block's top k / shards reaching `mass` of
+  the block's weight, and the groups they are."""
+  b, g = weights_bg.shape
+  gl, kl = g // shards, k // shards
+  counts, kept = np.zeros((b, shards), int), np.zeros((b, g), bool)
+  for r in range(b):
+    for s in range(shards):
+      w = weights_bg[r, s * gl:(s + 1) * gl]
+      order = np.argsort(-w, kind="stable")[:kl]
+      cum = np.cumsum(w[order]) / w.sum()
+      counts[r, s] = min(kl, max(min(min_groups, kl), 1 + int(np.sum(cum[:kl - 1] < mass))))
+      kept[r, s * gl + order[:counts[r, s]]] = True
+  return counts, kept
+
+
+def test_router_counts_per_shard_and_their_one_device_form():
+  """Balanced over 2 shards, each shard counts within its own block's softmax; `rows()` lists the same groups,
+  counted first, with the row's total."""
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((7, 32)), jnp.float32)
+  w = jnp.asarray(rng.standard_normal((32, 8)) * 0.3, jnp.float32)
+  b = jnp.asarray(rng.standard_normal(8) * 0.1, jnp.float32)
+  heads = LinearRouter(w, b, k=6, shards=2, mass=0.6).groups(x)
+  assert heads.count_b is None and heads.count_bs.shape == (7, 2)
+  scores = np.asarray(x @ w + b)
+  probs = np.exp(scores.reshape(7, 2, 4) - scores.reshape(7, 2, 4).max(-1, keepdims=True))
+  probs = (probs / probs.sum(-1, keepdims=True)).reshape(7, 8)
+  want, kept = _block_counts(probs, 6, 0.6, 2)
+  np.testing.assert_array_equal(np.asarray(heads.count_bs), want)
+  assert len(set(want.ravel().tolist())) > 1     # the case spreads over several counts
+  flat = heads.rows()
+  count = np.asarray(flat.count_b)
+  np.testing.assert_array_equal(count, want.sum(1))
+  idx = np.asarray(flat.idx_bk)
+  for r in range(7):
+    assert sorted(idx[r, :count[r]].tolist()) == np.flatnonzero(kept[r]).tolist()
+    assert sorted(idx[r].tolist()) == sorted(np.asarray(heads.idx_bk)[r].tolist())   # a permutation of the slots
+
+
+def test_oracle_mass_per_shard():
+  rng = np.random.default_rng(4)
+  ctx = jnp.asarray(rng.standard_normal((5, 8, 4)) * rng.uniform(0.1, 3, (5, 8, 1)), jnp.float32)
+  kept = np.asarray(keep_top_groups(ctx, 8, 6, shards=2, mass=0.5))
+  norms = np.linalg.norm(np.asarray(ctx).reshape(5, 8, 4), axis=-1)
+  want_counts, want = _block_counts(norms, 6, 0.5, 2)
+  assert len(set(want_counts.ravel().tolist())) > 1
+  np.testing.assert_array_equal(np.any(kept != 0, axis=-1), want)
+
+
+@pytest.mark.parametrize("selector", ["router", "oracle"])
+def test_adaptive_per_shard_bounds_equal_uniform_balanced_selection(mha_model, selector):
+  """Balanced over 2 shards: mass 1.0 keeps each shard's 3 groups (the uniform balanced top-6's tokens), a tiny
+  mass each shard's top group (the uniform balanced top-2's)."""
+  routers = _routers(mha_model.config) if selector == "router" else None
+  run = lambda **kw: gen.generate(mha_model, PROMPTS, max_new_tokens=6, routers=routers,  # noqa: E731
+                                  sparsity=SparsityConfig(selector=selector, shards=2, **kw)).tokens
+  np.testing.assert_array_equal(run(attn_groups=6, budget="adaptive", mass=1.0), run(attn_groups=6))
+  tiny = run(attn_groups=6, budget="adaptive", mass=1e-6)
+  np.testing.assert_array_equal(tiny, run(attn_groups=2))
+  assert not np.array_equal(tiny, run(attn_groups=6))     # the counts mattered
+
+
 @pytest.mark.parametrize("selector", ["router", "oracle"])
 def test_adaptive_full_mass_equals_uniform_top_k(mha_model, selector):
   """mass 1.0 (or min_groups = K) keeps all K groups: the uniform top-K's tokens."""
@@ -350,7 +413,6 @@ def test_counts_change_without_new_traces():
     (dict(budget="adaptive", mass=(0.5, True)), "mass of layer 1"),
     (dict(budget="adaptive", min_groups=0), "min_groups must be"),
     (dict(budget="adaptive", selector="random"), "needs selector 'router' or 'oracle'"),
-    (dict(budget="adaptive", shards=2), "per-shard"),
 ])
 def test_bad_adaptive_settings_raise(kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -364,8 +426,9 @@ def test_per_layer_mass_and_layer_groups():
   assert SparsityConfig(attn_density=1.0).layer_groups(LLAMA_MHA_8H) == (None, None)
   with pytest.raises(ValueError, match="3 per-layer values"):
     SparsityConfig(budget="adaptive", mass=(0.5, 0.7, 0.9)).layer_masses(LLAMA_MHA_8H)
-  with pytest.raises(ValueError, match="per-shard"):
-    SparsityConfig(budget="adaptive").layer_groups(LLAMA_MHA_8H, shards=2)
+  # balanced over 2 shards: 4 groups a shard, each keeping at most round(0.75 x 4) = 3 of its own (1.0: all 4)
+  assert SparsityConfig(attn_density=0.75, budget="adaptive", shards=2).layer_groups(LLAMA_MHA_8H) == (None, 6)
+  assert SparsityConfig(attn_density=1.0, budget="adaptive").layer_groups(LLAMA_MHA_8H, shards=2) == (None, 8)
 
 
 # ---- calibration -----------------------------------------------------------------------------------------------
@@ -405,6 +468,26 @@ def test_calibration_counts_match_the_decode_selection():
     want = mass_counts(jax.nn.softmax(jnp.asarray(scores), axis=-1), idx, mass)
     got = adaptive.counts_for_mass(adaptive.sorted_cumulative_shares(scores), mass, 6)
     np.testing.assert_array_equal(got, np.asarray(want))
+
+
+def test_per_shard_calibration_realises_the_router_counts():
+  """Calibrated over 2 shards, the mass realises its density in the decode step's per-shard counts (`LinearRouter`
+  with shards=2) on the same scores, near the target."""
+  scores = _random_scores(5, t=400)                          # [T, 3 layers, 8 groups]
+  budget = adaptive.calibrate_mass(scores, 0.45, (None, 6, 6), shards=2)
+  assert budget.max_groups == (None, 6, 6) and abs(budget.realised_density - 0.45) < 0.02
+  sparsity = SparsityConfig(attn_groups=6, dense_layers=(0,), budget="adaptive", mass=budget.mass, shards=2)
+  assert abs(adaptive.realised_density(scores, sparsity, dataclasses.replace(LLAMA_MHA_8H, num_layers=3)) - budget.realised_density) < 1e-9
+  kept = []
+  for layer in (1, 2):
+    router = LinearRouter(jnp.eye(8, dtype=jnp.float32), jnp.zeros(8, jnp.float32), k=6, shards=2,
+                          mass=budget.mass[layer])
+    kept.append(np.asarray(router.groups(jnp.asarray(scores[:, layer])).count_bs).sum(1) / 8)
+  # the bisection's mass sits on some token's cumulative share: float32 (step) vs float64 (calibration) may count
+  # such a boundary token differently, 1 / (400 x 8 x 2) of density each
+  np.testing.assert_allclose(np.mean(kept), budget.realised_density, atol=5 / (400 * 8 * 2))
+  with pytest.raises(ValueError, match="divide by 3"):
+    adaptive.calibrate_mass(scores, 0.5, (None, 6, 6), shards=3)
 
 
 def test_calibration_out_of_reach_and_bad_input():
@@ -449,6 +532,13 @@ def test_heldout_scores_and_stored_budget(tmp_path):
   assert adaptive.AdaptiveBudget.from_json(json.loads(json.dumps(mine.to_json()))) == mine
   cfg = budget.sparsity()
   assert abs(adaptive.realised_density(scores, cfg, model.config) - budget.realised_density) < 1e-6
+  sharded = adaptive.calibrate_mass(scores, 0.5, budget.max_groups, shards=2)
+  adaptive.save_adaptive_budget(tmp_path, sharded)                  # another selection's budget: both kept
+  assert adaptive.load_adaptive_budget(tmp_path, 0.5, per_layer=False, model=model.config) == mine
+  assert adaptive.load_adaptive_budget(tmp_path, 0.5, shards=2) == sharded
+  assert adaptive.AdaptiveBudget.from_json(json.loads(json.dumps(sharded.to_json()))) == sharded
+  assert sharded.sparsity().shards == 2 and budget.sparsity().shards is None
+  assert abs(adaptive.realised_density(scores, sharded.sparsity(), model.config) - sharded.realised_density) < 1e-6
 
 
 def test_oracle_calibration_counts_match_the_oracle_selection(tmp_path):
@@ -514,11 +604,17 @@ def test_evaluate_records_an_adaptive_setting(tmp_path):
   oracle = adaptive.calibrate_adaptive(model, ByteTokenizer(), None, 0.5, max_tokens=512, selector="oracle",
                                        per_layer=True)
   assert oracle.selector == "oracle" and abs(oracle.realised_density - 0.5) < 0.05
+  sharded = adaptive.calibrate_adaptive(model, ByteTokenizer(), routers, 0.5, max_tokens=512,
+                                        sparsity=SparsityConfig(shards=2))
+  assert sharded.shards == 2 and abs(sharded.realised_density - 0.5) < 0.05
   recs = evaluate(model, ByteTokenizer(), tasks=("arc_easy",), densities=(0.5,), selectors=("router",),
-                  mode="all_tokens", limit=2, routers=routers, adaptive=[budget, oracle], progress=False,
+                  mode="all_tokens", limit=2, routers=routers, adaptive=[budget, oracle, sharded], progress=False,
                   model_name="tiny", max_rows=8)
-  by_budget = {(r["selector"], r["budget"]): r for r in recs}
-  assert set(by_budget) == {("router", "uniform"), ("router", "adaptive"), ("oracle", "adaptive")}
+  by_budget = {(r["selector"], r["budget"], r["shards"]): r for r in recs}
+  assert set(by_budget) == {("router", "uniform", 1), ("router", "adaptive", 1), ("oracle", "adaptive", 1),
+                            ("router", "adaptive", 2)}
+  assert by_budget["router", "adaptive", 2]["mass"] == list(sharded.mass)
+  by_budget = {(r["selector"], r["budget"]): r for r in recs if r["shards"] == 1}
   a = by_budget["router", "adaptive"]
   assert a["avg_density"] == round(budget.avg_density, 4) and a["target_density"] == 0.5
   assert a["routed_density"] == round(budget.realised_density, 4)

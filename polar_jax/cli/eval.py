@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import itertools
 import json
 import pathlib
 import sys
@@ -289,9 +290,9 @@ def run_sensitivity(args, model, tokenizer, name, routers, routers_label, select
   return 0
 
 
-def adaptive_budgets(args, model, tokenizer, routers, selectors, dense_layers, out) -> list:
-  """--budget adaptive: the calibrated `AdaptiveBudget` of each --target-density (stored beside the routers, or in
-  OUT for the shipped routers); [] for the uniform budget."""
+def adaptive_budgets(args, model, tokenizer, routers, selectors, dense_layers, out, shards=(1,)) -> list:
+  """--budget adaptive: the calibrated `AdaptiveBudget` of each --target-density and --shards value (stored beside
+  the routers, or in OUT for the shipped routers); [] for the uniform budget."""
   if args.budget != "adaptive":
     if args.target_density is not None:
       raise ValueError("--target-density needs --budget adaptive")
@@ -311,18 +312,18 @@ def adaptive_budgets(args, model, tokenizer, routers, selectors, dense_layers, o
     store = out if selector == "oracle" or directory == default_routers_dir() else directory
     scores = adaptive.calibration_scores(model, tokenizer, routers, selector, max_tokens=args.calibration_tokens)
     scopes = {None: (False,), "only": (True,), "both": (False, True)}[args.per_layer_mass]
-    for per_layer in scopes:
-      for target in targets:
-        b = adaptive.calibrate_adaptive(model, tokenizer, routers, target,
-                                        sparsity=SparsityConfig(dense_layers=tuple(dense_layers)),
-                                        per_layer=per_layer, selector=selector, scores_tlg=scores)
-        path = adaptive.save_adaptive_budget(store, b)
-        masses = sorted({m for m, k in zip(b.mass, b.max_groups) if k is not None})
-        mass = f"{masses[0]:.4f}" if len(masses) == 1 else f"{masses[0]:.4f} .. {masses[-1]:.4f}"
-        print(f"adaptive budget ({selector}{', per layer' if per_layer else ''}): target density {target:g} -> "
-              f"realised {b.realised_density:.4f} (all layers {b.avg_density:.4f}) on {b.tokens} held-out tokens, "
-              f"mass {mass} ({path})", flush=True)
-        budgets.append(b)
+    for per_layer, n, target in itertools.product(scopes, shards, targets):
+      base = SparsityConfig(dense_layers=tuple(dense_layers), shards=None if n == 1 else n)
+      b = adaptive.calibrate_adaptive(model, tokenizer, routers, target, sparsity=base, per_layer=per_layer,
+                                      selector=selector, scores_tlg=scores)
+      path = adaptive.save_adaptive_budget(store, b)
+      masses = sorted({m for m, k in zip(b.mass, b.max_groups) if k is not None})
+      mass = f"{masses[0]:.4f}" if len(masses) == 1 else f"{masses[0]:.4f} .. {masses[-1]:.4f}"
+      print(f"adaptive budget ({selector}{', per layer' if per_layer else ''}"
+            f"{f', {n} shards' if n > 1 else ''}): target density {target:g} -> "
+            f"realised {b.realised_density:.4f} (all layers {b.avg_density:.4f}) on {b.tokens} held-out tokens, "
+            f"mass {mass} ({path})", flush=True)
+      budgets.append(b)
   return budgets
 
 
@@ -387,7 +388,7 @@ def _run(args, scope: contextlib.ExitStack) -> int:
     if args.sensitivity:
       return run_sensitivity(args, model, tokenizer, name, routers, routers_label, selectors, densities, dense_layers,
                              out)
-    budgets = adaptive_budgets(args, model, tokenizer, routers, selectors, dense_layers, out)
+    budgets = adaptive_budgets(args, model, tokenizer, routers, selectors, dense_layers, out, shards)
     for mode in modes:
       mode_tasks = tasks
       if args.resume and not budgets:   # adaptive settings are not among the checked ones: they always run

@@ -117,7 +117,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
   settings = settings_for(model, selectors, densities, dense_layers=dense_layers, per_layer=per_layer, shards=shards)
   for b in adaptive:
     kmax = max((k for k in b.max_groups if k is not None), default=model.config.num_kv_heads)
-    settings.append(Setting(b.selector, float(b.target_density), kmax, None, round(b.avg_density, 4), 1,
+    settings.append(Setting(b.selector, float(b.target_density), kmax, None, round(b.avg_density, 4), b.shards,
                             tuple(b.mass), b.min_groups, round(b.realised_density, 4), b.per_layer))
   static = None
   if any(s.selector == "static" for s in settings):
@@ -130,7 +130,7 @@ def evaluate(model, tokenizer, *, tasks: Sequence[str], densities: Sequence[floa
       if routers is None and s.selector == "router":
         raise ValueError("an adaptive router budget needs routers (--routers DIR)")
       cfg = SparsityConfig(dense_layers=tuple(dense_layers), budget="adaptive", mass=s.mass, min_groups=s.min_groups,
-                           selector=s.selector)
+                           selector=s.selector, shards=None if s.shards == 1 else s.shards)
       decoders[s] = make_decoder(model, cfg, routers, batch=max_rows, options=options)
       continue
     decoders[s] = sel_mod.build_decoder(

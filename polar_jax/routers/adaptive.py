@@ -47,6 +47,7 @@ class AdaptiveBudget:
       norms, the upper bound).
     model: the fingerprint (`ModelConfig.fingerprint`) of the model calibrated on ("": not recorded). One folder
       can hold the budgets of several models (a model and its `--expand-kv` equivalent, say).
+    shards: the balanced per-shard selection calibrated for (1: the global per-row top groups).
   """
 
   target_density: float
@@ -59,6 +60,7 @@ class AdaptiveBudget:
   per_layer: bool = False
   selector: str = "router"
   model: str = ""
+  shards: int = 1
 
   @property
   def avg_density(self) -> float:
@@ -69,7 +71,7 @@ class AdaptiveBudget:
     """`base` (default `SparsityConfig()`) with this budget: adaptive, its masses and min_groups."""
     base = base or SparsityConfig()
     return dataclasses.replace(base, budget="adaptive", mass=self.mass, min_groups=self.min_groups,
-                               selector=self.selector)
+                               selector=self.selector, shards=None if self.shards == 1 else self.shards)
 
   def to_json(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
@@ -80,7 +82,7 @@ class AdaptiveBudget:
                tuple(None if k is None else int(k) for k in d["max_groups"]), int(d["min_groups"]),
                float(d["realised_density"]), tuple(None if x is None else float(x) for x in d["layer_density"]),
                int(d["tokens"]), bool(d.get("per_layer", False)), str(d.get("selector", "router")),
-               str(d.get("model", "")))
+               str(d.get("model", "")), int(d.get("shards", 1)))
 
 
 def sorted_cumulative_shares(scores_tg: np.ndarray) -> np.ndarray:
@@ -117,8 +119,23 @@ def _bisect(density_of, target: float) -> float:
   return lo if abs(density_of(lo) - target) < abs(density_of(hi) - target) else hi
 
 
+def shard_blocks(scores_tlg: np.ndarray, max_groups: Sequence[int | None], shards: int
+                 ) -> tuple[np.ndarray, tuple[int | None, ...]]:
+  """Scores `[T, L, G]` and per-layer most groups as balanced selection over `shards` counts them: each shard's
+  block of G / shards groups a token of its own (`[T x shards, L, G / shards]`, at most k / shards groups each).
+  The mean density over the blocks is the density over all G groups."""
+  t, num_layers, g = scores_tlg.shape
+  if g % shards or any(k is not None and k % shards for k in max_groups):
+    raise ValueError(f"balanced selection over {shards} shards needs the {g} groups and the most groups per layer "
+                     f"{tuple(max_groups)} to divide by {shards}")
+  blocks = scores_tlg.reshape(t, num_layers, shards, g // shards).transpose(0, 2, 1, 3)
+  return blocks.reshape(t * shards, num_layers, g // shards), tuple(None if k is None else k // shards
+                                                                      for k in max_groups)
+
+
 def calibrate_mass(scores_tlg: np.ndarray, target_density: float, max_groups: Sequence[int | None], *,
-                   min_groups: int = 1, per_layer: bool = False, selector: str = "router") -> AdaptiveBudget:
+                   min_groups: int = 1, per_layer: bool = False, selector: str = "router",
+                   shards: int = 1) -> AdaptiveBudget:
   """The mass threshold(s) whose realised average density on `scores_tlg` is nearest `target_density`.
 
   Args:
@@ -131,6 +148,8 @@ def calibrate_mass(scores_tlg: np.ndarray, target_density: float, max_groups: Se
     per_layer: one mass per layer, each layer at the target; else one mass whose average over the routed layers
       is at the target.
     selector: recorded in the budget ("oracle": `scores_tlg` are log group norms, `heldout_oracle_scores`).
+    shards: balanced per-shard selection (`SparsityConfig.shards`): each shard counts its own block of groups
+      (`shard_blocks`); `max_groups` are the totals over the shards.
 
   Raises:
     ValueError: bad target, shapes that disagree, or no routed layer.
@@ -144,6 +163,10 @@ def calibrate_mass(scores_tlg: np.ndarray, target_density: float, max_groups: Se
   t, num_layers, g = scores_tlg.shape
   if len(max_groups) != num_layers:
     raise ValueError(f"max_groups has {len(max_groups)} entries for {num_layers} layers of scores")
+  budget_groups = tuple(max_groups)
+  if shards > 1:
+    scores_tlg, max_groups = shard_blocks(scores_tlg, max_groups, shards)
+    g = g // shards
   routed = [i for i, k in enumerate(max_groups) if k is not None]
   if not routed:
     raise ValueError("no routed layer to calibrate (every layer is dense)")
@@ -162,9 +185,9 @@ def calibrate_mass(scores_tlg: np.ndarray, target_density: float, max_groups: Se
   for i in routed:
     layer_density[i] = _density([cums[i]], [masses[i]], [max_groups[i]], min_groups, g)
   realised = float(np.mean([layer_density[i] for i in routed]))
-  return AdaptiveBudget(target, tuple(masses), tuple(max_groups), int(min_groups), round(realised, 6),
+  return AdaptiveBudget(target, tuple(masses), budget_groups, int(min_groups), round(realised, 6),
                         tuple(None if d is None else round(d, 6) for d in layer_density), int(t), bool(per_layer),
-                        selector)
+                        selector, shards=int(shards))
 
 
 def realised_density(scores_tlg: np.ndarray, sparsity: SparsityConfig, config) -> float:
@@ -172,10 +195,14 @@ def realised_density(scores_tlg: np.ndarray, sparsity: SparsityConfig, config) -
   groups, masses = sparsity.layer_groups(config), sparsity.layer_masses(config)
   if masses is None:
     raise ValueError("realised_density needs an adaptive SparsityConfig")
+  scores_tlg, g = np.asarray(scores_tlg), config.num_kv_heads
+  shards = sparsity.shards or 1
+  if shards > 1:
+    scores_tlg, groups = shard_blocks(scores_tlg, groups, shards)
+    g = g // shards
   routed = [i for i, k in enumerate(groups) if k is not None]
-  cums = [sorted_cumulative_shares(np.asarray(scores_tlg)[:, i]) for i in routed]
-  return _density(cums, [masses[i] for i in routed], [groups[i] for i in routed], sparsity.min_groups,
-                  config.num_kv_heads)
+  cums = [sorted_cumulative_shares(scores_tlg[:, i]) for i in routed]
+  return _density(cums, [masses[i] for i in routed], [groups[i] for i in routed], sparsity.min_groups, g)
 
 
 def heldout_router_scores(model, routers, sequences: Sequence[Sequence[int]], *, max_tokens: int = 8192,
@@ -260,7 +287,7 @@ def calibrate_adaptive(model, tokenizer, routers, target_density: float, *, spar
   if scores_tlg is None:
     scores_tlg = calibration_scores(model, tokenizer, routers, selector, max_tokens=max_tokens, sources=sources)
   budget = calibrate_mass(scores_tlg, target_density, base.layer_groups(model.config), min_groups=base.min_groups,
-                          per_layer=per_layer, selector=selector)
+                          per_layer=per_layer, selector=selector, shards=base.shards or 1)
   return dataclasses.replace(budget, model=model.config.fingerprint())
 
 
@@ -279,10 +306,10 @@ def calibration_scores(model, tokenizer, routers, selector: str = "router", *, m
 
 def save_adaptive_budget(directory: str | os.PathLike, budget: AdaptiveBudget) -> pathlib.Path:
   """Adds `budget` to `directory/adaptive_budget.json` (beside the routers' `metadata.json`), replacing one of
-  the same model, target density, per-layer choice and selector."""
+  the same model, target density, per-layer choice, selector and shards."""
   path = pathlib.Path(directory).expanduser() / BUDGET_FILE
   path.parent.mkdir(parents=True, exist_ok=True)
-  key = lambda b: (b.model, b.target_density, b.per_layer, b.selector)
+  key = lambda b: (b.model, b.target_density, b.per_layer, b.selector, b.shards)
   kept = [b for b in _read_budgets(path) if key(b) != key(budget)]
   tmp = path.with_suffix(".tmp")
   tmp.write_text(json.dumps({"budgets": [b.to_json() for b in kept + [budget]]}, indent=1) + "\n")
@@ -298,14 +325,15 @@ def _read_budgets(path: pathlib.Path) -> list[AdaptiveBudget]:
 
 def load_adaptive_budget(directory: str | os.PathLike, target_density: float | None = None,
                          per_layer: bool | None = None, selector: str = "router",
-                         model: str | ModelConfig | None = None) -> AdaptiveBudget | None:
+                         model: str | ModelConfig | None = None, shards: int = 1) -> AdaptiveBudget | None:
   """The `AdaptiveBudget` of `selector` stored in `directory` (a router directory) for `target_density` (None: the
-  last one stored), `per_layer` (None: either) and `model` (a `ModelConfig.fingerprint()`, or the config itself;
-  None: any; a budget that recorded no model matches every model), or None when there is none."""
+  last one stored), `per_layer` (None: either), `model` (a `ModelConfig.fingerprint()`, or the config itself;
+  None: any; a budget that recorded no model matches every model) and `shards` (the balanced selection it was
+  calibrated for), or None when there is none."""
   if isinstance(model, ModelConfig):
     model = model.fingerprint()
   budgets = [b for b in _read_budgets(pathlib.Path(directory).expanduser() / BUDGET_FILE)
              if (target_density is None or abs(b.target_density - float(target_density)) < 1e-9)
              and (per_layer is None or b.per_layer == per_layer) and b.selector == selector
-             and (model is None or b.model in ("", model))]
+             and (model is None or b.model in ("", model)) and b.shards == shards]
   return budgets[-1] if budgets else None

@@ -41,6 +41,7 @@ def _selected(layer, plan: LayerPlan, h_bd, num_groups: int) -> GroupIndices:
 
 def _hits_g(sel: GroupIndices, active_b, num_groups: int) -> jax.Array:
   """int32 `[G]`: active rows selecting each group."""
+  sel = sel.rows()
   b, k = sel.idx_bk.shape
   used_bk = jnp.broadcast_to(active_b[:, None], (b, k))
   if sel.count_b is not None:
