@@ -81,12 +81,21 @@ def shard_mass_counts(weights_bg: jax.Array, idx_bk: jax.Array, mass: float, min
 def mass_counts(weights_bg: jax.Array, idx_bk: jax.Array, mass: float, min_groups: int = 1) -> jax.Array:
   """int32 `[B]`: per row, the fewest of its slots `idx_bk` (sorted by decreasing weight) whose share of the row's
   total weight over all G groups reaches `mass`, clamped to [min(min_groups, K), K]. `weights_bg` are
-  non-negative (softmax probabilities, group norms); summed in float32."""
+  non-negative (softmax probabilities, group norms); summed in float32.
+
+  The test is on what is left out: a slot is added while the weight of the later slots and of every group outside
+  `idx_bk` exceeds (1 - mass) x the total, summed from the small weights up. A mass near 1 (a peaked softmax needs
+  one: 1 - 1e-6, say) then counts as the float64 calibration does (`routers.adaptive.counts_for_mass`); 1 - a
+  cumulative float32 share would round it to 0."""
   w_bg = weights_bg.astype(jnp.float32)
-  share_bg = w_bg / jnp.maximum(jnp.sum(w_bg, axis=-1, keepdims=True), jnp.finfo(jnp.float32).tiny)
-  cum_bk = jnp.cumsum(jnp.take_along_axis(share_bg, idx_bk, axis=-1), axis=-1)
-  k = idx_bk.shape[1]
-  needed_b = 1 + jnp.sum(cum_bk[:, :k - 1] < mass, axis=-1)     # the first slot whose cumulative share >= mass
+  b, k = idx_bk.shape
+  top_bk = jnp.take_along_axis(w_bg, idx_bk, axis=-1)
+  listed_bg = jnp.zeros(w_bg.shape, bool).at[jnp.arange(b)[:, None], idx_bk].set(True)
+  outside_b = jnp.sum(jnp.where(listed_bg, 0.0, w_bg), axis=-1)
+  later_bk = jnp.cumsum(top_bk[:, :0:-1], axis=-1)[:, ::-1]     # [B, K - 1]: weight of the slots after slot j
+  left_bk = later_bk + outside_b[:, None]
+  limit_b = (1.0 - float(mass)) * jnp.sum(w_bg, axis=-1)
+  needed_b = 1 + jnp.sum(left_bk > limit_b[:, None], axis=-1)
   return jnp.clip(needed_b, min(min_groups, k), k).astype(jnp.int32)
 
 

@@ -85,23 +85,26 @@ class AdaptiveBudget:
                str(d.get("model", "")), int(d.get("shards", 1)))
 
 
-def sorted_cumulative_shares(scores_tg: np.ndarray) -> np.ndarray:
-  """float64 `[T, G]`: per token, the cumulative softmax share of its groups in decreasing score order."""
+def sorted_tail_shares(scores_tg: np.ndarray) -> np.ndarray:
+  """float64 `[T, G - 1]`: per token, the softmax share of the groups after each rank (decreasing score order),
+  summed from the smallest up (what a count leaves out; accurate where the share is tiny)."""
   s = np.asarray(scores_tg, np.float64)
   p = np.exp(s - s.max(axis=-1, keepdims=True))
   p /= p.sum(axis=-1, keepdims=True)
-  return np.cumsum(-np.sort(-p, axis=-1), axis=-1)
+  p = -np.sort(-p, axis=-1)
+  return np.cumsum(p[:, :0:-1], axis=-1)[:, ::-1]
 
 
-def counts_for_mass(cum_tg: np.ndarray, mass: float, max_groups: int, min_groups: int = 1) -> np.ndarray:
-  """int `[T]`: the groups each token keeps at `mass` (as `selection.mass_counts` on the top `max_groups`)."""
-  needed = 1 + np.sum(cum_tg[:, :max_groups - 1] < mass, axis=-1)
+def counts_for_mass(tail_tg: np.ndarray, mass: float, max_groups: int, min_groups: int = 1) -> np.ndarray:
+  """int `[T]`: the groups each token keeps at `mass` (as `selection.mass_counts` on the top `max_groups`): the
+  fewest whose left-out share is at most 1 - mass."""
+  needed = 1 + np.sum(tail_tg[:, :max_groups - 1] > 1.0 - mass, axis=-1)
   return np.clip(needed, min(min_groups, max_groups), max_groups)
 
 
-def _density(cums, masses, max_groups, min_groups, num_groups) -> float:
+def _density(tails, masses, max_groups, min_groups, num_groups) -> float:
   return float(np.mean([counts_for_mass(c, m, k, min_groups).mean() / num_groups
-                        for c, m, k in zip(cums, masses, max_groups)]))
+                        for c, m, k in zip(tails, masses, max_groups)]))
 
 
 def _bisect(density_of, target: float) -> float:
@@ -171,19 +174,19 @@ def calibrate_mass(scores_tlg: np.ndarray, target_density: float, max_groups: Se
   if not routed:
     raise ValueError("no routed layer to calibrate (every layer is dense)")
   target = float(target_density)
-  cums = {i: sorted_cumulative_shares(scores_tlg[:, i]) for i in routed}
+  tails = {i: sorted_tail_shares(scores_tlg[:, i]) for i in routed}
   masses = [1.0] * num_layers
   if per_layer:
     for i in routed:
-      masses[i] = _bisect(lambda m, i=i: _density([cums[i]], [m], [max_groups[i]], min_groups, g), target)
+      masses[i] = _bisect(lambda m, i=i: _density([tails[i]], [m], [max_groups[i]], min_groups, g), target)
   else:
     ks = [max_groups[i] for i in routed]
-    m = _bisect(lambda m: _density([cums[i] for i in routed], [m] * len(routed), ks, min_groups, g), target)
+    m = _bisect(lambda m: _density([tails[i] for i in routed], [m] * len(routed), ks, min_groups, g), target)
     for i in routed:
       masses[i] = m
   layer_density = [None] * num_layers
   for i in routed:
-    layer_density[i] = _density([cums[i]], [masses[i]], [max_groups[i]], min_groups, g)
+    layer_density[i] = _density([tails[i]], [masses[i]], [max_groups[i]], min_groups, g)
   realised = float(np.mean([layer_density[i] for i in routed]))
   return AdaptiveBudget(target, tuple(masses), budget_groups, int(min_groups), round(realised, 6),
                         tuple(None if d is None else round(d, 6) for d in layer_density), int(t), bool(per_layer),
@@ -201,8 +204,8 @@ def realised_density(scores_tlg: np.ndarray, sparsity: SparsityConfig, config) -
     scores_tlg, groups = shard_blocks(scores_tlg, groups, shards)
     g = g // shards
   routed = [i for i, k in enumerate(groups) if k is not None]
-  cums = [sorted_cumulative_shares(scores_tlg[:, i]) for i in routed]
-  return _density(cums, [masses[i] for i in routed], [groups[i] for i in routed], sparsity.min_groups, g)
+  tails = [sorted_tail_shares(scores_tlg[:, i]) for i in routed]
+  return _density(tails, [masses[i] for i in routed], [groups[i] for i in routed], sparsity.min_groups, g)
 
 
 def heldout_router_scores(model, routers, sequences: Sequence[Sequence[int]], *, max_tokens: int = 8192,
