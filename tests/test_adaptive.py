@@ -494,7 +494,8 @@ def test_per_shard_calibration_realises_the_router_counts():
   budget = adaptive.calibrate_mass(scores, 0.45, (None, 6, 6), shards=2)
   assert budget.max_groups == (None, 6, 6) and abs(budget.realised_density - 0.45) < 0.02
   sparsity = SparsityConfig(attn_groups=6, dense_layers=(0,), budget="adaptive", mass=budget.mass, shards=2)
-  assert abs(adaptive.realised_density(scores, sparsity, dataclasses.replace(LLAMA_MHA_8H, num_layers=3)) - budget.realised_density) < 1e-9
+  three_layers = dataclasses.replace(LLAMA_MHA_8H, num_layers=3)
+  assert abs(adaptive.realised_density(scores, sparsity, three_layers) - budget.realised_density) < 1e-9
   kept = []
   for layer in (1, 2):
     router = LinearRouter(jnp.eye(8, dtype=jnp.float32), jnp.zeros(8, jnp.float32), k=6, shards=2,

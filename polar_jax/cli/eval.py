@@ -318,7 +318,7 @@ def adaptive_budgets(args, model, tokenizer, routers, selectors, dense_layers, o
                                       selector=selector, scores_tlg=scores)
       path = adaptive.save_adaptive_budget(store, b)
       masses = sorted({m for m, k in zip(b.mass, b.max_groups) if k is not None})
-      mass = f"{masses[0]:.4f}" if len(masses) == 1 else f"{masses[0]:.4f} .. {masses[-1]:.4f}"
+      mass = f"{masses[0]:.10g}" if len(masses) == 1 else f"{masses[0]:.10g} .. {masses[-1]:.10g}"   # near 1: digits
       print(f"adaptive budget ({selector}{', per layer' if per_layer else ''}"
             f"{f', {n} shards' if n > 1 else ''}): target density {target:g} -> "
             f"realised {b.realised_density:.4f} (all layers {b.avg_density:.4f}) on {b.tokens} held-out tokens, "
