@@ -57,12 +57,16 @@ class GroupIndices:
     every block moved to the front in their order (the same groups, the order the kernels' `group_count` needs)."""
     if self.count_bs is None:
       return self
-    b, k = self.idx_bk.shape
-    shards = self.count_bs.shape[1]
-    counted_bk = (jnp.arange(k // shards)[None, None, :] < self.count_bs[:, :, None]).reshape(b, k)
+    counted_bk = shard_count_mask(self.count_bs, self.idx_bk.shape[1])
     order_bk = jnp.argsort(~counted_bk, axis=1, stable=True)
     return GroupIndices(jnp.take_along_axis(self.idx_bk, order_bk, axis=1),
                         jnp.sum(self.count_bs, axis=1).astype(jnp.int32))
+
+
+def shard_count_mask(count_bs: jax.Array, k: int) -> jax.Array:
+  """bool `[B, K]`: slot j of shard s's block of K / S slots is counted (j < `count_bs[b, s]`)."""
+  b, shards = count_bs.shape
+  return (jnp.arange(k // shards)[None, None, :] < count_bs[:, :, None]).reshape(b, k)
 
 
 def shard_mass_counts(weights_bg: jax.Array, idx_bk: jax.Array, mass: float, min_groups: int, shards: int
@@ -220,11 +224,7 @@ def keep_top_groups(ctx_bhd: jax.Array, num_kv_heads: int, k: int, shards: int =
   if mass is None:
     keep_bg = jnp.zeros((b, num_kv_heads), bool).at[jnp.arange(b)[:, None], top_bk].set(True)
   else:
-    if shards > 1:
-      count_bs = shard_mass_counts(norms_bg, top_bk, mass, min_groups, shards)
-      counted_bk = (jnp.arange(k // shards)[None, None, :] < count_bs[:, :, None]).reshape(b, k)
-    else:
-      counted_bk = jnp.arange(k)[None, :] < mass_counts(norms_bg, top_bk, mass, min_groups)[:, None]
+    counted_bk = shard_count_mask(shard_mass_counts(norms_bg, top_bk, mass, min_groups, shards), k)
     keep_bg = jnp.any((top_bk[:, :, None] == jnp.arange(num_kv_heads)[None, None, :]) & counted_bk[:, :, None],
                       axis=1)
   keep_bh = jnp.repeat(keep_bg, hq // num_kv_heads, axis=1)
