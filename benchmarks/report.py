@@ -121,6 +121,8 @@ def serve_table(recs: list[dict]) -> str:
     rps = r.get("request_throughput")
     rows = f"{r['decode_rows_mean']:.1f} / {r['decode_rows_peak']}" if "decode_rows_mean" in r else ""
     chunks = str(r.get("prefill_chunks_per_round", ""))
+    if r.get("prefill_chunks_backlog", 0) > r.get("prefill_chunks_per_round", 1):
+      chunks += f", {r['prefill_chunks_backlog']} on a backlog"
     if chunks and "prefill_key_spans" in r:
       chunks += f" ({r['prefill_key_spans']})"
     workload = serve_workload(r) if r["system"] != "polar_static" else ""

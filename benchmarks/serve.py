@@ -98,7 +98,8 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
   opts = EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
                        max_waiting=len(prompts), prefill_rows=args.prefill_rows,
                        prefill_chunk=args.prefill_chunk or None,
-                       prefill_chunks_per_round=args.prefill_chunks_per_round, kv_layout=args.kv_layout,
+                       prefill_chunks_per_round=args.prefill_chunks_per_round,
+                       prefill_chunks_backlog=args.prefill_chunks_backlog, kv_layout=args.kv_layout,
                        prefill_key_spans=args.prefill_key_spans,
                        page_size=args.page_size,
                        num_pages=args.num_pages, kv_memory_fraction=args.kv_memory_fraction,
@@ -130,6 +131,7 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
           "sparse_min_rows": args.sparse_min_rows, "prefill_rows": args.prefill_rows,
           "prefill_chunk": args.prefill_chunk,
           "prefill_chunks_per_round": args.prefill_chunks_per_round,
+          "prefill_chunks_backlog": args.prefill_chunks_backlog,
           "prefill_key_spans": args.prefill_key_spans, "prefix_caching": not args.no_prefix_caching,
           "cost_table": stats["cost_table"], **kv}
 
@@ -207,6 +209,8 @@ def main(argv=None) -> int:
                  help="key spans of the chunk programs (1: every chunk attends over max_len keys)")
   p.add_argument("--prefill-chunks-per-round", type=int, default=EngineOptions().prefill_chunks_per_round,
                  help="prompt chunks prefilled between two decode rounds")
+  p.add_argument("--prefill-chunks-backlog", type=int, default=EngineOptions().prefill_chunks_backlog,
+                 help="prompt chunks between two decode rounds while requests wait for free slots")
   p.add_argument("--steps-per-round", type=int, default=EngineOptions().steps_per_round)
   p.add_argument("--prefill-rows", type=int, default=EngineOptions().prefill_rows)
   p.add_argument("--kv-layout", choices=("paged", "contiguous"), default="paged")
@@ -219,6 +223,8 @@ def main(argv=None) -> int:
   p.add_argument("--shared-prefix", type=int, default=0, help="the same N random tokens before every prompt")
   p.add_argument("--no-prefix-caching", action="store_true")
   p.add_argument("--no-static", action="store_true", help="skip the static-batching comparison")
+  p.add_argument("--no-engine", action="store_true", help="only the static-batching comparison (at the first "
+                 "density)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--out", type=pathlib.Path, default=common.RESULTS_DIR / "serve.jsonl")
   args = p.parse_args(argv)
@@ -230,6 +236,8 @@ def main(argv=None) -> int:
     p.error("--prompt-len / --output-len need 1 <= MIN <= MAX")
   if args.shared_prefix < 0:
     p.error("--shared-prefix needs N >= 0")
+  if args.no_engine and args.no_static:
+    p.error("--no-engine with --no-static leaves nothing to run")
   args.max_len = args.max_len or args.shared_prefix + args.prompt_len[1] + args.output_len[1]
   config = e2e.MODELS[args.model]
   dtype = args.dtype or ("float32" if tiny else "bfloat16")
@@ -253,7 +261,8 @@ def main(argv=None) -> int:
     from polar_jax.sparsity import SparsityConfig
     return (SparsityConfig(attn_density=density), routers) if density < 1.0 else (None, None)
 
-  runs = [(d, lambda d=d: run_engine(model, args, prompts, outputs, arrivals, *sparsity_at(d))) for d in args.density]
+  runs = [(d, lambda d=d: run_engine(model, args, prompts, outputs, arrivals, *sparsity_at(d)))
+          for d in ([] if args.no_engine else args.density)]
   if not args.no_static:   # after the engines: the baseline, at the first density
     d0 = args.density[0]
     runs.append((d0, lambda: run_static(model, args, prompts, outputs, *sparsity_at(d0))))

@@ -2,9 +2,12 @@
 # The serving measurements on one 80 GB GPU (LLaMA-2-7B shape, random bf16 weights), run from the repository root
 # on a device machine, one PART per call of 10 minutes:
 #
-#   benchmarks/serve_grid.sh PART      # PART: saturation | chunks | capacity | prefix | poisson | kv8 | hf
+#   benchmarks/serve_grid.sh PART      # PART: saturation | static | overhead | chunks | capacity | prefix | poisson
+#                                      #       | kv8 | hf
 #
-#   saturation  128 requests at once, max_batch 32: the engine dense and at density 0.5, static `generate` batches
+#   saturation  1000 requests at once (REQUESTS), max_batch 32: the engine dense and at density 0.5
+#   static      the same requests through static `generate` batches of 32
+#   overhead    the engine's decode steps at full occupancy (32 rows, prompts of 2000) against e2e.py's decode loop
 #   chunks      the same at 1, 2, 4 and 8 prompt chunks per round (--prefill-chunks-per-round), dense and 0.5
 #   capacity    256 requests, max_len 4096: the paged engine (max_batch 96, 0.85 of the free memory as pages)
 #               against the contiguous one (max_batch 24: what contiguous rows of 4096 fit), dense and 0.5, four
@@ -20,7 +23,7 @@
 # limit (LIMIT_S, default 560 s for the whole part).
 set -o pipefail
 export PYTHONUNBUFFERED=1
-part=${1:?usage: benchmarks/serve_grid.sh saturation|chunks|capacity|prefix|poisson|kv8|hf}
+part=${1:?usage: benchmarks/serve_grid.sh saturation|static|overhead|chunks|capacity|prefix|poisson|kv8|hf}
 OUT=${OUT:-/tmp/out}
 LIMIT_S=${LIMIT_S:-560}
 mkdir -p "$OUT"
@@ -28,7 +31,10 @@ serve() { timeout $((LIMIT_S - SECONDS > 10 ? LIMIT_S - SECONDS : 10)) python be
   --out "$OUT/serve.jsonl" "$@"; }
 
 case "$part" in
-  saturation) serve --requests 128 --max-batch 32 --density 1 0.5 ;;
+  saturation) serve --requests "${REQUESTS:-1000}" --max-batch 32 --density 1 0.5 --no-static ;;
+  static) serve --requests "${REQUESTS:-1000}" --max-batch 32 --no-engine ;;
+  overhead) timeout $((LIMIT_S - SECONDS)) python benchmarks/serve_overhead.py --model llama2-7b --batch 32 \
+              --prompt 2000 --new 256 --density 1 0.5 --out "$OUT/serve_overhead.jsonl" ;;
   chunks) for n in 1 2 4 8; do serve --requests 128 --max-batch 32 --density 1 0.5 --no-static \
             --prefill-chunks-per-round "$n"; done ;;
   capacity) serve --requests 256 --max-batch 96 --max-len 4096 --kv-memory-fraction 0.85 --density 1 0.5 --no-static \

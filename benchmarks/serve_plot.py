@@ -28,6 +28,8 @@ def label(r: dict[str, Any]) -> str:
     name += f", {r['kv_layout']}" + (f" {kv}" if kv and kv != r.get("dtype", "bfloat16") else "")
   if r.get("prefill_chunks_per_round", 1) > 1:
     name += f", {r['prefill_chunks_per_round']} chunks/round"
+  if r.get("prefill_chunks_backlog", 0) > r.get("prefill_chunks_per_round", 1):
+    name += f", {r['prefill_chunks_backlog']} on a backlog"
   name += f", {r['requests']} requests" if r.get("requests") else ""
   return name + (f", {r['rate']:g} req/s" if r.get("rate") else "")
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from benchmarks import serve
+from benchmarks import serve, serve_overhead
 
 
 def test_workload_lengths_and_arrivals():
@@ -36,6 +36,24 @@ def test_smoke_run_writes_records(tmp_path):
   for r in (engine, static):
     assert r["output_tok_s"] > 0 and r["copy_tbps"] > 0 and r["device"] and r["commit"]
   assert 0 < engine["ttft_s"]["p50"] <= engine["ttft_s"]["p99"] <= engine["e2e_s"]["p99"]
+
+
+def test_static_only_run_and_nothing_to_run(tmp_path):
+  out = tmp_path / "serve.jsonl"
+  assert serve.main(["--model", "tiny", "--requests", "3", "--max-batch", "4", "--no-engine", "--out", str(out)]) == 0
+  assert [json.loads(line)["system"] for line in out.read_text().splitlines()] == ["polar_static"]
+  with pytest.raises(SystemExit):
+    serve.main(["--model", "tiny", "--no-engine", "--no-static", "--out", str(out)])
+
+
+def test_overhead_run_compares_the_engine_with_the_decode_loop(tmp_path):
+  out = tmp_path / "overhead.jsonl"
+  assert serve_overhead.main(["--model", "tiny", "--batch", "2", "--prompt", "9", "--new", "12", "--iters", "1",
+                              "--kv-layout", "paged", "--out", str(out)]) == 0
+  (r,) = [json.loads(line) for line in out.read_text().splitlines()]
+  assert (r["kv_layout"], r["batch"], r["prompt"], r["new"]) == ("paged", 2, 9, 12)
+  assert r["engine_step_ms"] > 0 and r["loop_step_ms"] > 0 and r["copy_tbps"] > 0 and r["commit"]
+  assert r["overhead"] == pytest.approx(r["engine_step_ms"] / r["loop_step_ms"] - 1)
 
 
 @pytest.mark.slow

@@ -62,7 +62,7 @@ def test_chunked_prompts_equal_generate_alone_with_no_compilation(model, chunked
 def test_several_chunks_per_round_equal_generate_alone(model):
   """`prefill_chunks_per_round=3`: up to three chunks (of one long prompt, then the next) between decode rounds, the
   same tokens as `generate` for each prompt alone."""
-  opts = _opts(prefill_chunks_per_round=3, prefill_key_spans=1)
+  opts = _opts(prefill_chunks_per_round=3, prefill_chunks_backlog=1, prefill_key_spans=1)
   with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, engine_options=opts) as eng:
     chunks_at_round = []
     chunk, round_ = eng._chunk, eng._round
@@ -73,6 +73,39 @@ def test_several_chunks_per_round_equal_generate_alone(model):
     outs = _mixed_staggered(eng, prompts, max_tokens)
   runs = [len(run) for run in "".join("r" if c == "round" else "c" for c in chunks_at_round).split("r")]
   assert max(runs) >= 2 and max(runs) <= 3, runs   # several chunks between two rounds, never more than three
+  for ref, m, out in zip(_reference(model, prompts), max_tokens, outs):
+    assert list(out.token_ids) == ref[:m]
+
+
+def _chunk_runs(eng):
+  """Counts the chunks each scheduler round prefills; returns a function listing the counts of rounds with any."""
+  events = []
+  chunk, chunks = eng._chunk, eng._next_chunks
+  eng._chunk = lambda *a, **kw: events.append("c") or chunk(*a, **kw)
+  eng._next_chunks = lambda: events.append("|") or chunks()
+  return lambda: [len(run) for run in "".join(events).split("|") if run]
+
+
+def test_a_backlog_gets_more_chunks_per_round(model):
+  """`prefill_chunks_backlog=3`: one chunk a round for a long prompt while nothing else waits, up to three while
+  long prompts wait for free slots; the same tokens as `generate` for each prompt alone."""
+  opts = _opts(prefill_chunks_per_round=1, prefill_chunks_backlog=3, prefill_key_spans=1)
+  with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, engine_options=opts) as eng:
+    runs = _chunk_runs(eng)
+    runner = eng.submit([5, 6, 7], SamplingParams(max_tokens=MAX_LEN - 4, ignore_eos=True))
+    next(iter(runner))
+    alone = eng.submit(list(range(1, 21)), SamplingParams(max_tokens=2))   # 4 chunks, nothing else waiting
+    alone.result(timeout=120)
+    lone_runs = runs()
+    assert lone_runs and max(lone_runs) == 1, lone_runs
+    runner.result(timeout=120)
+    wait_idle(eng)
+    prompts = _prompts(40, 3, 3 * CHUNK + 1, 20)   # three long prompts at once: two wait behind the first
+    max_tokens = [min(REF_TOKENS, MAX_LEN - len(p)) for p in prompts]
+    handles = [eng.submit(p, SamplingParams(max_tokens=m)) for p, m in zip(prompts, max_tokens)]
+    outs = [h.result(timeout=120) for h in handles]
+    backlog_runs = runs()[len(lone_runs):]
+  assert max(backlog_runs) == 3, backlog_runs
   for ref, m, out in zip(_reference(model, prompts), max_tokens, outs):
     assert list(out.token_ids) == ref[:m]
 

@@ -536,16 +536,26 @@ class Engine(PagePolicy):
       self._chunking.append(_ChunkJob(h, free[0], cached))
 
   def _next_chunks(self) -> list[tuple[Seq, Any, Any]]:
-    """Runs up to `prefill_chunks_per_round` chunks: the current chunked prefill's, then (once it is done) the next
-    long prompt's, when one waits and a slot is free."""
-    firsts = []
-    for i in range(self.opts.prefill_chunks_per_round):
-      if i and not self._chunking:
+    """Runs up to `prefill_chunks_per_round` chunks (`prefill_chunks_backlog` while requests wait for free slots):
+    the current chunked prefill's, then (once it is done) the next long prompt's, when one waits and a slot is
+    free."""
+    firsts, done = [], 0
+    while done < self._chunk_limit():
+      if done and not self._chunking:
         self._start_chunked()
       if not self._chunking:
         break
       firsts += self._next_chunk()
+      done += 1
     return firsts
+
+  def _chunk_limit(self) -> int:
+    """Chunks this round may prefill: more while there is a backlog (waiting requests and free slots)."""
+    with self._cv:
+      backlog = bool(self._waiting) and any(h is None for h in self._owner)
+    if backlog:
+      return max(self.opts.prefill_chunks_per_round, self.opts.prefill_chunks_backlog)
+    return self.opts.prefill_chunks_per_round
 
   def _next_chunk(self) -> list[tuple[Seq, Any, Any]]:
     """Runs the next chunk of the oldest chunked prefill: the request's first token once its prompt is done."""

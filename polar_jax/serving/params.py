@@ -87,8 +87,13 @@ class EngineOptions:
       (one compiled chunk program; the bucketed prefills then only cover prompts up to this length). None = every
       prompt is prefilled whole.
     prefill_chunks_per_round: chunks prefilled between two decode rounds (the next chunk of the prompt being
-      prefilled, or the first of the next long prompt once it is done). More admit long prompts faster when many
-      wait (prefill throughput) and lengthen the running requests' gap between tokens while they are prefilled.
+      prefilled, or the first of the next long prompt once it is done) while nothing else waits for a free slot.
+      More admit long prompts faster and lengthen the running requests' gap between tokens while they are
+      prefilled.
+    prefill_chunks_backlog: chunks between two decode rounds while there is a backlog: requests wait and slots are
+      free for them (the most of the two counts applies). The batch refills as fast as slots free up, so the
+      decode steps stay full at saturation (throughput first), while a lone arrival still gets
+      `prefill_chunks_per_round` (the running requests' gap between tokens first).
     prefill_key_spans: how many key spans the chunk programs come in (`scheduler.chunk_spans`: the chunk size
       doubled up to `max_len`, the largest kept): a chunk attends over the smallest span holding its prompt so
       far instead of the slot's whole `max_len`, one compiled chunk program per span; 1 = every chunk reads
@@ -120,6 +125,7 @@ class EngineOptions:
   max_stop_tokens: int = 8
   prefill_chunk: int | None = 512
   prefill_chunks_per_round: int = 1
+  prefill_chunks_backlog: int = 4
   prefill_key_spans: int = 4
   selection_probe_every: int = 64
   warmup: bool = True
@@ -136,7 +142,7 @@ class EngineOptions:
       raise ValueError(f"EngineOptions.sparse_min_rows must be an integer >= 1 or None, got {self.sparse_min_rows!r}")
     object.__setattr__(self, "cost_table", _cost_table(self.cost_table))
     for name in ("steps_per_round", "prefill_rows", "prefill_max_tokens", "max_stop_tokens", "prefill_chunks_per_round",
-                 "prefill_key_spans"):
+                 "prefill_chunks_backlog", "prefill_key_spans"):
       v = getattr(self, name)
       if not _is_int(v) or v < 1:
         raise ValueError(f"EngineOptions.{name} must be an integer >= 1, got {v!r}")
