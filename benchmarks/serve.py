@@ -100,6 +100,7 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
                        prefill_chunk=args.prefill_chunk or None,
                        prefill_chunks_per_round=args.prefill_chunks_per_round,
                        prefill_chunks_backlog=args.prefill_chunks_backlog, kv_layout=args.kv_layout,
+                       step_rows=args.step_rows,
                        prefill_key_spans=args.prefill_key_spans,
                        page_size=args.page_size,
                        num_pages=args.num_pages, kv_memory_fraction=args.kv_memory_fraction,
@@ -131,7 +132,7 @@ def run_engine(model, args, prompts, outputs, arrivals, sparsity, routers) -> di
           "sparse_min_rows": args.sparse_min_rows, "prefill_rows": args.prefill_rows,
           "prefill_chunk": args.prefill_chunk,
           "prefill_chunks_per_round": args.prefill_chunks_per_round,
-          "prefill_chunks_backlog": args.prefill_chunks_backlog,
+          "prefill_chunks_backlog": args.prefill_chunks_backlog, "step_rows": list(engine.step_rows),
           "prefill_key_spans": args.prefill_key_spans, "prefix_caching": not args.no_prefix_caching,
           "cost_table": stats["cost_table"], **kv}
 
@@ -209,6 +210,8 @@ def main(argv=None) -> int:
                  help="key spans of the chunk programs (1: every chunk attends over max_len keys)")
   p.add_argument("--prefill-chunks-per-round", type=int, default=EngineOptions().prefill_chunks_per_round,
                  help="prompt chunks prefilled between two decode rounds")
+  p.add_argument("--step-rows", type=int, nargs="+", default=None,
+                 help="row buckets of the decode rounds (paged; default: max-batch and its halves down to 8)")
   p.add_argument("--prefill-chunks-backlog", type=int, default=EngineOptions().prefill_chunks_backlog,
                  help="prompt chunks between two decode rounds while requests wait for free slots")
   p.add_argument("--steps-per-round", type=int, default=EngineOptions().steps_per_round)

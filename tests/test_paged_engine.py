@@ -13,7 +13,7 @@ from polar_jax.config import ModelConfig
 from polar_jax.fusion import fuse_projections
 from polar_jax.model import init_model
 from polar_jax.paged_kv_cache import PagedLayout
-from polar_jax.serving import Engine, EngineOptions, SamplingParams, programs
+from polar_jax.serving import Engine, EngineOptions, SamplingParams, programs, scheduler
 from polar_jax.serving.pages import SlotPages
 from polar_jax.sparsity import SparsityConfig
 from test_serving_engine import CFG, _prompts, random_routers, staggered, wait_idle
@@ -79,6 +79,41 @@ def test_paged_requests_equal_generate_with_preemption_and_no_compilation(model,
   assert _sample(engine, "num_preemptions_total") == engine.stats()["preemptions"]
   _assert_pages_back(engine)
   assert _sample(engine, "kv_pages_total") == NUM_PAGES
+
+
+def test_row_buckets_equal_generate_with_preemption_and_no_compilation(model, engine):
+  """Rounds over 1, 2 or 4 rows (the running ones gathered, free slots as padding) give the tokens `generate`
+  gives each prompt alone, under preemption, with one compiled round per bucket and nothing compiled later."""
+  with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, engine_options=_opts(step_rows=(1, 2))) as eng:
+    assert eng.step_rows == (1, 2, 4)
+    assert engine.step_rows == (MAX_BATCH,)
+    assert eng.compiled_programs == engine.compiled_programs + 2   # a round for each smaller bucket
+    buckets, bucket_rows = [], eng._bucket_rows
+    eng._bucket_rows = lambda rows: buckets.append((len(rows), bucket_rows(rows))) or buckets[-1][1]
+    before = dict(programs.TRACE_COUNTS)
+    prompts = _prompts(41, 9, 2, 30)
+    max_tokens = [min(REF_TOKENS, MAX_LEN - len(p)) for p in prompts]
+    outs = _staggered(eng, prompts, max_tokens)
+    assert programs.TRACE_COUNTS == before
+    assert eng.stats()["preemptions"] > 0
+    _assert_pages_back(eng)
+  for ref, m, out in zip(_reference(model, prompts), max_tokens, outs):
+    assert list(out.token_ids) == ref[:m]
+  sizes = {len(r) if r is not None else MAX_BATCH for _, r in buckets}
+  assert {1, 2} <= sizes, sizes   # rounds ran in the smaller buckets too
+  for n, r in buckets:
+    if r is not None:
+      assert len(set(r.tolist())) == len(r) >= n   # distinct slots: the rows and their padding
+
+
+def test_row_bucket_sizes():
+  assert scheduler.step_row_buckets(32, None, True) == (8, 16, 32)
+  assert scheduler.step_row_buckets(96, None, True) == (24, 48, 96)
+  assert scheduler.step_row_buckets(16, None, True) == (8, 16)
+  assert scheduler.step_row_buckets(12, None, True) == (12,)
+  assert scheduler.step_row_buckets(32, (3, 50), True) == (3, 32)
+  assert scheduler.step_row_buckets(32, None, False) == (32,)
+  assert [scheduler.row_bucket_of(n, (8, 16, 32)) for n in (0, 1, 8, 9, 32, 40)] == [8, 8, 8, 16, 32, 32]
 
 
 def test_shared_prefix_is_prefilled_once(model, engine):
@@ -174,12 +209,16 @@ def test_contiguous_layout_still_serves(model):
 def test_paged_options_and_requests_name_the_problem(model, engine):
   for kw, match in [(dict(kv_layout="rows"), "kv_layout"), (dict(page_size=24), "multiple of 16"),
                     (dict(num_pages=0), "num_pages"), (dict(kv_memory_fraction=1.5), "kv_memory_fraction"),
-                    (dict(num_pages=4, kv_memory_fraction=0.5), "not both")]:
+                    (dict(num_pages=4, kv_memory_fraction=0.5), "not both"), (dict(step_rows=()), "step_rows"),
+                    (dict(step_rows=(2, 0)), "step_rows"), (dict(step_rows="8"), "step_rows")]:
     with pytest.raises(ValueError, match=match):
       EngineOptions(**kw)
   with pytest.raises(ValueError, match="needs 3 KV pages, more than the engine's 2"):
     Engine(model, max_batch=1, max_len=MAX_LEN, engine_options=EngineOptions(page_size=16, num_pages=2, warmup=False)
            ).submit([1] * 20, SamplingParams(max_tokens=20))
+  with pytest.raises(ValueError, match="step_rows needs the paged layout"):
+    Engine(model, max_batch=2, max_len=MAX_LEN, engine_options=EngineOptions(kv_layout="contiguous", step_rows=(1,),
+                                                                              warmup=False))
   windowed = init_model(ModelConfig(**{**CFG.__dict__, "sliding_window": 16}), seed=1)
   with pytest.raises(ValueError, match="sliding window"):
     Engine(windowed, max_batch=1, max_len=MAX_LEN, engine_options=EngineOptions(warmup=False))

@@ -40,6 +40,8 @@ def parser() -> argparse.ArgumentParser:
                       "(0: whole prompts)")
   p.add_argument("--prefill-chunks-per-round", type=int, default=defaults.prefill_chunks_per_round,
                  help="prompt chunks prefilled between two decode rounds")
+  p.add_argument("--step-rows", type=int, nargs="+", default=defaults.step_rows,
+                 help="row buckets of the decode rounds (paged layout; default: max-batch and its halves down to 8)")
   p.add_argument("--prefill-chunks-backlog", type=int, default=defaults.prefill_chunks_backlog,
                  help="prompt chunks between two decode rounds while requests wait for free slots")
   p.add_argument("--prefill-key-spans", type=int, default=defaults.prefill_key_spans,
@@ -85,7 +87,7 @@ def engine_options(args):
   return EngineOptions(steps_per_round=args.steps_per_round, sparse_min_rows=args.sparse_min_rows,
                        cost_table=args.cost_table, prefill_chunk=args.prefill_chunk or None,
                        prefill_chunks_per_round=args.prefill_chunks_per_round,
-                       prefill_chunks_backlog=args.prefill_chunks_backlog,
+                       prefill_chunks_backlog=args.prefill_chunks_backlog, step_rows=args.step_rows,
                        prefill_key_spans=args.prefill_key_spans,
                        max_waiting=args.max_waiting, prefill_rows=args.prefill_rows, warmup=not args.no_warmup,
                        kv_layout=args.kv_layout or ("contiguous" if args.tp > 1 else "paged"), page_size=args.page_size,

@@ -148,6 +148,9 @@ class Engine(PagePolicy):
       raise ValueError("the serving engine runs in one process; this model is sharded over several processes")
     self.kv_dtype = _kv_dtype(self.opts, options, self.model.dtype, self.mesh)
     self.pages = self._slot_pages() if self.opts.kv_layout == "paged" else None
+    if self.opts.step_rows is not None and self.pages is None:
+      raise ValueError("EngineOptions.step_rows needs the paged layout (the contiguous cache steps every slot)")
+    self.step_rows = sched.step_row_buckets(max_batch, self.opts.step_rows, self.pages is not None)
     self._graphdef, self._state = nnx.split(model)
     loop_graph = options.loop_graph if options is not None else True
     self._step = programs.step_program(decode_loop_options(loop_graph) or None)
@@ -188,12 +191,13 @@ class Engine(PagePolicy):
   @property
   def compiled_programs(self) -> int:
     """Programs the engine runs: a prefill and an insert per (rows, length bucket), a first-token sampler per row
-    count, a prefill chunk per key span (when prompts can be longer than a chunk), a decode round per variant, the
+    count, a prefill chunk per key span (when prompts can be longer than a chunk), a decode round per variant and
+    row bucket, the
     warm-up's occupancy setter when it measures the cost table, the KV-group selection probe when it runs, and the
     page-table setter with a paged cache."""
     measured = "sparse" in self.variants and self.opts.sparse_min_rows is None and self.opts.cost_table == "measure"
     return (2 * len(self.prefill_shapes) + len({r for r, _ in self.prefill_shapes}) + len(self.chunk_spans)
-            + len(self.variants) + measured + self._probes + (self.pages is not None))
+            + len(self.variants) * len(self.step_rows) + measured + self._probes + (self.pages is not None))
 
   def submit(self, prompt_ids: Sequence[int], params: SamplingParams | None = None) -> RequestHandle:
     """Queues a request; returns its handle at once.
@@ -370,7 +374,7 @@ class Engine(PagePolicy):
     def run_round(name: str, rows: int, context: int) -> float:
       self._slots = programs.occupy_program(self._slots, np.int32(rows), np.int32(context))
       jax.block_until_ready(self._slots)
-      return timed(lambda: self._round(self.variants[name], never)) / steps
+      return timed(lambda: self._round(self.variants[name], never, range(rows))) / steps
 
     table = measure_table(run_round, tuple(self.variants), occupancy_points(self.max_batch),
                           context_points(self.max_len, steps))
@@ -390,11 +394,24 @@ class Engine(PagePolicy):
                                                          decode=sparse.decode)
     return counts, rows
 
-  def _round(self, variant: sched.StepVariant, cancel_b: np.ndarray):
+  def _round(self, variant: sched.StepVariant, cancel_b: np.ndarray, rows: Sequence[int]):
+    """Dispatches a round of decode steps over the slots `rows` (in the smallest row bucket holding them)."""
+    rows_r = self._bucket_rows(rows)
     with jax.profiler.TraceAnnotation(f"serve_step_{variant.name}"):
       self._slots, out, n, active = self._step(self._graphdef, self._state, self._slots, variant.state, cancel_b,
-                                               decode=variant.decode, steps=self.opts.steps_per_round)
+                                               rows_r, decode=variant.decode, steps=self.opts.steps_per_round)
     return out, active, n
+
+  def _bucket_rows(self, rows: Sequence[int]) -> np.ndarray | None:
+    """Slots `rows` padded with other slots (free ones first) to their row bucket; None for every slot."""
+    bucket = sched.row_bucket_of(len(rows), self.step_rows)
+    if bucket == self.max_batch:
+      return None
+    taken = set(rows)
+    prefilling = {job.slot for job in self._chunking}
+    spare = sorted((s for s in range(self.max_batch) if s not in taken),
+                   key=lambda s: (self._owner[s] is not None or s in prefilling, s))
+    return np.asarray(sorted(rows) + spare[:bucket - len(rows)], np.int32)
 
   def _warmup(self) -> float:
     """Compiles and runs every program (twice: the second pass sees the donated state as serving does)."""
@@ -411,7 +428,8 @@ class Engine(PagePolicy):
       for span in self.chunk_spans:   # a chunk that is not a prompt's last: slot 0 held, freed by the rounds below
         self._chunk([0] * (self.chunk + 1), 0, 0, None, key_span=span)
       for variant in self.variants.values():
-        self._round(variant, cancel_all)
+        for rows in self.step_rows:
+          self._round(variant, cancel_all, range(rows))
       if self._probes:
         self._probe()
     jax.block_until_ready(self._slots)
@@ -442,7 +460,7 @@ class Engine(PagePolicy):
           variant = sched.choose_variant(len(snapshot), self.variants, table=self.cost_table,
                                          sparse_min_rows=self.opts.sparse_min_rows, context=context)
           probe = self._maybe_probe(variant)
-          dispatched = (self._round(variant, cancel_b), snapshot, variant, probe)
+          dispatched = (self._round(variant, cancel_b, [s for s, _ in snapshot]), snapshot, variant, probe)
         with self._cv:   # slots cancelled or preempted this round are masked by the dispatched step: reusable now
           for s in np.flatnonzero(cancel_b):
             self._owner[s] = None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Mapping
+from typing import Mapping, Sequence
 
 from polar_jax.kv_cache import KV_DTYPES
 from polar_jax.serving.cost import CostTable
@@ -98,6 +98,11 @@ class EngineOptions:
       doubled up to `max_len`, the largest kept): a chunk attends over the smallest span holding its prompt so
       far instead of the slot's whole `max_len`, one compiled chunk program per span; 1 = every chunk reads
       `max_len` keys.
+    step_rows: the row buckets of the decode rounds (paged layout): a round gathers the rows it decodes into the
+      smallest bucket holding them and steps only those (their state and page-table rows; the page pools are
+      shared), so a round's cost follows the running requests, not `max_batch` (one compiled round per bucket
+      and step variant, as vLLM's CUDA-graph batch sizes). None: `max_batch` and its halves down to 8, at most
+      three buckets; `max_batch` always joins the given sizes. The contiguous layout steps every slot.
     selection_probe_every: every this many sparse rounds, count which KV groups of each layer the running rows'
       sparse step selects (`polar:kv_group_selection_rate`; router and random selectors); 0 = never.
     warmup: compile and run every program once at start-up (else the first requests compile them).
@@ -127,6 +132,7 @@ class EngineOptions:
   prefill_chunks_per_round: int = 1
   prefill_chunks_backlog: int = 4
   prefill_key_spans: int = 4
+  step_rows: tuple[int, ...] | None = None
   selection_probe_every: int = 64
   warmup: bool = True
   kv_layout: str = "paged"
@@ -148,6 +154,12 @@ class EngineOptions:
         raise ValueError(f"EngineOptions.{name} must be an integer >= 1, got {v!r}")
     if self.prefill_chunk is not None and (not _is_int(self.prefill_chunk) or self.prefill_chunk < 1):
       raise ValueError(f"EngineOptions.prefill_chunk must be an integer >= 1 or None, got {self.prefill_chunk!r}")
+    if self.step_rows is not None:
+      if isinstance(self.step_rows, (str, bytes)) or not isinstance(self.step_rows, Sequence) or not self.step_rows \
+         or not all(_is_int(r) and r >= 1 for r in self.step_rows):
+        raise ValueError(f"EngineOptions.step_rows must be None or a non-empty sequence of integers >= 1, got "
+                         f"{self.step_rows!r}")
+      object.__setattr__(self, "step_rows", tuple(sorted(set(int(r) for r in self.step_rows))))
     if not _is_int(self.selection_probe_every) or self.selection_probe_every < 0:
       raise ValueError(f"EngineOptions.selection_probe_every must be an integer >= 0, got "
                        f"{self.selection_probe_every!r}")

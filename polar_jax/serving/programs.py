@@ -17,7 +17,9 @@ one compiled program of each kind serves every mix of requests:
   * `occupy_program`: sets rows active at a context length for the warm-up's cost measurement;
   * `probe_program`: counts the KV groups the sparse step selects for the running rows (`selection_stats`);
   * `step_program()`: up to `steps` decode steps over all slots in one `lax.while_loop`, inactive rows masked (their
-    cache length held at `hold_b`), stop tokens and token budgets checked on the device; `Slots` is donated.
+    cache length held at `hold_b`), stop tokens and token budgets checked on the device; `Slots` is donated. With
+    a paged cache it can step only the rows `rows_r` (a row bucket: their state and page-table rows gathered, the
+    page pools shared, the results scattered back), one compiled round per bucket size.
 
 Sampling is per row: temperature, top-k and top-p are `[B]` arrays (never static), greedy rows take the argmax,
 and a row's key is `fold_in(key(seed), tokens made so far)`, so a request samples the same tokens whatever else
@@ -278,7 +280,26 @@ def _with_table_of(cache, like):
   return dataclasses.replace(cache, page_table_bp=like.page_table_bp) if isinstance(cache, PagedKVCache) else cache
 
 
-def _step(graphdef, state, slots: Slots, decode_state, cancel_b, *, decode, steps: int):
+def gather_rows(slots: Slots, rows_r: jax.Array) -> Slots:
+  """Rows `rows_r` of `slots` as a batch of their own: the per-row state and page-table rows gathered, the paged
+  cache's page pools shared (not copied)."""
+  cache = dataclasses.replace(slots.cache, page_table_bp=slots.cache.page_table_bp[rows_r],
+                              lengths_b=slots.cache.lengths_b[rows_r])
+  return Slots(cache=cache, **{name: getattr(slots, name)[rows_r] for name in _ROW_FIELDS})
+
+
+def scatter_rows(slots: Slots, sub: Slots, rows_r: jax.Array) -> Slots:
+  """`slots` with rows `rows_r` (distinct) replaced by `sub` (`gather_rows` undone) and the pools of `sub`'s cache."""
+  cache = dataclasses.replace(sub.cache, page_table_bp=slots.cache.page_table_bp,
+                              lengths_b=slots.cache.lengths_b.at[rows_r].set(sub.cache.lengths_b))
+  return Slots(cache=cache, **{name: getattr(slots, name).at[rows_r].set(getattr(sub, name))
+                               for name in _ROW_FIELDS})
+
+
+_ROW_FIELDS = tuple(f.name for f in dataclasses.fields(Slots) if f.name != "cache")
+
+
+def _step(graphdef, state, slots: Slots, decode_state, cancel_b, rows_r=None, *, decode, steps: int):
   TRACE_COUNTS["step"] += 1
   with jax.named_scope("serve_step"):
     model = nnx.merge(graphdef, state)
@@ -287,7 +308,10 @@ def _step(graphdef, state, slots: Slots, decode_state, cancel_b, *, decode, step
     cache = slots.cache
     cache = dataclasses.replace(cache, lengths_b=jnp.where(active, cache.lengths_b, hold))
     slots = slots.replace(active_b=active, cache=cache, hold_b=hold)
-    out = jnp.full((active.shape[0], steps), NO_TOKEN, jnp.int32)
+    every = slots
+    if rows_r is not None:   # a row bucket: only these rows step (the others are inactive or wait)
+      slots = gather_rows(slots, rows_r)
+    out = jnp.full((slots.active_b.shape[0], steps), NO_TOKEN, jnp.int32)
 
     def cond(carry):
       i, s, _ = carry
@@ -310,6 +334,9 @@ def _step(graphdef, state, slots: Slots, decode_state, cancel_b, *, decode, step
       return i + 1, s, out
 
     n, slots, out = jax.lax.while_loop(cond, body, (jnp.int32(0), slots, out))
+    if rows_r is not None:
+      out = jnp.full((every.active_b.shape[0], steps), NO_TOKEN, jnp.int32).at[rows_r].set(out)
+      slots = scatter_rows(every, slots, rows_r)
     # the rows still active, as their own buffer (the host reads it after `slots` was donated to the next program)
     return slots, out, n, slots.active_b.astype(jnp.int8)
 

@@ -3,6 +3,7 @@
   * which prompt-length and prefill-row buckets exist (fixed at start-up: one compiled prefill per pair);
   * which waiting requests the next prefill takes (first come first served: the oldest request's length bucket,
     then younger ones of the same bucket while slots, rows and the token budget allow);
+  * which row buckets the decode rounds come in (a round steps the smallest bucket holding its rows);
   * which decode-step variant a round runs, from the number of active rows and their context (`StepVariant`,
     `choose_variant`: the measured `cost.CostTable`, or an explicit row threshold).
 """
@@ -112,6 +113,24 @@ class StepVariant:
   state: Any
   attention_density: float
   mlp_dense_fallback: float
+
+
+def step_row_buckets(max_batch: int, given: Sequence[int] | None, paged: bool) -> tuple[int, ...]:
+  """The decode rounds' row buckets (`EngineOptions.step_rows`): `given` (capped at, and with, `max_batch`), or
+  `max_batch` and its halves down to 8 (at most three); just `max_batch` without a paged cache."""
+  if not paged:
+    return (max_batch,)
+  if given is not None:
+    return tuple(sorted({min(r, max_batch) for r in given} | {max_batch}))
+  out = [max_batch]
+  while len(out) < 3 and out[0] % 2 == 0 and out[0] // 2 >= 8:
+    out.insert(0, out[0] // 2)
+  return tuple(out)
+
+
+def row_bucket_of(rows: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket holding `rows` rows (the largest for more)."""
+  return next((b for b in buckets if b >= rows), buckets[-1])
 
 
 def choose_variant(active_rows: int, variants: dict[str, StepVariant], *, table: CostTable | None = None,
