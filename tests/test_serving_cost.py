@@ -138,6 +138,10 @@ def test_cli_options(tmp_path):
   assert rule.sparse_min_rows == 4
   spans = serve_cli.engine_options(serve_cli.parser().parse_args(["ckpt", "--prefill-key-spans", "1"]))
   assert (defaults.prefill_key_spans, spans.prefill_key_spans) == (4, 1)
+  rounds = serve_cli.engine_options(serve_cli.parser().parse_args(["ckpt", "--step-rows", "16", "4",
+                                                                   "--prefill-chunks-backlog", "2"]))
+  assert (defaults.step_rows, defaults.prefill_chunks_backlog) == (None, 4)
+  assert (rounds.step_rows, rounds.prefill_chunks_backlog) == ((4, 16), 2)
   with pytest.raises(ValueError, match="prefill_key_spans"):
     serve_cli.engine_options(serve_cli.parser().parse_args(["ckpt", "--prefill-key-spans", "0"]))
   with pytest.raises(ValueError, match="neither"):
