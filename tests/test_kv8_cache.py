@@ -105,7 +105,8 @@ def test_engine_equals_generate(model, layout, chunk):
   rng = np.random.default_rng(2)
   prompts = [rng.integers(0, CFG.vocab_size, n).tolist() for n in (4, 13, 3)]
   ref = gen.generate(model, prompts, max_new_tokens=6, options=DecodeOptions(kv_dtype="int8"))
-  opts = EngineOptions(kv_layout=layout, kv_dtype="int8", steps_per_round=2, warmup=False, prefill_chunk=chunk)
+  opts = EngineOptions(kv_layout=layout, kv_dtype="int8", steps_per_round=2, warmup=False, prefill_chunk=chunk,
+                       step_rows=(1,) if layout == "paged" else None)   # paged: rounds of 1 or 2 rows
   with Engine(model, max_batch=2, max_len=32, engine_options=opts) as eng:
     cache = eng._slots.cache   # pylint: disable=protected-access
     assert isinstance((cache.k_bhsd if layout == "contiguous" else cache.k_hpsd)[0], QuantizedKV)

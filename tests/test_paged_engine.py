@@ -183,7 +183,7 @@ def test_head_sparse_routers_under_paging_equal_generate():
   prompts = _prompts(42, 7, 2, 30)
   max_tokens = [min(REF_TOKENS, MAX_LEN - len(p)) for p in prompts]
   with Engine(model, max_batch=MAX_BATCH, max_len=MAX_LEN, sparsity=sparsity, routers=routers,
-              engine_options=_opts(sparse_min_rows=1)) as eng:
+              engine_options=_opts(sparse_min_rows=1, step_rows=(2,))) as eng:   # rounds of 2 or 4 rows
     outs = _staggered(eng, prompts, max_tokens)
     assert eng.stats()["variant_rounds"].get("dense", 0) == 0 and eng.stats()["preemptions"] > 0
     _assert_pages_back(eng)
