@@ -97,6 +97,11 @@ def test_row_buckets_equal_generate_with_preemption_and_no_compilation(model, en
     assert programs.TRACE_COUNTS == before
     assert eng.stats()["preemptions"] > 0
     _assert_pages_back(eng)
+    rounds, variant_rounds = eng.stats()["bucket_rounds"], eng.stats()["variant_rounds"]
+    steps = {b: eng.metrics.registry.get_sample_value("polar:decode_bucket_steps_total", {**LABELS, "rows": str(b)})
+             for b in eng.step_rows}
+  assert set(rounds) <= {1, 2, 4} and {1, 2} <= set(rounds), rounds
+  assert all((steps[b] or 0) > 0 for b in rounds) and sum(rounds.values()) == sum(variant_rounds.values())
   for ref, m, out in zip(_reference(model, prompts), max_tokens, outs):
     assert list(out.token_ids) == ref[:m]
   sizes = {len(r) if r is not None else MAX_BATCH for _, r in buckets}

@@ -165,6 +165,7 @@ class Engine(PagePolicy):
     self._keys: dict[int, tuple[int, list[bytes]]] = {}   # request id -> (tokens, prefix-cache keys) while waiting
     self.metrics.mlp_fallback.set(self.variants["sparse"].mlp_dense_fallback if sparse is not None else 0.0)
     self.variant_rounds = collections.Counter()   # rounds run per step variant
+    self.bucket_rounds = collections.Counter()    # rounds run per row bucket
     sparse_decode = self.variants["sparse"].decode if sparse is not None else None
     self._probes = self.opts.selection_probe_every > 0 and sparse is not None and probes(sparse_decode)
     # adaptive budgets: rows keep fewer groups than the layers' k; the sparse rounds' density is then the one the
@@ -246,14 +247,15 @@ class Engine(PagePolicy):
 
   def stats(self) -> dict[str, Any]:
     """Slots in use, requests waiting, prompts being prefilled in chunks, requests per decode step (mean over the
-    steps run, peak), rounds per step variant, programs, the cost table (`CostTable.to_mapping`; None when there is
+    steps run, peak), rounds per step variant and per row bucket, programs, the cost table (`CostTable.to_mapping`; None when there is
     no choice or `sparse_min_rows` decides), and with a paged cache the pages in use (held or cached), total and
     cached, and the preemptions so far."""
     with self._cv:
       mean_rows, peak_rows = self.metrics.decode_rows()
       out = {"running": sum(h is not None for h in self._owner), "waiting": len(self._waiting),
              "prefilling": len(self._chunking), "decode_rows_mean": mean_rows, "decode_rows_peak": peak_rows,
-             "variant_rounds": dict(self.variant_rounds), "compiled_programs": self.compiled_programs,
+             "variant_rounds": dict(self.variant_rounds), "bucket_rounds": dict(sorted(self.bucket_rounds.items())),
+             "compiled_programs": self.compiled_programs,
              "cost_table": self.cost_table.to_mapping() if self.cost_table is not None else None}
       if self.pages is not None:
         out.update(pages_used=self.pages.used, pages_total=self.pages.layout.num_pages,
@@ -460,7 +462,9 @@ class Engine(PagePolicy):
           variant = sched.choose_variant(len(snapshot), self.variants, table=self.cost_table,
                                          sparse_min_rows=self.opts.sparse_min_rows, context=context)
           probe = self._maybe_probe(variant)
-          dispatched = (self._round(variant, cancel_b, [s for s, _ in snapshot]), snapshot, variant, probe)
+          rows = [s for s, _ in snapshot]
+          dispatched = (self._round(variant, cancel_b, rows), snapshot, variant, probe,
+                        sched.row_bucket_of(len(rows), self.step_rows))
         with self._cv:   # slots cancelled or preempted this round are masked by the dispatched step: reusable now
           for s in np.flatnonzero(cancel_b):
             self._owner[s] = None
@@ -646,7 +650,7 @@ class Engine(PagePolicy):
     self._sparse_rounds += 1
     return self._probe() if (self._sparse_rounds - 1) % self.opts.selection_probe_every == 0 else None
 
-  def _take_round(self, result, snapshot, variant: sched.StepVariant, probe) -> None:
+  def _take_round(self, result, snapshot, variant: sched.StepVariant, probe, bucket: int) -> None:
     out, active, n = jax.device_get(result)
     if probe is not None:
       counts, rows = jax.device_get(probe)
@@ -656,10 +660,11 @@ class Engine(PagePolicy):
     now = time.perf_counter()
     n = int(n)
     self.variant_rounds[variant.name] += 1
+    self.bucket_rounds[bucket] += 1
     density = variant.attention_density
     if variant.name == "sparse" and self._realised_density is not None:
       density = self._realised_density
-    self.metrics.round(variant.name, n, len(snapshot), density)
+    self.metrics.round(variant.name, n, len(snapshot), density, bucket)
     for s, seq in snapshot:
       h = seq.handle
       if h.finished or self._seqs.get(s) is not seq:   # cancelled or preempted: its tokens are made again

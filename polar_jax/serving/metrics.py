@@ -76,6 +76,8 @@ class EngineMetrics:
                             registry=r)
     self._steps = Counter("polar:decode_steps", "Decode steps run, by step variant.", labels + ["variant"],
                           registry=r)
+    self._bucket_steps = Counter("polar:decode_bucket_steps", "Decode steps run, by row bucket (rows stepped).",
+                                 labels + ["rows"], registry=r)
     self.ttft = hist("time_to_first_token_seconds", "Time to first token.", _TTFT_BUCKETS)
     self.itl = hist("inter_token_latency_seconds", "Time between consecutive tokens of a request.", _ITL_BUCKETS)
     self.e2e = hist("e2e_request_latency_seconds", "Request latency, arrival to last token.", _E2E_BUCKETS)
@@ -107,11 +109,13 @@ class EngineMetrics:
   def finished(self, reason: str) -> None:
     self._success.labels(self._model, reason).inc()
 
-  def round(self, variant: str, steps: int, active_rows: int, density: float) -> None:
-    """A decode round of `steps` steps over `active_rows` rows with the variant's attention density."""
+  def round(self, variant: str, steps: int, active_rows: int, density: float, bucket: int) -> None:
+    """A decode round of `steps` steps over `active_rows` rows (in the row bucket `bucket`) with the variant's
+    attention density."""
     self._variant.labels(self._model, variant).inc()
     if steps:
       self._steps.labels(self._model, variant).inc(steps)
+      self._bucket_steps.labels(self._model, str(bucket)).inc(steps)
       self.round_rows.observe(active_rows)
     with self._lock:
       self._decode_steps += steps
