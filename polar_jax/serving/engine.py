@@ -572,12 +572,12 @@ class Engine(PagePolicy):
     return firsts
 
   def _chunk_limit(self) -> int:
-    """Chunks this round may prefill: more while there is a backlog (waiting requests and free slots)."""
+    """Chunks this round may prefill: while requests wait and slots are free for them (a backlog), one more per
+    waiting request up to `prefill_chunks_backlog`, so a long queue refills the batch fast and a lone arrival
+    barely delays the running requests."""
     with self._cv:
-      backlog = bool(self._waiting) and any(h is None for h in self._owner)
-    if backlog:
-      return max(self.opts.prefill_chunks_per_round, self.opts.prefill_chunks_backlog)
-    return self.opts.prefill_chunks_per_round
+      waiting = len(self._waiting) if any(h is None for h in self._owner) else 0
+    return max(self.opts.prefill_chunks_per_round, min(self.opts.prefill_chunks_backlog, 1 + waiting))
 
   def _next_chunk(self) -> list[tuple[Seq, Any, Any]]:
     """Runs the next chunk of the oldest chunked prefill: the request's first token once its prompt is done."""

@@ -90,10 +90,11 @@ class EngineOptions:
       prefilled, or the first of the next long prompt once it is done) while nothing else waits for a free slot.
       More admit long prompts faster and lengthen the running requests' gap between tokens while they are
       prefilled.
-    prefill_chunks_backlog: chunks between two decode rounds while there is a backlog: requests wait and slots are
-      free for them (the most of the two counts applies). The batch refills as fast as slots free up, so the
-      decode steps stay full at saturation (throughput first), while a lone arrival still gets
-      `prefill_chunks_per_round` (the running requests' gap between tokens first).
+    prefill_chunks_backlog: the most chunks between two decode rounds while there is a backlog (requests wait and
+      slots are free for them): one more chunk per waiting request, up to this many (at least
+      `prefill_chunks_per_round`). A long queue refills the batch as fast as slots free up, so the decode steps
+      stay full at saturation (throughput first), while a lone arrival gets `prefill_chunks_per_round` (the
+      running requests' gap between tokens first).
     prefill_key_spans: how many key spans the chunk programs come in (`scheduler.chunk_spans`: the chunk size
       doubled up to `max_len`, the largest kept): a chunk attends over the smallest span holding its prompt so
       far instead of the slot's whole `max_len`, one compiled chunk program per span; 1 = every chunk reads
