@@ -193,9 +193,8 @@ class Engine(PagePolicy):
   def compiled_programs(self) -> int:
     """Programs the engine runs: a prefill and an insert per (rows, length bucket), a first-token sampler per row
     count, a prefill chunk per key span (when prompts can be longer than a chunk), a decode round per variant and
-    row bucket, the
-    warm-up's occupancy setter when it measures the cost table, the KV-group selection probe when it runs, and the
-    page-table setter with a paged cache."""
+    row bucket, the warm-up's occupancy setter when it measures the cost table, the KV-group selection probe when
+    it runs, and the page-table setter with a paged cache."""
     measured = "sparse" in self.variants and self.opts.sparse_min_rows is None and self.opts.cost_table == "measure"
     return (2 * len(self.prefill_shapes) + len({r for r, _ in self.prefill_shapes}) + len(self.chunk_spans)
             + len(self.variants) * len(self.step_rows) + measured + self._probes + (self.pages is not None))
@@ -247,9 +246,9 @@ class Engine(PagePolicy):
 
   def stats(self) -> dict[str, Any]:
     """Slots in use, requests waiting, prompts being prefilled in chunks, requests per decode step (mean over the
-    steps run, peak), rounds per step variant and per row bucket, programs, the cost table (`CostTable.to_mapping`; None when there is
-    no choice or `sparse_min_rows` decides), and with a paged cache the pages in use (held or cached), total and
-    cached, and the preemptions so far."""
+    steps run, peak), rounds per step variant and per row bucket, programs, the cost table (`CostTable.to_mapping`;
+    None when there is no choice or `sparse_min_rows` decides), and with a paged cache the pages in use (held or
+    cached), total and cached, and the preemptions so far."""
     with self._cv:
       mean_rows, peak_rows = self.metrics.decode_rows()
       out = {"running": sum(h is not None for h in self._owner), "waiting": len(self._waiting),
