@@ -38,6 +38,7 @@ def test_smoke_run_writes_records(tmp_path):
   assert 0 < engine["ttft_s"]["p50"] <= engine["ttft_s"]["p99"] <= engine["e2e_s"]["p99"]
 
 
+@pytest.mark.slow
 def test_static_only_run_and_nothing_to_run(tmp_path):
   out = tmp_path / "serve.jsonl"
   assert serve.main(["--model", "tiny", "--requests", "3", "--max-batch", "4", "--no-engine", "--out", str(out)]) == 0
@@ -46,6 +47,7 @@ def test_static_only_run_and_nothing_to_run(tmp_path):
     serve.main(["--model", "tiny", "--no-engine", "--no-static", "--out", str(out)])
 
 
+@pytest.mark.slow
 def test_overhead_run_compares_the_engine_with_the_decode_loop(tmp_path):
   out = tmp_path / "overhead.jsonl"
   assert serve_overhead.main(["--model", "tiny", "--batch", "2", "--prompt", "9", "--new", "12", "--iters", "1",
